@@ -1,0 +1,9 @@
+//! rayfence: RayCluster network isolation enforced in eBPF on every node.
+//!
+//! Module map (one concern each; the `//!` header of each says what it must not do):
+//! - [`tables`]: the desired datapath state, the contract between policy and datapath.
+//! - [`policy`]: pure translation of cluster objects into [`tables::Tables`]; no I/O.
+//! - [`datapath`]: the only module that touches aya: load, attach, pin, apply tables.
+pub mod datapath;
+pub mod policy;
+pub mod tables;

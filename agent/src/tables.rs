@@ -1,0 +1,419 @@
+//! The desired datapath state: what the policy engine computes and the datapath
+//! applies. Plain data with a diff; no I/O, no aya.
+//!
+//! Contract between `policy` (producer) and `datapath` (consumer):
+//! - `endpoints`: per local pod (by the engine's [`EndpointId`]), its policy id and
+//!   which directions are isolated. Where the pod is attached (veth ifindex, cgroup)
+//!   is the agent's business, not the engine's.
+//! - `addresses`: exact addresses (pod IPs, the node's own addresses as
+//!   [`identity::HOST`], Service ClusterIPs) to identities.
+//! - `cidrs`: ipBlock prefixes to identities of the *set of ipBlocks* containing the
+//!   prefix; the longest match for an address gives exactly the blocks it is in, so
+//!   `except` needs no special casing in the datapath.
+//! - `policy`: allowed (policy, direction, peer identity, protocol, port prefix)
+//!   rows, already split into LPM prefixes; presence means allowed.
+//!
+//! A packet is allowed when a row matches the peer's exact identity or its CIDR
+//! identity. A rule with no peers is expressed by the engine as the ipBlocks
+//! `0.0.0.0/0` and `::/0`.
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+pub use rayfence_common::{Direction, identity};
+
+/// A local pod, for its lifetime. Allocated by the policy engine.
+pub type EndpointId = u32;
+/// A policy table shared by local pods whose compiled policy is identical.
+pub type PolicyId = u32;
+/// A peer identity; see [`identity`] for the reserved ones.
+pub type IdentityId = u32;
+
+/// IANA protocol numbers the policy can name.
+pub mod protocol {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// What the datapath must know about one local pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointPolicy {
+    pub policy_id: PolicyId,
+    pub isolate_ingress: bool,
+    pub isolate_egress: bool,
+    /// Evaluate and count, do not drop.
+    pub audit: bool,
+}
+
+/// One allowed row of the policy table: an LPM prefix over (protocol, port).
+///
+/// `protocol: None` allows every protocol and port (a NetworkPolicy rule without
+/// ports); otherwise `port`/`port_bits` is an aligned prefix of the port space
+/// (`port_bits: 0` is every port of that protocol, 16 one port). Build rows for a
+/// range with [`PolicyEntry::for_port_range`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyEntry {
+    pub policy_id: PolicyId,
+    pub direction: Direction,
+    pub identity: IdentityId,
+    pub protocol: Option<u8>,
+    pub port: u16,
+    pub port_bits: u8,
+}
+
+impl PolicyEntry {
+    /// Every protocol and port to/from `identity`.
+    pub fn any(policy_id: PolicyId, direction: Direction, identity: IdentityId) -> Self {
+        Self {
+            policy_id,
+            direction,
+            identity,
+            protocol: None,
+            port: 0,
+            port_bits: 0,
+        }
+    }
+
+    /// The rows that allow `protocol` on ports `start..=end` (at most 30).
+    pub fn for_port_range(
+        policy_id: PolicyId,
+        direction: Direction,
+        identity: IdentityId,
+        protocol: u8,
+        start: u16,
+        end: u16,
+    ) -> impl Iterator<Item = Self> {
+        rayfence_common::port_range_prefixes(start, end).map(move |(port, port_bits)| Self {
+            policy_id,
+            direction,
+            identity,
+            protocol: Some(protocol),
+            port,
+            port_bits,
+        })
+    }
+
+    /// Whether this row allows `protocol`/`port` (the datapath's LPM semantics).
+    pub fn matches(&self, protocol: u8, port: u16) -> bool {
+        match self.protocol {
+            None => true,
+            Some(p) if p != protocol => false,
+            Some(_) => {
+                let shift = 16 - u32::from(self.port_bits);
+                shift == 16 || (u32::from(port) >> shift) == (u32::from(self.port) >> shift)
+            }
+        }
+    }
+}
+
+/// The whole desired state. `BTree*` so diffs and dumps are deterministic.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub endpoints: BTreeMap<EndpointId, EndpointPolicy>,
+    pub addresses: BTreeMap<IpAddr, IdentityId>,
+    pub cidrs: BTreeMap<IpNet, IdentityId>,
+    pub policy: BTreeSet<PolicyEntry>,
+}
+
+/// The change from one [`Tables`] to another. Apply order that never opens a gap:
+/// upserts before removals; a removal that can revoke flows is followed by a
+/// generation bump of the endpoints it touches (the datapath's job).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TablesDiff {
+    pub endpoints_upsert: BTreeMap<EndpointId, EndpointPolicy>,
+    pub endpoints_remove: BTreeSet<EndpointId>,
+    pub addresses_upsert: BTreeMap<IpAddr, IdentityId>,
+    pub addresses_remove: BTreeSet<IpAddr>,
+    pub cidrs_upsert: BTreeMap<IpNet, IdentityId>,
+    pub cidrs_remove: BTreeSet<IpNet>,
+    pub policy_add: BTreeSet<PolicyEntry>,
+    pub policy_remove: BTreeSet<PolicyEntry>,
+}
+
+impl TablesDiff {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Whether applying this diff can take away something that allowed a flow
+    /// (then established flows must be re-checked).
+    pub fn may_revoke(&self) -> bool {
+        !self.policy_remove.is_empty()
+            || !self.addresses_remove.is_empty()
+            || !self.addresses_upsert.is_empty()
+            || !self.cidrs_remove.is_empty()
+            || !self.cidrs_upsert.is_empty()
+            || !self.endpoints_upsert.is_empty()
+    }
+
+    /// Folds `later` into `self`, as if both had been applied in order.
+    pub fn merge(&mut self, later: TablesDiff) {
+        fn fold<K: Ord, V>(
+            upsert: &mut BTreeMap<K, V>,
+            remove: &mut BTreeSet<K>,
+            later_upsert: BTreeMap<K, V>,
+            later_remove: BTreeSet<K>,
+        ) {
+            for key in later_remove {
+                upsert.remove(&key);
+                remove.insert(key);
+            }
+            for (key, value) in later_upsert {
+                remove.remove(&key);
+                upsert.insert(key, value);
+            }
+        }
+        fold(
+            &mut self.endpoints_upsert,
+            &mut self.endpoints_remove,
+            later.endpoints_upsert,
+            later.endpoints_remove,
+        );
+        fold(
+            &mut self.addresses_upsert,
+            &mut self.addresses_remove,
+            later.addresses_upsert,
+            later.addresses_remove,
+        );
+        fold(
+            &mut self.cidrs_upsert,
+            &mut self.cidrs_remove,
+            later.cidrs_upsert,
+            later.cidrs_remove,
+        );
+        for entry in later.policy_remove {
+            if !self.policy_add.remove(&entry) {
+                self.policy_remove.insert(entry);
+            }
+        }
+        for entry in later.policy_add {
+            if !self.policy_remove.remove(&entry) {
+                self.policy_add.insert(entry);
+            }
+        }
+    }
+}
+
+impl Tables {
+    /// What turns `self` into `desired`.
+    pub fn diff(&self, desired: &Tables) -> TablesDiff {
+        fn map_diff<K: Ord + Clone, V: PartialEq + Clone>(
+            current: &BTreeMap<K, V>,
+            desired: &BTreeMap<K, V>,
+        ) -> (BTreeMap<K, V>, BTreeSet<K>) {
+            let upsert = desired
+                .iter()
+                .filter(|(key, value)| current.get(*key) != Some(*value))
+                .map(|(key, value)| (key.clone(), value.clone()))
+                .collect();
+            let remove = current
+                .keys()
+                .filter(|key| !desired.contains_key(*key))
+                .cloned()
+                .collect();
+            (upsert, remove)
+        }
+        let (endpoints_upsert, endpoints_remove) = map_diff(&self.endpoints, &desired.endpoints);
+        let (addresses_upsert, addresses_remove) = map_diff(&self.addresses, &desired.addresses);
+        let (cidrs_upsert, cidrs_remove) = map_diff(&self.cidrs, &desired.cidrs);
+        TablesDiff {
+            endpoints_upsert,
+            endpoints_remove,
+            addresses_upsert,
+            addresses_remove,
+            cidrs_upsert,
+            cidrs_remove,
+            policy_add: desired.policy.difference(&self.policy).copied().collect(),
+            policy_remove: self.policy.difference(&desired.policy).copied().collect(),
+        }
+    }
+
+    /// Applies `diff` to this userspace copy.
+    pub fn apply(&mut self, diff: &TablesDiff) {
+        for (id, policy) in &diff.endpoints_upsert {
+            self.endpoints.insert(*id, *policy);
+        }
+        for id in &diff.endpoints_remove {
+            self.endpoints.remove(id);
+        }
+        for (addr, identity) in &diff.addresses_upsert {
+            self.addresses.insert(*addr, *identity);
+        }
+        for addr in &diff.addresses_remove {
+            self.addresses.remove(addr);
+        }
+        for (net, identity) in &diff.cidrs_upsert {
+            self.cidrs.insert(*net, *identity);
+        }
+        for net in &diff.cidrs_remove {
+            self.cidrs.remove(net);
+        }
+        self.policy.extend(diff.policy_add.iter().copied());
+        for entry in &diff.policy_remove {
+            self.policy.remove(entry);
+        }
+    }
+
+    /// The verdict these tables give a new flow, computed the way the datapath does
+    /// (exact identity, then longest-prefix CIDR identity). Used by tests and by
+    /// `explain` to check the engine against the datapath's lookup semantics.
+    pub fn allows(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let Some(endpoint) = self.endpoints.get(&endpoint) else {
+            return false;
+        };
+        let isolated = match direction {
+            Direction::Ingress => endpoint.isolate_ingress,
+            Direction::Egress => endpoint.isolate_egress,
+        };
+        if !isolated {
+            return true;
+        }
+        let exact = self.addresses.get(&peer).copied();
+        if exact == Some(identity::HOST) {
+            return true;
+        }
+        let cidr = self.longest_cidr_identity(peer);
+        [exact, cidr].into_iter().flatten().any(|peer_identity| {
+            let start = PolicyEntry::any(endpoint.policy_id, direction, peer_identity);
+            self.policy
+                .range(start..)
+                .take_while(|row| {
+                    row.policy_id == endpoint.policy_id
+                        && row.direction == direction
+                        && row.identity == peer_identity
+                })
+                .any(|row| row.matches(protocol, port))
+        })
+    }
+
+    fn longest_cidr_identity(&self, addr: IpAddr) -> Option<IdentityId> {
+        let canonical = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+            v4 => v4,
+        };
+        self.cidrs
+            .iter()
+            .filter(|(net, _)| net.contains(&canonical))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .map(|(_, identity)| *identity)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_then_apply_reaches_the_desired_tables() {
+        let mut current = Tables::default();
+        current.addresses.insert("10.0.0.1".parse().unwrap(), 300);
+        current
+            .policy
+            .insert(PolicyEntry::any(1, Direction::Ingress, 300));
+        let mut desired = Tables::default();
+        desired.addresses.insert("10.0.0.2".parse().unwrap(), 301);
+        desired.policy.extend(PolicyEntry::for_port_range(
+            1,
+            Direction::Egress,
+            301,
+            protocol::TCP,
+            80,
+            81,
+        ));
+        desired.endpoints.insert(
+            5,
+            EndpointPolicy {
+                policy_id: 1,
+                isolate_ingress: true,
+                isolate_egress: true,
+                audit: false,
+            },
+        );
+        let diff = current.diff(&desired);
+        assert!(diff.may_revoke());
+        current.apply(&diff);
+        assert_eq!(current, desired);
+        assert!(current.diff(&desired).is_empty());
+    }
+
+    #[test]
+    fn merged_diffs_equal_the_direct_diff() {
+        let a = Tables::default();
+        let mut b = a.clone();
+        b.policy
+            .insert(PolicyEntry::any(1, Direction::Ingress, 300));
+        b.addresses.insert("10.0.0.1".parse().unwrap(), 300);
+        let mut c = b.clone();
+        c.policy.clear();
+        c.addresses.insert("10.0.0.1".parse().unwrap(), 301);
+        let mut merged = a.diff(&b);
+        merged.merge(b.diff(&c));
+        let mut applied = a.clone();
+        applied.apply(&merged);
+        assert_eq!(applied, c);
+    }
+
+    #[test]
+    fn allows_follows_lpm_semantics() {
+        let mut tables = Tables::default();
+        tables.endpoints.insert(
+            1,
+            EndpointPolicy {
+                policy_id: 9,
+                isolate_ingress: true,
+                isolate_egress: false,
+                audit: false,
+            },
+        );
+        tables.cidrs.insert("10.0.0.0/8".parse().unwrap(), 400);
+        tables.cidrs.insert("10.1.0.0/16".parse().unwrap(), 401); // an `except`
+        tables
+            .addresses
+            .insert("192.168.0.1".parse().unwrap(), identity::HOST);
+        tables.policy.extend(PolicyEntry::for_port_range(
+            9,
+            Direction::Ingress,
+            400,
+            protocol::TCP,
+            1000,
+            2000,
+        ));
+        let allows = |peer: &str, port| {
+            tables.allows(
+                1,
+                Direction::Ingress,
+                peer.parse().unwrap(),
+                protocol::TCP,
+                port,
+            )
+        };
+        assert!(allows("10.2.3.4", 1500));
+        assert!(!allows("10.2.3.4", 2001));
+        assert!(!allows("10.1.3.4", 1500));
+        assert!(allows("192.168.0.1", 22));
+        assert!(tables.allows(
+            1,
+            Direction::Egress,
+            "8.8.8.8".parse().unwrap(),
+            protocol::UDP,
+            53
+        ));
+        assert!(!tables.allows(
+            1,
+            Direction::Ingress,
+            "10.2.3.4".parse().unwrap(),
+            protocol::UDP,
+            1500
+        ));
+    }
+}

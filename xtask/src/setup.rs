@@ -1,0 +1,124 @@
+//! Installs what building and testing rayfence needs, idempotently: each step checks
+//! first and says what it does. Versions are pinned here and nowhere else (the agent's
+//! build.rs names the same eBPF nightly).
+use std::process::Command;
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{cargo, run, say};
+
+/// Host toolchain for every crate but the eBPF one (aya 0.16 needs Rust >= 1.98).
+pub const HOST_TOOLCHAIN: &str = "1.99.0";
+/// eBPF toolchain: its LLVM major (22) must match bpf-linker's LLVM.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_MAJOR: &str = "22";
+/// Debian packages: LLVM for bpf-linker; iproute2 and iptables for the network
+/// namespace tests and the demo (kube-proxy-like DNAT).
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "iptables"];
+
+pub fn ensure_all() -> Result<()> {
+    ensure_toolchain(HOST_TOOLCHAIN, &["rustfmt", "clippy"])?;
+    ensure_toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
+    ensure_apt_packages()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
+    let installed =
+        output("rustup", &["toolchain", "list"]).context("rustup is needed: https://rustup.rs")?;
+    if !installed
+        .lines()
+        .any(|line| line.starts_with(&format!("{toolchain}-")))
+    {
+        say(&format!("installing Rust toolchain {toolchain}"));
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            toolchain,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let have = output(
+        "rustup",
+        &["component", "list", "--installed", "--toolchain", toolchain],
+    )
+    .unwrap_or_default();
+    for component in components {
+        if !have
+            .lines()
+            .any(|line| line.starts_with(&format!("{component}-")) || line == *component)
+        {
+            say(&format!("adding {component} to {toolchain}"));
+            run(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                toolchain,
+            ]))?;
+        }
+    }
+    Ok(())
+}
+
+fn apt_installed(package: &str) -> bool {
+    output("dpkg-query", &["-W", "-f=${Status}", package])
+        .is_some_and(|status| status.contains("install ok installed"))
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !apt_installed(p))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "missing Debian packages {missing:?}; run as root or: apt-get install -y {}",
+            missing.join(" ")
+        );
+    }
+    say(&format!("installing Debian packages {}", missing.join(" ")));
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(())
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    if output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION)) {
+        return Ok(());
+    }
+    say(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 2 minutes)"
+    ));
+    run(cargo(HOST_TOOLCHAIN)
+        .args([
+            "install",
+            "--locked",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        ])
+        .args([
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{LLVM_MAJOR}"),
+        ])
+        // bpf-linker's build finds LLVM through llvm-config on PATH or LLVM_PREFIX.
+        .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))?;
+    Ok(())
+}
