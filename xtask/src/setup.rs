@@ -22,6 +22,10 @@ pub fn ensure_all() -> Result<()> {
     ensure_toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
+    say(&format!(
+        "prerequisites in place: Rust {HOST_TOOLCHAIN}, {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}",
+        APT_PACKAGES.join(", ")
+    ));
     Ok(())
 }
 
