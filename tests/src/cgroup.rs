@@ -26,10 +26,10 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
     for line in info.lines() {
         // "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> <src> <opts>"
         let Some((left, right)) = line.split_once(" - ") else { continue };
-        if right.split_whitespace().next() == Some("cgroup2") {
-            if let Some(mp) = left.split_whitespace().nth(4) {
-                return Ok(PathBuf::from(unescape_mountinfo(mp)));
-            }
+        if right.split_whitespace().next() == Some("cgroup2")
+            && let Some(mp) = left.split_whitespace().nth(4)
+        {
+            return Ok(PathBuf::from(unescape_mountinfo(mp)));
         }
     }
     bail!("no cgroup2 mount in /proc/self/mountinfo")
@@ -57,6 +57,11 @@ impl TestCgroup {
     /// parent also removes it).
     pub fn child(&self, name: &str) -> Result<TestCgroup> {
         Self::create_at(self.path.join(name))
+    }
+
+    /// Takes charge of an existing cgroup directory (for sweeping leftovers).
+    pub(crate) fn adopt(path: PathBuf) -> Self {
+        TestCgroup { path }
     }
 
     fn create_at(path: PathBuf) -> Result<Self> {

@@ -64,3 +64,26 @@ fn names_carry_the_pid_so_parallel_binaries_do_not_collide() {
     let cg_name = cg.pod.path().file_name().unwrap().to_string_lossy().into_owned();
     assert!(cg_name.starts_with(&pid_prefix("cg")), "{cg_name}");
 }
+
+#[test]
+fn sweep_removes_leftovers_of_dead_processes_only() {
+    // A pid that has exited (and was reaped), standing in for a SIGKILLed run.
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let ns = format!("rf-ns-{dead}-0-leftover");
+    let ours = format!("{}99-alive", pid_prefix("ns"));
+    for n in [&ns, &ours] {
+        assert!(std::process::Command::new("ip").args(["netns", "add", n]).status().unwrap().success());
+    }
+    let cg = cgroup2_mount().unwrap().join(format!("rf-cg-{dead}-0"));
+    std::fs::create_dir_all(cg.join("ctr")).unwrap();
+
+    let removed = rayfence_tests::sweep::remove_leftovers_of_dead_processes().unwrap();
+    let listed = netns_list();
+    let _ = std::process::Command::new("ip").args(["netns", "del", &ours]).status();
+    assert!(removed.contains(&ns), "{removed:?}");
+    assert!(!listed.contains(&ns));
+    assert!(listed.contains(&ours), "a live process's namespace must stay");
+    assert!(!cg.exists());
+}
