@@ -103,8 +103,16 @@ impl Node {
         self.prober().tcp_connect(addr, port, timeout)
     }
 
+    pub fn udp_probe(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().udp_probe(addr, port, timeout)
+    }
+
     pub fn ping(&self, addr: IpAddr, timeout: Duration) -> Outcome {
         self.prober().ping(addr, timeout)
+    }
+
+    pub fn tcp_hold(&self, addr: IpAddr, port: u16, timeout: Duration) -> Result<HeldConnection> {
+        self.prober().tcp_hold(addr, port, timeout)
     }
 }
 
