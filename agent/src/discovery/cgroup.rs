@@ -356,7 +356,7 @@ mod tests {
 
     const UID: &str = "0f1e2d3c-aaaa-bbbb-cccc-123456789abc";
 
-    fn s(p: &PathBuf) -> String {
+    fn s(p: &Path) -> String {
         p.display().to_string()
     }
 

@@ -75,6 +75,9 @@ impl LinkWatcher {
                 )
             }
         };
+        // A burst of pod starts must not overflow the queue (ENOBUFS): 4 MiB
+        // holds thousands of link messages. Best effort: capped by rmem_max.
+        let _ = socket.set_rx_buf_sz(4 * 1024 * 1024_i32);
         let known = rtnl.links()?.iter().map(|l| l.header.index).collect();
         Ok(LinkWatcher {
             socket,

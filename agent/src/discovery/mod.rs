@@ -13,6 +13,31 @@
 //! No thread of the caller ever changes namespace: sockets in other namespaces
 //! are made on short-lived threads ([`netlink`]).
 //!
+//! ```no_run
+//! use rayfence::discovery::{Hook, Locator, LocatorConfig, PodRef, QosClass};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let locator = Locator::new(LocatorConfig {
+//!     host_proc: "/host/proc".into(),
+//!     ..LocatorConfig::default()
+//! })?;
+//! let pod = PodRef {
+//!     namespace: "ray".into(),
+//!     name: "head-0".into(),
+//!     uid: "0f1e2d3c-aaaa-bbbb-cccc-123456789abc".into(),
+//!     qos_class: QosClass::from_api("Burstable"),
+//!     ips: vec!["10.244.0.12".parse()?],
+//!     host_network: false,
+//! };
+//! let found = locator.locate(&pod)?;
+//! match found.hook {
+//!     Hook::Tc => { /* attach TC to found.host_interface's ifindex */ }
+//!     Hook::Cgroup => { /* attach cgroup_skb to found.cgroup's path */ }
+//!     Hook::None(reason) => println!("not enforced: {reason:?}"),
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! This module must not talk to the API server or a container runtime, must not
 //! change any kernel state (links, routes, cgroups) and must not attach
 //! programs: that is `datapath`'s job.
