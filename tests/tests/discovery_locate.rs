@@ -348,6 +348,102 @@ fn host_network_pods_are_skipped_and_say_why() -> Result<()> {
 }
 
 #[test]
+fn a_pod_on_another_node_is_not_claimed_by_the_ip_methods() -> Result<()> {
+    for layout in [Layout::Bridged, Layout::Routed] {
+        let mut topo = Topology::new(layout, bin())?;
+        topo.add_node()?;
+        topo.add_pod(1, "remote")?;
+        let remote = topo.pod("remote");
+        let loc = locator(topo.node(0), None, &[])?;
+        let pod = pod_ref(remote, &unique_uid(), QosClass::BestEffort);
+        for how in [HowFound::RouteToVeth, HowFound::BridgeFdb] {
+            let r = loc.find_host_interface(how, &pod, None);
+            assert!(
+                matches!(r, Err(Miss::RouteViaGateway { .. })),
+                "{layout:?} {how:?}: {r:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn a_pod_cgroup_without_processes_yet_falls_back_to_the_route() -> Result<()> {
+    // The pod-start window: the kubelet made the pod cgroup, the sandbox is not
+    // running, the CNI has already wired the veth and route.
+    let topo = Topology::with_pods(Layout::Routed, bin(), &["a"])?;
+    let pod = topo.pod("a");
+    let tree = KubeletTree::new(CgroupDriver::Systemd, QosClass::Burstable)?;
+    let found = locator(topo.node(0), Some(tree.root()), &HowFound::ALL)?.locate(&pod_ref(
+        pod,
+        &tree.uid,
+        QosClass::Burstable,
+    ))?;
+    assert_eq!(found.hook, Hook::Tc);
+    assert_eq!(
+        found.host_interface.map(|h| (h.ifindex, h.via)),
+        Some((pod.host_ifindex, HowFound::RouteToVeth))
+    );
+    assert!(
+        matches!(
+            found.misses.as_slice(),
+            [(HowFound::PodNetns, Miss::NoProcess { .. })]
+        ),
+        "{:?}",
+        found.misses
+    );
+    Ok(())
+}
+
+/// Median of `runs` timings of `f`, which must succeed.
+fn median_of(runs: usize, mut f: impl FnMut() -> bool) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t0 = Instant::now();
+            assert!(f());
+            t0.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[times.len() / 2]
+}
+
+#[test]
+fn each_interface_method_takes_well_under_ten_milliseconds() -> Result<()> {
+    let bridged = Topology::with_pods(Layout::Bridged, bin(), &["a"])?;
+    let routed = Topology::with_pods(Layout::Routed, bin(), &["a"])?;
+    let (bpod, rpod) = (bridged.pod("a"), routed.pod("a"));
+    let tree = KubeletTree::new(CgroupDriver::Systemd, QosClass::Burstable)?;
+    let _srv = bpod.prober_in(tree.container.path()).serve_tcp(7006)?;
+    assert_eq!(bridged.node(0).ping(bpod.ip4.into(), T), Outcome::Ok);
+    let bloc = locator(bridged.node(0), Some(tree.root()), &[])?;
+    let rloc = locator(routed.node(0), None, &[])?;
+    let bref = pod_ref(bpod, &tree.uid, QosClass::Burstable);
+    let rref = pod_ref(rpod, &unique_uid(), QosClass::Burstable);
+    let cgroup = bloc.locate_cgroup(&bref).expect("cgroup");
+    let cg = median_of(50, || bloc.locate_cgroup(&bref).is_ok());
+    let netns = median_of(50, || {
+        bloc.find_host_interface(HowFound::PodNetns, &bref, Some(&cgroup))
+            .is_ok()
+    });
+    let route = median_of(50, || {
+        rloc.find_host_interface(HowFound::RouteToVeth, &rref, None)
+            .is_ok()
+    });
+    let fdb = median_of(50, || {
+        bloc.find_host_interface(HowFound::BridgeFdb, &bref, None)
+            .is_ok()
+    });
+    println!(
+        "median over 50: cgroup {cg:?}, pod netns {netns:?}, route {route:?}, bridge FDB {fdb:?}"
+    );
+    for d in [cg, netns, route, fdb] {
+        assert!(d < Duration::from_millis(10), "{d:?}");
+    }
+    Ok(())
+}
+
+#[test]
 fn locate_takes_well_under_ten_milliseconds() -> Result<()> {
     let topo = Topology::with_pods(Layout::Bridged, bin(), &["a"])?;
     let pod = topo.pod("a");
