@@ -135,43 +135,44 @@ impl From<NetlinkError> for Miss {
 /// The host network namespace: where TC attaches.
 #[derive(Debug)]
 pub struct HostNetns {
-    /// Open namespace file (kept open: its fd is passed in RTM_GETNSID).
+    /// Open namespace file (kept open: its fd is passed in RTM_GETNSID, and
+    /// the namespace cannot go away while the locator holds it).
     file: File,
     path: PathBuf,
-    /// Namespace inode, to recognise host-network pods.
+    /// Namespace inode, to recognise host-network pods and to skip the setns
+    /// thread when the calling thread is already there.
     ino: u64,
-    own: bool,
 }
 
 impl HostNetns {
-    /// The namespace at `path`, or the calling thread's own when `None`.
+    /// The namespace at `path`, or the calling thread's own (as of this call)
+    /// when `None`.
     pub fn open(path: Option<&Path>) -> std::io::Result<Self> {
-        let (path, own) = match path {
-            Some(p) => (p.to_path_buf(), false),
-            None => (PathBuf::from("/proc/thread-self/ns/net"), true),
-        };
+        let path = path.map_or_else(|| PathBuf::from(THREAD_NETNS), Path::to_path_buf);
         let file = File::open(&path)?;
         let ino = file.metadata()?.ino();
-        Ok(HostNetns {
-            file,
-            path,
-            ino,
-            own,
-        })
+        Ok(HostNetns { file, path, ino })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// A netlink socket in this namespace: made directly when the calling
+    /// thread is in it (the usual case for a `hostNetwork` agent), else on a
+    /// setns thread.
     pub fn rtnl(&self) -> Result<Rtnl, NetlinkError> {
-        if self.own {
+        let here = std::fs::metadata(THREAD_NETNS).map(|m| m.ino()).ok();
+        if here == Some(self.ino) {
             Rtnl::in_current()
         } else {
             Rtnl::in_netns_file(&self.file, &self.path)
         }
     }
 }
+
+/// The calling thread's network namespace.
+const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 
 fn mac_string(mac: &[u8]) -> String {
     mac.iter()

@@ -337,6 +337,15 @@ impl Locator {
                 });
             }
         };
+        tracing::debug!(
+            pod = %pod.label(),
+            ?hook,
+            host_interface = host_interface.as_ref().map(|h| h.name.as_str()),
+            via = ?host_interface.as_ref().map(|h| h.via),
+            cgroup_id = cgroup.as_ref().map(|c| c.id),
+            misses = misses.len(),
+            "located pod"
+        );
         Ok(Location {
             cgroup,
             host_interface,

@@ -416,3 +416,72 @@ pub fn interfaces_with_address(addresses: &[AddressMessage], addr: IpAddr) -> Ve
     found.dedup();
     found
 }
+
+#[cfg(test)]
+mod tests {
+    //! Read-only queries in the test process's own namespace (needs no
+    //! privilege beyond reading rtnetlink, which any user may).
+    use super::*;
+
+    #[test]
+    fn a_link_dump_includes_loopback_as_ifindex_1() {
+        let mut rtnl = Rtnl::in_current().expect("socket");
+        let links: Vec<LinkFacts> = rtnl
+            .links()
+            .expect("dump")
+            .iter()
+            .map(LinkFacts::from_message)
+            .collect();
+        let lo = links.iter().find(|l| l.name == "lo").expect("lo");
+        assert_eq!(lo.ifindex, 1);
+        assert_eq!(lo.kind, None);
+        assert!(!lo.is_veth() && !lo.is_bridge());
+    }
+
+    #[test]
+    fn asking_for_a_missing_ifindex_gives_none_not_an_error() {
+        let mut rtnl = Rtnl::in_current().expect("socket");
+        assert_eq!(rtnl.link(0x7fff_fff0).expect("request"), None);
+        assert!(rtnl.link(1).expect("request").is_some());
+    }
+
+    #[test]
+    fn loopback_holds_127_0_0_1_and_its_route_is_local_with_the_fib_prefix() {
+        let mut rtnl = Rtnl::in_current().expect("socket");
+        let lo: IpAddr = "127.0.0.1".parse().expect("ip");
+        assert_eq!(
+            interfaces_with_address(&rtnl.addresses().expect("dump"), lo),
+            vec![1]
+        );
+        let route = rtnl.route_get(lo).expect("request").expect("a route");
+        // FIB match: the local table's entry is 127.0.0.0/8... or the /32 host
+        // entry; never a clone longer than the table entry.
+        assert!(route.header.destination_prefix_length <= 32);
+        assert_ne!(
+            route.header.kind,
+            netlink_packet_route::route::RouteType::Unicast
+        );
+    }
+
+    #[test]
+    fn a_socket_made_in_a_namespace_by_path_answers_for_that_namespace() {
+        let mut rtnl = Rtnl::in_netns(Path::new("/proc/self/ns/net")).expect("socket");
+        assert!(
+            rtnl.links()
+                .expect("dump")
+                .iter()
+                .any(|l| l.header.index == 1)
+        );
+        let err = Rtnl::in_netns(Path::new("/nonexistent/ns")).expect_err("no such file");
+        assert!(matches!(err, NetlinkError::OpenNetns { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_namespace_gives_itself_a_current_nsid_or_none() {
+        let mut rtnl = Rtnl::in_current().expect("socket");
+        let own = File::open("/proc/thread-self/ns/net").expect("open");
+        // Either unassigned (None) or a non-negative id: never an error.
+        let id = rtnl.nsid_of(&own).expect("request");
+        assert!(id.is_none_or(|i| i >= 0));
+    }
+}
