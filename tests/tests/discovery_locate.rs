@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use discovery_common::{KubeletTree, bin, locator, pod_ref, unique_uid};
 use rayfence::discovery::{
-    CgroupDriver, CgroupFoundBy, DiscoveryError, Hook, HowFound, Miss, NoHookReason, PodRef,
-    QosClass,
+    CgroupDriver, CgroupFoundBy, DiscoveryError, Hook, HowFound, Locator, LocatorConfig, Miss,
+    NoHookReason, PodRef, QosClass,
 };
 use rayfence_tests::cgroup::cgroup2_mount;
 use rayfence_tests::{Layout, Netns, Outcome, Prober, Topology};
@@ -48,6 +48,29 @@ fn netns_method_finds_each_pods_host_veth_in_a_bridged_node() -> Result<()> {
 #[test]
 fn netns_method_finds_each_pods_host_veth_in_a_routed_node() -> Result<()> {
     netns_method_finds_each_pods_host_veth(Layout::Routed)
+}
+
+#[test]
+fn by_default_the_host_namespace_is_the_callers_own() -> Result<()> {
+    let topo = Topology::with_pods(Layout::Bridged, bin(), &["a"])?;
+    let (node, pod) = (topo.node(0), topo.pod("a"));
+    let tree = KubeletTree::new(CgroupDriver::Cgroupfs, QosClass::Guaranteed)?;
+    let _srv = pod.prober_in(tree.container.path()).serve_tcp(7007)?;
+    let pod_ref = pod_ref(pod, &tree.uid, QosClass::Guaranteed);
+    let root = tree.root();
+    // An agent running in the node's namespace with no --host-netns.
+    let found = node.netns.run(move || -> Result<_> {
+        let loc = Locator::new(LocatorConfig {
+            cgroup_root: Some(root),
+            ..LocatorConfig::default()
+        })?;
+        Ok(loc.locate(&pod_ref)?)
+    })??;
+    assert_eq!(
+        found.host_interface.map(|h| (h.ifindex, h.via)),
+        Some((pod.host_ifindex, HowFound::PodNetns))
+    );
+    Ok(())
 }
 
 #[test]
@@ -228,7 +251,7 @@ fn a_kubelet_cgroup_root_prefix_is_found_under_the_detected_cgroup2_mount() -> R
     let tree = KubeletTree::new(CgroupDriver::Cgroupfs, QosClass::Burstable)?;
     let mount = cgroup2_mount()?;
     let prefix = format!("/{}", tree.root.path().strip_prefix(&mount)?.display());
-    let loc = rayfence::discovery::Locator::new(rayfence::discovery::LocatorConfig {
+    let loc = Locator::new(LocatorConfig {
         kubelet_cgroup_roots: vec!["/".into(), prefix.clone()],
         host_netns: Some(topo.node(0).netns.path()),
         ..Default::default()
