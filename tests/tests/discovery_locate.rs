@@ -493,3 +493,60 @@ fn locate_takes_well_under_ten_milliseconds() -> Result<()> {
     assert!(p50 < Duration::from_millis(10), "p50 {p50:?}");
     Ok(())
 }
+
+/// The kernel's own cgroup id of a cgroup2 directory: kernfs file handles carry
+/// the 64-bit kernfs node id, which is `cgroup_id()` (what bpf_skb_cgroup_id
+/// returns); systemd and bpftool read it the same way.
+fn cgroup_id_from_file_handle(path: &std::path::Path) -> u64 {
+    #[repr(C)]
+    struct Handle {
+        handle_bytes: u32,
+        handle_type: i32,
+        f_handle: [u8; 8],
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    let mut h = Handle {
+        handle_bytes: 8,
+        handle_type: 0,
+        f_handle: [0; 8],
+    };
+    let mut mount_id = 0;
+    // SAFETY: `h` is a file_handle header followed by 8 bytes, as handle_bytes says.
+    let rc = unsafe {
+        libc::name_to_handle_at(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            (&raw mut h).cast::<libc::file_handle>(),
+            &mut mount_id,
+            0,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "name_to_handle_at {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    assert_eq!(h.handle_bytes, 8);
+    u64::from_ne_bytes(h.f_handle)
+}
+
+#[test]
+fn the_reported_cgroup_id_is_the_kernels_cgroup_id() -> Result<()> {
+    let topo = Topology::new(Layout::Routed, bin())?;
+    let tree = KubeletTree::new(CgroupDriver::Systemd, QosClass::BestEffort)?;
+    let pod = PodRef {
+        namespace: "ray".into(),
+        name: "idcheck".into(),
+        uid: tree.uid.clone(),
+        qos_class: Some(QosClass::BestEffort),
+        ips: Vec::new(),
+        host_network: false,
+    };
+    let info = locator(topo.node(0), Some(tree.root()), &[])?
+        .locate_cgroup(&pod)
+        .expect("found");
+    assert_eq!(info.id, cgroup_id_from_file_handle(tree.pod.path()));
+    Ok(())
+}
