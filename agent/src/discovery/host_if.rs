@@ -70,9 +70,9 @@ pub enum Miss {
     NoPodIp,
     #[error("no interface in the pod's network namespace ({netns}) holds {ips:?}")]
     NoPodInterface { netns: PathBuf, ips: Vec<IpAddr> },
-    #[error(
-        "pod interface {name} (ifindex {ifindex}) has no peer in another namespace: not a veth to the host (macvlan, ipvlan?)"
-    )]
+    #[error("pod interface {name} is a {kind}, not a veth: it has no host-side peer")]
+    PodInterfaceNotVeth { name: String, kind: String },
+    #[error("pod veth {name} (ifindex {ifindex}) has its peer in its own namespace")]
     NoPeer { name: String, ifindex: u32 },
     #[error(
         "pod interface {name}'s peer is in another namespace than the host's (peer netnsid {peer_nsid}, host's {host_nsid:?})"
@@ -248,6 +248,13 @@ pub fn via_pod_netns(
             }
         }
     };
+    if !pod_if.is_veth() {
+        // macvlan, ipvlan, a physical function...: no host-side peer to hook.
+        return Err(Miss::PodInterfaceNotVeth {
+            name: pod_if.name,
+            kind: pod_if.kind.unwrap_or_else(|| "none".into()),
+        });
+    }
     let (Some(peer_ifindex), Some(peer_nsid)) = (pod_if.link, pod_if.link_netnsid) else {
         return Err(Miss::NoPeer {
             name: pod_if.name,
