@@ -310,6 +310,43 @@ fn a_pod_whose_interface_is_missing_gets_the_cgroup_hook() -> Result<()> {
 }
 
 #[test]
+fn a_pod_on_a_macvlan_gets_the_cgroup_hook_not_the_parent_interface() -> Result<()> {
+    let topo = Topology::new(Layout::Routed, bin())?;
+    let node = topo.node(0);
+    let pod_ns = Netns::new("pod-macvlan")?;
+    // The macvlan's lower device (host0) is a veth in the node namespace: the
+    // pod interface's IFLA_LINK points at it, but it is not the pod's peer.
+    node.netns.ip(&[
+        "link", "add", "mv0", "link", "host0", "type", "macvlan", "mode", "bridge",
+    ])?;
+    node.netns
+        .ip(&["link", "set", "mv0", "netns", pod_ns.name()])?;
+    pod_ns.ip(&["addr", "add", "10.244.0.150/32", "dev", "mv0"])?;
+    pod_ns.ip(&["link", "set", "mv0", "up"])?;
+    let tree = KubeletTree::new(CgroupDriver::Systemd, QosClass::Burstable)?;
+    let _srv = Prober::new(bin(), &pod_ns)
+        .in_cgroup(tree.container.path())
+        .serve_tcp(7008)?;
+    let pod = PodRef {
+        namespace: "ray".into(),
+        name: "macvlan".into(),
+        uid: tree.uid.clone(),
+        qos_class: Some(QosClass::Burstable),
+        ips: vec!["10.244.0.150".parse()?],
+        host_network: false,
+    };
+    let found = locator(node, Some(tree.root()), &HowFound::ALL)?.locate(&pod)?;
+    assert_eq!(found.hook, Hook::Cgroup);
+    assert_eq!(found.host_interface, None);
+    assert!(
+        matches!(&found.misses[0], (HowFound::PodNetns, Miss::PodInterfaceNotVeth { kind, .. }) if kind == "macvlan"),
+        "{:?}",
+        found.misses
+    );
+    Ok(())
+}
+
+#[test]
 fn a_pod_with_nothing_gets_an_error_naming_it_and_what_was_tried() -> Result<()> {
     let topo = Topology::new(Layout::Routed, bin())?;
     let tree = KubeletTree::new(CgroupDriver::Systemd, QosClass::Burstable)?;
