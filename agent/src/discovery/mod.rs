@@ -384,6 +384,14 @@ mod tests {
     }
 
     #[test]
+    fn a_locator_can_be_shared_with_blocking_tasks() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<Locator>();
+        shareable::<Location>();
+        shareable::<DiscoveryError>();
+    }
+
+    #[test]
     fn the_default_config_tries_the_netns_method_first_in_the_agents_own_namespace() {
         let c = LocatorConfig::default();
         assert_eq!(c.methods.first(), Some(&HowFound::PodNetns));
