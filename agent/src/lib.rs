@@ -4,6 +4,8 @@
 //! - [`tables`]: the desired datapath state, the contract between policy and datapath.
 //! - [`policy`]: pure translation of cluster objects into [`tables::Tables`]; no I/O.
 //! - [`datapath`]: the only module that touches aya: load, attach, pin, apply tables.
+//! - [`discovery`]: where local pods live in the kernel (cgroup, host veth) and which hook fits.
 pub mod datapath;
+pub mod discovery;
 pub mod policy;
 pub mod tables;
