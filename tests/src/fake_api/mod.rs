@@ -305,3 +305,22 @@ impl Drop for FakeApiServer {
         self.accept.abort();
     }
 }
+
+/// Waits until `condition` holds, checking every 10 ms, and fails naming `what`
+/// once `timeout` has passed: the bounded wait tests use instead of sleeping.
+pub async fn eventually(
+    timeout: Duration,
+    what: impl std::fmt::Display,
+    mut condition: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if condition() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
