@@ -215,7 +215,7 @@ fn discovery(route: &Route, store: &Store, shared: &Shared) -> Option<Value> {
     };
     match route {
         Route::Version => Some(json!({
-            "major": "1", "minor": "34", "gitVersion": "v1.34.0-rayfence-fake",
+            "major": "1", "minor": "37", "gitVersion": "v1.37.0-rayfence-fake",
             "gitCommit": "0000000000000000000000000000000000000000", "gitTreeState": "clean",
             "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24", "compiler": "gc",
             "platform": "linux/amd64",
