@@ -351,3 +351,53 @@ async fn streaming_list_is_served_by_a_watch_that_ends_its_initial_events_with_a
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn http_410_on_the_watch_request_makes_kube_rs_retry_the_same_resource_version_without_relisting()
+-> anyhow::Result<()> {
+    // Pins down what kube-rs 5's watcher does with each form of 410, so that a
+    // change in it shows up here: the in-stream ERROR (what real servers send)
+    // relists (see after_compaction_...); an HTTP 410 on the watch request is
+    // retried with backoff at the same resourceVersion, and never relists.
+    let server = FakeApiServer::start().await?;
+    server.apply(&pod("head", "node-a", "head"));
+    let r = reflect(Api::all(server.client()?), watcher::Config::default());
+    ready(&r).await?;
+    eventually(WAIT, "the watch to open", || server.open_watches() == 1).await?;
+    let listed_rv = server
+        .requests()
+        .iter()
+        .find(|q| q.is_watch())
+        .and_then(|q| q.param("resourceVersion"));
+
+    server.set_watch_gone_as_http_status(true);
+    server.compact_history();
+    server.close_watches();
+    eventually(WAIT, "two refused watch starts", || {
+        r.errors
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == 410)
+            .count()
+            >= 2
+    })
+    .await?;
+    let requests = server.requests();
+    let watches: Vec<_> = requests.iter().filter(|q| q.is_watch()).collect();
+    assert!(
+        watches
+            .iter()
+            .all(|q| q.param("resourceVersion") == listed_rv),
+        "{watches:#?}"
+    );
+    assert_eq!(
+        requests
+            .iter()
+            .filter(|q| q.is_list_of("/api/v1/pods"))
+            .count(),
+        1
+    );
+    assert!(r.has(&["head"]));
+    Ok(())
+}

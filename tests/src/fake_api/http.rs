@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -42,6 +42,9 @@ pub struct Shared {
     pub refused: AtomicUsize,
     /// Watch streams open right now.
     pub open_watches: AtomicUsize,
+    /// Answer a watch from a too-old resourceVersion with HTTP 410 instead of a
+    /// 200 whose stream carries an ERROR event (what real servers send).
+    pub gone_as_http_status: AtomicBool,
     /// How often a watch that allows bookmarks gets one.
     pub bookmark_interval: Duration,
     pub address: std::net::SocketAddr,
@@ -375,6 +378,12 @@ fn dispatch(
                     param("resourceVersion").unwrap_or(""),
                     param("sendInitialEvents") == Some("true"),
                 )?;
+                if let WatchStart::Gone(event) = &start
+                    && shared.gone_as_http_status.load(Ordering::SeqCst)
+                {
+                    let message = event["object"]["message"].as_str().unwrap_or("").to_owned();
+                    return Err(ApiError::gone(message));
+                }
                 let timeout = param("timeoutSeconds")
                     .and_then(|t| t.parse().ok())
                     .map(Duration::from_secs);

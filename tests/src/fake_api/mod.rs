@@ -44,7 +44,7 @@ pub mod selector;
 pub mod store;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -113,6 +113,7 @@ impl FakeApiServer {
             shutdown: watch::Sender::new(false),
             refused: AtomicUsize::new(0),
             open_watches: AtomicUsize::new(0),
+            gone_as_http_status: AtomicBool::new(false),
             bookmark_interval: BOOKMARK_INTERVAL,
             address,
         });
@@ -219,6 +220,18 @@ impl FakeApiServer {
     /// event and must relist. Open watches are not ended (see `close_watches`).
     pub fn compact_history(&self) {
         self.store().compact_history();
+    }
+
+    /// `true`: a watch from a resourceVersion older than the history is refused
+    /// with HTTP 410 on the request itself. `false` (the default): it gets HTTP 200
+    /// and a stream with one ERROR event carrying a 410 Status, as real API servers
+    /// send it (the watch cache and etcd both report it in the stream). kube-rs's
+    /// watcher relists only on the latter; the former lets a test show what
+    /// happens when something in between answers differently.
+    pub fn set_watch_gone_as_http_status(&self, http_status: bool) {
+        self.shared
+            .gone_as_http_status
+            .store(http_status, Ordering::SeqCst);
     }
 
     /// Ends every open watch stream cleanly, as a server-side watch timeout does;
