@@ -373,3 +373,56 @@ async fn discovery_lists_installed_groups_and_the_crd_once_installed() -> anyhow
     assert!(discovery.has_group("ray.io"));
     Ok(())
 }
+
+#[tokio::test]
+async fn kubeconfig_written_for_the_server_gives_a_working_client() -> anyhow::Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ray"}}));
+    let kubeconfig = kube::config::Kubeconfig::from_yaml(&server.kubeconfig_yaml())?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    assert_eq!(
+        config.cluster_url.to_string().trim_end_matches('/'),
+        server.url()
+    );
+    let namespaces: Api<Namespace> = Api::all(kube::Client::try_from(config)?);
+    assert_eq!(
+        namespaces.list(&ListParams::default()).await?.items.len(),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn watch_ends_when_its_timeout_seconds_run_out() -> anyhow::Result<()> {
+    let server = FakeApiServer::start().await?;
+    let namespaces: Api<Namespace> = Api::all(server.client()?);
+    let params = WatchParams::default().disable_bookmarks().timeout(1);
+    let started = std::time::Instant::now();
+    let events: Vec<_> = tokio::time::timeout(
+        WAIT,
+        namespaces
+            .watch(&params, "0")
+            .await?
+            .try_collect::<Vec<_>>(),
+    )
+    .await??;
+    assert!(events.is_empty(), "{events:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(server.open_watches(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dropping_the_server_stops_it() -> anyhow::Result<()> {
+    let server = FakeApiServer::start().await?;
+    let namespaces: Api<Namespace> = Api::all(server.client()?);
+    namespaces.list(&ListParams::default()).await?;
+    let addr = server.addr();
+    drop(server);
+    eventually(WAIT, "the port to refuse connections", || {
+        std::net::TcpStream::connect(addr).is_err()
+    })
+    .await?;
+    assert!(namespaces.list(&ListParams::default()).await.is_err());
+    Ok(())
+}

@@ -86,9 +86,14 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                Err(_) => continue,
+                // E.g. out of file descriptors: wait a little rather than spin.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
             },
-            _ = shutdown.wait_for(|s| *s) => return,
+            // `.map(drop)`: the watch guard must not live on across the await above.
+            _ = async { shutdown.wait_for(|s| *s).await.map(drop) } => return,
         };
         if !*shared.available.borrow() {
             shared.refused.fetch_add(1, Ordering::SeqCst);
@@ -549,4 +554,57 @@ fn watch_response(
         header::HeaderValue::from_static("application/json"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resource(path: &str) -> (String, Option<String>, Option<String>, Option<String>) {
+        match route(path, &Store::new()) {
+            Route::Resource {
+                key,
+                namespace,
+                name,
+                subresource,
+            } => (key.to_string(), namespace, name, subresource),
+            _ => panic!("{path} is not a resource path"),
+        }
+    }
+
+    #[test]
+    fn paths_route_to_resource_namespace_name_and_subresource() {
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(
+            resource("/api/v1/pods"),
+            ("pods.v1".into(), None, None, None)
+        );
+        assert_eq!(
+            resource("/api/v1/namespaces/ray/pods/head"),
+            ("pods.v1".into(), s("ray"), s("head"), None)
+        );
+        assert_eq!(
+            resource("/apis/networking.k8s.io/v1/namespaces/ray/networkpolicies/np/status"),
+            (
+                "networkpolicies.networking.k8s.io/v1".into(),
+                s("ray"),
+                s("np"),
+                s("status")
+            )
+        );
+        // A Namespace object and its status are cluster-scoped paths.
+        assert_eq!(
+            resource("/api/v1/namespaces/ray"),
+            ("namespaces.v1".into(), None, s("ray"), None)
+        );
+        assert_eq!(
+            resource("/api/v1/namespaces/ray/status"),
+            ("namespaces.v1".into(), None, s("ray"), s("status"))
+        );
+        assert!(matches!(
+            route("/apis/ray.io/v1", &Store::new()),
+            Route::ResourceList { .. }
+        ));
+        assert!(matches!(route("/healthz", &Store::new()), Route::NotFound));
+    }
 }

@@ -137,6 +137,17 @@ impl FakeApiServer {
         Ok(kube::Config::new(uri))
     }
 
+    /// A kubeconfig naming this server (plain HTTP, no credentials), for a process
+    /// such as the agent binary started with `KUBECONFIG` or `--kubeconfig`.
+    pub fn kubeconfig_yaml(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: default\n\
+             current-context: fake\nusers:\n- name: fake\n  user: {{}}\n",
+            url = self.url()
+        )
+    }
+
     pub fn client(&self) -> anyhow::Result<kube::Client> {
         kube::Client::try_from(self.config()?)
             .context("building a kube client for the fake API server")
