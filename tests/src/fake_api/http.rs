@@ -311,9 +311,7 @@ pub async fn handle(
     Ok(
         match dispatch(&shared, &method, &path, &query, &content_type, &body) {
             Ok(Reply::Json(status, value)) => json_response(status, &value),
-            Ok(Reply::Watch(start, filter, kind, bookmarks, timeout)) => {
-                watch_response(&shared, start, filter, kind, bookmarks, timeout)
-            }
+            Ok(Reply::Watch(watch)) => watch_response(&shared, watch),
             Err(err) => error_response(&err),
         },
     )
@@ -321,9 +319,20 @@ pub async fn handle(
 
 enum Reply {
     Json(u16, Value),
-    /// A started watch: what to send first and the changes to follow, for this
-    /// filter; the kind (for bookmarks), whether bookmarks are allowed, the timeout.
-    Watch(WatchStart, WatchFilter, String, bool, Option<Duration>),
+    Watch(WatchReply),
+}
+
+/// A started watch, to be streamed by `watch_response`.
+struct WatchReply {
+    /// What to send first and the changes to follow.
+    start: WatchStart,
+    filter: WatchFilter,
+    /// The kind BOOKMARK objects carry.
+    kind: String,
+    /// `allowWatchBookmarks=true`.
+    bookmarks: bool,
+    /// `timeoutSeconds`.
+    timeout: Option<Duration>,
 }
 
 fn parse_body(body: &Bytes) -> Result<Value, ApiError> {
@@ -393,13 +402,13 @@ fn dispatch(
                     .and_then(|t| t.parse().ok())
                     .map(Duration::from_secs);
                 let bookmarks = param("allowWatchBookmarks") == Some("true");
-                return Ok(Reply::Watch(
+                return Ok(Reply::Watch(WatchReply {
                     start,
                     filter,
-                    info.kind.clone(),
+                    kind: info.kind.clone(),
                     bookmarks,
                     timeout,
-                ));
+                }));
             }
             let exact_rv = match (param("resourceVersionMatch"), param("resourceVersion")) {
                 (Some("Exact"), Some(rv)) => Some(rv.parse().map_err(|_| {
@@ -473,14 +482,14 @@ fn line(value: &Value) -> Bytes {
 /// BOOKMARKs carrying the last revision this stream has passed (never one whose
 /// changes it has not sent), until the client goes, `timeoutSeconds` runs out,
 /// `close_watches` is called, or the stream falls too far behind (410 Gone).
-fn watch_response(
-    shared: &Arc<Shared>,
-    start: WatchStart,
-    filter: WatchFilter,
-    kind: String,
-    bookmarks: bool,
-    timeout: Option<Duration>,
-) -> Response<Body> {
+fn watch_response(shared: &Arc<Shared>, watch: WatchReply) -> Response<Body> {
+    let WatchReply {
+        start,
+        filter,
+        kind,
+        bookmarks,
+        timeout,
+    } = watch;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     // Subscribed before the response goes out, so a close_watches() from now on
     // ends this stream.

@@ -34,9 +34,47 @@
 //! # Ok(()) }
 //! ```
 //!
-//! It binds only 127.0.0.1. It is a test fixture, not an API server: no
-//! authentication, admission, validation of object schemas, finalizers or garbage
-//! collection; see `store` for which semantics are exact and which simplified.
+//! # Semantics
+//!
+//! As a real API server (what kube-rs relies on):
+//! - one global resourceVersion, bumped on every write of any resource and stamped
+//!   in `metadata.resourceVersion`; lists carry the revision they were read at;
+//! - server-owned metadata: `uid` and `creationTimestamp` kept across updates,
+//!   `generation` bumped when `spec` changes, `namespace` from the path;
+//! - LIST with `labelSelector` (full set-based grammar), `fieldSelector` (`=`,
+//!   `==`, `!=`), `limit`/`continue`; a Namespace-scoped path for a cluster-scoped
+//!   resource, an unknown resource or an uninstalled CRD answer 404 with a Status;
+//! - WATCH (`watch=1|true`) streams newline-delimited WatchEvents (ADDED,
+//!   MODIFIED, DELETED, BOOKMARK, ERROR) after `resourceVersion`; `""`/`"0"` start
+//!   with a synthetic ADDED per object; `sendInitialEvents=true` ends the initial
+//!   events with a BOOKMARK annotated `k8s.io/initial-events-end`; an object that
+//!   stops (starts) matching the selectors is DELETED (ADDED) for that watch;
+//!   bookmarks only carry revisions whose changes the stream has passed;
+//!   `timeoutSeconds` ends the stream;
+//! - a resume from before the retained history: HTTP 200 and one ERROR event with
+//!   a 410 `Expired` Status, as the watch cache and etcd send it (and kube-rs
+//!   relists on); an expired `continue` token or an `Exact` list at an old
+//!   revision: HTTP 410;
+//! - POST (409 AlreadyExists, `generateName`), GET, PUT (409 Conflict on a stale
+//!   resourceVersion), PATCH, DELETE (returns the object), the `status`
+//!   subresource, `/version`, `/api`, `/apis`, `/apis/{group}`, and the resource
+//!   lists `/api/v1` and `/apis/{group}/{version}`.
+//!
+//! Simplified:
+//! - strategic merge and server-side apply patches are applied as JSON merge
+//!   patches (lists replaced whole; apply creates a missing object); JSON patch
+//!   answers 415; the status subresource patches the whole object;
+//! - history is kept until `compact_history` (or 100,000 changes), not for a time;
+//!   compaction also moves the revision on by one, so every revision handed out
+//!   before it is too old;
+//! - later list pages read current objects (not the first page's snapshot);
+//! - any dotted field path is accepted in field selectors (a real server accepts a
+//!   few per kind); bookmarks come every 500 ms rather than about once a minute;
+//! - no authentication, authorization, admission, schema validation, namespace
+//!   existence checks, finalizers, graceful deletion, garbage collection,
+//!   `deletecollection`, HTTP/2, aggregated discovery or protobuf.
+//!
+//! It binds only 127.0.0.1.
 
 mod http;
 pub mod resources;
