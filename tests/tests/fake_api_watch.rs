@@ -401,3 +401,44 @@ async fn http_410_on_the_watch_request_makes_kube_rs_retry_the_same_resource_ver
     assert!(r.has(&["head"]));
     Ok(())
 }
+
+#[tokio::test]
+async fn metadata_only_watcher_gets_partial_object_metadata() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::core::PartialObjectMeta;
+
+    let server = FakeApiServer::start().await?;
+    server.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ray", "labels": {"team": "ml"}}}));
+    // kube 5: an Api over PartialObjectMeta<K> sends metadata-only requests.
+    let api: Api<PartialObjectMeta<Namespace>> = Api::all(server.client()?);
+    let list = api.list(&Default::default()).await?;
+    assert_eq!(list.types.kind, "PartialObjectMetadataList");
+    assert_eq!(
+        list.items[0].types.as_ref().map(|t| t.kind.as_str()),
+        Some("PartialObjectMetadata")
+    );
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default()).default_backoff(),
+    );
+    let task = tokio::spawn(stream.for_each(|_| async {}));
+    tokio::time::timeout(WAIT, reader.wait_until_ready()).await??;
+    server.apply(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}}));
+    eventually(WAIT, "both namespaces", || reader.len() == 2).await?;
+    let ray = reader
+        .state()
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some("ray"))
+        .expect("ray");
+    assert_eq!(
+        ray.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("team"))
+            .map(String::as_str),
+        Some("ml")
+    );
+    task.abort();
+    Ok(())
+}

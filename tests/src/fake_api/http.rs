@@ -294,6 +294,12 @@ pub async fn handle(
         form_urlencoded::parse(raw_query.as_deref().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
+    // kube-rs's metadata_watcher and get_metadata ask for PartialObjectMetadata.
+    let metadata_only = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=PartialObjectMetadata"));
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -310,8 +316,11 @@ pub async fn handle(
     };
     Ok(
         match dispatch(&shared, &method, &path, &query, &content_type, &body) {
+            Ok(Reply::Json(status, value)) if metadata_only => {
+                json_response(status, &partial_metadata(value))
+            }
             Ok(Reply::Json(status, value)) => json_response(status, &value),
-            Ok(Reply::Watch(watch)) => watch_response(&shared, watch),
+            Ok(Reply::Watch(watch)) => watch_response(&shared, watch, metadata_only),
             Err(err) => error_response(&err),
         },
     )
@@ -472,6 +481,42 @@ impl Drop for OpenWatch {
     }
 }
 
+/// An object or list as a server answers `Accept: ...;as=PartialObjectMetadata`
+/// (or `PartialObjectMetadataList`): apiVersion meta.k8s.io/v1 and only metadata.
+fn partial_metadata(value: Value) -> Value {
+    let partial = |o: &Value| {
+        json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadata",
+            "metadata": o.get("metadata").cloned().unwrap_or_else(|| json!({})),
+        })
+    };
+    if let Some(items) = value.get("items").and_then(Value::as_array) {
+        json!({
+            "apiVersion": "meta.k8s.io/v1",
+            "kind": "PartialObjectMetadataList",
+            "metadata": value.get("metadata").cloned().unwrap_or_else(|| json!({})),
+            "items": items.iter().map(partial).collect::<Vec<_>>(),
+        })
+    } else if value.get("kind").and_then(Value::as_str) == Some("Status") {
+        value
+    } else {
+        partial(&value)
+    }
+}
+
+/// A watch event as sent: ERROR events keep their Status; the others carry only
+/// metadata when the client asked for PartialObjectMetadata.
+fn shape(event: Value, metadata_only: bool) -> Value {
+    if !metadata_only || event["type"] == "ERROR" {
+        return event;
+    }
+    let mut event = event;
+    let object = event["object"].take();
+    event["object"] = partial_metadata(object);
+    event
+}
+
 fn line(value: &Value) -> Bytes {
     let mut s = value.to_string();
     s.push('\n');
@@ -482,7 +527,7 @@ fn line(value: &Value) -> Bytes {
 /// BOOKMARKs carrying the last revision this stream has passed (never one whose
 /// changes it has not sent), until the client goes, `timeoutSeconds` runs out,
 /// `close_watches` is called, or the stream falls too far behind (410 Gone).
-fn watch_response(shared: &Arc<Shared>, watch: WatchReply) -> Response<Body> {
+fn watch_response(shared: &Arc<Shared>, watch: WatchReply, metadata_only: bool) -> Response<Body> {
     let WatchReply {
         start,
         filter,
@@ -509,8 +554,8 @@ fn watch_response(shared: &Arc<Shared>, watch: WatchReply) -> Response<Body> {
                 changes,
             } => (initial, from_rv, changes),
         };
-        for event in &initial {
-            if tx.send(line(event)).await.is_err() {
+        for event in initial {
+            if tx.send(line(&shape(event, metadata_only))).await.is_err() {
                 return;
             }
         }
@@ -547,7 +592,7 @@ fn watch_response(shared: &Arc<Shared>, watch: WatchReply) -> Response<Body> {
                 _ = &mut deadline => return,
                 _ = tx.closed() => return,
             };
-            if tx.send(line(&out)).await.is_err() {
+            if tx.send(line(&shape(out, metadata_only))).await.is_err() {
                 return;
             }
         }

@@ -51,6 +51,8 @@
 //!   stops (starts) matching the selectors is DELETED (ADDED) for that watch;
 //!   bookmarks only carry revisions whose changes the stream has passed;
 //!   `timeoutSeconds` ends the stream;
+//! - `Accept: ...;as=PartialObjectMetadata[List]` (kube-rs's `Api<PartialObjectMeta<K>>`)
+//!   answers with metadata only, in lists, single objects and watch events;
 //! - a resume from before the retained history: HTTP 200 and one ERROR event with
 //!   a 410 `Expired` Status, as the watch cache and etcd send it (and kube-rs
 //!   relists on); an expired `continue` token or an `Exact` list at an old
