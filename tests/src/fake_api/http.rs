@@ -328,7 +328,8 @@ pub async fn handle(
 
 enum Reply {
     Json(u16, Value),
-    Watch(WatchReply),
+    // Boxed: a watch reply is much larger than a JSON one (clippy::large_enum_variant).
+    Watch(Box<WatchReply>),
 }
 
 /// A started watch, to be streamed by `watch_response`.
@@ -411,13 +412,13 @@ fn dispatch(
                     .and_then(|t| t.parse().ok())
                     .map(Duration::from_secs);
                 let bookmarks = param("allowWatchBookmarks") == Some("true");
-                return Ok(Reply::Watch(WatchReply {
+                return Ok(Reply::Watch(Box::new(WatchReply {
                     start,
                     filter,
                     kind: info.kind.clone(),
                     bookmarks,
                     timeout,
-                }));
+                })));
             }
             let exact_rv = match (param("resourceVersionMatch"), param("resourceVersion")) {
                 (Some("Exact"), Some(rv)) => Some(rv.parse().map_err(|_| {
@@ -527,14 +528,18 @@ fn line(value: &Value) -> Bytes {
 /// BOOKMARKs carrying the last revision this stream has passed (never one whose
 /// changes it has not sent), until the client goes, `timeoutSeconds` runs out,
 /// `close_watches` is called, or the stream falls too far behind (410 Gone).
-fn watch_response(shared: &Arc<Shared>, watch: WatchReply, metadata_only: bool) -> Response<Body> {
+fn watch_response(
+    shared: &Arc<Shared>,
+    watch: Box<WatchReply>,
+    metadata_only: bool,
+) -> Response<Body> {
     let WatchReply {
         start,
         filter,
         kind,
         bookmarks,
         timeout,
-    } = watch;
+    } = *watch;
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     // Subscribed before the response goes out, so a close_watches() from now on
     // ends this stream.
