@@ -6,6 +6,8 @@
 //!   `Routed` like Calico) with dual-stack pods.
 //! - [`cgroup`]: `TestCgroup` / `PodCgroup` under the cgroup2 mount.
 //! - [`sweep`]: removing what a SIGKILLed run left behind (explicit call).
+//! - [`fake_api`]: `FakeApiServer`, a fake Kubernetes API server speaking real HTTP
+//!   list and watch, for the agent's kube-rs client path.
 //! - [`probe`]: running the `rf-probe` binary (servers, connects, pings, held
 //!   connections) in a pod, optionally inside a cgroup.
 //!
@@ -36,6 +38,7 @@
 //! firewall: every link is created directly inside namespaces this crate made.
 
 pub mod cgroup;
+pub mod fake_api;
 pub mod names;
 pub mod netns;
 pub mod probe;
