@@ -6,19 +6,41 @@
 //!
 //! A write that fails because a map is full never opens the gate: the endpoints it
 //! concerns (every isolated endpoint for an identity or CIDR) become fail-closed and
-//! the error names the map and the count.
+//! the error names the map and the count. What did not fit is retried once after
+//! the removals (which may have made room) and fail-closed lifted if it fits then.
 use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use aya::maps::{HashMap, LpmTrie, MapError, lpm_trie::Key};
 use rayfence_common::{Addr, EndpointInfo, PolicyKey, PolicyValue, map_names};
 
 use super::{Datapath, DatapathError, codec};
-use crate::tables::{EndpointId, Tables, TablesDiff};
+use crate::tables::{EndpointId, IdentityId, PolicyEntry, Tables, TablesDiff};
 
-/// A map that could not take all its entries.
-struct Overflow {
-    map: &'static str,
-    failed: usize,
+/// What did not fit, by map.
+#[derive(Default)]
+struct Failures {
+    addresses: Vec<(IpAddr, IdentityId)>,
+    cidrs: Vec<(IpNet, IdentityId)>,
+    rows: Vec<PolicyEntry>,
+}
+
+impl Failures {
+    fn is_empty(&self) -> bool {
+        self.addresses.is_empty() && self.cidrs.is_empty() && self.rows.is_empty()
+    }
+
+    fn first_overflow(&self) -> Option<(&'static str, usize)> {
+        [
+            (map_names::IDENTITIES, self.addresses.len()),
+            (map_names::CIDRS, self.cidrs.len()),
+            (map_names::POLICY, self.rows.len()),
+        ]
+        .into_iter()
+        .find(|(_, failed)| *failed > 0)
+    }
 }
 
 impl Datapath {
@@ -36,101 +58,143 @@ impl Datapath {
     /// Applies one change. Rows that did not fit are not recorded as applied, so the
     /// next [`Self::apply`] retries them.
     pub fn apply_diff(&mut self, diff: &TablesDiff) -> Result<(), DatapathError> {
-        let mut overflows = Vec::new();
-        let mut fail_all = false;
-        let mut failed_policies = BTreeSet::new();
+        let forced_before = self.forced_fail_closed.clone();
 
-        // 1. Peers: new and changed addresses and prefixes.
-        {
-            const MAP: &str = map_names::IDENTITIES;
-            let mut map: HashMap<_, Addr, u32> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
-            let mut failed = 0;
-            let mut done = Vec::new();
-            for (ip, identity) in &diff.addresses_upsert {
-                match map.insert(&codec::addr(*ip), identity, 0) {
-                    Ok(()) => done.push((*ip, *identity)),
-                    Err(error) if is_full(&error) => failed += 1,
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
-                }
-            }
-            self.mirror.addresses.extend(done);
-            if failed > 0 {
-                fail_all = true;
-                overflows.push(Overflow { map: MAP, failed });
-            }
-        }
-        {
-            const MAP: &str = map_names::CIDRS;
-            let mut map: LpmTrie<_, Addr, u32> =
-                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
-            let mut failed = 0;
-            let mut done = Vec::new();
-            for (net, identity) in &diff.cidrs_upsert {
-                let (len, addr) = codec::prefix(*net);
-                match map.insert(&Key::new(len, addr), identity, 0) {
-                    Ok(()) => done.push((*net, *identity)),
-                    Err(error) if is_full(&error) => failed += 1,
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
-                }
-            }
-            self.mirror.cidrs.extend(done);
-            if failed > 0 {
-                fail_all = true;
-                overflows.push(Overflow { map: MAP, failed });
-            }
-        }
+        // 1-2. Peers (new and changed addresses and prefixes), then policy rows.
+        let mut failures = self.upsert(
+            diff.addresses_upsert
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+            diff.cidrs_upsert.iter().map(|(k, v)| (*k, *v)).collect(),
+            diff.policy_add.iter().copied().collect(),
+        )?;
 
-        // 2. Policy rows.
-        {
-            const MAP: &str = map_names::POLICY;
-            let mut map: LpmTrie<_, PolicyKey, PolicyValue> =
-                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
-            let mut failed = 0;
-            let mut done = Vec::new();
-            for row in &diff.policy_add {
-                let (len, key) = codec::policy_key(row);
-                match map.insert(&Key::new(len, key), &PolicyValue { cookie: 0 }, 0) {
-                    Ok(()) => done.push(*row),
-                    Err(error) if is_full(&error) => {
-                        failed += 1;
-                        failed_policies.insert(row.policy_id);
-                    }
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
-                }
-            }
-            self.mirror.policy.extend(done);
-            if failed > 0 {
-                overflows.push(Overflow { map: MAP, failed });
-            }
-        }
-
-        // 3. Endpoints: now their rows exist. Fail-closed first for what did not fit.
+        // 3. Endpoints: now their rows exist. Whatever did not fit makes the
+        // endpoints it concerns fail-closed before anything else happens.
         for (endpoint, policy) in &diff.endpoints_upsert {
             self.mirror.endpoints.insert(*endpoint, *policy);
         }
-        let newly_failed: Vec<EndpointId> = self
-            .mirror
-            .endpoints
-            .iter()
-            .filter(|(_, policy)| {
-                (fail_all && (policy.isolate_ingress || policy.isolate_egress))
-                    || failed_policies.contains(&policy.policy_id)
-            })
-            .map(|(endpoint, _)| *endpoint)
-            .collect();
-        self.forced_fail_closed.extend(newly_failed.iter().copied());
-        let to_write: BTreeSet<EndpointId> = diff
-            .endpoints_upsert
-            .keys()
-            .chain(newly_failed.iter())
-            .copied()
-            .collect();
+        self.forced_fail_closed = &forced_before | &self.failing_endpoints(&failures);
+        let mut to_write: BTreeSet<EndpointId> = diff.endpoints_upsert.keys().copied().collect();
+        to_write.extend(self.forced_fail_closed.difference(&forced_before));
         for endpoint in &to_write {
             self.write_endpoint(*endpoint)?;
         }
 
         // 4. Removals.
+        self.remove(diff)?;
+
+        // A full map may have room now: retry what did not fit, and lift fail-closed
+        // from the endpoints whose entries all made it.
+        if !failures.is_empty() {
+            failures = self.upsert(
+                std::mem::take(&mut failures.addresses),
+                std::mem::take(&mut failures.cidrs),
+                std::mem::take(&mut failures.rows),
+            )?;
+            let forced = &forced_before | &self.failing_endpoints(&failures);
+            let changed: Vec<EndpointId> = self
+                .forced_fail_closed
+                .symmetric_difference(&forced)
+                .copied()
+                .collect();
+            self.forced_fail_closed = forced;
+            for endpoint in changed {
+                self.write_endpoint(endpoint)?;
+            }
+        }
+
+        // 5. Re-check established flows of the endpoints a removal may affect.
+        for endpoint in self.revocable(diff) {
+            let next = self.generation(endpoint).wrapping_add(1).max(1);
+            self.generations.insert(endpoint, next);
+            self.write_endpoint(endpoint)?;
+        }
+
+        match failures.first_overflow() {
+            None => Ok(()),
+            Some((map, failed)) => Err(DatapathError::MapFull {
+                map,
+                failed,
+                fail_closed: self.forced_fail_closed.iter().copied().collect(),
+            }),
+        }
+    }
+
+    /// Writes peers and rows; returns what did not fit (the rest is mirrored).
+    fn upsert(
+        &mut self,
+        addresses: Vec<(IpAddr, IdentityId)>,
+        cidrs: Vec<(IpNet, IdentityId)>,
+        rows: Vec<PolicyEntry>,
+    ) -> Result<Failures, DatapathError> {
+        let mut failures = Failures::default();
+        {
+            const MAP: &str = map_names::IDENTITIES;
+            let mut map: HashMap<_, Addr, u32> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut done = Vec::new();
+            for (ip, identity) in addresses {
+                match map.insert(&codec::addr(ip), &identity, 0) {
+                    Ok(()) => done.push((ip, identity)),
+                    Err(error) if is_full(&error) => failures.addresses.push((ip, identity)),
+                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                }
+            }
+            self.mirror.addresses.extend(done);
+        }
+        {
+            const MAP: &str = map_names::CIDRS;
+            let mut map: LpmTrie<_, Addr, u32> =
+                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut done = Vec::new();
+            for (net, identity) in cidrs {
+                let (len, addr) = codec::prefix(net);
+                match map.insert(&Key::new(len, addr), &identity, 0) {
+                    Ok(()) => done.push((net, identity)),
+                    Err(error) if is_full(&error) => failures.cidrs.push((net, identity)),
+                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                }
+            }
+            self.mirror.cidrs.extend(done);
+        }
+        {
+            const MAP: &str = map_names::POLICY;
+            let mut map: LpmTrie<_, PolicyKey, PolicyValue> =
+                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut done = Vec::new();
+            for row in rows {
+                let (len, key) = codec::policy_key(&row);
+                match map.insert(&Key::new(len, key), &PolicyValue { cookie: 0 }, 0) {
+                    Ok(()) => done.push(row),
+                    Err(error) if is_full(&error) => failures.rows.push(row),
+                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                }
+            }
+            self.mirror.policy.extend(done);
+        }
+        Ok(failures)
+    }
+
+    /// Endpoints that must be fail-closed because of `failures`: every isolated one
+    /// when a peer did not fit (any of them may talk to it), else those whose policy
+    /// lost a row.
+    fn failing_endpoints(&self, failures: &Failures) -> BTreeSet<EndpointId> {
+        let fail_all = !failures.addresses.is_empty() || !failures.cidrs.is_empty();
+        let policies: BTreeSet<_> = failures.rows.iter().map(|row| row.policy_id).collect();
+        self.mirror
+            .endpoints
+            .iter()
+            .filter(|(_, policy)| {
+                (fail_all && (policy.isolate_ingress || policy.isolate_egress))
+                    || policies.contains(&policy.policy_id)
+            })
+            .map(|(endpoint, _)| *endpoint)
+            .collect()
+    }
+
+    fn remove(&mut self, diff: &TablesDiff) -> Result<(), DatapathError> {
         {
             const MAP: &str = map_names::POLICY;
             let mut map: LpmTrie<_, PolicyKey, PolicyValue> =
@@ -171,22 +235,7 @@ impl Datapath {
             self.mirror.endpoints.remove(endpoint);
             self.write_endpoint(*endpoint)?;
         }
-
-        // 5. Re-check established flows of the endpoints a removal may affect.
-        for endpoint in self.revocable(diff) {
-            let next = self.generation(endpoint).wrapping_add(1).max(1);
-            self.generations.insert(endpoint, next);
-            self.write_endpoint(endpoint)?;
-        }
-
-        match overflows.into_iter().next() {
-            None => Ok(()),
-            Some(Overflow { map, failed }) => Err(DatapathError::MapFull {
-                map,
-                failed,
-                fail_closed: self.forced_fail_closed.iter().copied().collect(),
-            }),
-        }
+        Ok(())
     }
 
     /// Attached endpoints whose allowed flows `diff` may take away.
