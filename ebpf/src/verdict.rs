@@ -1,6 +1,7 @@
-//! The decision, the same for every hook: link control, node traffic, fail-closed,
-//! conntrack (with the generation re-check that makes revocation work), then policy
-//! for new flows. Reads top to bottom; every drop and audit is counted and sampled,
+//! The decision, the same for every hook: link control, fail-closed (node traffic
+//! excepted), related ICMP errors, conntrack (with the generation re-check that makes
+//! revocation work), then node traffic and policy for new flows. An established
+//! packet costs the endpoint lookup, the parse and one conntrack lookup. Reads top to bottom; every drop and audit is counted and sampled,
 //! allowed new flows are counted, the established path adds no counter work.
 //!
 //! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
@@ -26,8 +27,6 @@ const fn isolates(flags: u32, direction: Direction) -> bool {
 
 /// What a conntrack miss needs to decide a new flow.
 struct NewFlow {
-    /// The peer's exact identity (`identity::NONE` if it has none).
-    exact: u32,
     /// The destination port of this packet.
     dst_port: u16,
     /// ICMP errors never open a flow.
@@ -54,16 +53,17 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
         Err(reason) if enforced => return deny_unparsed(skb, endpoint, direction, reason),
         Err(_) => return true,
     }
-    let peer = match direction {
-        Direction::Egress => &packet.flow.dst,
-        Direction::Ingress => &packet.flow.src,
-    };
-    let exact = ident::exact(peer).unwrap_or(identity::NONE);
-    if exact == identity::HOST {
-        return true;
+    if flags & endpoint_flags::FAIL_CLOSED != 0 {
+        let peer = match direction {
+            Direction::Egress => &packet.flow.dst,
+            Direction::Ingress => &packet.flow.src,
+        };
+        if ident::exact(peer) == Some(identity::HOST) {
+            return true;
+        }
+        return deny_flow(skb, endpoint, direction, &packet.flow, Reason::FailClosed);
     }
     let mut new_flow = NewFlow {
-        exact,
         dst_port: 0,
         may_open: true,
     };
@@ -72,7 +72,7 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
         Class::IcmpError => {
             // The quoted packet travelled the other way.
             let related = conntrack::key(endpoint.endpoint_id, opposite(direction), &packet.inner);
-            if flags & endpoint_flags::FAIL_CLOSED == 0 && conntrack::lookup(&related).is_some() {
+            if conntrack::lookup(&related).is_some() {
                 return true;
             }
             new_flow.may_open = false;
@@ -89,9 +89,6 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
                 );
             }
         }
-    }
-    if flags & endpoint_flags::FAIL_CLOSED != 0 {
-        return deny_flow(skb, endpoint, direction, &packet.flow, Reason::FailClosed);
     }
     new_flow.dst_port = packet.flow.dst_port;
     let key = conntrack::key(endpoint.endpoint_id, direction, &packet.flow);
@@ -116,7 +113,7 @@ fn decide_flow(
         if generation == endpoint.generation {
             return true;
         }
-        if recheck(endpoint, direction, key, origin, new_flow.exact) {
+        if recheck(endpoint, direction, key, origin) {
             // SAFETY: as above.
             unsafe { (*entry).generation = endpoint.generation };
             return true;
@@ -125,6 +122,11 @@ fn decide_flow(
             conntrack::delete(key);
         }
         return deny(skb, endpoint, direction, key, Reason::Revoked);
+    }
+    // A new flow. Node traffic always passes (and needs no conntrack).
+    let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
+    if exact == identity::HOST {
+        return true;
     }
     if !isolates(endpoint.flags, direction) {
         // Open the flow so that its replies pass the isolated other direction.
@@ -137,7 +139,7 @@ fn decide_flow(
     if policy::allows(
         endpoint.policy_id,
         direction,
-        new_flow.exact,
+        exact,
         &key.peer,
         key.protocol,
         new_flow.dst_port,
@@ -153,15 +155,13 @@ fn decide_flow(
 
 /// A flow decided under older tables: is it, as it was opened, still allowed?
 #[inline(never)]
-fn recheck(
-    endpoint: &EndpointInfo,
-    direction: Direction,
-    key: &CtKey,
-    origin: u8,
-    exact: u32,
-) -> bool {
+fn recheck(endpoint: &EndpointInfo, direction: Direction, key: &CtKey, origin: u8) -> bool {
     let origin = Direction::from_u8(origin).unwrap_or(direction);
-    if !isolates(endpoint.flags, origin) || exact == identity::HOST {
+    if !isolates(endpoint.flags, origin) {
+        return true;
+    }
+    let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
+    if exact == identity::HOST {
         return true;
     }
     // The packet that opened the flow went to the peer's port (egress) or to ours.
