@@ -1,2 +1,49 @@
 //! Test fixtures for rayfence: network namespaces, veths, bridges, cgroups and
 //! traffic probes, each cleaned up on drop (also when a test panics).
+//!
+//! - [`netns`]: `Netns`, a named network namespace and ways to act inside it.
+//! - [`topology`]: simulated Kubernetes nodes (`Bridged` like flannel's cni0,
+//!   `Routed` like Calico) with dual-stack pods.
+//! - [`cgroup`]: `TestCgroup` / `PodCgroup` under the cgroup2 mount.
+//! - [`sweep`]: removing what a SIGKILLed run left behind (explicit call).
+//! - [`probe`]: running the `rf-probe` binary (servers, connects, pings, held
+//!   connections) in a pod, optionally inside a cgroup.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use rayfence_tests::{Layout, Outcome, PodCgroup, ProbeBin, Topology};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! // In this crate's tests/: ProbeBin::at(env!("CARGO_BIN_EXE_rf-probe")).
+//! let bin = ProbeBin::locate()?;
+//! let topo = Topology::with_pods(Layout::Routed, bin, &["head", "worker"])?;
+//! let (head, worker) = (topo.pod("head"), topo.pod("worker"));
+//! // TC programs attach to worker.host_if / worker.host_ifindex in the node
+//! // namespace, e.g. inside topo.node(0).netns.run(|| ...).
+//! let _gcs = head.serve_tcp(6379)?;
+//! let t = Duration::from_secs(1);
+//! assert_eq!(worker.tcp_connect(head.ip4.into(), 6379, t), Outcome::Ok);
+//! assert_eq!(worker.tcp_connect(head.ip6.into(), 6379, t), Outcome::Ok);
+//! // The cgroup_skb flavour: the same probes, inside a kubelet-like cgroup.
+//! let cg = PodCgroup::new()?;
+//! worker.set_cgroup(Some(&cg.container));
+//! let mut held = worker.tcp_hold(head.ip4.into(), 6379, t)?;
+//! assert!(held.roundtrip());
+//! # Ok(()) }
+//! ```
+//!
+//! Nothing here touches the root namespace's interfaces, routes, sysctls or
+//! firewall: every link is created directly inside namespaces this crate made.
+
+pub mod cgroup;
+pub mod names;
+pub mod netns;
+pub mod probe;
+pub mod probe_cli;
+pub mod sweep;
+pub mod topology;
+
+pub use cgroup::{PodCgroup, TestCgroup};
+pub use netns::Netns;
+pub use probe::{HeldConnection, Outcome, ProbeBin, Prober, Server};
+pub use topology::{Layout, Node, Pod, Topology};

@@ -1,0 +1,440 @@
+//! A simulated Kubernetes node (or several) made of network namespaces: a "node"
+//! namespace plus one namespace per pod, dual stack, in one of two layouts.
+//!
+//! - [`Layout::Bridged`] (flannel's cni0): a bridge in the node namespace holds the
+//!   node's pod-subnet gateway address; each pod's host-side veth is a bridge port;
+//!   pods route by default via the bridge address.
+//! - [`Layout::Routed`] (Calico): no bridge; each host-side veth has no address and
+//!   MAC `ee:ee:ee:ee:ee:ee`, and the node has a /32 and a /128 route per pod via
+//!   it. Pods route by default via `169.254.1.1` (answered by proxy ARP on the host
+//!   veth, `proxy_delay` 0) and `fe80::ecee:eeff:feee:eeee` (the host veth's own
+//!   link-local address, so plain NDP answers it).
+//!
+//! Address plan (n = node index, k = pod index on that node):
+//!
+//! | what                      | IPv4              | IPv6                        |
+//! |---------------------------|-------------------|-----------------------------|
+//! | node host address (dummy `host0`, also the default route) | 10.0.0.(n+1)/32 | fd00:10::(n+1)/128 |
+//! | pod CIDR of node n        | 10.244.n.0/24     | fd00:10:244:n::/64          |
+//! | bridge gateway (Bridged)  | 10.244.n.1/24     | fd00:10:244:n::1/64         |
+//! | pod k on node n           | 10.244.n.(10+k)   | fd00:10:244:n::(10+k) (hex) |
+//! | underlay (multi-node)     | 10.1.0.(n+1)/24   | fd00:10:1::(n+1)/64         |
+//!
+//! Every topology lives in its own namespaces, so two topologies (in one test
+//! binary or in several) may use the same addresses without meeting. Interface
+//! names carry a per-topology tag (`rf<tag>p<i>` for host veths, `rf<tag>br` for the
+//! bridge) so they are unique machine-wide as well, although nothing requires that.
+//!
+//! Multi-node: [`Topology::add_node`] connects nodes through an "underlay"
+//! namespace holding a bridge; each node has a veth `ul0` on it and routes to the
+//! other nodes' pod CIDRs and host addresses via their underlay address.
+//!
+//! Links are always created inside our namespaces (`ip -n NODE link add ... peer
+//! ... netns POD`), never in the root namespace.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::cgroup::TestCgroup;
+use crate::names;
+use crate::netns::Netns;
+use crate::probe::{HeldConnection, Outcome, ProbeBin, Prober, Server};
+
+/// How pods are wired to their node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// flannel-like: a bridge in the node namespace.
+    Bridged,
+    /// Calico-like: routes per pod, proxy ARP, link-local gateway.
+    Routed,
+}
+
+/// The MAC Calico gives every host-side veth.
+const ROUTED_HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
+/// The pods' IPv4 gateway in the routed layout (never assigned anywhere).
+pub const ROUTED_GATEWAY4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The host veth's EUI-64 link-local address for [`ROUTED_HOST_MAC`].
+pub const ROUTED_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// A node namespace.
+#[derive(Debug)]
+pub struct Node {
+    pub index: usize,
+    pub netns: Netns,
+    /// The node's own ("host") addresses, on `host0` (one end of a veth pair
+    /// inside the node namespace, standing in for eth0; default routes use it).
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    /// The pods' default gateway: the bridge address (Bridged) or
+    /// 169.254.1.1 / fe80::ecee:eeff:feee:eeee (Routed).
+    pub gateway4: Ipv4Addr,
+    pub gateway6: Ipv6Addr,
+    /// Pod CIDRs (network address and prefix length).
+    pub pod_cidr4: (Ipv4Addr, u8),
+    pub pod_cidr6: (Ipv6Addr, u8),
+    /// The bridge's name (Bridged only).
+    pub bridge: Option<String>,
+    /// The underlay address, once a second node exists.
+    pub underlay4: Option<Ipv4Addr>,
+    pub underlay6: Option<Ipv6Addr>,
+    bin: ProbeBin,
+    pods_created: usize,
+}
+
+impl Node {
+    /// A prober running in the node namespace (for node-local services).
+    pub fn prober(&self) -> Prober {
+        Prober::new(self.bin.clone(), &self.netns)
+    }
+
+    pub fn serve_tcp(&self, port: u16) -> Result<Server> {
+        self.prober().serve_tcp(port)
+    }
+
+    pub fn serve_udp(&self, port: u16) -> Result<Server> {
+        self.prober().serve_udp(port)
+    }
+
+    pub fn tcp_connect(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().tcp_connect(addr, port, timeout)
+    }
+
+    pub fn udp_probe(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().udp_probe(addr, port, timeout)
+    }
+
+    pub fn ping(&self, addr: IpAddr, timeout: Duration) -> Outcome {
+        self.prober().ping(addr, timeout)
+    }
+
+    pub fn tcp_hold(&self, addr: IpAddr, port: u16, timeout: Duration) -> Result<HeldConnection> {
+        self.prober().tcp_hold(addr, port, timeout)
+    }
+}
+
+/// A pod namespace wired to a node.
+#[derive(Debug)]
+pub struct Pod {
+    pub name: String,
+    /// Index of the node it runs on.
+    pub node: usize,
+    pub netns: Netns,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    /// Host-side veth, in the node namespace (where TC programs attach).
+    pub host_if: String,
+    pub host_ifindex: u32,
+    /// Pod-side veth (`eth0`) in the pod namespace.
+    pub pod_if: String,
+    pub pod_ifindex: u32,
+    bin: ProbeBin,
+    cgroup: Mutex<Option<PathBuf>>,
+}
+
+impl Pod {
+    /// Puts every probe this pod starts from now on into cgroup `cg` (or none).
+    pub fn set_cgroup(&self, cg: Option<&TestCgroup>) {
+        *self.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = cg.map(|c| c.path().to_owned());
+    }
+
+    pub fn cgroup(&self) -> Option<PathBuf> {
+        self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A prober in this pod's namespace (and its cgroup, if set).
+    pub fn prober(&self) -> Prober {
+        let p = Prober::new(self.bin.clone(), &self.netns);
+        match self.cgroup() {
+            Some(cg) => p.in_cgroup(&cg),
+            None => p,
+        }
+    }
+
+    /// A prober in this pod's namespace inside cgroup `dir`, whatever
+    /// [`Pod::set_cgroup`] said.
+    pub fn prober_in(&self, dir: &Path) -> Prober {
+        Prober::new(self.bin.clone(), &self.netns).in_cgroup(dir)
+    }
+
+    pub fn ips(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.ip4), IpAddr::V6(self.ip6)]
+    }
+
+    pub fn serve_tcp(&self, port: u16) -> Result<Server> {
+        self.prober().serve_tcp(port)
+    }
+
+    pub fn serve_udp(&self, port: u16) -> Result<Server> {
+        self.prober().serve_udp(port)
+    }
+
+    pub fn tcp_connect(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().tcp_connect(addr, port, timeout)
+    }
+
+    pub fn udp_probe(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().udp_probe(addr, port, timeout)
+    }
+
+    pub fn ping(&self, addr: IpAddr, timeout: Duration) -> Outcome {
+        self.prober().ping(addr, timeout)
+    }
+
+    pub fn tcp_hold(&self, addr: IpAddr, port: u16, timeout: Duration) -> Result<HeldConnection> {
+        self.prober().tcp_hold(addr, port, timeout)
+    }
+}
+
+/// One or more simulated nodes with their pods; everything is removed on drop.
+#[derive(Debug)]
+pub struct Topology {
+    pub layout: Layout,
+    tag: String,
+    bin: ProbeBin,
+    // Field order is drop order: pods, then nodes, then the underlay.
+    pods: Vec<Pod>,
+    nodes: Vec<Node>,
+    underlay: Option<Netns>,
+    underlay_bridge: String,
+}
+
+impl Topology {
+    /// One node, no pods.
+    pub fn new(layout: Layout, bin: ProbeBin) -> Result<Self> {
+        let tag = names::unique_tag();
+        let underlay_bridge = format!("rf{tag}ul");
+        let mut t = Topology { layout, tag, bin, pods: Vec::new(), nodes: Vec::new(), underlay: None, underlay_bridge };
+        t.create_node()?;
+        Ok(t)
+    }
+
+    /// One node with the named pods on it.
+    pub fn with_pods(layout: Layout, bin: ProbeBin, pods: &[&str]) -> Result<Self> {
+        let mut t = Self::new(layout, bin)?;
+        for p in pods {
+            t.add_pod(0, p)?;
+        }
+        Ok(t)
+    }
+
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
+    pub fn node(&self, index: usize) -> &Node {
+        &self.nodes[index]
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+
+    /// The pod called `name`; panics if there is none (test code).
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in topology {}", self.tag))
+    }
+
+    /// Every namespace of this topology (nodes, pods, underlay).
+    pub fn netns_names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.nodes.iter().map(|n| n.netns.name().to_owned()).collect();
+        v.extend(self.pods.iter().map(|p| p.netns.name().to_owned()));
+        v.extend(self.underlay.iter().map(|u| u.name().to_owned()));
+        v
+    }
+
+    fn create_node(&mut self) -> Result<usize> {
+        let n = self.nodes.len();
+        if n > 250 {
+            bail!("too many nodes");
+        }
+        let nb = n as u8;
+        let netns = Netns::new(&format!("node{n}"))?;
+        for (k, v) in [
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ] {
+            netns.sysctl(k, v)?;
+        }
+        let ip4 = Ipv4Addr::new(10, 0, 0, nb + 1);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, u16::from(nb) + 1);
+        // The "dummy" module may be missing (it is here): a veth pair with both
+        // ends in the node namespace stands in for the node's eth0.
+        netns.ip(&["link", "add", "host0", "type", "veth", "peer", "name", "host0peer"])?;
+        netns.ip(&["link", "set", "host0peer", "up"])?;
+        netns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", "host0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", "host0", "nodad"])?;
+        netns.ip(&["link", "set", "host0", "up"])?;
+        // A default route out of another device is what lets proxy ARP answer for
+        // 169.254.1.1 (arp_fwd_proxy needs the route's device != the asking one).
+        netns.ip(&["route", "add", "default", "dev", "host0"])?;
+        netns.ip(&["-6", "route", "add", "default", "dev", "host0"])?;
+
+        let pod_cidr4 = (Ipv4Addr::new(10, 244, nb, 0), 24);
+        let pod_cidr6 = (Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(nb), 0, 0, 0, 0), 64);
+        let (gateway4, gateway6, bridge) = match self.layout {
+            Layout::Bridged => {
+                let br = format!("rf{}br", self.tag);
+                let g4 = Ipv4Addr::new(10, 244, nb, 1);
+                let g6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(nb), 0, 0, 0, 1);
+                netns.ip(&["link", "add", &br, "type", "bridge", "forward_delay", "0", "mcast_snooping", "0"])?;
+                netns.ip(&["addr", "add", &format!("{g4}/24"), "dev", &br])?;
+                netns.ip(&["addr", "add", &format!("{g6}/64"), "dev", &br, "nodad"])?;
+                netns.ip(&["link", "set", &br, "up"])?;
+                (g4, g6, Some(br))
+            }
+            Layout::Routed => (ROUTED_GATEWAY4, ROUTED_GATEWAY6, None),
+        };
+        self.nodes.push(Node {
+            index: n,
+            netns,
+            ip4,
+            ip6,
+            gateway4,
+            gateway6,
+            pod_cidr4,
+            pod_cidr6,
+            bridge,
+            underlay4: None,
+            underlay6: None,
+            bin: self.bin.clone(),
+            pods_created: 0,
+        });
+        Ok(n)
+    }
+
+    /// Adds a node joined to the others through an underlay bridge, with routes
+    /// to every other node's pod CIDRs and host addresses. Returns its index.
+    pub fn add_node(&mut self) -> Result<usize> {
+        let n = self.create_node()?;
+        for i in 0..=n {
+            if self.nodes[i].underlay4.is_none() {
+                self.attach_underlay(i)?;
+            }
+        }
+        for m in 0..n {
+            self.route_between(m, n)?;
+            self.route_between(n, m)?;
+        }
+        Ok(n)
+    }
+
+    fn attach_underlay(&mut self, i: usize) -> Result<()> {
+        if self.underlay.is_none() {
+            let ul = Netns::new("underlay")?;
+            let br = &self.underlay_bridge;
+            ul.ip(&["link", "add", br, "type", "bridge", "forward_delay", "0", "mcast_snooping", "0"])?;
+            ul.ip(&["link", "set", br, "up"])?;
+            self.underlay = Some(ul);
+        }
+        let ul = self.underlay.as_ref().expect("just created");
+        let node = &self.nodes[i];
+        let port = format!("rf{}u{i}", self.tag);
+        ul.ip(&["link", "add", &port, "type", "veth", "peer", "name", "ul0", "netns", node.netns.name()])?;
+        ul.ip(&["link", "set", &port, "master", &self.underlay_bridge, "up"])?;
+        let u4 = Ipv4Addr::new(10, 1, 0, i as u8 + 1);
+        let u6 = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, i as u16 + 1);
+        node.netns.ip(&["addr", "add", &format!("{u4}/24"), "dev", "ul0"])?;
+        node.netns.ip(&["addr", "add", &format!("{u6}/64"), "dev", "ul0", "nodad"])?;
+        node.netns.ip(&["link", "set", "ul0", "up"])?;
+        let node = &mut self.nodes[i];
+        node.underlay4 = Some(u4);
+        node.underlay6 = Some(u6);
+        Ok(())
+    }
+
+    /// Routes in node `from` towards node `to`'s pods and host addresses.
+    fn route_between(&self, from: usize, to: usize) -> Result<()> {
+        let (f, t) = (&self.nodes[from], &self.nodes[to]);
+        let via4 = t.underlay4.context("no underlay")?.to_string();
+        let via6 = t.underlay6.context("no underlay")?.to_string();
+        let ns = &f.netns;
+        ns.ip(&["route", "add", &format!("{}/{}", t.pod_cidr4.0, t.pod_cidr4.1), "via", &via4])?;
+        ns.ip(&["route", "add", &format!("{}/32", t.ip4), "via", &via4])?;
+        ns.ip(&["-6", "route", "add", &format!("{}/{}", t.pod_cidr6.0, t.pod_cidr6.1), "via", &via6])?;
+        ns.ip(&["-6", "route", "add", &format!("{}/128", t.ip6), "via", &via6])?;
+        Ok(())
+    }
+
+    /// Adds pod `name` on node `node` (an "outsider" is just a pod the test does
+    /// not register with the policy). Names must be unique in the topology.
+    pub fn add_pod(&mut self, node: usize, name: &str) -> Result<&Pod> {
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("pod {name} exists");
+        }
+        let layout = self.layout;
+        let host_if = format!("rf{}p{}", self.tag, self.pods.len());
+        let n = self.nodes.get_mut(node).with_context(|| format!("no node {node}"))?;
+        let k = n.pods_created;
+        if k > 200 {
+            bail!("too many pods on node {node}");
+        }
+        n.pods_created += 1;
+        let n = &self.nodes[node];
+        let nb = node as u8;
+        let ip4 = Ipv4Addr::new(10, 244, nb, 10 + k as u8);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(nb), 0, 0, 0, 10 + k as u16);
+        let netns = Netns::new(&format!("pod-{name}"))?;
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        let pod_if = "eth0".to_owned();
+        let node_ns = &n.netns;
+        node_ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &pod_if, "netns", netns.name()])?;
+        match layout {
+            Layout::Bridged => {
+                let br = n.bridge.as_deref().context("bridged node without bridge")?;
+                node_ns.ip(&["link", "set", &host_if, "master", br, "up"])?;
+                netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", &pod_if])?;
+                netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", &pod_if, "nodad"])?;
+                netns.ip(&["link", "set", &pod_if, "up"])?;
+                netns.ip(&["route", "add", "default", "via", &n.gateway4.to_string()])?;
+                netns.ip(&["-6", "route", "add", "default", "via", &n.gateway6.to_string()])?;
+            }
+            Layout::Routed => {
+                node_ns.ip(&["link", "set", &host_if, "address", ROUTED_HOST_MAC])?;
+                node_ns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
+                node_ns.sysctl(&format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0")?;
+                node_ns.ip(&["link", "set", &host_if, "up"])?;
+                node_ns.ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if, "scope", "link"])?;
+                node_ns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
+                netns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", &pod_if])?;
+                netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", &pod_if, "nodad"])?;
+                netns.ip(&["link", "set", &pod_if, "up"])?;
+                let g4 = ROUTED_GATEWAY4.to_string();
+                netns.ip(&["route", "add", &g4, "dev", &pod_if, "scope", "link"])?;
+                netns.ip(&["route", "add", "default", "via", &g4, "dev", &pod_if])?;
+                netns.ip(&["-6", "route", "add", "default", "via", &ROUTED_GATEWAY6.to_string(), "dev", &pod_if])?;
+            }
+        }
+        let host_ifindex = node_ns.ifindex(&host_if)?;
+        let pod_ifindex = netns.ifindex(&pod_if)?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            node,
+            netns,
+            ip4,
+            ip6,
+            host_if,
+            host_ifindex,
+            pod_if,
+            pod_ifindex,
+            bin: self.bin.clone(),
+            cgroup: Mutex::new(None),
+        });
+        Ok(self.pods.last().expect("just pushed"))
+    }
+}
