@@ -3,7 +3,7 @@
 //! generation the flow was last allowed under; the established path reads it and
 //! writes nothing.
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
-use rayfence_common::{Addr, CtKey, CtValue, Direction};
+use rayfence_common::{CtKey, CtValue, Direction};
 
 use crate::{maps, parse::Flow};
 
@@ -30,11 +30,6 @@ pub fn key(endpoint_id: u32, direction: Direction, flow: &Flow) -> CtKey {
             peer: flow.src,
         },
     }
-}
-
-#[inline(always)]
-pub fn peer(key: &CtKey) -> &Addr {
-    &key.peer
 }
 
 #[inline(always)]

@@ -25,7 +25,9 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo")?;
     for line in info.lines() {
         // "<id> <parent> <maj:min> <root> <mount point> <opts> ... - <fstype> <src> <opts>"
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         if right.split_whitespace().next() == Some("cgroup2")
             && let Some(mp) = left.split_whitespace().nth(4)
         {
@@ -36,7 +38,10 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
 }
 
 fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 /// A cgroup v2 directory that is emptied (processes killed) and removed, with any

@@ -54,7 +54,9 @@ impl Netns {
     /// and spawn; it runs in this namespace with the host's mounts.
     pub fn cmd(&self, program: &str) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net={}", self.path().display())).arg("--").arg(program);
+        c.arg(format!("--net={}", self.path().display()))
+            .arg("--")
+            .arg(program);
         c
     }
 
@@ -133,7 +135,9 @@ impl Drop for Netns {
     fn drop(&mut self) {
         // Interfaces inside go with the namespace; a veth's peer in another of our
         // namespaces goes with it.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 

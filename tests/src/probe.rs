@@ -133,13 +133,20 @@ const SERVER_START: Duration = Duration::from_secs(5);
 
 impl Prober {
     pub fn new(bin: ProbeBin, netns: &Netns) -> Self {
-        Prober { bin, netns: netns.path(), cgroup: None }
+        Prober {
+            bin,
+            netns: netns.path(),
+            cgroup: None,
+        }
     }
 
     /// The same prober, with its processes placed in cgroup `dir` (joined before
     /// entering the namespace).
     pub fn in_cgroup(&self, dir: &Path) -> Self {
-        Prober { cgroup: Some(dir.to_owned()), ..self.clone() }
+        Prober {
+            cgroup: Some(dir.to_owned()),
+            ..self.clone()
+        }
     }
 
     pub fn cgroup(&self) -> Option<&Path> {
@@ -158,7 +165,9 @@ impl Prober {
     fn one_shot(&self, args: Vec<String>) -> Outcome {
         let out = match self.command(&args).stdin(Stdio::null()).output() {
             Ok(o) => o,
-            Err(e) => return Outcome::Error(format!("spawning {}: {e}", self.bin.path().display())),
+            Err(e) => {
+                return Outcome::Error(format!("spawning {}: {e}", self.bin.path().display()));
+            }
         };
         let stdout = String::from_utf8_lossy(&out.stdout);
         match stdout.lines().last() {
@@ -172,11 +181,17 @@ impl Prober {
     }
 
     pub fn tcp_connect(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
-        self.one_shot(with_timeout(&["tcp-connect".into(), addr.to_string(), port.to_string()], timeout))
+        self.one_shot(with_timeout(
+            &["tcp-connect".into(), addr.to_string(), port.to_string()],
+            timeout,
+        ))
     }
 
     pub fn udp_probe(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
-        self.one_shot(with_timeout(&["udp-probe".into(), addr.to_string(), port.to_string()], timeout))
+        self.one_shot(with_timeout(
+            &["udp-probe".into(), addr.to_string(), port.to_string()],
+            timeout,
+        ))
     }
 
     pub fn ping(&self, addr: IpAddr, timeout: Duration) -> Outcome {
@@ -214,14 +229,23 @@ impl Prober {
     /// [`HeldConnection::roundtrip`] sends a line over the same connection.
     pub fn tcp_hold(&self, addr: IpAddr, port: u16, timeout: Duration) -> Result<HeldConnection> {
         let mut child = self
-            .command(&with_timeout(&["tcp-hold".into(), addr.to_string(), port.to_string()], timeout))
+            .command(&with_timeout(
+                &["tcp-hold".into(), addr.to_string(), port.to_string()],
+                timeout,
+            ))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.path().display()))?;
         let stdin = child.stdin.take().context("child stdin")?;
         let lines = line_reader(child.stdout.take().context("child stdout")?);
-        let held = HeldConnection { child, stdin: Some(stdin), lines, timeout, seq: 0 };
+        let held = HeldConnection {
+            child,
+            stdin: Some(stdin),
+            lines,
+            timeout,
+            seq: 0,
+        };
         match held.lines.recv_timeout(timeout + Duration::from_secs(2)) {
             Ok(line) if line.trim() == "connected" => Ok(held),
             Ok(line) => bail!("tcp-hold {addr} {port}: {line}"),
@@ -296,11 +320,16 @@ impl HeldConnection {
     /// Like [`HeldConnection::roundtrip`], with the reason when it fails.
     pub fn roundtrip_outcome(&mut self) -> Outcome {
         self.seq += 1;
-        let Some(stdin) = self.stdin.as_mut() else { return Outcome::Error("closed".into()) };
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Outcome::Error("closed".into());
+        };
         if let Err(e) = writeln!(stdin, "hold-{}", self.seq).and_then(|()| stdin.flush()) {
             return Outcome::Error(format!("tcp-hold exited: {e}"));
         }
-        match self.lines.recv_timeout(self.timeout + Duration::from_secs(2)) {
+        match self
+            .lines
+            .recv_timeout(self.timeout + Duration::from_secs(2))
+        {
             Ok(line) => Outcome::parse(&line),
             Err(_) => Outcome::Error("tcp-hold did not answer".into()),
         }

@@ -68,8 +68,11 @@ fn run(args: &[String]) -> Result<Outcome> {
         }
     }
     if let Some(dir) = cgroup {
-        std::fs::write(format!("{dir}/cgroup.procs"), std::process::id().to_string())
-            .with_context(|| format!("joining cgroup {dir}"))?;
+        std::fs::write(
+            format!("{dir}/cgroup.procs"),
+            std::process::id().to_string(),
+        )
+        .with_context(|| format!("joining cgroup {dir}"))?;
     }
     if let Some(ns) = netns {
         enter_netns(ns)?;
@@ -81,12 +84,18 @@ fn run(args: &[String]) -> Result<Outcome> {
         ["udp-probe", addr, port] => Ok(udp_probe(sockaddr(addr, port)?, timeout)),
         ["ping", addr] => Ok(ping(addr.parse().context("address")?, timeout)),
         ["tcp-hold", addr, port] => tcp_hold(sockaddr(addr, port)?, timeout),
-        other => bail!("usage: rf-probe [--cgroup DIR] [--netns NAME] COMMAND ARGS (got {other:?})"),
+        other => {
+            bail!("usage: rf-probe [--cgroup DIR] [--netns NAME] COMMAND ARGS (got {other:?})")
+        }
     }
 }
 
 fn enter_netns(ns: &str) -> Result<()> {
-    let path = if ns.contains('/') { ns.to_owned() } else { format!("/run/netns/{ns}") };
+    let path = if ns.contains('/') {
+        ns.to_owned()
+    } else {
+        format!("/run/netns/{ns}")
+    };
     let f = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
     // SAFETY: valid fd; the process is still single-threaded here.
     if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
@@ -97,7 +106,10 @@ fn enter_netns(ns: &str) -> Result<()> {
 
 fn sockaddr(addr: &str, port: &str) -> Result<SocketAddr> {
     let ip: IpAddr = addr.parse().with_context(|| format!("address {addr}"))?;
-    Ok(SocketAddr::new(ip, port.parse().with_context(|| format!("port {port}"))?))
+    Ok(SocketAddr::new(
+        ip,
+        port.parse().with_context(|| format!("port {port}"))?,
+    ))
 }
 
 fn listening() {
@@ -173,7 +185,10 @@ fn setsockopt_one(s: &Socket, level: libc::c_int, name: libc::c_int) -> Result<(
         )
     };
     if rc != 0 {
-        bail!("setsockopt({level}, {name}): {}", std::io::Error::last_os_error());
+        bail!(
+            "setsockopt({level}, {name}): {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
@@ -186,7 +201,10 @@ fn udp_echo_loop(s: &Socket, v6: bool) {
     loop {
         // SAFETY: all-zero is a valid sockaddr_storage / msghdr.
         let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_name = (&raw mut peer).cast();
         msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -200,8 +218,11 @@ fn udp_echo_loop(s: &Socket, v6: bool) {
             continue;
         }
         // Find the pktinfo and keep only it, with the destination as our source.
-        let (want_level, want_type) =
-            if v6 { (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) } else { (libc::IPPROTO_IP, libc::IP_PKTINFO) };
+        let (want_level, want_type) = if v6 {
+            (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO)
+        } else {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO)
+        };
         let mut found: Option<Vec<u8>> = None;
         // SAFETY: iterating cmsgs the kernel wrote within msg_controllen.
         unsafe {
@@ -211,13 +232,19 @@ fn udp_echo_loop(s: &Socket, v6: bool) {
                     let data = libc::CMSG_DATA(c);
                     if v6 {
                         let info: libc::in6_pktinfo = std::ptr::read_unaligned(data.cast());
-                        let bytes = std::slice::from_raw_parts((&raw const info).cast::<u8>(), std::mem::size_of_val(&info));
+                        let bytes = std::slice::from_raw_parts(
+                            (&raw const info).cast::<u8>(),
+                            std::mem::size_of_val(&info),
+                        );
                         found = Some(bytes.to_vec());
                     } else {
                         let mut info: libc::in_pktinfo = std::ptr::read_unaligned(data.cast());
                         info.ipi_spec_dst = info.ipi_addr;
                         info.ipi_ifindex = 0;
-                        let bytes = std::slice::from_raw_parts((&raw const info).cast::<u8>(), std::mem::size_of_val(&info));
+                        let bytes = std::slice::from_raw_parts(
+                            (&raw const info).cast::<u8>(),
+                            std::mem::size_of_val(&info),
+                        );
                         found = Some(bytes.to_vec());
                     }
                 }
@@ -225,7 +252,10 @@ fn udp_echo_loop(s: &Socket, v6: bool) {
             }
         }
         let mut out_control = [0u64; 16];
-        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n as usize };
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: n as usize,
+        };
         msg.msg_iov = &raw mut iov;
         msg.msg_iovlen = 1;
         msg.msg_flags = 0;
@@ -268,7 +298,9 @@ fn classify(e: &std::io::Error) -> Outcome {
 }
 
 fn remaining(deadline: Instant) -> Option<Duration> {
-    deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero())
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
 }
 
 fn tcp_connect(to: SocketAddr, timeout: Duration) -> Outcome {
@@ -289,8 +321,12 @@ fn roundtrip(stream: &mut TcpStream, line: &[u8], deadline: Instant) -> Result<(
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.ends_with(line) {
-        let Some(left) = remaining(deadline) else { return Err(Outcome::Timeout) };
-        stream.set_read_timeout(Some(left)).map_err(|e| classify(&e))?;
+        let Some(left) = remaining(deadline) else {
+            return Err(Outcome::Timeout);
+        };
+        stream
+            .set_read_timeout(Some(left))
+            .map_err(|e| classify(&e))?;
         match stream.read(&mut buf) {
             Ok(0) => return Err(Outcome::Reset),
             Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -302,7 +338,9 @@ fn roundtrip(stream: &mut TcpStream, line: &[u8], deadline: Instant) -> Result<(
 
 fn udp_probe(to: SocketAddr, timeout: Duration) -> Outcome {
     let deadline = Instant::now() + timeout;
-    let local: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().unwrap();
+    let local: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
     let sock = match UdpSocket::bind(local).and_then(|s| s.connect(to).map(|()| s)) {
         Ok(s) => s,
         Err(e) => return classify(&e),
@@ -313,7 +351,9 @@ fn udp_probe(to: SocketAddr, timeout: Duration) -> Outcome {
         if let Err(e) = sock.send(PAYLOAD) {
             return classify(&e);
         }
-        let Some(left) = remaining(deadline) else { return Outcome::Timeout };
+        let Some(left) = remaining(deadline) else {
+            return Outcome::Timeout;
+        };
         let _ = sock.set_read_timeout(Some(left.min(Duration::from_millis(200))));
         match sock.recv(&mut buf) {
             Ok(n) if &buf[..n] == PAYLOAD => return Outcome::Ok,
@@ -332,7 +372,11 @@ fn udp_probe(to: SocketAddr, timeout: Duration) -> Outcome {
 fn inet_checksum(data: &[u8]) -> u16 {
     let mut sum = 0u32;
     for chunk in data.chunks(2) {
-        let word = if chunk.len() == 2 { u16::from_be_bytes([chunk[0], chunk[1]]) } else { u16::from(chunk[0]) << 8 };
+        let word = if chunk.len() == 2 {
+            u16::from_be_bytes([chunk[0], chunk[1]])
+        } else {
+            u16::from(chunk[0]) << 8
+        };
         sum += u32::from(word);
     }
     while sum >> 16 != 0 {
@@ -375,7 +419,9 @@ fn ping_inner(to: IpAddr, timeout: Duration) -> Result<Outcome> {
         sock.send_to(&pkt, &dest)?;
         let resend_at = Instant::now() + Duration::from_millis(250);
         loop {
-            let Some(left) = remaining(deadline) else { return Ok(Outcome::Timeout) };
+            let Some(left) = remaining(deadline) else {
+                return Ok(Outcome::Timeout);
+            };
             let wait = left.min(resend_at.saturating_duration_since(Instant::now()));
             if wait.is_zero() {
                 break;
@@ -388,7 +434,10 @@ fn ping_inner(to: IpAddr, timeout: Duration) -> Result<Outcome> {
                 Err(e) => return Err(e.into()),
             };
             // SAFETY: recv_from initialised the first n bytes.
-            let data: Vec<u8> = buf[..n].iter().map(|b| unsafe { b.assume_init() }).collect();
+            let data: Vec<u8> = buf[..n]
+                .iter()
+                .map(|b| unsafe { b.assume_init() })
+                .collect();
             let icmp = match to {
                 // Raw IPv4 sockets deliver the IP header too.
                 IpAddr::V4(_) => match data.first() {
@@ -416,7 +465,14 @@ fn ping_inner(to: IpAddr, timeout: Duration) -> Result<Outcome> {
 fn quotes_our_echo(icmp: &[u8], ident: u16, v4: bool) -> bool {
     // ICMP error: 8-byte header, then the offending packet's IP header + 8 bytes.
     let inner = &icmp[8..];
-    let ip_len = if v4 { inner.first().map(|b| usize::from(b & 0x0f) * 4).unwrap_or(0) } else { 40 };
+    let ip_len = if v4 {
+        inner
+            .first()
+            .map(|b| usize::from(b & 0x0f) * 4)
+            .unwrap_or(0)
+    } else {
+        40
+    };
     inner.get(ip_len + 4..ip_len + 6) == Some(&ident.to_be_bytes()[..])
 }
 
@@ -430,7 +486,11 @@ fn tcp_hold(to: SocketAddr, timeout: Duration) -> Result<Outcome> {
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let line = line?;
-        let outcome = match roundtrip(&mut stream, format!("{line}\n").as_bytes(), Instant::now() + timeout) {
+        let outcome = match roundtrip(
+            &mut stream,
+            format!("{line}\n").as_bytes(),
+            Instant::now() + timeout,
+        ) {
             Ok(()) => Outcome::Ok,
             Err(o) => o,
         };

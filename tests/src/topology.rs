@@ -58,7 +58,8 @@ const ROUTED_HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' IPv4 gateway in the routed layout (never assigned anywhere).
 pub const ROUTED_GATEWAY4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The host veth's EUI-64 link-local address for [`ROUTED_HOST_MAC`].
-pub const ROUTED_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+pub const ROUTED_GATEWAY6: Ipv6Addr =
+    Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
 
 /// A node namespace.
 #[derive(Debug)]
@@ -142,7 +143,10 @@ impl Pod {
     }
 
     pub fn cgroup(&self) -> Option<PathBuf> {
-        self.cgroup.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.cgroup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// A prober in this pod's namespace (and its cgroup, if set).
@@ -207,7 +211,15 @@ impl Topology {
     pub fn new(layout: Layout, bin: ProbeBin) -> Result<Self> {
         let tag = names::unique_tag();
         let underlay_bridge = format!("rf{tag}ul");
-        let mut t = Topology { layout, tag, bin, pods: Vec::new(), nodes: Vec::new(), underlay: None, underlay_bridge };
+        let mut t = Topology {
+            layout,
+            tag,
+            bin,
+            pods: Vec::new(),
+            nodes: Vec::new(),
+            underlay: None,
+            underlay_bridge,
+        };
         t.create_node()?;
         Ok(t)
     }
@@ -247,7 +259,11 @@ impl Topology {
 
     /// Every namespace of this topology (nodes, pods, underlay).
     pub fn netns_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.nodes.iter().map(|n| n.netns.name().to_owned()).collect();
+        let mut v: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| n.netns.name().to_owned())
+            .collect();
         v.extend(self.pods.iter().map(|p| p.netns.name().to_owned()));
         v.extend(self.underlay.iter().map(|u| u.name().to_owned()));
         v
@@ -274,10 +290,26 @@ impl Topology {
         let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, u16::from(nb) + 1);
         // The "dummy" module may be missing (it is here): a veth pair with both
         // ends in the node namespace stands in for the node's eth0.
-        netns.ip(&["link", "add", "host0", "type", "veth", "peer", "name", "host0peer"])?;
+        netns.ip(&[
+            "link",
+            "add",
+            "host0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "host0peer",
+        ])?;
         netns.ip(&["link", "set", "host0peer", "up"])?;
         netns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", "host0"])?;
-        netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", "host0", "nodad"])?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            "host0",
+            "nodad",
+        ])?;
         netns.ip(&["link", "set", "host0", "up"])?;
         // A default route out of another device is what lets proxy ARP answer for
         // 169.254.1.1 (arp_fwd_proxy needs the route's device != the asking one).
@@ -285,13 +317,26 @@ impl Topology {
         netns.ip(&["-6", "route", "add", "default", "dev", "host0"])?;
 
         let pod_cidr4 = (Ipv4Addr::new(10, 244, nb, 0), 24);
-        let pod_cidr6 = (Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(nb), 0, 0, 0, 0), 64);
+        let pod_cidr6 = (
+            Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(nb), 0, 0, 0, 0),
+            64,
+        );
         let (gateway4, gateway6, bridge) = match self.layout {
             Layout::Bridged => {
                 let br = format!("rf{}br", self.tag);
                 let g4 = Ipv4Addr::new(10, 244, nb, 1);
                 let g6 = Ipv6Addr::new(0xfd00, 0x10, 0x244, u16::from(nb), 0, 0, 0, 1);
-                netns.ip(&["link", "add", &br, "type", "bridge", "forward_delay", "0", "mcast_snooping", "0"])?;
+                netns.ip(&[
+                    "link",
+                    "add",
+                    &br,
+                    "type",
+                    "bridge",
+                    "forward_delay",
+                    "0",
+                    "mcast_snooping",
+                    "0",
+                ])?;
                 netns.ip(&["addr", "add", &format!("{g4}/24"), "dev", &br])?;
                 netns.ip(&["addr", "add", &format!("{g6}/64"), "dev", &br, "nodad"])?;
                 netns.ip(&["link", "set", &br, "up"])?;
@@ -337,19 +382,42 @@ impl Topology {
         if self.underlay.is_none() {
             let ul = Netns::new("underlay")?;
             let br = &self.underlay_bridge;
-            ul.ip(&["link", "add", br, "type", "bridge", "forward_delay", "0", "mcast_snooping", "0"])?;
+            ul.ip(&[
+                "link",
+                "add",
+                br,
+                "type",
+                "bridge",
+                "forward_delay",
+                "0",
+                "mcast_snooping",
+                "0",
+            ])?;
             ul.ip(&["link", "set", br, "up"])?;
             self.underlay = Some(ul);
         }
         let ul = self.underlay.as_ref().expect("just created");
         let node = &self.nodes[i];
         let port = format!("rf{}u{i}", self.tag);
-        ul.ip(&["link", "add", &port, "type", "veth", "peer", "name", "ul0", "netns", node.netns.name()])?;
+        ul.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "ul0",
+            "netns",
+            node.netns.name(),
+        ])?;
         ul.ip(&["link", "set", &port, "master", &self.underlay_bridge, "up"])?;
         let u4 = Ipv4Addr::new(10, 1, 0, i as u8 + 1);
         let u6 = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, i as u16 + 1);
-        node.netns.ip(&["addr", "add", &format!("{u4}/24"), "dev", "ul0"])?;
-        node.netns.ip(&["addr", "add", &format!("{u6}/64"), "dev", "ul0", "nodad"])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{u4}/24"), "dev", "ul0"])?;
+        node.netns
+            .ip(&["addr", "add", &format!("{u6}/64"), "dev", "ul0", "nodad"])?;
         node.netns.ip(&["link", "set", "ul0", "up"])?;
         let node = &mut self.nodes[i];
         node.underlay4 = Some(u4);
@@ -363,10 +431,30 @@ impl Topology {
         let via4 = t.underlay4.context("no underlay")?.to_string();
         let via6 = t.underlay6.context("no underlay")?.to_string();
         let ns = &f.netns;
-        ns.ip(&["route", "add", &format!("{}/{}", t.pod_cidr4.0, t.pod_cidr4.1), "via", &via4])?;
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{}/{}", t.pod_cidr4.0, t.pod_cidr4.1),
+            "via",
+            &via4,
+        ])?;
         ns.ip(&["route", "add", &format!("{}/32", t.ip4), "via", &via4])?;
-        ns.ip(&["-6", "route", "add", &format!("{}/{}", t.pod_cidr6.0, t.pod_cidr6.1), "via", &via6])?;
-        ns.ip(&["-6", "route", "add", &format!("{}/128", t.ip6), "via", &via6])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/{}", t.pod_cidr6.0, t.pod_cidr6.1),
+            "via",
+            &via6,
+        ])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/128", t.ip6),
+            "via",
+            &via6,
+        ])?;
         Ok(())
     }
 
@@ -378,7 +466,10 @@ impl Topology {
         }
         let layout = self.layout;
         let host_if = format!("rf{}p{}", self.tag, self.pods.len());
-        let n = self.nodes.get_mut(node).with_context(|| format!("no node {node}"))?;
+        let n = self
+            .nodes
+            .get_mut(node)
+            .with_context(|| format!("no node {node}"))?;
         let k = n.pods_created;
         if k > 200 {
             bail!("too many pods on node {node}");
@@ -393,7 +484,18 @@ impl Topology {
         netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
         let pod_if = "eth0".to_owned();
         let node_ns = &n.netns;
-        node_ns.ip(&["link", "add", &host_if, "type", "veth", "peer", "name", &pod_if, "netns", netns.name()])?;
+        node_ns.ip(&[
+            "link",
+            "add",
+            &host_if,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &pod_if,
+            "netns",
+            netns.name(),
+        ])?;
         match layout {
             Layout::Bridged => {
                 let br = n.bridge.as_deref().context("bridged node without bridge")?;
@@ -402,22 +504,53 @@ impl Topology {
                 netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", &pod_if, "nodad"])?;
                 netns.ip(&["link", "set", &pod_if, "up"])?;
                 netns.ip(&["route", "add", "default", "via", &n.gateway4.to_string()])?;
-                netns.ip(&["-6", "route", "add", "default", "via", &n.gateway6.to_string()])?;
+                netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &n.gateway6.to_string(),
+                ])?;
             }
             Layout::Routed => {
                 node_ns.ip(&["link", "set", &host_if, "address", ROUTED_HOST_MAC])?;
                 node_ns.sysctl(&format!("net.ipv4.conf.{host_if}.proxy_arp"), "1")?;
                 node_ns.sysctl(&format!("net.ipv4.neigh.{host_if}.proxy_delay"), "0")?;
                 node_ns.ip(&["link", "set", &host_if, "up"])?;
-                node_ns.ip(&["route", "add", &format!("{ip4}/32"), "dev", &host_if, "scope", "link"])?;
+                node_ns.ip(&[
+                    "route",
+                    "add",
+                    &format!("{ip4}/32"),
+                    "dev",
+                    &host_if,
+                    "scope",
+                    "link",
+                ])?;
                 node_ns.ip(&["-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if])?;
                 netns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", &pod_if])?;
-                netns.ip(&["addr", "add", &format!("{ip6}/128"), "dev", &pod_if, "nodad"])?;
+                netns.ip(&[
+                    "addr",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    &pod_if,
+                    "nodad",
+                ])?;
                 netns.ip(&["link", "set", &pod_if, "up"])?;
                 let g4 = ROUTED_GATEWAY4.to_string();
                 netns.ip(&["route", "add", &g4, "dev", &pod_if, "scope", "link"])?;
                 netns.ip(&["route", "add", "default", "via", &g4, "dev", &pod_if])?;
-                netns.ip(&["-6", "route", "add", "default", "via", &ROUTED_GATEWAY6.to_string(), "dev", &pod_if])?;
+                netns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    "default",
+                    "via",
+                    &ROUTED_GATEWAY6.to_string(),
+                    "dev",
+                    &pod_if,
+                ])?;
             }
         }
         let host_ifindex = node_ns.ifindex(&host_if)?;

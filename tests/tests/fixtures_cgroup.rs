@@ -18,7 +18,10 @@ fn bin() -> ProbeBin {
 /// The cgroup v2 line ("0::/path") of /proc/<pid>/cgroup.
 fn cgroup_v2_of(pid: u32) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or_default().to_owned()
+    s.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn relative_to_mount(cg: &TestCgroup) -> String {
@@ -29,7 +32,11 @@ fn relative_to_mount(cg: &TestCgroup) -> String {
 #[test]
 fn cgroup2_mount_is_found_in_mountinfo() -> Result<()> {
     let mount = cgroup2_mount()?;
-    assert!(mount.join("cgroup.controllers").exists(), "{}", mount.display());
+    assert!(
+        mount.join("cgroup.controllers").exists(),
+        "{}",
+        mount.display()
+    );
     Ok(())
 }
 
@@ -72,7 +79,10 @@ fn dropping_a_cgroup_kills_its_processes_and_removes_it() -> Result<()> {
     let topo = Topology::with_pods(Layout::Routed, bin(), &["p"])?;
     let cg = PodCgroup::new()?;
     let path = cg.pod.path().to_owned();
-    let srv = topo.pod("p").prober_in(cg.container.path()).serve_udp(9000)?;
+    let srv = topo
+        .pod("p")
+        .prober_in(cg.container.path())
+        .serve_udp(9000)?;
     let pid = srv.pid();
     // Drop the cgroup while the server still runs: cgroup.kill must end it.
     drop(cg);

@@ -13,7 +13,10 @@ fn bin() -> ProbeBin {
 }
 
 fn netns_list() -> String {
-    let out = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -34,11 +37,20 @@ fn fixtures_are_removed_after_a_panicking_test() {
         topo.add_node().unwrap();
         topo.add_pod(1, "remote").unwrap();
         let cg = PodCgroup::new().unwrap();
-        cg_name = cg.pod.path().file_name().unwrap().to_string_lossy().into_owned();
+        cg_name = cg
+            .pod
+            .path()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
         let b = topo.pod("b");
         b.set_cgroup(Some(&cg.container));
         let _srv = b.serve_tcp(8080).unwrap();
-        let _held = topo.pod("a").tcp_hold(b.ip4.into(), 8080, Duration::from_secs(2)).unwrap();
+        let _held = topo
+            .pod("a")
+            .tcp_hold(b.ip4.into(), 8080, Duration::from_secs(2))
+            .unwrap();
         names = topo.netns_names();
         let listed = netns_list();
         assert!(names.iter().all(|n| listed.contains(n.as_str())));
@@ -51,7 +63,10 @@ fn fixtures_are_removed_after_a_panicking_test() {
     for n in &names {
         assert!(!listed.contains(n.as_str()), "{n} still in ip netns list");
     }
-    assert!(!cgroup_entries().contains(&cg_name), "{cg_name} still under the cgroup2 mount");
+    assert!(
+        !cgroup_entries().contains(&cg_name),
+        "{cg_name} still under the cgroup2 mount"
+    );
 }
 
 #[test]
@@ -61,7 +76,13 @@ fn names_carry_the_pid_so_parallel_binaries_do_not_collide() {
     for n in topo.netns_names() {
         assert!(n.starts_with(&pid_prefix("ns")), "{n}");
     }
-    let cg_name = cg.pod.path().file_name().unwrap().to_string_lossy().into_owned();
+    let cg_name = cg
+        .pod
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     assert!(cg_name.starts_with(&pid_prefix("cg")), "{cg_name}");
 }
 
@@ -74,16 +95,27 @@ fn sweep_removes_leftovers_of_dead_processes_only() {
     let ns = format!("rf-ns-{dead}-0-leftover");
     let ours = format!("{}99-alive", pid_prefix("ns"));
     for n in [&ns, &ours] {
-        assert!(std::process::Command::new("ip").args(["netns", "add", n]).status().unwrap().success());
+        assert!(
+            std::process::Command::new("ip")
+                .args(["netns", "add", n])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
     let cg = cgroup2_mount().unwrap().join(format!("rf-cg-{dead}-0"));
     std::fs::create_dir_all(cg.join("ctr")).unwrap();
 
     let removed = rayfence_tests::sweep::remove_leftovers_of_dead_processes().unwrap();
     let listed = netns_list();
-    let _ = std::process::Command::new("ip").args(["netns", "del", &ours]).status();
+    let _ = std::process::Command::new("ip")
+        .args(["netns", "del", &ours])
+        .status();
     assert!(removed.contains(&ns), "{removed:?}");
     assert!(!listed.contains(&ns));
-    assert!(listed.contains(&ours), "a live process's namespace must stay");
+    assert!(
+        listed.contains(&ours),
+        "a live process's namespace must stay"
+    );
     assert!(!cg.exists());
 }

@@ -32,7 +32,11 @@ fn pods_on_two_nodes_reach_each_other(layout: Layout) -> Result<()> {
     let node1 = topo.node(1);
     let _kubelet = node1.serve_tcp(10250)?;
     for dst in [IpAddr::V4(node1.ip4), IpAddr::V6(node1.ip6)] {
-        assert_eq!(local.tcp_connect(dst, 10250, T), Outcome::Ok, "tcp node1 {dst}");
+        assert_eq!(
+            local.tcp_connect(dst, 10250, T),
+            Outcome::Ok,
+            "tcp node1 {dst}"
+        );
     }
     Ok(())
 }
@@ -60,9 +64,19 @@ fn probes_tell_refused_from_timeout() -> Result<()> {
     // route leads nowhere, like a drop by a filter.)
     let started = Instant::now();
     let nowhere: IpAddr = "10.99.0.1".parse()?;
-    assert_eq!(a.tcp_connect(nowhere, 80, Duration::from_millis(100)), Outcome::Timeout);
-    assert_eq!(a.ping(nowhere, Duration::from_millis(100)), Outcome::Timeout);
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert_eq!(
+        a.tcp_connect(nowhere, 80, Duration::from_millis(100)),
+        Outcome::Timeout
+    );
+    assert_eq!(
+        a.ping(nowhere, Duration::from_millis(100)),
+        Outcome::Timeout
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -74,7 +88,10 @@ fn held_connection_survives_and_reports_when_its_server_is_gone() -> Result<()> 
         let srv = b.serve_tcp(8000)?;
         let mut held = a.tcp_hold(dst, 8000, T)?;
         assert!(held.roundtrip(), "first roundtrip {dst}");
-        assert!(held.roundtrip(), "second roundtrip on the same connection {dst}");
+        assert!(
+            held.roundtrip(),
+            "second roundtrip on the same connection {dst}"
+        );
         drop(srv);
         assert!(!held.roundtrip(), "roundtrip after the server died {dst}");
     }
@@ -87,15 +104,30 @@ fn netns_helpers_find_interfaces_and_set_sysctls_inside() -> Result<()> {
     let (node, a) = (topo.node(0), topo.pod("a"));
     assert_eq!(node.netns.ifindex(&a.host_if)?, a.host_ifindex);
     assert_eq!(a.netns.ifindex("eth0")?, a.pod_ifindex);
-    assert!(node.netns.ifindex("eth0").is_err(), "eth0 exists only in the pod");
-    assert_eq!(node.netns.read_sysctl(&format!("net.ipv4.conf.{}.proxy_arp", a.host_if))?, "1");
+    assert!(
+        node.netns.ifindex("eth0").is_err(),
+        "eth0 exists only in the pod"
+    );
+    assert_eq!(
+        node.netns
+            .read_sysctl(&format!("net.ipv4.conf.{}.proxy_arp", a.host_if))?,
+        "1"
+    );
     a.netns.sysctl("net.ipv4.ip_forward", "1")?;
     assert_eq!(a.netns.read_sysctl("net.ipv4.ip_forward")?, "1");
     // A closure runs in the namespace: the pod sees its own address.
     let links = a.netns.exec(&["ip", "-o", "addr", "show", "dev", "eth0"])?;
     assert!(links.contains(&a.ip4.to_string()), "{links}");
-    let in_ns = a.netns.run(|| std::net::UdpSocket::bind((a.ip4, 0)).is_ok())?;
-    assert!(in_ns, "binding the pod address works inside the pod namespace");
-    assert!(std::net::UdpSocket::bind((a.ip4, 0)).is_err(), "but not outside it");
+    let in_ns = a
+        .netns
+        .run(|| std::net::UdpSocket::bind((a.ip4, 0)).is_ok())?;
+    assert!(
+        in_ns,
+        "binding the pod address works inside the pod namespace"
+    );
+    assert!(
+        std::net::UdpSocket::bind((a.ip4, 0)).is_err(),
+        "but not outside it"
+    );
     Ok(())
 }

@@ -15,7 +15,10 @@ fn bin() -> ProbeBin {
 }
 
 fn netns_list() -> String {
-    let out = std::process::Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -35,8 +38,16 @@ fn all_traffic_passes(layout: Layout) -> Result<()> {
         assert_eq!(a.ping(dst, T), Outcome::Ok, "ping a -> b {dst}");
     }
     for dst in [IpAddr::V4(node.ip4), IpAddr::V6(node.ip6)] {
-        assert_eq!(a.tcp_connect(dst, 10250, T), Outcome::Ok, "tcp a -> node {dst}");
-        assert_eq!(a.udp_probe(dst, 10251, T), Outcome::Ok, "udp a -> node {dst}");
+        assert_eq!(
+            a.tcp_connect(dst, 10250, T),
+            Outcome::Ok,
+            "tcp a -> node {dst}"
+        );
+        assert_eq!(
+            a.udp_probe(dst, 10251, T),
+            Outcome::Ok,
+            "udp a -> node {dst}"
+        );
         assert_eq!(a.ping(dst, T), Outcome::Ok, "ping a -> node {dst}");
     }
     // And node to pod (the kubelet's probes).

@@ -242,7 +242,7 @@ impl Datapath {
                 .and_then(|p| p.try_into().ok())
                 .ok_or(DatapathError::MissingProgram { program })?;
             let id = prog
-                .attach(&dir, attach_type, CgroupAttachMode::AllowMultiple)
+                .attach(&dir, attach_type, CgroupAttachMode::Single)
                 .map_err(|e| DatapathError::program(program, e))?;
             let link = prog
                 .take_link(id)

@@ -57,6 +57,8 @@ pub enum DatapathError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpffs DIR)")]
+    NotBpffs { path: PathBuf },
     #[error("interface {name:?} not found in the current network namespace")]
     UnknownInterface { name: String },
     #[error("{what} is attached to endpoint {attached}, not {requested}")]

@@ -7,6 +7,8 @@
 //! ```
 use std::path::{Path, PathBuf};
 
+/// Where a node usually has its bpf filesystem.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/rayfence";
 
 pub fn maps_dir(root: &Path) -> PathBuf {
