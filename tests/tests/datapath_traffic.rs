@@ -41,7 +41,29 @@ const OTHER_ID: u32 = 301;
 struct Bpffs(PathBuf, PathBuf);
 
 impl Bpffs {
+    /// Mounts left by test processes that were killed before their guards ran.
+    fn sweep_dead() {
+        let prefix = "rf-bpffs-";
+        let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('-').next())
+            else {
+                continue;
+            };
+            if Path::new("/proc").join(pid).exists() {
+                continue;
+            }
+            drop(Bpffs(entry.path().join("rayfence"), entry.path()));
+        }
+    }
+
     fn new() -> Result<Self> {
+        Self::sweep_dead();
         let mount = std::env::temp_dir().join(names::unique_name("bpffs"));
         std::fs::create_dir(&mount).with_context(|| format!("creating {}", mount.display()))?;
         let target = std::ffi::CString::new(mount.as_os_str().as_encoded_bytes())?;
@@ -107,8 +129,20 @@ fn options(dir: &Path) -> DatapathOptions {
 }
 
 fn tables(topo: &Topology) -> Tables {
-    let (head, other) = (topo.pod("head"), topo.pod("other"));
     let node = topo.node(0);
+    tables_for(
+        topo.pod("head").ips(),
+        topo.pod("other").ips(),
+        [
+            IpAddr::V4(node.ip4),
+            IpAddr::V6(node.ip6),
+            IpAddr::V4(node.gateway4),
+            IpAddr::V6(node.gateway6),
+        ],
+    )
+}
+
+fn tables_for(head: [IpAddr; 2], other: [IpAddr; 2], node: [IpAddr; 4]) -> Tables {
     let mut tables = Tables::default();
     tables.endpoints.insert(
         EP,
@@ -119,18 +153,13 @@ fn tables(topo: &Topology) -> Tables {
             audit: false,
         },
     );
-    for ip in head.ips() {
+    for ip in head {
         tables.addresses.insert(ip, CLUSTER_ID);
     }
-    for ip in other.ips() {
+    for ip in other {
         tables.addresses.insert(ip, OTHER_ID);
     }
-    for ip in [
-        IpAddr::V4(node.ip4),
-        IpAddr::V6(node.ip6),
-        IpAddr::V4(node.gateway4),
-        IpAddr::V6(node.gateway6),
-    ] {
+    for ip in node {
         tables.addresses.insert(ip, identity::HOST);
     }
     for direction in Direction::ALL {
@@ -158,6 +187,23 @@ fn tables(topo: &Topology) -> Tables {
 }
 
 impl Scenario {
+    /// Namespaces, cgroups and a bpffs mount, but no agent yet.
+    fn without_agent(layout: Layout, hook: HookKind) -> Result<Self> {
+        let topo = Topology::with_pods(layout, bin(), &["head", "worker", "other"])?;
+        let cgroup = PodCgroup::new()?;
+        let bpffs = Bpffs::new()?;
+        if hook == HookKind::Cgroup {
+            topo.pod("worker").set_cgroup(Some(&cgroup.container));
+        }
+        Ok(Self {
+            datapath: None,
+            cgroup,
+            topo,
+            bpffs,
+            hook,
+        })
+    }
+
     fn new(layout: Layout, hook: HookKind) -> Result<Self> {
         let topo = Topology::with_pods(layout, bin(), &["head", "worker", "other"])?;
         let cgroup = PodCgroup::new()?;
@@ -432,5 +478,187 @@ fn cleanup_detaches_everything_and_removes_the_pins() -> Result<()> {
     assert_eq!(report.links, 2);
     assert!(!scenario.bpffs.0.exists());
     assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
+    Ok(())
+}
+
+/// Environment of [`first_agent_process`]: `key=value` lines.
+const FIRST_AGENT: &str = "RF_TEST_FIRST_AGENT";
+
+/// Not a test of its own: the first agent of
+/// `tc_agent_process_restart_keeps_a_connection_and_denials`, run as a separate
+/// process (this test binary, `--ignored --exact`). It loads, attaches by name from
+/// a thread inside the node namespace, pins, applies, says `ready`, and exits when
+/// its stdin closes, leaving everything pinned.
+#[test]
+#[ignore = "helper process of the restart test, which runs it"]
+fn first_agent_process() -> Result<()> {
+    let Ok(spec) = std::env::var(FIRST_AGENT) else {
+        return Ok(());
+    };
+    let field = |key: &str| -> Result<String> {
+        spec.lines()
+            .find_map(|line| line.strip_prefix(&format!("{key}=")))
+            .map(str::to_owned)
+            .with_context(|| format!("{FIRST_AGENT} has no {key}"))
+    };
+    let ips = |key: &str| -> Result<Vec<IpAddr>> {
+        field(key)?
+            .split(',')
+            .map(|ip| ip.parse().with_context(|| format!("{key}: {ip}")))
+            .collect()
+    };
+    let (head, other, node) = (ips("head")?, ips("other")?, ips("node")?);
+    let tables = tables_for(
+        [head[0], head[1]],
+        [other[0], other[1]],
+        [node[0], node[1], node[2], node[3]],
+    );
+    let bpffs = PathBuf::from(field("bpffs")?);
+    let netns = std::fs::File::open(field("netns")?)?;
+    let ifname = field("ifname")?;
+    let mut datapath = Datapath::load(&options(&bpffs))?;
+    datapath = std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<Datapath> {
+                use std::os::fd::AsRawFd as _;
+                // SAFETY: setns on a valid namespace fd; affects this thread only.
+                if unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    anyhow::bail!("setns: {}", std::io::Error::last_os_error());
+                }
+                datapath.attach_tc(EP, Interface::Name(&ifname))?;
+                Ok(datapath)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("attach thread panicked"))?
+    })?;
+    datapath.apply(&tables)?;
+    println!("ready");
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(())
+}
+
+/// The first agent process, killed (and reaped) on drop. Its stdout is kept open
+/// (and drained on stop) so the test harness in it can report without EPIPE.
+struct AgentProcess(
+    std::process::Child,
+    Option<std::io::Lines<std::io::BufReader<std::process::ChildStdout>>>,
+);
+
+impl AgentProcess {
+    fn start(scenario: &Scenario) -> Result<Self> {
+        use std::io::BufRead as _;
+        use std::process::{Command, Stdio};
+        let topo = &scenario.topo;
+        let join = |ips: &[IpAddr]| {
+            ips.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let node = topo.node(0);
+        let spec = format!(
+            "bpffs={}\nnetns={}\nifname={}\nhead={}\nother={}\nnode={}\n",
+            scenario.bpffs.0.display(),
+            node.netns.path().display(),
+            topo.pod("worker").host_if,
+            join(&topo.pod("head").ips()),
+            join(&topo.pod("other").ips()),
+            join(&[
+                IpAddr::V4(node.ip4),
+                IpAddr::V6(node.ip6),
+                IpAddr::V4(node.gateway4),
+                IpAddr::V6(node.gateway6),
+            ]),
+        );
+        let mut child = Command::new(std::env::current_exe()?)
+            .args([
+                "first_agent_process",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(FIRST_AGENT, spec)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().context("agent stdout")?;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.trim_end().ends_with("ready"));
+        let agent = Self(child, Some(lines));
+        anyhow::ensure!(ready, "the first agent process did not get ready");
+        Ok(agent)
+    }
+
+    /// Closes its stdin: it exits normally, leaving its pins behind.
+    fn stop(mut self) -> Result<()> {
+        drop(self.0.stdin.take());
+        if let Some(lines) = self.1.take() {
+            lines.map_while(Result::ok).for_each(drop);
+        }
+        let status = self.0.wait()?;
+        anyhow::ensure!(status.success(), "first agent process: {status}");
+        Ok(())
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn tc_agent_process_restart_keeps_a_connection_and_denials() -> Result<()> {
+    let mut scenario = Scenario::without_agent(Layout::Routed, HookKind::Tc)?;
+    let agent = AgentProcess::start(&scenario)?;
+    let (head, worker, other) = (
+        scenario.topo.pod("head"),
+        scenario.topo.pod("worker"),
+        scenario.topo.pod("other"),
+    );
+    let _head_tcp = head.serve_tcp(6379)?;
+    let _worker_tcp = worker.serve_tcp(7000)?;
+    let mut held = worker.tcp_hold(head.ip4.into(), 6379, OK)?;
+    assert!(held.roundtrip());
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+
+    // The agent process exits: enforcement stays.
+    agent.stop()?;
+    assert!(held.roundtrip(), "held connection while no agent runs");
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+
+    // A new agent (this process) adopts maps, conntrack and links.
+    scenario.datapath = Some(start_agent(
+        &scenario.topo,
+        &scenario.cgroup,
+        &scenario.bpffs.0,
+        scenario.hook,
+    )?);
+    assert_eq!(scenario.datapath().tables(), &tables(&scenario.topo));
+    assert!(held.roundtrip(), "held connection after the restart");
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    assert_eq!(
+        scenario.packets(Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        3
+    );
+    assert_eq!(
+        scenario.packets(Direction::Egress, Verdict::Allow, Reason::PolicyAllow),
+        1
+    );
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! enforcement continues while the agent is down, and an agent that restarts finds
 //! them and keeps them (no detach/attach gap).
 use std::ffi::CString;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
@@ -58,6 +59,71 @@ const CGROUP_HOOKS: [(&str, CgroupSkbAttachType, &str); 2] = [
     ),
     ("cgroup_skb_egress", CgroupSkbAttachType::Egress, "egress"),
 ];
+
+/// `BPF_OBJ_GET`: an fd for a pinned object (aya's link types do not lend theirs).
+fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c_path =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid prefix of `union bpf_attr` for BPF_OBJ_GET; the path outlives
+    // the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            size_of::<ObjGetAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `BPF_LINK_UPDATE` (Linux 5.7): point an existing link at another program.
+fn update_link(link_fd: RawFd, prog_fd: RawFd) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link_fd as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the attr is a valid, initialised prefix of `union bpf_attr` for this
+    // command and the kernel reads at most `size` bytes of it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            size_of::<LinkUpdateAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
@@ -178,6 +244,7 @@ impl Datapath {
         for (program, attach_type, hook) in TC_HOOKS {
             let name = format!("tc_{ifindex}_{hook}");
             if self.link_exists(&name) {
+                self.adopt_link(&name, program)?;
                 continue;
             }
             let prog: &mut SchedClassifier = self
@@ -234,6 +301,7 @@ impl Datapath {
         for (program, attach_type, hook) in CGROUP_HOOKS {
             let name = format!("cg_{cgroup_id}_{hook}");
             if self.link_exists(&name) {
+                self.adopt_link(&name, program)?;
                 continue;
             }
             let prog: &mut CgroupSkb = self
@@ -261,6 +329,28 @@ impl Datapath {
             Some(dir) => paths::links_dir(dir).join(name).exists(),
             None => self.owned_links.contains_key(name),
         }
+    }
+
+    /// A link pinned by an earlier agent keeps its attachment; its program is
+    /// replaced by this agent's in one step (BPF_LINK_UPDATE), so an upgraded agent
+    /// runs its own code without a detach/attach gap. Both programs use the same
+    /// pinned maps.
+    fn adopt_link(&self, name: &str, program: &'static str) -> Result<(), DatapathError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let path = paths::links_dir(dir).join(name);
+        let link = open_pinned(&path).map_err(|e| DatapathError::io("opening", &path, e))?;
+        let prog_fd = self
+            .ebpf()
+            .program(program)
+            .ok_or(DatapathError::MissingProgram { program })?
+            .fd()
+            .map_err(|e| DatapathError::program(program, e))?
+            .as_fd()
+            .as_raw_fd();
+        update_link(link.as_raw_fd(), prog_fd)
+            .map_err(|e| DatapathError::io("replacing the program of", &path, e))
     }
 
     fn keep_link(&mut self, name: String, link: FdLink) -> Result<(), DatapathError> {
