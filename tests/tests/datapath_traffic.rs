@@ -662,3 +662,35 @@ fn tc_agent_process_restart_keeps_a_connection_and_denials() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn detach_stops_enforcement_and_unpins_the_links() -> Result<()> {
+    let mut scenario = Scenario::new(Layout::Routed, HookKind::Tc)?;
+    let (worker, other) = (scenario.topo.pod("worker"), scenario.topo.pod("other"));
+    let _worker_tcp = worker.serve_tcp(7000)?;
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    let links = scenario.bpffs.0.join("links");
+    assert_eq!(std::fs::read_dir(&links)?.count(), 2);
+    scenario.datapath.as_mut().context("agent")?.detach(EP)?;
+    assert_eq!(std::fs::read_dir(&links)?.count(), 0);
+    assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
+    assert!(scenario.datapath().attachments().is_empty());
+    Ok(())
+}
+
+#[test]
+fn cgroup_detach_stops_enforcement() -> Result<()> {
+    let mut scenario = Scenario::new(Layout::Bridged, HookKind::Cgroup)?;
+    let (worker, other) = (scenario.topo.pod("worker"), scenario.topo.pod("other"));
+    let _worker_tcp = worker.serve_tcp(7000)?;
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    scenario.datapath.as_mut().context("agent")?.detach(EP)?;
+    assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
+    Ok(())
+}
