@@ -4,7 +4,10 @@
 //! the pass-through `tc_floor` classifier on the same hook as the floor.
 //!
 //! Rows: `<kind> <entries> entries <ns> ns`, `floor <ns> ns` (repeated runs, like
-//! drop and reply) and `floor-single <ns> ns` (one run per call, like allow-new).
+//! drop and reply) and `floor-single <ns> ns` (one run per call, like allow-new and
+//! drop-single: a new flow cannot be repeated, and a single run pays the per-call
+//! overhead and colder caches, so compare allow-new with drop-single and
+//! floor-single, and drop/reply with floor).
 //! Run with `cargo xtask bench datapath` (root).
 #[path = "../tests/support/packet.rs"]
 mod packet;
@@ -98,11 +101,12 @@ fn new_flows(datapath: &Datapath, entries: u32) -> Result<f64> {
     Ok(total / f64::from(NEW_FLOWS))
 }
 
-fn floor_single(datapath: &Datapath) -> Result<f64> {
-    let frame = packet::tcp("11.0.0.0", 1024, POD, 8080);
+/// Mean kernel-reported time of single runs of one packet (the same per-call
+/// overhead and cache state as [`new_flows`]).
+fn single(datapath: &Datapath, hook: Hook, frame: &[u8]) -> Result<f64> {
     let mut total = 0.0;
     for _ in 0..NEW_FLOWS {
-        total += ns(datapath.test_run(Hook::TcFloor, &frame, 1)?.duration);
+        total += ns(datapath.test_run(hook, frame, 1)?.duration);
     }
     Ok(total / f64::from(NEW_FLOWS))
 }
@@ -116,7 +120,7 @@ fn main() -> Result<()> {
             let frame = packet::tcp("11.0.0.0", 1024, POD, 8080);
             floor = Some((
                 repeated(&datapath, Hook::TcFloor, &frame, true)?,
-                floor_single(&datapath)?,
+                single(&datapath, Hook::TcFloor, &frame)?,
             ));
         }
         let allow = new_flows(&datapath, entries)?;
@@ -124,6 +128,8 @@ fn main() -> Result<()> {
         let denied = packet::tcp("10.9.9.9", 5555, POD, 22);
         let drop = repeated(&datapath, Hook::TcEgress, &denied, false)?;
         println!("drop {entries} entries {drop:.1} ns");
+        let drop_single = single(&datapath, Hook::TcEgress, &denied)?;
+        println!("drop-single {entries} entries {drop_single:.1} ns");
         // Open a flow from the last peer, then measure its replies.
         let last = peer(entries - 1).to_string();
         ensure!(
