@@ -184,7 +184,7 @@ pub fn parse(skb: Skb, layer: Layer, out: &mut Packet) -> Result<(), Reason> {
     }
 }
 
-#[inline(never)]
+#[inline(always)]
 fn parse_ipv4(skb: &Skb, l3: u32, out: &mut Packet) -> Result<(), Reason> {
     let ip: Ipv4Header = skb.load(l3)?;
     let ihl = u32::from(ip.version_ihl & 0x0f);
@@ -207,7 +207,7 @@ fn parse_ipv4(skb: &Skb, l3: u32, out: &mut Packet) -> Result<(), Reason> {
     parse_l4(skb, l3 + ihl * 4, out, false)
 }
 
-#[inline(never)]
+#[inline(always)]
 fn parse_ipv6(skb: &Skb, l3: u32, out: &mut Packet) -> Result<(), Reason> {
     let ip: Ipv6Header = skb.load(l3)?;
     if ip.version_class_label[0] >> 4 != 6 {
@@ -257,7 +257,7 @@ fn parse_ipv6(skb: &Skb, l3: u32, out: &mut Packet) -> Result<(), Reason> {
 
 /// Fills the ports of `out.flow` (protocol already set) from the L4 header at `l4`,
 /// and the quoted flow of an ICMP error.
-#[inline(never)]
+#[inline(always)]
 fn parse_l4(skb: &Skb, l4: u32, out: &mut Packet, v6: bool) -> Result<(), Reason> {
     let flow = &mut out.flow;
     match flow.protocol {
@@ -328,7 +328,7 @@ fn embedded_ports(skb: &Skb, l4: u32, flow: &mut Flow, echo_protocol: u8) -> Res
     Ok(())
 }
 
-#[inline(never)]
+#[inline(always)]
 fn parse_embedded_ipv4(skb: &Skb, l3: u32, flow: &mut Flow) -> Result<(), Reason> {
     let ip: Ipv4Header = skb.load(l3)?;
     let ihl = u32::from(ip.version_ihl & 0x0f);
@@ -341,7 +341,7 @@ fn parse_embedded_ipv4(skb: &Skb, l3: u32, flow: &mut Flow) -> Result<(), Reason
     embedded_ports(skb, l3 + ihl * 4, flow, IPPROTO_ICMP)
 }
 
-#[inline(never)]
+#[inline(always)]
 fn parse_embedded_ipv6(skb: &Skb, l3: u32, flow: &mut Flow) -> Result<(), Reason> {
     let ip: Ipv6Header = skb.load(l3)?;
     if ip.version_class_label[0] >> 4 != 6 {
