@@ -28,6 +28,21 @@ pub mod map_names {
     pub const EVENTS: &str = "RF_EVENTS_V1";
     pub const EVENT_BUDGET: &str = "RF_EVBUDGET_V1";
     pub const CONFIG: &str = "RF_CONFIG_V1";
+
+    /// Every map, in the order the agent pins them.
+    pub const ALL: [&str; 11] = [
+        ENDPOINTS_TC,
+        ENDPOINTS_CGROUP,
+        IDENTITIES,
+        CIDRS,
+        POLICY,
+        CONNTRACK,
+        FRAGMENTS,
+        COUNTERS,
+        EVENTS,
+        EVENT_BUDGET,
+        CONFIG,
+    ];
 }
 
 /// Direction as seen from the local pod.
@@ -192,8 +207,8 @@ impl Iterator for PortPrefixes {
 
 /// Conntrack key, always from the endpoint's point of view (local = the pod's side),
 /// so both directions of a flow hit one entry. Scoped by endpoint so one pod's
-/// entries can never answer for another's. Ports in network byte order as on the
-/// wire; for ICMP echo both ports hold the echo identifier.
+/// entries can never answer for another's. Ports in host byte order (the datapath
+/// converts once while parsing); for ICMP echo both ports hold the echo identifier.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -216,6 +231,43 @@ pub struct CtValue {
     pub flags: u8,
     pub _pad: [u8; 2],
     pub last_seen_ns: u64,
+}
+
+/// Key of the fragment map: the first fragment of an allowed datagram records its
+/// ports here so the later fragments (which carry no L4 header) can be matched.
+/// Addresses as on the wire (`src` = the packet's source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub endpoint_id: u32,
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+    pub src: Addr,
+    pub dst: Addr,
+}
+
+/// Ports of a fragmented datagram, host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragValue {
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Per-CPU state of the flow-event rate limit (array of one entry per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EventBudget {
+    /// Start of the current one-second window (`bpf_ktime_get_ns`).
+    pub window_start_ns: u64,
+    /// Events emitted in the current window.
+    pub emitted: u32,
+    pub _pad: u32,
+    /// Events not emitted (over budget or ring buffer full), ever. Summed over CPUs
+    /// by the agent.
+    pub lost: u64,
 }
 
 /// Why a packet got its verdict. Stable values, never reused: a retired reason keeps
@@ -373,6 +425,9 @@ mod pod_impls {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragValue {}
+    unsafe impl aya::Pod for EventBudget {}
 }
 
 #[cfg(test)]
@@ -400,6 +455,11 @@ mod tests {
         assert_eq!(offset_of!(FlowEvent, local), 16);
         assert_eq!(offset_of!(FlowEvent, packet_len), 52);
         assert_eq!(size_of::<DatapathConfig>(), 8);
+        assert_eq!(size_of::<FragKey>(), 44);
+        assert_eq!(offset_of!(FragKey, src), 12);
+        assert_eq!(size_of::<FragValue>(), 4);
+        assert_eq!(size_of::<EventBudget>(), 24);
+        assert_eq!(offset_of!(EventBudget, lost), 16);
     }
 
     #[test]

@@ -2,3 +2,89 @@
 //! programs, maps and links, and applies [`crate::tables::Tables`] to the maps.
 //!
 //! The only module that uses aya. It knows nothing of Kubernetes.
+//!
+//! - [`load`]: load the object, size and pin (or adopt) the maps, rebuild the
+//!   userspace mirror from what the maps hold.
+//! - [`attach`]: TCX (clsact before Linux 6.6) on a pod's host veth, cgroup_skb on
+//!   its cgroup; links pinned so enforcement outlives the agent.
+//! - [`apply`]: tables and diffs to maps, in an order that never opens a gap.
+//! - [`observe`]: counters and flow events.
+//! - [`testrun`]: BPF_PROG_TEST_RUN, for the tests and the benchmark.
+//! - [`cleanup`]: remove everything pinned or attached.
+pub mod apply;
+pub mod attach;
+pub mod cleanup;
+mod codec;
+pub mod error;
+pub mod load;
+pub mod observe;
+pub mod paths;
+pub mod testrun;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use aya::Ebpf;
+use aya::programs::{links::FdLink, tc::SchedClassifierLink};
+
+pub use attach::Interface;
+pub use cleanup::cleanup;
+pub use error::DatapathError;
+pub use load::{Capacities, DatapathOptions};
+pub use observe::{Counters, EventStream};
+pub use testrun::{Hook, TestRunOutcome};
+
+use crate::tables::{EndpointId, Tables};
+
+/// The loaded datapath: programs, maps, and where each endpoint is attached.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    /// What the maps hold, as tables (rebuilt from pinned maps on adoption).
+    mirror: Tables,
+    attachments: BTreeMap<EndpointId, Attachments>,
+    generations: BTreeMap<EndpointId, u32>,
+    /// Endpoints whose policy did not fit the maps.
+    forced_fail_closed: BTreeSet<EndpointId>,
+    /// Links held by this process when nothing is pinned; dropping one detaches it.
+    owned_links: BTreeMap<String, OwnedLink>,
+}
+
+/// Where one endpoint is attached.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Attachments {
+    pub ifindexes: BTreeSet<u32>,
+    pub cgroups: BTreeSet<u64>,
+}
+
+enum OwnedLink {
+    Fd(#[expect(dead_code, reason = "held for its Drop, which detaches")] FdLink),
+    Tc(#[expect(dead_code, reason = "held for its Drop, which detaches")] SchedClassifierLink),
+}
+
+impl Datapath {
+    /// The bpffs directory everything is pinned under, if any.
+    pub fn pin_dir(&self) -> Option<&std::path::Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// What the maps hold, as tables.
+    pub fn tables(&self) -> &Tables {
+        &self.mirror
+    }
+
+    /// Where each endpoint is attached (or registered).
+    pub fn attachments(&self) -> &BTreeMap<EndpointId, Attachments> {
+        &self.attachments
+    }
+
+    /// Endpoints currently fail-closed because their policy did not fit.
+    pub fn fail_closed(&self) -> &BTreeSet<EndpointId> {
+        &self.forced_fail_closed
+    }
+
+    /// The endpoint's current policy generation.
+    pub fn generation(&self, endpoint: EndpointId) -> u32 {
+        self.generations.get(&endpoint).copied().unwrap_or(1)
+    }
+}

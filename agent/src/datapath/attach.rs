@@ -1,0 +1,424 @@
+//! Attaching endpoints: TCX on a pod's host-side veth (clsact before Linux 6.6), or
+//! cgroup_skb on its cgroup. The endpoint's map entry is written before the program
+//! is attached, so it enforces from the first packet; links are pinned so
+//! enforcement continues while the agent is down, and an agent that restarts finds
+//! them and keeps them (no detach/attach gap).
+use std::ffi::CString;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::HashMap;
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::{
+    CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, TcAttach,
+    TcAttachType, tc,
+};
+use aya::util::KernelVersion;
+use rayfence_common::{EndpointInfo, endpoint_flags, map_names};
+
+use super::{Attachments, Datapath, DatapathError, OwnedLink, codec, paths};
+use crate::tables::EndpointId;
+
+/// A network interface in the calling thread's network namespace.
+#[derive(Clone, Copy, Debug)]
+pub enum Interface<'a> {
+    Index(u32),
+    Name(&'a str),
+}
+
+impl Interface<'_> {
+    fn ifindex(self) -> Result<u32, DatapathError> {
+        match self {
+            Self::Index(index) => Ok(index),
+            Self::Name(name) => {
+                let unknown = || DatapathError::UnknownInterface {
+                    name: name.to_owned(),
+                };
+                let c_name = CString::new(name).map_err(|_| unknown())?;
+                // SAFETY: a valid NUL-terminated string; no other preconditions.
+                match unsafe { libc::if_nametoindex(c_name.as_ptr()) } {
+                    0 => Err(unknown()),
+                    index => Ok(index),
+                }
+            }
+        }
+    }
+}
+
+/// (program, TC hook, hook name in pin paths)
+const TC_HOOKS: [(&str, TcAttachType, &str); 2] = [
+    ("tc_ingress", TcAttachType::Ingress, "ingress"),
+    ("tc_egress", TcAttachType::Egress, "egress"),
+];
+const CGROUP_HOOKS: [(&str, CgroupSkbAttachType, &str); 2] = [
+    (
+        "cgroup_skb_ingress",
+        CgroupSkbAttachType::Ingress,
+        "ingress",
+    ),
+    ("cgroup_skb_egress", CgroupSkbAttachType::Egress, "egress"),
+];
+
+/// `BPF_OBJ_GET`: an fd for a pinned object (aya's link types do not lend theirs).
+fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
+    const BPF_OBJ_GET: libc::c_long = 7;
+    #[repr(C)]
+    struct ObjGetAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let c_path =
+        CString::new(path.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)?;
+    let attr = ObjGetAttr {
+        pathname: c_path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid prefix of `union bpf_attr` for BPF_OBJ_GET; the path outlives
+    // the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjGetAttr,
+            size_of::<ObjGetAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// `BPF_LINK_UPDATE` (Linux 5.7): point an existing link at another program.
+fn update_link(link_fd: RawFd, prog_fd: RawFd) -> std::io::Result<()> {
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    #[repr(C)]
+    struct LinkUpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdateAttr {
+        link_fd: link_fd as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: the attr is a valid, initialised prefix of `union bpf_attr` for this
+    // command and the kernel reads at most `size` bytes of it.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const LinkUpdateAttr,
+            size_of::<LinkUpdateAttr>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn tcx_supported() -> bool {
+    KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
+}
+
+impl Datapath {
+    /// The map entry for an endpoint as it must be now.
+    pub(crate) fn endpoint_info(&self, endpoint: EndpointId) -> EndpointInfo {
+        let generation = self.generation(endpoint);
+        match self.mirror.endpoints.get(&endpoint) {
+            Some(policy) => {
+                let mut flags = codec::flags(policy);
+                if self.forced_fail_closed.contains(&endpoint) {
+                    flags |= endpoint_flags::FAIL_CLOSED;
+                }
+                EndpointInfo {
+                    endpoint_id: endpoint,
+                    policy_id: policy.policy_id,
+                    generation,
+                    flags,
+                }
+            }
+            // Attached before the engine has a policy for it: drop all but node and
+            // link-control traffic until it has one.
+            None => EndpointInfo {
+                endpoint_id: endpoint,
+                policy_id: 0,
+                generation,
+                flags: endpoint_flags::ISOLATE_INGRESS
+                    | endpoint_flags::ISOLATE_EGRESS
+                    | endpoint_flags::FAIL_CLOSED,
+            },
+        }
+    }
+
+    /// Writes the endpoint's entry wherever it is attached.
+    pub(crate) fn write_endpoint(&mut self, endpoint: EndpointId) -> Result<(), DatapathError> {
+        let Some(attachments) = self.attachments.get(&endpoint).cloned() else {
+            return Ok(());
+        };
+        let info = self.endpoint_info(endpoint);
+        if !attachments.ifindexes.is_empty() {
+            const MAP: &str = map_names::ENDPOINTS_TC;
+            let mut map: HashMap<_, u32, EndpointInfo> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for ifindex in &attachments.ifindexes {
+                map.insert(ifindex, &info, 0)
+                    .map_err(|e| DatapathError::map(MAP, e))?;
+            }
+        }
+        if !attachments.cgroups.is_empty() {
+            const MAP: &str = map_names::ENDPOINTS_CGROUP;
+            let mut map: HashMap<_, u64, EndpointInfo> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for cgroup in &attachments.cgroups {
+                map.insert(cgroup, &info, 0)
+                    .map_err(|e| DatapathError::map(MAP, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the TC programs judge packets on `ifindex` as `endpoint`'s, without
+    /// attaching anything (BPF_PROG_TEST_RUN, or a caller that attaches by itself).
+    pub fn register_tc(&mut self, endpoint: EndpointId, ifindex: u32) -> Result<(), DatapathError> {
+        self.forget_ifindex(ifindex);
+        self.attachments
+            .entry(endpoint)
+            .or_default()
+            .ifindexes
+            .insert(ifindex);
+        self.write_endpoint(endpoint)
+    }
+
+    /// As [`Self::register_tc`], for a cgroup (v2) id.
+    pub fn register_cgroup(
+        &mut self,
+        endpoint: EndpointId,
+        cgroup_id: u64,
+    ) -> Result<(), DatapathError> {
+        for attachments in self.attachments.values_mut() {
+            attachments.cgroups.remove(&cgroup_id);
+        }
+        self.attachments
+            .entry(endpoint)
+            .or_default()
+            .cgroups
+            .insert(cgroup_id);
+        self.write_endpoint(endpoint)
+    }
+
+    /// An ifindex can be reused after its pod is gone: it belongs to one endpoint.
+    fn forget_ifindex(&mut self, ifindex: u32) {
+        for attachments in self.attachments.values_mut() {
+            attachments.ifindexes.remove(&ifindex);
+        }
+    }
+
+    /// Enforces `endpoint`'s policy on the host side of its veth: TC ingress sees what
+    /// the pod sends, TC egress what it receives. Idempotent; a link pinned by an
+    /// earlier agent is adopted as it is. The interface is looked up in the calling
+    /// thread's network namespace.
+    pub fn attach_tc(
+        &mut self,
+        endpoint: EndpointId,
+        interface: Interface<'_>,
+    ) -> Result<u32, DatapathError> {
+        let ifindex = interface.ifindex()?;
+        self.register_tc(endpoint, ifindex)?;
+        let tcx = tcx_supported();
+        if !tcx {
+            // Before Linux 6.6: a clsact qdisc and netlink filters (they stay attached
+            // when the agent exits; `cleanup` removes them).
+            if let Err(error) = tc::qdisc_add_clsact(ifindex) {
+                tracing::debug!(ifindex, %error, "adding clsact (may already exist)");
+            }
+        }
+        for (program, attach_type, hook) in TC_HOOKS {
+            let name = format!("tc_{ifindex}_{hook}");
+            if self.link_exists(&name) {
+                self.adopt_link(&name, program)?;
+                continue;
+            }
+            let prog: &mut SchedClassifier = self
+                .ebpf_mut()
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { program })?;
+            let attach = if tcx {
+                TcAttach::Tcx {
+                    attach_type,
+                    order: LinkOrder::default(),
+                }
+            } else {
+                TcAttach::from(attach_type)
+            };
+            let id = prog
+                .attach(ifindex, attach)
+                .map_err(|e| DatapathError::program(program, e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| DatapathError::program(program, e))?;
+            if tcx {
+                let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+                    path: PathBuf::from(&name),
+                    source: Box::new(e),
+                })?;
+                self.keep_link(name, fd_link)?;
+            } else {
+                // Netlink filters cannot be pinned; they outlive the process anyway.
+                if self.pin_dir.is_some() {
+                    std::mem::forget(link);
+                } else {
+                    self.owned_links.insert(name, OwnedLink::Tc(link));
+                }
+            }
+        }
+        Ok(ifindex)
+    }
+
+    /// Enforces `endpoint`'s policy on the sockets in the cgroup (v2) directory
+    /// `cgroup` and below. Returns the cgroup id.
+    pub fn attach_cgroup(
+        &mut self,
+        endpoint: EndpointId,
+        cgroup: &Path,
+    ) -> Result<u64, DatapathError> {
+        let dir =
+            std::fs::File::open(cgroup).map_err(|e| DatapathError::io("opening", cgroup, e))?;
+        let cgroup_id = dir
+            .metadata()
+            .map_err(|e| DatapathError::io("reading", cgroup, e))?
+            .ino();
+        self.register_cgroup(endpoint, cgroup_id)?;
+        for (program, attach_type, hook) in CGROUP_HOOKS {
+            let name = format!("cg_{cgroup_id}_{hook}");
+            if self.link_exists(&name) {
+                self.adopt_link(&name, program)?;
+                continue;
+            }
+            let prog: &mut CgroupSkb = self
+                .ebpf_mut()
+                .program_mut(program)
+                .and_then(|p| p.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { program })?;
+            let id = prog
+                .attach(&dir, attach_type, CgroupAttachMode::Single)
+                .map_err(|e| DatapathError::program(program, e))?;
+            let link = prog
+                .take_link(id)
+                .map_err(|e| DatapathError::program(program, e))?;
+            let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+                path: PathBuf::from(&name),
+                source: Box::new(e),
+            })?;
+            self.keep_link(name, fd_link)?;
+        }
+        Ok(cgroup_id)
+    }
+
+    fn link_exists(&self, name: &str) -> bool {
+        match &self.pin_dir {
+            Some(dir) => paths::links_dir(dir).join(name).exists(),
+            None => self.owned_links.contains_key(name),
+        }
+    }
+
+    /// A link pinned by an earlier agent keeps its attachment; its program is
+    /// replaced by this agent's in one step (BPF_LINK_UPDATE), so an upgraded agent
+    /// runs its own code without a detach/attach gap. Both programs use the same
+    /// pinned maps.
+    fn adopt_link(&self, name: &str, program: &'static str) -> Result<(), DatapathError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(());
+        };
+        let path = paths::links_dir(dir).join(name);
+        let link = open_pinned(&path).map_err(|e| DatapathError::io("opening", &path, e))?;
+        let prog_fd = self
+            .ebpf()
+            .program(program)
+            .ok_or(DatapathError::MissingProgram { program })?
+            .fd()
+            .map_err(|e| DatapathError::program(program, e))?
+            .as_fd()
+            .as_raw_fd();
+        update_link(link.as_raw_fd(), prog_fd)
+            .map_err(|e| DatapathError::io("replacing the program of", &path, e))
+    }
+
+    fn keep_link(&mut self, name: String, link: FdLink) -> Result<(), DatapathError> {
+        match &self.pin_dir {
+            Some(dir) => {
+                let path = paths::links_dir(dir).join(&name);
+                link.pin(&path).map_err(|e| DatapathError::Pin {
+                    path,
+                    source: Box::new(e),
+                })?;
+            }
+            None => {
+                self.owned_links.insert(name, OwnedLink::Fd(link));
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_link(&mut self, name: &str) -> Result<(), DatapathError> {
+        self.owned_links.remove(name);
+        if let Some(dir) = &self.pin_dir {
+            let path = paths::links_dir(dir).join(name);
+            if path.exists() {
+                let pinned = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Link {
+                    path: path.clone(),
+                    source: Box::new(e),
+                })?;
+                // Unpinning drops the last reference: the link detaches.
+                pinned
+                    .unpin()
+                    .map_err(|e| DatapathError::io("unpinning", &path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops enforcing for `endpoint`: links first, then its map entries.
+    pub fn detach(&mut self, endpoint: EndpointId) -> Result<(), DatapathError> {
+        let attachments: Attachments = self
+            .attachments
+            .remove(&endpoint)
+            .ok_or(DatapathError::NotAttached { endpoint })?;
+        for ifindex in &attachments.ifindexes {
+            for (_, _, hook) in TC_HOOKS {
+                self.drop_link(&format!("tc_{ifindex}_{hook}"))?;
+            }
+        }
+        for cgroup in &attachments.cgroups {
+            for (_, _, hook) in CGROUP_HOOKS {
+                self.drop_link(&format!("cg_{cgroup}_{hook}"))?;
+            }
+        }
+        if !attachments.ifindexes.is_empty() {
+            const MAP: &str = map_names::ENDPOINTS_TC;
+            let mut map: HashMap<_, u32, EndpointInfo> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for ifindex in &attachments.ifindexes {
+                let _ = map.remove(ifindex);
+            }
+        }
+        if !attachments.cgroups.is_empty() {
+            const MAP: &str = map_names::ENDPOINTS_CGROUP;
+            let mut map: HashMap<_, u64, EndpointInfo> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for cgroup in &attachments.cgroups {
+                let _ = map.remove(cgroup);
+            }
+        }
+        Ok(())
+    }
+}

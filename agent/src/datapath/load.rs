@@ -1,0 +1,344 @@
+//! Loading: the embedded eBPF object, map capacities set at load, maps pinned under
+//! the bpffs directory (or adopted from it after a restart), and the userspace
+//! mirror rebuilt from what the maps hold, so the first apply after a restart is a
+//! diff, not a flush and refill.
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::programs::{CgroupSkb, SchedClassifier};
+use aya::{Ebpf, EbpfLoader};
+use rayfence_common::{Addr, EndpointInfo, PolicyKey, PolicyValue, map_names};
+
+use super::{Attachments, Datapath, DatapathError, codec, paths};
+use crate::tables::Tables;
+
+/// The compiled programs (built by agent/build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/rayfence-datapath"));
+
+pub(crate) const TC_PROGRAMS: [&str; 3] = ["tc_ingress", "tc_egress", "tc_floor"];
+pub(crate) const CGROUP_PROGRAMS: [&str; 2] = ["cgroup_skb_ingress", "cgroup_skb_egress"];
+
+/// Map sizes, fixed at load time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    /// Host veths and cgroups (each map).
+    pub endpoints: u32,
+    pub identities: u32,
+    pub cidrs: u32,
+    pub policy: u32,
+    pub conntrack: u32,
+    pub fragments: u32,
+    pub counters: u32,
+    /// Ring buffer size in bytes (a power of two, multiple of the page size).
+    pub events_bytes: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            endpoints: 4096,
+            identities: 65536,
+            cidrs: 16384,
+            policy: 65536,
+            conntrack: 262_144,
+            fragments: 8192,
+            counters: 16384,
+            events_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl Capacities {
+    /// Small maps for tests and benchmarks that load many private instances.
+    pub fn small() -> Self {
+        Self {
+            endpoints: 64,
+            identities: 1024,
+            cidrs: 1024,
+            policy: 1024,
+            conntrack: 4096,
+            fragments: 256,
+            counters: 1024,
+            events_bytes: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DatapathOptions {
+    /// Pin maps and links here and adopt what is already there. `None`: private,
+    /// unpinned maps that die with the process (tests, benchmarks).
+    pub bpffs_dir: Option<PathBuf>,
+    pub capacities: Capacities,
+    /// Flow events each CPU may emit per second (0: none).
+    pub events_per_second: u32,
+}
+
+impl Default for DatapathOptions {
+    fn default() -> Self {
+        Self {
+            bpffs_dir: Some(PathBuf::from(paths::DEFAULT_BPFFS_DIR)),
+            capacities: Capacities::default(),
+            events_per_second: 100,
+        }
+    }
+}
+
+impl DatapathOptions {
+    /// Private maps, small capacities, events on.
+    pub fn private() -> Self {
+        Self {
+            bpffs_dir: None,
+            capacities: Capacities::small(),
+            events_per_second: 1000,
+        }
+    }
+}
+
+impl Datapath {
+    /// Loads the programs (the verifier checks all of them here) and the maps.
+    pub fn load(options: &DatapathOptions) -> Result<Self, DatapathError> {
+        let caps = options.capacities;
+        let mut loader = EbpfLoader::new();
+        loader
+            .map_max_entries(map_names::ENDPOINTS_TC, caps.endpoints)
+            .map_max_entries(map_names::ENDPOINTS_CGROUP, caps.endpoints)
+            .map_max_entries(map_names::IDENTITIES, caps.identities)
+            .map_max_entries(map_names::CIDRS, caps.cidrs)
+            .map_max_entries(map_names::POLICY, caps.policy)
+            .map_max_entries(map_names::CONNTRACK, caps.conntrack)
+            .map_max_entries(map_names::FRAGMENTS, caps.fragments)
+            .map_max_entries(map_names::COUNTERS, caps.counters)
+            .map_max_entries(map_names::EVENTS, caps.events_bytes);
+        if let Some(dir) = &options.bpffs_dir {
+            ensure_bpffs(dir)?;
+            for sub in [paths::maps_dir(dir), paths::links_dir(dir)] {
+                std::fs::create_dir_all(&sub)
+                    .map_err(|source| DatapathError::io("creating", &sub, source))?;
+            }
+            for name in map_names::ALL {
+                loader.map_pin_path(name, paths::map(dir, name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|source| DatapathError::Load {
+            pin_dir: options.bpffs_dir.clone(),
+            source: Box::new(source),
+        })?;
+        for name in TC_PROGRAMS {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .and_then(|program| program.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { program: name })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::program(name, source))?;
+        }
+        for name in CGROUP_PROGRAMS {
+            let program: &mut CgroupSkb = ebpf
+                .program_mut(name)
+                .and_then(|program| program.try_into().ok())
+                .ok_or(DatapathError::MissingProgram { program: name })?;
+            program
+                .load()
+                .map_err(|source| DatapathError::program(name, source))?;
+        }
+        let mut datapath = Self {
+            ebpf,
+            pin_dir: options.bpffs_dir.clone(),
+            mirror: Tables::default(),
+            attachments: BTreeMap::new(),
+            generations: BTreeMap::new(),
+            forced_fail_closed: BTreeSet::new(),
+            owned_links: BTreeMap::new(),
+        };
+        datapath.write_config(options.events_per_second)?;
+        datapath.insert_v4_barrier()?;
+        datapath.adopt_maps()?;
+        Ok(datapath)
+    }
+
+    fn write_config(&mut self, events_per_second: u32) -> Result<(), DatapathError> {
+        const MAP: &str = map_names::CONFIG;
+        let mut config: Array<&mut MapData, rayfence_common::DatapathConfig> =
+            Array::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let value = rayfence_common::DatapathConfig {
+            events_per_second,
+            flags: 0,
+        };
+        config
+            .set(0, &value, 0)
+            .map_err(|e| DatapathError::map(MAP, e))
+    }
+
+    fn insert_v4_barrier(&mut self) -> Result<(), DatapathError> {
+        const MAP: &str = map_names::CIDRS;
+        let mut cidrs: LpmTrie<&mut MapData, Addr, u32> =
+            LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let (len, addr) = codec::v4_barrier();
+        cidrs
+            .insert(&Key::new(len, addr), &rayfence_common::identity::NONE, 0)
+            .map_err(|e| DatapathError::map(MAP, e))
+    }
+
+    /// Rebuilds the mirror and the attachments from the maps (empty when fresh).
+    fn adopt_maps(&mut self) -> Result<(), DatapathError> {
+        let mut tables = Tables::default();
+        let mut attachments: BTreeMap<_, Attachments> = BTreeMap::new();
+        let mut generations = BTreeMap::new();
+        {
+            const MAP: &str = map_names::IDENTITIES;
+            let map: HashMap<&MapData, Addr, u32> =
+                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for item in map.iter() {
+                let (addr, identity) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                tables.addresses.insert(codec::ip(addr), identity);
+            }
+        }
+        {
+            const MAP: &str = map_names::CIDRS;
+            let map: LpmTrie<&MapData, Addr, u32> =
+                LpmTrie::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let barrier = codec::v4_barrier();
+            for item in map.iter() {
+                let (key, identity) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                if (key.prefix_len(), key.data()) == barrier {
+                    continue;
+                }
+                if let Some(net) = codec::net(key.prefix_len(), key.data()) {
+                    tables.cidrs.insert(net, identity);
+                }
+            }
+        }
+        {
+            const MAP: &str = map_names::POLICY;
+            let map: LpmTrie<&MapData, PolicyKey, PolicyValue> =
+                LpmTrie::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for item in map.iter() {
+                let (key, _) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                if let Some(row) = codec::policy_row(key.prefix_len(), &key.data()) {
+                    tables.policy.insert(row);
+                }
+            }
+        }
+        let mut record = |info: &EndpointInfo| {
+            generations.insert(info.endpoint_id, info.generation);
+            if let Some(policy) = codec::endpoint_policy(info) {
+                tables.endpoints.insert(info.endpoint_id, policy);
+            }
+        };
+        {
+            const MAP: &str = map_names::ENDPOINTS_TC;
+            let map: HashMap<&MapData, u32, EndpointInfo> =
+                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for item in map.iter() {
+                let (ifindex, info) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                record(&info);
+                attachments
+                    .entry(info.endpoint_id)
+                    .or_default()
+                    .ifindexes
+                    .insert(ifindex);
+            }
+        }
+        {
+            const MAP: &str = map_names::ENDPOINTS_CGROUP;
+            let map: HashMap<&MapData, u64, EndpointInfo> =
+                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for item in map.iter() {
+                let (cgroup, info) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                record(&info);
+                attachments
+                    .entry(info.endpoint_id)
+                    .or_default()
+                    .cgroups
+                    .insert(cgroup);
+            }
+        }
+        self.mirror = tables;
+        self.attachments = attachments;
+        self.generations = generations;
+        Ok(())
+    }
+
+    pub(crate) fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
+        self.ebpf
+            .map(name)
+            .ok_or(DatapathError::MissingMap { map: name })
+    }
+
+    pub(crate) fn map_mut(
+        &mut self,
+        name: &'static str,
+    ) -> Result<&mut aya::maps::Map, DatapathError> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or(DatapathError::MissingMap { map: name })
+    }
+
+    pub(crate) fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    pub(crate) fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| DatapathError::io("checking", path, std::io::Error::other(e)))?;
+    // SAFETY: a zeroed statfs is a valid out-buffer; the path is NUL-terminated.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(DatapathError::io(
+            "checking",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Pins need a bpf filesystem. Its usual mount point, `/sys/fs/bpf`, is mounted
+/// here when a node has none (as Cilium does); anywhere else the caller must mount
+/// it.
+fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
+    let Some(existing) = dir.ancestors().find(|path| path.exists()) else {
+        return Err(DatapathError::NotBpffs {
+            path: dir.to_owned(),
+        });
+    };
+    if is_bpffs(existing)? {
+        return Ok(());
+    }
+    let standard = Path::new(paths::BPFFS_MOUNT);
+    if existing == standard {
+        // SAFETY: NUL-terminated literals; mounting a fresh bpffs instance.
+        let rc = unsafe {
+            libc::mount(
+                c"bpffs".as_ptr(),
+                c"/sys/fs/bpf".as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(DatapathError::io(
+                "mounting bpffs on",
+                standard,
+                std::io::Error::last_os_error(),
+            ));
+        }
+        tracing::info!(path = %standard.display(), "mounted the bpf filesystem");
+        return Ok(());
+    }
+    Err(DatapathError::NotBpffs {
+        path: dir.to_owned(),
+    })
+}

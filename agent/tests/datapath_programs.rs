@@ -1,0 +1,793 @@
+//! The eBPF programs on crafted packets through BPF_PROG_TEST_RUN, one behaviour per
+//! test. Each test loads its own private (unpinned) maps and registers ifindex 1
+//! (the loopback device the kernel gives a TC test run) as the endpoint under test,
+//! so tests run in parallel and leave nothing behind. Needs root.
+mod support;
+
+use std::collections::BTreeMap;
+
+use rayfence::datapath::{Capacities, Datapath, DatapathError, DatapathOptions, Hook};
+use rayfence::tables::{EndpointPolicy, PolicyEntry, Tables, protocol};
+use rayfence_common::{
+    CounterKey, CounterValue, Direction, Reason, Verdict, endpoint_flags, identity,
+};
+use support::packet::*;
+
+const EP: u32 = 7;
+const POLICY: u32 = 1;
+const POD: &str = "10.0.0.7";
+const POD6: &str = "fd00::7";
+const NODE: &str = "10.0.0.1";
+/// Same RayCluster: everything, both ways.
+const PEER: &str = "10.0.0.8";
+const PEER6: &str = "fd00::8";
+const PEER_ID: u32 = 300;
+/// Allowed in on TCP 8000-8999 and out on UDP 53.
+const CLIENT: &str = "10.0.1.9";
+const CLIENT_ID: u32 = 301;
+/// 192.168.0.0/16 except 192.168.1.0/24: allowed out on TCP 443.
+const BLOCK_ID: u32 = 400;
+const EXCEPT_ID: u32 = 401;
+const OUTSIDE: &str = "192.168.5.5";
+const EXCEPTED: &str = "192.168.1.5";
+const STRANGER: &str = "10.9.9.9";
+
+fn endpoint(isolate_ingress: bool, isolate_egress: bool, audit: bool) -> EndpointPolicy {
+    EndpointPolicy {
+        policy_id: POLICY,
+        isolate_ingress,
+        isolate_egress,
+        audit,
+    }
+}
+
+fn tables() -> Tables {
+    let mut tables = Tables::default();
+    tables.endpoints.insert(EP, endpoint(true, true, false));
+    tables.addresses.insert(ip(POD), 299);
+    tables.addresses.insert(ip(PEER), PEER_ID);
+    tables.addresses.insert(ip(PEER6), PEER_ID);
+    tables.addresses.insert(ip(CLIENT), CLIENT_ID);
+    tables.addresses.insert(ip(NODE), identity::HOST);
+    tables
+        .cidrs
+        .insert("192.168.0.0/16".parse().unwrap(), BLOCK_ID);
+    tables
+        .cidrs
+        .insert("192.168.1.0/24".parse().unwrap(), EXCEPT_ID);
+    for direction in Direction::ALL {
+        tables
+            .policy
+            .insert(PolicyEntry::any(POLICY, direction, PEER_ID));
+    }
+    tables.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Ingress,
+        CLIENT_ID,
+        protocol::TCP,
+        8000,
+        8999,
+    ));
+    tables.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Egress,
+        CLIENT_ID,
+        protocol::UDP,
+        53,
+        53,
+    ));
+    tables.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Egress,
+        BLOCK_ID,
+        protocol::TCP,
+        443,
+        443,
+    ));
+    tables
+}
+
+fn load(options: &DatapathOptions, tables: &Tables) -> Datapath {
+    let mut datapath = Datapath::load(options).expect("load the datapath (root needed)");
+    datapath.register_tc(EP, 1).expect("register ifindex 1");
+    datapath.apply(tables).expect("apply tables");
+    datapath
+}
+
+fn datapath_with(tables: &Tables) -> Datapath {
+    load(&DatapathOptions::private(), tables)
+}
+
+fn datapath() -> Datapath {
+    datapath_with(&tables())
+}
+
+/// Pod egress: what the pod sends, seen at TC ingress of its host veth.
+fn send(datapath: &Datapath, frame: &[u8]) -> bool {
+    datapath
+        .test_run(Hook::TcIngress, frame, 1)
+        .expect("test run")
+        .passed
+}
+
+/// Pod ingress: what the pod receives, seen at TC egress of its host veth.
+fn receive(datapath: &Datapath, frame: &[u8]) -> bool {
+    datapath
+        .test_run(Hook::TcEgress, frame, 1)
+        .expect("test run")
+        .passed
+}
+
+fn counter(
+    datapath: &Datapath,
+    direction: Direction,
+    verdict: Verdict,
+    reason: Reason,
+) -> CounterValue {
+    counters(datapath)
+        .get(&CounterKey {
+            endpoint_id: EP,
+            direction: direction as u8,
+            verdict: verdict as u8,
+            reason: reason as u8,
+            _pad: 0,
+        })
+        .copied()
+        .unwrap_or_default()
+}
+
+fn counters(datapath: &Datapath) -> BTreeMap<CounterKey, CounterValue> {
+    datapath.counters().expect("read counters")
+}
+
+fn packets(datapath: &Datapath, direction: Direction, verdict: Verdict, reason: Reason) -> u64 {
+    counter(datapath, direction, verdict, reason).packets
+}
+
+#[test]
+fn allowed_egress_to_cluster_peer_passes_and_counts_one_new_flow() {
+    let dp = datapath();
+    let frame = tcp(POD, 40000, PEER, 80);
+    assert!(send(&dp, &frame));
+    let row = counter(&dp, Direction::Egress, Verdict::Allow, Reason::PolicyAllow);
+    assert_eq!(row.packets, 1);
+    assert_eq!(row.bytes, frame.len() as u64);
+}
+
+#[test]
+fn established_packets_add_no_counter_work() {
+    let dp = datapath();
+    for _ in 0..5 {
+        assert!(send(&dp, &tcp(POD, 40000, PEER, 80)));
+    }
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Allow, Reason::PolicyAllow),
+        1
+    );
+    assert_eq!(counters(&dp).len(), 1);
+}
+
+#[test]
+fn denied_ingress_is_dropped_and_counted() {
+    let dp = datapath();
+    let frame = tcp(STRANGER, 5555, POD, 22);
+    assert!(!receive(&dp, &frame));
+    assert!(!receive(&dp, &frame));
+    let row = counter(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy);
+    assert_eq!(row.packets, 2);
+    assert_eq!(row.bytes, 2 * frame.len() as u64);
+}
+
+#[test]
+fn denied_egress_is_dropped_and_counted() {
+    let dp = datapath();
+    assert!(!send(&dp, &tcp(POD, 40000, STRANGER, 80)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn reply_to_allowed_egress_passes() {
+    let dp = datapath();
+    assert!(send(&dp, &tcp(POD, 40001, OUTSIDE, 443)));
+    assert!(receive(&dp, &tcp(OUTSIDE, 443, POD, 40001)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        0
+    );
+}
+
+#[test]
+fn unsolicited_packet_from_an_egress_peer_is_dropped() {
+    let dp = datapath();
+    assert!(send(&dp, &tcp(POD, 40001, OUTSIDE, 443)));
+    assert!(!receive(&dp, &tcp(OUTSIDE, 443, POD, 40002)));
+}
+
+#[test]
+fn reply_to_allowed_ingress_passes() {
+    let dp = datapath();
+    assert!(receive(&dp, &tcp(CLIENT, 50000, POD, 8080)));
+    assert!(send(&dp, &tcp(POD, 8080, CLIENT, 50000)));
+    assert_eq!(counters(&dp).len(), 1, "{:?}", counters(&dp));
+}
+
+#[test]
+fn port_range_edges_are_exact() {
+    let dp = datapath();
+    assert!(!receive(&dp, &tcp(CLIENT, 50000, POD, 7999)));
+    assert!(receive(&dp, &tcp(CLIENT, 50000, POD, 8000)));
+    assert!(receive(&dp, &tcp(CLIENT, 50000, POD, 8999)));
+    assert!(!receive(&dp, &tcp(CLIENT, 50000, POD, 9000)));
+}
+
+#[test]
+fn tcp_rule_does_not_allow_udp() {
+    let dp = datapath();
+    assert!(!receive(&dp, &udp(CLIENT, 50000, POD, 8080)));
+    assert!(send(&dp, &udp(POD, 50000, CLIENT, 53)));
+    assert!(!send(&dp, &tcp(POD, 50000, CLIENT, 53)));
+}
+
+#[test]
+fn cidr_except_is_denied_and_the_rest_of_the_block_allowed() {
+    let dp = datapath();
+    assert!(send(&dp, &tcp(POD, 40000, "192.168.2.5", 443)));
+    assert!(!send(&dp, &tcp(POD, 40000, EXCEPTED, 443)));
+    assert!(!send(&dp, &tcp(POD, 40000, "192.168.2.5", 80)));
+    assert!(!send(&dp, &tcp(POD, 40000, "192.169.0.1", 443)));
+}
+
+#[test]
+fn ipv6_flows_are_enforced() {
+    let dp = datapath();
+    assert!(receive(&dp, &tcp(PEER6, 40000, POD6, 22)));
+    assert!(!receive(&dp, &tcp("fd00::99", 40000, POD6, 22)));
+    assert!(send(&dp, &udp(POD6, 40000, PEER6, 9999)));
+    assert!(receive(&dp, &udp(PEER6, 9999, POD6, 40000)));
+}
+
+#[test]
+fn ipv4_block_does_not_leak_to_ipv6_and_back() {
+    let mut tables = tables();
+    tables.cidrs.insert("::/0".parse().unwrap(), 402);
+    tables
+        .policy
+        .insert(PolicyEntry::any(POLICY, Direction::Ingress, 402));
+    let dp = datapath_with(&tables);
+    assert!(receive(&dp, &tcp("fd00::99", 40000, POD6, 22)));
+    assert!(!receive(&dp, &tcp(STRANGER, 40000, POD, 22)));
+}
+
+#[test]
+fn ipv6_extension_headers_are_skipped() {
+    let dp = datapath();
+    // Hop-by-hop options (8 bytes) then TCP.
+    let mut payload = vec![TCP, 0, 1, 4, 0, 0, 0, 0];
+    payload.extend_from_slice(&tcp_header(40000, 22));
+    let allowed = frame_of(&ipv6_packet(ip(PEER6), ip(POD6), 0, &payload));
+    assert!(receive(&dp, &allowed));
+    let denied = frame_of(&ipv6_packet(ip("fd00::99"), ip(POD6), 0, &payload));
+    assert!(!receive(&dp, &denied));
+}
+
+#[test]
+fn ipv6_extension_chain_longer_than_walked_is_malformed() {
+    let dp = datapath();
+    let mut payload = Vec::new();
+    for _ in 0..8 {
+        payload.extend_from_slice(&[60, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    payload.extend_from_slice(&tcp_header(40000, 22));
+    let frame = frame_of(&ipv6_packet(ip(PEER6), ip(POD6), 60, &payload));
+    assert!(!receive(&dp, &frame));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Malformed),
+        1
+    );
+}
+
+#[test]
+fn related_icmp_fragmentation_needed_passes() {
+    let dp = datapath();
+    let original = ip_packet(ip(POD), ip(OUTSIDE), TCP, &tcp_header(40003, 443));
+    assert!(send(&dp, &frame_of(&original)));
+    // From a router on the path, not from the peer itself.
+    assert!(receive(
+        &dp,
+        &icmp_error("10.0.0.254", POD, 3, 4, &original)
+    ));
+    assert_eq!(counters(&dp).len(), 1, "{:?}", counters(&dp));
+}
+
+#[test]
+fn icmp_error_about_an_unknown_flow_is_dropped() {
+    let dp = datapath();
+    let original = ip_packet(ip(POD), ip(OUTSIDE), TCP, &tcp_header(40004, 443));
+    assert!(!receive(
+        &dp,
+        &icmp_error("10.0.0.254", POD, 3, 4, &original)
+    ));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn related_icmpv6_packet_too_big_passes() {
+    let dp = datapath();
+    let original = ip_packet(ip(POD6), ip(PEER6), TCP, &tcp_header(40005, 443));
+    assert!(send(&dp, &frame_of(&original)));
+    assert!(receive(&dp, &icmp_error("fd00::1", POD6, 2, 0, &original)));
+    assert!(!receive(
+        &dp,
+        &icmp_error(
+            "fd00::1",
+            POD6,
+            2,
+            0,
+            &ip_packet(ip(POD6), ip(PEER6), TCP, &tcp_header(40006, 443))
+        )
+    ));
+}
+
+#[test]
+fn related_icmp_time_exceeded_for_an_allowed_ingress_flow_passes_outwards() {
+    let dp = datapath();
+    let original = ip_packet(ip(CLIENT), ip(POD), TCP, &tcp_header(50001, 8080));
+    assert!(receive(&dp, &frame_of(&original)));
+    // The pod reports an error about the packet it received.
+    assert!(send(&dp, &icmp_error(POD, CLIENT, 11, 0, &original)));
+}
+
+#[test]
+fn icmp_echo_needs_an_all_protocols_row() {
+    let dp = datapath();
+    assert!(send(&dp, &echo(POD, PEER, 77, false)));
+    assert!(receive(&dp, &echo(PEER, POD, 77, true)));
+    assert!(!send(&dp, &echo(POD, OUTSIDE, 78, false)));
+    assert!(!receive(&dp, &echo(CLIENT, POD, 79, false)));
+    assert!(send(&dp, &echo(POD6, PEER6, 80, false)));
+}
+
+#[test]
+fn revoked_flow_is_dropped_after_the_policy_change() {
+    let mut dp = datapath();
+    assert!(send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
+    assert!(receive(&dp, &tcp(OUTSIDE, 443, POD, 40010)));
+    let before = dp.generation(EP);
+    let mut revoked = tables();
+    revoked.policy.retain(|row| row.identity != BLOCK_ID);
+    dp.apply(&revoked).expect("apply");
+    assert!(dp.generation(EP) > before);
+    assert!(!receive(&dp, &tcp(OUTSIDE, 443, POD, 40010)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Revoked),
+        1
+    );
+    // The entry is gone: the flow is new again, and denied.
+    assert!(!send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn flow_still_allowed_survives_an_unrelated_change() {
+    let mut dp = datapath();
+    assert!(send(&dp, &tcp(POD, 40011, OUTSIDE, 443)));
+    let mut changed = tables();
+    changed.policy.retain(|row| row.identity != CLIENT_ID);
+    dp.apply(&changed).expect("apply");
+    assert!(receive(&dp, &tcp(OUTSIDE, 443, POD, 40011)));
+    assert!(send(&dp, &tcp(POD, 40011, OUTSIDE, 443)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Revoked),
+        0
+    );
+}
+
+#[test]
+fn peer_moving_to_another_identity_revokes_its_flows() {
+    let mut dp = datapath();
+    assert!(receive(&dp, &tcp(PEER, 40012, POD, 6379)));
+    let mut moved = tables();
+    moved.addresses.insert(ip(PEER), 999);
+    dp.apply(&moved).expect("apply");
+    assert!(!send(&dp, &tcp(POD, 6379, PEER, 40012)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
+        1
+    );
+}
+
+#[test]
+fn audit_mode_passes_would_be_drops_and_counts_them() {
+    let mut tables = tables();
+    tables.endpoints.insert(EP, endpoint(true, true, true));
+    let dp = datapath_with(&tables);
+    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Audit, Reason::NoPolicy),
+        2
+    );
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        0
+    );
+}
+
+#[test]
+fn endpoint_without_policy_is_fail_closed() {
+    let mut tables = tables();
+    tables.endpoints.clear();
+    let dp = datapath_with(&tables);
+    let info = dp.tc_endpoint(1).expect("read").expect("entry");
+    assert_ne!(info.flags & endpoint_flags::FAIL_CLOSED, 0);
+    assert!(!receive(&dp, &tcp(PEER, 40000, POD, 80)));
+    assert!(!send(&dp, &tcp(POD, 40000, PEER, 80)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::FailClosed),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::FailClosed),
+        1
+    );
+    // Node traffic and link control still pass.
+    assert!(receive(&dp, &tcp(NODE, 40000, POD, 10250)));
+    assert!(receive(&dp, &arp()));
+}
+
+#[test]
+fn node_traffic_always_passes() {
+    let dp = datapath();
+    assert!(receive(&dp, &tcp(NODE, 40000, POD, 10250)));
+    assert!(send(&dp, &udp(POD, 40000, NODE, 9999)));
+    assert!(counters(&dp).is_empty());
+}
+
+#[test]
+fn arp_and_neighbour_discovery_pass() {
+    let dp = datapath();
+    assert!(receive(&dp, &arp()));
+    assert!(send(&dp, &arp()));
+    let solicitation = frame_of(&ipv6_packet(
+        ip("fe80::99"),
+        ip("ff02::1:ff00:7"),
+        ICMPV6,
+        &icmp_message(135, 0, [0; 4], &[0; 16]),
+    ));
+    assert!(receive(&dp, &solicitation));
+    let mld_report = frame_of(&ipv6_packet(
+        ip("fe80::7"),
+        ip("ff02::16"),
+        ICMPV6,
+        &icmp_message(143, 0, [0; 4], &[]),
+    ));
+    assert!(send(&dp, &mld_report));
+    let igmp = frame_of(&ipv4_packet(
+        ip(STRANGER),
+        ip("224.0.0.1"),
+        2,
+        1,
+        0,
+        &[0x11, 0, 0, 0, 0, 0, 0, 0],
+    ));
+    assert!(receive(&dp, &igmp));
+    assert!(counters(&dp).is_empty());
+}
+
+/// (The kernel's test run itself refuses frames shorter than an IP header, so the
+/// shortest truncation we can feed is an IPv4 header that claims options it lacks.)
+#[test]
+fn ipv4_header_longer_than_the_packet_is_dropped_as_malformed() {
+    let dp = datapath();
+    let mut frame = tcp(PEER, 5555, POD, 22);
+    frame.truncate(14 + 20 + 8);
+    frame[14] = 0x4f; // IHL 15: 60 bytes of header in a 28-byte packet
+    assert!(!receive(&dp, &frame));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Malformed),
+        1
+    );
+}
+
+#[test]
+fn truncated_transport_header_is_dropped_as_malformed() {
+    let dp = datapath();
+    let frame = tcp(PEER, 5555, POD, 22);
+    assert!(!receive(&dp, &frame[..14 + 20 + 2]));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Malformed),
+        1
+    );
+}
+
+#[test]
+fn bad_ip_version_and_header_length_are_malformed() {
+    let dp = datapath();
+    let mut frame = tcp(PEER, 5555, POD, 22);
+    frame[14] = 0x44; // IHL 4
+    assert!(!receive(&dp, &frame));
+    frame[14] = 0x65; // version 6 in an IPv4 frame
+    assert!(!receive(&dp, &frame));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Malformed),
+        2
+    );
+}
+
+#[test]
+fn unsupported_ethertype_is_dropped_on_an_isolated_direction() {
+    let dp = datapath();
+    let frame = ethernet(0x8847, &[0; 40]);
+    assert!(!receive(&dp, &frame));
+    assert_eq!(
+        packets(
+            &dp,
+            Direction::Ingress,
+            Verdict::Drop,
+            Reason::UnsupportedL3
+        ),
+        1
+    );
+}
+
+#[test]
+fn later_fragment_without_a_first_fragment_is_dropped() {
+    let dp = datapath();
+    let frame = frame_of(&ipv4_packet(ip(PEER), ip(POD), UDP, 42, 185, &[0; 32]));
+    assert!(!receive(&dp, &frame));
+    assert_eq!(
+        packets(
+            &dp,
+            Direction::Ingress,
+            Verdict::Drop,
+            Reason::FragmentUnknown
+        ),
+        1
+    );
+}
+
+#[test]
+fn later_fragments_of_an_allowed_datagram_pass() {
+    let dp = datapath();
+    let first = frame_of(&ipv4_packet(
+        ip(CLIENT),
+        ip(POD),
+        TCP,
+        43,
+        0x2000,
+        &tcp_header(50000, 8080),
+    ));
+    assert!(receive(&dp, &first));
+    let later = frame_of(&ipv4_packet(ip(CLIENT), ip(POD), TCP, 43, 3, &[0; 24]));
+    assert!(receive(&dp, &later));
+    // A later fragment of a denied datagram does not pass.
+    let denied_first = frame_of(&ipv4_packet(
+        ip(CLIENT),
+        ip(POD),
+        TCP,
+        44,
+        0x2000,
+        &tcp_header(50000, 22),
+    ));
+    assert!(!receive(&dp, &denied_first));
+    let denied_later = frame_of(&ipv4_packet(ip(CLIENT), ip(POD), TCP, 44, 3, &[0; 24]));
+    assert!(!receive(&dp, &denied_later));
+}
+
+#[test]
+fn unknown_interface_passes_untouched() {
+    let dp = Datapath::load(&DatapathOptions::private()).expect("load");
+    assert!(
+        dp.test_run(Hook::TcEgress, &tcp(STRANGER, 1, POD, 22), 1)
+            .expect("run")
+            .passed
+    );
+    assert!(counters(&dp).is_empty());
+}
+
+#[test]
+fn not_isolated_direction_passes_and_lets_replies_in() {
+    let mut tables = tables();
+    tables.endpoints.insert(EP, endpoint(true, false, false));
+    let dp = datapath_with(&tables);
+    assert!(send(&dp, &tcp(POD, 40020, STRANGER, 80)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Allow, Reason::NotIsolated),
+        1
+    );
+    assert!(receive(&dp, &tcp(STRANGER, 80, POD, 40020)));
+    assert!(!receive(&dp, &tcp(STRANGER, 80, POD, 40021)));
+}
+
+#[test]
+fn conntrack_entries_answer_only_for_their_endpoint() {
+    let mut tables = tables();
+    tables.endpoints.insert(8, endpoint(true, true, false));
+    let mut dp = datapath_with(&tables);
+    assert!(send(&dp, &tcp(POD, 40030, OUTSIDE, 443)));
+    // The interface now belongs to another endpoint with the same policy.
+    dp.register_tc(8, 1).expect("register");
+    assert!(!receive(&dp, &tcp(OUTSIDE, 443, POD, 40030)));
+}
+
+#[test]
+fn drop_events_carry_the_flow() {
+    let mut dp = datapath();
+    let mut events = dp.take_events().expect("events");
+    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    let event = events.next_event().expect("one event");
+    assert_eq!(event.endpoint_id, EP);
+    assert_eq!(event.direction, Direction::Ingress as u8);
+    assert_eq!(event.verdict, Verdict::Drop as u8);
+    assert_eq!(event.reason, Reason::NoPolicy as u8);
+    assert_eq!(event.protocol, TCP);
+    assert_eq!((event.local_port, event.peer_port), (22, 5555));
+    assert_eq!(rayfence_common_addr(event.peer), ip(STRANGER));
+    assert!(events.next_event().is_none());
+}
+
+#[test]
+fn events_over_budget_are_counted_as_lost() {
+    let options = DatapathOptions {
+        events_per_second: 2,
+        ..DatapathOptions::private()
+    };
+    let mut dp = load(&options, &tables());
+    let mut events = dp.take_events().expect("events");
+    for _ in 0..5 {
+        assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    }
+    // Test runs may land on either CPU, each with its own budget.
+    let delivered = events.drain().len() as u64;
+    assert!((2..=4).contains(&delivered), "{delivered}");
+    assert_eq!(delivered + dp.lost_events().expect("lost"), 5);
+}
+
+#[test]
+fn full_policy_map_fails_closed_and_reports_the_map() {
+    let options = DatapathOptions {
+        capacities: Capacities {
+            policy: 4,
+            ..Capacities::small()
+        },
+        ..DatapathOptions::private()
+    };
+    let mut dp = Datapath::load(&options).expect("load");
+    dp.register_tc(EP, 1).expect("register");
+    match dp.apply(&tables()) {
+        Err(DatapathError::MapFull {
+            map,
+            failed,
+            fail_closed,
+        }) => {
+            assert_eq!(map, "RF_POLICY_V1");
+            assert!(failed > 0);
+            assert_eq!(fail_closed, vec![EP]);
+        }
+        other => panic!("expected MapFull, got {other:?}"),
+    }
+    let info = dp.tc_endpoint(1).expect("read").expect("entry");
+    assert_ne!(info.flags & endpoint_flags::FAIL_CLOSED, 0);
+    assert!(!receive(&dp, &tcp(PEER, 40000, POD, 80)));
+    // A policy that fits lifts it.
+    let mut small = tables();
+    small.policy.retain(|row| row.identity == PEER_ID);
+    dp.apply(&small).expect("fits");
+    let info = dp.tc_endpoint(1).expect("read").expect("entry");
+    assert_eq!(info.flags & endpoint_flags::FAIL_CLOSED, 0);
+    assert!(receive(&dp, &tcp(PEER, 40000, POD, 80)));
+}
+
+#[test]
+fn full_identity_map_fails_every_isolated_endpoint_closed() {
+    let options = DatapathOptions {
+        capacities: Capacities {
+            identities: 2,
+            ..Capacities::small()
+        },
+        ..DatapathOptions::private()
+    };
+    let mut dp = Datapath::load(&options).expect("load");
+    dp.register_tc(EP, 1).expect("register");
+    let error = dp.apply(&tables()).expect_err("identities do not fit");
+    assert!(
+        matches!(
+            error,
+            DatapathError::MapFull {
+                map: "RF_IDENT_V1",
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(!receive(&dp, &tcp(PEER, 40000, POD, 80)));
+}
+
+fn rayfence_common_addr(addr: [u8; 16]) -> std::net::IpAddr {
+    let v6 = std::net::Ipv6Addr::from(addr);
+    v6.to_ipv4_mapped().map(Into::into).unwrap_or(v6.into())
+}
+
+/// The cgroup (v2) id of this process: the socket of a cgroup_skb test run belongs
+/// to it.
+fn own_cgroup_id() -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let text = std::fs::read_to_string("/proc/self/cgroup").expect("read /proc/self/cgroup");
+    let path = text
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .expect("a cgroup v2 line");
+    let root = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        .into_iter()
+        .find(|root| {
+            std::fs::read_to_string("/proc/mounts")
+                .unwrap_or_default()
+                .lines()
+                .any(|line| line.contains(&format!(" {root} cgroup2 ")))
+        })
+        .expect("a cgroup2 mount");
+    std::fs::metadata(format!("{root}{path}"))
+        .expect("cgroup directory")
+        .ino()
+}
+
+fn cgroup_datapath(tables: &Tables) -> Datapath {
+    let mut datapath = Datapath::load(&DatapathOptions::private()).expect("load");
+    datapath
+        .register_cgroup(EP, own_cgroup_id())
+        .expect("register cgroup");
+    datapath.apply(tables).expect("apply");
+    datapath
+}
+
+#[test]
+fn cgroup_hooks_enforce_the_same_policy() {
+    let dp = cgroup_datapath(&tables());
+    let run = |hook, frame: &[u8]| dp.test_run(hook, frame, 1).expect("test run").passed;
+    assert!(run(Hook::CgroupEgress, &tcp(POD, 40040, OUTSIDE, 443)));
+    assert!(run(Hook::CgroupIngress, &tcp(OUTSIDE, 443, POD, 40040)));
+    assert!(!run(Hook::CgroupIngress, &tcp(STRANGER, 5555, POD, 22)));
+    assert!(!run(Hook::CgroupEgress, &tcp(POD, 40041, EXCEPTED, 443)));
+    assert!(run(Hook::CgroupIngress, &tcp(CLIENT, 50000, POD, 8080)));
+    assert!(run(Hook::CgroupEgress, &udp(POD6, 40000, PEER6, 9999)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Allow, Reason::PolicyAllow),
+        2
+    );
+    // cgroup_skb sees no Ethernet header: bytes count from the IP header.
+    let frame = tcp(STRANGER, 5555, POD, 22);
+    assert_eq!(
+        counter(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy).bytes,
+        (frame.len() - 14) as u64
+    );
+}
+
+#[test]
+fn cgroup_hook_ignores_sockets_of_unknown_cgroups() {
+    let mut dp = Datapath::load(&DatapathOptions::private()).expect("load");
+    dp.register_cgroup(EP, u64::MAX).expect("register");
+    dp.apply(&tables()).expect("apply");
+    assert!(
+        dp.test_run(Hook::CgroupIngress, &tcp(STRANGER, 5555, POD, 22), 1)
+            .expect("run")
+            .passed
+    );
+    assert!(counters(&dp).is_empty());
+}

@@ -1,0 +1,2 @@
+//! Helpers shared by the agent's integration tests.
+pub mod packet;

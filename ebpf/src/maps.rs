@@ -1,0 +1,51 @@
+//! The datapath's maps. Names come from `rayfence_common::map_names` (repeated as
+//! literals because the `map` attribute needs one); sizes here are defaults that the
+//! agent overrides at load time. Nothing here is pinned by the program: the agent
+//! decides where (or whether) maps are pinned.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use rayfence_common::{
+    Addr, CounterKey, CounterValue, CtKey, CtValue, DatapathConfig, EndpointInfo, EventBudget,
+    FragKey, FragValue, PolicyKey, PolicyValue,
+};
+
+/// Host veth ifindex -> endpoint.
+#[map(name = "RF_EP_TC_V1")]
+pub static EP_TC: HashMap<u32, EndpointInfo> = HashMap::with_max_entries(1024, 0);
+
+/// Pod cgroup (v2) id -> endpoint.
+#[map(name = "RF_EP_CG_V1")]
+pub static EP_CG: HashMap<u64, EndpointInfo> = HashMap::with_max_entries(1024, 0);
+
+/// Exact peer address -> identity.
+#[map(name = "RF_IDENT_V1")]
+pub static IDENTITIES: HashMap<Addr, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Peer prefix -> identity of the set of ipBlocks containing it (IPv4 as 96 + len).
+#[map(name = "RF_CIDR_V1")]
+pub static CIDRS: LpmTrie<Addr, u32> = LpmTrie::with_max_entries(1024, 0);
+
+/// Allowed (policy, identity, direction, protocol, port prefix).
+#[map(name = "RF_POLICY_V1")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::with_max_entries(1024, 0);
+
+#[map(name = "RF_CT_V1")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::with_max_entries(4096, 0);
+
+#[map(name = "RF_FRAG_V1")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragValue> = LruHashMap::with_max_entries(1024, 0);
+
+#[map(name = "RF_COUNT_V1")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
+    PerCpuHashMap::with_max_entries(4096, 0);
+
+#[map(name = "RF_EVENTS_V1")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(64 * 1024, 0);
+
+#[map(name = "RF_EVBUDGET_V1")]
+pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entries(1, 0);
+
+#[map(name = "RF_CONFIG_V1")]
+pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);

@@ -1,0 +1,277 @@
+//! The decision, the same for every hook: link control, fail-closed (node traffic
+//! excepted), related ICMP errors, conntrack (with the generation re-check that makes
+//! revocation work), then node traffic and policy for new flows. An established
+//! packet costs the endpoint lookup, the parse and one conntrack lookup. Reads top to bottom; every drop and audit is counted and sampled,
+//! allowed new flows are counted, the established path adds no counter work.
+//!
+//! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
+//! separate (non-inlined) functions that take pointers, not copies.
+use rayfence_common::{
+    CtKey, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, endpoint_flags, identity,
+};
+
+use crate::{
+    conntrack, identity as ident, maps, metrics,
+    parse::{self, Class, Flow, Layer, Packet, Skb},
+    policy,
+};
+
+#[inline(always)]
+const fn isolates(flags: u32, direction: Direction) -> bool {
+    let bit = match direction {
+        Direction::Ingress => endpoint_flags::ISOLATE_INGRESS,
+        Direction::Egress => endpoint_flags::ISOLATE_EGRESS,
+    };
+    flags & (bit | endpoint_flags::FAIL_CLOSED) != 0
+}
+
+/// What a conntrack miss needs to decide a new flow.
+struct NewFlow {
+    /// The destination port of this packet.
+    dst_port: u16,
+    /// ICMP errors never open a flow.
+    may_open: bool,
+}
+
+/// `true` to pass the packet.
+#[inline(always)]
+pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direction) -> bool {
+    let flags = endpoint.flags;
+    if flags
+        & (endpoint_flags::ISOLATE_INGRESS
+            | endpoint_flags::ISOLATE_EGRESS
+            | endpoint_flags::FAIL_CLOSED)
+        == 0
+    {
+        return true;
+    }
+    let enforced = isolates(flags, direction);
+    let mut packet = Packet::default();
+    match parse::parse(skb, layer, &mut packet) {
+        Ok(()) => {}
+        Err(Reason::LinkControl) => return true,
+        Err(reason) if enforced => return deny_unparsed(skb, endpoint, direction, reason),
+        Err(_) => return true,
+    }
+    if flags & endpoint_flags::FAIL_CLOSED != 0 {
+        let peer = match direction {
+            Direction::Egress => &packet.flow.dst,
+            Direction::Ingress => &packet.flow.src,
+        };
+        if ident::exact(peer) == Some(identity::HOST) {
+            return true;
+        }
+        return deny_flow(skb, endpoint, direction, &packet.flow, Reason::FailClosed);
+    }
+    let mut new_flow = NewFlow {
+        dst_port: 0,
+        may_open: true,
+    };
+    match packet.class {
+        Class::Plain => {}
+        Class::IcmpError => {
+            // The quoted packet travelled the other way.
+            let related = conntrack::key(endpoint.endpoint_id, opposite(direction), &packet.inner);
+            if conntrack::lookup(&related).is_some() {
+                return true;
+            }
+            new_flow.may_open = false;
+        }
+        Class::LaterFragment => {
+            let id = packet.fragment_id;
+            if !fill_fragment_ports(endpoint.endpoint_id, id, &mut packet.flow) && enforced {
+                return deny_flow(
+                    skb,
+                    endpoint,
+                    direction,
+                    &packet.flow,
+                    Reason::FragmentUnknown,
+                );
+            }
+        }
+    }
+    new_flow.dst_port = packet.flow.dst_port;
+    let key = conntrack::key(endpoint.endpoint_id, direction, &packet.flow);
+    let pass = decide_flow(skb, endpoint, direction, &key, &new_flow);
+    if pass && packet.is_first_fragment {
+        remember_fragment(endpoint.endpoint_id, packet.fragment_id, &packet.flow);
+    }
+    pass
+}
+
+#[inline(never)]
+fn decide_flow(
+    skb: Skb,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    key: &CtKey,
+    new_flow: &NewFlow,
+) -> bool {
+    if let Some(entry) = conntrack::lookup(key) {
+        // SAFETY: a live LRU value; a concurrent eviction leaves it readable.
+        let (generation, origin) = unsafe { ((*entry).generation, (*entry).origin) };
+        if generation == endpoint.generation {
+            return true;
+        }
+        if recheck(endpoint, direction, key, origin) {
+            // SAFETY: as above.
+            unsafe { (*entry).generation = endpoint.generation };
+            return true;
+        }
+        if endpoint.flags & endpoint_flags::AUDIT == 0 {
+            conntrack::delete(key);
+        }
+        return deny(skb, endpoint, direction, key, Reason::Revoked);
+    }
+    // A new flow. Node traffic always passes (and needs no conntrack).
+    let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
+    if exact == identity::HOST {
+        return true;
+    }
+    if !isolates(endpoint.flags, direction) {
+        // Open the flow so that its replies pass the isolated other direction.
+        if new_flow.may_open {
+            conntrack::create(key, endpoint.generation, direction);
+            count_new(skb, endpoint, direction, Reason::NotIsolated);
+        }
+        return true;
+    }
+    if policy::allows(
+        endpoint.policy_id,
+        direction,
+        exact,
+        &key.peer,
+        key.protocol,
+        new_flow.dst_port,
+    ) {
+        if new_flow.may_open {
+            conntrack::create(key, endpoint.generation, direction);
+        }
+        count_new(skb, endpoint, direction, Reason::PolicyAllow);
+        return true;
+    }
+    deny(skb, endpoint, direction, key, Reason::NoPolicy)
+}
+
+/// A flow decided under older tables: is it, as it was opened, still allowed?
+#[inline(never)]
+fn recheck(endpoint: &EndpointInfo, direction: Direction, key: &CtKey, origin: u8) -> bool {
+    let origin = Direction::from_u8(origin).unwrap_or(direction);
+    if !isolates(endpoint.flags, origin) {
+        return true;
+    }
+    let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
+    if exact == identity::HOST {
+        return true;
+    }
+    // The packet that opened the flow went to the peer's port (egress) or to ours.
+    let port = match origin {
+        Direction::Egress => key.peer_port,
+        Direction::Ingress => key.local_port,
+    };
+    policy::allows(
+        endpoint.policy_id,
+        origin,
+        exact,
+        &key.peer,
+        key.protocol,
+        port,
+    )
+}
+
+#[inline(always)]
+const fn opposite(direction: Direction) -> Direction {
+    match direction {
+        Direction::Ingress => Direction::Egress,
+        Direction::Egress => Direction::Ingress,
+    }
+}
+
+#[inline(always)]
+fn count_new(skb: Skb, endpoint: &EndpointInfo, direction: Direction, reason: Reason) {
+    metrics::count(
+        endpoint.endpoint_id,
+        direction,
+        Verdict::Allow,
+        reason,
+        skb.len(),
+    );
+}
+
+/// Drops (or, in audit mode, passes) with `reason`; counts and samples it. Not
+/// inlined: the drop path is cold and its event copy would crowd the stack.
+#[inline(never)]
+fn deny(
+    skb: Skb,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    key: &CtKey,
+    reason: Reason,
+) -> bool {
+    let audit = endpoint.flags & endpoint_flags::AUDIT != 0;
+    let verdict = if audit { Verdict::Audit } else { Verdict::Drop };
+    let bytes = skb.len();
+    metrics::count(endpoint.endpoint_id, direction, verdict, reason, bytes);
+    metrics::event(key, direction, verdict, reason, bytes);
+    audit
+}
+
+#[inline(never)]
+fn deny_flow(
+    skb: Skb,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    flow: &Flow,
+    reason: Reason,
+) -> bool {
+    let key = conntrack::key(endpoint.endpoint_id, direction, flow);
+    deny(skb, endpoint, direction, &key, reason)
+}
+
+#[inline(never)]
+fn deny_unparsed(skb: Skb, endpoint: &EndpointInfo, direction: Direction, reason: Reason) -> bool {
+    let key = CtKey {
+        endpoint_id: endpoint.endpoint_id,
+        ..CtKey::default()
+    };
+    deny(skb, endpoint, direction, &key, reason)
+}
+
+/// Ports of a later fragment from its first fragment; `false` if unknown.
+#[inline(never)]
+fn fill_fragment_ports(endpoint_id: u32, id: u32, flow: &mut Flow) -> bool {
+    let key = FragKey {
+        endpoint_id,
+        id,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+        src: flow.src,
+        dst: flow.dst,
+    };
+    // SAFETY: plain data, copied out.
+    match unsafe { maps::FRAGMENTS.get(&key) } {
+        Some(ports) => {
+            flow.src_port = ports.src_port;
+            flow.dst_port = ports.dst_port;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(never)]
+fn remember_fragment(endpoint_id: u32, id: u32, flow: &Flow) {
+    let key = FragKey {
+        endpoint_id,
+        id,
+        protocol: flow.protocol,
+        _pad: [0; 3],
+        src: flow.src,
+        dst: flow.dst,
+    };
+    let ports = FragValue {
+        src_port: flow.src_port,
+        dst_port: flow.dst_port,
+    };
+    let _ = maps::FRAGMENTS.insert(&key, &ports, 0);
+}
