@@ -383,7 +383,7 @@ fn egress_on_a_named_port_resolves_on_each_destination() {
     run_on_xa(
         "egress serve-80-udp",
         None,
-        Some("[{ports: [{port: serve-80-udp, protocol: UDP}], to: [{namespaceSelector: {}}]}]"),
+        Some("[{ports: [{port: serve-80-udp, protocol: UDP}]}]"),
         |from, _, proto, port| from != XA || (proto == "UDP" && port == 80),
     );
 }

@@ -312,12 +312,23 @@ pub fn parse_rule(
             namespace,
         )?);
     }
-    if parsed_peers.is_empty() {
-        parsed_peers.extend(Block::everything().map(Peer::Block));
-    }
     let mut parsed_ports = Vec::new();
     for (i, port) in ports.into_iter().flatten().enumerate() {
         parsed_ports.push(parse_port(&format!("{field}.ports[{i}]"), port)?);
+    }
+    if parsed_peers.is_empty() {
+        parsed_peers.extend(Block::everything().map(Peer::Block));
+        let named = parsed_ports
+            .iter()
+            .any(|p| matches!(p.port, PortMatch::Named(_)));
+        if direction == Direction::Egress && named {
+            // A named egress port resolves on destination pods, which blocks cannot
+            // name: every pod is a peer too (only then, to keep `{}` rules small).
+            parsed_peers.push(Peer::Pods {
+                namespaces: NamespaceMatch::Selector(Selector::everything()),
+                pods: Selector::everything(),
+            });
+        }
     }
     let mut notices = Vec::new();
     let explicit_blocks = peers.is_some_and(|p| p.iter().any(|p| p.ip_block.is_some()));
