@@ -166,6 +166,66 @@ struct PolicyState {
     /// Rows by peer identity; sorted, never empty.
     rows: HashMap<IdentityId, Vec<PolicyEntry>>,
     prefixes: Vec<IpNet>,
+    keys: Vec<IndexKey>,
+}
+
+/// How a policy's peers are found from a changed identity or namespace, so a change
+/// only recomputes the policies it can affect.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum IndexKey {
+    /// A pod peer whose pod selector requires this label.
+    PodPair(String, String),
+    /// A pod peer without one, whose namespace selector requires this label.
+    NsPair(String, String),
+    /// A pod peer without one, limited to this namespace.
+    NsName(String),
+    /// A pod peer that can match any identity.
+    Unindexed,
+    /// Any ipBlock peer.
+    Blocks,
+    /// A `ServiceBackends` peer.
+    Service(ObjectKey),
+    /// A namespace selector requiring this label (for namespace relabels).
+    NsDepPair(String, String),
+    /// A namespace selector without a required label.
+    NsDepUnindexed,
+}
+
+fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
+    let mut keys = Vec::new();
+    for (_, rule) in spec.rules() {
+        for peer in &rule.peers {
+            match peer {
+                Peer::Pods { namespaces, pods } => {
+                    if let NamespaceMatch::Selector(s) = namespaces {
+                        keys.push(match s.required_pair() {
+                            Some((k, v)) => IndexKey::NsDepPair(k.to_owned(), v.to_owned()),
+                            None => IndexKey::NsDepUnindexed,
+                        });
+                    }
+                    match (pods.required_pair(), namespaces) {
+                        (Some((k, v)), _) => {
+                            keys.push(IndexKey::PodPair(k.to_owned(), v.to_owned()))
+                        }
+                        (None, NamespaceMatch::Names(names)) => {
+                            keys.extend(names.iter().map(|n| IndexKey::NsName(n.clone())));
+                        }
+                        (None, NamespaceMatch::Selector(s)) => keys.push(match s.required_pair() {
+                            Some((k, v)) => IndexKey::NsPair(k.to_owned(), v.to_owned()),
+                            None => IndexKey::Unindexed,
+                        }),
+                    }
+                }
+                Peer::Block(_) => keys.push(IndexKey::Blocks),
+                Peer::ServiceBackends { namespace, name } => {
+                    keys.push(IndexKey::Service((namespace.clone(), name.clone())));
+                }
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
 }
 
 #[derive(Debug)]
@@ -184,6 +244,8 @@ struct Dirty {
     identities: BTreeSet<IdentityId>,
     services: BTreeSet<ObjectKey>,
     nets: Vec<IpNet>,
+    /// Identities to recompute in one policy only (namespace relabels).
+    pairs: BTreeMap<PolicyId, BTreeSet<IdentityId>>,
 }
 
 /// The policy engine. Feed it objects; read [`Engine::tables`] or take diffs.
@@ -217,6 +279,13 @@ pub struct Engine {
     policies: BTreeMap<PolicyId, PolicyState>,
     out: Output,
     dirty: Dirty,
+    index: HashMap<IndexKey, BTreeSet<PolicyId>>,
+    /// Which policies hold rows for an identity.
+    row_owners: HashMap<IdentityId, BTreeSet<PolicyId>>,
+    /// Local pods by (namespace, `ray.io/cluster`).
+    local_by_cluster: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Known namespaces by label.
+    ns_by_label: HashMap<(String, String), BTreeSet<String>>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
@@ -306,6 +375,10 @@ impl Engine {
             policies: BTreeMap::new(),
             out: Output::default(),
             dirty: Dirty::default(),
+            index: HashMap::new(),
+            row_owners: HashMap::new(),
+            local_by_cluster: HashMap::new(),
+            ns_by_label: HashMap::new(),
         };
         for addr in engine.node_addresses.clone() {
             engine.out.set_address(addr, Some(identity::HOST));
@@ -397,19 +470,75 @@ impl Engine {
         if self.namespaces.get(&name) == Some(&labels) {
             return;
         }
-        self.namespaces.insert(name.clone(), labels);
-        self.namespace_changed(&name);
+        let old = self.ns_labels(&name);
+        self.set_namespace(&name, Some(labels));
+        self.namespace_changed(&name, &old);
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
-        if self.namespaces.remove(name).is_some() {
-            self.namespace_changed(name);
+        if self.namespaces.contains_key(name) {
+            let old = self.ns_labels(name);
+            self.set_namespace(name, None);
+            self.namespace_changed(name, &old);
         }
     }
 
-    fn namespace_changed(&mut self, name: &str) {
-        if let Some(ids) = self.ids_by_ns.get(name) {
-            self.dirty.identities.extend(ids.iter().copied());
+    fn set_namespace(&mut self, name: &str, labels: Option<Labels>) {
+        if let Some(old) = self.namespaces.remove(name) {
+            for pair in old {
+                if let Some(set) = self.ns_by_label.get_mut(&pair) {
+                    set.remove(name);
+                    if set.is_empty() {
+                        self.ns_by_label.remove(&pair);
+                    }
+                }
+            }
+        }
+        if let Some(labels) = labels {
+            for pair in &labels {
+                self.ns_by_label
+                    .entry((pair.0.clone(), pair.1.clone()))
+                    .or_default()
+                    .insert(name.to_owned());
+            }
+            self.namespaces.insert(name.to_owned(), labels);
+        }
+    }
+
+    /// Only policies with a namespace selector whose verdict flips for this namespace
+    /// recompute, and only for the identities in it.
+    fn namespace_changed(&mut self, name: &str, old: &Labels) {
+        let new = self.ns_labels(name);
+        let Some(ids) = self.ids_by_ns.get(name).cloned() else {
+            self.flush();
+            return;
+        };
+        let mut candidates: BTreeSet<PolicyId> = BTreeSet::new();
+        for (k, v) in old.iter().chain(new.iter()) {
+            if let Some(set) = self.index.get(&IndexKey::NsDepPair(k.clone(), v.clone())) {
+                candidates.extend(set);
+            }
+        }
+        candidates.extend(
+            self.index
+                .get(&IndexKey::NsDepUnindexed)
+                .into_iter()
+                .flatten(),
+        );
+        for policy in candidates {
+            let Some(state) = self.policies.get(&policy) else {
+                continue;
+            };
+            let flips = state.spec.rules().flat_map(|(_, r)| r.peers.iter()).any(|p| {
+                matches!(p, Peer::Pods { namespaces: NamespaceMatch::Selector(s), .. } if s.matches(old) != s.matches(&new))
+            });
+            if flips {
+                self.dirty
+                    .pairs
+                    .entry(policy)
+                    .or_default()
+                    .extend(ids.iter().copied());
+            }
         }
         self.flush();
     }
@@ -492,9 +621,23 @@ impl Engine {
             },
         );
         let (old_ips, old_identity, was_local) = match old {
-            Some(old) => (old.ips, old.identity, old.local),
+            Some(old) => {
+                self.unindex_local(&key, &old);
+                (old.ips, old.identity, old.local)
+            }
             None => (Vec::new(), None, false),
         };
+        if local
+            && let Some(cluster) = self
+                .pods
+                .get(&key)
+                .and_then(|p| p.labels.get(LABEL_CLUSTER))
+        {
+            self.local_by_cluster
+                .entry((key.0.clone(), cluster.clone()))
+                .or_default()
+                .insert(key.clone());
+        }
         if old_identity != new_identity
             && let Some(id) = old_identity
         {
@@ -523,11 +666,24 @@ impl Engine {
         let Some(old) = self.pods.remove(key) else {
             return;
         };
+        self.unindex_local(key, &old);
         if let Some(id) = old.identity {
             self.leave_identity(id, key);
         }
         self.ips_changed(key, &old.ips, &[], true, [old.identity, None]);
         self.dirty.endpoints.insert(key.clone());
+    }
+
+    fn unindex_local(&mut self, key: &ObjectKey, old: &PodState) {
+        if let Some(cluster) = old.labels.get(LABEL_CLUSTER).filter(|_| old.local) {
+            let group = (key.0.clone(), cluster.clone());
+            if let Some(set) = self.local_by_cluster.get_mut(&group) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.local_by_cluster.remove(&group);
+                }
+            }
+        }
     }
 
     fn ips_changed(
@@ -630,8 +786,12 @@ impl Engine {
     }
 
     fn purge_identity(&mut self, id: IdentityId) {
-        for policy in self.policies.values_mut() {
-            if let Some(rows) = policy.rows.remove(&id) {
+        for policy in self.row_owners.remove(&id).into_iter().flatten() {
+            if let Some(rows) = self
+                .policies
+                .get_mut(&policy)
+                .and_then(|p| p.rows.remove(&id))
+            {
                 for row in rows {
                     self.out.remove_row(row);
                 }
@@ -707,13 +867,9 @@ impl Engine {
     }
 
     fn cluster_changed(&mut self, key: &ObjectKey) {
-        let members: Vec<ObjectKey> = self
-            .pods
-            .iter()
-            .filter(|(k, p)| p.local && k.0 == key.0 && p.labels.get(LABEL_CLUSTER) == Some(&key.1))
-            .map(|(k, _)| k.clone())
-            .collect();
-        self.dirty.endpoints.extend(members);
+        if let Some(members) = self.local_by_cluster.get(key) {
+            self.dirty.endpoints.extend(members.iter().cloned());
+        }
     }
 
     // ---- NetworkPolicies ----
@@ -1096,6 +1252,10 @@ impl Engine {
         for net in &prefixes {
             self.add_prefix(*net);
         }
+        let keys = index_keys(&spec);
+        for key in &keys {
+            self.index.entry(key.clone()).or_default().insert(id);
+        }
         let spec = Arc::new(spec);
         self.policy_ids.insert(spec.clone(), id);
         self.policies.insert(
@@ -1105,6 +1265,7 @@ impl Engine {
                 refs: 1,
                 rows: HashMap::new(),
                 prefixes,
+                keys,
             },
         );
         new_policies.insert(id);
@@ -1123,8 +1284,24 @@ impl Engine {
             return;
         };
         self.policy_ids.remove(&state.spec);
-        for row in state.rows.into_values().flatten() {
-            self.out.remove_row(row);
+        for key in state.keys {
+            if let Some(set) = self.index.get_mut(&key) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.index.remove(&key);
+                }
+            }
+        }
+        for (peer, rows) in state.rows {
+            if let Some(set) = self.row_owners.get_mut(&peer) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.row_owners.remove(&peer);
+                }
+            }
+            for row in rows {
+                self.out.remove_row(row);
+            }
         }
         for net in state.prefixes {
             self.remove_prefix(net);
@@ -1280,6 +1457,16 @@ impl Engine {
         if old == rows {
             return false;
         }
+        if rows.is_empty() {
+            if let Some(set) = self.row_owners.get_mut(&peer) {
+                set.remove(&policy);
+                if set.is_empty() {
+                    self.row_owners.remove(&peer);
+                }
+            }
+        } else if old.is_empty() {
+            self.row_owners.entry(peer).or_default().insert(policy);
+        }
         for row in &old {
             if rows.binary_search(row).is_err() {
                 self.out.remove_row(*row);
@@ -1313,9 +1500,24 @@ impl Engine {
                                     ids.extend(self.ids_by_ns.get(n).into_iter().flatten());
                                 }
                             }
-                            (NamespaceMatch::Selector(_), None) => {
-                                ids.extend(self.pod_identities.keys());
-                            }
+                            (NamespaceMatch::Selector(s), None) => match s.required_pair() {
+                                Some((k, v)) => {
+                                    let mut names: BTreeSet<&str> = self
+                                        .ns_by_label
+                                        .get(&(k.to_owned(), v.to_owned()))
+                                        .into_iter()
+                                        .flatten()
+                                        .map(String::as_str)
+                                        .collect();
+                                    if k == NAMESPACE_NAME_LABEL {
+                                        names.insert(v);
+                                    }
+                                    for n in names {
+                                        ids.extend(self.ids_by_ns.get(n).into_iter().flatten());
+                                    }
+                                }
+                                None => ids.extend(self.pod_identities.keys()),
+                            },
                         }
                     }
                     Peer::Block(b) => {
@@ -1452,6 +1654,54 @@ impl Engine {
         }
     }
 
+    /// Policies whose rows for `id` may change when it appears, changes or goes.
+    fn policies_for_identity(&self, id: IdentityId, out: &mut BTreeSet<PolicyId>) {
+        out.extend(self.row_owners.get(&id).into_iter().flatten());
+        let mut add = |key: IndexKey| out.extend(self.index.get(&key).into_iter().flatten());
+        if let Some(identity) = self.pod_identities.get(&id) {
+            let ns = &identity.key.namespace;
+            for (k, v) in &identity.key.labels {
+                add(IndexKey::PodPair(k.clone(), v.clone()));
+            }
+            for (k, v) in self.ns_labels(ns) {
+                add(IndexKey::NsPair(k, v));
+            }
+            add(IndexKey::NsName(ns.clone()));
+            add(IndexKey::Unindexed);
+            for key in &identity.members {
+                for ip in self.pods.get(key).into_iter().flat_map(|p| p.ips.iter()) {
+                    for service in self.backend_ips.get(ip).into_iter().flat_map(|s| s.keys()) {
+                        add(IndexKey::Service(service.clone()));
+                    }
+                }
+            }
+        } else if self.prefix_by_id.contains_key(&id) {
+            add(IndexKey::Blocks);
+        }
+    }
+
+    /// Policies whose rows for `service` may change: those that hold rows for it or
+    /// for any backend's identities (a port is only allowed if every backend is).
+    fn policies_for_service(&self, service: &ObjectKey, out: &mut BTreeSet<PolicyId>) {
+        if let Some(svc) = self.services.get(service) {
+            out.extend(self.row_owners.get(&svc.identity).into_iter().flatten());
+        }
+        for slice in self.slices_by_service.get(service).into_iter().flatten() {
+            let Some(slice) = self.slices.get(&(service.0.clone(), slice.clone())) else {
+                continue;
+            };
+            for ip in &slice.addresses {
+                let ids = [
+                    self.out.tables.addresses.get(ip).copied(),
+                    self.longest_prefix(*ip),
+                ];
+                for id in ids.into_iter().flatten() {
+                    out.extend(self.row_owners.get(&id).into_iter().flatten());
+                }
+            }
+        }
+    }
+
     /// Brings rows and endpoints up to date with everything marked dirty.
     fn flush(&mut self) {
         let mut new_policies = BTreeSet::new();
@@ -1459,16 +1709,20 @@ impl Engine {
             self.refresh_endpoint(&key, &mut new_policies);
         }
         new_policies.retain(|p| self.policies.contains_key(p));
-        let ids = std::mem::take(&mut self.dirty.identities);
-        let existing: Vec<PolicyId> = self
-            .policies
-            .keys()
-            .filter(|p| !new_policies.contains(p))
-            .copied()
-            .collect();
+        let mut pairs = std::mem::take(&mut self.dirty.pairs);
+        for id in std::mem::take(&mut self.dirty.identities) {
+            let mut policies = BTreeSet::new();
+            self.policies_for_identity(id, &mut policies);
+            for policy in policies {
+                pairs.entry(policy).or_default().insert(id);
+            }
+        }
         let mut changed = BTreeSet::new();
-        for &policy in &existing {
-            for &id in &ids {
+        for (policy, ids) in pairs {
+            if new_policies.contains(&policy) || !self.policies.contains_key(&policy) {
+                continue;
+            }
+            for id in ids {
                 let rows = self.compute_rows(policy, id);
                 if self.replace_rows(policy, id, rows) {
                     changed.insert(id);
@@ -1488,16 +1742,13 @@ impl Engine {
         for net in std::mem::take(&mut self.dirty.nets) {
             self.services_in(net, &mut services);
         }
-        for &policy in &existing {
-            if !self
-                .policies
-                .get(&policy)
-                .is_some_and(|p| p.spec.isolate_egress)
-            {
-                continue;
-            }
-            for service in &services {
-                self.refresh_service_rows(policy, service);
+        for service in &services {
+            let mut policies = BTreeSet::new();
+            self.policies_for_service(service, &mut policies);
+            for policy in policies {
+                if !new_policies.contains(&policy) {
+                    self.refresh_service_rows(policy, service);
+                }
             }
         }
         for &policy in &new_policies {
