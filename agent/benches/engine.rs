@@ -62,12 +62,16 @@ fn ns_name(i: usize) -> String {
 }
 
 fn namespace(i: usize, extra: &str) -> Namespace {
+    namespace_tier(i, extra, i % 2 == 0)
+}
+
+fn namespace_tier(i: usize, extra: &str, prod: bool) -> Namespace {
     Namespace {
         metadata: ObjectMeta {
             name: Some(ns_name(i)),
             labels: Some(labels(&[
                 ("kubernetes.io/metadata.name", &ns_name(i)),
-                ("tier", if i % 2 == 0 { "prod" } else { "dev" }),
+                ("tier", if prod { "prod" } else { "dev" }),
                 ("extra", extra),
             ])),
             ..Default::default()
@@ -91,6 +95,8 @@ spec:
         ports: [{{port: {port}, protocol: TCP}}]
       - from: [{{podSelector: {{matchLabels: {{app: notebook}}}}}}]
         ports: [{{port: 10001}}]
+      - from: [{{namespaceSelector: {{matchLabels: {{tier: prod}}}}, podSelector: {{matchLabels: {{app: notebook}}}}}}]
+        ports: [{{port: 8265}}]
     worker:
       egressRules:
       - to: [{{ipBlock: {{cidr: 10.20.0.0/16, except: [10.20.{x}.0/24]}}}}]
@@ -402,8 +408,22 @@ fn incremental(engine: &mut Engine, all_local: bool) {
     let relabels: Vec<Namespace> = (0..SAMPLES)
         .map(|i| namespace(i % NAMESPACES, &format!("r{i}")))
         .collect();
-    measure(engine, "namespace relabel", |e, i| {
+    measure(engine, "namespace relabel (no selector flips)", |e, i| {
         e.upsert_namespace(&relabels[i])
+    });
+    // Every head admits notebooks from `tier: prod` namespaces: flipping a namespace's
+    // tier makes every head policy recompute that namespace's identities.
+    let flips: Vec<Namespace> = (0..SAMPLES)
+        .map(|i| {
+            namespace_tier(
+                i % NAMESPACES,
+                &format!("f{i}"),
+                (i / NAMESPACES + i % NAMESPACES) % 2 == 1,
+            )
+        })
+        .collect();
+    measure(engine, "namespace relabel (flips a selector)", |e, i| {
+        e.upsert_namespace(&flips[i])
     });
 }
 

@@ -529,15 +529,34 @@ impl Engine {
             let Some(state) = self.policies.get(&policy) else {
                 continue;
             };
-            let flips = state.spec.rules().flat_map(|(_, r)| r.peers.iter()).any(|p| {
-                matches!(p, Peer::Pods { namespaces: NamespaceMatch::Selector(s), .. } if s.matches(old) != s.matches(&new))
-            });
-            if flips {
-                self.dirty
-                    .pairs
-                    .entry(policy)
-                    .or_default()
-                    .extend(ids.iter().copied());
+            let mut affected: BTreeSet<IdentityId> = BTreeSet::new();
+            for peer in state.spec.rules().flat_map(|(_, r)| r.peers.iter()) {
+                let Peer::Pods {
+                    namespaces: NamespaceMatch::Selector(s),
+                    pods,
+                } = peer
+                else {
+                    continue;
+                };
+                if s.matches(old) == s.matches(&new) {
+                    continue;
+                }
+                // Only identities the peer's pod selector can match are affected.
+                match pods.required_pair() {
+                    Some((k, v)) => {
+                        let with_label = self.ids_by_label.get(&(k.to_owned(), v.to_owned()));
+                        affected.extend(
+                            with_label
+                                .into_iter()
+                                .flatten()
+                                .filter(|id| ids.contains(id)),
+                        );
+                    }
+                    None => affected.extend(ids.iter().copied()),
+                }
+            }
+            if !affected.is_empty() {
+                self.dirty.pairs.entry(policy).or_default().extend(affected);
             }
         }
         self.flush();
