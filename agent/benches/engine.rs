@@ -62,7 +62,7 @@ fn ns_name(i: usize) -> String {
 }
 
 fn namespace(i: usize, extra: &str) -> Namespace {
-    namespace_tier(i, extra, i % 2 == 0)
+    namespace_tier(i, extra, i.is_multiple_of(2))
 }
 
 fn namespace_tier(i: usize, extra: &str, prod: bool) -> Namespace {

@@ -174,7 +174,7 @@ fn raycluster_yaml(ingress: Option<&str>, egress: Option<&str>) -> String {
         "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {{name: rc, namespace: x}}\nspec:\n  networkPolicy:\n    mode: {mode}\n    worker:\n"
     );
     if let Some(i) = ingress {
-        s += &format!("      ingressRules: {}\n", i.replace("from:", "from:"));
+        s += &format!("      ingressRules: {}\n", i);
     }
     if let Some(eg) = egress {
         s += &format!("      egressRules: {eg}\n");

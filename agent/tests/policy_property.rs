@@ -411,6 +411,7 @@ enum Via {
 }
 
 /// One rule of the policy of `local` (in namespace `ns`), straight from its meaning.
+#[expect(clippy::too_many_arguments, reason = "a flow has that many parts")]
 fn rule_allows(
     w: &World,
     rule: &RuleT,
@@ -495,11 +496,10 @@ fn ray_rules<'a>(
         Ray::Worker(_) => (false, &c.worker),
         Ray::MemberOnly => return None,
     };
-    let isolates = match (c.mode, dir) {
-        (0, _) => true,
-        (1, Direction::Ingress) | (2, Direction::Egress) => true,
-        _ => false,
-    };
+    let isolates = matches!(
+        (c.mode, dir),
+        (0, _) | (1, Direction::Ingress) | (2, Direction::Egress)
+    );
     let user = match dir {
         Direction::Ingress => role.ingress.iter().collect(),
         Direction::Egress => role.egress.iter().collect(),
@@ -877,15 +877,15 @@ fn proto_num(p: &str) -> u8 {
     proto(p)
 }
 
-/// Tables with every id replaced by what it stands for, so two engines that numbered
-/// things differently compare equal when they mean the same.
-fn canonical(
-    e: &Engine,
-) -> (
+type Canonical = (
     BTreeMap<String, (bool, bool, BTreeSet<String>)>,
     BTreeMap<IpAddr, String>,
     BTreeMap<IpNet, String>,
-) {
+);
+
+/// Tables with every id replaced by what it stands for, so two engines that numbered
+/// things differently compare equal when they mean the same.
+fn canonical(e: &Engine) -> Canonical {
     let t: &Tables = e.tables();
     let mut names: HashMap<u32, BTreeSet<String>> = HashMap::new();
     for (ip, id) in &t.addresses {

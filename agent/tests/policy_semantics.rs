@@ -18,14 +18,6 @@ fn rc(ns: &str, name: &str, spec: &str) -> rayfence::crd::RayCluster {
     ))
 }
 
-fn head(cluster: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("ray.io/cluster", cluster.to_owned()),
-        ("ray.io/node-type", "head".to_owned()),
-        ("ray.io/group", "headgroup".to_owned()),
-    ]
-}
-
 fn ray_pod(
     ns: &str,
     name: &str,
