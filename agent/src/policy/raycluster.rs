@@ -591,3 +591,108 @@ pub fn compile(
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(yaml: &str) -> RayCluster {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn modes_isolate_their_directions() {
+        assert!(
+            Mode::DenyAll.isolates(Direction::Ingress) && Mode::DenyAll.isolates(Direction::Egress)
+        );
+        assert!(
+            Mode::DenyAllIngress.isolates(Direction::Ingress)
+                && !Mode::DenyAllIngress.isolates(Direction::Egress)
+        );
+        assert!(
+            !Mode::DenyAllEgress.isolates(Direction::Ingress)
+                && Mode::DenyAllEgress.isolates(Direction::Egress)
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored_and_one_bad_rule_does_not_fail_the_rest() {
+        let parsed = parse(&cluster(
+            "metadata: {name: c, namespace: n}\nspec:\n  unknownField: 1\n  networkPolicy:\n    mode: DenyAll\n    futureKnob: true\n    head:\n      ingressRules:\n      - {ports: [{port: 80}], futureField: x}\n      - {ports: [{port: true}]}\n      - {from: [{podSelector: {}}]}\n",
+        ));
+        let Declared::Valid(policy) = &parsed.declared else {
+            panic!("{:?}", parsed.declared);
+        };
+        assert_eq!(policy.head.ingress.len(), 2);
+        assert_eq!(parsed.problems.len(), 1);
+        assert_eq!(
+            parsed.problems[0].field,
+            "spec.networkPolicy.head.ingressRules[1]"
+        );
+        assert_eq!(
+            policy.head.ingress[1].origin,
+            RuleOrigin::User {
+                role: Role::Head,
+                direction: Direction::Ingress,
+                index: 2
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_mode_is_reported_with_its_value() {
+        let parsed = parse(&cluster(
+            "metadata: {name: c, namespace: n}\nspec:\n  networkPolicy: {mode: denyall}\n",
+        ));
+        assert_eq!(
+            parsed.declared,
+            Declared::Invalid(PolicySource::NetworkPolicy)
+        );
+        assert_eq!(parsed.problems[0].field, "spec.networkPolicy.mode");
+        assert_eq!(parsed.problems[0].value, "denyall");
+    }
+
+    #[test]
+    fn network_isolation_has_no_groups() {
+        let parsed = parse(&cluster(
+            "metadata: {name: c, namespace: n}\nspec:\n  networkIsolation:\n    workerGroups: [{groupName: g}]\n",
+        ));
+        let Declared::Valid(policy) = &parsed.declared else {
+            panic!();
+        };
+        assert!(policy.groups.is_empty());
+        assert_eq!(policy.source, PolicySource::NetworkIsolation);
+        assert_eq!(parsed.problems[0].severity, Severity::Notice);
+    }
+
+    #[test]
+    fn start_params_accept_strings_and_numbers() {
+        let parsed = parse(&cluster(
+            "metadata: {name: c, namespace: n}\nspec:\n  headGroupSpec: {rayStartParams: {dashboard-port: 9000, ray-client-server-port: ' 10002 '}}\n",
+        ));
+        assert_eq!((parsed.dashboard_port, parsed.client_port), (9000, 10002));
+        let parsed = parse(&cluster("metadata: {name: c, namespace: n}\nspec: {}\n"));
+        assert_eq!((parsed.dashboard_port, parsed.client_port), (8265, 10001));
+        assert_eq!(parsed.declared, Declared::Nothing);
+    }
+
+    #[test]
+    fn base_flows_are_added_only_for_isolated_directions() {
+        let parsed = parse(&cluster(
+            "metadata: {name: c, namespace: n}\nspec:\n  networkPolicy: {mode: DenyAllIngress}\n",
+        ));
+        let Declared::Valid(policy) = &parsed.declared else {
+            panic!();
+        };
+        let compiled = compile(&parsed, policy, &Settings::new("node", vec![]));
+        let origins: Vec<_> = compiled
+            .head
+            .ingress
+            .iter()
+            .map(|r| r.origin.clone())
+            .collect();
+        assert_eq!(origins, [RuleOrigin::SameCluster, RuleOrigin::Operator]);
+        assert!(compiled.head.egress.is_empty());
+        assert_eq!(compiled.worker.ingress.len(), 1);
+    }
+}

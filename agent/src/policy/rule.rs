@@ -283,6 +283,7 @@ fn parse_port(field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, Invalid
 }
 
 /// What [`parse_rule`] also has to say about a valid rule.
+#[derive(Debug)]
 pub struct Parsed {
     pub rule: Rule,
     /// Valid-but-noteworthy readings (e.g. a named port with an ipBlock peer).
@@ -353,4 +354,194 @@ pub fn parse_rule(
         },
         notices,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule_from(json: serde_json::Value, direction: Direction) -> Result<Parsed, Invalid> {
+        let object = Arc::new(ObjectRef::new("NetworkPolicy", "ns", "p"));
+        let origin = RuleOrigin::NetworkPolicy {
+            name: "p".into(),
+            direction,
+            index: 0,
+        };
+        match direction {
+            Direction::Ingress => {
+                let r: k8s_openapi::api::networking::v1::NetworkPolicyIngressRule =
+                    serde_json::from_value(json).unwrap();
+                parse_rule(
+                    origin,
+                    &object,
+                    "spec.ingress[0]",
+                    direction,
+                    r.from.as_deref(),
+                    r.ports.as_deref(),
+                    "ns",
+                )
+            }
+            Direction::Egress => {
+                let r: k8s_openapi::api::networking::v1::NetworkPolicyEgressRule =
+                    serde_json::from_value(json).unwrap();
+                parse_rule(
+                    origin,
+                    &object,
+                    "spec.egress[0]",
+                    direction,
+                    r.to.as_deref(),
+                    r.ports.as_deref(),
+                    "ns",
+                )
+            }
+        }
+    }
+
+    #[test]
+    fn no_peers_is_both_everything_blocks_and_no_ports_is_any() {
+        let parsed = rule_from(serde_json::json!({}), Direction::Ingress).unwrap();
+        assert_eq!(
+            parsed.rule.peers,
+            Block::everything().map(Peer::Block).to_vec()
+        );
+        assert_eq!(parsed.rule.ports, None);
+        let parsed = rule_from(
+            serde_json::json!({"from": [], "ports": []}),
+            Direction::Ingress,
+        )
+        .unwrap();
+        assert_eq!(parsed.rule.ports, None);
+        assert_eq!(parsed.rule.peers.len(), 2);
+    }
+
+    #[test]
+    fn bare_pod_selector_is_the_policy_namespace() {
+        let parsed = rule_from(
+            serde_json::json!({"from": [{"podSelector": {"matchLabels": {"a": "b"}}}]}),
+            Direction::Ingress,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.rule.peers,
+            vec![Peer::Pods {
+                namespaces: NamespaceMatch::Names(vec!["ns".into()]),
+                pods: Selector::from_labels([("a", "b")]),
+            }]
+        );
+    }
+
+    #[test]
+    fn cidrs_are_normalised_and_excepts_must_be_inside() {
+        let parsed = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.1.2.3/16", "except": ["10.1.9.0/24"]}}]}),
+            Direction::Egress,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.rule.peers,
+            vec![Peer::Block(Block {
+                cidr: "10.1.0.0/16".parse().unwrap(),
+                except: vec!["10.1.9.0/24".parse().unwrap()],
+            })]
+        );
+        let err = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.1.0.0/16", "except": ["10.2.0.0/24"]}}]}),
+            Direction::Egress,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.egress[0].to[0].ipBlock.except[0]");
+        let err = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.1.0.0"}}]}),
+            Direction::Egress,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.value.as_str()),
+            ("spec.egress[0].to[0].ipBlock.cidr", "10.1.0.0")
+        );
+    }
+
+    #[test]
+    fn ports_parse_as_the_api_defines_them() {
+        let parsed = rule_from(
+            serde_json::json!({"ports": [{"port": 80}, {"protocol": "UDP"}, {"port": "http"}, {"port": 1000, "endPort": 2000, "protocol": "SCTP"}]}),
+            Direction::Ingress,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.rule.ports.unwrap(),
+            vec![
+                PortSpec {
+                    protocol: protocol::TCP,
+                    port: PortMatch::Range(80, 80)
+                },
+                PortSpec {
+                    protocol: protocol::UDP,
+                    port: PortMatch::All
+                },
+                PortSpec {
+                    protocol: protocol::TCP,
+                    port: PortMatch::Named("http".into())
+                },
+                PortSpec {
+                    protocol: protocol::SCTP,
+                    port: PortMatch::Range(1000, 2000)
+                },
+            ]
+        );
+        for (bad, field) in [
+            (
+                serde_json::json!({"port": 0}),
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                serde_json::json!({"port": 70000}),
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                serde_json::json!({"endPort": 9}),
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                serde_json::json!({"port": "http", "endPort": 9}),
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                serde_json::json!({"protocol": "tcp"}),
+                "spec.ingress[0].ports[0].protocol",
+            ),
+        ] {
+            let err =
+                rule_from(serde_json::json!({"ports": [bad]}), Direction::Ingress).unwrap_err();
+            assert_eq!(err.field, field);
+        }
+    }
+
+    #[test]
+    fn peer_needs_a_selector_or_block_and_not_both() {
+        let err = rule_from(serde_json::json!({"from": [{}]}), Direction::Ingress).unwrap_err();
+        assert_eq!(err.field, "spec.ingress[0].from[0]");
+        let err = rule_from(
+            serde_json::json!({"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}),
+            Direction::Ingress,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.ingress[0].from[0]");
+    }
+
+    #[test]
+    fn named_egress_port_without_peers_adds_an_all_pods_peer() {
+        let parsed = rule_from(
+            serde_json::json!({"ports": [{"port": "http"}]}),
+            Direction::Egress,
+        )
+        .unwrap();
+        assert_eq!(parsed.rule.peers.len(), 3);
+        let parsed = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": "http"}]}),
+            Direction::Egress,
+        )
+        .unwrap();
+        assert_eq!(parsed.notices.len(), 1);
+    }
 }
