@@ -970,3 +970,113 @@ proptest! {
         prop_assert_eq!(canonical(&e), canonical(&fresh));
     }
 }
+
+// ------------------------------------------- RayCluster == what KubeRay would generate
+
+/// The NetworkPolicies KubeRay generates for `rc` (head, and one per worker group
+/// reading), with the base flows written out as plain rules.
+fn kuberay_netpols(c: &ClusterT) -> Vec<Value> {
+    let mode = ["DenyAll", "DenyAllIngress", "DenyAllEgress"][c.mode];
+    let types: Vec<&str> = match mode {
+        "DenyAll" => vec!["Ingress", "Egress"],
+        "DenyAllIngress" => vec!["Ingress"],
+        _ => vec!["Egress"],
+    };
+    let same = json!({"podSelector": {"matchLabels": {"ray.io/cluster": "rc"}}});
+    let operator = json!({
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "n2"}},
+                  "podSelector": {"matchLabels": {"app": "z"}}}],
+        "ports": [{"port": 8265}, {"port": 10001}]
+    });
+    let policy = |name: &str, selector: Value, role: &RoleT, head: bool| {
+        let mut ingress = vec![json!({"from": [same.clone()]})];
+        if head {
+            ingress.push(operator.clone());
+        }
+        if let Value::Array(user) = rules_json(&role.ingress, Direction::Ingress) {
+            ingress.extend(user);
+        }
+        let mut egress = vec![json!({"to": [same.clone()]})];
+        if let Value::Array(user) = rules_json(&role.egress, Direction::Egress) {
+            egress.extend(user);
+        }
+        json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": "n0"},
+            "spec": {"podSelector": selector, "policyTypes": types, "ingress": ingress, "egress": egress}
+        })
+    };
+    let mut out = vec![policy(
+        "rc-head",
+        json!({"matchLabels": {"ray.io/cluster": "rc", "ray.io/node-type": "head"}}),
+        &c.head,
+        true,
+    )];
+    match &c.group_g {
+        Some(g) => {
+            out.push(policy(
+                "rc-worker-g",
+                json!({"matchLabels": {"ray.io/cluster": "rc", "ray.io/node-type": "worker", "ray.io/group": "g"}}),
+                g,
+                false,
+            ));
+            out.push(policy(
+                "rc-worker",
+                json!({"matchLabels": {"ray.io/cluster": "rc", "ray.io/node-type": "worker"},
+                       "matchExpressions": [{"key": "ray.io/group", "operator": "NotIn", "values": ["g"]}]}),
+                &c.worker,
+                false,
+            ));
+        }
+        None => out.push(policy(
+            "rc-worker",
+            json!({"matchLabels": {"ray.io/cluster": "rc", "ray.io/node-type": "worker"}}),
+            &c.worker,
+            false,
+        )),
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    /// SEMANTICS: RayCluster isolation compiles to exactly what KubeRay would generate
+    /// plus the base flows (DNS is off here; it is tested on its own).
+    #[test]
+    fn raycluster_equals_the_networkpolicies_kuberay_generates(mut w in world(), c in cluster_t()) {
+        w.cluster = Some(c.clone());
+        let ray = full(&w);
+        let mut plain = w.clone();
+        plain.cluster = None;
+        let mut e = full(&plain);
+        for np in kuberay_netpols(&c) {
+            e.upsert_network_policy(&serde_json::from_value(np).unwrap());
+        }
+        let mut peers: Vec<IpAddr> = (0..POD_SLOTS).map(|s| slot_ip(s).parse().unwrap()).collect();
+        peers.extend(EXTERNAL.iter().map(|p| p.parse::<IpAddr>().unwrap()));
+        peers.extend((0..SERVICE_SLOTS).map(|s| service_ip(s).parse::<IpAddr>().unwrap()));
+        peers.push(OTHER_NODE_IP.parse().unwrap());
+        for (slot, p) in w.pods.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let name = format!("p{slot}");
+            let (Some(a), Some(b)) = (ray.endpoint_id(NAMESPACES[p.ns], &name), e.endpoint_id(NAMESPACES[p.ns], &name)) else {
+                continue;
+            };
+            for dir in Direction::ALL {
+                for peer in &peers {
+                    for proto in PROTOS {
+                        for port in PROBE_PORTS {
+                            let pn = proto_num(proto);
+                            prop_assert_eq!(
+                                ray.tables().allows(a, dir, *peer, pn, port),
+                                e.tables().allows(b, dir, *peer, pn, port),
+                                "p{} {:?} {} {}/{}", slot, dir, peer, proto, port
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
