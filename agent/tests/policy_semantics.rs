@@ -1322,6 +1322,21 @@ fn named_ports_resolve_on_the_receiving_pod_with_name_and_protocol() {
     ));
     // The ingress name that resolves to nothing is reported.
     assert!(e.problems().iter().any(|p| p.value == "dns" && p.field == "spec.networkPolicy.head.ingressRules[0].ports"), "{:?}", e.problems());
+    // So is an egress name no selected pod has.
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    head:\n      egressRules: [{to: [{namespaceSelector: {}}], ports: [{port: grpc}]}]",
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.2.0.1",
+        "TCP",
+        8000
+    ));
+    assert!(e.problems().iter().any(|p| p.value == "grpc" && p.field == "spec.networkPolicy.head.egressRules[0].ports"), "{:?}", e.problems());
 }
 
 #[test]
@@ -1831,6 +1846,24 @@ fn host_network_and_finished_pods_are_not_endpoints_or_peers() {
         "TCP",
         1
     ));
+}
+
+#[test]
+fn keys_list_what_the_engine_holds_for_relists() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    use rayfence::policy::Kind;
+    assert_eq!(
+        e.keys(Kind::RayCluster),
+        vec![("team-a".to_owned(), "training".to_owned())]
+    );
+    assert_eq!(e.keys(Kind::Pod).len(), 10);
+    assert_eq!(
+        e.keys(Kind::Service),
+        vec![("kube-system".to_owned(), "kube-dns".to_owned())]
+    );
+    e.remove_pod("team-a", "plain");
+    assert_eq!(e.keys(Kind::Pod).len(), 9);
 }
 
 #[test]

@@ -74,6 +74,17 @@ impl Explanation {
     }
 }
 
+/// The object kinds the engine consumes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    RayCluster,
+    Service,
+    EndpointSlice,
+    NetworkPolicy,
+}
+
 /// What is known about a local pod, for metrics and status.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointMeta {
@@ -412,7 +423,72 @@ impl Engine {
         for ep in self.endpoints.values() {
             all.extend(ep.problems.iter().cloned());
         }
+        all.extend(self.egress_named_port_problems());
         all.into_iter().collect()
+    }
+
+    /// Named egress ports that the pods a rule selects do not have (with that
+    /// protocol). Computed on demand: such rules are rare and the answer depends on
+    /// every peer pod.
+    fn egress_named_port_problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for state in self.policies.values() {
+            for rule in &state.spec.egress {
+                if rule.named_ports().next().is_none() || !seen.insert(Arc::as_ptr(rule)) {
+                    continue;
+                }
+                let selected: Vec<&PodIdentity> = self
+                    .pod_identities
+                    .values()
+                    .filter(|i| rule.peers.iter().any(|p| self.peer_matches_pod(p, i)))
+                    .collect();
+                if selected.is_empty() {
+                    continue;
+                }
+                for (spec, name) in rule.named_ports() {
+                    let resolves = selected.iter().any(|i| {
+                        i.key
+                            .named_ports
+                            .iter()
+                            .any(|p| p.name == name && p.protocol == spec.protocol)
+                    });
+                    if !resolves {
+                        out.push(Problem {
+                            object: (*rule.object).clone(),
+                            field: format!("{}.ports", rule.field),
+                            value: name.to_owned(),
+                            message: "named port resolves to no container port of the selected pods for this protocol; it allows nothing".into(),
+                            severity: Severity::Warning,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The keys of every object of `kind` the engine holds, so a relist can remove
+    /// what it did not see.
+    pub fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
+        let mut keys: Vec<ObjectKey> = match kind {
+            Kind::Namespace => self
+                .namespaces
+                .keys()
+                .map(|n| (String::new(), n.clone()))
+                .collect(),
+            Kind::Pod => self.pods.keys().cloned().collect(),
+            Kind::RayCluster => self.clusters.keys().cloned().collect(),
+            Kind::Service => self.services.keys().cloned().collect(),
+            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
+            Kind::NetworkPolicy => self
+                .netpols
+                .iter()
+                .flat_map(|(ns, m)| m.keys().map(move |n| (ns.clone(), n.clone())))
+                .collect(),
+        };
+        keys.sort();
+        keys
     }
 
     /// The problems about one object.
