@@ -865,6 +865,8 @@ fn check_verdicts(e: &Engine, w: &World) -> Result<(), TestCaseError> {
                             proto,
                             port
                         );
+                        let why = e.explain(id, dir, *peer, proto_num(proto), port);
+                        prop_assert_eq!(why.allowed(), got, "explain {:?}", why);
                     }
                 }
             }

@@ -1849,6 +1849,33 @@ fn host_network_and_finished_pods_are_not_endpoints_or_peers() {
 }
 
 #[test]
+fn node_address_change_moves_the_host_identity() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        1
+    ));
+    e.set_node_addresses(vec![OTHER_NODE_IP.parse().unwrap()]);
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        1
+    ));
+    assert!(!ingress(&e, "team-a", "training-head", NODE_IP, "TCP", 1));
+    let stats = e.stats();
+    assert_eq!((stats.endpoints, stats.services), (4, 1));
+    assert_eq!(stats.policy_rows, e.tables().policy.len());
+}
+
+#[test]
 fn keys_list_what_the_engine_holds_for_relists() {
     let mut e = scene(settings());
     e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));

@@ -74,6 +74,19 @@ impl Explanation {
     }
 }
 
+/// Sizes of the engine's state, for metrics (bounded label-free gauges).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub endpoints: usize,
+    pub policies: usize,
+    pub pod_identities: usize,
+    pub prefixes: usize,
+    pub services: usize,
+    pub addresses: usize,
+    pub cidrs: usize,
+    pub policy_rows: usize,
+}
+
 /// The object kinds the engine consumes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kind {
@@ -466,6 +479,33 @@ impl Engine {
             }
         }
         out
+    }
+
+    /// Replaces the node's own addresses (identity `HOST`), e.g. after a node IP change.
+    pub fn set_node_addresses(&mut self, addresses: Vec<IpAddr>) {
+        let old: Vec<IpAddr> = self.node_addresses.drain().collect();
+        self.node_addresses.extend(addresses.iter().copied());
+        self.settings.node_addresses = addresses.clone();
+        for ip in old.iter().chain(&addresses) {
+            self.refresh_address(*ip);
+        }
+        // A backend on a node address counts as allowed: Services may change.
+        self.dirty.services.extend(self.services.keys().cloned());
+        self.flush();
+    }
+
+    /// Sizes of what the engine holds, for metrics.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            endpoints: self.endpoints.len(),
+            policies: self.policies.len(),
+            pod_identities: self.pod_identities.len(),
+            prefixes: self.prefixes.len(),
+            services: self.services.len(),
+            addresses: self.out.tables.addresses.len(),
+            cidrs: self.out.tables.cidrs.len(),
+            policy_rows: self.out.tables.policy.len(),
+        }
     }
 
     /// The keys of every object of `kind` the engine holds, so a relist can remove

@@ -70,7 +70,7 @@ pub mod rule;
 pub mod selector;
 pub mod settings;
 
-pub use engine::{EndpointMeta, Engine, Explanation, Kind, NamedPort, ObjectKey};
+pub use engine::{EndpointMeta, Engine, Explanation, Kind, NamedPort, ObjectKey, Stats};
 pub use problem::{ObjectRef, Problem, Severity};
 pub use rule::{Role, RuleOrigin};
 pub use settings::{DnsMode, Settings};
