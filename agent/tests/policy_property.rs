@@ -29,12 +29,14 @@ const PORTS: [(&str, &str, u16); 5] = [
 ];
 const PORT_NAMES: [&str; 4] = ["http", "dns", "alt", "nope"];
 /// ipBlocks: (cidr, except).
-const BLOCKS: [(&str, &[&str]); 5] = [
+const BLOCKS: [(&str, &[&str]); 7] = [
     ("10.0.0.0/16", &[]),
     ("10.0.0.0/16", &["10.0.1.0/24"]),
     ("10.0.1.0/24", &["10.0.1.2/32"]),
     ("0.0.0.0/0", &["10.0.0.0/24"]),
     ("10.0.0.2/32", &[]),
+    ("fd00::/120", &["fd00::4/126"]),
+    ("::/0", &["fd00::/126"]),
 ];
 const POD_SLOTS: usize = 8;
 const SERVICE_SLOTS: usize = 3;
@@ -45,6 +47,11 @@ const PROTOS: [&str; 3] = ["TCP", "UDP", "SCTP"];
 
 fn slot_ip(slot: usize) -> String {
     format!("10.0.{}.{}", slot / 4, slot % 4 + 1)
+}
+
+/// Every pod is dual-stack.
+fn slot_ip6(slot: usize) -> String {
+    format!("fd00::{}", slot + 1)
 }
 
 fn service_ip(slot: usize) -> String {
@@ -393,7 +400,10 @@ fn in_block(ip: IpAddr, b: usize) -> bool {
 /// The pod slot holding `ip`, if any.
 fn pod_at(w: &World, ip: IpAddr) -> Option<&PodT> {
     (0..POD_SLOTS)
-        .find(|s| slot_ip(*s).parse::<IpAddr>().unwrap() == ip)
+        .find(|s| {
+            slot_ip(*s).parse::<IpAddr>().unwrap() == ip
+                || slot_ip6(*s).parse::<IpAddr>().unwrap() == ip
+        })
         .and_then(|s| w.pods[s].as_ref())
 }
 
@@ -719,14 +729,11 @@ fn apply(e: &mut Engine, w: &mut World, op: &Op) {
                     .map(|i| (PORTS[*i].0, PORTS[*i].1, i32::from(PORTS[*i].2)))
                     .collect();
                 let node = if p.local { NODE } else { "node-b" };
-                e.upsert_pod(&pod(
-                    NAMESPACES[p.ns],
-                    &name,
-                    &l,
-                    &slot_ip(*s),
-                    node,
-                    &ports,
-                ));
+                let mut object = pod(NAMESPACES[p.ns], &name, &l, &slot_ip(*s), node, &ports);
+                if let Some(ips) = object.status.as_mut().and_then(|st| st.pod_ips.as_mut()) {
+                    ips.push(k8s_openapi::api::core::v1::PodIP { ip: slot_ip6(*s) });
+                }
+                e.upsert_pod(&object);
             }
             w.pods[*s] = p.clone();
         }
@@ -831,9 +838,11 @@ fn full(w: &World) -> Engine {
 /// Every sampled flow of every local pod must get the reference verdict.
 fn check_verdicts(e: &Engine, w: &World) -> Result<(), TestCaseError> {
     let mut peers: Vec<IpAddr> = (0..POD_SLOTS)
-        .map(|s| slot_ip(s).parse().unwrap())
+        .flat_map(|s| [slot_ip(s).parse().unwrap(), slot_ip6(s).parse().unwrap()])
         .collect();
     peers.extend(EXTERNAL.iter().map(|p| p.parse::<IpAddr>().unwrap()));
+    peers.push("fd00::ff".parse().unwrap());
+    peers.push("2001:db8::1".parse().unwrap());
     peers.push(NODE_IP.parse().unwrap());
     peers.push(OTHER_NODE_IP.parse().unwrap());
     let services: Vec<IpAddr> = (0..SERVICE_SLOTS)
