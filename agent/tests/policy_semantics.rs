@@ -1920,3 +1920,48 @@ fn take_diff_replays_to_the_same_tables() {
     assert_eq!(&mirror, e.tables());
     assert!(e.take_diff().is_empty());
 }
+
+#[test]
+fn single_changes_yield_minimal_diffs() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    e.take_diff();
+    // Another replica of an existing identity: one address, no rows.
+    e.upsert_pod(
+        &ray_pod(
+            "team-a",
+            "training-cpu-remote",
+            "training",
+            "worker",
+            "cpu",
+            "10.0.0.6",
+        )
+        .tap_node("node-b"),
+    );
+    let diff = e.take_diff();
+    assert_eq!(diff.addresses_upsert.len(), 1);
+    assert!(
+        diff.policy_add.is_empty()
+            && diff.policy_remove.is_empty()
+            && diff.endpoints_upsert.is_empty()
+    );
+    // A namespace relabel no selector looks at: nothing.
+    e.upsert_namespace(&namespace("team-b", &[("unrelated", "x")]));
+    assert!(e.take_diff().is_empty());
+    // Re-applying an unchanged RayCluster: nothing.
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(e.take_diff().is_empty());
+}
+
+trait TapNode {
+    fn tap_node(self, node: &str) -> Self;
+}
+
+impl TapNode for k8s_openapi::api::core::v1::Pod {
+    fn tap_node(mut self, node: &str) -> Self {
+        if let Some(spec) = self.spec.as_mut() {
+            spec.node_name = Some(node.into());
+        }
+        self
+    }
+}
