@@ -603,6 +603,20 @@ fn direct(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, por
         if peer_pod.is_some_and(|p| p.ns == 0 && p.ray.is_some()) {
             return true;
         }
+        // DNS: UDP/TCP 53 to the pods backing n0/svc0 (any of their addresses).
+        if dir == Direction::Egress && (proto == "UDP" || proto == "TCP") && port == 53 {
+            let dns = w.services[0].as_ref().filter(|svc| svc.ns == 0);
+            let slot = (0..POD_SLOTS).find(|s| {
+                w.pods[*s].is_some()
+                    && (slot_ip(*s).parse::<IpAddr>().unwrap() == peer
+                        || slot_ip6(*s).parse::<IpAddr>().unwrap() == peer)
+            });
+            if let (Some(dns), Some(slot)) = (dns, slot)
+                && backends(dns).contains(&slot_ip(slot).parse().unwrap())
+            {
+                return true;
+            }
+        }
         // The operator (settings(): namespace n2, app=z) to the head's ports.
         if head
             && dir == Direction::Ingress
@@ -806,10 +820,14 @@ fn apply(e: &mut Engine, w: &mut World, op: &Op) {
     }
 }
 
+/// DNS is the Service in slot 0 when it lives in n0 (`n0/svc0`).
 fn settings_for_property() -> Settings {
     let mut s = settings();
     s.enforce_networkpolicies = true;
-    s.dns = DnsMode::Off;
+    s.dns = DnsMode::Service {
+        namespace: "n0".into(),
+        name: "svc0".into(),
+    };
     s.operator_namespaces = vec!["n2".into()];
     s.operator_selector = Selector::from_labels([("app", "z")]);
     s
@@ -817,7 +835,11 @@ fn settings_for_property() -> Settings {
 
 /// Feeds a whole world into a fresh engine, in one fixed order.
 fn full(w: &World) -> Engine {
-    let mut e = Engine::new(settings_for_property());
+    full_with(w, settings_for_property())
+}
+
+fn full_with(w: &World, settings: Settings) -> Engine {
+    let mut e = Engine::new(settings);
     let mut scratch = World::default();
     for n in 0..3 {
         apply(&mut e, &mut scratch, &Op::Ns(n, w.ns_env[n]));
@@ -1057,10 +1079,12 @@ proptest! {
     #[test]
     fn raycluster_equals_the_networkpolicies_kuberay_generates(mut w in world(), c in cluster_t()) {
         w.cluster = Some(c.clone());
-        let ray = full(&w);
+        let mut off = settings_for_property();
+        off.dns = DnsMode::Off;
+        let ray = full_with(&w, off.clone());
         let mut plain = w.clone();
         plain.cluster = None;
-        let mut e = full(&plain);
+        let mut e = full_with(&plain, off);
         for np in kuberay_netpols(&c) {
             e.upsert_network_policy(&serde_json::from_value(np).unwrap());
         }

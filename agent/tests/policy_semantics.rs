@@ -877,6 +877,81 @@ fn dns_service_and_its_pods_are_reachable_on_port_53_only() {
 }
 
 #[test]
+fn dns_peers_are_exactly_the_backends_of_the_dns_service() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    // A replica with the same labels that is not (yet) in the EndpointSlice.
+    let spare = pod(
+        "kube-system",
+        "coredns-2",
+        &[("k8s-app", "kube-dns")],
+        "10.3.0.11",
+        "node-b",
+        &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
+    );
+    e.upsert_pod(&spare);
+    assert!(egress(&e, "team-a", "training-cpu", "10.3.0.10", "UDP", 53));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.11",
+        "UDP",
+        53
+    ));
+    let ports = [("dns", "UDP", 53), ("dns-tcp", "TCP", 53)];
+    e.upsert_endpoint_slice(&slice(
+        "kube-system",
+        "kube-dns",
+        &ports,
+        &["10.3.0.10", "10.3.0.11"],
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "10.3.0.11", "UDP", 53));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "TCP",
+        53
+    ));
+    e.upsert_endpoint_slice(&slice("kube-system", "kube-dns", &ports, &["10.3.0.11"]));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.10",
+        "UDP",
+        53
+    ));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "UDP",
+        53
+    ));
+    e.remove_endpoint_slice("kube-system", "kube-dns-slice");
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.11",
+        "UDP",
+        53
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "UDP",
+        53
+    ));
+}
+
+#[test]
 fn dns_anywhere_and_off_settings() {
     let mut s = settings();
     s.dns = DnsMode::Anywhere;

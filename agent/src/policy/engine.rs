@@ -27,7 +27,7 @@ use super::raycluster::{
 };
 use super::rule::{NamespaceMatch, Peer, PortMatch, Role, Rule, RuleOrigin, parse_protocol};
 use super::selector::Labels;
-use super::settings::Settings;
+use super::settings::{DnsMode, Settings};
 use crate::crd::RayCluster;
 use crate::tables::{
     Direction, EndpointId, EndpointPolicy, IdentityId, PolicyEntry, PolicyId, Tables, TablesDiff,
@@ -127,6 +127,8 @@ struct IdentityKey {
     namespace: String,
     labels: Labels,
     named_ports: Arc<Vec<NamedPort>>,
+    /// Backs the DNS Service (the DNS base flow's peer), so that flow is exact.
+    dns_backend: bool,
 }
 
 #[derive(Debug)]
@@ -268,6 +270,8 @@ struct Dirty {
     identities: BTreeSet<IdentityId>,
     services: BTreeSet<ObjectKey>,
     nets: Vec<IpNet>,
+    /// Pods whose DNS-backend bit may have changed.
+    rekey: BTreeSet<ObjectKey>,
     /// Identities to recompute in one policy only (namespace relabels).
     pairs: BTreeMap<PolicyId, BTreeSet<IdentityId>>,
 }
@@ -310,6 +314,8 @@ pub struct Engine {
     local_by_cluster: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     /// Known namespaces by label.
     ns_by_label: HashMap<(String, String), BTreeSet<String>>,
+    /// The DNS Service of `DnsMode::Service`.
+    dns_service: Option<ObjectKey>,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
@@ -403,7 +409,11 @@ impl Engine {
             row_owners: HashMap::new(),
             local_by_cluster: HashMap::new(),
             ns_by_label: HashMap::new(),
+            dns_service: None,
         };
+        if let DnsMode::Service { namespace, name } = &engine.settings.dns {
+            engine.dns_service = Some((namespace.clone(), name.clone()));
+        }
         for addr in engine.node_addresses.clone() {
             engine.out.set_address(addr, Some(identity::HOST));
         }
@@ -734,12 +744,14 @@ impl Engine {
         named.sort();
         named.dedup();
         let named_ports = Arc::new(named);
+        let dns_backend = self.is_dns_backend(&ips);
         let new_identity = selectable.then(|| {
             self.join_identity(
                 IdentityKey {
                     namespace: key.0.clone(),
                     labels: labels.clone(),
                     named_ports: named_ports.clone(),
+                    dns_backend,
                 },
                 &key,
             )
@@ -1207,7 +1219,54 @@ impl Engine {
             for key in self.addr_pods.get(ip).into_iter().flatten() {
                 if let Some(id) = self.pods.get(key).and_then(|p| p.identity) {
                     self.dirty.identities.insert(id);
+                    self.dirty.rekey.insert(key.clone());
                 }
+            }
+        }
+    }
+
+    fn is_dns_backend(&self, ips: &[IpAddr]) -> bool {
+        self.dns_service.as_ref().is_some_and(|svc| {
+            ips.iter().any(|ip| {
+                self.backend_ips
+                    .get(ip)
+                    .is_some_and(|m| m.contains_key(svc))
+            })
+        })
+    }
+
+    /// Moves a pod to the identity its DNS-backend bit now calls for.
+    fn rekey_pod(&mut self, key: &ObjectKey) {
+        let Some(pod) = self.pods.get(key) else {
+            return;
+        };
+        let Some(old) = pod.identity else {
+            return;
+        };
+        let dns_backend = self.is_dns_backend(&pod.ips);
+        if self
+            .pod_identities
+            .get(&old)
+            .is_some_and(|i| i.key.dns_backend == dns_backend)
+        {
+            return;
+        }
+        let new_key = IdentityKey {
+            namespace: key.0.clone(),
+            labels: pod.labels.clone(),
+            named_ports: pod.named_ports.clone(),
+            dns_backend,
+        };
+        let ips = pod.ips.clone();
+        let new = self.join_identity(new_key, key);
+        if let Some(pod) = self.pods.get_mut(key) {
+            pod.identity = Some(new);
+        }
+        self.leave_identity(old, key);
+        for ip in ips {
+            self.refresh_address(ip);
+            if let Some(services) = self.backend_ips.get(&ip) {
+                self.dirty.services.extend(services.keys().cloned());
             }
         }
     }
@@ -1519,6 +1578,9 @@ impl Engine {
             Peer::Block(_) => false,
             Peer::ServiceBackends { namespace, name } => {
                 let service = (namespace.clone(), name.clone());
+                if self.dns_service.as_ref() == Some(&service) {
+                    return identity.key.dns_backend;
+                }
                 identity.members.iter().any(|m| {
                     self.pods.get(m).is_some_and(|p| {
                         p.ips.iter().any(|ip| {
@@ -1839,6 +1901,9 @@ impl Engine {
 
     /// Brings rows and endpoints up to date with everything marked dirty.
     fn flush(&mut self) {
+        for key in std::mem::take(&mut self.dirty.rekey) {
+            self.rekey_pod(&key);
+        }
         let mut new_policies = BTreeSet::new();
         for key in std::mem::take(&mut self.dirty.endpoints) {
             self.refresh_endpoint(&key, &mut new_policies);

@@ -13,7 +13,8 @@
 //! - [`engine`]: the incremental engine that owns identities, policies and tables.
 //!
 //! # Identities and policy ids
-//! - Pod identity: one per distinct (namespace, labels, named container ports), so
+//! - Pod identity: one per distinct (namespace, labels, named container ports, DNS
+//!   backend or not), so
 //!   the pods of a worker group share one and rows do not grow with replicas. Every
 //!   pod IP (v4 and v6) maps to it in `Tables::addresses`.
 //! - CIDR identity: one per distinct prefix that appears as an ipBlock `cidr` or
@@ -43,8 +44,11 @@
 //!   it matches nothing (a notice is reported). A rule with no peers and a named
 //!   egress port resolves on every pod. Named ingress ports resolve on the local pod
 //!   whatever the peer.
-//! - DNS `service` mode allows UDP/TCP 53 on the DNS Service's backend pods (any pod
-//!   sharing such a pod's identity) and, by the Service rule above, its ClusterIPs.
+//! - DNS `service` mode allows UDP/TCP 53 on exactly the pods the DNS Service's
+//!   EndpointSlices list (a pod identity carries a DNS-backend bit, so a spare
+//!   replica with the same labels is not a peer until it is listed) and, by the
+//!   Service rule above, on its ClusterIPs. Port 53 is assumed to be the target port
+//!   too, as in every kube-dns/CoreDNS deployment.
 //! - A namespace without a Namespace object has only `kubernetes.io/metadata.name`.
 //! - Operator namespaces default to `ray-system` and `kuberay-system`.
 //! - An invalid block (not an object, unparsable annotation) is an invalid mode: the
