@@ -211,10 +211,9 @@ enum IndexKey {
     Blocks,
     /// A `ServiceBackends` peer.
     Service(ObjectKey),
-    /// A namespace selector requiring this label (for namespace relabels).
-    NsDepPair(String, String),
-    /// A namespace selector without a required label.
-    NsDepUnindexed,
+    /// A namespace selector that looks at this label key (for namespace relabels: a
+    /// selector's verdict can only flip when a key it mentions changes).
+    NsDepKey(String),
 }
 
 fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
@@ -224,10 +223,11 @@ fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
             match peer {
                 Peer::Pods { namespaces, pods } => {
                     if let NamespaceMatch::Selector(s) = namespaces {
-                        keys.push(match s.required_pair() {
-                            Some((k, v)) => IndexKey::NsDepPair(k.to_owned(), v.to_owned()),
-                            None => IndexKey::NsDepUnindexed,
-                        });
+                        keys.extend(
+                            s.requirements
+                                .iter()
+                                .map(|r| IndexKey::NsDepKey(r.key().to_owned())),
+                        );
                     }
                     match (pods.required_pair(), namespaces) {
                         (Some((k, v)), _) => {
@@ -640,17 +640,15 @@ impl Engine {
             return;
         };
         let mut candidates: BTreeSet<PolicyId> = BTreeSet::new();
-        for (k, v) in old.iter().chain(new.iter()) {
-            if let Some(set) = self.index.get(&IndexKey::NsDepPair(k.clone(), v.clone())) {
+        let changed = old
+            .keys()
+            .chain(new.keys())
+            .filter(|k| old.get(*k) != new.get(*k));
+        for key in changed {
+            if let Some(set) = self.index.get(&IndexKey::NsDepKey(key.clone())) {
                 candidates.extend(set);
             }
         }
-        candidates.extend(
-            self.index
-                .get(&IndexKey::NsDepUnindexed)
-                .into_iter()
-                .flatten(),
-        );
         for policy in candidates {
             let Some(state) = self.policies.get(&policy) else {
                 continue;
