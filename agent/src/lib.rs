@@ -1,10 +1,12 @@
 //! rayfence: RayCluster network isolation enforced in eBPF on every node.
 //!
 //! Module map (one concern each; the `//!` header of each says what it must not do):
+//! - [`crd`]: the RayCluster resource type, policy fields kept raw.
 //! - [`tables`]: the desired datapath state, the contract between policy and datapath.
 //! - [`policy`]: pure translation of cluster objects into [`tables::Tables`]; no I/O.
 //! - [`datapath`]: the only module that touches aya: load, attach, pin, apply tables.
 //! - [`discovery`]: where local pods live in the kernel (cgroup, host veth) and which hook fits.
+pub mod crd;
 pub mod datapath;
 pub mod discovery;
 pub mod policy;

@@ -1,0 +1,95 @@
+//! Problems found in the input: what the agent turns into Kubernetes Events and log
+//! lines (SEMANTICS section 6).
+//!
+//! Must not: decide anything. A problem only describes; the safe reading is applied
+//! where the problem is found.
+use std::fmt;
+
+/// The object a problem is about.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectRef {
+    /// `RayCluster`, `NetworkPolicy`, `Pod`, ...
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(kind: &str, namespace: &str, name: &str) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
+}
+
+/// How an event should be typed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Severity {
+    /// Invalid input; a safe (never looser) reading applies.
+    Warning,
+    /// Valid but noteworthy (e.g. `networkPolicy` and `networkIsolation` both set).
+    Notice,
+}
+
+/// One thing wrong (or worth saying) about an input object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Problem {
+    pub object: ObjectRef,
+    /// Field path, e.g. `spec.networkPolicy.worker.egressRules[0].to[0].ipBlock.cidr`.
+    pub field: String,
+    /// The offending value as written (JSON for structured values).
+    pub value: String,
+    /// What is wrong and which reading applies.
+    pub message: String,
+    pub severity: Severity,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} = {:?}: {}",
+            self.object, self.field, self.value, self.message
+        )
+    }
+}
+
+/// A problem before it is tied to an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub value: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(
+        field: impl Into<String>,
+        value: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            field: field.into(),
+            value: value.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn at(self, object: &ObjectRef, severity: Severity) -> Problem {
+        Problem {
+            object: object.clone(),
+            field: self.field,
+            value: self.value,
+            message: self.message,
+            severity,
+        }
+    }
+}

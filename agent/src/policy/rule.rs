@@ -1,0 +1,547 @@
+//! The engine's normalised rule: one allow rule with its peers and ports, whichever
+//! source it came from (a RayCluster's user rules, a base flow, a NetworkPolicy), and
+//! the parser from the `networking.k8s.io/v1` rule types.
+//!
+//! Must not: look at cluster state. A rule is a value; which identities it matches is
+//! decided in `engine`, against the current pods and namespaces.
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::problem::{Invalid, ObjectRef};
+use super::selector::Selector;
+use crate::tables::{Direction, protocol};
+
+/// Which namespaces a pod peer may be in.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NamespaceMatch {
+    /// Exactly these namespaces (the policy's own one for a bare `podSelector`; the
+    /// operator namespaces from the settings).
+    Names(Vec<String>),
+    /// Namespaces whose labels match.
+    Selector(Selector),
+}
+
+/// An `ipBlock`: `cidr` minus `except`. Prefixes are normalised (host bits cleared).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Block {
+    pub cidr: IpNet,
+    pub except: Vec<IpNet>,
+}
+
+impl Block {
+    /// Every address of both families: what a rule with no peers means.
+    pub fn everything() -> [Block; 2] {
+        [
+            Block {
+                cidr: IpNet::V4(Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0)),
+                except: Vec::new(),
+            },
+            Block {
+                cidr: IpNet::V6(Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 0)),
+                except: Vec::new(),
+            },
+        ]
+    }
+
+    /// Whether every address of `net` is in this block. Exact for the prefixes the
+    /// engine inserts, since every `except` is itself one of them.
+    pub fn covers(&self, net: &IpNet) -> bool {
+        self.cidr.contains(net) && !self.except.iter().any(|e| e.contains(net))
+    }
+
+    /// Every prefix this block contributes to the CIDR table.
+    pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        std::iter::once(self.cidr).chain(self.except.iter().copied())
+    }
+}
+
+/// One peer of a rule.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    /// Pods matching `pods` in namespaces matching `namespaces` (one peer: AND).
+    Pods {
+        namespaces: NamespaceMatch,
+        pods: Selector,
+    },
+    Block(Block),
+    /// The pods backing a Service (its EndpointSlices); used by the DNS base flow.
+    ServiceBackends {
+        namespace: String,
+        name: String,
+    },
+}
+
+/// Which ports of a protocol a rule allows.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PortMatch {
+    All,
+    /// Inclusive.
+    Range(u16, u16),
+    /// A container port name; resolved on the receiving pod.
+    Named(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortSpec {
+    pub protocol: u8,
+    pub port: PortMatch,
+}
+
+/// The role a RayCluster rule belongs to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    Head,
+    /// `worker` (also used for groups without an entry).
+    Worker,
+    /// A `workerGroups[]` entry.
+    Group(String),
+}
+
+/// Where a rule comes from, for `explain` and problem reports.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RuleOrigin {
+    /// Base flow: from/to the pods of the same RayCluster.
+    SameCluster,
+    /// Base flow: the KubeRay operator to the head's dashboard and client ports.
+    Operator,
+    /// Base flow: the owning RayJob's submitter pods to the head's dashboard port.
+    Submitter,
+    /// Base flow: DNS.
+    Dns,
+    /// A user rule of a RayCluster: `index` into that role's ingress/egress rules.
+    User {
+        role: Role,
+        direction: Direction,
+        index: usize,
+    },
+    /// A rule of a plain NetworkPolicy: `index` into its `spec.ingress`/`spec.egress`.
+    NetworkPolicy {
+        name: String,
+        direction: Direction,
+        index: usize,
+    },
+}
+
+/// One allow rule, direction given by where it is stored.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Rule {
+    pub origin: RuleOrigin,
+    /// The object the rule is written in and its field path, for problem reports.
+    pub object: Arc<ObjectRef>,
+    pub field: String,
+    /// Never empty: "any peer" is the two everything-blocks.
+    pub peers: Vec<Peer>,
+    /// `None`: every protocol and port.
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+impl Rule {
+    pub fn named_ports(&self) -> impl Iterator<Item = (&PortSpec, &str)> {
+        self.ports.iter().flatten().filter_map(|p| match &p.port {
+            PortMatch::Named(name) => Some((p, name.as_str())),
+            _ => None,
+        })
+    }
+}
+
+/// Parses a protocol name as the API does (`TCP` default).
+pub fn parse_protocol(value: Option<&str>) -> Option<u8> {
+    match value {
+        None | Some("TCP") => Some(protocol::TCP),
+        Some("UDP") => Some(protocol::UDP),
+        Some("SCTP") => Some(protocol::SCTP),
+        Some(_) => None,
+    }
+}
+
+fn selector(field: &str, selector: &LabelSelector) -> Result<Selector, Invalid> {
+    Selector::parse(selector).map_err(|e| {
+        Invalid::new(
+            format!("{field}.matchExpressions[{}].operator", e.index()),
+            e.operator(),
+            format!("{e}; the rule allows nothing"),
+        )
+    })
+}
+
+fn parse_net(field: &str, value: &str) -> Result<IpNet, Invalid> {
+    value
+        .parse::<IpNet>()
+        .map(|net| net.trunc())
+        .map_err(|_| Invalid::new(field, value, "not a CIDR; the rule allows nothing"))
+}
+
+fn parse_peer(field: &str, peer: &NetworkPolicyPeer, namespace: &str) -> Result<Peer, Invalid> {
+    if let Some(block) = &peer.ip_block {
+        if peer.pod_selector.is_some() || peer.namespace_selector.is_some() {
+            return Err(Invalid::new(
+                field,
+                "ipBlock with a selector",
+                "ipBlock cannot be combined with podSelector or namespaceSelector; the rule allows nothing",
+            ));
+        }
+        let cidr = parse_net(&format!("{field}.ipBlock.cidr"), &block.cidr)?;
+        let mut except = Vec::new();
+        for (i, value) in block.except.iter().flatten().enumerate() {
+            let f = format!("{field}.ipBlock.except[{i}]");
+            let net = parse_net(&f, value)?;
+            if !cidr.contains(&net) {
+                return Err(Invalid::new(
+                    f,
+                    value.as_str(),
+                    format!("not inside cidr {cidr}; the rule allows nothing"),
+                ));
+            }
+            except.push(net);
+        }
+        except.sort();
+        except.dedup();
+        return Ok(Peer::Block(Block { cidr, except }));
+    }
+    let pods = match &peer.pod_selector {
+        Some(s) => selector(&format!("{field}.podSelector"), s)?,
+        None => Selector::everything(),
+    };
+    let namespaces = match &peer.namespace_selector {
+        Some(s) => NamespaceMatch::Selector(selector(&format!("{field}.namespaceSelector"), s)?),
+        None if peer.pod_selector.is_some() => NamespaceMatch::Names(vec![namespace.to_owned()]),
+        None => {
+            return Err(Invalid::new(
+                field,
+                "{}",
+                "a peer must set podSelector, namespaceSelector or ipBlock; the rule allows nothing",
+            ));
+        }
+    };
+    Ok(Peer::Pods { namespaces, pods })
+}
+
+fn parse_port(field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, Invalid> {
+    let protocol = parse_protocol(port.protocol.as_deref()).ok_or_else(|| {
+        Invalid::new(
+            format!("{field}.protocol"),
+            port.protocol.clone().unwrap_or_default(),
+            "unknown protocol (expected TCP, UDP or SCTP); the rule allows nothing",
+        )
+    })?;
+    let in_range = |v: i32| u16::try_from(v).ok().filter(|p| *p > 0);
+    let port = match (&port.port, port.end_port) {
+        (None, None) => PortMatch::All,
+        (None, Some(end)) => {
+            return Err(Invalid::new(
+                format!("{field}.endPort"),
+                end.to_string(),
+                "endPort without port; the rule allows nothing",
+            ));
+        }
+        (Some(IntOrString::Int(p)), end) => {
+            let start = in_range(*p).ok_or_else(|| {
+                Invalid::new(
+                    format!("{field}.port"),
+                    p.to_string(),
+                    "port out of range 1-65535; the rule allows nothing",
+                )
+            })?;
+            match end {
+                None => PortMatch::Range(start, start),
+                Some(e) => match in_range(e).filter(|e| *e >= start) {
+                    Some(end) => PortMatch::Range(start, end),
+                    None => {
+                        return Err(Invalid::new(
+                            format!("{field}.endPort"),
+                            e.to_string(),
+                            "endPort must be within 1-65535 and not below port; the rule allows nothing",
+                        ));
+                    }
+                },
+            }
+        }
+        (Some(IntOrString::String(name)), end) => {
+            if let Some(e) = end {
+                return Err(Invalid::new(
+                    format!("{field}.endPort"),
+                    e.to_string(),
+                    "endPort cannot be used with a named port; the rule allows nothing",
+                ));
+            }
+            if name.is_empty() {
+                return Err(Invalid::new(
+                    format!("{field}.port"),
+                    "",
+                    "empty port name; the rule allows nothing",
+                ));
+            }
+            PortMatch::Named(name.clone())
+        }
+    };
+    Ok(PortSpec { protocol, port })
+}
+
+/// What [`parse_rule`] also has to say about a valid rule.
+#[derive(Debug)]
+pub struct Parsed {
+    pub rule: Rule,
+    /// Valid-but-noteworthy readings (e.g. a named port with an ipBlock peer).
+    pub notices: Vec<Invalid>,
+}
+
+/// Parses one `NetworkPolicyIngressRule`/`EgressRule` (`peers` is `from`/`to`).
+/// `field` is the rule's path (e.g. `spec.ingress[0]`), `namespace` the policy's.
+pub fn parse_rule(
+    origin: RuleOrigin,
+    object: &Arc<ObjectRef>,
+    field: &str,
+    direction: Direction,
+    peers: Option<&[NetworkPolicyPeer]>,
+    ports: Option<&[NetworkPolicyPort]>,
+    namespace: &str,
+) -> Result<Parsed, Invalid> {
+    let peers_field = match direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    let mut parsed_peers = Vec::new();
+    for (i, peer) in peers.into_iter().flatten().enumerate() {
+        parsed_peers.push(parse_peer(
+            &format!("{field}.{peers_field}[{i}]"),
+            peer,
+            namespace,
+        )?);
+    }
+    let mut parsed_ports = Vec::new();
+    for (i, port) in ports.into_iter().flatten().enumerate() {
+        parsed_ports.push(parse_port(&format!("{field}.ports[{i}]"), port)?);
+    }
+    if parsed_peers.is_empty() {
+        parsed_peers.extend(Block::everything().map(Peer::Block));
+        let named = parsed_ports
+            .iter()
+            .any(|p| matches!(p.port, PortMatch::Named(_)));
+        if direction == Direction::Egress && named {
+            // A named egress port resolves on destination pods, which blocks cannot
+            // name: every pod is a peer too (only then, to keep `{}` rules small).
+            parsed_peers.push(Peer::Pods {
+                namespaces: NamespaceMatch::Selector(Selector::everything()),
+                pods: Selector::everything(),
+            });
+        }
+    }
+    let mut notices = Vec::new();
+    let explicit_blocks = peers.is_some_and(|p| p.iter().any(|p| p.ip_block.is_some()));
+    if direction == Direction::Egress && explicit_blocks {
+        for (i, port) in parsed_ports.iter().enumerate() {
+            if let PortMatch::Named(name) = &port.port {
+                notices.push(Invalid::new(
+                    format!("{field}.ports[{i}].port"),
+                    name.as_str(),
+                    "a named egress port is resolved on destination pods; it matches nothing for ipBlock peers",
+                ));
+            }
+        }
+    }
+    Ok(Parsed {
+        rule: Rule {
+            origin,
+            object: object.clone(),
+            field: field.to_owned(),
+            peers: parsed_peers,
+            ports: (!parsed_ports.is_empty()).then_some(parsed_ports),
+        },
+        notices,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule_from(json: serde_json::Value, direction: Direction) -> Result<Parsed, Invalid> {
+        let object = Arc::new(ObjectRef::new("NetworkPolicy", "ns", "p"));
+        let origin = RuleOrigin::NetworkPolicy {
+            name: "p".into(),
+            direction,
+            index: 0,
+        };
+        match direction {
+            Direction::Ingress => {
+                let r: k8s_openapi::api::networking::v1::NetworkPolicyIngressRule =
+                    serde_json::from_value(json).unwrap();
+                parse_rule(
+                    origin,
+                    &object,
+                    "spec.ingress[0]",
+                    direction,
+                    r.from.as_deref(),
+                    r.ports.as_deref(),
+                    "ns",
+                )
+            }
+            Direction::Egress => {
+                let r: k8s_openapi::api::networking::v1::NetworkPolicyEgressRule =
+                    serde_json::from_value(json).unwrap();
+                parse_rule(
+                    origin,
+                    &object,
+                    "spec.egress[0]",
+                    direction,
+                    r.to.as_deref(),
+                    r.ports.as_deref(),
+                    "ns",
+                )
+            }
+        }
+    }
+
+    #[test]
+    fn no_peers_is_both_everything_blocks_and_no_ports_is_any() {
+        let parsed = rule_from(serde_json::json!({}), Direction::Ingress).unwrap();
+        assert_eq!(
+            parsed.rule.peers,
+            Block::everything().map(Peer::Block).to_vec()
+        );
+        assert_eq!(parsed.rule.ports, None);
+        let parsed = rule_from(
+            serde_json::json!({"from": [], "ports": []}),
+            Direction::Ingress,
+        )
+        .unwrap();
+        assert_eq!(parsed.rule.ports, None);
+        assert_eq!(parsed.rule.peers.len(), 2);
+    }
+
+    #[test]
+    fn bare_pod_selector_is_the_policy_namespace() {
+        let parsed = rule_from(
+            serde_json::json!({"from": [{"podSelector": {"matchLabels": {"a": "b"}}}]}),
+            Direction::Ingress,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.rule.peers,
+            vec![Peer::Pods {
+                namespaces: NamespaceMatch::Names(vec!["ns".into()]),
+                pods: Selector::from_labels([("a", "b")]),
+            }]
+        );
+    }
+
+    #[test]
+    fn cidrs_are_normalised_and_excepts_must_be_inside() {
+        let parsed = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.1.2.3/16", "except": ["10.1.9.0/24"]}}]}),
+            Direction::Egress,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.rule.peers,
+            vec![Peer::Block(Block {
+                cidr: "10.1.0.0/16".parse().unwrap(),
+                except: vec!["10.1.9.0/24".parse().unwrap()],
+            })]
+        );
+        let err = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.1.0.0/16", "except": ["10.2.0.0/24"]}}]}),
+            Direction::Egress,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.egress[0].to[0].ipBlock.except[0]");
+        let err = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.1.0.0"}}]}),
+            Direction::Egress,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.value.as_str()),
+            ("spec.egress[0].to[0].ipBlock.cidr", "10.1.0.0")
+        );
+    }
+
+    #[test]
+    fn ports_parse_as_the_api_defines_them() {
+        let parsed = rule_from(
+            serde_json::json!({"ports": [{"port": 80}, {"protocol": "UDP"}, {"port": "http"}, {"port": 1000, "endPort": 2000, "protocol": "SCTP"}]}),
+            Direction::Ingress,
+        )
+        .unwrap();
+        assert_eq!(
+            parsed.rule.ports.unwrap(),
+            vec![
+                PortSpec {
+                    protocol: protocol::TCP,
+                    port: PortMatch::Range(80, 80)
+                },
+                PortSpec {
+                    protocol: protocol::UDP,
+                    port: PortMatch::All
+                },
+                PortSpec {
+                    protocol: protocol::TCP,
+                    port: PortMatch::Named("http".into())
+                },
+                PortSpec {
+                    protocol: protocol::SCTP,
+                    port: PortMatch::Range(1000, 2000)
+                },
+            ]
+        );
+        for (bad, field) in [
+            (
+                serde_json::json!({"port": 0}),
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                serde_json::json!({"port": 70000}),
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                serde_json::json!({"endPort": 9}),
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                serde_json::json!({"port": "http", "endPort": 9}),
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                serde_json::json!({"protocol": "tcp"}),
+                "spec.ingress[0].ports[0].protocol",
+            ),
+        ] {
+            let err =
+                rule_from(serde_json::json!({"ports": [bad]}), Direction::Ingress).unwrap_err();
+            assert_eq!(err.field, field);
+        }
+    }
+
+    #[test]
+    fn peer_needs_a_selector_or_block_and_not_both() {
+        let err = rule_from(serde_json::json!({"from": [{}]}), Direction::Ingress).unwrap_err();
+        assert_eq!(err.field, "spec.ingress[0].from[0]");
+        let err = rule_from(
+            serde_json::json!({"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}),
+            Direction::Ingress,
+        )
+        .unwrap_err();
+        assert_eq!(err.field, "spec.ingress[0].from[0]");
+    }
+
+    #[test]
+    fn named_egress_port_without_peers_adds_an_all_pods_peer() {
+        let parsed = rule_from(
+            serde_json::json!({"ports": [{"port": "http"}]}),
+            Direction::Egress,
+        )
+        .unwrap();
+        assert_eq!(parsed.rule.peers.len(), 3);
+        let parsed = rule_from(
+            serde_json::json!({"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": "http"}]}),
+            Direction::Egress,
+        )
+        .unwrap();
+        assert_eq!(parsed.notices.len(), 1);
+    }
+}

@@ -1,0 +1,2042 @@
+//! Table tests for SEMANTICS.md sections 1-6 and the example manifests, decided
+//! through `Tables::allows` (the datapath's lookup semantics).
+mod policy_support;
+
+use policy_support::*;
+use rayfence::policy::{DnsMode, Engine, ObjectRef, Role, RuleOrigin, Settings, Severity};
+use rayfence::tables::Direction;
+
+const OPERATOR: &[(&str, &str)] = &[
+    ("app.kubernetes.io/name", "kuberay-operator"),
+    ("app.kubernetes.io/component", "kuberay-operator"),
+];
+
+/// A RayCluster in `ns` named `name` with `block` (YAML, indented under `spec:`).
+fn rc(ns: &str, name: &str, spec: &str) -> rayfence::crd::RayCluster {
+    raycluster(&format!(
+        "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n"
+    ))
+}
+
+fn ray_pod(
+    ns: &str,
+    name: &str,
+    cluster: &str,
+    node_type: &str,
+    group: &str,
+    ip: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    pod(
+        ns,
+        name,
+        &[
+            ("ray.io/cluster", cluster),
+            ("ray.io/node-type", node_type),
+            ("ray.io/group", group),
+        ],
+        ip,
+        NODE,
+        &[],
+    )
+}
+
+/// The common scene: team-a/training (head 10.0.0.1, cpu worker 10.0.0.2, gpu worker
+/// 10.0.0.3), a pod of another cluster, monitoring, registry, kube-dns, the operator.
+fn scene(settings: Settings) -> Engine {
+    let mut e = Engine::new(settings);
+    for (ns, l) in [
+        ("team-a", vec![]),
+        ("team-b", vec![]),
+        ("monitoring", vec![("purpose", "metrics")]),
+        ("registry", vec![]),
+        ("kube-system", vec![]),
+        ("ray-system", vec![]),
+    ] {
+        e.upsert_namespace(&namespace(ns, &l));
+    }
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-head",
+        "training",
+        "head",
+        "headgroup",
+        "10.0.0.1",
+    ));
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-cpu",
+        "training",
+        "worker",
+        "cpu",
+        "10.0.0.2",
+    ));
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-gpu",
+        "training",
+        "worker",
+        "gpu",
+        "10.0.0.3",
+    ));
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "other-head",
+        "other",
+        "head",
+        "headgroup",
+        "10.0.0.9",
+    ));
+    e.upsert_pod(&pod(
+        "team-a",
+        "plain",
+        &[("app", "plain")],
+        "10.0.0.20",
+        "node-b",
+        &[],
+    ));
+    e.upsert_pod(&pod(
+        "team-b",
+        "plain",
+        &[("app", "plain")],
+        "10.0.1.20",
+        "node-b",
+        &[],
+    ));
+    e.upsert_pod(&pod(
+        "monitoring",
+        "prom",
+        &[("app", "prometheus")],
+        "10.1.0.1",
+        "node-b",
+        &[],
+    ));
+    e.upsert_pod(&pod(
+        "registry",
+        "registry",
+        &[("app", "model-registry")],
+        "10.2.0.1",
+        "node-b",
+        &[("http", "TCP", 8000)],
+    ));
+    e.upsert_pod(&pod(
+        "kube-system",
+        "coredns",
+        &[("k8s-app", "kube-dns")],
+        "10.3.0.10",
+        "node-b",
+        &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
+    ));
+    e.upsert_service(&service(
+        "kube-system",
+        "kube-dns",
+        "10.96.0.10",
+        &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "kube-system",
+        "kube-dns",
+        &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
+        &["10.3.0.10"],
+    ));
+    e.upsert_pod(&pod(
+        "ray-system",
+        "kuberay-operator",
+        OPERATOR,
+        "10.4.0.1",
+        "node-b",
+        &[],
+    ));
+    e
+}
+
+const DENY_ALL: &str = "  networkPolicy: {mode: DenyAll}";
+
+// ---------------------------------------------------------------- section 1: inputs
+
+#[test]
+fn example_networkpolicy_v1_7_is_enforced() {
+    let mut e = scene(settings());
+    feed(
+        &mut e,
+        include_str!("fixtures/raycluster-networkpolicy-v1.7.yaml"),
+    );
+    let (h, cpu, gpu) = ("training-head", "training-cpu", "training-gpu");
+    // head: Prometheus from namespace monitoring on 8080/TCP only.
+    assert!(ingress(&e, "team-a", h, "10.1.0.1", "TCP", 8080));
+    assert!(!ingress(&e, "team-a", h, "10.1.0.1", "TCP", 8081));
+    assert!(!ingress(&e, "team-a", h, "10.1.0.1", "UDP", 8080));
+    assert!(!ingress(&e, "team-a", h, "10.0.1.20", "TCP", 8080));
+    // dashboard-port 8266 from rayStartParams for the operator.
+    assert!(ingress(&e, "team-a", h, "10.4.0.1", "TCP", 8266));
+    assert!(!ingress(&e, "team-a", h, "10.4.0.1", "TCP", 8265));
+    // cpu uses `worker`: the object store range except 10.20.99.0/24, HTTPS only.
+    assert!(egress(&e, "team-a", cpu, "10.20.1.1", "TCP", 443));
+    assert!(!egress(&e, "team-a", cpu, "10.20.99.1", "TCP", 443));
+    assert!(!egress(&e, "team-a", cpu, "10.20.1.1", "TCP", 80));
+    assert!(!egress(&e, "team-a", cpu, "10.2.0.1", "TCP", 8000));
+    // gpu's entry replaces `worker`: registry by named port, no object store.
+    assert!(egress(&e, "team-a", gpu, "10.2.0.1", "TCP", 8000));
+    assert!(!egress(&e, "team-a", gpu, "10.2.0.1", "TCP", 8001));
+    assert!(!egress(&e, "team-a", gpu, "10.20.1.1", "TCP", 443));
+    // Head egress: DenyAll with no head egress rules.
+    assert!(!egress(&e, "team-a", h, "10.20.1.1", "TCP", 443));
+    assert!(
+        e.problems().iter().all(|p| p.severity == Severity::Notice),
+        "{:?}",
+        e.problems()
+    );
+}
+
+#[test]
+fn example_networkisolation_pr4638_is_enforced() {
+    let mut e = scene(settings());
+    let mut cluster = raycluster(include_str!(
+        "fixtures/raycluster-networkisolation-pr4638.yaml"
+    ));
+    cluster.metadata.namespace = Some("team-a".into());
+    cluster.metadata.name = Some("training".into());
+    e.upsert_raycluster(&cluster);
+    e.upsert_pod(&pod(
+        "team-a",
+        "nb",
+        &[("app", "notebook")],
+        "10.0.0.30",
+        "node-b",
+        &[],
+    ));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.30",
+        "TCP",
+        10001
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.30",
+        "TCP",
+        8265
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.0.30",
+        "TCP",
+        10001
+    ));
+    // DenyAllIngress: egress stays open.
+    assert!(egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 53));
+    // Every worker, whatever its group, gets `worker` (here: none).
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-gpu",
+        "10.0.0.30",
+        "TCP",
+        10001
+    ));
+}
+
+#[test]
+fn example_annotation_pre_v1_7_is_enforced() {
+    let mut e = scene(settings());
+    let mut cluster = raycluster(include_str!("fixtures/raycluster-annotation-pre-v1.7.yaml"));
+    cluster.metadata.namespace = Some("team-a".into());
+    cluster.metadata.name = Some("training".into());
+    e.upsert_raycluster(&cluster);
+    assert!(egress(&e, "team-a", "training-cpu", "1.2.3.4", "TCP", 443));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "169.254.169.254",
+        "TCP",
+        443
+    ));
+    assert!(!egress(&e, "team-a", "training-cpu", "1.2.3.4", "TCP", 80));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "1.2.3.4",
+        "TCP",
+        443
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.20",
+        "TCP",
+        8265
+    ));
+}
+
+#[test]
+fn example_pods_as_kuberay_labels_them_become_endpoints_by_node() {
+    let mut e = Engine::new(settings());
+    feed(
+        &mut e,
+        include_str!("fixtures/pods-as-kuberay-labels-them.yaml"),
+    );
+    feed(
+        &mut e,
+        include_str!("fixtures/raycluster-networkpolicy-v1.7.yaml"),
+    );
+    // Only the head runs on node-a.
+    let id = e
+        .endpoint_id("team-a", "training-head-8x2kq")
+        .expect("head is local");
+    assert!(
+        e.endpoint_id("team-a", "training-cpu-worker-4m7zt")
+            .is_none()
+    );
+    let meta = e.endpoint_meta(id).unwrap();
+    assert_eq!(meta.uid, "0b6f3c52-2f0e-4a7b-9d35-51f3e0a1c001");
+    assert_eq!(meta.cluster.as_deref(), Some("training"));
+    assert_eq!(meta.role, Some(Role::Head));
+    assert!(meta.policy.isolate_ingress && meta.policy.isolate_egress);
+    // The remote worker is still a peer of the same cluster.
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head-8x2kq",
+        "10.244.2.11",
+        "UDP",
+        6379
+    ));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-head-8x2kq",
+        "10.244.2.11",
+        "TCP",
+        1234
+    ));
+}
+
+#[test]
+fn example_rayjob_owned_cluster_admits_its_submitter_to_the_dashboard() {
+    let mut e = Engine::new(settings());
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "eval-head",
+        "nightly-eval-raycluster-x7k2p",
+        "head",
+        "headgroup",
+        "10.0.0.1",
+    ));
+    feed(
+        &mut e,
+        include_str!("fixtures/raycluster-rayjob-owned.yaml"),
+    );
+    // DenyAllEgress: ingress not isolated at all.
+    assert!(ingress(&e, "team-a", "eval-head", "10.9.9.9", "TCP", 22));
+    assert!(!egress(&e, "team-a", "eval-head", "10.9.9.9", "TCP", 22));
+    // Same cluster under DenyAll: the submitter gets the dashboard port only.
+    let mut cluster = raycluster(
+        &include_str!("fixtures/raycluster-rayjob-owned.yaml")
+            .split("\n---")
+            .next()
+            .unwrap()
+            .replace("mode: DenyAllEgress", "mode: DenyAll"),
+    );
+    e.upsert_raycluster(&cluster);
+    e.upsert_pod(&pod(
+        "team-a",
+        "nightly-eval-submitter-5hq2d",
+        &[
+            ("ray.io/originated-from-cr-name", "nightly-eval"),
+            ("ray.io/originated-from-crd", "RayJob"),
+        ],
+        "10.0.0.50",
+        "node-b",
+        &[],
+    ));
+    assert!(ingress(&e, "team-a", "eval-head", "10.0.0.50", "TCP", 8265));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "eval-head",
+        "10.0.0.50",
+        "TCP",
+        10001
+    ));
+    // Without the K8sJobMode label there is no submitter rule.
+    cluster.metadata.labels = None;
+    e.upsert_raycluster(&cluster);
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "eval-head",
+        "10.0.0.50",
+        "TCP",
+        8265
+    ));
+}
+
+#[test]
+fn submitter_rule_needs_controller_rayjob_owner_and_matching_labels() {
+    let owned = |api: &str, kind: &str, controller: bool| {
+        format!(
+            "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata:\n  name: training\n  namespace: team-a\n  labels: {{ray.io/job-submission-mode: K8sJobMode}}\n  ownerReferences:\n  - {{apiVersion: {api}, kind: {kind}, name: job1, uid: u, controller: {controller}}}\nspec:\n  networkPolicy: {{mode: DenyAll}}\n"
+        )
+    };
+    let submitter = |ns: &str, name: &str, job: &str, ip: &str| {
+        pod(
+            ns,
+            name,
+            &[
+                ("ray.io/originated-from-cr-name", job),
+                ("ray.io/originated-from-crd", "RayJob"),
+            ],
+            ip,
+            "node-b",
+            &[],
+        )
+    };
+    let mut e = scene(settings());
+    e.upsert_pod(&submitter("team-a", "sub", "job1", "10.0.0.50"));
+    e.upsert_pod(&submitter("team-a", "sub-other-job", "job2", "10.0.0.51"));
+    e.upsert_pod(&submitter("team-b", "sub-other-ns", "job1", "10.0.1.50"));
+    e.upsert_raycluster(&raycluster(&owned("ray.io/v1", "RayJob", true)));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.50",
+        "TCP",
+        8265
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.51",
+        "TCP",
+        8265
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.1.50",
+        "TCP",
+        8265
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.0.50",
+        "TCP",
+        8265
+    ));
+    for (api, kind, controller) in [
+        ("ray.io/v1", "RayJob", false),
+        ("batch/v1", "RayJob", true),
+        ("ray.io/v1", "RayService", true),
+    ] {
+        e.upsert_raycluster(&raycluster(&owned(api, kind, controller)));
+        assert!(
+            !ingress(&e, "team-a", "training-head", "10.0.0.50", "TCP", 8265),
+            "{api} {kind} {controller}"
+        );
+    }
+}
+
+#[test]
+fn annotation_accepts_json_and_the_spec_field_wins_over_it() {
+    let mut e = scene(settings());
+    let mut cluster = rc("team-a", "training", "  rayVersion: '2.52.0'");
+    cluster.metadata.annotations = Some(labels(&[(
+        "rayfence.io/network-policy",
+        r#"{"mode":"DenyAllEgress","worker":{"egressRules":[{"ports":[{"port":443}]}]}}"#,
+    )]));
+    e.upsert_raycluster(&cluster);
+    assert!(egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 443));
+    assert!(!egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 80));
+    assert!(ingress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 80));
+    cluster.spec.network_policy = Some(serde_json::json!({"mode": "DenyAllIngress"}));
+    e.upsert_raycluster(&cluster);
+    assert!(egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 80));
+    assert!(!ingress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 80));
+    let problems = e.problems();
+    assert!(
+        problems.iter().any(
+            |p| p.field == "metadata.annotations[rayfence.io/network-policy]"
+                && p.severity == Severity::Notice
+        ),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn both_fields_set_network_policy_wins_and_is_reported() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy: {mode: DenyAllIngress}\n  networkIsolation: {mode: DenyAllEgress}",
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.0.20",
+        "TCP",
+        80
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "10.0.0.20", "TCP", 80));
+    let problems = e.problems_for(&ObjectRef::new("RayCluster", "team-a", "training"));
+    assert!(problems.iter().any(|p| p.field == "spec.networkIsolation" && p.message.contains("networkPolicy wins")));
+}
+
+#[test]
+fn mode_defaults_to_deny_all_when_the_block_has_none() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", "  networkPolicy: {}"));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.0.20",
+        "TCP",
+        80
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.0.20",
+        "TCP",
+        80
+    ));
+}
+
+#[test]
+fn cluster_without_isolation_leaves_its_pods_alone() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", "  rayVersion: '2.52.0'"));
+    let id = e.endpoint_id("team-a", "training-head").unwrap();
+    let policy = e.tables().endpoints[&id];
+    assert!(!policy.isolate_ingress && !policy.isolate_egress);
+    assert!(ingress(&e, "team-a", "training-head", "10.9.9.9", "TCP", 1));
+    assert!(egress(&e, "team-a", "training-head", "10.9.9.9", "TCP", 1));
+}
+
+#[test]
+fn worker_group_entry_replaces_worker_and_other_groups_use_worker() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    mode: DenyAllEgress\n    worker:\n      egressRules: [{ports: [{port: 443}]}]\n    workerGroups:\n    - groupName: gpu\n      egressRules: [{ports: [{port: 8443}]}]",
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 443));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "1.1.1.1",
+        "TCP",
+        8443
+    ));
+    assert!(egress(&e, "team-a", "training-gpu", "1.1.1.1", "TCP", 8443));
+    assert!(!egress(&e, "team-a", "training-gpu", "1.1.1.1", "TCP", 443));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "1.1.1.1",
+        "TCP",
+        443
+    ));
+}
+
+#[test]
+fn rules_of_a_direction_the_mode_does_not_isolate_are_ignored() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    mode: DenyAllIngress\n    worker:\n      egressRules: [{ports: [{port: 443}]}]\n      ingressRules: [{ports: [{port: 80}]}]",
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 22));
+    assert!(ingress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 80));
+    assert!(!ingress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 22));
+    let id = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let policy_id = e.tables().endpoints[&id].policy_id;
+    assert!(
+        e.tables()
+            .policy
+            .iter()
+            .filter(|r| r.policy_id == policy_id)
+            .all(|r| r.direction == Direction::Ingress)
+    );
+}
+
+#[test]
+fn dashboard_and_client_ports_come_from_ray_start_params_with_fallback() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy: {mode: DenyAll}\n  headGroupSpec:\n    rayStartParams: {dashboard-port: '9000', ray-client-server-port: 'ten'}",
+    ));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        9000
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        8265
+    ));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        10001
+    ));
+    assert!(e.problems().iter().any(|p| p.field
+        == "spec.headGroupSpec.rayStartParams[ray-client-server-port]"
+        && p.value == "ten"));
+}
+
+// ------------------------------------------------------- section 2: which pods
+
+#[test]
+fn pods_with_only_the_cluster_label_are_not_isolated() {
+    let mut e = scene(settings());
+    e.upsert_pod(&pod(
+        "team-a",
+        "sidecar",
+        &[("ray.io/cluster", "training")],
+        "10.0.0.4",
+        NODE,
+        &[],
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(ingress(&e, "team-a", "sidecar", "10.9.9.9", "TCP", 1));
+    assert!(egress(&e, "team-a", "sidecar", "10.9.9.9", "TCP", 1));
+    // ... but it is a member of the cluster for the base flows.
+    assert!(ingress(&e, "team-a", "training-head", "10.0.0.4", "TCP", 1));
+}
+
+#[test]
+fn same_cluster_name_in_another_namespace_is_a_different_cluster() {
+    let mut e = scene(settings());
+    e.upsert_pod(&ray_pod(
+        "team-b",
+        "training-head",
+        "training",
+        "head",
+        "headgroup",
+        "10.0.1.1",
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let id = e.endpoint_id("team-b", "training-head").unwrap();
+    assert!(!e.tables().endpoints[&id].isolate_ingress);
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.1.1",
+        "TCP",
+        1
+    ));
+}
+
+#[test]
+fn only_pods_on_this_node_are_endpoints() {
+    let e = scene(settings());
+    assert!(e.endpoint_id("team-a", "training-head").is_some());
+    assert!(e.endpoint_id("team-a", "plain").is_none());
+    assert!(e.endpoint_id("monitoring", "prom").is_none());
+}
+
+// ----------------------------------------------- section 3: what an isolated pod may do
+
+#[test]
+fn same_cluster_pods_may_talk_on_every_port_and_protocol() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    for (proto, port) in [("TCP", 6379), ("UDP", 1), ("SCTP", 9), ("ICMP", 0)] {
+        assert!(ingress(
+            &e,
+            "team-a",
+            "training-head",
+            "10.0.0.2",
+            proto,
+            port
+        ));
+        assert!(egress(
+            &e,
+            "team-a",
+            "training-head",
+            "10.0.0.3",
+            proto,
+            port
+        ));
+        assert!(!ingress(
+            &e,
+            "team-a",
+            "training-head",
+            "10.0.0.9",
+            proto,
+            port
+        ));
+        assert!(!egress(
+            &e,
+            "team-a",
+            "training-cpu",
+            "10.0.0.20",
+            proto,
+            port
+        ));
+    }
+}
+
+#[test]
+fn own_node_is_always_allowed_other_nodes_are_ordinary_peers() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(ingress(&e, "team-a", "training-head", NODE_IP, "TCP", 8080));
+    assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 10250));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        8080
+    ));
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    head:\n      ingressRules: [{from: [{ipBlock: {cidr: 192.168.0.0/24}}]}]",
+    ));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        8080
+    ));
+}
+
+#[test]
+fn operator_reaches_head_dashboard_and_client_ports_only() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        8265
+    ));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        10001
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "UDP",
+        8265
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        6379
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.4.0.1",
+        "TCP",
+        8265
+    ));
+    let id = e.endpoint_id("team-a", "training-head").unwrap();
+    let why = e.explain(id, Direction::Ingress, "10.4.0.1".parse().unwrap(), 6, 8265);
+    assert!(
+        matches!(&why, rayfence::policy::Explanation::Allowed(r) if r.iter().any(|(_, o)| *o == RuleOrigin::Operator)),
+        "{why:?}"
+    );
+}
+
+#[test]
+fn operator_label_outside_operator_namespace_is_denied() {
+    let mut e = scene(settings());
+    e.upsert_pod(&pod(
+        "team-b",
+        "fake-operator",
+        OPERATOR,
+        "10.0.1.66",
+        "node-b",
+        &[],
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.1.66",
+        "TCP",
+        8265
+    ));
+    // Configurable: the operator namespace list is a setting.
+    let mut s = settings();
+    s.operator_namespaces = vec!["team-b".into()];
+    let mut e = scene(s);
+    e.upsert_pod(&pod(
+        "team-b",
+        "fake-operator",
+        OPERATOR,
+        "10.0.1.66",
+        "node-b",
+        &[],
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.1.66",
+        "TCP",
+        8265
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.4.0.1",
+        "TCP",
+        8265
+    ));
+}
+
+#[test]
+fn dns_service_and_its_pods_are_reachable_on_port_53_only() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    for p in ["UDP", "TCP"] {
+        assert!(egress(&e, "team-a", "training-cpu", "10.96.0.10", p, 53));
+        assert!(egress(&e, "team-a", "training-cpu", "10.3.0.10", p, 53));
+        assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", p, 53));
+    }
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.10",
+        "TCP",
+        9153
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "TCP",
+        9153
+    ));
+    let id = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let why = e.explain(id, Direction::Egress, "10.96.0.10".parse().unwrap(), 17, 53);
+    assert!(
+        matches!(&why, rayfence::policy::Explanation::AllowedViaService { rules, .. } if rules.iter().any(|(_, o)| *o == RuleOrigin::Dns)),
+        "{why:?}"
+    );
+}
+
+#[test]
+fn dns_peers_are_exactly_the_backends_of_the_dns_service() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    // A replica with the same labels that is not (yet) in the EndpointSlice.
+    let spare = pod(
+        "kube-system",
+        "coredns-2",
+        &[("k8s-app", "kube-dns")],
+        "10.3.0.11",
+        "node-b",
+        &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
+    );
+    e.upsert_pod(&spare);
+    assert!(egress(&e, "team-a", "training-cpu", "10.3.0.10", "UDP", 53));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.11",
+        "UDP",
+        53
+    ));
+    let ports = [("dns", "UDP", 53), ("dns-tcp", "TCP", 53)];
+    e.upsert_endpoint_slice(&slice(
+        "kube-system",
+        "kube-dns",
+        &ports,
+        &["10.3.0.10", "10.3.0.11"],
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "10.3.0.11", "UDP", 53));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "TCP",
+        53
+    ));
+    e.upsert_endpoint_slice(&slice("kube-system", "kube-dns", &ports, &["10.3.0.11"]));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.10",
+        "UDP",
+        53
+    ));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "UDP",
+        53
+    ));
+    e.remove_endpoint_slice("kube-system", "kube-dns-slice");
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.11",
+        "UDP",
+        53
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "UDP",
+        53
+    ));
+}
+
+#[test]
+fn dns_anywhere_and_off_settings() {
+    let mut s = settings();
+    s.dns = DnsMode::Anywhere;
+    let mut e = scene(s);
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 53));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "2001:4860::8888",
+        "TCP",
+        53
+    ));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "UDP",
+        53
+    ));
+    assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 54));
+    let mut s = settings();
+    s.dns = DnsMode::Off;
+    let mut e = scene(s);
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.0.10",
+        "UDP",
+        53
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.3.0.10",
+        "UDP",
+        53
+    ));
+}
+
+#[test]
+fn everything_else_is_dropped() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    for peer in [
+        "10.0.0.20",
+        "10.1.0.1",
+        "8.8.8.8",
+        "2001:db8::1",
+        "10.0.0.9",
+    ] {
+        assert!(!ingress(&e, "team-a", "training-head", peer, "TCP", 8265));
+        assert!(!egress(&e, "team-a", "training-head", peer, "TCP", 443));
+    }
+}
+
+// ----------------------------------------------- section 4: NetworkPolicy rule semantics
+
+fn with_rules(e: &mut Engine, role: &str, direction: &str, rules: &str) {
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        &format!("  networkPolicy:\n    mode: DenyAll\n    {role}:\n      {direction}: {rules}"),
+    ));
+}
+
+#[test]
+fn empty_rule_and_empty_lists_allow_everything_in_their_direction() {
+    for rules in ["[{}]", "[{from: [], ports: []}]"] {
+        let mut e = scene(settings());
+        with_rules(&mut e, "worker", "ingressRules", rules);
+        assert!(
+            ingress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 7),
+            "{rules}"
+        );
+        assert!(
+            ingress(&e, "team-a", "training-cpu", "2001:db8::1", "SCTP", 7),
+            "{rules}"
+        );
+        assert!(
+            ingress(&e, "team-a", "training-cpu", "10.0.1.20", "ICMP", 0),
+            "{rules}"
+        );
+        assert!(
+            !egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 7),
+            "{rules}"
+        );
+    }
+}
+
+#[test]
+fn namespace_and_pod_selector_in_one_peer_is_and_two_peers_is_or() {
+    let mut e = scene(settings());
+    e.upsert_pod(&pod(
+        "monitoring",
+        "other",
+        &[("app", "other")],
+        "10.1.0.2",
+        "node-b",
+        &[],
+    ));
+    e.upsert_pod(&pod(
+        "team-b",
+        "prom",
+        &[("app", "prometheus")],
+        "10.0.1.30",
+        "node-b",
+        &[],
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "ingressRules",
+        "[{from: [{namespaceSelector: {matchLabels: {purpose: metrics}}, podSelector: {matchLabels: {app: prometheus}}}]}]",
+    );
+    assert!(ingress(&e, "team-a", "training-cpu", "10.1.0.1", "TCP", 1));
+    assert!(!ingress(&e, "team-a", "training-cpu", "10.1.0.2", "TCP", 1));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.1.30",
+        "TCP",
+        1
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "ingressRules",
+        "[{from: [{namespaceSelector: {matchLabels: {purpose: metrics}}}, {podSelector: {matchLabels: {app: prometheus}}}]}]",
+    );
+    assert!(ingress(&e, "team-a", "training-cpu", "10.1.0.1", "TCP", 1));
+    assert!(ingress(&e, "team-a", "training-cpu", "10.1.0.2", "TCP", 1));
+    // podSelector alone: the RayCluster's namespace only.
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.1.30",
+        "TCP",
+        1
+    ));
+    e.upsert_pod(&pod(
+        "team-a",
+        "prom",
+        &[("app", "prometheus")],
+        "10.0.0.31",
+        "node-b",
+        &[],
+    ));
+    assert!(ingress(&e, "team-a", "training-cpu", "10.0.0.31", "TCP", 1));
+}
+
+#[test]
+fn empty_namespace_selector_means_all_namespaces() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}}]}]",
+    );
+    for ip in ["10.0.1.20", "10.1.0.1", "10.2.0.1", "10.0.0.20"] {
+        assert!(egress(&e, "team-a", "training-cpu", ip, "TCP", 1), "{ip}");
+    }
+    assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", "TCP", 1));
+}
+
+#[test]
+fn match_expressions_in_not_in_exists_does_not_exist() {
+    let mut e = scene(settings());
+    for (name, l, ip) in [
+        ("a", vec![("tier", "a")], "10.0.0.41"),
+        ("b", vec![("tier", "b")], "10.0.0.42"),
+        ("c", vec![("tier", "c")], "10.0.0.43"),
+        ("d", vec![], "10.0.0.44"),
+        ("e", vec![("tier", "a"), ("legacy", "x")], "10.0.0.45"),
+    ] {
+        e.upsert_pod(&pod("team-a", name, &l, ip, "node-b", &[]));
+    }
+    let cases = [
+        (
+            "{key: tier, operator: In, values: [a, b]}",
+            [true, true, false, false, true],
+        ),
+        (
+            "{key: tier, operator: NotIn, values: [a]}",
+            [false, true, true, true, false],
+        ),
+        (
+            "{key: tier, operator: Exists}",
+            [true, true, true, false, true],
+        ),
+        (
+            "{key: tier, operator: DoesNotExist}",
+            [false, false, false, true, false],
+        ),
+        (
+            "{key: legacy, operator: DoesNotExist}",
+            [true, true, true, true, false],
+        ),
+    ];
+    for (expr, want) in cases {
+        with_rules(
+            &mut e,
+            "worker",
+            "ingressRules",
+            &format!("[{{from: [{{podSelector: {{matchExpressions: [{expr}]}}}}]}}]"),
+        );
+        for (i, ip) in [
+            "10.0.0.41",
+            "10.0.0.42",
+            "10.0.0.43",
+            "10.0.0.44",
+            "10.0.0.45",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(
+                ingress(&e, "team-a", "training-cpu", ip, "TCP", 1),
+                want[i],
+                "{expr} {ip}"
+            );
+        }
+    }
+}
+
+#[test]
+fn ip_block_with_except_in_both_families_and_union_with_other_rules() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: 10.20.0.0/16, except: [10.20.99.0/24]}}, {ipBlock: {cidr: '2001:db8::/32', except: ['2001:db8:1::/48']}}]}, {to: [{ipBlock: {cidr: 10.20.99.128/25}}], ports: [{port: 22}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", "10.20.0.1", "TCP", 80));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.20.99.1",
+        "TCP",
+        80
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.20.99.200",
+        "TCP",
+        80
+    ));
+    // In the except of one rule, allowed by another.
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.20.99.200",
+        "TCP",
+        22
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.21.0.1",
+        "TCP",
+        80
+    ));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "2001:db8:2::1",
+        "UDP",
+        5
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "2001:db8:1::1",
+        "UDP",
+        5
+    ));
+    // IPv4-mapped IPv6 peers are the IPv4 address.
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "::ffff:10.20.0.1",
+        "TCP",
+        80
+    ));
+}
+
+#[test]
+fn pod_ip_inside_an_ip_block_is_matched_by_the_block() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: 10.2.0.0/24}}], ports: [{port: 8000}]}]",
+    );
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.2.0.1",
+        "TCP",
+        8000
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.2.0.1",
+        "TCP",
+        8001
+    ));
+}
+
+#[test]
+fn ports_protocols_and_ranges() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "ingressRules",
+        "[{ports: [{port: 80}, {protocol: UDP, port: 53}, {protocol: SCTP}, {port: 30000, endPort: 32767}]}]",
+    );
+    let p = |proto, port| ingress(&e, "team-a", "training-cpu", "8.8.8.8", proto, port);
+    assert!(p("TCP", 80));
+    assert!(!p("UDP", 80));
+    assert!(p("UDP", 53));
+    assert!(!p("TCP", 53));
+    assert!(p("SCTP", 1) && p("SCTP", 65535));
+    assert!(p("TCP", 30000) && p("TCP", 31000) && p("TCP", 32767));
+    assert!(!p("TCP", 29999) && !p("TCP", 32768) && !p("UDP", 31000));
+    assert!(!p("ICMP", 0));
+    // The range is a handful of prefixes, never one row per port.
+    let id = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let pid = e.tables().endpoints[&id].policy_id;
+    let rows = e
+        .tables()
+        .policy
+        .iter()
+        .filter(|r| r.policy_id == pid && r.direction == Direction::Ingress)
+        .count();
+    assert!(rows < 40, "{rows} rows");
+}
+
+#[test]
+fn udp_only_rule_never_allows_tcp_and_sctp_only_never_udp() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{ports: [{protocol: UDP}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 123));
+    assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", "TCP", 123));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{ports: [{protocol: SCTP, port: 9}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", "8.8.8.8", "SCTP", 9));
+    assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 9));
+}
+
+#[test]
+fn named_ports_resolve_on_the_receiving_pod_with_name_and_protocol() {
+    let mut e = scene(settings());
+    e.upsert_pod(&pod(
+        "team-a",
+        "training-head",
+        &[
+            ("ray.io/cluster", "training"),
+            ("ray.io/node-type", "head"),
+            ("ray.io/group", "headgroup"),
+        ],
+        "10.0.0.1",
+        NODE,
+        &[("metrics", "TCP", 8080), ("dns", "UDP", 5353)],
+    ));
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    head:\n      ingressRules: [{ports: [{port: metrics}, {port: dns}]}]\n      egressRules: [{to: [{namespaceSelector: {}}], ports: [{port: http}]}]",
+    ));
+    // Ingress: the local pod's ports; `dns` exists only for UDP.
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "8.8.8.8",
+        "TCP",
+        8080
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "8.8.8.8",
+        "TCP",
+        5353
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "8.8.8.8",
+        "UDP",
+        5353
+    ));
+    // Egress: each peer's ports (the registry has http=8000).
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.2.0.1",
+        "TCP",
+        8000
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.3.0.10",
+        "TCP",
+        8000
+    ));
+    // The ingress name that resolves to nothing is reported.
+    assert!(e.problems().iter().any(|p| p.value == "dns" && p.field == "spec.networkPolicy.head.ingressRules[0].ports"), "{:?}", e.problems());
+    // So is an egress name no selected pod has.
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    head:\n      egressRules: [{to: [{namespaceSelector: {}}], ports: [{port: grpc}]}]",
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.2.0.1",
+        "TCP",
+        8000
+    ));
+    assert!(e.problems().iter().any(|p| p.value == "grpc" && p.field == "spec.networkPolicy.head.egressRules[0].ports"), "{:?}", e.problems());
+}
+
+#[test]
+fn named_egress_port_with_an_ip_block_peer_matches_nothing() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: 10.2.0.0/16}}], ports: [{port: http}]}]",
+    );
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.2.0.1",
+        "TCP",
+        8000
+    ));
+    assert!(e.problems().iter().any(
+        |p| p.severity == Severity::Notice && p.field.ends_with("egressRules[0].ports[0].port")
+    ));
+}
+
+#[test]
+fn label_namespace_pod_and_cluster_changes_take_effect() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "ingressRules",
+        "[{from: [{namespaceSelector: {matchLabels: {team: x}}, podSelector: {matchLabels: {role: client}}}]}]",
+    );
+    e.upsert_pod(&pod(
+        "team-b",
+        "client",
+        &[("role", "client")],
+        "10.0.1.40",
+        "node-b",
+        &[],
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.1.40",
+        "TCP",
+        1
+    ));
+    e.upsert_namespace(&namespace("team-b", &[("team", "x")]));
+    assert!(ingress(&e, "team-a", "training-cpu", "10.0.1.40", "TCP", 1));
+    e.upsert_pod(&pod(
+        "team-b",
+        "client",
+        &[("role", "server")],
+        "10.0.1.40",
+        "node-b",
+        &[],
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.1.40",
+        "TCP",
+        1
+    ));
+    e.upsert_pod(&pod(
+        "team-b",
+        "client2",
+        &[("role", "client")],
+        "10.0.1.41",
+        "node-b",
+        &[],
+    ));
+    assert!(ingress(&e, "team-a", "training-cpu", "10.0.1.41", "TCP", 1));
+    e.remove_pod("team-b", "client2");
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.1.41",
+        "TCP",
+        1
+    ));
+    e.upsert_namespace(&namespace("team-b", &[]));
+    e.upsert_pod(&pod(
+        "team-b",
+        "client2",
+        &[("role", "client")],
+        "10.0.1.41",
+        "node-b",
+        &[],
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.0.1.41",
+        "TCP",
+        1
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "ingressRules",
+        "[{from: [{podSelector: {}, namespaceSelector: {}}]}]",
+    );
+    assert!(ingress(&e, "team-a", "training-cpu", "10.0.1.41", "TCP", 1));
+    e.remove_raycluster("team-a", "training");
+    assert!(ingress(&e, "team-a", "training-cpu", "8.8.8.8", "TCP", 1));
+    // A worker relabelled into another cluster follows that cluster.
+    e.upsert_raycluster(&rc("team-a", "other", DENY_ALL));
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-cpu",
+        "other",
+        "worker",
+        "cpu",
+        "10.0.0.2",
+    ));
+    assert!(ingress(&e, "team-a", "training-cpu", "10.0.0.9", "TCP", 1));
+    assert!(!ingress(&e, "team-a", "training-cpu", "10.0.0.1", "TCP", 1));
+}
+
+// ------------------------------------------------------- section 5: where it is decided
+
+#[test]
+fn cluster_ip_egress_is_decided_on_the_backends_after_dnat() {
+    let mut e = scene(settings());
+    e.upsert_service(&service(
+        "registry",
+        "registry",
+        "10.96.1.1",
+        &[("web", "TCP", 80)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: registry}}}], ports: [{port: 8000}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", "10.96.1.1", "TCP", 80));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.1.1",
+        "TCP",
+        8000
+    ));
+    // A rule for the service port itself does not allow the backend port.
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}}], ports: [{port: 80}]}]",
+    );
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.1.1",
+        "TCP",
+        80
+    ));
+    // An ipBlock covering the ClusterIP does not match it (real CNIs see the backend).
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: 10.96.0.0/12}}]}]",
+    );
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.1.1",
+        "TCP",
+        80
+    ));
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.200.1",
+        "TCP",
+        80
+    ));
+}
+
+#[test]
+fn cluster_ip_with_disagreeing_backends_is_denied_fail_closed() {
+    let mut e = scene(settings());
+    e.upsert_pod(&pod(
+        "registry",
+        "registry2",
+        &[("app", "other")],
+        "10.2.0.2",
+        "node-b",
+        &[],
+    ));
+    e.upsert_service(&service(
+        "registry",
+        "registry",
+        "10.96.1.1",
+        &[("web", "TCP", 80)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1", "10.2.0.2"],
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
+    );
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.2.0.1",
+        "TCP",
+        8000
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.1.1",
+        "TCP",
+        80
+    ));
+    // The unwanted backend goes away: the ClusterIP becomes allowed.
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "10.96.1.1", "TCP", 80));
+    // Service removed: nothing is left for its address.
+    e.remove_service("registry", "registry");
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.1.1",
+        "TCP",
+        80
+    ));
+}
+
+#[test]
+fn icmp_echo_only_where_all_protocols_are_allowed() {
+    let mut e = scene(settings());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: 1.0.0.0/8}}], ports: [{port: 443}]}, {to: [{ipBlock: {cidr: 2.0.0.0/8}}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", "10.0.0.1", "ICMP", 0));
+    assert!(!egress(&e, "team-a", "training-cpu", "1.1.1.1", "ICMP", 0));
+    assert!(egress(&e, "team-a", "training-cpu", "2.2.2.2", "ICMP", 0));
+}
+
+#[test]
+fn revoking_a_rule_removes_its_rows_in_the_diff() {
+    let mut e = scene(settings());
+    with_rules(&mut e, "worker", "egressRules", "[{ports: [{port: 443}]}]");
+    e.take_diff();
+    with_rules(&mut e, "worker", "egressRules", "[]");
+    let diff = e.take_diff();
+    assert!(diff.may_revoke());
+    assert!(!diff.policy_remove.is_empty());
+    assert!(!egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 443));
+}
+
+// ------------------------------------------------------------- section 6: bad input
+
+#[test]
+fn invalid_mode_keeps_the_last_good_policy_and_is_reported() {
+    let mut e = scene(settings());
+    with_rules(&mut e, "worker", "egressRules", "[{ports: [{port: 443}]}]");
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy: {mode: AllowAll, worker: {egressRules: [{}]}}",
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 443));
+    assert!(!egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 80));
+    let problems = e.problems_for(&ObjectRef::new("RayCluster", "team-a", "training"));
+    assert!(
+        problems.iter().any(|p| p.field == "spec.networkPolicy.mode"
+            && p.value == "AllowAll"
+            && p.severity == Severity::Warning),
+        "{problems:?}"
+    );
+}
+
+#[test]
+fn invalid_mode_without_a_last_good_policy_is_deny_all_and_other_clusters_are_unaffected() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "other",
+        "  networkPolicy: {mode: DenyAllEgress, head: {egressRules: [{ports: [{port: 443}]}]}}",
+    ));
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkIsolation: {mode: Bogus}",
+    ));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.20",
+        "TCP",
+        1
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.20",
+        "TCP",
+        1
+    ));
+    assert!(ingress(&e, "team-a", "training-head", "10.0.0.2", "TCP", 1));
+    assert!(egress(&e, "team-a", "other-head", "1.1.1.1", "TCP", 443));
+    assert!(ingress(&e, "team-a", "other-head", "1.1.1.1", "TCP", 80));
+    let mut annotated = rc("team-a", "training", "  rayVersion: x");
+    annotated.metadata.annotations = Some(labels(&[("rayfence.io/network-policy", "mode: [")]));
+    e.upsert_raycluster(&annotated);
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.20",
+        "TCP",
+        1
+    ));
+}
+
+#[test]
+fn invalid_rules_allow_nothing_are_reported_with_field_and_value_and_others_still_apply() {
+    let cases = [
+        (
+            "[{to: [{ipBlock: {cidr: 10.0.0.0/33}}]}]",
+            "spec.networkPolicy.worker.egressRules[0].to[0].ipBlock.cidr",
+            "10.0.0.0/33",
+        ),
+        (
+            "[{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [11.0.0.0/16]}}]}]",
+            "spec.networkPolicy.worker.egressRules[0].to[0].ipBlock.except[0]",
+            "11.0.0.0/16",
+        ),
+        (
+            "[{ports: [{protocol: ICMP, port: 1}]}]",
+            "spec.networkPolicy.worker.egressRules[0].ports[0].protocol",
+            "ICMP",
+        ),
+        (
+            "[{to: [{podSelector: {matchExpressions: [{key: a, operator: Equals, values: [b]}]}}]}]",
+            "spec.networkPolicy.worker.egressRules[0].to[0].podSelector.matchExpressions[0].operator",
+            "Equals",
+        ),
+        (
+            "[{ports: [{port: 100, endPort: 50}]}]",
+            "spec.networkPolicy.worker.egressRules[0].ports[0].endPort",
+            "50",
+        ),
+        (
+            "[{ports: 443}]",
+            "spec.networkPolicy.worker.egressRules[0]",
+            "{\"ports\":443}",
+        ),
+    ];
+    for (bad, field, value) in cases {
+        let mut e = scene(settings());
+        e.upsert_raycluster(&rc("team-b", "fine", DENY_ALL));
+        with_rules(
+            &mut e,
+            "worker",
+            "egressRules",
+            &format!("{}, {{ports: [{{port: 22}}]}}]", bad.trim_end_matches(']')),
+        );
+        assert!(
+            !egress(&e, "team-a", "training-cpu", "10.0.0.5", "TCP", 443),
+            "{bad}"
+        );
+        assert!(
+            !egress(&e, "team-a", "training-cpu", "8.8.8.8", "TCP", 443),
+            "{bad}"
+        );
+        assert!(
+            egress(&e, "team-a", "training-cpu", "8.8.8.8", "TCP", 22),
+            "{bad}"
+        );
+        let problems = e.problems();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.field == field && p.value == value && p.object.name == "training"),
+            "{bad}: {problems:?}"
+        );
+        assert!(
+            problems.iter().all(|p| p.object.name != "fine"),
+            "{problems:?}"
+        );
+    }
+}
+
+#[test]
+fn malformed_block_is_reported_and_treated_as_deny_all() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", "  networkPolicy: 'deny please'"));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        "8.8.8.8",
+        "TCP",
+        443
+    ));
+    assert!(e.problems().iter().any(|p| p.field == "spec.networkPolicy"));
+}
+
+// --------------------------------------------------------------- ids and sharing
+
+#[test]
+fn pods_of_a_group_share_one_policy_id_and_endpoint_ids_are_stable() {
+    let mut e = scene(settings());
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-cpu-2",
+        "training",
+        "worker",
+        "cpu",
+        "10.0.0.5",
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let a = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let b = e.endpoint_id("team-a", "training-cpu-2").unwrap();
+    assert_ne!(a, b);
+    assert_eq!(
+        e.tables().endpoints[&a].policy_id,
+        e.tables().endpoints[&b].policy_id
+    );
+    let head = e.endpoint_id("team-a", "training-head").unwrap();
+    assert_ne!(
+        e.tables().endpoints[&a].policy_id,
+        e.tables().endpoints[&head].policy_id
+    );
+    // Both workers have the same labels apart from the name: one pod identity.
+    let ia = e.tables().addresses[&"10.0.0.2".parse().unwrap()];
+    let ib = e.tables().addresses[&"10.0.0.5".parse().unwrap()];
+    assert_eq!(ia, ib);
+    with_rules(&mut e, "worker", "egressRules", "[{ports: [{port: 443}]}]");
+    assert_eq!(e.endpoint_id("team-a", "training-cpu"), Some(a));
+    // A new pod with the same name is a new endpoint.
+    let mut again = ray_pod(
+        "team-a",
+        "training-cpu",
+        "training",
+        "worker",
+        "cpu",
+        "10.0.0.2",
+    );
+    again.metadata.uid = Some("new-uid".into());
+    e.upsert_pod(&again);
+    assert_ne!(e.endpoint_id("team-a", "training-cpu"), Some(a));
+}
+
+#[test]
+fn host_network_and_finished_pods_are_not_endpoints_or_peers() {
+    let mut e = scene(settings());
+    let mut host = ray_pod("team-a", "hostnet", "training", "worker", "cpu", NODE_IP);
+    host.spec.as_mut().unwrap().host_network = Some(true);
+    e.upsert_pod(&host);
+    let mut done = ray_pod("team-a", "done", "training", "worker", "cpu", "10.0.0.77");
+    done.status.as_mut().unwrap().phase = Some("Succeeded".into());
+    e.upsert_pod(&done);
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(e.endpoint_id("team-a", "hostnet").is_none());
+    assert!(e.endpoint_id("team-a", "done").is_none());
+    assert_eq!(
+        e.tables().addresses.get(&NODE_IP.parse().unwrap()),
+        Some(&rayfence::tables::identity::HOST)
+    );
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.77",
+        "TCP",
+        1
+    ));
+}
+
+#[test]
+fn node_address_change_moves_the_host_identity() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        1
+    ));
+    e.set_node_addresses(vec![OTHER_NODE_IP.parse().unwrap()]);
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        1
+    ));
+    assert!(!ingress(&e, "team-a", "training-head", NODE_IP, "TCP", 1));
+    let stats = e.stats();
+    assert_eq!((stats.endpoints, stats.services), (4, 1));
+    assert_eq!(stats.policy_rows, e.tables().policy.len());
+}
+
+#[test]
+fn keys_list_what_the_engine_holds_for_relists() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    use rayfence::policy::Kind;
+    assert_eq!(
+        e.keys(Kind::RayCluster),
+        vec![("team-a".to_owned(), "training".to_owned())]
+    );
+    assert_eq!(e.keys(Kind::Pod).len(), 10);
+    assert_eq!(
+        e.keys(Kind::Service),
+        vec![("kube-system".to_owned(), "kube-dns".to_owned())]
+    );
+    e.remove_pod("team-a", "plain");
+    assert_eq!(e.keys(Kind::Pod).len(), 9);
+}
+
+#[test]
+fn take_diff_replays_to_the_same_tables() {
+    let mut e = scene(settings());
+    let mut mirror = rayfence::tables::Tables::default();
+    mirror.apply(&e.take_diff());
+    assert_eq!(&mirror, e.tables());
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.0.0.0/24]}}]}]",
+    );
+    e.upsert_pod(&pod(
+        "team-b",
+        "x",
+        &[("a", "b")],
+        "10.0.1.99",
+        "node-b",
+        &[],
+    ));
+    mirror.apply(&e.take_diff());
+    assert_eq!(&mirror, e.tables());
+    e.remove_raycluster("team-a", "training");
+    mirror.apply(&e.take_diff());
+    assert_eq!(&mirror, e.tables());
+    assert!(e.take_diff().is_empty());
+}
+
+#[test]
+fn single_changes_yield_minimal_diffs() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    e.take_diff();
+    // Another replica of an existing identity: one address, no rows.
+    e.upsert_pod(
+        &ray_pod(
+            "team-a",
+            "training-cpu-remote",
+            "training",
+            "worker",
+            "cpu",
+            "10.0.0.6",
+        )
+        .tap_node("node-b"),
+    );
+    let diff = e.take_diff();
+    assert_eq!(diff.addresses_upsert.len(), 1);
+    assert!(
+        diff.policy_add.is_empty()
+            && diff.policy_remove.is_empty()
+            && diff.endpoints_upsert.is_empty()
+    );
+    // A namespace relabel no selector looks at: nothing.
+    e.upsert_namespace(&namespace("team-b", &[("unrelated", "x")]));
+    assert!(e.take_diff().is_empty());
+    // Re-applying an unchanged RayCluster: nothing.
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(e.take_diff().is_empty());
+}
+
+trait TapNode {
+    fn tap_node(self, node: &str) -> Self;
+}
+
+impl TapNode for k8s_openapi::api::core::v1::Pod {
+    fn tap_node(mut self, node: &str) -> Self {
+        if let Some(spec) = self.spec.as_mut() {
+            spec.node_name = Some(node.into());
+        }
+        self
+    }
+}

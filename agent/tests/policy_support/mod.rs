@@ -1,0 +1,250 @@
+//! Fixture builders on the real Kubernetes types, shared by the policy tests.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, Namespace, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort,
+    ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use rayfence::crd::RayCluster;
+use rayfence::policy::{Engine, Settings};
+use rayfence::tables::{Direction, protocol};
+
+pub const NODE: &str = "node-a";
+pub const NODE_IP: &str = "192.168.0.10";
+pub const OTHER_NODE_IP: &str = "192.168.0.11";
+
+pub fn settings() -> Settings {
+    Settings::new(NODE, vec![NODE_IP.parse().unwrap()])
+}
+
+pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn meta(ns: &str, name: &str, l: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        namespace: (!ns.is_empty()).then(|| ns.to_owned()),
+        name: Some(name.to_owned()),
+        uid: Some(format!("uid-{ns}-{name}")),
+        labels: (!l.is_empty()).then(|| labels(l)),
+        ..Default::default()
+    }
+}
+
+pub fn namespace(name: &str, l: &[(&str, &str)]) -> Namespace {
+    let mut all = labels(l);
+    all.insert("kubernetes.io/metadata.name".into(), name.into());
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(all),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// A pod; `ports` are (name, protocol, port).
+pub fn pod(
+    ns: &str,
+    name: &str,
+    l: &[(&str, &str)],
+    ip: &str,
+    node: &str,
+    ports: &[(&str, &str, i32)],
+) -> Pod {
+    Pod {
+        metadata: meta(ns, name, l),
+        spec: Some(PodSpec {
+            node_name: Some(node.into()),
+            containers: vec![Container {
+                name: "c".into(),
+                ports: (!ports.is_empty()).then(|| {
+                    ports
+                        .iter()
+                        .map(|(n, p, port)| ContainerPort {
+                            name: (!n.is_empty()).then(|| n.to_string()),
+                            protocol: Some(p.to_string()),
+                            container_port: *port,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            pod_ip: Some(ip.into()),
+            pod_ips: Some(vec![PodIP { ip: ip.into() }]),
+            ..Default::default()
+        }),
+    }
+}
+
+/// A ClusterIP service; `ports` are (name, protocol, port).
+pub fn service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, &str, i32)]) -> Service {
+    Service {
+        metadata: meta(ns, name, &[]),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some(cluster_ip.into()),
+            cluster_ips: Some(vec![cluster_ip.into()]),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(n, p, port)| ServicePort {
+                        name: Some(n.to_string()),
+                        protocol: Some(p.to_string()),
+                        port: *port,
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An EndpointSlice of `service`; `ports` are (name, protocol, target port).
+pub fn slice(
+    ns: &str,
+    service: &str,
+    ports: &[(&str, &str, i32)],
+    addresses: &[&str],
+) -> EndpointSlice {
+    EndpointSlice {
+        metadata: meta(
+            ns,
+            &format!("{service}-slice"),
+            &[("kubernetes.io/service-name", service)],
+        ),
+        address_type: "IPv4".into(),
+        endpoints: Some(
+            addresses
+                .iter()
+                .map(|a| Endpoint {
+                    addresses: vec![a.to_string()],
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+        ports: Some(
+            ports
+                .iter()
+                .map(|(n, p, port)| EndpointPort {
+                    name: Some(n.to_string()),
+                    protocol: Some(p.to_string()),
+                    port: Some(*port),
+                    ..Default::default()
+                })
+                .collect(),
+        ),
+    }
+}
+
+pub fn raycluster(yaml: &str) -> RayCluster {
+    serde_yaml::from_str(yaml).expect("RayCluster YAML")
+}
+
+pub fn netpol(yaml: &str) -> NetworkPolicy {
+    serde_yaml::from_str(yaml).expect("NetworkPolicy YAML")
+}
+
+/// Every document of a fixture file, as JSON values.
+pub fn fixture_docs(text: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("fixture YAML"))
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+/// Feeds every document of a fixture (RayCluster, Pod, Namespace, Service, ...).
+pub fn feed(engine: &mut Engine, text: &str) {
+    for doc in fixture_docs(text) {
+        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+        match kind.as_str() {
+            "RayCluster" => engine.upsert_raycluster(&serde_json::from_value(doc).unwrap()),
+            "Pod" => engine.upsert_pod(&serde_json::from_value(doc).unwrap()),
+            "Namespace" => engine.upsert_namespace(&serde_json::from_value(doc).unwrap()),
+            "Service" => engine.upsert_service(&serde_json::from_value(doc).unwrap()),
+            "EndpointSlice" => engine.upsert_endpoint_slice(&serde_json::from_value(doc).unwrap()),
+            "NetworkPolicy" => engine.upsert_network_policy(&serde_json::from_value(doc).unwrap()),
+            other => panic!("unexpected kind {other}"),
+        }
+    }
+}
+
+pub fn proto(name: &str) -> u8 {
+    match name {
+        "TCP" => protocol::TCP,
+        "UDP" => protocol::UDP,
+        "SCTP" => protocol::SCTP,
+        "ICMP" => protocol::ICMP,
+        _ => panic!("protocol {name}"),
+    }
+}
+
+/// The verdict the tables give local pod `ns/name` for a new flow.
+pub fn allows(
+    engine: &Engine,
+    ns: &str,
+    name: &str,
+    direction: Direction,
+    peer: &str,
+    protocol: &str,
+    port: u16,
+) -> bool {
+    let id = engine
+        .endpoint_id(ns, name)
+        .unwrap_or_else(|| panic!("{ns}/{name} is not a local endpoint"));
+    let peer: IpAddr = peer.parse().unwrap();
+    let verdict = engine
+        .tables()
+        .allows(id, direction, peer, proto(protocol), port);
+    // `explain` is computed from the same data and must agree.
+    assert_eq!(
+        engine
+            .explain(id, direction, peer, proto(protocol), port)
+            .allowed(),
+        verdict,
+        "explain disagrees for {ns}/{name} {direction:?} {peer} {protocol}/{port}: {:?}",
+        engine.explain(id, direction, peer, proto(protocol), port)
+    );
+    verdict
+}
+
+pub fn ingress(
+    engine: &Engine,
+    ns: &str,
+    name: &str,
+    from: &str,
+    protocol: &str,
+    port: u16,
+) -> bool {
+    allows(engine, ns, name, Direction::Ingress, from, protocol, port)
+}
+
+pub fn egress(engine: &Engine, ns: &str, name: &str, to: &str, protocol: &str, port: u16) -> bool {
+    allows(engine, ns, name, Direction::Egress, to, protocol, port)
+}
+
+/// A full rebuild from the engine's own inputs must equal the incremental state.
+pub fn tables_after_replay(
+    settings: Settings,
+    feed_all: impl FnOnce(&mut Engine),
+) -> rayfence::tables::Tables {
+    let mut engine = Engine::new(settings);
+    feed_all(&mut engine);
+    engine.tables().clone()
+}
