@@ -6,8 +6,10 @@
 //! - [`policy`]: pure translation of cluster objects into [`tables::Tables`]; no I/O.
 //! - [`datapath`]: the only module that touches aya: load, attach, pin, apply tables.
 //! - [`discovery`]: where local pods live in the kernel (cgroup, host veth) and which hook fits.
+//! - [`source`]: cluster objects from the API server or a manifests directory, as events.
 pub mod crd;
 pub mod datapath;
 pub mod discovery;
 pub mod policy;
+pub mod source;
 pub mod tables;

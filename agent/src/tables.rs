@@ -278,6 +278,7 @@ impl Tables {
         if !isolated {
             return true;
         }
+        let peer = canonical(peer);
         let exact = self.addresses.get(&peer).copied();
         if exact == Some(identity::HOST) {
             return true;
@@ -297,15 +298,20 @@ impl Tables {
     }
 
     fn longest_cidr_identity(&self, addr: IpAddr) -> Option<IdentityId> {
-        let canonical = match addr {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
-            v4 => v4,
-        };
         self.cidrs
             .iter()
-            .filter(|(net, _)| net.contains(&canonical))
+            .filter(|(net, _)| net.contains(&addr))
             .max_by_key(|(net, _)| net.prefix_len())
             .map(|(_, identity)| *identity)
+    }
+}
+
+/// The datapath stores IPv4 as IPv4-mapped IPv6, so `::ffff:a.b.c.d` and `a.b.c.d`
+/// are one address to it; decide on the IPv4 form.
+fn canonical(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+        v4 => v4,
     }
 }
 
@@ -401,6 +407,11 @@ mod tests {
         assert!(!allows("10.2.3.4", 2001));
         assert!(!allows("10.1.3.4", 1500));
         assert!(allows("192.168.0.1", 22));
+        assert!(
+            allows("::ffff:192.168.0.1", 22),
+            "an IPv4-mapped address is the IPv4 address"
+        );
+        assert!(allows("::ffff:10.2.3.4", 1500));
         assert!(tables.allows(
             1,
             Direction::Egress,
