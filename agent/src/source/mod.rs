@@ -140,3 +140,11 @@ pub enum SourceStatus {
     /// waited for, not fatal.
     KindMissing { kind: ObjectKind, error: String },
 }
+
+/// Where bad-input reports go besides the log: a Kubernetes Event on the object when
+/// the API source is used (SEMANTICS section 6).
+pub trait ProblemReporter: Send + Sync {
+    /// Must not block: implementations queue and send in the background, and must
+    /// not report the same problem of the same object over and over.
+    fn report(&self, problem: &crate::policy::Problem);
+}
