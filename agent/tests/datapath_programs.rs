@@ -273,6 +273,27 @@ fn ipv6_extension_headers_are_skipped() {
     assert!(!receive(&dp, &denied));
 }
 
+/// Headers past the window of direct packet reads go through bpf_skb_load_bytes.
+#[test]
+fn ports_far_into_the_packet_are_still_read() {
+    let dp = datapath();
+    // A 600-byte destination-options header (length field 74: (74 + 1) * 8).
+    let mut payload = vec![TCP, 74];
+    payload.resize(600, 0);
+    payload.extend_from_slice(&tcp_header(40000, 8080));
+    let allowed = frame_of(&ipv6_packet(ip(PEER6), ip(POD6), 60, &payload));
+    assert!(receive(&dp, &allowed));
+    let mut denied_payload = payload.clone();
+    let ports = denied_payload.len() - 20;
+    denied_payload[ports + 2..ports + 4].copy_from_slice(&22u16.to_be_bytes());
+    let denied = frame_of(&ipv6_packet(ip("fd00::99"), ip(POD6), 60, &denied_payload));
+    assert!(!receive(&dp, &denied));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
 #[test]
 fn ipv6_extension_chain_longer_than_walked_is_malformed() {
     let dp = datapath();
