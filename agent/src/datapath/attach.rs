@@ -17,7 +17,7 @@ use aya::programs::{
 use aya::util::KernelVersion;
 use rayfence_common::{EndpointInfo, endpoint_flags, map_names};
 
-use super::{Attachments, Datapath, DatapathError, OwnedLink, codec, paths};
+use super::{Attachments, Datapath, DatapathError, OwnedLink, TcBackend, codec, paths};
 use crate::tables::EndpointId;
 
 /// A network interface in the calling thread's network namespace.
@@ -59,6 +59,56 @@ const CGROUP_HOOKS: [(&str, CgroupSkbAttachType, &str); 2] = [
     ),
     ("cgroup_skb_egress", CgroupSkbAttachType::Egress, "egress"),
 ];
+
+/// The inode of the calling thread's network namespace.
+pub(crate) fn current_netns() -> Result<u64, DatapathError> {
+    let path = Path::new("/proc/thread-self/ns/net");
+    std::fs::metadata(path)
+        .map(|meta| meta.ino())
+        .map_err(|e| DatapathError::io("reading", path, e))
+}
+
+/// Name of the marker directory of a clsact filter.
+fn clsact_marker(netns: u64, ifindex: u32, hook: &str) -> String {
+    format!("nl_{netns}_{ifindex}_{hook}")
+}
+
+/// Removes the clsact filter a marker stands for, then the marker. Only from
+/// inside the marker's network namespace: an ifindex means nothing elsewhere.
+pub(crate) fn detach_clsact(marker: &Path) -> Result<(), DatapathError> {
+    let name = marker
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fields: Vec<&str> = name.split('_').collect();
+    let parsed = match fields.as_slice() {
+        ["nl", netns, ifindex, hook] => netns
+            .parse::<u64>()
+            .ok()
+            .zip(ifindex.parse::<u32>().ok())
+            .zip(TC_HOOKS.iter().find(|(_, _, h)| h == hook)),
+        _ => None,
+    };
+    let Some(((netns, ifindex), (program, attach_type, _))) = parsed else {
+        return Err(DatapathError::io(
+            "parsing",
+            marker,
+            std::io::Error::from(std::io::ErrorKind::InvalidData),
+        ));
+    };
+    if netns != current_netns()? {
+        return Err(DatapathError::WrongNamespace {
+            path: marker.to_owned(),
+            netns,
+        });
+    }
+    match tc::qdisc_detach_program(ifindex, (*attach_type).into(), program) {
+        Ok(()) => {}
+        // The interface or the filter is gone already.
+        Err(error) => tracing::debug!(%error, marker = %marker.display(), "clsact filter"),
+    }
+    std::fs::remove_dir(marker).map_err(|e| DatapathError::io("removing", marker, e))
+}
 
 /// `BPF_OBJ_GET`: an fd for a pinned object (aya's link types do not lend theirs).
 fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
@@ -233,18 +283,30 @@ impl Datapath {
     ) -> Result<u32, DatapathError> {
         let ifindex = interface.ifindex()?;
         self.register_tc(endpoint, ifindex)?;
-        let tcx = tcx_supported();
+        let tcx = match self.tc_backend {
+            TcBackend::Auto => tcx_supported(),
+            TcBackend::Tcx => true,
+            TcBackend::Clsact => false,
+        };
         if !tcx {
-            // Before Linux 6.6: a clsact qdisc and netlink filters (they stay attached
-            // when the agent exits; `cleanup` removes them).
+            // Before Linux 6.6: a clsact qdisc and netlink filters. They cannot be
+            // pinned but stay attached when the agent exits; a marker directory
+            // (which names the network namespace) lets `detach` and `cleanup` find
+            // them again.
             if let Err(error) = tc::qdisc_add_clsact(ifindex) {
                 tracing::debug!(ifindex, %error, "adding clsact (may already exist)");
             }
         }
         for (program, attach_type, hook) in TC_HOOKS {
-            let name = format!("tc_{ifindex}_{hook}");
+            let name = if tcx {
+                format!("tc_{ifindex}_{hook}")
+            } else {
+                clsact_marker(current_netns()?, ifindex, hook)
+            };
             if self.link_exists(&name) {
-                self.adopt_link(&name, program)?;
+                if tcx {
+                    self.adopt_link(&name, program)?;
+                }
                 continue;
             }
             let prog: &mut SchedClassifier = self
@@ -258,7 +320,10 @@ impl Datapath {
                     order: LinkOrder::default(),
                 }
             } else {
-                TcAttach::from(attach_type)
+                TcAttach::Netlink {
+                    parent: attach_type.into(),
+                    options: tc::NlOptions::default(),
+                }
             };
             let id = prog
                 .attach(ifindex, attach)
@@ -272,13 +337,15 @@ impl Datapath {
                     source: Box::new(e),
                 })?;
                 self.keep_link(name, fd_link)?;
+            } else if let Some(dir) = &self.pin_dir {
+                let marker = paths::links_dir(dir).join(&name);
+                std::fs::create_dir(&marker)
+                    .map_err(|e| DatapathError::io("creating", &marker, e))?;
+                // The filter must outlive this process: do not let the link's Drop
+                // detach it.
+                std::mem::forget(link);
             } else {
-                // Netlink filters cannot be pinned; they outlive the process anyway.
-                if self.pin_dir.is_some() {
-                    std::mem::forget(link);
-                } else {
-                    self.owned_links.insert(name, OwnedLink::Tc(link));
-                }
+                self.owned_links.insert(name, OwnedLink::Tc(link));
             }
         }
         Ok(ifindex)
@@ -373,7 +440,11 @@ impl Datapath {
         self.owned_links.remove(name);
         if let Some(dir) = &self.pin_dir {
             let path = paths::links_dir(dir).join(name);
-            if path.exists() {
+            if name.starts_with("nl_") {
+                if path.exists() {
+                    detach_clsact(&path)?;
+                }
+            } else if path.exists() {
                 let pinned = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Link {
                     path: path.clone(),
                     source: Box::new(e),
@@ -393,9 +464,11 @@ impl Datapath {
             .attachments
             .remove(&endpoint)
             .ok_or(DatapathError::NotAttached { endpoint })?;
+        let netns = current_netns()?;
         for ifindex in &attachments.ifindexes {
             for (_, _, hook) in TC_HOOKS {
                 self.drop_link(&format!("tc_{ifindex}_{hook}"))?;
+                self.drop_link(&clsact_marker(netns, *ifindex, hook))?;
             }
         }
         for cgroup in &attachments.cgroups {
