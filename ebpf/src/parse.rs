@@ -1,7 +1,8 @@
 //! Header parsing: Ethernet (TC only), IPv4, IPv6 with a bounded walk over extension
 //! headers, TCP/UDP/SCTP ports, ICMP/ICMPv6 (echo identifiers, the flow embedded in an
-//! error). Only fixed-size loads at offsets checked by `bpf_skb_load_bytes`: the
-//! verifier rejects variable-length reads.
+//! error). Only fixed-size loads, each checked against the packet's end (direct
+//! reads of the linear area, `bpf_skb_load_bytes` otherwise): the verifier rejects
+//! variable-length reads.
 //!
 //! Must not look anything up in maps: it only says what the packet is.
 use core::mem::MaybeUninit;
