@@ -657,6 +657,25 @@ fn drop_events_carry_the_flow() {
 }
 
 #[test]
+fn drop_events_reach_async_readers() {
+    let mut dp = datapath();
+    let events = dp.take_events().expect("events");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let event = runtime.block_on(async {
+        let mut events = events.into_async().expect("async stream");
+        assert!(!receive(&dp, &tcp(STRANGER, 5556, POD, 23)));
+        tokio::time::timeout(std::time::Duration::from_secs(5), events.next_event())
+            .await
+            .expect("an event within 5 s")
+            .expect("read")
+    });
+    assert_eq!((event.local_port, event.peer_port), (23, 5556));
+}
+
+#[test]
 fn events_over_budget_are_counted_as_lost() {
     let options = DatapathOptions {
         events_per_second: 2,

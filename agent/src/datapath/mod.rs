@@ -31,7 +31,7 @@ pub use attach::Interface;
 pub use cleanup::cleanup;
 pub use error::DatapathError;
 pub use load::{Capacities, DatapathOptions, TcBackend};
-pub use observe::{Counters, EventStream};
+pub use observe::{AsyncEventStream, Counters, EventStream};
 pub use testrun::{Hook, TestRunOutcome};
 
 use crate::tables::{EndpointId, Tables};

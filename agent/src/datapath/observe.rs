@@ -73,6 +73,33 @@ impl EventStream {
     }
 }
 
+impl EventStream {
+    /// The same events for async code (tokio): waits on the ring buffer's fd.
+    pub fn into_async(self) -> std::io::Result<AsyncEventStream> {
+        Ok(AsyncEventStream {
+            inner: tokio::io::unix::AsyncFd::with_interest(self, tokio::io::Interest::READABLE)?,
+        })
+    }
+}
+
+/// [`EventStream`] driven by the tokio reactor.
+pub struct AsyncEventStream {
+    inner: tokio::io::unix::AsyncFd<EventStream>,
+}
+
+impl AsyncEventStream {
+    /// The next event, waiting until the datapath sends one.
+    pub async fn next_event(&mut self) -> std::io::Result<FlowEvent> {
+        loop {
+            let mut guard = self.inner.readable_mut().await?;
+            if let Some(event) = guard.get_inner_mut().next_event() {
+                return Ok(event);
+            }
+            guard.clear_ready();
+        }
+    }
+}
+
 impl AsFd for EventStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.ring.as_fd()
