@@ -76,9 +76,13 @@ impl EventStream {
 impl EventStream {
     /// The same events for async code (tokio): waits on the ring buffer's fd.
     pub fn into_async(self) -> std::io::Result<AsyncEventStream> {
-        Ok(AsyncEventStream {
-            inner: tokio::io::unix::AsyncFd::with_interest(self, tokio::io::Interest::READABLE)?,
-        })
+        // SAFETY: the ring buffer owns its fd and keeps it open, unchanged, for as
+        // long as the AsyncFd owns the stream.
+        let inner = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(|error| error.into_parts().1)?;
+        Ok(AsyncEventStream { inner })
     }
 }
 
