@@ -413,6 +413,16 @@ fn flow_still_allowed_survives_an_unrelated_change() {
 }
 
 #[test]
+fn a_new_peer_address_does_not_make_established_flows_recheck() {
+    let mut dp = datapath();
+    let before = dp.generation(EP);
+    let mut grown = tables();
+    grown.addresses.insert(ip("10.0.0.99"), PEER_ID);
+    dp.apply(&grown).expect("apply");
+    assert_eq!(dp.generation(EP), before);
+}
+
+#[test]
 fn peer_moving_to_another_identity_revokes_its_flows() {
     let mut dp = datapath();
     assert!(receive(&dp, &tcp(PEER, 40012, POD, 6379)));
