@@ -687,8 +687,10 @@ fn detach_stops_enforcement_and_unpins_the_links() -> Result<()> {
     );
     let links = scenario.bpffs.0.join("links");
     assert_eq!(std::fs::read_dir(&links)?.count(), 2);
+    assert!(!scenario.counters().is_empty());
     scenario.datapath.as_mut().context("agent")?.detach(EP)?;
     assert_eq!(std::fs::read_dir(&links)?.count(), 0);
+    assert!(scenario.counters().is_empty(), "{:?}", scenario.counters());
     assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
     assert!(scenario.datapath().attachments().is_empty());
     Ok(())

@@ -458,7 +458,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Stops enforcing for `endpoint`: links first, then its map entries.
+    /// Stops enforcing for `endpoint`: links first, then its map entries and its
+    /// counter rows (read [`Self::counters`] before, if the last counts matter).
+    /// Its conntrack entries age out of the LRU; they cannot answer for another
+    /// endpoint. Call from the network namespace it was attached in.
     pub fn detach(&mut self, endpoint: EndpointId) -> Result<(), DatapathError> {
         let attachments: Attachments = self
             .attachments
@@ -492,6 +495,7 @@ impl Datapath {
                 let _ = map.remove(cgroup);
             }
         }
+        self.forget_counters(endpoint)?;
         Ok(())
     }
 }

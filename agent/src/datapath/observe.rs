@@ -28,6 +28,23 @@ impl Datapath {
         Ok(counters)
     }
 
+    /// Removes the counter rows of an endpoint that is gone, so churn does not
+    /// fill the map.
+    pub(crate) fn forget_counters(&mut self, endpoint: u32) -> Result<(), DatapathError> {
+        const MAP: &str = map_names::COUNTERS;
+        let mut map: PerCpuHashMap<_, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let keys: Vec<CounterKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.endpoint_id == endpoint)
+            .collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
     /// Flow events not delivered (over the per-CPU budget or ring full), ever.
     pub fn lost_events(&self) -> Result<u64, DatapathError> {
         const MAP: &str = map_names::EVENT_BUDGET;
