@@ -137,7 +137,6 @@ fn options_for(dir: &Path, hook: HookKind) -> DatapathOptions {
         bpffs_dir: Some(dir.to_owned()),
         capacities: Capacities::small(),
         events_per_second: 100,
-        ..DatapathOptions::private()
     }
 }
 
