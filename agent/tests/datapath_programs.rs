@@ -614,6 +614,36 @@ fn later_fragments_of_an_allowed_datagram_pass() {
     assert!(!receive(&dp, &denied_later));
 }
 
+fn ipv6_fragment(src: &str, id: u32, offset_flags: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![TCP, 0];
+    body.extend_from_slice(&offset_flags.to_be_bytes());
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(payload);
+    frame_of(&ipv6_packet(ip(src), ip(POD6), 44, &body))
+}
+
+#[test]
+fn ipv6_later_fragments_follow_their_first_fragment() {
+    let dp = datapath();
+    // First fragment (offset 0, M set) from a cluster peer, then a later one.
+    assert!(receive(
+        &dp,
+        &ipv6_fragment(PEER6, 7, 1, &tcp_header(40000, 22))
+    ));
+    assert!(receive(&dp, &ipv6_fragment(PEER6, 7, 8 << 3, &[0; 24])));
+    // A later fragment nobody saw the start of.
+    assert!(!receive(&dp, &ipv6_fragment(PEER6, 8, 8 << 3, &[0; 24])));
+    assert_eq!(
+        packets(
+            &dp,
+            Direction::Ingress,
+            Verdict::Drop,
+            Reason::FragmentUnknown
+        ),
+        1
+    );
+}
+
 #[test]
 fn unknown_interface_passes_untouched() {
     let dp = Datapath::load(&DatapathOptions::private()).expect("load");
