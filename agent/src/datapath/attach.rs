@@ -68,11 +68,6 @@ pub(crate) fn current_netns() -> Result<u64, DatapathError> {
         .map_err(|e| DatapathError::io("reading", path, e))
 }
 
-/// Name of the marker directory of a clsact filter.
-fn clsact_marker(netns: u64, ifindex: u32, hook: &str) -> String {
-    format!("nl_{netns}_{ifindex}_{hook}")
-}
-
 /// Removes the clsact filter a marker stands for, then the marker. Only from
 /// inside the marker's network namespace: an ifindex means nothing elsewhere.
 pub(crate) fn detach_clsact(marker: &Path) -> Result<(), DatapathError> {
@@ -299,9 +294,9 @@ impl Datapath {
         }
         for (program, attach_type, hook) in TC_HOOKS {
             let name = if tcx {
-                format!("tc_{ifindex}_{hook}")
+                paths::tc_link_name(ifindex, hook)
             } else {
-                clsact_marker(current_netns()?, ifindex, hook)
+                paths::clsact_marker_name(current_netns()?, ifindex, hook)
             };
             if self.link_exists(&name) {
                 if tcx {
@@ -366,7 +361,7 @@ impl Datapath {
             .ino();
         self.register_cgroup(endpoint, cgroup_id)?;
         for (program, attach_type, hook) in CGROUP_HOOKS {
-            let name = format!("cg_{cgroup_id}_{hook}");
+            let name = paths::cgroup_link_name(cgroup_id, hook);
             if self.link_exists(&name) {
                 self.adopt_link(&name, program)?;
                 continue;
@@ -470,13 +465,13 @@ impl Datapath {
         let netns = current_netns()?;
         for ifindex in &attachments.ifindexes {
             for (_, _, hook) in TC_HOOKS {
-                self.drop_link(&format!("tc_{ifindex}_{hook}"))?;
-                self.drop_link(&clsact_marker(netns, *ifindex, hook))?;
+                self.drop_link(&paths::tc_link_name(*ifindex, hook))?;
+                self.drop_link(&paths::clsact_marker_name(netns, *ifindex, hook))?;
             }
         }
         for cgroup in &attachments.cgroups {
             for (_, _, hook) in CGROUP_HOOKS {
-                self.drop_link(&format!("cg_{cgroup}_{hook}"))?;
+                self.drop_link(&paths::cgroup_link_name(*cgroup, hook))?;
             }
         }
         if !attachments.ifindexes.is_empty() {
