@@ -67,6 +67,7 @@ fn load(entries: u32) -> Result<Datapath> {
             ..Capacities::small()
         },
         events_per_second: 100,
+        ..DatapathOptions::private()
     };
     let mut datapath = Datapath::load(&options).context("load (root needed)")?;
     datapath.register_tc(EP, 1)?;

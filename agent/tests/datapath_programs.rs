@@ -273,6 +273,27 @@ fn ipv6_extension_headers_are_skipped() {
     assert!(!receive(&dp, &denied));
 }
 
+/// Headers past the window of direct packet reads go through bpf_skb_load_bytes.
+#[test]
+fn ports_far_into_the_packet_are_still_read() {
+    let dp = datapath();
+    // A 600-byte destination-options header (length field 74: (74 + 1) * 8).
+    let mut payload = vec![TCP, 74];
+    payload.resize(600, 0);
+    payload.extend_from_slice(&tcp_header(40000, 8080));
+    let allowed = frame_of(&ipv6_packet(ip(PEER6), ip(POD6), 60, &payload));
+    assert!(receive(&dp, &allowed));
+    let mut denied_payload = payload.clone();
+    let ports = denied_payload.len() - 20;
+    denied_payload[ports + 2..ports + 4].copy_from_slice(&22u16.to_be_bytes());
+    let denied = frame_of(&ipv6_packet(ip("fd00::99"), ip(POD6), 60, &denied_payload));
+    assert!(!receive(&dp, &denied));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
 #[test]
 fn ipv6_extension_chain_longer_than_walked_is_malformed() {
     let dp = datapath();
@@ -389,6 +410,16 @@ fn flow_still_allowed_survives_an_unrelated_change() {
         packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Revoked),
         0
     );
+}
+
+#[test]
+fn a_new_peer_address_does_not_make_established_flows_recheck() {
+    let mut dp = datapath();
+    let before = dp.generation(EP);
+    let mut grown = tables();
+    grown.addresses.insert(ip("10.0.0.99"), PEER_ID);
+    dp.apply(&grown).expect("apply");
+    assert_eq!(dp.generation(EP), before);
 }
 
 #[test]
@@ -583,6 +614,36 @@ fn later_fragments_of_an_allowed_datagram_pass() {
     assert!(!receive(&dp, &denied_later));
 }
 
+fn ipv6_fragment(src: &str, id: u32, offset_flags: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![TCP, 0];
+    body.extend_from_slice(&offset_flags.to_be_bytes());
+    body.extend_from_slice(&id.to_be_bytes());
+    body.extend_from_slice(payload);
+    frame_of(&ipv6_packet(ip(src), ip(POD6), 44, &body))
+}
+
+#[test]
+fn ipv6_later_fragments_follow_their_first_fragment() {
+    let dp = datapath();
+    // First fragment (offset 0, M set) from a cluster peer, then a later one.
+    assert!(receive(
+        &dp,
+        &ipv6_fragment(PEER6, 7, 1, &tcp_header(40000, 22))
+    ));
+    assert!(receive(&dp, &ipv6_fragment(PEER6, 7, 8 << 3, &[0; 24])));
+    // A later fragment nobody saw the start of.
+    assert!(!receive(&dp, &ipv6_fragment(PEER6, 8, 8 << 3, &[0; 24])));
+    assert_eq!(
+        packets(
+            &dp,
+            Direction::Ingress,
+            Verdict::Drop,
+            Reason::FragmentUnknown
+        ),
+        1
+    );
+}
+
 #[test]
 fn unknown_interface_passes_untouched() {
     let dp = Datapath::load(&DatapathOptions::private()).expect("load");
@@ -633,6 +694,25 @@ fn drop_events_carry_the_flow() {
     assert_eq!((event.local_port, event.peer_port), (22, 5555));
     assert_eq!(rayfence_common_addr(event.peer), ip(STRANGER));
     assert!(events.next_event().is_none());
+}
+
+#[test]
+fn drop_events_reach_async_readers() {
+    let mut dp = datapath();
+    let events = dp.take_events().expect("events");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let event = runtime.block_on(async {
+        let mut events = events.into_async().expect("async stream");
+        assert!(!receive(&dp, &tcp(STRANGER, 5556, POD, 23)));
+        tokio::time::timeout(std::time::Duration::from_secs(5), events.next_event())
+            .await
+            .expect("an event within 5 s")
+            .expect("read")
+    });
+    assert_eq!((event.local_port, event.peer_port), (23, 5556));
 }
 
 #[test]

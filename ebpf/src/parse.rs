@@ -1,7 +1,8 @@
 //! Header parsing: Ethernet (TC only), IPv4, IPv6 with a bounded walk over extension
 //! headers, TCP/UDP/SCTP ports, ICMP/ICMPv6 (echo identifiers, the flow embedded in an
-//! error). Only fixed-size loads at offsets checked by `bpf_skb_load_bytes`: the
-//! verifier rejects variable-length reads.
+//! error). Only fixed-size loads, each checked against the packet's end (direct
+//! reads of the linear area, `bpf_skb_load_bytes` otherwise): the verifier rejects
+//! variable-length reads.
 //!
 //! Must not look anything up in maps: it only says what the packet is.
 use core::mem::MaybeUninit;
@@ -20,6 +21,9 @@ const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_SCTP: u8 = 132;
 const IPPROTO_UDPLITE: u8 = 136;
+
+/// Offsets up to which loads try direct packet access (bounds the verifier's range).
+const MAX_DIRECT_OFFSET: u32 = 512;
 
 /// IPv6 extension headers walked before giving up (each costs one load).
 const MAX_IPV6_EXTENSIONS: usize = 6;
@@ -41,9 +45,27 @@ impl Skb {
         self.skb
     }
 
-    /// A fixed-size load at `offset`; a short packet is malformed.
+    /// A fixed-size load at `offset`; a short packet is malformed. Reads the linear
+    /// part of the packet directly when it holds the bytes (no helper call), else
+    /// asks `bpf_skb_load_bytes`, which also reaches paged data.
     #[inline(always)]
     fn load<T>(&self, offset: u32) -> Result<T, Reason> {
+        // SAFETY: the context pointer is valid; data/data_end are packet pointers
+        // the verifier checks every access against.
+        let (data, data_end) =
+            unsafe { ((*self.skb).data as usize, (*self.skb).data_end as usize) };
+        if offset < MAX_DIRECT_OFFSET {
+            let start = data + offset as usize;
+            if start + size_of::<T>() <= data_end {
+                // SAFETY: within [data, data_end), checked just above.
+                return Ok(unsafe { (start as *const T).read_unaligned() });
+            }
+        }
+        self.load_slow(offset)
+    }
+
+    #[inline(never)]
+    fn load_slow<T>(&self, offset: u32) -> Result<T, Reason> {
         let mut value = MaybeUninit::<T>::uninit();
         // SAFETY: the helper writes exactly size_of::<T>() bytes or fails.
         let ret = unsafe {

@@ -1,8 +1,9 @@
-//! The decision, the same for every hook: link control, fail-closed (node traffic
-//! excepted), related ICMP errors, conntrack (with the generation re-check that makes
-//! revocation work), then node traffic and policy for new flows. An established
-//! packet costs the endpoint lookup, the parse and one conntrack lookup. Reads top to bottom; every drop and audit is counted and sampled,
-//! allowed new flows are counted, the established path adds no counter work.
+//! The decision, the same for every hook, top to bottom: link control, fail-closed
+//! (node traffic excepted), related ICMP errors, conntrack (with the generation
+//! re-check that makes revocation work), then node traffic and policy for new
+//! flows. An established packet costs the endpoint lookup, the parse and one
+//! conntrack lookup, and no counter work; every drop and audit is counted and
+//! sampled, every allowed new flow counted.
 //!
 //! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
 //! separate (non-inlined) functions that take pointers, not copies.

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use rayfence::datapath::{Capacities, Datapath, DatapathOptions, Interface};
+use rayfence::datapath::{Capacities, Datapath, DatapathOptions, Interface, TcBackend};
 use rayfence::tables::{EndpointPolicy, PolicyEntry, Tables, identity, protocol};
 use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict};
 use rayfence_tests::{Layout, Outcome, PodCgroup, ProbeBin, Topology, names};
@@ -101,7 +101,10 @@ impl Drop for Bpffs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HookKind {
+    /// TC through TCX links (what Linux 6.6+ gets).
     Tc,
+    /// TC through a clsact qdisc and netlink filters (the pre-6.6 fallback, forced).
+    Clsact,
     Cgroup,
 }
 
@@ -121,7 +124,16 @@ fn bin() -> ProbeBin {
 }
 
 fn options(dir: &Path) -> DatapathOptions {
+    options_for(dir, HookKind::Tc)
+}
+
+fn options_for(dir: &Path, hook: HookKind) -> DatapathOptions {
     DatapathOptions {
+        tc_backend: if hook == HookKind::Clsact {
+            TcBackend::Clsact
+        } else {
+            TcBackend::Auto
+        },
         bpffs_dir: Some(dir.to_owned()),
         capacities: Capacities::small(),
         events_per_second: 100,
@@ -250,9 +262,9 @@ fn start_agent(
     bpffs: &Path,
     hook: HookKind,
 ) -> Result<Datapath> {
-    let mut datapath = Datapath::load(&options(bpffs))?;
+    let mut datapath = Datapath::load(&options_for(bpffs, hook))?;
     match hook {
-        HookKind::Tc => {
+        HookKind::Tc | HookKind::Clsact => {
             let ifname = topo.pod("worker").host_if.clone();
             // TCX attaches by name in the calling thread's network namespace: the
             // node's, never the machine's.
@@ -674,8 +686,10 @@ fn detach_stops_enforcement_and_unpins_the_links() -> Result<()> {
     );
     let links = scenario.bpffs.0.join("links");
     assert_eq!(std::fs::read_dir(&links)?.count(), 2);
+    assert!(!scenario.counters().is_empty());
     scenario.datapath.as_mut().context("agent")?.detach(EP)?;
     assert_eq!(std::fs::read_dir(&links)?.count(), 0);
+    assert!(scenario.counters().is_empty(), "{:?}", scenario.counters());
     assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
     assert!(scenario.datapath().attachments().is_empty());
     Ok(())
@@ -691,6 +705,42 @@ fn cgroup_detach_stops_enforcement() -> Result<()> {
         Outcome::Timeout
     );
     scenario.datapath.as_mut().context("agent")?.detach(EP)?;
+    assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
+    Ok(())
+}
+
+#[test]
+fn clsact_fallback_enforces_outlives_the_agent_and_is_cleaned_up() -> Result<()> {
+    let mut scenario = Scenario::new(Layout::Routed, HookKind::Clsact)?;
+    let (worker, other) = (scenario.topo.pod("worker"), scenario.topo.pod("other"));
+    let node = scenario.topo.node(0);
+    let _worker_tcp = worker.serve_tcp(7000)?;
+    let _worker_allowed = worker.serve_tcp(8000)?;
+    let filters = node
+        .netns
+        .exec(&["tc", "filter", "show", "dev", &worker.host_if, "egress"])?;
+    assert!(filters.contains("tc_egress"), "{filters}");
+    assert_eq!(other.tcp_connect(worker.ip4.into(), 8000, OK), Outcome::Ok);
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    drop(scenario.datapath.take());
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    // Filters are found through their markers, from inside their namespace only.
+    assert!(rayfence::datapath::cleanup(&scenario.bpffs.0).is_err());
+    let dir = scenario.bpffs.0.clone();
+    let report = node
+        .netns
+        .run(move || rayfence::datapath::cleanup(&dir))??;
+    assert_eq!(report.links, 2);
+    let filters = node
+        .netns
+        .exec(&["tc", "filter", "show", "dev", &worker.host_if, "egress"])?;
+    assert!(!filters.contains("tc_egress"), "{filters}");
     assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
     Ok(())
 }

@@ -59,6 +59,18 @@ impl Datapath {
     /// next [`Self::apply`] retries them.
     pub fn apply_diff(&mut self, diff: &TablesDiff) -> Result<(), DatapathError> {
         let forced_before = self.forced_fail_closed.clone();
+        // Decided before the mirror changes: a new address takes nothing away, an
+        // address that changes identity (or goes) can.
+        let peers_changed = !diff.addresses_remove.is_empty()
+            || !diff.cidrs_remove.is_empty()
+            // A new prefix can be an `except` that narrows a wider one.
+            || !diff.cidrs_upsert.is_empty()
+            || diff.addresses_upsert.iter().any(|(ip, identity)| {
+                self.mirror
+                    .addresses
+                    .get(ip)
+                    .is_some_and(|old| old != identity)
+            });
 
         // 1-2. Peers (new and changed addresses and prefixes), then policy rows.
         let mut failures = self.upsert(
@@ -106,7 +118,7 @@ impl Datapath {
         }
 
         // 5. Re-check established flows of the endpoints a removal may affect.
-        for endpoint in self.revocable(diff) {
+        for endpoint in self.revocable(diff, peers_changed) {
             let next = self.generation(endpoint).wrapping_add(1).max(1);
             self.generations.insert(endpoint, next);
             self.write_endpoint(endpoint)?;
@@ -239,12 +251,7 @@ impl Datapath {
     }
 
     /// Attached endpoints whose allowed flows `diff` may take away.
-    fn revocable(&self, diff: &TablesDiff) -> BTreeSet<EndpointId> {
-        let peers_changed = !diff.addresses_remove.is_empty()
-            || !diff.cidrs_remove.is_empty()
-            // A new prefix can be an `except` that narrows a wider one.
-            || !diff.cidrs_upsert.is_empty()
-            || !diff.addresses_upsert.is_empty();
+    fn revocable(&self, diff: &TablesDiff, peers_changed: bool) -> BTreeSet<EndpointId> {
         let policies: BTreeSet<_> = diff.policy_remove.iter().map(|row| row.policy_id).collect();
         self.attachments
             .keys()

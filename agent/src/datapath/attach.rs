@@ -17,7 +17,7 @@ use aya::programs::{
 use aya::util::KernelVersion;
 use rayfence_common::{EndpointInfo, endpoint_flags, map_names};
 
-use super::{Attachments, Datapath, DatapathError, OwnedLink, codec, paths};
+use super::{Attachments, Datapath, DatapathError, OwnedLink, TcBackend, codec, paths};
 use crate::tables::EndpointId;
 
 /// A network interface in the calling thread's network namespace.
@@ -59,6 +59,51 @@ const CGROUP_HOOKS: [(&str, CgroupSkbAttachType, &str); 2] = [
     ),
     ("cgroup_skb_egress", CgroupSkbAttachType::Egress, "egress"),
 ];
+
+/// The inode of the calling thread's network namespace.
+pub(crate) fn current_netns() -> Result<u64, DatapathError> {
+    let path = Path::new("/proc/thread-self/ns/net");
+    std::fs::metadata(path)
+        .map(|meta| meta.ino())
+        .map_err(|e| DatapathError::io("reading", path, e))
+}
+
+/// Removes the clsact filter a marker stands for, then the marker. Only from
+/// inside the marker's network namespace: an ifindex means nothing elsewhere.
+pub(crate) fn detach_clsact(marker: &Path) -> Result<(), DatapathError> {
+    let name = marker
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let fields: Vec<&str> = name.split('_').collect();
+    let parsed = match fields.as_slice() {
+        ["nl", netns, ifindex, hook] => netns
+            .parse::<u64>()
+            .ok()
+            .zip(ifindex.parse::<u32>().ok())
+            .zip(TC_HOOKS.iter().find(|(_, _, h)| h == hook)),
+        _ => None,
+    };
+    let Some(((netns, ifindex), (program, attach_type, _))) = parsed else {
+        return Err(DatapathError::io(
+            "parsing",
+            marker,
+            std::io::Error::from(std::io::ErrorKind::InvalidData),
+        ));
+    };
+    if netns != current_netns()? {
+        return Err(DatapathError::WrongNamespace {
+            path: marker.to_owned(),
+            netns,
+        });
+    }
+    match tc::qdisc_detach_program(ifindex, (*attach_type).into(), program) {
+        Ok(()) => {}
+        // The interface or the filter is gone already.
+        Err(error) => tracing::debug!(%error, marker = %marker.display(), "clsact filter"),
+    }
+    std::fs::remove_dir(marker).map_err(|e| DatapathError::io("removing", marker, e))
+}
 
 /// `BPF_OBJ_GET`: an fd for a pinned object (aya's link types do not lend theirs).
 fn open_pinned(path: &Path) -> std::io::Result<OwnedFd> {
@@ -233,18 +278,30 @@ impl Datapath {
     ) -> Result<u32, DatapathError> {
         let ifindex = interface.ifindex()?;
         self.register_tc(endpoint, ifindex)?;
-        let tcx = tcx_supported();
+        let tcx = match self.tc_backend {
+            TcBackend::Auto => tcx_supported(),
+            TcBackend::Tcx => true,
+            TcBackend::Clsact => false,
+        };
         if !tcx {
-            // Before Linux 6.6: a clsact qdisc and netlink filters (they stay attached
-            // when the agent exits; `cleanup` removes them).
+            // Before Linux 6.6: a clsact qdisc and netlink filters. They cannot be
+            // pinned but stay attached when the agent exits; a marker directory
+            // (which names the network namespace) lets `detach` and `cleanup` find
+            // them again.
             if let Err(error) = tc::qdisc_add_clsact(ifindex) {
                 tracing::debug!(ifindex, %error, "adding clsact (may already exist)");
             }
         }
         for (program, attach_type, hook) in TC_HOOKS {
-            let name = format!("tc_{ifindex}_{hook}");
+            let name = if tcx {
+                paths::tc_link_name(ifindex, hook)
+            } else {
+                paths::clsact_marker_name(current_netns()?, ifindex, hook)
+            };
             if self.link_exists(&name) {
-                self.adopt_link(&name, program)?;
+                if tcx {
+                    self.adopt_link(&name, program)?;
+                }
                 continue;
             }
             let prog: &mut SchedClassifier = self
@@ -258,7 +315,10 @@ impl Datapath {
                     order: LinkOrder::default(),
                 }
             } else {
-                TcAttach::from(attach_type)
+                TcAttach::Netlink {
+                    parent: attach_type.into(),
+                    options: tc::NlOptions::default(),
+                }
             };
             let id = prog
                 .attach(ifindex, attach)
@@ -272,13 +332,15 @@ impl Datapath {
                     source: Box::new(e),
                 })?;
                 self.keep_link(name, fd_link)?;
+            } else if let Some(dir) = &self.pin_dir {
+                let marker = paths::links_dir(dir).join(&name);
+                std::fs::create_dir(&marker)
+                    .map_err(|e| DatapathError::io("creating", &marker, e))?;
+                // The filter must outlive this process: do not let the link's Drop
+                // detach it.
+                std::mem::forget(link);
             } else {
-                // Netlink filters cannot be pinned; they outlive the process anyway.
-                if self.pin_dir.is_some() {
-                    std::mem::forget(link);
-                } else {
-                    self.owned_links.insert(name, OwnedLink::Tc(link));
-                }
+                self.owned_links.insert(name, OwnedLink::Tc(link));
             }
         }
         Ok(ifindex)
@@ -299,7 +361,7 @@ impl Datapath {
             .ino();
         self.register_cgroup(endpoint, cgroup_id)?;
         for (program, attach_type, hook) in CGROUP_HOOKS {
-            let name = format!("cg_{cgroup_id}_{hook}");
+            let name = paths::cgroup_link_name(cgroup_id, hook);
             if self.link_exists(&name) {
                 self.adopt_link(&name, program)?;
                 continue;
@@ -373,7 +435,11 @@ impl Datapath {
         self.owned_links.remove(name);
         if let Some(dir) = &self.pin_dir {
             let path = paths::links_dir(dir).join(name);
-            if path.exists() {
+            if name.starts_with("nl_") {
+                if path.exists() {
+                    detach_clsact(&path)?;
+                }
+            } else if path.exists() {
                 let pinned = PinnedLink::from_pin(&path).map_err(|e| DatapathError::Link {
                     path: path.clone(),
                     source: Box::new(e),
@@ -387,20 +453,25 @@ impl Datapath {
         Ok(())
     }
 
-    /// Stops enforcing for `endpoint`: links first, then its map entries.
+    /// Stops enforcing for `endpoint`: links first, then its map entries and its
+    /// counter rows (read [`Self::counters`] before, if the last counts matter).
+    /// Its conntrack entries age out of the LRU; they cannot answer for another
+    /// endpoint. Call from the network namespace it was attached in.
     pub fn detach(&mut self, endpoint: EndpointId) -> Result<(), DatapathError> {
         let attachments: Attachments = self
             .attachments
             .remove(&endpoint)
             .ok_or(DatapathError::NotAttached { endpoint })?;
+        let netns = current_netns()?;
         for ifindex in &attachments.ifindexes {
             for (_, _, hook) in TC_HOOKS {
-                self.drop_link(&format!("tc_{ifindex}_{hook}"))?;
+                self.drop_link(&paths::tc_link_name(*ifindex, hook))?;
+                self.drop_link(&paths::clsact_marker_name(netns, *ifindex, hook))?;
             }
         }
         for cgroup in &attachments.cgroups {
             for (_, _, hook) in CGROUP_HOOKS {
-                self.drop_link(&format!("cg_{cgroup}_{hook}"))?;
+                self.drop_link(&paths::cgroup_link_name(*cgroup, hook))?;
             }
         }
         if !attachments.ifindexes.is_empty() {
@@ -419,6 +490,7 @@ impl Datapath {
                 let _ = map.remove(cgroup);
             }
         }
+        self.forget_counters(endpoint)?;
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
 //! `rayfence cleanup`: detach and remove everything the agent pinned under its bpffs
 //! directory (links first, so nothing enforces with half-removed maps), then the
-//! maps and the directory. Safe to run twice.
+//! maps and the directory. Safe to run twice. clsact filters (kernels without TCX)
+//! are found through their marker directories and removed only from inside the
+//! network namespace they were attached in (the agent's, normally the host's).
 use std::path::Path;
 
 use aya::programs::links::PinnedLink;
@@ -21,6 +23,12 @@ pub fn cleanup(dir: &Path) -> Result<CleanupReport, DatapathError> {
     }
     let links = paths::links_dir(dir);
     for path in entries(&links)? {
+        if path.is_dir() {
+            // A clsact filter's marker (kernels without TCX).
+            super::attach::detach_clsact(&path)?;
+            report.links += 1;
+            continue;
+        }
         match PinnedLink::from_pin(&path) {
             Ok(link) => {
                 // Unpinning drops the last reference: the link detaches.

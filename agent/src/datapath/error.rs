@@ -59,6 +59,8 @@ pub enum DatapathError {
     },
     #[error("{path} is not on a bpf filesystem (mount one: mount -t bpf bpffs DIR)")]
     NotBpffs { path: PathBuf },
+    #[error("{path} belongs to network namespace {netns}: run this from inside it")]
+    WrongNamespace { path: PathBuf, netns: u64 },
     #[error("interface {name:?} not found in the current network namespace")]
     UnknownInterface { name: String },
     #[error("{what} is attached to endpoint {attached}, not {requested}")]

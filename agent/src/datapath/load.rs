@@ -73,6 +73,18 @@ pub struct DatapathOptions {
     pub capacities: Capacities,
     /// Flow events each CPU may emit per second (0: none).
     pub events_per_second: u32,
+    pub tc_backend: TcBackend,
+}
+
+/// How TC programs are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcBackend {
+    /// TCX links on Linux 6.6 and later, clsact filters before.
+    #[default]
+    Auto,
+    Tcx,
+    /// clsact qdisc and netlink filters (what `Auto` does on older kernels).
+    Clsact,
 }
 
 impl Default for DatapathOptions {
@@ -81,6 +93,7 @@ impl Default for DatapathOptions {
             bpffs_dir: Some(PathBuf::from(paths::DEFAULT_BPFFS_DIR)),
             capacities: Capacities::default(),
             events_per_second: 100,
+            tc_backend: TcBackend::Auto,
         }
     }
 }
@@ -92,6 +105,7 @@ impl DatapathOptions {
             bpffs_dir: None,
             capacities: Capacities::small(),
             events_per_second: 1000,
+            tc_backend: TcBackend::Auto,
         }
     }
 }
@@ -146,6 +160,7 @@ impl Datapath {
         let mut datapath = Self {
             ebpf,
             pin_dir: options.bpffs_dir.clone(),
+            tc_backend: options.tc_backend,
             mirror: Tables::default(),
             attachments: BTreeMap::new(),
             generations: BTreeMap::new(),

@@ -30,8 +30,8 @@ use aya::programs::{links::FdLink, tc::SchedClassifierLink};
 pub use attach::Interface;
 pub use cleanup::cleanup;
 pub use error::DatapathError;
-pub use load::{Capacities, DatapathOptions};
-pub use observe::{Counters, EventStream};
+pub use load::{Capacities, DatapathOptions, TcBackend};
+pub use observe::{AsyncEventStream, Counters, EventStream};
 pub use testrun::{Hook, TestRunOutcome};
 
 use crate::tables::{EndpointId, Tables};
@@ -40,6 +40,7 @@ use crate::tables::{EndpointId, Tables};
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: Option<PathBuf>,
+    tc_backend: TcBackend,
     /// What the maps hold, as tables (rebuilt from pinned maps on adoption).
     mirror: Tables,
     attachments: BTreeMap<EndpointId, Attachments>,

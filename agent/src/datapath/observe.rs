@@ -28,6 +28,23 @@ impl Datapath {
         Ok(counters)
     }
 
+    /// Removes the counter rows of an endpoint that is gone, so churn does not
+    /// fill the map.
+    pub(crate) fn forget_counters(&mut self, endpoint: u32) -> Result<(), DatapathError> {
+        const MAP: &str = map_names::COUNTERS;
+        let mut map: PerCpuHashMap<_, CounterKey, CounterValue> =
+            PerCpuHashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let keys: Vec<CounterKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|key| key.endpoint_id == endpoint)
+            .collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
     /// Flow events not delivered (over the per-CPU budget or ring full), ever.
     pub fn lost_events(&self) -> Result<u64, DatapathError> {
         const MAP: &str = map_names::EVENT_BUDGET;
@@ -70,6 +87,37 @@ impl EventStream {
     /// Everything available now.
     pub fn drain(&mut self) -> Vec<FlowEvent> {
         std::iter::from_fn(|| self.next_event()).collect()
+    }
+}
+
+impl EventStream {
+    /// The same events for async code (tokio): waits on the ring buffer's fd.
+    pub fn into_async(self) -> std::io::Result<AsyncEventStream> {
+        // SAFETY: the ring buffer owns its fd and keeps it open, unchanged, for as
+        // long as the AsyncFd owns the stream.
+        let inner = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(self, tokio::io::Interest::READABLE)
+        }
+        .map_err(|error| error.into_parts().1)?;
+        Ok(AsyncEventStream { inner })
+    }
+}
+
+/// [`EventStream`] driven by the tokio reactor.
+pub struct AsyncEventStream {
+    inner: tokio::io::unix::AsyncFd<EventStream>,
+}
+
+impl AsyncEventStream {
+    /// The next event, waiting until the datapath sends one.
+    pub async fn next_event(&mut self) -> std::io::Result<FlowEvent> {
+        loop {
+            let mut guard = self.inner.readable_mut().await?;
+            if let Some(event) = guard.get_inner_mut().next_event() {
+                return Ok(event);
+            }
+            guard.clear_ready();
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! <dir>/maps/RF_*_V1                 maps (adopted by a restarted agent)
 //! <dir>/links/tc_<ifindex>_<dir>     TCX links on a pod's host veth
 //! <dir>/links/cg_<cgroup id>_<dir>   cgroup_skb links on a pod's cgroup
+//! <dir>/links/nl_<netns>_<ifindex>_<dir>/  marker of a clsact filter (no TCX)
 //! ```
 use std::path::{Path, PathBuf};
 
@@ -23,11 +24,20 @@ pub fn links_dir(root: &Path) -> PathBuf {
     root.join("links")
 }
 
-/// `hook` is `ingress` or `egress` (of the hook, not of the pod).
-pub fn tc_link(root: &Path, ifindex: u32, hook: &str) -> PathBuf {
-    links_dir(root).join(format!("tc_{ifindex}_{hook}"))
+/// Name (under [`links_dir`]) of the TCX link on a host veth; `hook` is `ingress`
+/// or `egress` of the hook, not of the pod.
+pub fn tc_link_name(ifindex: u32, hook: &str) -> String {
+    format!("tc_{ifindex}_{hook}")
 }
 
-pub fn cgroup_link(root: &Path, cgroup_id: u64, hook: &str) -> PathBuf {
-    links_dir(root).join(format!("cg_{cgroup_id}_{hook}"))
+/// Name of the cgroup_skb link on a pod cgroup.
+pub fn cgroup_link_name(cgroup_id: u64, hook: &str) -> String {
+    format!("cg_{cgroup_id}_{hook}")
+}
+
+/// Name of the marker directory of a clsact filter (kernels without TCX): netlink
+/// filters cannot be pinned, and an ifindex only means something in its network
+/// namespace, so the marker names both.
+pub fn clsact_marker_name(netns: u64, ifindex: u32, hook: &str) -> String {
+    format!("nl_{netns}_{ifindex}_{hook}")
 }
