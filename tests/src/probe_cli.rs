@@ -430,7 +430,9 @@ fn ping_inner(to: IpAddr, timeout: Duration) -> Result<Outcome> {
             let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
             let (n, from) = match sock.recv_from(&mut buf) {
                 Ok(r) => r,
-                Err(e) if matches!(classify(&e), Outcome::Timeout) => break,
+                // Back to the top: the deadline decides before a resend does, so a
+                // probe shorter than the resend interval sends exactly one echo.
+                Err(e) if matches!(classify(&e), Outcome::Timeout) => continue,
                 Err(e) => return Err(e.into()),
             };
             // SAFETY: recv_from initialised the first n bytes.
