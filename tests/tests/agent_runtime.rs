@@ -339,20 +339,16 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
     // Kubelet order: pod cgroup, then the sandbox's network (veth), then containers.
     let ctr = kubelet.pod_cgroup(&uids[2])?;
     let created = Instant::now();
+    let created_wall = jiff::Timestamp::now();
     let late = topo.add_pod(0, "late")?;
     assert_eq!(late.ip4.to_string(), late_ip4.to_string());
     let _pause = late.prober_in(&ctr).serve_tcp(9)?;
     let _server = late.prober_in(&ctr).serve_tcp(8000)?;
     let server_up = created.elapsed();
-    let attached = agent.wait_log(
+    agent.wait_log(
         &["endpoint attached", &format!("{ns}/late")],
         Duration::from_secs(5),
     )?;
-    let attach_seen = created
-        .elapsed()
-        .saturating_sub(Duration::ZERO)
-        .min(server_up.max(attached));
-    let _ = attach_seen;
     std::thread::sleep(Duration::from_secs(2));
     let (attempts, successes) = knocking.finish();
     let line = agent
@@ -361,9 +357,18 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
         .find(|l| l.contains("endpoint attached") && l.contains(&format!("{ns}/late")))
         .unwrap_or_default()
         .to_owned();
+    // The agent's log timestamp (same clock) against the moment the veth was made.
+    let attached_at: jiff::Timestamp =
+        line.split_whitespace().next().unwrap_or_default().parse()?;
+    let attach_after_link = attached_at.duration_since(created_wall);
     println!(
-        "late pod: server listening {server_up:?} after the veth was created; attach logged (polled) by then + {attached:?}; outsider attempts {attempts}, successes {}; agent: {line}",
+        "late pod: attached {attach_after_link:?} after `ip link add` began; its server listened {server_up:?} after; \
+         outsider attempts {attempts}, successes {}; agent: {line}",
         successes.len()
+    );
+    ensure!(
+        attach_after_link.as_secs_f64() < server_up.as_secs_f64(),
+        "attached only after the server ran"
     );
     ensure!(
         successes.is_empty(),
