@@ -417,6 +417,30 @@ async fn a_missing_raycluster_crd_is_kind_missing_and_waited_for() -> anyhow::Re
         },
     )
     .await?;
+    // Several retries (backoff 0.8 s, 1.6 s, ...) still say it once, and do not
+    // flap to Connected on each attempt (Connected once, for the other kinds).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let said_missing = |s: &SourceStatus| matches!(s, SourceStatus::KindMissing { .. });
+    let statuses = source.statuses();
+    assert_eq!(
+        statuses.iter().filter(|s| said_missing(s)).count(),
+        1,
+        "{statuses:?}"
+    );
+    let connected = statuses
+        .iter()
+        .filter(|s| **s == SourceStatus::Connected)
+        .count();
+    assert!(connected <= 1, "no Connected per retry: {statuses:?}");
+    assert!(
+        server
+            .requests()
+            .iter()
+            .filter(|r| r.is_list_of("/apis/ray.io/v1/rayclusters"))
+            .count()
+            >= 2,
+        "the RayCluster list is retried"
+    );
     assert!(source.resyncs(ObjectKind::RayCluster).is_empty());
     assert!(
         !source

@@ -228,7 +228,11 @@ where
                     continue;
                 }
             };
-            self.health.ok(self.kind).await?;
+            // `Init` comes before the list request is even sent: only what the
+            // server answered proves the kind is served and reachable.
+            if !matches!(event, Event::Init) {
+                self.health.ok(self.kind).await?;
+            }
             match event {
                 Event::Init => listing = Some(Vec::new()),
                 Event::InitApply(o) => listing.get_or_insert_with(Vec::new).push((self.wrap)(o)),
