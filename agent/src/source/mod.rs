@@ -6,6 +6,7 @@
 //! unreachable API server means "no news", never "everything is gone". Only a
 //! [`SourceEvent::Resync`] (a complete listing) may imply deletions.
 pub mod events;
+pub mod files;
 pub mod kube;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
