@@ -254,6 +254,8 @@ pub struct AgentOptions<'a> {
     pub manifests: &'a Path,
     pub bpffs: &'a Path,
     pub cgroup_root: &'a Path,
+    /// Watch this API server (kubeconfig) instead of the manifests directory.
+    pub kubeconfig: Option<&'a Path>,
 }
 
 impl Agent {
@@ -261,15 +263,14 @@ impl Agent {
         let bin = rayfence_bin()?;
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let file = std::fs::File::create(&log)?;
-        let child = o
-            .node
-            .netns
-            .cmd(bin.to_str().context("utf-8 path")?)
-            .arg("agent")
+        let mut command = o.node.netns.cmd(bin.to_str().context("utf-8 path")?);
+        match o.kubeconfig {
+            Some(path) => command.arg("agent").arg("--kubeconfig").arg(path),
+            None => command.arg("agent").arg("--manifests").arg(o.manifests),
+        };
+        let child = command
             .arg("--node-name")
             .arg(o.node_name)
-            .arg("--manifests")
-            .arg(o.manifests)
             .arg("--bpffs")
             .arg(o.bpffs)
             .arg("--cgroup-root")
