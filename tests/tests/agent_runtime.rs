@@ -282,6 +282,13 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
         samples.len()
     );
     ensure!(p99 < Duration::from_secs(1), "an edit took {p99:?}");
+    // The agent's own view: change received -> datapath (and endpoints) updated.
+    let (_, metrics) = agent.http_get(topo.node(0), "/metrics")?;
+    let name = "rayfence_programming_latency_seconds";
+    let (p50, n) = histogram_quantile(&metrics, name, 0.5);
+    let (p99, _) = histogram_quantile(&metrics, name, 0.99);
+    println!("agent programming latency over {n} programmings: p50 <= {p50:?} s, p99 <= {p99:?} s");
+    ensure!(p99.is_some_and(|s| s < 1.0), "{metrics}");
     // The ingress rule allowed TCP 8000 only: UDP stayed closed.
     assert_eq!(outsider.udp_probe(v4(head), 8001, SHORT), Outcome::Timeout);
     Ok(())
