@@ -545,5 +545,29 @@ fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> 
         outsider.tcp_connect(v4(topo.pod("good")), 8000, SHORT),
         Outcome::Timeout
     );
+
+    // A pod deleted from the manifests is detached: its pinned links go.
+    let bad = topo.pod("bad");
+    let link = bpffs
+        .path
+        .join("links")
+        .join(format!("tc_{}_ingress", bad.host_ifindex));
+    ensure!(link.exists(), "no pinned link {}", link.display());
+    manifests.write(
+        "base.yaml",
+        &base(
+            &ns,
+            &topo,
+            &[
+                ("good", &uids[0], head_labels("good")),
+                ("outsider", &uids[2], vec![("app", "outsider")]),
+            ],
+        ),
+    )?;
+    agent.wait_log(
+        &["endpoint removed", &format!("{ns}/bad")],
+        Duration::from_secs(3),
+    )?;
+    ensure!(!link.exists(), "{} still pinned", link.display());
     Ok(())
 }
