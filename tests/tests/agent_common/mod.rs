@@ -54,6 +54,8 @@ pub fn rayfence_bin() -> Result<PathBuf> {
             "RUSTUP_HOME",
             "CARGO_HOME",
             "RUSTUP_TOOLCHAIN",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET_DIR",
         ];
         let status = Command::new(cargo)
             .env_clear()
