@@ -1,13 +1,15 @@
 //! The Kubernetes API source: one kube-rs watcher per kind, cluster-wide, turned into
 //! [`SourceEvent`]s for the runtime.
 //!
-//! Pipeline per kind: `watcher` -> backoff -> `modify()` (drop the fields the engine
-//! never reads, so holding every pod of a large cluster stays cheap) -> the event
-//! mapping below. The backoff is kube-rs's `default_backoff()` curve (0.8 s doubling,
-//! jittered, reset after 120 s of calm) capped at [`MAX_BACKOFF`] instead of 30 s:
-//! a watcher asleep in its backoff cannot see the API server come back, and for
-//! an enforcement agent every second it sleeps is a revocation not enforced (the
-//! multi-node test measured up to 33 s after a short outage with the 30 s cap). There is no `reflector` store here on purpose: the
+//! Pipeline per kind: `watcher` -> `modify()` (drop the fields the engine never
+//! reads, so holding every pod of a large cluster stays cheap) -> the event mapping
+//! below, with the backoff applied in the loop. It follows kube-rs's
+//! `default_backoff()` (0.8 s doubling, jittered, reset by any success) with two
+//! changes, because for an enforcement agent every second a watcher sleeps is a
+//! revocation not enforced (the multi-node test measured up to 33 s after a short
+//! outage with `default_backoff()`): the delay is capped at [`MAX_BACKOFF`] rather
+//! than 30 s, and sleeping watchers are woken as soon as the reachability probe
+//! gets an answer; a 410 relists at once, as client-go does. There is no `reflector` store here on purpose: the
 //! runtime's policy engine already holds every object, a second copy would double the
 //! agent's memory, and a complete listing is delivered as one [`SourceEvent::Resync`],
 //! which is the "store is ready" signal readiness waits for.
@@ -39,7 +41,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::utils::{Backoff, ResetTimerBackoff};
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -219,19 +221,29 @@ where
     }
 
     async fn run(self, api: Api<K>, wc: watcher::Config) -> Result<(), KubeSourceError> {
-        let backoff = ResetTimerBackoff::new(WatchBackoff::new(), Duration::from_secs(120));
-        let stream = watcher::watcher(api, wc).backoff(backoff).modify(self.trim);
+        // The backoff is applied here rather than with `.backoff()`, so a sleeping
+        // watcher can be woken when the API server is back, and a 410 relists at once.
+        let mut backoff = WatchBackoff::new();
+        let stream = watcher::watcher(api, wc).modify(self.trim);
         let mut stream = std::pin::pin!(stream);
         // The objects of a listing in progress; `None` outside one.
         let mut listing: Option<Vec<Object>> = None;
         while let Some(item) = stream.next().await {
             let event = match item {
-                Ok(event) => event,
+                Ok(event) => {
+                    backoff.reset();
+                    event
+                }
                 Err(error) => {
                     // A failed page abandons the listing; the watcher starts over with
                     // `Init`.
                     listing = None;
                     self.health.error(self.kind, &error).await?;
+                    // 410: the watcher relists next, nothing to wait for.
+                    if status_code(&error) != Some(410) {
+                        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+                        self.health.pause(delay).await;
+                    }
                     continue;
                 }
             };
@@ -277,6 +289,9 @@ struct Health {
     state: Mutex<HealthState>,
     /// Wakes the reachability probe when a kind starts failing.
     failing: Notify,
+    /// Wakes the watchers sleeping in their backoff when the API server answers
+    /// again.
+    reachable: Notify,
 }
 
 #[derive(Default)]
@@ -295,6 +310,7 @@ impl Health {
             tx,
             state: Mutex::new(HealthState::default()),
             failing: Notify::new(),
+            reachable: Notify::new(),
         }
     }
 
@@ -377,6 +393,9 @@ impl Health {
                 if client.apiserver_version().await.is_err() {
                     continue;
                 }
+                // Each agent's probe runs on its own phase, so a DaemonSet's watchers
+                // do not all come back in the same instant.
+                self.reachable.notify_waiters();
                 let status = {
                     let mut s = self.lock();
                     s.failing.clear();
@@ -390,6 +409,14 @@ impl Health {
                     self.send(ObjectKind::Node, status).await?;
                 }
             }
+        }
+    }
+
+    /// A watcher's backoff: `delay`, or less if the API server answers again.
+    async fn pause(&self, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.reachable.notified() => {}
         }
     }
 
