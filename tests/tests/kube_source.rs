@@ -541,6 +541,50 @@ async fn the_reporter_posts_one_event_per_distinct_problem_naming_field_and_valu
 }
 
 #[tokio::test]
+async fn the_reporter_posts_a_problem_again_only_for_a_new_generation() -> anyhow::Result<()> {
+    let server = FakeApiServer::start().await?;
+    server.install_crd("ray.io", "v1", "rayclusters");
+    server.apply(&raycluster("rc", "Sometimes"));
+    let repeat_after = Duration::from_millis(100);
+    let reporter = KubeEventReporter::spawn(
+        server.client()?,
+        EventReporterConfig {
+            repeat_after,
+            ..EventReporterConfig::new("node-a")
+        },
+    );
+    let mode = problem("spec.networkPolicy.mode", "Sometimes");
+    reporter.report(&mode);
+    eventually(WAIT, "the first Event", || server.events().len() == 1).await?;
+
+    // Past repeat_after, same generation: looked up again, not posted again.
+    for _ in 0..3 {
+        tokio::time::sleep(repeat_after * 2).await;
+        reporter.report(&mode);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.events().len(), 1, "same generation, same problem");
+
+    // An edit elsewhere in the spec (new generation) that keeps the bad mode.
+    let mut edited = raycluster("rc", "Sometimes");
+    edited["spec"]["networkPolicy"]["worker"] = json!({"ingressRules": []});
+    let stored = server.apply(&edited);
+    assert_eq!(stored["metadata"]["generation"], 2);
+    tokio::time::sleep(repeat_after * 2).await;
+    reporter.report(&mode);
+    eventually(WAIT, "a second Event for generation 2", || {
+        server.events().len() == 2
+    })
+    .await?;
+    tokio::time::sleep(repeat_after * 2).await;
+    reporter.report(&mode);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.events().len(), 2);
+    assert_eq!(reporter.stats().posted, 2);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_full_reporter_queue_drops_and_counts_without_blocking() -> anyhow::Result<()> {
     let server = FakeApiServer::start().await?;
     server.install_crd("ray.io", "v1", "rayclusters");

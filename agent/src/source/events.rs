@@ -7,7 +7,8 @@
 //!   object up (its uid, so the Event is attached to it, and its generation) and posts.
 //! - Deduplicated: a problem is posted once per object generation. Reports of a problem
 //!   already queued or posted within [`REPEAT_AFTER`] cost nothing; after that the task
-//!   reads the object again and posts only if its generation (or uid) changed.
+//!   reads the object again and posts only if its generation (or uid) changed
+//!   (an edit that leaves the problem in place is reported again, once).
 //! - Bounded: a full queue drops the report and counts it ([`KubeEventReporter::stats`]);
 //!   a dropped or failed report is tried again the next time it is reported.
 //!
@@ -54,6 +55,8 @@ pub struct EventReporterConfig {
     pub node_name: String,
     /// Problems waiting to be posted at most.
     pub queue_capacity: usize,
+    /// How long a reported problem is not looked at again ([`REPEAT_AFTER`]).
+    pub repeat_after: Duration,
 }
 
 impl EventReporterConfig {
@@ -61,6 +64,7 @@ impl EventReporterConfig {
         Self {
             node_name: node_name.into(),
             queue_capacity: 256,
+            repeat_after: REPEAT_AFTER,
         }
     }
 }
@@ -97,6 +101,7 @@ enum PostError {
 pub struct KubeEventReporter {
     queue: mpsc::Sender<Problem>,
     shared: Arc<Shared>,
+    repeat_after: Duration,
 }
 
 struct Shared {
@@ -136,7 +141,11 @@ impl KubeEventReporter {
             posted: HashSet::new(),
         };
         tokio::spawn(poster.run(rx));
-        Self { queue, shared }
+        Self {
+            queue,
+            shared,
+            repeat_after: config.repeat_after,
+        }
     }
 
     pub fn stats(&self) -> ReporterStats {
@@ -155,7 +164,7 @@ impl ProblemReporter for KubeEventReporter {
             let now = Instant::now();
             if recent
                 .get(problem)
-                .is_some_and(|at| now.duration_since(*at) < REPEAT_AFTER)
+                .is_some_and(|at| now.duration_since(*at) < self.repeat_after)
             {
                 return;
             }
