@@ -1,0 +1,64 @@
+//! The demo scenario (`cargo xtask demo`) as tests, so CI runs it: with the agent
+//! every verdict must match the hand-written matrix; without it, the harness must
+//! see every flow get through, i.e. exactly the expected-dropped cells differ
+//! (which checks the probing and the comparison themselves). Root only.
+
+use std::path::PathBuf;
+
+use rayfence_tests::ProbeBin;
+use rayfence_tests::demo::{self, Options};
+
+fn probe() -> ProbeBin {
+    ProbeBin::at(env!("CARGO_BIN_EXE_rf-probe"))
+}
+
+/// The agent binary cargo built for this workspace: `$RAYFENCE_BIN`, else
+/// `rayfence` next to this test's directory (`target/<profile>/deps/demo-*` ->
+/// `target/<profile>/rayfence`; `cargo test --workspace` builds it for the agent
+/// crate's own integration tests).
+fn rayfence() -> PathBuf {
+    if let Some(p) = std::env::var_os("RAYFENCE_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("rayfence"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "no rayfence binary near {}: build it (cargo build -p rayfence-agent) or set RAYFENCE_BIN",
+                exe.display()
+            )
+        })
+}
+
+#[test]
+fn without_agent_exactly_the_expected_drops_get_through() {
+    let report = demo::run(&Options::new(None, probe())).expect("demo harness");
+    assert_eq!(
+        report.observed_allowed, report.probed,
+        "with nothing enforcing, every probe must get through"
+    );
+    assert_eq!(
+        report.mismatches.len(),
+        report.expected_dropped,
+        "the mismatches must be exactly the expected-dropped cells: {:#?}",
+        report.mismatches
+    );
+    assert!(report.expected_dropped > 0 && !report.passed());
+}
+
+#[test]
+#[ignore = "needs `rayfence agent` (branch runtime)"]
+fn with_agent_every_verdict_matches_the_expected_matrix() {
+    let report = demo::run(&Options::new(Some(rayfence()), probe())).expect("demo");
+    assert!(
+        report.passed(),
+        "{} of {} verdicts differ:\n{}",
+        report.mismatches.len(),
+        report.probed,
+        report.mismatches.join("\n")
+    );
+}
