@@ -15,6 +15,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 
@@ -39,6 +40,13 @@ pub fn remember(rayfence: Option<PathBuf>, bpffs: Option<PathBuf>, tempdir: Opti
     l.rayfence = rayfence.or(l.rayfence.take());
     l.bpffs = bpffs.or(l.bpffs.take());
     l.tempdir = tempdir.or(l.tempdir.take());
+}
+
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// True once a signal arrived: loops that start processes stop starting them.
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::Relaxed)
 }
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -66,6 +74,7 @@ pub fn install() -> Result<()> {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is a valid, initialised sigset.
             if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                STOPPING.store(true, Ordering::Relaxed);
                 eprintln!("\nrf-demo: signal {sig}: cleaning up");
                 emergency_cleanup();
                 std::process::exit(130);
@@ -75,6 +84,9 @@ pub fn install() -> Result<()> {
 }
 
 fn emergency_cleanup() {
+    kill_children();
+    // A probe thread may have spawned one more process while we were scanning.
+    std::thread::sleep(std::time::Duration::from_millis(50));
     kill_children();
     let prefix = names::pid_prefix("ns");
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {

@@ -70,6 +70,9 @@ pub fn run(cells: &[Cell], timeout: Duration, parallel: usize) -> Vec<Observed> 
                 loop {
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                     let Some(i) = next else { break };
+                    if super::guard::stopping() {
+                        break;
+                    }
                     let o = probe(&cells[i], timeout);
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(o);
                 }

@@ -115,6 +115,15 @@ impl Drop for TempDir {
 pub fn run(opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let table = expected::table()?;
+    if let Some(bin) = &opts.rayfence
+        && !agent::has_agent_command(bin)
+    {
+        bail!(
+            "{} has no `agent` command: the demo needs the node agent (branch `runtime`); \
+             rf-demo --no-agent runs the harness self-check",
+            bin.display()
+        );
+    }
     // rf-demo-<pid>-<n>: unique even when a test binary runs two demos at once.
     let run_name = crate::names::unique_name("demo");
     let tmp = TempDir(std::env::temp_dir().join(&run_name));
@@ -192,13 +201,6 @@ pub fn run(opts: &Options) -> Result<Report> {
 
     let mut agent = match &opts.rayfence {
         Some(bin) => {
-            if !agent::has_agent_command(bin) {
-                bail!(
-                    "{} has no `agent` command: the demo needs the node agent (branch `runtime`); \
-                     run rf-demo --no-agent for the harness self-check",
-                    bin.display()
-                );
-            }
             let log = tmp.0.join("agent.log");
             let mut a = agent::Agent::start(bin, &node.netns, NODE_NAME, &manifests, &bpffs, &log)?;
             say(
