@@ -3,7 +3,8 @@
 //! see every flow get through, i.e. exactly the expected-dropped cells differ
 //! (which checks the probing and the comparison themselves). Root only.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use rayfence_tests::ProbeBin;
 use rayfence_tests::demo::{self, Options};
@@ -12,26 +13,34 @@ fn probe() -> ProbeBin {
     ProbeBin::at(env!("CARGO_BIN_EXE_rf-probe"))
 }
 
-/// The agent binary cargo built for this workspace: `$RAYFENCE_BIN`, else
-/// `rayfence` next to this test's directory (`target/<profile>/deps/demo-*` ->
-/// `target/<profile>/rayfence`; `cargo test --workspace` builds it for the agent
-/// crate's own integration tests).
+/// The `rayfence` binary: `$RAYFENCE_BIN`, else built here with `cargo build -p
+/// rayfence-agent --bin rayfence` (cargo does not build a dependency's binaries
+/// for this crate's tests, and a stale one would test old code) and taken from the
+/// target directory (`target/<profile>/deps/demo-*` -> `target/<profile>/rayfence`).
 fn rayfence() -> PathBuf {
     if let Some(p) = std::env::var_os("RAYFENCE_BIN") {
         return p.into();
     }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace dir");
+    let status = Command::new(cargo)
+        .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
+        .current_dir(workspace)
+        .status()
+        .expect("running cargo build");
+    assert!(
+        status.success(),
+        "cargo build of the rayfence binary: {status}"
+    );
     let exe = std::env::current_exe().expect("current exe");
     exe.ancestors()
         .skip(1)
         .take(2)
         .map(|d| d.join("rayfence"))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "no rayfence binary near {}: build it (cargo build -p rayfence-agent) or set RAYFENCE_BIN",
-                exe.display()
-            )
-        })
+        .unwrap_or_else(|| panic!("no rayfence binary near {}", exe.display()))
 }
 
 #[test]
@@ -51,7 +60,6 @@ fn without_agent_exactly_the_expected_drops_get_through() {
 }
 
 #[test]
-#[ignore = "needs `rayfence agent` (branch runtime)"]
 fn with_agent_every_verdict_matches_the_expected_matrix() {
     let report = demo::run(&Options::new(Some(rayfence()), probe())).expect("demo");
     assert!(

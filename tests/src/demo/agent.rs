@@ -8,6 +8,7 @@
 
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -47,6 +48,7 @@ impl Agent {
         node_name: &str,
         manifests: &Path,
         bpffs: &Path,
+        cgroup_root: &Path,
         log: &Path,
     ) -> Result<Agent> {
         std::fs::create_dir_all(bpffs)
@@ -58,9 +60,12 @@ impl Agent {
             .arg(manifests)
             .arg("--bpffs")
             .arg(bpffs)
+            .arg("--cgroup-root")
+            .arg(cgroup_root)
             .args(["--metrics-addr", METRICS_ADDR])
             .args(["--dns-service", "kube-system/kube-dns"])
             .args(["--operator-namespace", "ray-system"])
+            .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -68,6 +73,19 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // The demo blocks SIGINT/SIGTERM/SIGHUP for its signal thread (see
+        // `guard`), and the mask is inherited across fork and exec: unblock them
+        // in the child, or the agent would never see our SIGTERM.
+        // SAFETY: only async-signal-safe calls (sigemptyset, pthread_sigmask)
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
@@ -130,6 +148,10 @@ impl Agent {
             let deadline = Instant::now() + Duration::from_secs(5);
             while child.try_wait()?.is_none() {
                 if Instant::now() > deadline {
+                    println!(
+                        "the agent did not exit within 5 s of SIGTERM: killing it; its log:\n{}",
+                        self.log_tail(5)
+                    );
                     let _ = child.kill();
                     let _ = child.wait();
                     break;

@@ -9,8 +9,9 @@
 //! directory, removes the temporary directory, and exits 130.
 //!
 //! Call [`install`] before any other thread exists, since threads inherit the
-//! signal mask of their creator. Child processes do not: std resets the mask
-//! before exec.
+//! signal mask of their creator. Child processes inherit it too (across fork and
+//! exec): the agent is spawned with the signals unblocked (see `agent`), probe
+//! processes are SIGKILLed by the handler.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -34,12 +34,14 @@ pub mod guard;
 pub mod matrix;
 pub mod scenario;
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::cgroup::TestCgroup;
 use crate::probe::{Outcome, ProbeBin, Server};
 use crate::topology::{Layout, Topology};
 
@@ -167,7 +169,21 @@ pub fn run(opts: &Options) -> Result<Report> {
                 .join(", ")
         ),
     );
-    let servers = start_servers(&topo)?;
+    // A kubelet-like cgroup tree (cgroupfs driver) passed as --cgroup-root: each
+    // pod's processes run in `kubepods/besteffort/pod<uid>/ctr`, which is how the
+    // agent reaches a pod's network namespace from kernel state alone.
+    let kubelet = TestCgroup::new()?;
+    let mut ctrs = HashMap::new();
+    for (i, p) in PODS.iter().enumerate() {
+        let ctr = kubelet.path().join(format!(
+            "kubepods/besteffort/pod{}/ctr",
+            scenario::pod_uid(i)
+        ));
+        std::fs::create_dir_all(&ctr)
+            .with_context(|| format!("creating cgroup {}", ctr.display()))?;
+        ctrs.insert(p.key, ctr);
+    }
+    let servers = start_servers(&topo, &ctrs)?;
     say(
         started,
         &format!(
@@ -202,16 +218,25 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut agent = match &opts.rayfence {
         Some(bin) => {
             let log = tmp.0.join("agent.log");
-            let mut a = agent::Agent::start(bin, &node.netns, NODE_NAME, &manifests, &bpffs, &log)?;
+            let mut a = agent::Agent::start(
+                bin,
+                &node.netns,
+                NODE_NAME,
+                &manifests,
+                &bpffs,
+                kubelet.path(),
+                &log,
+            )?;
             say(
                 started,
                 &format!(
-                    "agent started (pid {}): nsenter --net={} {} agent --node-name {NODE_NAME} --manifests {} --bpffs {} --metrics-addr {}",
+                    "agent started (pid {}): nsenter --net={} {} agent --node-name {NODE_NAME} --manifests {} --bpffs {} --cgroup-root {} --metrics-addr {}",
                     a.pid().unwrap_or(0),
                     node.netns.path().display(),
                     bin.display(),
                     manifests.display(),
                     bpffs.display(),
+                    kubelet.path().display(),
                     agent::METRICS_ADDR
                 ),
             );
@@ -233,7 +258,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
 
     let sources = scenario::sources();
-    let cells = build_cells(&topo, &sources, &table)?;
+    let cells = build_cells(&topo, &ctrs, &sources, &table)?;
     say(
         started,
         &format!(
@@ -318,11 +343,16 @@ pub fn run(opts: &Options) -> Result<Report> {
         if !mismatches.is_empty() {
             println!("\nagent log (last lines):\n{}", a.log_tail(30));
         }
+        say(
+            started,
+            "stopping the agent (SIGTERM), then rayfence cleanup",
+        );
         let said = a.stop()?;
         say(started, &format!("agent stopped; rayfence cleanup: {said}"));
     }
     drop(agent);
     drop(servers);
+    drop(kubelet);
     drop(topo);
     drop(tmp);
     say(
@@ -393,14 +423,20 @@ fn install_dnat(topo: &Topology) -> Result<()> {
     Ok(())
 }
 
-fn start_servers(topo: &Topology) -> Result<Vec<Server>> {
+/// Each pod's servers, in its container cgroup; a pod that serves nothing gets a
+/// pause-like process (a TCP listener on port 9, never probed) so that its
+/// cgroup holds a process in its network namespace, as a real pod's does.
+fn start_servers(topo: &Topology, ctrs: &HashMap<&str, PathBuf>) -> Result<Vec<Server>> {
     let mut servers = Vec::new();
     for p in PODS {
-        let pod = topo.pod(p.key);
+        let prober = topo.pod(p.key).prober_in(&ctrs[p.key]);
+        if p.ports.is_empty() {
+            servers.push(prober.serve_tcp(9)?);
+        }
         for (port, proto, _) in p.ports {
             servers.push(match proto {
-                Proto::Tcp => pod.serve_tcp(*port),
-                Proto::Udp => pod.serve_udp(*port),
+                Proto::Tcp => prober.serve_tcp(*port),
+                Proto::Udp => prober.serve_udp(*port),
             }?);
         }
     }
@@ -442,6 +478,7 @@ fn preflight(topo: &Topology, timeout: Duration) -> Result<()> {
 
 fn build_cells(
     topo: &Topology,
+    ctrs: &HashMap<&str, PathBuf>,
     sources: &[&str],
     table: &[(&str, Vec<Expect>)],
 ) -> Result<Vec<matrix::Cell>> {
@@ -451,7 +488,7 @@ fn build_cells(
         let prober = if *source == "node" {
             node.prober()
         } else {
-            topo.pod(source).prober()
+            topo.pod(source).prober_in(&ctrs[source])
         };
         for (col, (t, expect)) in TARGETS.iter().zip(&expects.1).enumerate() {
             if *expect == Expect::NotProbed {

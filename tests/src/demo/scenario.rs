@@ -369,6 +369,12 @@ fn labels(l: &[(&str, &str)]) -> Value {
     )
 }
 
+/// `metadata.uid` of pod `index` of [`PODS`]; the kubelet names the pod's cgroup
+/// after it (`kubepods/besteffort/pod<uid>` with the cgroupfs driver).
+pub fn pod_uid(index: usize) -> String {
+    format!("d3e00000-0000-4000-8000-{:012x}", index + 1)
+}
+
 fn pod_manifest(index: usize, p: &PodSpec, ip: Ipv4Addr) -> Value {
     let container = if p.labels.iter().any(|(k, _)| *k == "ray.io/node-type") {
         "ray-node"
@@ -380,7 +386,7 @@ fn pod_manifest(index: usize, p: &PodSpec, ip: Ipv4Addr) -> Value {
         "metadata": {
             "name": p.name,
             "namespace": p.namespace,
-            "uid": format!("d3m0d3m0-0000-4000-8000-{:012}", index + 1),
+            "uid": pod_uid(index),
             "labels": labels(p.labels),
         },
         "spec": {
@@ -443,12 +449,12 @@ fn rayclusters() -> Vec<Value> {
     vec![
         json!({
             "apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": "alpha", "namespace": "team-a", "uid": "d3m0c1u5-0000-4000-8000-00000000000a"},
+            "metadata": {"name": "alpha", "namespace": "team-a", "uid": "d3e0c000-0000-4000-8000-00000000000a"},
             "spec": alpha_spec,
         }),
         json!({
             "apiVersion": "ray.io/v1", "kind": "RayCluster",
-            "metadata": {"name": "beta", "namespace": "team-b", "uid": "d3m0c1u5-0000-4000-8000-00000000000b"},
+            "metadata": {"name": "beta", "namespace": "team-b", "uid": "d3e0c000-0000-4000-8000-00000000000b"},
             "spec": beta_spec,
         }),
     ]
