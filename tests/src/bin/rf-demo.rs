@@ -2,7 +2,7 @@
 //! xtask demo` builds everything and runs it.
 //!
 //! ```text
-//! rf-demo --rayfence PATH [--probe PATH] [--timeout-ms N] [--parallel N]
+//! rf-demo --rayfence PATH [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only]
 //! rf-demo --no-agent [--probe PATH]    harness self-check: no enforcement, so
 //!                                      every expected-dropped cell must LEAK
 //! ```
@@ -26,12 +26,14 @@ fn parse() -> Result<Options> {
     let mut probe = None;
     let mut timeout = None;
     let mut parallel = None;
+    let mut ipv4_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |flag: &str| args.next().with_context(|| format!("{flag} needs a value"));
         match a.as_str() {
             "--rayfence" => rayfence = Some(PathBuf::from(value("--rayfence")?)),
             "--no-agent" => no_agent = true,
+            "--ipv4-only" => ipv4_only = true,
             "--probe" => probe = Some(PathBuf::from(value("--probe")?)),
             "--timeout-ms" => {
                 timeout = Some(Duration::from_millis(
@@ -60,6 +62,7 @@ fn parse() -> Result<Options> {
     if let Some(p) = parallel {
         opts.parallel = p;
     }
+    opts.ipv6 = !ipv4_only;
     Ok(opts)
 }
 
@@ -81,7 +84,7 @@ fn main() {
         }
         Ok(report) if !report.with_agent => {
             println!(
-                "\nNO AGENT: {} of {} cells differ from the expected matrix (the cells the agent must drop); \
+                "\nNO AGENT: {} of {} flows differ from the expected matrix (the flows the agent must drop); \
                  the demo needs `rayfence agent` (--rayfence PATH)",
                 report.mismatches.len(),
                 report.probed

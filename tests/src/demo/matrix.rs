@@ -110,14 +110,23 @@ pub fn render(
 ) -> String {
     const W: usize = 9;
     let mut grid: Vec<Vec<String>> = vec![vec!["·".into(); targets.len()]; sources.len()];
+    // A cell may hold an IPv4 and an IPv6 probe: it shows ok/drop when both
+    // agree, else the disagreement (suffixed `6` when it is IPv6's).
+    let mut wrong = vec![vec![false; targets.len()]; sources.len()];
     for (c, o) in cells.iter().zip(observed) {
-        grid[c.row][c.col] = match (c.expect, agrees(c.expect, &o.outcome)) {
+        let agreed = agrees(c.expect, &o.outcome);
+        if wrong[c.row][c.col] && agreed {
+            continue;
+        }
+        let v6 = if c.addr.is_ipv6() { "6" } else { "" };
+        grid[c.row][c.col] = match (c.expect, agreed) {
             (Expect::Allowed, true) => "ok".into(),
             (Expect::Dropped, true) => "drop".into(),
-            (Expect::Allowed, false) => format!("MISS:{}", short(&o.outcome)),
-            (Expect::Dropped, false) => "LEAK".into(),
+            (Expect::Allowed, false) => format!("MISS{v6}:{}", short(&o.outcome)),
+            (Expect::Dropped, false) => format!("LEAK{v6}"),
             (Expect::NotProbed, _) => "·".into(),
         };
+        wrong[c.row][c.col] |= !agreed;
     }
     let mut out = String::new();
     let label_w = sources.iter().map(|s| s.len()).max().unwrap_or(4).max(6) + 2;
@@ -140,7 +149,8 @@ pub fn render(
     }
     out.push_str(
         "\n  ok = expected allowed, got through   drop = expected dropped, was dropped   · = not probed (self)\n  \
-         MISS = expected allowed, was blocked  LEAK = expected dropped, got through\n",
+         MISS = expected allowed, was blocked  LEAK = expected dropped, got through  (MISS6, LEAK6: over IPv6)\n  \
+         pod and node columns: an IPv4 and an IPv6 probe, both must agree; ClusterIP columns: IPv4\n",
     );
     out
 }

@@ -17,6 +17,10 @@
 //!   user ingress rule) and `beta` (DenyAllIngress), each serving its Ray ports;
 //! - the manifests of all that in a temporary directory, for `--manifests`.
 //!
+//! Pods are dual-stack; Services are single-stack IPv4 (kube-proxy's DNAT is
+//! IPv4 only here), so pod and node targets are probed over both families and
+//! ClusterIPs over IPv4.
+//!
 //! Then it starts `rayfence agent` in the node namespace, waits for `/readyz`,
 //! probes every (source, target) cell in parallel, prints the matrix next to the
 //! hand-written expectation ([`expected`]), prints the agent's drop counters, and
@@ -60,6 +64,8 @@ pub struct Options {
     pub parallel: usize,
     /// How long the agent may take to become ready.
     pub ready_timeout: Duration,
+    /// Also probe pod and node targets over IPv6 (the pods are dual-stack).
+    pub ipv6: bool,
 }
 
 impl Options {
@@ -68,8 +74,9 @@ impl Options {
             rayfence,
             probe,
             timeout: Duration::from_millis(1500),
-            parallel: 24,
+            parallel: 40,
             ready_timeout: Duration::from_secs(30),
+            ipv6: true,
         }
     }
 }
@@ -201,9 +208,10 @@ pub fn run(opts: &Options) -> Result<Report> {
     std::fs::create_dir_all(&manifests)?;
     let node_addrs = scenario::NodeAddrs {
         internal_ip: node.ip4,
+        internal_ip6: node.ip6,
         pod_cidr: node.pod_cidr4,
     };
-    let pod_ip = |k: &str| topo.pod(k).ip4;
+    let pod_ip = |k: &str| (topo.pod(k).ip4, topo.pod(k).ip6);
     for (name, text) in scenario::manifests(node_addrs, &pod_ip) {
         std::fs::write(manifests.join(&name), text)?;
     }
@@ -258,14 +266,19 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
 
     let sources = scenario::sources();
-    let cells = build_cells(&topo, &ctrs, &sources, &table)?;
+    let cells = build_cells(&topo, &ctrs, &sources, &table, opts.ipv6)?;
     say(
         started,
         &format!(
-            "probing {} cells ({} sources x {} targets, minus self), {} at a time, timeout {:?}",
+            "probing {} flows ({} sources x {} targets minus self; pod and node targets over {}), {} at a time, timeout {:?}",
             cells.len(),
             sources.len(),
             TARGETS.len(),
+            if opts.ipv6 {
+                "IPv4 and IPv6, ClusterIPs over IPv4"
+            } else {
+                "IPv4"
+            },
             opts.parallel,
             opts.timeout
         ),
@@ -306,7 +319,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     let allowed = observed.iter().filter(|o| o.allowed()).count();
     println!(
-        "\n{} cells: {} allowed, {} blocked; {} differ from the expected matrix",
+        "\n{} flows: {} allowed, {} blocked; {} differ from the expected matrix",
         cells.len(),
         allowed,
         cells.len() - allowed,
@@ -481,6 +494,7 @@ fn build_cells(
     ctrs: &HashMap<&str, PathBuf>,
     sources: &[&str],
     table: &[(&str, Vec<Expect>)],
+    ipv6: bool,
 ) -> Result<Vec<matrix::Cell>> {
     let node = topo.node(0);
     let mut cells = Vec::new();
@@ -494,20 +508,29 @@ fn build_cells(
             if *expect == Expect::NotProbed {
                 continue;
             }
-            let addr = match t.dest {
-                Dest::Pod(k) => IpAddr::V4(topo.pod(k).ip4),
-                Dest::Service(k) => IpAddr::V4(scenario::service(k).context("service")?.cluster_ip),
-                Dest::Node => IpAddr::V4(node.ip4),
+            // The semantics never depend on the address family: an IPv6 probe of
+            // a pod or the node expects what the IPv4 one does.
+            let addrs: Vec<IpAddr> = match t.dest {
+                Dest::Pod(k) => vec![topo.pod(k).ip4.into(), topo.pod(k).ip6.into()],
+                Dest::Service(k) => {
+                    vec![scenario::service(k).context("service")?.cluster_ip.into()]
+                }
+                Dest::Node => vec![node.ip4.into(), node.ip6.into()],
             };
-            cells.push(matrix::Cell {
-                row,
-                col,
-                prober: prober.clone(),
-                addr,
-                port: t.port,
-                proto: t.proto,
-                expect: *expect,
-            });
+            for addr in addrs {
+                if addr.is_ipv6() && !ipv6 {
+                    continue;
+                }
+                cells.push(matrix::Cell {
+                    row,
+                    col,
+                    prober: prober.clone(),
+                    addr,
+                    port: t.port,
+                    proto: t.proto,
+                    expect: *expect,
+                });
+            }
         }
     }
     Ok(cells)

@@ -7,7 +7,7 @@
 //! [`super::expected`].
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
@@ -285,12 +285,18 @@ pub fn service(key: &str) -> Option<&'static ServiceSpec> {
 #[derive(Debug, Clone, Copy)]
 pub struct NodeAddrs {
     pub internal_ip: Ipv4Addr,
+    pub internal_ip6: Ipv6Addr,
     pub pod_cidr: (Ipv4Addr, u8),
 }
 
 /// The manifests the agent reads: `(file name, multi-document YAML)`.
-/// `pod_ip(key)` is the address the topology gave a pod.
-pub fn manifests(node: NodeAddrs, pod_ip: &dyn Fn(&str) -> Ipv4Addr) -> Vec<(String, String)> {
+/// `pod_ip(key)` is what the topology gave a pod: dual-stack pods, as in a
+/// dual-stack cluster; the Services stay single-stack IPv4 (the default for a
+/// Service there), so ClusterIPs and EndpointSlices are IPv4 only.
+pub fn manifests(
+    node: NodeAddrs,
+    pod_ip: &dyn Fn(&str) -> (Ipv4Addr, Ipv6Addr),
+) -> Vec<(String, String)> {
     let namespaces: Vec<Value> = NAMESPACES
         .iter()
         .map(|ns| {
@@ -306,6 +312,7 @@ pub fn manifests(node: NodeAddrs, pod_ip: &dyn Fn(&str) -> Ipv4Addr) -> Vec<(Str
         "spec": {"podCIDR": format!("{}/{}", node.pod_cidr.0, node.pod_cidr.1)},
         "status": {"addresses": [
             {"type": "InternalIP", "address": node.internal_ip.to_string()},
+            {"type": "InternalIP", "address": node.internal_ip6.to_string()},
             {"type": "Hostname", "address": NODE_NAME},
         ]},
     });
@@ -342,7 +349,7 @@ pub fn manifests(node: NodeAddrs, pod_ip: &dyn Fn(&str) -> Ipv4Addr) -> Vec<(Str
             },
             "addressType": "IPv4",
             "endpoints": [{
-                "addresses": [pod_ip(s.backend).to_string()],
+                "addresses": [pod_ip(s.backend).0.to_string()],
                 "conditions": {"ready": true, "serving": true, "terminating": false},
                 "nodeName": NODE_NAME,
                 "targetRef": {"kind": "Pod", "namespace": backend.namespace, "name": backend.name},
@@ -375,7 +382,7 @@ pub fn pod_uid(index: usize) -> String {
     format!("d3e00000-0000-4000-8000-{:012x}", index + 1)
 }
 
-fn pod_manifest(index: usize, p: &PodSpec, ip: Ipv4Addr) -> Value {
+fn pod_manifest(index: usize, p: &PodSpec, (ip, ip6): (Ipv4Addr, Ipv6Addr)) -> Value {
     let container = if p.labels.iter().any(|(k, _)| *k == "ray.io/node-type") {
         "ray-node"
     } else {
@@ -403,7 +410,7 @@ fn pod_manifest(index: usize, p: &PodSpec, ip: Ipv4Addr) -> Value {
             "phase": "Running",
             "qosClass": "BestEffort",
             "podIP": ip.to_string(),
-            "podIPs": [{"ip": ip.to_string()}],
+            "podIPs": [{"ip": ip.to_string()}, {"ip": ip6.to_string()}],
         },
     })
 }
