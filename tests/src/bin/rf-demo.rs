@@ -73,7 +73,10 @@ fn main() {
             bail!("run as root: the demo creates network namespaces and loads eBPF programs");
         }
         guard::install()?;
-        demo::run(&opts)
+        let result = demo::run(&opts);
+        // Interrupted: the guards inside run() have cleaned up by now.
+        guard::exit_if_interrupted();
+        result
     }) {
         Ok(report) if report.passed() => {
             println!(

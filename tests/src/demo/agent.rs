@@ -105,6 +105,7 @@ impl Agent {
     pub fn wait_ready(&mut self, node: &Netns, timeout: Duration) -> Result<Duration> {
         let started = Instant::now();
         loop {
+            super::guard::check()?;
             if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
@@ -146,7 +147,8 @@ impl Agent {
                 libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
             }
             let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait()?.is_none() {
+            // An error (already reaped) counts as exited.
+            while let Ok(None) = child.try_wait() {
                 if Instant::now() > deadline {
                     println!(
                         "the agent did not exit within 5 s of SIGTERM: killing it; its log:\n{}",

@@ -1,25 +1,32 @@
 //! Cleaning up when the demo is interrupted (Ctrl-C, SIGTERM, SIGHUP).
 //!
 //! Drop guards (the topology, the agent, the temporary directory) clean up on
-//! normal exits and panics. A signal would skip them, so [`install`] blocks the
-//! signals in every thread and a dedicated thread waits for them with sigwait(2);
-//! on one it kills our child processes (the agent, probe servers), deletes every
-//! network namespace this process named (`rf-ns-<pid>-...`: iptables rules live in
-//! the node namespace and go with it), runs `rayfence cleanup` on the bpffs
-//! directory, removes the temporary directory, and exits 130.
+//! normal exits and panics, and they stay the way an interrupted run cleans up
+//! too. [`install`] blocks the signals in every thread and a dedicated thread
+//! waits for them with sigwait(2). On one it sets [`stopping`], kills the running
+//! probe processes (which ends the main thread's waits), and gives the main thread
+//! a few seconds to unwind: [`check`] turns the flag into an error at each step, so
+//! the guards run in order, and [`exit_if_interrupted`] then exits 130. Only if
+//! the main thread does not finish in time does the signal thread clean up
+//! itself: kill every child, remove the cgroups (`rf-cg-<pid>-...`) and network
+//! namespaces (`rf-ns-<pid>-...`; the iptables rules live in the node namespace
+//! and go with it) this process named, run `rayfence cleanup` on the bpffs
+//! directory, remove the temporary directory, and exit 130.
 //!
 //! Call [`install`] before any other thread exists, since threads inherit the
 //! signal mask of their creator. Child processes inherit it too (across fork and
-//! exec): the agent is spawned with the signals unblocked (see `agent`), probe
-//! processes are SIGKILLed by the handler.
+//! exec): the agent is spawned with the signals unblocked (see `agent`), so a
+//! terminal's Ctrl-C reaches it as well; probe processes are SIGKILLed.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 
+use crate::cgroup::{TestCgroup, cgroup2_mount};
 use crate::names;
 
 #[derive(Debug, Default)]
@@ -44,10 +51,30 @@ pub fn remember(rayfence: Option<PathBuf>, bpffs: Option<PathBuf>, tempdir: Opti
 }
 
 static STOPPING: AtomicBool = AtomicBool::new(false);
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
-/// True once a signal arrived: loops that start processes stop starting them.
-pub fn stopping() -> bool {
-    STOPPING.load(Ordering::Relaxed)
+/// Permission to start one probe process, held while it runs; `None` once a
+/// signal arrived. The handler waits for every slot to be given back before it
+/// removes cgroups and namespaces, so no probe starts behind its back.
+pub fn probe_slot() -> Option<ProbeSlot> {
+    // Count first, then check: the handler sets STOPPING, then reads the count
+    // (both SeqCst), so either it sees this slot or this sees STOPPING.
+    IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+    let slot = ProbeSlot(());
+    if STOPPING.load(Ordering::SeqCst) {
+        return None;
+    }
+    Some(slot)
+}
+
+/// See [`probe_slot`].
+#[derive(Debug)]
+pub struct ProbeSlot(());
+
+impl Drop for ProbeSlot {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -74,21 +101,67 @@ pub fn install() -> Result<()> {
         .spawn(move || {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` is a valid, initialised sigset.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                STOPPING.store(true, Ordering::Relaxed);
-                eprintln!("\nrf-demo: signal {sig}: cleaning up");
-                emergency_cleanup();
-                std::process::exit(130);
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
             }
+            STOPPING.store(true, Ordering::SeqCst);
+            eprintln!("\nrf-demo: signal {sig}: stopping and cleaning up");
+            // Killing the running probes ends their waits; their threads then see
+            // STOPPING and give their slots back.
+            let deadline = Instant::now() + Duration::from_secs(3);
+            loop {
+                kill_children(Some("rf-probe"));
+                if IN_FLIGHT.load(Ordering::SeqCst) == 0 || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // The main thread unwinds through its guards and calls
+            // exit_if_interrupted; this is the fallback.
+            std::thread::sleep(Duration::from_secs(15));
+            eprintln!("rf-demo: the main thread did not finish: cleaning up from here");
+            emergency_cleanup();
+            std::process::exit(130);
         })?;
     Ok(())
 }
 
+/// `Err` once a signal arrived, so the caller unwinds through its guards.
+pub fn check() -> Result<()> {
+    if stopping() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// True once a signal arrived.
+pub fn stopping() -> bool {
+    STOPPING.load(Ordering::SeqCst)
+}
+
+/// Exits 130 when the run was interrupted (after the guards have cleaned up).
+pub fn exit_if_interrupted() {
+    if stopping() {
+        eprintln!("rf-demo: interrupted; cleaned up");
+        std::process::exit(130);
+    }
+}
+
 fn emergency_cleanup() {
-    kill_children();
-    // A probe thread may have spawned one more process while we were scanning.
-    std::thread::sleep(std::time::Duration::from_millis(50));
-    kill_children();
+    kill_children(None);
+    // The kubelet-like cgroup tree: cgroup.kill takes whatever still runs in it
+    // (a probe spawned during the scan), then the directories go.
+    if let Ok(root) = cgroup2_mount()
+        && let Ok(dir) = std::fs::read_dir(&root)
+    {
+        let prefix = names::pid_prefix("cg");
+        for entry in dir.flatten() {
+            if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                drop(TestCgroup::adopt(entry.path()));
+                eprintln!("rf-demo: removed cgroup {}", entry.path().display());
+            }
+        }
+    }
     let prefix = names::pid_prefix("ns");
     if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -113,8 +186,9 @@ fn emergency_cleanup() {
     }
 }
 
-/// SIGKILLs every process whose parent is us, and reaps them.
-fn kill_children() {
+/// SIGKILLs every process whose parent is us (named `only`, if given), and
+/// reaps them.
+fn kill_children(only: Option<&str>) {
     let me = std::process::id();
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return;
@@ -131,7 +205,8 @@ fn kill_children() {
             .rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().nth(1))
             .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(me) {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if ppid == Some(me) && only.is_none_or(|name| comm.trim() == name) {
             // SAFETY: kill/waitpid on a child of ours.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);

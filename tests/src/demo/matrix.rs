@@ -70,9 +70,9 @@ pub fn run(cells: &[Cell], timeout: Duration, parallel: usize) -> Vec<Observed> 
                 loop {
                     let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
                     let Some(i) = next else { break };
-                    if super::guard::stopping() {
+                    let Some(_slot) = super::guard::probe_slot() else {
                         break;
-                    }
+                    };
                     let o = probe(&cells[i], timeout);
                     results.lock().unwrap_or_else(|e| e.into_inner())[i] = Some(o);
                 }
@@ -91,8 +91,12 @@ pub fn run(cells: &[Cell], timeout: Duration, parallel: usize) -> Vec<Observed> 
                     retried: false,
                 }
             } else {
+                let outcome = match super::guard::probe_slot() {
+                    Some(_slot) => probe(c, timeout),
+                    None => Outcome::Error("interrupted".into()),
+                };
                 Observed {
-                    outcome: probe(c, timeout),
+                    outcome,
                     retried: true,
                 }
             }

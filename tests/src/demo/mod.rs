@@ -198,6 +198,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             servers.len()
         ),
     );
+    guard::check()?;
     preflight(&topo, opts.timeout)?;
     say(
         started,
@@ -265,6 +266,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
     };
 
+    guard::check()?;
     let sources = scenario::sources();
     let cells = build_cells(&topo, &ctrs, &sources, &table, opts.ipv6)?;
     say(
@@ -285,6 +287,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     );
     let probe_start = Instant::now();
     let observed = matrix::run(&cells, opts.timeout, opts.parallel);
+    guard::check()?;
     say(started, &format!("probed in {:.1?}", probe_start.elapsed()));
     println!();
     print!("{}", matrix::render(&sources, TARGETS, &cells, &observed));
