@@ -46,7 +46,23 @@ pub fn rayfence_bin() -> Result<PathBuf> {
             .parent()
             .ok_or("no workspace dir")?
             .to_owned();
+        // The environment cargo gives a test (CARGO_*, build-script variables) would
+        // make this nested build fingerprint differently and rebuild dependencies.
+        let keep = [
+            "PATH",
+            "HOME",
+            "RUSTUP_HOME",
+            "CARGO_HOME",
+            "RUSTUP_TOOLCHAIN",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET_DIR",
+        ];
         let status = Command::new(cargo)
+            .env_clear()
+            .envs(
+                keep.iter()
+                    .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+            )
             .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
             .current_dir(&workspace)
             .status()
@@ -240,6 +256,8 @@ pub struct AgentOptions<'a> {
     pub manifests: &'a Path,
     pub bpffs: &'a Path,
     pub cgroup_root: &'a Path,
+    /// Watch this API server (kubeconfig) instead of the manifests directory.
+    pub kubeconfig: Option<&'a Path>,
 }
 
 impl Agent {
@@ -247,15 +265,14 @@ impl Agent {
         let bin = rayfence_bin()?;
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let file = std::fs::File::create(&log)?;
-        let child = o
-            .node
-            .netns
-            .cmd(bin.to_str().context("utf-8 path")?)
-            .arg("agent")
+        let mut command = o.node.netns.cmd(bin.to_str().context("utf-8 path")?);
+        match o.kubeconfig {
+            Some(path) => command.arg("agent").arg("--kubeconfig").arg(path),
+            None => command.arg("agent").arg("--manifests").arg(o.manifests),
+        };
+        let child = command
             .arg("--node-name")
             .arg(o.node_name)
-            .arg("--manifests")
-            .arg(o.manifests)
             .arg("--bpffs")
             .arg(o.bpffs)
             .arg("--cgroup-root")
@@ -418,4 +435,30 @@ pub fn percentile(samples: &[Duration], p: f64) -> Duration {
 /// An address as a probe target.
 pub fn v4(pod: &Pod) -> IpAddr {
     pod.ip4.into()
+}
+
+/// The upper bound (`le`) of the first bucket of histogram `name` holding at least
+/// `q` (0..=1) of its samples, and the sample count.
+pub fn histogram_quantile(text: &str, name: &str, q: f64) -> (Option<f64>, f64) {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let bound = buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total && total > 0.0)
+        .map(|b| b.0);
+    (bound, total)
 }
