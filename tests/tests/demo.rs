@@ -25,7 +25,23 @@ fn rayfence() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace dir");
+    // The environment cargo gives a test (CARGO_*, build-script variables) would
+    // make this nested build fingerprint differently and rebuild dependencies.
+    let keep = [
+        "PATH",
+        "HOME",
+        "RUSTUP_HOME",
+        "CARGO_HOME",
+        "RUSTUP_TOOLCHAIN",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET_DIR",
+    ];
     let status = Command::new(cargo)
+        .env_clear()
+        .envs(
+            keep.iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        )
         .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
         .current_dir(workspace)
         .status()
