@@ -387,6 +387,22 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
         topo.pod("late").tcp_connect(v4(head), 8000, SHORT),
         Outcome::Ok
     );
+    // Its veth is now known, so it is enforced on TC too (first attach or added
+    // beside the cgroup hook): what the kernel answers for the pod is covered, which
+    // the cgroup hook alone cannot see.
+    agent.wait_any_log(
+        &[
+            &["endpoint attached", "hook=\"tc\"", &format!("{ns}/late")],
+            &["TC attached beside the cgroup hook", &format!("{ns}/late")],
+        ],
+        Duration::from_secs(5),
+    )?;
+    assert!(
+        topo.pod("outsider")
+            .ping(late_ip4, Duration::from_millis(200))
+            .is_blocked(),
+        "the kernel answered the outsider's ping for the late pod"
+    );
     Ok(())
 }
 

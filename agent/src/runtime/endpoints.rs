@@ -2,13 +2,16 @@
 //! a blocking thread), attached (TC on its host veth, else cgroup_skb on its cgroup)
 //! and detached when the engine no longer lists it. Pods not found yet (Pending, veth
 //! not created) stay pending and are looked for again on link events and on a timer.
+//! A pod attached on its cgroup because its veth did not exist yet (the kubelet
+//! creates the cgroup first) gets TC as well when a link event shows the veth: the
+//! cgroup hook does not see what the kernel answers for the pod (pings, resets).
 //!
 //! Must not: detach anything it cannot account for while a wanted pod is still
 //! unlocated (a leftover link from a previous run may be that pod's only
 //! protection), nor decide policy.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::datapath::{Datapath, DatapathError, Interface};
 use crate::discovery::{Hook, Location, Locator, PodRef};
@@ -54,9 +57,17 @@ impl EndpointState {
     }
 }
 
+/// How long after a cgroup attach the retry timer keeps looking for the pod's host
+/// veth. The kubelet creates the pod cgroup, then the sandbox network, then the
+/// containers: the veth follows within the sandbox start. After that only link events
+/// look (a pod on macvlan or ipvlan never has one).
+const TC_UPGRADE_WINDOW: Duration = Duration::from_secs(30);
+
 #[derive(Default)]
 pub struct Endpoints {
     states: BTreeMap<EndpointId, (String, EndpointState)>,
+    /// Cgroup-attached pods, and when: candidates for TC while in the window.
+    cgroup_since: BTreeMap<EndpointId, Instant>,
 }
 
 impl Endpoints {
@@ -64,6 +75,16 @@ impl Endpoints {
         self.states
             .values()
             .any(|(_, s)| matches!(s, EndpointState::Pending { .. }))
+    }
+
+    /// Pods still to find, or cgroup-attached pods whose veth may yet appear: the
+    /// runtime keeps syncing on link events and its timer while this holds.
+    pub fn needs_attention(&self) -> bool {
+        self.has_pending()
+            || self
+                .cgroup_since
+                .values()
+                .any(|since| since.elapsed() < TC_UPGRADE_WINDOW)
     }
 
     /// Attached, or known not to need a hook.
@@ -79,16 +100,33 @@ impl Endpoints {
         )
     }
 
-    /// Locates (on a blocking thread) the wanted pods not attached yet.
+    /// Attached on its cgroup only, and its host veth may still appear: after a link
+    /// event, or within [`TC_UPGRADE_WINDOW`] of the attach. Both hooks then run,
+    /// with one endpoint id, so they share conntrack and agree.
+    fn may_gain_tc(&self, id: EndpointId, after_link_event: bool) -> bool {
+        self.cgroup_since
+            .get(&id)
+            .is_some_and(|since| after_link_event || since.elapsed() < TC_UPGRADE_WINDOW)
+    }
+
+    /// Whether a pass should (re)locate this pod: not attached yet, or a candidate
+    /// for TC.
+    fn wants_locating(&self, id: EndpointId, after_link_event: bool) -> bool {
+        !self.is_settled(id) || self.may_gain_tc(id, after_link_event)
+    }
+
+    /// Locates (on a blocking thread) the wanted pods not attached yet, and the
+    /// cgroup-attached ones that may gain TC.
     pub async fn locate(
         &self,
         desired: &[Desired],
         locator: &Arc<Locator>,
         health: &Health,
+        after_link_event: bool,
     ) -> Located {
         let to_locate: Vec<Desired> = desired
             .iter()
-            .filter(|d| !self.is_settled(d.id))
+            .filter(|d| self.wants_locating(d.id, after_link_event))
             .cloned()
             .collect();
         if to_locate.is_empty() {
@@ -138,6 +176,7 @@ impl Endpoints {
             .copied()
             .collect();
         for id in gone {
+            self.cgroup_since.remove(&id);
             if let Some((pod, state)) = self.states.remove(&id) {
                 detach(datapath, id, &pod, health);
                 tracing::info!(pod = %pod, endpoint = id, was = ?state, "endpoint removed");
@@ -146,12 +185,21 @@ impl Endpoints {
 
         // Not attached yet: locate on a blocking thread (unless the caller already
         // did), then attach here.
+        let after_link_event = link_at.is_some();
         let located = match prelocated {
             Some(located) => located,
-            None => self.locate(&desired, locator, health).await,
+            None => {
+                self.locate(&desired, locator, health, after_link_event)
+                    .await
+            }
         };
         for (d, found) in located {
-            if wanted.contains(&d.id) && !self.is_settled(d.id) {
+            if !wanted.contains(&d.id) {
+                continue;
+            }
+            if self.may_gain_tc(d.id, after_link_event) {
+                self.add_tc(datapath, &d, found.ok(), health);
+            } else if !self.is_settled(d.id) {
                 self.attach(datapath, d, found, health, link_at);
             }
         }
@@ -191,6 +239,47 @@ impl Endpoints {
                 .endpoints
                 .get_or_create(&EndpointLabels { hook, state })
                 .set(n);
+        }
+    }
+
+    /// A cgroup-attached pod whose host veth has appeared gets TC too; anything else
+    /// (still no veth, a failed attach) leaves it on its cgroup, enforced.
+    fn add_tc(
+        &mut self,
+        datapath: &mut Datapath,
+        d: &Desired,
+        found: Option<Location>,
+        health: &Health,
+    ) {
+        let Some(interface) = found
+            .filter(|l| l.hook == Hook::Tc)
+            .and_then(|l| l.host_interface)
+        else {
+            return;
+        };
+        let pod = format!("{}/{}", d.pod.namespace, d.pod.name);
+        match datapath.attach_tc(d.id, Interface::Index(interface.ifindex)) {
+            Ok(ifindex) => {
+                self.cgroup_since.remove(&d.id);
+                tracing::info!(
+                    pod = %pod, endpoint = d.id, hook = "tc", interface = %interface.name, ifindex,
+                    "host veth appeared: TC attached beside the cgroup hook"
+                );
+                self.states.insert(
+                    d.id,
+                    (
+                        pod,
+                        EndpointState::Tc {
+                            ifindex,
+                            interface: interface.name,
+                        },
+                    ),
+                );
+            }
+            Err(error) => {
+                health.metrics.error("attach");
+                tracing::warn!(pod = %pod, endpoint = d.id, %error, "adding TC failed; the cgroup hook stays");
+            }
         }
     }
 
@@ -278,6 +367,9 @@ impl Endpoints {
                         "endpoint not enforced (host networking)"
                     ),
                     EndpointState::Pending { .. } => {}
+                }
+                if matches!(state, EndpointState::Cgroup { .. }) {
+                    self.cgroup_since.insert(d.id, Instant::now());
                 }
                 self.states.insert(d.id, (pod, state));
             }

@@ -194,7 +194,7 @@ impl Runtime {
                 link = links.recv(), if links_open => match link {
                     Some(at) => {
                         while links.try_recv().is_ok() {}
-                        if self.programmed && self.endpoints.has_pending() {
+                        if self.programmed && self.endpoints.needs_attention() {
                             self.sync_endpoints(Some(at), None).await;
                         }
                     }
@@ -209,7 +209,7 @@ impl Runtime {
                         }
                         if self.dirty_since.is_some() || self.needs_full_apply {
                             self.program(None).await;
-                        } else if self.endpoints.has_pending() {
+                        } else if self.endpoints.needs_attention() {
                             self.sync_endpoints(None, None).await;
                         }
                     }
@@ -363,7 +363,7 @@ impl Runtime {
             let desired = self.desired_endpoints();
             Some(
                 self.endpoints
-                    .locate(&desired, &self.locator, &self.health)
+                    .locate(&desired, &self.locator, &self.health, false)
                     .await,
             )
         };

@@ -302,18 +302,23 @@ impl Agent {
 
     /// Waits for a log line containing every needle; returns the time waited.
     pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> Result<Duration> {
+        self.wait_any_log(&[needles], timeout)
+    }
+
+    /// Waits for a log line that holds every needle of at least one alternative.
+    pub fn wait_any_log(&self, alternatives: &[&[&str]], timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
         loop {
-            if self
-                .log_text()
-                .lines()
-                .any(|l| needles.iter().all(|n| l.contains(n)))
-            {
+            if self.log_text().lines().any(|l| {
+                alternatives
+                    .iter()
+                    .any(|needles| needles.iter().all(|n| l.contains(n)))
+            }) {
                 return Ok(t0.elapsed());
             }
             if t0.elapsed() > timeout {
                 bail!(
-                    "no log line with {needles:?} after {timeout:?}; log:\n{}",
+                    "no log line with {alternatives:?} after {timeout:?}; log:\n{}",
                     self.log_text()
                 );
             }
