@@ -1,0 +1,232 @@
+//! Rows: the [`PolicyEntry`] rows a policy's rules give one peer identity (named
+//! ports resolved), and replacing a (policy, identity) row set in the output as a set
+//! difference.
+//!
+//! Must not: decide which (policy, identity) pairs to recompute (`index` and `flush`
+//! do), or handle Service identities (`services` does).
+
+use std::sync::Arc;
+
+use super::identities::PodIdentity;
+use super::{Engine, NamedPort};
+use crate::policy::problem::ObjectRef;
+use crate::policy::rule::{NamespaceMatch, Peer, PortMatch, Rule, RuleOrigin};
+use crate::tables::{Direction, IdentityId, PolicyEntry, PolicyId};
+
+/// Rows a rule gives a peer identity in one direction.
+fn push_rule_rows(
+    out: &mut Vec<PolicyEntry>,
+    policy: PolicyId,
+    direction: Direction,
+    peer: IdentityId,
+    rule: &Rule,
+    peer_ports: Option<&[NamedPort]>,
+    local_ports: &[NamedPort],
+) {
+    let Some(ports) = &rule.ports else {
+        out.push(PolicyEntry::any(policy, direction, peer));
+        return;
+    };
+    for spec in ports {
+        let (p, start, end) = match &spec.port {
+            PortMatch::All => (spec.protocol, 0, u16::MAX),
+            PortMatch::Range(a, b) => (spec.protocol, *a, *b),
+            PortMatch::Named(name) => {
+                // Ingress: the local pod receives; egress: the peer pod does.
+                let candidates = match direction {
+                    Direction::Ingress => Some(local_ports),
+                    Direction::Egress => peer_ports,
+                };
+                for np in candidates.into_iter().flatten() {
+                    if np.name == *name && np.protocol == spec.protocol {
+                        out.extend(PolicyEntry::for_port_range(
+                            policy,
+                            direction,
+                            peer,
+                            np.protocol,
+                            np.port,
+                            np.port,
+                        ));
+                    }
+                }
+                continue;
+            }
+        };
+        out.extend(PolicyEntry::for_port_range(
+            policy, direction, peer, p, start, end,
+        ));
+    }
+}
+
+impl Engine {
+    pub(super) fn peer_matches_pod(&self, peer: &Peer, identity: &PodIdentity) -> bool {
+        match peer {
+            Peer::Pods { namespaces, pods } => {
+                let ns = &identity.key.namespace;
+                let ns_ok = match namespaces {
+                    NamespaceMatch::Names(names) => names.contains(ns),
+                    NamespaceMatch::Selector(s) => {
+                        s.is_everything() || s.matches(&self.ns_labels(ns))
+                    }
+                };
+                ns_ok && pods.matches(&identity.key.labels)
+            }
+            Peer::Block(_) => false,
+            Peer::ServiceBackends { namespace, name } => {
+                let service = (namespace.clone(), name.clone());
+                if self.dns_service.as_ref() == Some(&service) {
+                    return identity.key.dns_backend;
+                }
+                identity.members.iter().any(|m| {
+                    self.pods.get(m).is_some_and(|p| {
+                        p.ips.iter().any(|ip| {
+                            self.backend_ips
+                                .get(ip)
+                                .is_some_and(|s| s.contains_key(&service))
+                        })
+                    })
+                })
+            }
+        }
+    }
+
+    pub(super) fn compute_rows(&self, policy: PolicyId, peer: IdentityId) -> Vec<PolicyEntry> {
+        let mut out = Vec::new();
+        let Some(state) = self.policies.get(&policy) else {
+            return out;
+        };
+        let spec = &state.spec;
+        if let Some(identity) = self.pod_identities.get(&peer) {
+            for (direction, rule) in spec.rules() {
+                if rule
+                    .peers
+                    .iter()
+                    .any(|p| self.peer_matches_pod(p, identity))
+                {
+                    push_rule_rows(
+                        &mut out,
+                        policy,
+                        direction,
+                        peer,
+                        rule,
+                        Some(&identity.key.named_ports),
+                        &spec.local_ports,
+                    );
+                }
+            }
+        } else if let Some(net) = self.prefix_by_id.get(&peer) {
+            for (direction, rule) in spec.rules() {
+                if rule
+                    .peers
+                    .iter()
+                    .any(|p| matches!(p, Peer::Block(b) if b.covers(net)))
+                {
+                    push_rule_rows(
+                        &mut out,
+                        policy,
+                        direction,
+                        peer,
+                        rule,
+                        None,
+                        &spec.local_ports,
+                    );
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    pub(super) fn replace_rows(
+        &mut self,
+        policy: PolicyId,
+        peer: IdentityId,
+        rows: Vec<PolicyEntry>,
+    ) -> bool {
+        let Some(state) = self.policies.get_mut(&policy) else {
+            return false;
+        };
+        let old = if rows.is_empty() {
+            state.rows.remove(&peer).unwrap_or_default()
+        } else {
+            state.rows.insert(peer, rows.clone()).unwrap_or_default()
+        };
+        if old == rows {
+            return false;
+        }
+        if rows.is_empty() {
+            if let Some(set) = self.row_owners.get_mut(&peer) {
+                set.remove(&policy);
+                if set.is_empty() {
+                    self.row_owners.remove(&peer);
+                }
+            }
+        } else if old.is_empty() {
+            self.row_owners.entry(peer).or_default().insert(policy);
+        }
+        for row in &old {
+            if rows.binary_search(row).is_err() {
+                self.out.remove_row(*row);
+            }
+        }
+        for row in &rows {
+            if old.binary_search(row).is_err() {
+                self.out.add_row(*row);
+            }
+        }
+        true
+    }
+
+    /// Which rules allow a flow, for `explain`: (direction, identity) rows per rule.
+    pub(super) fn rule_rows(
+        &self,
+        policy: PolicyId,
+        peer: IdentityId,
+    ) -> Vec<(RuleOrigin, Arc<ObjectRef>, Vec<PolicyEntry>)> {
+        let mut out = Vec::new();
+        let Some(state) = self.policies.get(&policy) else {
+            return out;
+        };
+        let spec = &state.spec;
+        for (direction, rule) in spec.rules() {
+            let mut rows = Vec::new();
+            if let Some(identity) = self.pod_identities.get(&peer) {
+                if rule
+                    .peers
+                    .iter()
+                    .any(|p| self.peer_matches_pod(p, identity))
+                {
+                    push_rule_rows(
+                        &mut rows,
+                        policy,
+                        direction,
+                        peer,
+                        rule,
+                        Some(&identity.key.named_ports),
+                        &spec.local_ports,
+                    );
+                }
+            } else if let Some(net) = self.prefix_by_id.get(&peer)
+                && rule
+                    .peers
+                    .iter()
+                    .any(|p| matches!(p, Peer::Block(b) if b.covers(net)))
+            {
+                push_rule_rows(
+                    &mut rows,
+                    policy,
+                    direction,
+                    peer,
+                    rule,
+                    None,
+                    &spec.local_ports,
+                );
+            }
+            if !rows.is_empty() {
+                out.push((rule.origin.clone(), rule.object.clone(), rows));
+            }
+        }
+        out
+    }
+}
