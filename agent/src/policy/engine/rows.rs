@@ -7,11 +7,29 @@
 
 use std::sync::Arc;
 
+use ipnet::IpNet;
+
 use super::identities::PodIdentity;
 use super::{Engine, NamedPort};
 use crate::policy::problem::ObjectRef;
 use crate::policy::rule::{NamespaceMatch, Peer, PortMatch, Rule, RuleOrigin};
 use crate::tables::{Direction, IdentityId, PolicyEntry, PolicyId};
+
+/// A peer identity that rules can give rows to.
+enum RulePeer<'a> {
+    Pod(&'a PodIdentity),
+    Prefix(&'a IpNet),
+}
+
+impl RulePeer<'_> {
+    /// The peer's named ports, on which egress named ports resolve.
+    fn named_ports(&self) -> Option<&[NamedPort]> {
+        match self {
+            RulePeer::Pod(identity) => Some(&identity.key.named_ports),
+            RulePeer::Prefix(_) => None,
+        }
+    }
+}
 
 /// Rows a rule gives a peer identity in one direction.
 fn push_rule_rows(
@@ -90,47 +108,47 @@ impl Engine {
         }
     }
 
+    /// `peer` as rules see it: a pod identity or a CIDR identity's prefix (Service and
+    /// host identities get no rows from rules).
+    fn rule_peer(&self, peer: IdentityId) -> Option<RulePeer<'_>> {
+        if let Some(identity) = self.pod_identities.get(&peer) {
+            Some(RulePeer::Pod(identity))
+        } else {
+            self.prefix_by_id.get(&peer).map(RulePeer::Prefix)
+        }
+    }
+
+    /// Whether one of `rule`'s peers selects `peer`.
+    fn rule_selects(&self, rule: &Rule, peer: &RulePeer<'_>) -> bool {
+        match peer {
+            RulePeer::Pod(identity) => rule
+                .peers
+                .iter()
+                .any(|p| self.peer_matches_pod(p, identity)),
+            RulePeer::Prefix(net) => rule
+                .peers
+                .iter()
+                .any(|p| matches!(p, Peer::Block(b) if b.covers(net))),
+        }
+    }
+
     pub(super) fn compute_rows(&self, policy: PolicyId, peer: IdentityId) -> Vec<PolicyEntry> {
         let mut out = Vec::new();
-        let Some(state) = self.policies.get(&policy) else {
+        let (Some(state), Some(rule_peer)) = (self.policies.get(&policy), self.rule_peer(peer))
+        else {
             return out;
         };
-        let spec = &state.spec;
-        if let Some(identity) = self.pod_identities.get(&peer) {
-            for (direction, rule) in spec.rules() {
-                if rule
-                    .peers
-                    .iter()
-                    .any(|p| self.peer_matches_pod(p, identity))
-                {
-                    push_rule_rows(
-                        &mut out,
-                        policy,
-                        direction,
-                        peer,
-                        rule,
-                        Some(&identity.key.named_ports),
-                        &spec.local_ports,
-                    );
-                }
-            }
-        } else if let Some(net) = self.prefix_by_id.get(&peer) {
-            for (direction, rule) in spec.rules() {
-                if rule
-                    .peers
-                    .iter()
-                    .any(|p| matches!(p, Peer::Block(b) if b.covers(net)))
-                {
-                    push_rule_rows(
-                        &mut out,
-                        policy,
-                        direction,
-                        peer,
-                        rule,
-                        None,
-                        &spec.local_ports,
-                    );
-                }
+        for (direction, rule) in state.spec.rules() {
+            if self.rule_selects(rule, &rule_peer) {
+                push_rule_rows(
+                    &mut out,
+                    policy,
+                    direction,
+                    peer,
+                    rule,
+                    rule_peer.named_ports(),
+                    &state.spec.local_ports,
+                );
             }
         }
         out.sort();
@@ -185,44 +203,24 @@ impl Engine {
         peer: IdentityId,
     ) -> Vec<(RuleOrigin, Arc<ObjectRef>, Vec<PolicyEntry>)> {
         let mut out = Vec::new();
-        let Some(state) = self.policies.get(&policy) else {
+        let (Some(state), Some(rule_peer)) = (self.policies.get(&policy), self.rule_peer(peer))
+        else {
             return out;
         };
-        let spec = &state.spec;
-        for (direction, rule) in spec.rules() {
-            let mut rows = Vec::new();
-            if let Some(identity) = self.pod_identities.get(&peer) {
-                if rule
-                    .peers
-                    .iter()
-                    .any(|p| self.peer_matches_pod(p, identity))
-                {
-                    push_rule_rows(
-                        &mut rows,
-                        policy,
-                        direction,
-                        peer,
-                        rule,
-                        Some(&identity.key.named_ports),
-                        &spec.local_ports,
-                    );
-                }
-            } else if let Some(net) = self.prefix_by_id.get(&peer)
-                && rule
-                    .peers
-                    .iter()
-                    .any(|p| matches!(p, Peer::Block(b) if b.covers(net)))
-            {
-                push_rule_rows(
-                    &mut rows,
-                    policy,
-                    direction,
-                    peer,
-                    rule,
-                    None,
-                    &spec.local_ports,
-                );
+        for (direction, rule) in state.spec.rules() {
+            if !self.rule_selects(rule, &rule_peer) {
+                continue;
             }
+            let mut rows = Vec::new();
+            push_rule_rows(
+                &mut rows,
+                policy,
+                direction,
+                peer,
+                rule,
+                rule_peer.named_ports(),
+                &state.spec.local_ports,
+            );
             if !rows.is_empty() {
                 out.push((rule.origin.clone(), rule.object.clone(), rows));
             }
