@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::{Engine, NamedPort, ObjectKey};
+use super::{Engine, NamedPort, ObjectKey, unlink};
 use crate::policy::selector::Labels;
 use crate::tables::{IdentityId, identity};
 
@@ -77,20 +77,9 @@ impl Engine {
             return;
         };
         self.identity_keys.remove(&identity.key);
-        if let Some(set) = self.ids_by_ns.get_mut(&identity.key.namespace) {
-            set.remove(&id);
-            if set.is_empty() {
-                self.ids_by_ns.remove(&identity.key.namespace);
-            }
-        }
+        unlink(&mut self.ids_by_ns, &identity.key.namespace, &id);
         for (k, v) in &identity.key.labels {
-            let label = (k.clone(), v.clone());
-            if let Some(set) = self.ids_by_label.get_mut(&label) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.ids_by_label.remove(&label);
-                }
-            }
+            unlink(&mut self.ids_by_label, &(k.clone(), v.clone()), &id);
         }
         self.dirty.identities.remove(&id);
         self.purge_identity(id);

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use super::identities::PodIdentity;
 use super::index::{IndexKey, index_keys};
 use super::pods::PodState;
-use super::{Engine, NamedPort, ObjectKey};
+use super::{Engine, NamedPort, ObjectKey, unlink};
 use crate::policy::problem::{Problem, Severity};
 use crate::policy::raycluster::{LABEL_CLUSTER, LABEL_GROUP, LABEL_NODE_TYPE};
 use crate::policy::rule::{Peer, Role, Rule};
@@ -270,20 +270,10 @@ impl Engine {
         };
         self.policy_ids.remove(&state.spec);
         for key in state.keys {
-            if let Some(set) = self.index.get_mut(&key) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.index.remove(&key);
-                }
-            }
+            unlink(&mut self.index, &key, &id);
         }
         for (peer, rows) in state.rows {
-            if let Some(set) = self.row_owners.get_mut(&peer) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.row_owners.remove(&peer);
-                }
-            }
+            unlink(&mut self.row_owners, &peer, &id);
             for row in rows {
                 self.out.remove_row(row);
             }

@@ -27,7 +27,9 @@ mod pods;
 mod rows;
 mod services;
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -135,6 +137,22 @@ struct Dirty {
     rekey: BTreeSet<ObjectKey>,
     /// Identities to recompute in one policy only (namespace relabels).
     pairs: BTreeMap<PolicyId, BTreeSet<IdentityId>>,
+}
+
+/// Removes `value` from the set at `key` in a reverse index, and the set once it is
+/// empty, so an index never holds empty sets.
+fn unlink<K, V, Q>(index: &mut HashMap<K, BTreeSet<V>>, key: &K, value: &Q)
+where
+    K: Eq + Hash,
+    V: Ord + Borrow<Q>,
+    Q: Ord + ?Sized,
+{
+    if let Some(set) = index.get_mut(key) {
+        set.remove(value);
+        if set.is_empty() {
+            index.remove(key);
+        }
+    }
 }
 
 /// The policy engine. Feed it objects; read [`Engine::tables`] or take diffs.

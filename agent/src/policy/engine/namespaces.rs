@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::Namespace;
 
 use super::index::IndexKey;
-use super::{Engine, NAMESPACE_NAME_LABEL};
+use super::{Engine, NAMESPACE_NAME_LABEL, unlink};
 use crate::policy::rule::{NamespaceMatch, Peer};
 use crate::policy::selector::Labels;
 use crate::tables::{IdentityId, PolicyId};
@@ -48,12 +48,7 @@ impl Engine {
     fn set_namespace(&mut self, name: &str, labels: Option<Labels>) {
         if let Some(old) = self.namespaces.remove(name) {
             for pair in old {
-                if let Some(set) = self.ns_by_label.get_mut(&pair) {
-                    set.remove(name);
-                    if set.is_empty() {
-                        self.ns_by_label.remove(&pair);
-                    }
-                }
+                unlink(&mut self.ns_by_label, &pair, name);
             }
         }
         if let Some(labels) = labels {

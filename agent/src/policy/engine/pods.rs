@@ -11,7 +11,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 
 use super::identities::IdentityKey;
-use super::{Engine, NamedPort, ObjectKey, key_of};
+use super::{Engine, NamedPort, ObjectKey, key_of, unlink};
 use crate::policy::raycluster::LABEL_CLUSTER;
 use crate::policy::rule::parse_protocol;
 use crate::policy::selector::Labels;
@@ -162,12 +162,7 @@ impl Engine {
     fn unindex_local(&mut self, key: &ObjectKey, old: &PodState) {
         if let Some(cluster) = old.labels.get(LABEL_CLUSTER).filter(|_| old.local) {
             let group = (key.0.clone(), cluster.clone());
-            if let Some(set) = self.local_by_cluster.get_mut(&group) {
-                set.remove(key);
-                if set.is_empty() {
-                    self.local_by_cluster.remove(&group);
-                }
-            }
+            unlink(&mut self.local_by_cluster, &group, key);
         }
     }
 
@@ -180,13 +175,8 @@ impl Engine {
         identities: [Option<IdentityId>; 2],
     ) {
         for ip in old {
-            if !new.contains(ip)
-                && let Some(set) = self.addr_pods.get_mut(ip)
-            {
-                set.remove(key);
-                if set.is_empty() {
-                    self.addr_pods.remove(ip);
-                }
+            if !new.contains(ip) {
+                unlink(&mut self.addr_pods, ip, key);
             }
         }
         for ip in new {

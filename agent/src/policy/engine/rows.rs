@@ -10,7 +10,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 
 use super::identities::PodIdentity;
-use super::{Engine, NamedPort};
+use super::{Engine, NamedPort, unlink};
 use crate::policy::problem::ObjectRef;
 use crate::policy::rule::{NamespaceMatch, Peer, PortMatch, Rule, RuleOrigin};
 use crate::tables::{Direction, IdentityId, PolicyEntry, PolicyId};
@@ -174,12 +174,7 @@ impl Engine {
             return false;
         }
         if rows.is_empty() {
-            if let Some(set) = self.row_owners.get_mut(&peer) {
-                set.remove(&policy);
-                if set.is_empty() {
-                    self.row_owners.remove(&peer);
-                }
-            }
+            unlink(&mut self.row_owners, &peer, &policy);
         } else if old.is_empty() {
             self.row_owners.entry(peer).or_default().insert(policy);
         }
