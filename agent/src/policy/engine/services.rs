@@ -31,6 +31,18 @@ pub(super) struct ServicePort {
     pub(super) port: u16,
 }
 
+impl ServicePort {
+    /// A Service or EndpointSlice port as the engine keeps it; `None` when the
+    /// protocol is unknown or the port is missing or out of range.
+    fn new(name: Option<&String>, protocol: Option<&str>, port: Option<i32>) -> Option<Self> {
+        Some(Self {
+            name: name.cloned().unwrap_or_default(),
+            protocol: parse_protocol(protocol)?,
+            port: u16::try_from(port?).ok()?,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub(super) struct ServiceState {
     pub(super) identity: IdentityId,
@@ -62,13 +74,7 @@ impl Engine {
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some(ServicePort {
-                    name: p.name.clone().unwrap_or_default(),
-                    protocol: parse_protocol(p.protocol.as_deref())?,
-                    port: u16::try_from(p.port).ok()?,
-                })
-            })
+            .filter_map(|p| ServicePort::new(p.name.as_ref(), p.protocol.as_deref(), Some(p.port)))
             .collect();
         ports.sort();
         let (identity, old_ips) = match self.services.remove(&key) {
@@ -126,13 +132,7 @@ impl Engine {
             .ports
             .iter()
             .flatten()
-            .filter_map(|p| {
-                Some(ServicePort {
-                    name: p.name.clone().unwrap_or_default(),
-                    protocol: parse_protocol(p.protocol.as_deref())?,
-                    port: u16::try_from(p.port?).ok()?,
-                })
-            })
+            .filter_map(|p| ServicePort::new(p.name.as_ref(), p.protocol.as_deref(), p.port))
             .collect();
         ports.sort();
         // What kube-proxy routes to: endpoints not marked unready.
