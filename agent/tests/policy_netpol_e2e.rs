@@ -18,15 +18,20 @@ const PODS: [&str; 3] = ["a", "b", "c"];
 type P = (&'static str, &'static str);
 const XA: P = ("x", "a");
 
-fn pod_ip(p: P) -> String {
+/// 1-based (namespace, pod) numbers, the last two octets of the pod's addresses.
+fn numbers(p: P) -> (usize, usize) {
     let n = NAMESPACES.iter().position(|n| *n == p.0).unwrap() + 1;
     let i = PODS.iter().position(|x| *x == p.1).unwrap() + 1;
+    (n, i)
+}
+
+fn pod_ip(p: P) -> String {
+    let (n, i) = numbers(p);
     format!("10.{n}.0.{i}")
 }
 
 fn service_ip(p: P) -> String {
-    let n = NAMESPACES.iter().position(|n| *n == p.0).unwrap() + 1;
-    let i = PODS.iter().position(|x| *x == p.1).unwrap() + 1;
+    let (n, i) = numbers(p);
     format!("10.96.{n}.{i}")
 }
 
@@ -58,6 +63,11 @@ fn pod_labels(p: P, ray: bool) -> Vec<(&'static str, &'static str)> {
     l
 }
 
+/// Pod `p` on this node, at its address, serving every port of [`SERVE`].
+fn serving_pod(p: P, labels: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Pod {
+    pod(p.0, p.1, labels, &pod_ip(p), NODE, &SERVE)
+}
+
 fn setup(ray: bool) -> Engine {
     let mut s = settings();
     s.enforce_networkpolicies = true;
@@ -66,14 +76,7 @@ fn setup(ray: bool) -> Engine {
         e.upsert_namespace(&namespace(n, &[("ns", n)]));
     }
     for p in all_pods() {
-        e.upsert_pod(&pod(
-            p.0,
-            p.1,
-            &pod_labels(p, ray),
-            &pod_ip(p),
-            NODE,
-            &SERVE,
-        ));
+        e.upsert_pod(&serving_pod(p, &pod_labels(p, ray)));
         let svc = format!("s-{}", p.1);
         // Service port names as upstream: service-port-<proto>-<port>, target = port.
         let ports: Vec<(String, &str, i32)> = SERVE
@@ -163,6 +166,11 @@ fn netpol_yaml(
     s
 }
 
+/// `deny` in x: every pod of x isolated in both directions, nothing allowed.
+fn deny_all_in_x() -> k8s_openapi::api::networking::v1::NetworkPolicy {
+    netpol(&netpol_yaml("deny", "{}", "[Ingress, Egress]", None, None))
+}
+
 /// A RayCluster `rc` in x whose only pod is the worker x/a.
 fn raycluster_yaml(ingress: Option<&str>, egress: Option<&str>) -> String {
     let mode = match (ingress, egress) {
@@ -225,13 +233,7 @@ fn default_deny_egress() {
 #[test]
 fn default_deny_all() {
     let mut e = setup(false);
-    e.upsert_network_policy(&netpol(&netpol_yaml(
-        "deny",
-        "{}",
-        "[Ingress, Egress]",
-        None,
-        None,
-    )));
+    e.upsert_network_policy(&deny_all_in_x());
     check(&e, "default deny all", |from, to, _, _| {
         from.0 != "x" && to.0 != "x"
     });
@@ -497,13 +499,9 @@ fn updated_pod_and_namespace_labels_take_effect() {
     check(&e, "nothing matches yet", |_, to, _, _| to != XA);
     e.upsert_namespace(&namespace("y", &[("ns", "y"), ("team", "blue")]));
     check(&e, "namespace labelled, no pod yet", |_, to, _, _| to != XA);
-    e.upsert_pod(&pod(
-        "y",
-        "c",
+    e.upsert_pod(&serving_pod(
+        ("y", "c"),
         &[("pod", "c"), ("role", "client")],
-        &pod_ip(("y", "c")),
-        NODE,
-        &SERVE,
     ));
     check(&e, "pod labelled", |from, to, _, _| {
         to != XA || from == ("y", "c")
@@ -512,27 +510,14 @@ fn updated_pod_and_namespace_labels_take_effect() {
     check(&e, "namespace unlabelled", |_, to, _, _| to != XA);
     // The policy's own selector follows pod labels too.
     e.upsert_namespace(&namespace("y", &[("ns", "y"), ("team", "blue")]));
-    e.upsert_pod(&pod(
-        "x",
-        "a",
-        &[("pod", "moved")],
-        &pod_ip(XA),
-        NODE,
-        &SERVE,
-    ));
+    e.upsert_pod(&serving_pod(XA, &[("pod", "moved")]));
     check(&e, "target relabelled away", |_, _, _, _| true);
 }
 
 #[test]
 fn deleting_a_policy_restores_access() {
     let mut e = setup(false);
-    e.upsert_network_policy(&netpol(&netpol_yaml(
-        "deny",
-        "{}",
-        "[Ingress, Egress]",
-        None,
-        None,
-    )));
+    e.upsert_network_policy(&deny_all_in_x());
     check(&e, "deny all", |from, to, _, _| {
         from.0 != "x" && to.0 != "x"
     });
@@ -551,22 +536,9 @@ fn deleting_a_policy_restores_access() {
 fn networkpolicies_are_ignored_unless_enforced() {
     let mut e = Engine::new(settings());
     for p in all_pods() {
-        e.upsert_pod(&pod(
-            p.0,
-            p.1,
-            &pod_labels(p, false),
-            &pod_ip(p),
-            NODE,
-            &SERVE,
-        ));
+        e.upsert_pod(&serving_pod(p, &pod_labels(p, false)));
     }
-    e.upsert_network_policy(&netpol(&netpol_yaml(
-        "deny",
-        "{}",
-        "[Ingress, Egress]",
-        None,
-        None,
-    )));
+    e.upsert_network_policy(&deny_all_in_x());
     assert!(allowed(
         &e,
         XA,

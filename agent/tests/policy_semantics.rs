@@ -204,22 +204,15 @@ fn example_networkisolation_pr4638_is_enforced() {
         "node-b",
         &[],
     ));
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        "10.0.0.30",
-        "TCP",
-        10001
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.0.0.30",
-        "TCP",
-        8265
-    ));
+        &[
+            ("10.0.0.30", "TCP", 10001, ALLOW),
+            ("10.0.0.30", "TCP", 8265, DENY),
+        ],
+    );
     assert!(!ingress(
         &e,
         "team-a",
@@ -248,16 +241,16 @@ fn example_annotation_pre_v1_7_is_enforced() {
     cluster.metadata.namespace = Some("team-a".into());
     cluster.metadata.name = Some("training".into());
     e.upsert_raycluster(&cluster);
-    assert!(egress(&e, "team-a", "training-cpu", "1.2.3.4", "TCP", 443));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "169.254.169.254",
-        "TCP",
-        443
-    ));
-    assert!(!egress(&e, "team-a", "training-cpu", "1.2.3.4", "TCP", 80));
+        &[
+            ("1.2.3.4", "TCP", 443, ALLOW),
+            ("169.254.169.254", "TCP", 443, DENY),
+            ("1.2.3.4", "TCP", 80, DENY),
+        ],
+    );
     assert!(!egress(
         &e,
         "team-a",
@@ -357,15 +350,15 @@ fn example_rayjob_owned_cluster_admits_its_submitter_to_the_dashboard() {
         "node-b",
         &[],
     ));
-    assert!(ingress(&e, "team-a", "eval-head", "10.0.0.50", "TCP", 8265));
-    assert!(!ingress(
+    expect_ingress(
         &e,
         "team-a",
         "eval-head",
-        "10.0.0.50",
-        "TCP",
-        10001
-    ));
+        &[
+            ("10.0.0.50", "TCP", 8265, ALLOW),
+            ("10.0.0.50", "TCP", 10001, DENY),
+        ],
+    );
     // Without the K8sJobMode label there is no submitter rule.
     cluster.metadata.labels = None;
     e.upsert_raycluster(&cluster);
@@ -404,30 +397,16 @@ fn submitter_rule_needs_controller_rayjob_owner_and_matching_labels() {
     e.upsert_pod(&submitter("team-a", "sub-other-job", "job2", "10.0.0.51"));
     e.upsert_pod(&submitter("team-b", "sub-other-ns", "job1", "10.0.1.50"));
     e.upsert_raycluster(&raycluster(&owned("ray.io/v1", "RayJob", true)));
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        "10.0.0.50",
-        "TCP",
-        8265
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.0.0.51",
-        "TCP",
-        8265
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.0.1.50",
-        "TCP",
-        8265
-    ));
+        &[
+            ("10.0.0.50", "TCP", 8265, ALLOW),
+            ("10.0.0.51", "TCP", 8265, DENY),
+            ("10.0.1.50", "TCP", 8265, DENY),
+        ],
+    );
     assert!(!ingress(
         &e,
         "team-a",
@@ -537,15 +516,15 @@ fn worker_group_entry_replaces_worker_and_other_groups_use_worker() {
         "training",
         "  networkPolicy:\n    mode: DenyAllEgress\n    worker:\n      egressRules: [{ports: [{port: 443}]}]\n    workerGroups:\n    - groupName: gpu\n      egressRules: [{ports: [{port: 8443}]}]",
     ));
-    assert!(egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 443));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "1.1.1.1",
-        "TCP",
-        8443
-    ));
+        &[
+            ("1.1.1.1", "TCP", 443, ALLOW),
+            ("1.1.1.1", "TCP", 8443, DENY),
+        ],
+    );
     assert!(egress(&e, "team-a", "training-gpu", "1.1.1.1", "TCP", 8443));
     assert!(!egress(&e, "team-a", "training-gpu", "1.1.1.1", "TCP", 443));
     assert!(!egress(
@@ -588,30 +567,16 @@ fn dashboard_and_client_ports_come_from_ray_start_params_with_fallback() {
         "training",
         "  networkPolicy: {mode: DenyAll}\n  headGroupSpec:\n    rayStartParams: {dashboard-port: '9000', ray-client-server-port: 'ten'}",
     ));
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        "10.4.0.1",
-        "TCP",
-        9000
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.4.0.1",
-        "TCP",
-        8265
-    ));
-    assert!(ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.4.0.1",
-        "TCP",
-        10001
-    ));
+        &[
+            ("10.4.0.1", "TCP", 9000, ALLOW),
+            ("10.4.0.1", "TCP", 8265, DENY),
+            ("10.4.0.1", "TCP", 10001, ALLOW),
+        ],
+    );
     assert!(e.problems().iter().any(|p| p.field
         == "spec.headGroupSpec.rayStartParams[ray-client-server-port]"
         && p.value == "ten"));
@@ -744,38 +709,17 @@ fn own_node_is_always_allowed_other_nodes_are_ordinary_peers() {
 fn operator_reaches_head_dashboard_and_client_ports_only() {
     let mut e = scene(settings());
     e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        "10.4.0.1",
-        "TCP",
-        8265
-    ));
-    assert!(ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.4.0.1",
-        "TCP",
-        10001
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.4.0.1",
-        "UDP",
-        8265
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.4.0.1",
-        "TCP",
-        6379
-    ));
+        &[
+            ("10.4.0.1", "TCP", 8265, ALLOW),
+            ("10.4.0.1", "TCP", 10001, ALLOW),
+            ("10.4.0.1", "UDP", 8265, DENY),
+            ("10.4.0.1", "TCP", 6379, DENY),
+        ],
+    );
     assert!(!ingress(
         &e,
         "team-a",
@@ -825,22 +769,15 @@ fn operator_label_outside_operator_namespace_is_denied() {
         &[],
     ));
     e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        "10.0.1.66",
-        "TCP",
-        8265
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.4.0.1",
-        "TCP",
-        8265
-    ));
+        &[
+            ("10.0.1.66", "TCP", 8265, ALLOW),
+            ("10.4.0.1", "TCP", 8265, DENY),
+        ],
+    );
 }
 
 #[test]
@@ -852,22 +789,15 @@ fn dns_service_and_its_pods_are_reachable_on_port_53_only() {
         assert!(egress(&e, "team-a", "training-cpu", "10.3.0.10", p, 53));
         assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", p, 53));
     }
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.3.0.10",
-        "TCP",
-        9153
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.96.0.10",
-        "TCP",
-        9153
-    ));
+        &[
+            ("10.3.0.10", "TCP", 9153, DENY),
+            ("10.96.0.10", "TCP", 9153, DENY),
+        ],
+    );
     let id = e.endpoint_id("team-a", "training-cpu").unwrap();
     let why = e.explain(id, Direction::Egress, "10.96.0.10".parse().unwrap(), 17, 53);
     assert!(
@@ -890,15 +820,15 @@ fn dns_peers_are_exactly_the_backends_of_the_dns_service() {
         &[("dns", "UDP", 53), ("dns-tcp", "TCP", 53)],
     );
     e.upsert_pod(&spare);
-    assert!(egress(&e, "team-a", "training-cpu", "10.3.0.10", "UDP", 53));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.3.0.11",
-        "UDP",
-        53
-    ));
+        &[
+            ("10.3.0.10", "UDP", 53, ALLOW),
+            ("10.3.0.11", "UDP", 53, DENY),
+        ],
+    );
     let ports = [("dns", "UDP", 53), ("dns-tcp", "TCP", 53)];
     e.upsert_endpoint_slice(&slice(
         "kube-system",
@@ -906,49 +836,35 @@ fn dns_peers_are_exactly_the_backends_of_the_dns_service() {
         &ports,
         &["10.3.0.10", "10.3.0.11"],
     ));
-    assert!(egress(&e, "team-a", "training-cpu", "10.3.0.11", "UDP", 53));
-    assert!(egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.96.0.10",
-        "TCP",
-        53
-    ));
+        &[
+            ("10.3.0.11", "UDP", 53, ALLOW),
+            ("10.96.0.10", "TCP", 53, ALLOW),
+        ],
+    );
     e.upsert_endpoint_slice(&slice("kube-system", "kube-dns", &ports, &["10.3.0.11"]));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.3.0.10",
-        "UDP",
-        53
-    ));
-    assert!(egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.96.0.10",
-        "UDP",
-        53
-    ));
+        &[
+            ("10.3.0.10", "UDP", 53, DENY),
+            ("10.96.0.10", "UDP", 53, ALLOW),
+        ],
+    );
     e.remove_endpoint_slice("kube-system", "kube-dns-slice");
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.3.0.11",
-        "UDP",
-        53
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.96.0.10",
-        "UDP",
-        53
-    ));
+        &[
+            ("10.3.0.11", "UDP", 53, DENY),
+            ("10.96.0.10", "UDP", 53, DENY),
+        ],
+    );
 }
 
 #[test]
@@ -957,44 +873,30 @@ fn dns_anywhere_and_off_settings() {
     s.dns = DnsMode::Anywhere;
     let mut e = scene(s);
     e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
-    assert!(egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 53));
-    assert!(egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "2001:4860::8888",
-        "TCP",
-        53
-    ));
-    assert!(egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.96.0.10",
-        "UDP",
-        53
-    ));
-    assert!(!egress(&e, "team-a", "training-cpu", "8.8.8.8", "UDP", 54));
+        &[
+            ("8.8.8.8", "UDP", 53, ALLOW),
+            ("2001:4860::8888", "TCP", 53, ALLOW),
+            ("10.96.0.10", "UDP", 53, ALLOW),
+            ("8.8.8.8", "UDP", 54, DENY),
+        ],
+    );
     let mut s = settings();
     s.dns = DnsMode::Off;
     let mut e = scene(s);
     e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.96.0.10",
-        "UDP",
-        53
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.3.0.10",
-        "UDP",
-        53
-    ));
+        &[
+            ("10.96.0.10", "UDP", 53, DENY),
+            ("10.3.0.10", "UDP", 53, DENY),
+        ],
+    );
 }
 
 #[test]
@@ -1072,33 +974,33 @@ fn namespace_and_pod_selector_in_one_peer_is_and_two_peers_is_or() {
         "ingressRules",
         "[{from: [{namespaceSelector: {matchLabels: {purpose: metrics}}, podSelector: {matchLabels: {app: prometheus}}}]}]",
     );
-    assert!(ingress(&e, "team-a", "training-cpu", "10.1.0.1", "TCP", 1));
-    assert!(!ingress(&e, "team-a", "training-cpu", "10.1.0.2", "TCP", 1));
-    assert!(!ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-cpu",
-        "10.0.1.30",
-        "TCP",
-        1
-    ));
+        &[
+            ("10.1.0.1", "TCP", 1, ALLOW),
+            ("10.1.0.2", "TCP", 1, DENY),
+            ("10.0.1.30", "TCP", 1, DENY),
+        ],
+    );
     with_rules(
         &mut e,
         "worker",
         "ingressRules",
         "[{from: [{namespaceSelector: {matchLabels: {purpose: metrics}}}, {podSelector: {matchLabels: {app: prometheus}}}]}]",
     );
-    assert!(ingress(&e, "team-a", "training-cpu", "10.1.0.1", "TCP", 1));
-    assert!(ingress(&e, "team-a", "training-cpu", "10.1.0.2", "TCP", 1));
-    // podSelector alone: the RayCluster's namespace only.
-    assert!(!ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-cpu",
-        "10.0.1.30",
-        "TCP",
-        1
-    ));
+        &[
+            ("10.1.0.1", "TCP", 1, ALLOW),
+            ("10.1.0.2", "TCP", 1, ALLOW),
+            // podSelector alone: the RayCluster's namespace only.
+            ("10.0.1.30", "TCP", 1, DENY),
+        ],
+    );
     e.upsert_pod(&pod(
         "team-a",
         "prom",
@@ -1194,65 +1096,23 @@ fn ip_block_with_except_in_both_families_and_union_with_other_rules() {
         "egressRules",
         "[{to: [{ipBlock: {cidr: 10.20.0.0/16, except: [10.20.99.0/24]}}, {ipBlock: {cidr: '2001:db8::/32', except: ['2001:db8:1::/48']}}]}, {to: [{ipBlock: {cidr: 10.20.99.128/25}}], ports: [{port: 22}]}]",
     );
-    assert!(egress(&e, "team-a", "training-cpu", "10.20.0.1", "TCP", 80));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.20.99.1",
-        "TCP",
-        80
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.20.99.200",
-        "TCP",
-        80
-    ));
-    // In the except of one rule, allowed by another.
-    assert!(egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.20.99.200",
-        "TCP",
-        22
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.21.0.1",
-        "TCP",
-        80
-    ));
-    assert!(egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "2001:db8:2::1",
-        "UDP",
-        5
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "2001:db8:1::1",
-        "UDP",
-        5
-    ));
-    // IPv4-mapped IPv6 peers are the IPv4 address.
-    assert!(egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "::ffff:10.20.0.1",
-        "TCP",
-        80
-    ));
+        &[
+            ("10.20.0.1", "TCP", 80, ALLOW),
+            ("10.20.99.1", "TCP", 80, DENY),
+            ("10.20.99.200", "TCP", 80, DENY),
+            // In the except of one rule, allowed by another.
+            ("10.20.99.200", "TCP", 22, ALLOW),
+            ("10.21.0.1", "TCP", 80, DENY),
+            ("2001:db8:2::1", "UDP", 5, ALLOW),
+            ("2001:db8:1::1", "UDP", 5, DENY),
+            // IPv4-mapped IPv6 peers are the IPv4 address.
+            ("::ffff:10.20.0.1", "TCP", 80, ALLOW),
+        ],
+    );
 }
 
 #[test]
@@ -1264,22 +1124,15 @@ fn pod_ip_inside_an_ip_block_is_matched_by_the_block() {
         "egressRules",
         "[{to: [{ipBlock: {cidr: 10.2.0.0/24}}], ports: [{port: 8000}]}]",
     );
-    assert!(egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.2.0.1",
-        "TCP",
-        8000
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.2.0.1",
-        "TCP",
-        8001
-    ));
+        &[
+            ("10.2.0.1", "TCP", 8000, ALLOW),
+            ("10.2.0.1", "TCP", 8001, DENY),
+        ],
+    );
 }
 
 #[test]
@@ -1354,47 +1207,26 @@ fn named_ports_resolve_on_the_receiving_pod_with_name_and_protocol() {
         "  networkPolicy:\n    head:\n      ingressRules: [{ports: [{port: metrics}, {port: dns}]}]\n      egressRules: [{to: [{namespaceSelector: {}}], ports: [{port: http}]}]",
     ));
     // Ingress: the local pod's ports; `dns` exists only for UDP.
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        "8.8.8.8",
-        "TCP",
-        8080
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "8.8.8.8",
-        "TCP",
-        5353
-    ));
-    assert!(!ingress(
-        &e,
-        "team-a",
-        "training-head",
-        "8.8.8.8",
-        "UDP",
-        5353
-    ));
+        &[
+            ("8.8.8.8", "TCP", 8080, ALLOW),
+            ("8.8.8.8", "TCP", 5353, DENY),
+            ("8.8.8.8", "UDP", 5353, DENY),
+        ],
+    );
     // Egress: each peer's ports (the registry has http=8000).
-    assert!(egress(
+    expect_egress(
         &e,
         "team-a",
         "training-head",
-        "10.2.0.1",
-        "TCP",
-        8000
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-head",
-        "10.3.0.10",
-        "TCP",
-        8000
-    ));
+        &[
+            ("10.2.0.1", "TCP", 8000, ALLOW),
+            ("10.3.0.10", "TCP", 8000, DENY),
+        ],
+    );
     // The ingress name that resolves to nothing is reported.
     assert!(e.problems().iter().any(|p| p.value == "dns" && p.field == "spec.networkPolicy.head.ingressRules[0].ports"), "{:?}", e.problems());
     // So is an egress name no selected pod has.
@@ -1560,15 +1392,15 @@ fn cluster_ip_egress_is_decided_on_the_backends_after_dnat() {
         "egressRules",
         "[{to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: registry}}}], ports: [{port: 8000}]}]",
     );
-    assert!(egress(&e, "team-a", "training-cpu", "10.96.1.1", "TCP", 80));
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.96.1.1",
-        "TCP",
-        8000
-    ));
+        &[
+            ("10.96.1.1", "TCP", 80, ALLOW),
+            ("10.96.1.1", "TCP", 8000, DENY),
+        ],
+    );
     // A rule for the service port itself does not allow the backend port.
     with_rules(
         &mut e,
@@ -1591,22 +1423,15 @@ fn cluster_ip_egress_is_decided_on_the_backends_after_dnat() {
         "egressRules",
         "[{to: [{ipBlock: {cidr: 10.96.0.0/12}}]}]",
     );
-    assert!(!egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.96.1.1",
-        "TCP",
-        80
-    ));
-    assert!(egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.96.200.1",
-        "TCP",
-        80
-    ));
+        &[
+            ("10.96.1.1", "TCP", 80, DENY),
+            ("10.96.200.1", "TCP", 80, ALLOW),
+        ],
+    );
 }
 
 #[test]
@@ -1638,22 +1463,15 @@ fn cluster_ip_with_disagreeing_backends_is_denied_fail_closed() {
         "egressRules",
         "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
     );
-    assert!(egress(
+    expect_egress(
         &e,
         "team-a",
         "training-cpu",
-        "10.2.0.1",
-        "TCP",
-        8000
-    ));
-    assert!(!egress(
-        &e,
-        "team-a",
-        "training-cpu",
-        "10.96.1.1",
-        "TCP",
-        80
-    ));
+        &[
+            ("10.2.0.1", "TCP", 8000, ALLOW),
+            ("10.96.1.1", "TCP", 80, DENY),
+        ],
+    );
     // The unwanted backend goes away: the ClusterIP becomes allowed.
     e.upsert_endpoint_slice(&slice(
         "registry",
@@ -1936,15 +1754,12 @@ fn node_address_change_moves_the_host_identity() {
         1
     ));
     e.set_node_addresses(vec![OTHER_NODE_IP.parse().unwrap()]);
-    assert!(ingress(
+    expect_ingress(
         &e,
         "team-a",
         "training-head",
-        OTHER_NODE_IP,
-        "TCP",
-        1
-    ));
-    assert!(!ingress(&e, "team-a", "training-head", NODE_IP, "TCP", 1));
+        &[(OTHER_NODE_IP, "TCP", 1, ALLOW), (NODE_IP, "TCP", 1, DENY)],
+    );
     let stats = e.stats();
     assert_eq!((stats.endpoints, stats.services), (4, 1));
     assert_eq!(stats.policy_rows, e.tables().policy.len());

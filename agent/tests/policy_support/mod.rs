@@ -248,3 +248,37 @@ pub fn tables_after_replay(
     feed_all(&mut engine);
     engine.tables().clone()
 }
+
+/// An expected verdict in [`expect_ingress`] / [`expect_egress`] tables.
+pub const ALLOW: bool = true;
+pub const DENY: bool = false;
+
+/// Asserts each `(peer, protocol, port, verdict)` of a table for new flows of local pod
+/// `ns/name` in `direction`, through [`allows`] (so `explain` must agree too).
+#[track_caller]
+pub fn expect_flows(
+    engine: &Engine,
+    ns: &str,
+    name: &str,
+    direction: Direction,
+    table: &[(&str, &str, u16, bool)],
+) {
+    for &(peer, protocol, port, verdict) in table {
+        assert_eq!(
+            allows(engine, ns, name, direction, peer, protocol, port),
+            verdict,
+            "{ns}/{name} {direction:?} {peer} {protocol}/{port} should be {}",
+            if verdict { "allowed" } else { "denied" }
+        );
+    }
+}
+
+#[track_caller]
+pub fn expect_ingress(engine: &Engine, ns: &str, name: &str, table: &[(&str, &str, u16, bool)]) {
+    expect_flows(engine, ns, name, Direction::Ingress, table);
+}
+
+#[track_caller]
+pub fn expect_egress(engine: &Engine, ns: &str, name: &str, table: &[(&str, &str, u16, bool)]) {
+    expect_flows(engine, ns, name, Direction::Egress, table);
+}

@@ -1,0 +1,99 @@
+//! The declared policies: RayCluster isolation blocks (with the last good policy kept
+//! for invalid ones) and plain NetworkPolicies, stored as parsed and compiled rules.
+//!
+//! Must not: compute rows or policy specs; a change only marks the local endpoints it
+//! can affect in [`super::Dirty`].
+
+use std::sync::Arc;
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+
+use super::{Engine, ObjectKey, key_of};
+use crate::crd::RayCluster;
+use crate::policy::netpol;
+use crate::policy::raycluster::{self, CompiledCluster, Declared, UserPolicy};
+
+#[derive(Debug, Default)]
+pub(super) struct ClusterState {
+    pub(super) parsed: Option<raycluster::ParsedCluster>,
+    pub(super) last_good: Option<UserPolicy>,
+    pub(super) compiled: Option<CompiledCluster>,
+}
+
+impl Engine {
+    pub fn upsert_raycluster(&mut self, cluster: &RayCluster) {
+        let key = key_of(&cluster.metadata);
+        let parsed = raycluster::parse(cluster);
+        let state = self.clusters.entry(key.clone()).or_default();
+        let effective = match &parsed.declared {
+            Declared::Nothing => {
+                state.last_good = None;
+                None
+            }
+            Declared::Valid(policy) => {
+                state.last_good = Some(policy.clone());
+                Some(policy.clone())
+            }
+            Declared::Invalid(source) => Some(
+                state
+                    .last_good
+                    .clone()
+                    .unwrap_or_else(|| UserPolicy::deny_all(*source)),
+            ),
+        };
+        let compiled = effective.map(|p| raycluster::compile(&parsed, &p, &self.settings));
+        state.parsed = Some(parsed);
+        if state.compiled != compiled {
+            state.compiled = compiled;
+            self.cluster_changed(&key);
+        }
+        self.flush();
+    }
+
+    pub fn remove_raycluster(&mut self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if self.clusters.remove(&key).is_some() {
+            self.cluster_changed(&key);
+        }
+        self.flush();
+    }
+
+    fn cluster_changed(&mut self, key: &ObjectKey) {
+        if let Some(members) = self.local_by_cluster.get(key) {
+            self.dirty.endpoints.extend(members.iter().cloned());
+        }
+    }
+
+    pub fn upsert_network_policy(&mut self, policy: &NetworkPolicy) {
+        let (namespace, name) = key_of(&policy.metadata);
+        let parsed = Arc::new(netpol::parse(policy));
+        self.netpols
+            .entry(namespace.clone())
+            .or_default()
+            .insert(name, parsed);
+        self.netpols_changed(&namespace);
+    }
+
+    pub fn remove_network_policy(&mut self, namespace: &str, name: &str) {
+        if let Some(map) = self.netpols.get_mut(namespace) {
+            map.remove(name);
+            if map.is_empty() {
+                self.netpols.remove(namespace);
+            }
+        }
+        self.netpols_changed(namespace);
+    }
+
+    fn netpols_changed(&mut self, namespace: &str) {
+        if self.settings.enforce_networkpolicies {
+            let members: Vec<ObjectKey> = self
+                .endpoints
+                .keys()
+                .filter(|k| k.0 == namespace)
+                .cloned()
+                .collect();
+            self.dirty.endpoints.extend(members);
+        }
+        self.flush();
+    }
+}

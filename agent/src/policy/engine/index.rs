@@ -1,0 +1,168 @@
+//! The policy index: the [`IndexKey`]s under which a policy's peers can be found, and
+//! from them which policies a changed identity can touch and which identities a new
+//! policy may have rows for.
+//!
+//! Must not: miss a policy or identity a change can affect (it may over-approximate:
+//! `flush` recomputes the rows exactly), or change state.
+
+use std::collections::BTreeSet;
+
+use super::local::PolicySpec;
+use super::{Engine, NAMESPACE_NAME_LABEL, ObjectKey};
+use crate::policy::rule::{NamespaceMatch, Peer};
+use crate::tables::{IdentityId, PolicyId};
+
+/// How a policy's peers are found from a changed identity or namespace, so a change
+/// only recomputes the policies it can affect.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(super) enum IndexKey {
+    /// A pod peer whose pod selector requires this label.
+    PodPair(String, String),
+    /// A pod peer without one, whose namespace selector requires this label.
+    NsPair(String, String),
+    /// A pod peer without one, limited to this namespace.
+    NsName(String),
+    /// A pod peer that can match any identity.
+    Unindexed,
+    /// Any ipBlock peer.
+    Blocks,
+    /// A `ServiceBackends` peer.
+    Service(ObjectKey),
+    /// A namespace selector that looks at this label key (for namespace relabels: a
+    /// selector's verdict can only flip when a key it mentions changes).
+    NsDepKey(String),
+}
+
+pub(super) fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
+    let mut keys = Vec::new();
+    for (_, rule) in spec.rules() {
+        for peer in &rule.peers {
+            match peer {
+                Peer::Pods { namespaces, pods } => {
+                    if let NamespaceMatch::Selector(s) = namespaces {
+                        keys.extend(
+                            s.requirements
+                                .iter()
+                                .map(|r| IndexKey::NsDepKey(r.key().to_owned())),
+                        );
+                    }
+                    match (pods.required_pair(), namespaces) {
+                        (Some((k, v)), _) => {
+                            keys.push(IndexKey::PodPair(k.to_owned(), v.to_owned()))
+                        }
+                        (None, NamespaceMatch::Names(names)) => {
+                            keys.extend(names.iter().map(|n| IndexKey::NsName(n.clone())));
+                        }
+                        (None, NamespaceMatch::Selector(s)) => keys.push(match s.required_pair() {
+                            Some((k, v)) => IndexKey::NsPair(k.to_owned(), v.to_owned()),
+                            None => IndexKey::Unindexed,
+                        }),
+                    }
+                }
+                Peer::Block(_) => keys.push(IndexKey::Blocks),
+                Peer::ServiceBackends { namespace, name } => {
+                    keys.push(IndexKey::Service((namespace.clone(), name.clone())));
+                }
+            }
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+impl Engine {
+    /// Identities a new policy may have rows for.
+    pub(super) fn candidates(&self, policy: PolicyId) -> BTreeSet<IdentityId> {
+        let mut ids = BTreeSet::new();
+        let Some(state) = self.policies.get(&policy) else {
+            return ids;
+        };
+        for (_, rule) in state.spec.rules() {
+            for peer in &rule.peers {
+                match peer {
+                    Peer::Pods { namespaces, pods } => {
+                        let by_label = pods
+                            .required_pair()
+                            .map(|(k, v)| self.ids_by_label.get(&(k.to_owned(), v.to_owned())));
+                        match (namespaces, by_label) {
+                            (_, Some(found)) => ids.extend(found.into_iter().flatten()),
+                            (NamespaceMatch::Names(names), None) => {
+                                for n in names {
+                                    ids.extend(self.ids_by_ns.get(n).into_iter().flatten());
+                                }
+                            }
+                            (NamespaceMatch::Selector(s), None) => match s.required_pair() {
+                                Some((k, v)) => {
+                                    let mut names: BTreeSet<&str> = self
+                                        .ns_by_label
+                                        .get(&(k.to_owned(), v.to_owned()))
+                                        .into_iter()
+                                        .flatten()
+                                        .map(String::as_str)
+                                        .collect();
+                                    if k == NAMESPACE_NAME_LABEL {
+                                        names.insert(v);
+                                    }
+                                    for n in names {
+                                        ids.extend(self.ids_by_ns.get(n).into_iter().flatten());
+                                    }
+                                }
+                                None => ids.extend(self.pod_identities.keys()),
+                            },
+                        }
+                    }
+                    Peer::Block(b) => {
+                        ids.extend(
+                            self.prefixes
+                                .iter()
+                                .filter(|(net, _)| b.cidr.contains(*net))
+                                .map(|(_, (id, _))| *id),
+                        );
+                    }
+                    Peer::ServiceBackends { namespace, name } => {
+                        let service = (namespace.clone(), name.clone());
+                        for slice in self.slices_by_service.get(&service).into_iter().flatten() {
+                            let Some(slice) = self.slices.get(&(namespace.clone(), slice.clone()))
+                            else {
+                                continue;
+                            };
+                            for ip in &slice.addresses {
+                                for key in self.addr_pods.get(ip).into_iter().flatten() {
+                                    ids.extend(self.pods.get(key).and_then(|p| p.identity));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        ids
+    }
+
+    /// Policies whose rows for `id` may change when it appears, changes or goes.
+    pub(super) fn policies_for_identity(&self, id: IdentityId, out: &mut BTreeSet<PolicyId>) {
+        out.extend(self.row_owners.get(&id).into_iter().flatten());
+        let mut add = |key: IndexKey| out.extend(self.index.get(&key).into_iter().flatten());
+        if let Some(identity) = self.pod_identities.get(&id) {
+            let ns = &identity.key.namespace;
+            for (k, v) in &identity.key.labels {
+                add(IndexKey::PodPair(k.clone(), v.clone()));
+            }
+            for (k, v) in self.ns_labels(ns) {
+                add(IndexKey::NsPair(k, v));
+            }
+            add(IndexKey::NsName(ns.clone()));
+            add(IndexKey::Unindexed);
+            for key in &identity.members {
+                for ip in self.pods.get(key).into_iter().flat_map(|p| p.ips.iter()) {
+                    for service in self.backend_ips.get(ip).into_iter().flat_map(|s| s.keys()) {
+                        add(IndexKey::Service(service.clone()));
+                    }
+                }
+            }
+        } else if self.prefix_by_id.contains_key(&id) {
+            add(IndexKey::Blocks);
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! Local endpoints: the policy spec each local pod's RayCluster and NetworkPolicies
+//! give it, hash-consing of equal specs into one policy id, and the policies' lifetime
+//! (index keys, ipBlock prefixes, rows) by reference count.
+//!
+//! Must not: compute rows (a new policy's rows are computed by `flush`), or reuse a
+//! policy or endpoint id.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::identities::PodIdentity;
+use super::index::{IndexKey, index_keys};
+use super::pods::PodState;
+use super::{Engine, NamedPort, ObjectKey, unlink};
+use crate::policy::problem::{Problem, Severity};
+use crate::policy::raycluster::{LABEL_CLUSTER, LABEL_GROUP, LABEL_NODE_TYPE};
+use crate::policy::rule::{Peer, Role, Rule};
+use crate::tables::{Direction, EndpointId, EndpointPolicy, IdentityId, PolicyEntry, PolicyId};
+
+/// Everything that decides a local pod's rows: pods with equal specs share a policy id.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub(super) struct PolicySpec {
+    pub(super) isolate_ingress: bool,
+    pub(super) isolate_egress: bool,
+    pub(super) ingress: Vec<Arc<Rule>>,
+    pub(super) egress: Vec<Arc<Rule>>,
+    /// The local pod's named ports, only when an ingress rule names a port.
+    pub(super) local_ports: Arc<Vec<NamedPort>>,
+}
+
+impl PolicySpec {
+    pub(super) fn rules(&self) -> impl Iterator<Item = (Direction, &Arc<Rule>)> {
+        self.ingress
+            .iter()
+            .map(|r| (Direction::Ingress, r))
+            .chain(self.egress.iter().map(|r| (Direction::Egress, r)))
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct PolicyState {
+    pub(super) spec: Arc<PolicySpec>,
+    pub(super) refs: usize,
+    /// Rows by peer identity; sorted, never empty.
+    pub(super) rows: HashMap<IdentityId, Vec<PolicyEntry>>,
+    pub(super) prefixes: Vec<IpNet>,
+    pub(super) keys: Vec<IndexKey>,
+}
+
+#[derive(Debug)]
+pub(super) struct LocalEndpoint {
+    pub(super) id: EndpointId,
+    pub(super) uid: String,
+    pub(super) policy: PolicyId,
+    pub(super) cluster: Option<String>,
+    pub(super) role: Option<Role>,
+    pub(super) problems: Vec<Problem>,
+}
+
+impl Engine {
+    fn spec_for(
+        &self,
+        key: &ObjectKey,
+        pod: &PodState,
+    ) -> (PolicySpec, Option<String>, Option<Role>, Vec<Problem>) {
+        let labels = &pod.labels;
+        let mut ingress: Vec<Arc<Rule>> = Vec::new();
+        let mut egress: Vec<Arc<Rule>> = Vec::new();
+        let (mut isolate_ingress, mut isolate_egress) = (false, false);
+        let cluster = labels.get(LABEL_CLUSTER).cloned();
+        let role =
+            cluster
+                .as_ref()
+                .and_then(|_| match labels.get(LABEL_NODE_TYPE).map(String::as_str) {
+                    Some("head") => Some(Role::Head),
+                    Some("worker") => Some(match labels.get(LABEL_GROUP) {
+                        Some(group) => Role::Group(group.clone()),
+                        None => Role::Worker,
+                    }),
+                    _ => None,
+                });
+        if let (Some(cluster), Some(role)) = (&cluster, &role)
+            && let Some(compiled) = self
+                .clusters
+                .get(&(key.0.clone(), cluster.clone()))
+                .and_then(|c| c.compiled.as_ref())
+        {
+            isolate_ingress |= compiled.mode.isolates(Direction::Ingress);
+            isolate_egress |= compiled.mode.isolates(Direction::Egress);
+            let rules = compiled.role(role);
+            ingress.extend(rules.ingress.iter().cloned());
+            egress.extend(rules.egress.iter().cloned());
+        }
+        if self.settings.enforce_networkpolicies {
+            for np in self
+                .netpols
+                .get(&key.0)
+                .into_iter()
+                .flat_map(|m| m.values())
+            {
+                if !np.selector.as_ref().is_some_and(|s| s.matches(labels)) {
+                    continue;
+                }
+                if np.isolate_ingress {
+                    isolate_ingress = true;
+                    ingress.extend(np.ingress.iter().cloned());
+                }
+                if np.isolate_egress {
+                    isolate_egress = true;
+                    egress.extend(np.egress.iter().cloned());
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        let mut uses_named = false;
+        for rule in &ingress {
+            for (spec, name) in rule.named_ports() {
+                uses_named = true;
+                if !pod
+                    .named_ports
+                    .iter()
+                    .any(|p| p.name == name && p.protocol == spec.protocol)
+                {
+                    problems.push(Problem {
+                        object: (*rule.object).clone(),
+                        field: format!("{}.ports", rule.field),
+                        value: name.to_owned(),
+                        message: format!(
+                            "named port resolves to no container port of pod {}/{} for this protocol; it allows nothing there",
+                            key.0, key.1
+                        ),
+                        severity: Severity::Warning,
+                    });
+                }
+            }
+        }
+        let spec = PolicySpec {
+            isolate_ingress,
+            isolate_egress,
+            ingress,
+            egress,
+            local_ports: if uses_named {
+                pod.named_ports.clone()
+            } else {
+                Arc::default()
+            },
+        };
+        (spec, cluster, role, problems)
+    }
+
+    pub(super) fn refresh_endpoint(
+        &mut self,
+        key: &ObjectKey,
+        new_policies: &mut BTreeSet<PolicyId>,
+    ) {
+        let Some(pod) = self.pods.get(key).filter(|p| p.local) else {
+            if let Some(ep) = self.endpoints.remove(key) {
+                self.endpoint_keys.remove(&ep.id);
+                self.out.set_endpoint(ep.id, None);
+                self.release_policy(ep.policy);
+            }
+            return;
+        };
+        let uid = pod.uid.clone();
+        let (spec, cluster, role, problems) = self.spec_for(key, pod);
+        let value = |policy_id| EndpointPolicy {
+            policy_id,
+            isolate_ingress: spec.isolate_ingress,
+            isolate_egress: spec.isolate_egress,
+            audit: self.settings.audit,
+        };
+        let endpoint_policy = value(0);
+        let policy = self.intern_policy(spec, new_policies);
+        let id = match self.endpoints.get_mut(key) {
+            Some(ep) => {
+                let old = std::mem::replace(&mut ep.policy, policy);
+                ep.cluster = cluster;
+                ep.role = role;
+                ep.problems = problems;
+                let id = ep.id;
+                self.release_policy(old);
+                id
+            }
+            None => {
+                let id = self.next_endpoint;
+                self.next_endpoint += 1;
+                self.endpoints.insert(
+                    key.clone(),
+                    LocalEndpoint {
+                        id,
+                        uid,
+                        policy,
+                        cluster,
+                        role,
+                        problems,
+                    },
+                );
+                self.endpoint_keys.insert(id, key.clone());
+                id
+            }
+        };
+        self.out.set_endpoint(
+            id,
+            Some(EndpointPolicy {
+                policy_id: policy,
+                ..endpoint_policy
+            }),
+        );
+    }
+
+    fn intern_policy(
+        &mut self,
+        spec: PolicySpec,
+        new_policies: &mut BTreeSet<PolicyId>,
+    ) -> PolicyId {
+        if let Some(id) = self.policy_ids.get(&spec) {
+            if let Some(state) = self.policies.get_mut(id) {
+                state.refs += 1;
+            }
+            return *id;
+        }
+        let id = self.next_policy;
+        self.next_policy += 1;
+        let mut prefixes: Vec<IpNet> = spec
+            .rules()
+            .flat_map(|(_, r)| r.peers.iter())
+            .filter_map(|p| match p {
+                Peer::Block(b) => Some(b.prefixes()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        prefixes.sort();
+        prefixes.dedup();
+        for net in &prefixes {
+            self.add_prefix(*net);
+        }
+        let keys = index_keys(&spec);
+        for key in &keys {
+            self.index.entry(key.clone()).or_default().insert(id);
+        }
+        let spec = Arc::new(spec);
+        self.policy_ids.insert(spec.clone(), id);
+        self.policies.insert(
+            id,
+            PolicyState {
+                spec,
+                refs: 1,
+                rows: HashMap::new(),
+                prefixes,
+                keys,
+            },
+        );
+        new_policies.insert(id);
+        id
+    }
+
+    fn release_policy(&mut self, id: PolicyId) {
+        let Some(state) = self.policies.get_mut(&id) else {
+            return;
+        };
+        state.refs -= 1;
+        if state.refs > 0 {
+            return;
+        }
+        let Some(state) = self.policies.remove(&id) else {
+            return;
+        };
+        self.policy_ids.remove(&state.spec);
+        for key in state.keys {
+            unlink(&mut self.index, &key, &id);
+        }
+        for (peer, rows) in state.rows {
+            unlink(&mut self.row_owners, &peer, &id);
+            for row in rows {
+                self.out.remove_row(row);
+            }
+        }
+        for net in state.prefixes {
+            self.remove_prefix(net);
+        }
+    }
+
+    /// Named egress ports that the pods a rule selects do not have (with that
+    /// protocol). Computed on demand: such rules are rare and the answer depends on
+    /// every peer pod.
+    pub(super) fn egress_named_port_problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for state in self.policies.values() {
+            for rule in &state.spec.egress {
+                if rule.named_ports().next().is_none() || !seen.insert(Arc::as_ptr(rule)) {
+                    continue;
+                }
+                let selected: Vec<&PodIdentity> = self
+                    .pod_identities
+                    .values()
+                    .filter(|i| rule.peers.iter().any(|p| self.peer_matches_pod(p, i)))
+                    .collect();
+                if selected.is_empty() {
+                    continue;
+                }
+                for (spec, name) in rule.named_ports() {
+                    let resolves = selected.iter().any(|i| {
+                        i.key
+                            .named_ports
+                            .iter()
+                            .any(|p| p.name == name && p.protocol == spec.protocol)
+                    });
+                    if !resolves {
+                        out.push(Problem {
+                            object: (*rule.object).clone(),
+                            field: format!("{}.ports", rule.field),
+                            value: name.to_owned(),
+                            message: "named port resolves to no container port of the selected pods for this protocol; it allows nothing".into(),
+                            severity: Severity::Warning,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
