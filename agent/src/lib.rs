@@ -7,9 +7,13 @@
 //! - [`datapath`]: the only module that touches aya: load, attach, pin, apply tables.
 //! - [`discovery`]: where local pods live in the kernel (cgroup, host veth) and which hook fits.
 //! - [`source`]: cluster objects from the API server or a manifests directory, as events.
+//! - [`runtime`]: the node agent's reconcile loop: sources -> engine -> datapath, endpoints.
+//! - [`serve`]: `/metrics`, `/healthz`, `/readyz`.
 pub mod crd;
 pub mod datapath;
 pub mod discovery;
 pub mod policy;
+pub mod runtime;
+pub mod serve;
 pub mod source;
 pub mod tables;

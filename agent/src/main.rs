@@ -1,9 +1,25 @@
-//! The `rayfence` binary: the node agent and its operator commands.
+//! The `rayfence` binary: the node agent (`rayfence agent`) and its operator
+//! commands (`rayfence cleanup`).
+//!
+//! Parses every flag once (each has an environment variable too) and fails fast
+//! with a message that names the flag; then wires sources, runtime and HTTP.
+//! Must not: hold agent logic (that is `rayfence::runtime`).
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use rayfence::datapath::{self, paths::DEFAULT_BPFFS_DIR};
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rayfence::datapath::{self, Capacities, DatapathOptions, paths::DEFAULT_BPFFS_DIR};
+use rayfence::discovery::LocatorConfig;
+use rayfence::policy::selector::Selector;
+use rayfence::policy::{DnsMode, Settings};
+use rayfence::runtime::{Runtime, RuntimeConfig};
+use rayfence::serve::Health;
+use rayfence::source::ObjectKind;
+use rayfence::source::files::{self, FilesConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -13,23 +29,145 @@ use rayfence::datapath::{self, paths::DEFAULT_BPFFS_DIR};
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Option<Command>,
+    command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Run the node agent: watch the cluster (or a manifests directory) and keep
+    /// the datapath equal to the policy, live.
+    Agent(Box<AgentArgs>),
     /// Detach every program rayfence attached and remove everything it pinned.
     Cleanup {
         /// The agent's bpffs directory.
-        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS_DIR)]
+        #[arg(long, value_name = "DIR", env = "RAYFENCE_BPFFS", default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DnsModeArg {
+    Service,
+    Anywhere,
+    Off,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct AgentArgs {
+    /// This node's name (the DaemonSet sets it from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// Read objects from YAML/JSON files in DIR (watched) instead of the Kubernetes API.
+    #[arg(long, value_name = "DIR", env = "RAYFENCE_MANIFESTS")]
+    manifests: Option<PathBuf>,
+    /// Kubeconfig for the API source (default: in-cluster config or $KUBECONFIG).
+    #[arg(long, value_name = "PATH", env = "RAYFENCE_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Where programs, maps and links are pinned.
+    #[arg(long, value_name = "DIR", env = "RAYFENCE_BPFFS", default_value = DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+    /// The cgroup2 mount as the agent sees it (default: found in /proc/self/mountinfo).
+    #[arg(long, value_name = "PATH", env = "RAYFENCE_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
+    /// The kubelet's own --cgroup-root (repeatable; default "/").
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "RAYFENCE_KUBELET_CGROUP_ROOT",
+        value_delimiter = ','
+    )]
+    kubelet_cgroup_root: Vec<String>,
+    /// The host's /proc.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "RAYFENCE_HOST_PROC",
+        default_value = "/proc"
+    )]
+    host_proc: PathBuf,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        env = "RAYFENCE_METRICS_ADDR",
+        default_value = "127.0.0.1:9402"
+    )]
+    metrics_addr: SocketAddr,
+    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
+    #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
+    dns_mode: DnsModeArg,
+    /// The cluster DNS Service, NAMESPACE/NAME.
+    #[arg(
+        long,
+        value_name = "NS/NAME",
+        env = "RAYFENCE_DNS_SERVICE",
+        default_value = "kube-system/kube-dns"
+    )]
+    dns_service: String,
+    /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "RAYFENCE_OPERATOR_NAMESPACE",
+        value_delimiter = ','
+    )]
+    operator_namespace: Vec<String>,
+    /// Labels of the KubeRay operator pods, k=v[,k=v].
+    #[arg(long, value_name = "K=V[,K=V]", env = "RAYFENCE_OPERATOR_SELECTOR")]
+    operator_selector: Option<String>,
+    /// Also enforce plain networking.k8s.io/v1 NetworkPolicies.
+    #[arg(long, env = "RAYFENCE_ENFORCE_NETWORKPOLICIES")]
+    enforce_networkpolicies: bool,
+    /// Evaluate and count, never drop.
+    #[arg(long, env = "RAYFENCE_AUDIT")]
+    audit: bool,
+    /// More addresses of this node (repeatable), besides its interfaces' and the Node object's.
+    #[arg(
+        long,
+        value_name = "IP",
+        env = "RAYFENCE_NODE_ADDRESS",
+        value_delimiter = ','
+    )]
+    node_address: Vec<IpAddr>,
+    /// Map capacity: local endpoints (host veths and cgroups).
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_ENDPOINTS")]
+    max_endpoints: Option<u32>,
+    /// Map capacity: peer addresses.
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_IDENTITIES")]
+    max_identities: Option<u32>,
+    /// Map capacity: ipBlock prefixes.
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_CIDRS")]
+    max_cidrs: Option<u32>,
+    /// Map capacity: policy rows.
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_POLICY")]
+    max_policy: Option<u32>,
+    /// Map capacity: tracked connections.
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_CONNTRACK")]
+    max_conntrack: Option<u32>,
+    /// Map capacity: IP fragments in flight.
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_FRAGMENTS")]
+    max_fragments: Option<u32>,
+    /// Map capacity: counter keys.
+    #[arg(long, value_name = "N", env = "RAYFENCE_MAX_COUNTERS")]
+    max_counters: Option<u32>,
+    /// Flow event ring buffer size in bytes (a power of two, page multiple).
+    #[arg(long, value_name = "BYTES", env = "RAYFENCE_EVENTS_BYTES")]
+    events_bytes: Option<u32>,
+    /// Log format.
+    #[arg(long, value_enum, env = "RAYFENCE_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Cleanup { bpffs }) => {
+        Command::Cleanup { bpffs } => {
             let report = datapath::cleanup(&bpffs)
                 .with_context(|| format!("cleaning up {}", bpffs.display()))?;
             println!(
@@ -38,8 +176,196 @@ fn main() -> anyhow::Result<()> {
                 report.maps,
                 bpffs.display()
             );
+            Ok(())
         }
-        None => {}
+        Command::Agent(args) => {
+            init_tracing(args.log_format);
+            let config = runtime_config(&args)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(agent(*args, config))
+        }
     }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Every flag checked and turned into the runtime's configuration.
+fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
+    if args.node_name.trim().is_empty() {
+        bail!("--node-name (NODE_NAME) must not be empty");
+    }
+    let mut settings = Settings::new(args.node_name.clone(), Vec::new());
+    settings.dns = match args.dns_mode {
+        DnsModeArg::Anywhere => DnsMode::Anywhere,
+        DnsModeArg::Off => DnsMode::Off,
+        DnsModeArg::Service => {
+            let Some((namespace, name)) = args.dns_service.split_once('/') else {
+                bail!(
+                    "--dns-service {:?}: expected NAMESPACE/NAME",
+                    args.dns_service
+                );
+            };
+            if namespace.is_empty() || name.is_empty() || name.contains('/') {
+                bail!(
+                    "--dns-service {:?}: expected NAMESPACE/NAME",
+                    args.dns_service
+                );
+            }
+            DnsMode::Service {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }
+        }
+    };
+    if !args.operator_namespace.is_empty() {
+        settings.operator_namespaces = args.operator_namespace.clone();
+    }
+    if let Some(selector) = &args.operator_selector {
+        let mut pairs = Vec::new();
+        for pair in selector.split(',') {
+            match pair.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => pairs.push((k.trim(), v.trim())),
+                _ => bail!("--operator-selector {selector:?}: expected key=value[,key=value]"),
+            }
+        }
+        settings.operator_selector = Selector::from_labels(pairs);
+    }
+    settings.enforce_networkpolicies = args.enforce_networkpolicies;
+    settings.audit = args.audit;
+
+    let mut capacities = Capacities::default();
+    for (flag, value, slot) in [
+        (
+            "--max-endpoints",
+            args.max_endpoints,
+            &mut capacities.endpoints,
+        ),
+        (
+            "--max-identities",
+            args.max_identities,
+            &mut capacities.identities,
+        ),
+        ("--max-cidrs", args.max_cidrs, &mut capacities.cidrs),
+        ("--max-policy", args.max_policy, &mut capacities.policy),
+        (
+            "--max-conntrack",
+            args.max_conntrack,
+            &mut capacities.conntrack,
+        ),
+        (
+            "--max-fragments",
+            args.max_fragments,
+            &mut capacities.fragments,
+        ),
+        (
+            "--max-counters",
+            args.max_counters,
+            &mut capacities.counters,
+        ),
+        (
+            "--events-bytes",
+            args.events_bytes,
+            &mut capacities.events_bytes,
+        ),
+    ] {
+        if let Some(v) = value {
+            if v == 0 {
+                bail!("{flag} must be at least 1");
+            }
+            *slot = v;
+        }
+    }
+    if !capacities.events_bytes.is_power_of_two() || capacities.events_bytes < 4096 {
+        bail!(
+            "--events-bytes {}: must be a power of two of at least 4096",
+            capacities.events_bytes
+        );
+    }
+    if let Some(dir) = &args.manifests
+        && !dir.is_dir()
+    {
+        bail!("--manifests {}: not a directory", dir.display());
+    }
+    let mut expected_kinds: BTreeSet<ObjectKind> = ObjectKind::ALL.into_iter().collect();
+    if args.manifests.is_none() && !args.enforce_networkpolicies {
+        expected_kinds.remove(&ObjectKind::NetworkPolicy);
+    }
+    Ok(RuntimeConfig {
+        settings,
+        extra_node_addresses: args.node_address.clone(),
+        datapath: DatapathOptions {
+            bpffs_dir: Some(args.bpffs.clone()),
+            capacities,
+            ..DatapathOptions::default()
+        },
+        locator: LocatorConfig {
+            cgroup_root: args.cgroup_root.clone(),
+            kubelet_cgroup_roots: if args.kubelet_cgroup_root.is_empty() {
+                vec!["/".into()]
+            } else {
+                args.kubelet_cgroup_root.clone()
+            },
+            host_proc: args.host_proc.clone(),
+            ..LocatorConfig::default()
+        },
+        expected_kinds,
+        retry_interval: Duration::from_millis(200),
+        counters_interval: Duration::from_secs(1),
+    })
+}
+
+async fn agent(args: AgentArgs, config: RuntimeConfig) -> anyhow::Result<()> {
+    let health = Arc::new(Health::new());
+    let bound = rayfence::serve::spawn(args.metrics_addr, health.clone())
+        .await
+        .context("--metrics-addr")?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let Some(dir) = args.manifests.clone() else {
+        let _ = &args.kubeconfig;
+        bail!(
+            "the Kubernetes API source is not in this build yet: pass --manifests DIR (RAYFENCE_MANIFESTS)"
+        );
+    };
+    tracing::info!(dir = %dir.display(), "reading objects from manifests");
+    std::thread::Builder::new()
+        .name("rf-manifests".into())
+        .spawn(move || files::run_blocking(FilesConfig::new(dir), tx))
+        .context("starting the manifests watcher")?;
+
+    let runtime = tokio::task::block_in_place(|| Runtime::new(config, health, None))
+        .context("starting the agent")?;
+    let links = rayfence::runtime::spawn_link_watcher();
+    runtime.run(rx, links, shutdown_signal()).await;
     Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -5,6 +5,8 @@
 //! Must not: decide policy, touch the datapath, or drop state on its own: an
 //! unreachable API server means "no news", never "everything is gone". Only a
 //! [`SourceEvent::Resync`] (a complete listing) may imply deletions.
+pub mod files;
+
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;

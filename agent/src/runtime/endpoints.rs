@@ -1,0 +1,278 @@
+//! Endpoint lifecycle: every local pod the engine lists is located in the kernel (on
+//! a blocking thread), attached (TC on its host veth, else cgroup_skb on its cgroup)
+//! and detached when the engine no longer lists it. Pods not found yet (Pending, veth
+//! not created) stay pending and are looked for again on link events and on a timer.
+//!
+//! Must not: detach anything it cannot account for while a wanted pod is still
+//! unlocated (a leftover link from a previous run may be that pod's only
+//! protection), nor decide policy.
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::datapath::{Datapath, DatapathError, Interface};
+use crate::discovery::{Hook, Location, Locator, PodRef};
+use crate::serve::Health;
+use crate::serve::metrics::EndpointLabels;
+use crate::tables::EndpointId;
+
+/// A pod the engine wants enforced.
+pub struct Desired {
+    pub id: EndpointId,
+    pub pod: PodRef,
+}
+
+/// Where an endpoint stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointState {
+    /// Attached on a host veth.
+    Tc { ifindex: u32, interface: String },
+    /// Attached on the pod cgroup.
+    Cgroup { cgroup_id: u64 },
+    /// Not enforced: host networking.
+    NotEnforced { reason: String },
+    /// Not found in the kernel yet.
+    Pending { since: Instant, last_error: String },
+}
+
+impl EndpointState {
+    fn labels(&self) -> EndpointLabels {
+        let (hook, state) = match self {
+            Self::Tc { .. } => ("tc", "attached"),
+            Self::Cgroup { .. } => ("cgroup", "attached"),
+            Self::NotEnforced { .. } => ("none", "not-enforced"),
+            Self::Pending { .. } => ("none", "pending"),
+        };
+        EndpointLabels {
+            hook: hook.to_owned(),
+            state: state.to_owned(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Endpoints {
+    states: BTreeMap<EndpointId, (String, EndpointState)>,
+}
+
+impl Endpoints {
+    pub fn has_pending(&self) -> bool {
+        self.states
+            .values()
+            .any(|(_, s)| matches!(s, EndpointState::Pending { .. }))
+    }
+
+    /// Converges attachments to `desired`. `link_at`: when the link event that
+    /// triggered this pass was seen (for the attach latency).
+    pub async fn sync(
+        &mut self,
+        desired: Vec<Desired>,
+        datapath: &mut Datapath,
+        locator: &Arc<Locator>,
+        health: &Health,
+        link_at: Option<Instant>,
+    ) {
+        let wanted: BTreeSet<EndpointId> = desired.iter().map(|d| d.id).collect();
+
+        // Gone from the engine: detach.
+        let gone: Vec<EndpointId> = self
+            .states
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            if let Some((pod, state)) = self.states.remove(&id) {
+                detach(datapath, id, &pod, health);
+                tracing::info!(pod = %pod, endpoint = id, was = ?state, "endpoint removed");
+            }
+        }
+
+        // Not attached yet: locate on a blocking thread, then attach here.
+        let to_locate: Vec<Desired> = desired
+            .into_iter()
+            .filter(|d| {
+                !matches!(
+                    self.states.get(&d.id),
+                    Some((_, EndpointState::Tc { .. } | EndpointState::Cgroup { .. }))
+                        | Some((_, EndpointState::NotEnforced { .. }))
+                )
+            })
+            .collect();
+        if !to_locate.is_empty() {
+            let locator = locator.clone();
+            let located = tokio::task::spawn_blocking(move || {
+                to_locate
+                    .into_iter()
+                    .map(|d| {
+                        let found = locator.locate(&d.pod);
+                        (d, found)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+            match located {
+                Ok(located) => {
+                    for (d, found) in located {
+                        self.attach(datapath, d, found, health, link_at);
+                    }
+                }
+                Err(error) => {
+                    health.metrics.error("locate");
+                    tracing::error!(%error, "the locate task failed");
+                }
+            }
+        }
+
+        // Leftovers of a previous run (adopted from pinned state) that no wanted pod
+        // accounts for, once every wanted pod is located.
+        if !self.has_pending() {
+            let ours: BTreeSet<EndpointId> = self.states.keys().copied().collect();
+            let leftovers: Vec<EndpointId> = datapath
+                .attachments()
+                .keys()
+                .filter(|id| !ours.contains(id))
+                .copied()
+                .collect();
+            for id in leftovers {
+                detach(datapath, id, "(previous run)", health);
+                tracing::info!(endpoint = id, "detached an endpoint left by a previous run");
+            }
+        }
+
+        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        for labels in [
+            ("tc", "attached"),
+            ("cgroup", "attached"),
+            ("none", "not-enforced"),
+            ("none", "pending"),
+        ] {
+            counts.insert((labels.0.to_owned(), labels.1.to_owned()), 0);
+        }
+        for (_, state) in self.states.values() {
+            let l = state.labels();
+            *counts.entry((l.hook, l.state)).or_default() += 1;
+        }
+        for ((hook, state), n) in counts {
+            health
+                .metrics
+                .endpoints
+                .get_or_create(&EndpointLabels { hook, state })
+                .set(n);
+        }
+    }
+
+    fn attach(
+        &mut self,
+        datapath: &mut Datapath,
+        d: Desired,
+        found: Result<Location, crate::discovery::DiscoveryError>,
+        health: &Health,
+        link_at: Option<Instant>,
+    ) {
+        let pod = format!("{}/{}", d.pod.namespace, d.pod.name);
+        let pending_since = match self.states.get(&d.id) {
+            Some((_, EndpointState::Pending { since, .. })) => Some(*since),
+            _ => None,
+        };
+        let location = match found {
+            Ok(l) => l,
+            Err(error) => {
+                let first = pending_since.is_none();
+                if first {
+                    tracing::info!(pod = %pod, endpoint = d.id, reason = %error, "pod not found in the kernel yet; pending");
+                }
+                self.states.insert(
+                    d.id,
+                    (
+                        pod,
+                        EndpointState::Pending {
+                            since: pending_since.unwrap_or_else(Instant::now),
+                            last_error: error.to_string(),
+                        },
+                    ),
+                );
+                return;
+            }
+        };
+        let previously: Option<crate::datapath::Attachments> =
+            datapath.attachments().get(&d.id).cloned();
+        let result: Result<EndpointState, DatapathError> =
+            match (&location.hook, &location.host_interface, &location.cgroup) {
+                (Hook::Tc, Some(interface), _) => datapath
+                    .attach_tc(d.id, Interface::Index(interface.ifindex))
+                    .map(|ifindex| EndpointState::Tc {
+                        ifindex,
+                        interface: interface.name.clone(),
+                    }),
+                (Hook::Cgroup, _, Some(cgroup)) | (Hook::Tc, None, Some(cgroup)) => datapath
+                    .attach_cgroup(d.id, &cgroup.path)
+                    .map(|cgroup_id| EndpointState::Cgroup { cgroup_id }),
+                (Hook::None(reason), _, _) => Ok(EndpointState::NotEnforced {
+                    reason: format!("{reason:?}"),
+                }),
+                _ => Ok(EndpointState::Pending {
+                    since: pending_since.unwrap_or_else(Instant::now),
+                    last_error: "located without an interface or cgroup".into(),
+                }),
+            };
+        match result {
+            Ok(state) => {
+                let adopted = match (&state, &previously) {
+                    (EndpointState::Tc { ifindex, .. }, Some(p)) => p.ifindexes.contains(ifindex),
+                    (EndpointState::Cgroup { cgroup_id }, Some(p)) => p.cgroups.contains(cgroup_id),
+                    _ => false,
+                };
+                let since = link_at.or(pending_since);
+                let latency_ms = since.map(|s| s.elapsed().as_secs_f64() * 1e3);
+                if let (Some(ms), EndpointState::Tc { .. } | EndpointState::Cgroup { .. }) =
+                    (latency_ms, &state)
+                {
+                    health.metrics.attach_latency.observe(ms / 1e3);
+                }
+                match &state {
+                    EndpointState::Tc { ifindex, interface } => tracing::info!(
+                        pod = %pod, endpoint = d.id, hook = "tc", interface = %interface, ifindex = *ifindex,
+                        via = ?location.host_interface.as_ref().map(|h| h.via), adopted, latency_ms,
+                        "endpoint attached"
+                    ),
+                    EndpointState::Cgroup { cgroup_id } => tracing::info!(
+                        pod = %pod, endpoint = d.id, hook = "cgroup", cgroup_id = *cgroup_id,
+                        cgroup = ?location.cgroup.as_ref().map(|c| c.path.display().to_string()), adopted, latency_ms,
+                        "endpoint attached"
+                    ),
+                    EndpointState::NotEnforced { reason } => tracing::info!(
+                        pod = %pod, endpoint = d.id, hook = "none", reason = %reason,
+                        "endpoint not enforced (host networking)"
+                    ),
+                    EndpointState::Pending { .. } => {}
+                }
+                self.states.insert(d.id, (pod, state));
+            }
+            Err(error) => {
+                health.metrics.error("attach");
+                tracing::error!(pod = %pod, endpoint = d.id, %error, "attaching failed; retrying");
+                self.states.insert(
+                    d.id,
+                    (
+                        pod,
+                        EndpointState::Pending {
+                            since: pending_since.unwrap_or_else(Instant::now),
+                            last_error: error.to_string(),
+                        },
+                    ),
+                );
+            }
+        }
+    }
+}
+
+fn detach(datapath: &mut Datapath, id: EndpointId, pod: &str, health: &Health) {
+    match datapath.detach(id) {
+        Ok(()) | Err(DatapathError::NotAttached { .. }) => {}
+        Err(error) => {
+            health.metrics.error("detach");
+            tracing::error!(pod = %pod, endpoint = id, %error, "detaching failed");
+        }
+    }
+}

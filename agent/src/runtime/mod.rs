@@ -1,0 +1,584 @@
+//! The node agent's runtime: sources -> one reconcile loop -> engine -> datapath.
+//!
+//! Tasks: each source sends [`SourceEvent`]s into one `mpsc` channel; a link-watcher
+//! thread reports new host interfaces; the reconcile loop ([`Runtime::run`]) owns the
+//! [`Engine`] and the [`Datapath`]. Per turn it applies everything that arrived
+//! together to the engine (a `Resync` upserts what is listed and removes what the
+//! engine holds and the listing lacks), then programs: the diff first, then the
+//! endpoint lifecycle ([`endpoints`]: locate on a blocking thread, attach TC or
+//! cgroup, detach what is gone).
+//!
+//! Restart: nothing is programmed before the first full sync of every kind the
+//! source serves; the first programming applies the engine's whole tables against
+//! what the adopted maps hold (a diff, never a flush), and endpoints whose links
+//! survived are re-registered on their existing links (no detach/attach gap).
+//!
+//! Must not: parse manifests or talk to the API server (sources do), translate
+//! policy (the engine does), use aya (the datapath does), or open the gate on error:
+//! an apply error leaves the affected endpoints fail-closed (the datapath's doing)
+//! and is logged, counted and retried as a full apply on the next turn; a silent or
+//! unreachable source keeps the last state enforced.
+mod endpoints;
+mod node;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict};
+use tokio::sync::mpsc;
+
+use crate::datapath::{Datapath, DatapathError, DatapathOptions};
+use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
+use crate::policy::{Engine, Kind, Problem, Role, Settings};
+use crate::serve::Health;
+use crate::serve::metrics::{DropLabels, KindLabel, StatusLabel};
+use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
+
+pub use endpoints::EndpointState;
+
+/// Everything the runtime needs, built once by the CLI.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    pub settings: Settings,
+    /// `--node-address`: added to what the interfaces and the Node object say.
+    pub extra_node_addresses: Vec<IpAddr>,
+    pub datapath: DatapathOptions,
+    pub locator: LocatorConfig,
+    /// Kinds whose first `Resync` readiness (and the first programming) waits for.
+    pub expected_kinds: BTreeSet<ObjectKind>,
+    /// How often pods not found in the kernel yet are looked for again.
+    pub retry_interval: Duration,
+    /// How often the drop counters are published.
+    pub counters_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("loading the datapath")]
+    Datapath(#[source] DatapathError),
+    #[error("setting up pod discovery")]
+    Discovery(#[source] DiscoveryError),
+}
+
+/// What the runtime keeps of a local pod besides the engine (for the locator).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PodFacts {
+    uid: String,
+    qos: Option<String>,
+    ips: Vec<IpAddr>,
+    host_network: bool,
+}
+
+impl PodFacts {
+    fn of(pod: &Pod) -> Self {
+        let status = pod.status.as_ref();
+        let mut ips: Vec<IpAddr> = Vec::new();
+        if let Some(status) = status {
+            let listed = status.pod_ips.iter().flatten().map(|p| p.ip.clone());
+            for ip in status.pod_ip.iter().cloned().chain(listed) {
+                if let Ok(ip) = ip.parse::<IpAddr>()
+                    && !ips.contains(&ip)
+                {
+                    ips.push(ip);
+                }
+            }
+        }
+        PodFacts {
+            uid: pod.metadata.uid.clone().unwrap_or_default(),
+            qos: status.and_then(|s| s.qos_class.clone()),
+            ips,
+            host_network: pod.spec.as_ref().and_then(|s| s.host_network) == Some(true),
+        }
+    }
+}
+
+/// The reconcile loop's state.
+pub struct Runtime {
+    config: RuntimeConfig,
+    engine: Engine,
+    datapath: Datapath,
+    locator: Arc<Locator>,
+    health: Arc<Health>,
+    reporter: Option<Arc<dyn ProblemReporter>>,
+    pods: BTreeMap<(String, String), PodFacts>,
+    synced: BTreeSet<ObjectKind>,
+    programmed: bool,
+    needs_full_apply: bool,
+    endpoints: endpoints::Endpoints,
+    reported: BTreeSet<Problem>,
+    node_from_api: Vec<IpAddr>,
+    interface_addresses: Vec<IpAddr>,
+    counters_seen: BTreeMap<CounterKey, CounterValue>,
+    /// Changes received and not programmed yet, since this instant.
+    dirty_since: Option<Instant>,
+}
+
+impl Runtime {
+    /// Loads the datapath (adopting pinned maps and links) and the locator.
+    pub fn new(
+        config: RuntimeConfig,
+        health: Arc<Health>,
+        reporter: Option<Arc<dyn ProblemReporter>>,
+    ) -> Result<Self, RuntimeError> {
+        let datapath = Datapath::load(&config.datapath).map_err(RuntimeError::Datapath)?;
+        let adopted = datapath.attachments().len();
+        tracing::info!(
+            bpffs = ?config.datapath.bpffs_dir,
+            adopted_endpoints = adopted,
+            adopted_rows = datapath.tables().policy.len(),
+            "datapath loaded"
+        );
+        let locator = Locator::new(config.locator.clone()).map_err(RuntimeError::Discovery)?;
+        tracing::info!(
+            cgroup_mount = %locator.cgroup2_mount().mount_point.display(),
+            "pod discovery ready"
+        );
+        let engine = Engine::new(config.settings.clone());
+        Ok(Self {
+            engine,
+            datapath,
+            locator: Arc::new(locator),
+            health,
+            reporter,
+            pods: BTreeMap::new(),
+            synced: BTreeSet::new(),
+            programmed: false,
+            needs_full_apply: true,
+            endpoints: endpoints::Endpoints::default(),
+            reported: BTreeSet::new(),
+            node_from_api: Vec::new(),
+            interface_addresses: node::interface_addresses(),
+            counters_seen: BTreeMap::new(),
+            dirty_since: None,
+            config,
+        })
+    }
+
+    /// Runs until `shutdown` resolves. Links: one message per new or changed host
+    /// interface (see [`spawn_link_watcher`]).
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SourceEvent>,
+        mut links: mpsc::UnboundedReceiver<Instant>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        let mut retry = tokio::time::interval(self.config.retry_interval);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut counters = tokio::time::interval(self.config.counters_interval);
+        counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut source_open = true;
+        let mut links_open = true;
+        tokio::pin!(shutdown);
+        loop {
+            self.health.turned();
+            tokio::select! {
+                () = &mut shutdown => break,
+                event = events.recv(), if source_open => match event {
+                    Some(event) => {
+                        self.dirty_since.get_or_insert_with(Instant::now);
+                        self.handle(event);
+                        // Batch what arrived together.
+                        while let Ok(event) = events.try_recv() {
+                            self.handle(event);
+                        }
+                        self.program(None).await;
+                    }
+                    None => {
+                        tracing::warn!("every source stopped; the last state stays enforced");
+                        source_open = false;
+                    }
+                },
+                link = links.recv(), if links_open => match link {
+                    Some(at) => {
+                        while links.try_recv().is_ok() {}
+                        if self.programmed && self.endpoints.has_pending() {
+                            self.sync_endpoints(Some(at)).await;
+                        }
+                    }
+                    None => links_open = false,
+                },
+                _ = retry.tick() => {
+                    if self.programmed {
+                        let addresses = node::interface_addresses();
+                        if addresses != self.interface_addresses {
+                            self.interface_addresses = addresses;
+                            self.dirty_since.get_or_insert_with(Instant::now);
+                        }
+                        if self.dirty_since.is_some() || self.needs_full_apply {
+                            self.program(None).await;
+                        } else if self.endpoints.has_pending() {
+                            self.sync_endpoints(None).await;
+                        }
+                    }
+                },
+                _ = counters.tick() => self.publish_counters(),
+            }
+        }
+        tracing::info!("agent stopping; pinned programs and maps keep enforcing");
+    }
+
+    fn handle(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Apply(object) => self.upsert(&object),
+            SourceEvent::Delete(kind, key) => self.remove(kind, &key),
+            SourceEvent::Resync(kind, objects) => self.resync(kind, &objects),
+            SourceEvent::Status(status) => self.status(&status),
+        }
+    }
+
+    fn upsert(&mut self, object: &Object) {
+        match object {
+            Object::RayCluster(o) => self.engine.upsert_raycluster(o),
+            Object::Pod(o) => {
+                let key = object.key();
+                self.pods.insert((key.namespace, key.name), PodFacts::of(o));
+                self.engine.upsert_pod(o);
+            }
+            Object::Namespace(o) => self.engine.upsert_namespace(o),
+            Object::Service(o) => self.engine.upsert_service(o),
+            Object::EndpointSlice(o) => self.engine.upsert_endpoint_slice(o),
+            Object::NetworkPolicy(o) => self.engine.upsert_network_policy(o),
+            Object::Node(o) => {
+                if o.metadata.name.as_deref() == Some(self.config.settings.node_name.as_str()) {
+                    self.node_from_api = node::node_object_addresses(o);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, kind: ObjectKind, key: &ObjectKey) {
+        let (ns, name) = (key.namespace.as_str(), key.name.as_str());
+        match kind {
+            ObjectKind::RayCluster => self.engine.remove_raycluster(ns, name),
+            ObjectKind::Pod => {
+                self.pods.remove(&(ns.to_owned(), name.to_owned()));
+                self.engine.remove_pod(ns, name);
+            }
+            ObjectKind::Namespace => self.engine.remove_namespace(name),
+            ObjectKind::Service => self.engine.remove_service(ns, name),
+            ObjectKind::EndpointSlice => self.engine.remove_endpoint_slice(ns, name),
+            ObjectKind::NetworkPolicy => self.engine.remove_network_policy(ns, name),
+            ObjectKind::Node => {
+                if name == self.config.settings.node_name {
+                    self.node_from_api.clear();
+                }
+            }
+        }
+    }
+
+    /// A complete listing: upsert what is listed, remove what is not.
+    fn resync(&mut self, kind: ObjectKind, objects: &[Object]) {
+        let listed: BTreeSet<(String, String)> = objects
+            .iter()
+            .map(|o| {
+                let key = o.key();
+                (key.namespace, key.name)
+            })
+            .collect();
+        for object in objects {
+            self.upsert(object);
+        }
+        match kind.engine_kind() {
+            Some(engine_kind) => {
+                for (ns, name) in self.engine.keys(engine_kind) {
+                    if !listed.contains(&(ns.clone(), name.clone())) {
+                        self.remove(
+                            kind,
+                            &ObjectKey {
+                                namespace: ns,
+                                name,
+                            },
+                        );
+                    }
+                }
+                if engine_kind == Kind::Pod {
+                    self.pods.retain(|key, _| listed.contains(key));
+                }
+            }
+            None => {
+                let ours = self.config.settings.node_name.clone();
+                if !listed.iter().any(|(_, name)| *name == ours) {
+                    self.node_from_api.clear();
+                }
+            }
+        }
+        self.health
+            .metrics
+            .syncs
+            .get_or_create(&KindLabel {
+                kind: format!("{kind:?}"),
+            })
+            .inc();
+        if self.synced.insert(kind) {
+            tracing::info!(kind = ?kind, objects = objects.len(), "first full sync of a kind");
+        }
+    }
+
+    fn status(&mut self, status: &SourceStatus) {
+        let label = match status {
+            SourceStatus::Connected => "connected",
+            SourceStatus::Unreachable { error } => {
+                tracing::warn!(%error, "source unreachable; the last state stays enforced");
+                "unreachable"
+            }
+            SourceStatus::KindMissing { kind, error } => {
+                tracing::warn!(kind = ?kind, %error, "a kind is not served yet; waiting for it");
+                "kind-missing"
+            }
+        };
+        for s in ["connected", "unreachable", "kind-missing"] {
+            self.health
+                .metrics
+                .source_status
+                .get_or_create(&StatusLabel {
+                    status: s.to_owned(),
+                })
+                .set(i64::from(s == label));
+        }
+    }
+
+    fn all_synced(&self) -> bool {
+        self.config
+            .expected_kinds
+            .iter()
+            .all(|k| self.synced.contains(k))
+    }
+
+    /// Engine -> datapath, then the endpoints.
+    #[tracing::instrument(skip_all, fields(full = self.needs_full_apply))]
+    async fn program(&mut self, link_at: Option<Instant>) {
+        if !self.all_synced() {
+            return;
+        }
+        let started = self.dirty_since.take().unwrap_or_else(Instant::now);
+        self.update_node_addresses();
+        let result = if self.needs_full_apply {
+            // First programming (or after an error): the engine's whole tables against
+            // what the maps hold. Never a flush.
+            let _ = self.engine.take_diff();
+            self.datapath.apply(self.engine.tables())
+        } else {
+            let diff = self.engine.take_diff();
+            if diff.is_empty() {
+                Ok(())
+            } else {
+                self.datapath.apply_diff(&diff)
+            }
+        };
+        let applied = match result {
+            Ok(()) => {
+                self.needs_full_apply = false;
+                true
+            }
+            Err(error) => {
+                self.health.metrics.error("apply");
+                tracing::error!(%error, source = ?std::error::Error::source(&error).map(|s| s.to_string()),
+                    fail_closed = ?self.datapath.fail_closed(),
+                    "applying the policy failed; affected endpoints stay fail-closed, retrying");
+                self.needs_full_apply = true;
+                false
+            }
+        };
+        self.report_problems();
+        self.sync_endpoints(link_at).await;
+        let elapsed = started.elapsed();
+        self.health
+            .metrics
+            .programming_latency
+            .observe(elapsed.as_secs_f64());
+        self.health.metrics.programmings.inc();
+        if !self.programmed && applied {
+            self.programmed = true;
+            self.health.set_ready();
+            tracing::info!(
+                latency_ms = elapsed.as_secs_f64() * 1e3,
+                endpoints = self.engine.endpoints().count(),
+                rows = self.datapath.tables().policy.len(),
+                "first full sync programmed; ready"
+            );
+        } else {
+            tracing::debug!(latency_ms = elapsed.as_secs_f64() * 1e3, "programmed");
+        }
+    }
+
+    fn update_node_addresses(&mut self) {
+        let mut addresses: Vec<IpAddr> = self
+            .config
+            .extra_node_addresses
+            .iter()
+            .chain(&self.interface_addresses)
+            .chain(&self.node_from_api)
+            .copied()
+            .collect();
+        addresses.sort();
+        addresses.dedup();
+        if addresses != self.engine.settings().node_addresses {
+            tracing::info!(addresses = ?addresses, "node addresses");
+            self.engine.set_node_addresses(addresses);
+        }
+    }
+
+    /// Logs and hands on each problem not reported before.
+    fn report_problems(&mut self) {
+        let current: BTreeSet<Problem> = self.engine.problems().into_iter().collect();
+        for problem in current.difference(&self.reported) {
+            tracing::warn!(
+                object = %problem.object,
+                field = %problem.field,
+                value = %problem.value,
+                severity = ?problem.severity,
+                message = %problem.message,
+                "invalid input"
+            );
+            if let Some(reporter) = &self.reporter {
+                reporter.report(problem);
+            }
+        }
+        self.health.metrics.problems.set(current.len() as i64);
+        self.reported = current;
+    }
+
+    async fn sync_endpoints(&mut self, link_at: Option<Instant>) {
+        let desired: Vec<endpoints::Desired> = self
+            .engine
+            .endpoints()
+            .filter_map(|meta| {
+                let facts = self.pods.get(&(meta.namespace.clone(), meta.pod.clone()))?;
+                Some(endpoints::Desired {
+                    id: meta.id,
+                    pod: crate::discovery::PodRef {
+                        namespace: meta.namespace.clone(),
+                        name: meta.pod.clone(),
+                        uid: facts.uid.clone(),
+                        qos_class: facts
+                            .qos
+                            .as_deref()
+                            .and_then(crate::discovery::QosClass::from_api),
+                        ips: facts.ips.clone(),
+                        host_network: facts.host_network,
+                    },
+                })
+            })
+            .collect();
+        self.endpoints
+            .sync(
+                desired,
+                &mut self.datapath,
+                &self.locator,
+                &self.health,
+                link_at,
+            )
+            .await;
+    }
+
+    /// Drop counters from the datapath to the metrics, as deltas.
+    fn publish_counters(&mut self) {
+        let counters = match self.datapath.counters() {
+            Ok(c) => c,
+            Err(error) => {
+                self.health.metrics.error("counters");
+                tracing::warn!(%error, "reading the datapath counters");
+                return;
+            }
+        };
+        for (key, value) in &counters {
+            if Verdict::from_u8(key.verdict) != Some(Verdict::Drop) {
+                continue;
+            }
+            let before = self.counters_seen.get(key).copied().unwrap_or_default();
+            let (packets, bytes) = if value.packets >= before.packets {
+                (
+                    value.packets - before.packets,
+                    value.bytes.saturating_sub(before.bytes),
+                )
+            } else {
+                (value.packets, value.bytes)
+            };
+            if packets == 0 && bytes == 0 {
+                continue;
+            }
+            let meta = self.engine.endpoint_meta(key.endpoint_id);
+            let labels = DropLabels {
+                direction: match Direction::from_u8(key.direction) {
+                    Some(Direction::Ingress) => "ingress",
+                    Some(Direction::Egress) => "egress",
+                    None => "unknown",
+                }
+                .to_owned(),
+                reason: Reason::from_u8(key.reason)
+                    .map(Reason::as_str)
+                    .unwrap_or("unknown")
+                    .to_owned(),
+                namespace: meta
+                    .as_ref()
+                    .map(|m| m.namespace.clone())
+                    .unwrap_or_default(),
+                raycluster: meta
+                    .as_ref()
+                    .and_then(|m| m.cluster.clone())
+                    .unwrap_or_default(),
+                role: match meta.as_ref().and_then(|m| m.role.as_ref()) {
+                    Some(Role::Head) => "head",
+                    Some(Role::Worker | Role::Group(_)) => "worker",
+                    None => "",
+                }
+                .to_owned(),
+            };
+            self.health
+                .metrics
+                .drops
+                .get_or_create(&labels)
+                .inc_by(packets);
+            self.health
+                .metrics
+                .drop_bytes
+                .get_or_create(&labels)
+                .inc_by(bytes);
+        }
+        self.counters_seen = counters;
+    }
+}
+
+/// Reports new or changed links of the agent's network namespace on a thread of
+/// its own (netlink multicast; re-subscribes after an overflow).
+pub fn spawn_link_watcher() -> mpsc::UnboundedReceiver<Instant> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let spawned = std::thread::Builder::new()
+        .name("rf-links".into())
+        .spawn(move || {
+            loop {
+                let mut watcher = match crate::discovery::LinkWatcher::new(None) {
+                    Ok(w) => w,
+                    Err(error) => {
+                        tracing::warn!(%error, "subscribing to link events; retrying");
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                loop {
+                    match watcher.next_event(Duration::from_secs(1)) {
+                        Ok(Some(crate::discovery::LinkEvent::Removed(_))) | Ok(None) => {}
+                        Ok(Some(_)) => {
+                            if tx.send(Instant::now()).is_err() {
+                                return;
+                            }
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, "link events overflowed; re-subscribing");
+                            break;
+                        }
+                    }
+                    if tx.is_closed() {
+                        return;
+                    }
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "no link watcher; new pods are found by the retry timer only");
+    }
+    rx
+}

@@ -1,0 +1,421 @@
+//! Helpers for the end-to-end tests of `rayfence agent`: the real binary started in
+//! a topology's node namespace (`nsenter --net`) with a manifests directory, a fake
+//! kubelet cgroup tree so pods are found the way the kubelet lays them out, manifest
+//! builders, and guards that kill the agent and run `rayfence cleanup` even when a
+//! test panics.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::io::{Read as _, Write as _};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rayfence::discovery::QosClass;
+use rayfence::discovery::cgroup::{cgroupfs_path, pod_cgroup_name};
+use rayfence_tests::{Node, Pod, ProbeBin, Server, TestCgroup};
+use serde_json::{Value, json};
+
+pub const METRICS_PORT: u16 = 9402;
+
+pub fn probe_bin() -> ProbeBin {
+    ProbeBin::at(env!("CARGO_BIN_EXE_rf-probe"))
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn unique(role: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("rf-{role}-{}-{n}", std::process::id())
+}
+
+/// The `rayfence` binary: `$RAYFENCE_BIN`, else built once per test process with
+/// `cargo build -p rayfence-agent --bin rayfence` (cargo does not build a
+/// dependency's binaries for this crate's tests) and taken from the target dir.
+pub fn rayfence_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("RAYFENCE_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .ok_or("no workspace dir")?
+            .to_owned();
+        let status = Command::new(cargo)
+            .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
+            .current_dir(&workspace)
+            .status()
+            .map_err(|e| format!("running cargo build: {e}"))?;
+        if !status.success() {
+            return Err(format!("cargo build of the rayfence binary: {status}"));
+        }
+        // target/debug/deps/<test> -> target/debug/rayfence
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        exe.ancestors()
+            .skip(1)
+            .take(2)
+            .map(|d| d.join("rayfence"))
+            .find(|p| p.is_file())
+            .ok_or_else(|| format!("no rayfence binary near {}", exe.display()))
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// A fake kubelet cgroup tree (cgroupfs driver, Guaranteed pods:
+/// `<root>/kubepods/pod<uid>/ctr`); everything in it is killed and removed on drop.
+pub struct Kubelet {
+    pub root: TestCgroup,
+}
+
+impl Kubelet {
+    pub fn new() -> Result<Self> {
+        Ok(Kubelet {
+            root: TestCgroup::new()?,
+        })
+    }
+
+    /// Creates the pod's cgroup and its container child; returns the container's.
+    pub fn pod_cgroup(&self, uid: &str) -> Result<PathBuf> {
+        let rel = cgroupfs_path(&pod_cgroup_name("/", QosClass::Guaranteed, uid));
+        let pod = self.root.path().join(rel);
+        let ctr = pod.join("ctr");
+        std::fs::create_dir_all(&ctr).with_context(|| format!("mkdir {}", ctr.display()))?;
+        Ok(ctr)
+    }
+}
+
+/// A pod's "sandbox": its kubelet cgroup with a pause-like process in its network
+/// namespace (what the agent reaches the pod's namespace through).
+pub struct Sandbox {
+    pub uid: String,
+    pub ctr: PathBuf,
+    _pause: Server,
+}
+
+pub fn sandbox(kubelet: &Kubelet, pod: &Pod, uid: &str) -> Result<Sandbox> {
+    let ctr = kubelet.pod_cgroup(uid)?;
+    let pause = pod.prober_in(&ctr).serve_tcp(9)?;
+    Ok(Sandbox {
+        uid: uid.to_owned(),
+        ctr,
+        _pause: pause,
+    })
+}
+
+pub fn uid(n: u32) -> String {
+    format!("a9e1{n:04x}-aaaa-4bbb-8ccc-{:012x}", std::process::id())
+}
+
+/// A bpffs directory for one test, cleaned up (`rayfence cleanup`) and removed on drop.
+pub struct Bpffs {
+    pub path: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new() -> Self {
+        Bpffs {
+            path: PathBuf::from("/sys/fs/bpf").join(unique("test")),
+        }
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        if let Ok(bin) = rayfence_bin() {
+            let _ = Command::new(bin)
+                .arg("cleanup")
+                .arg("--bpffs")
+                .arg(&self.path)
+                .stdout(Stdio::null())
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A manifests directory, written atomically (temp file renamed into place).
+pub struct Manifests {
+    pub dir: PathBuf,
+}
+
+impl Manifests {
+    pub fn new() -> Result<Self> {
+        let dir = std::env::temp_dir().join(unique("manifests"));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Manifests { dir })
+    }
+
+    /// Writes `docs` as a multi-document YAML file (JSON documents are YAML).
+    pub fn write(&self, name: &str, docs: &[Value]) -> Result<()> {
+        let text: Vec<String> = docs.iter().map(|d| d.to_string()).collect();
+        self.write_raw(name, &text.join("\n---\n"))
+    }
+
+    pub fn write_raw(&self, name: &str, text: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, self.dir.join(name))?;
+        Ok(())
+    }
+}
+
+impl Drop for Manifests {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace",
+           "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}})
+}
+
+pub fn node_object(name: &str, node: &Node) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+           "status": {"addresses": [
+               {"type": "InternalIP", "address": node.ip4.to_string()},
+               {"type": "InternalIP", "address": node.ip6.to_string()}]}})
+}
+
+/// A running pod on `node_name` with the topology pod's addresses.
+pub fn pod_object(
+    ns: &str,
+    pod: &Pod,
+    uid: &str,
+    node_name: &str,
+    labels: &[(&str, &str)],
+) -> Value {
+    let labels: serde_json::Map<String, Value> = labels
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
+        .collect();
+    json!({"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": pod.name, "namespace": ns, "uid": uid, "labels": labels},
+           "spec": {"nodeName": node_name, "containers": [{"name": "c", "image": "x"}]},
+           "status": {"phase": "Running", "qosClass": "Guaranteed",
+                      "podIP": pod.ip4.to_string(),
+                      "podIPs": [{"ip": pod.ip4.to_string()}, {"ip": pod.ip6.to_string()}]}})
+}
+
+pub fn head_labels(cluster: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("ray.io/cluster", cluster),
+        ("ray.io/node-type", "head"),
+        ("ray.io/group", "headgroup"),
+    ]
+}
+
+pub fn worker_labels(cluster: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("ray.io/cluster", cluster),
+        ("ray.io/node-type", "worker"),
+        ("ray.io/group", "small"),
+    ]
+}
+
+/// A RayCluster with `spec.networkPolicy` = `policy`.
+pub fn raycluster(ns: &str, name: &str, policy: Value) -> Value {
+    json!({"apiVersion": "ray.io/v1", "kind": "RayCluster",
+           "metadata": {"name": name, "namespace": ns, "uid": format!("rc-{name}")},
+           "spec": {"networkPolicy": policy}})
+}
+
+/// A running `rayfence agent`; SIGKILLed on drop (pinned state stays: see [`Bpffs`]).
+pub struct Agent {
+    child: Option<Child>,
+    pub log: PathBuf,
+    netns: PathBuf,
+    pub started: Instant,
+}
+
+pub struct AgentOptions<'a> {
+    pub node: &'a Node,
+    pub node_name: &'a str,
+    pub manifests: &'a Path,
+    pub bpffs: &'a Path,
+    pub cgroup_root: &'a Path,
+}
+
+impl Agent {
+    pub fn start(o: &AgentOptions<'_>) -> Result<Agent> {
+        let bin = rayfence_bin()?;
+        let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let file = std::fs::File::create(&log)?;
+        let child = o
+            .node
+            .netns
+            .cmd(bin.to_str().context("utf-8 path")?)
+            .arg("agent")
+            .arg("--node-name")
+            .arg(o.node_name)
+            .arg("--manifests")
+            .arg(o.manifests)
+            .arg("--bpffs")
+            .arg(o.bpffs)
+            .arg("--cgroup-root")
+            .arg(o.cgroup_root)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{METRICS_PORT}"))
+            .arg("--dns-mode")
+            .arg("off")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("spawning rayfence agent")?;
+        Ok(Agent {
+            child: Some(child),
+            log,
+            netns: o.node.netns.path(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for a log line containing every needle; returns the time waited.
+    pub fn wait_log(&self, needles: &[&str], timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        loop {
+            if self
+                .log_text()
+                .lines()
+                .any(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "no log line with {needles:?} after {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            self.check_alive()?;
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        // A child that exited early: say why.
+        if !Path::new(&format!("/proc/{}", self.pid())).exists() {
+            bail!("the agent exited; log:\n{}", self.log_text());
+        }
+        Ok(())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// `GET path` on the agent's metrics address, from inside the node namespace.
+    pub fn http_get(&self, node: &Node, path: &str) -> Result<(u16, String)> {
+        let path = path.to_owned();
+        node.netns.run(move || -> Result<(u16, String)> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+            )?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            let code = out
+                .split_whitespace()
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .context("no status")?;
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|x| x.1)
+                .unwrap_or("")
+                .to_owned();
+            Ok((code, body))
+        })?
+    }
+
+    /// Polls `/readyz` until 200; returns when it flipped and every status seen.
+    pub fn wait_ready(&self, node: &Node, timeout: Duration) -> Result<(Duration, Vec<u16>)> {
+        let mut seen = Vec::new();
+        loop {
+            if let Ok((code, _)) = self.http_get(node, "/readyz") {
+                if seen.last() != Some(&code) {
+                    seen.push(code);
+                }
+                if code == 200 {
+                    return Ok((self.started.elapsed(), seen));
+                }
+            }
+            if self.started.elapsed() > timeout {
+                bail!("not ready after {timeout:?}; log:\n{}", self.log_text());
+            }
+            self.check_alive()?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// SIGKILL (no chance to clean anything up), then reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn netns(&self) -> &Path {
+        &self.netns
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log {} ---\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The sum of the samples of a metric whose label set contains every `labels` pair.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// p-th percentile (0..=100) of `samples`, nearest rank.
+pub fn percentile(samples: &[Duration], p: f64) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    if s.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * s.len() as f64).ceil() as usize;
+    s[rank.clamp(1, s.len()) - 1]
+}
+
+/// An address as a probe target.
+pub fn v4(pod: &Pod) -> IpAddr {
+    pod.ip4.into()
+}
