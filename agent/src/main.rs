@@ -19,7 +19,10 @@ use rayfence::policy::{DnsMode, Settings};
 use rayfence::runtime::{Runtime, RuntimeConfig};
 use rayfence::serve::Health;
 use rayfence::source::ObjectKind;
+use rayfence::source::ProblemReporter;
+use rayfence::source::events::{EventReporterConfig, KubeEventReporter};
 use rayfence::source::files::{self, FilesConfig};
+use rayfence::source::kube::{self as kube_source, KubeSourceConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -300,10 +303,9 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
     {
         bail!("--manifests {}: not a directory", dir.display());
     }
-    let mut expected_kinds: BTreeSet<ObjectKind> = ObjectKind::ALL.into_iter().collect();
-    if args.manifests.is_none() && !args.enforce_networkpolicies {
-        expected_kinds.remove(&ObjectKind::NetworkPolicy);
-    }
+    // The manifests source lists every kind; the API source replaces this with
+    // the kinds it watches.
+    let expected_kinds: BTreeSet<ObjectKind> = ObjectKind::ALL.into_iter().collect();
     Ok(RuntimeConfig {
         settings,
         extra_node_addresses: args.node_address.clone(),
@@ -328,7 +330,7 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
     })
 }
 
-async fn agent(args: AgentArgs, config: RuntimeConfig) -> anyhow::Result<()> {
+async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()> {
     let health = Arc::new(Health::new());
     let bound = rayfence::serve::spawn(args.metrics_addr, health.clone())
         .await
@@ -336,23 +338,55 @@ async fn agent(args: AgentArgs, config: RuntimeConfig) -> anyhow::Result<()> {
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
 
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    let Some(dir) = args.manifests.clone() else {
-        let _ = &args.kubeconfig;
-        bail!(
-            "the Kubernetes API source is not in this build yet: pass --manifests DIR (RAYFENCE_MANIFESTS)"
-        );
-    };
-    tracing::info!(dir = %dir.display(), "reading objects from manifests");
-    std::thread::Builder::new()
-        .name("rf-manifests".into())
-        .spawn(move || files::run_blocking(FilesConfig::new(dir), tx))
-        .context("starting the manifests watcher")?;
+    let mut reporter: Option<Arc<dyn ProblemReporter>> = None;
+    match args.manifests.clone() {
+        Some(dir) => {
+            tracing::info!(dir = %dir.display(), "reading objects from manifests");
+            std::thread::Builder::new()
+                .name("rf-manifests".into())
+                .spawn(move || files::run_blocking(FilesConfig::new(dir), tx))
+                .context("starting the manifests watcher")?;
+        }
+        None => {
+            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let mut source = KubeSourceConfig::new(args.node_name.clone());
+            source.enforce_networkpolicies = args.enforce_networkpolicies;
+            config.expected_kinds = source.kinds().into_iter().collect();
+            reporter = Some(Arc::new(KubeEventReporter::spawn(
+                client.clone(),
+                EventReporterConfig::new(args.node_name.clone()),
+            )));
+            tracing::info!(kinds = ?config.expected_kinds, "watching the Kubernetes API");
+            tokio::spawn(async move {
+                if let Err(error) = kube_source::run(client, source, tx).await {
+                    tracing::error!(%error, "the Kubernetes source stopped; the last state stays enforced");
+                }
+            });
+        }
+    }
 
-    let runtime = tokio::task::block_in_place(|| Runtime::new(config, health, None))
+    let runtime = tokio::task::block_in_place(|| Runtime::new(config, health, reporter))
         .context("starting the agent")?;
     let links = rayfence::runtime::spawn_link_watcher();
     runtime.run(rx, links, shutdown_signal()).await;
     Ok(())
+}
+
+/// `--kubeconfig PATH`, else in-cluster config or $KUBECONFIG (`Config::infer`).
+async fn kube_client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("--kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("--kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no Kubernetes configuration (in-cluster, $KUBECONFIG or --kubeconfig)")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
 async fn shutdown_signal() {

@@ -86,12 +86,11 @@ fn wait_outcome(
     }
 }
 
+/// (topology pod name, UID, labels)
+type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+
 /// The base objects: namespace, node, and the given pods.
-fn base(
-    ns: &str,
-    topo: &Topology,
-    pods: &[(&str, &str, Vec<(&str, &str)>)],
-) -> Vec<serde_json::Value> {
+fn base(ns: &str, topo: &Topology, pods: &[PodSpec<'_>]) -> Vec<serde_json::Value> {
     let mut docs = vec![namespace(ns), node_object(NODE, topo.node(0))];
     for (name, uid, labels) in pods {
         docs.push(pod_object(ns, topo.pod(name), uid, NODE, labels));
@@ -155,6 +154,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
         manifests: &manifests.dir,
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
+        kubeconfig: None,
     })?;
     let (ready_after, statuses) = agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     // Ready means programmed: the log says so before /readyz does, and the head
@@ -167,10 +167,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
     ensure!(
         log.lines().any(|l| l.contains("endpoint attached")
             && l.contains(&format!("{ns}/head"))
-            && l.contains("hook=\"tc\"")
-            || l.contains("endpoint attached")
-                && l.contains(&format!("{ns}/head"))
-                && l.contains("hook=tc")),
+            && l.contains("hook=\"tc\"")),
         "head not attached with TC when ready:\n{log}"
     );
     assert_ne!(
@@ -330,6 +327,7 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
         manifests: &manifests.dir,
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
+        kubeconfig: None,
     })?;
     agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     agent.wait_log(&["pending", &format!("{ns}/late")], Duration::from_secs(5))?;
@@ -339,20 +337,16 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
     // Kubelet order: pod cgroup, then the sandbox's network (veth), then containers.
     let ctr = kubelet.pod_cgroup(&uids[2])?;
     let created = Instant::now();
+    let created_wall = jiff::Timestamp::now();
     let late = topo.add_pod(0, "late")?;
     assert_eq!(late.ip4.to_string(), late_ip4.to_string());
     let _pause = late.prober_in(&ctr).serve_tcp(9)?;
     let _server = late.prober_in(&ctr).serve_tcp(8000)?;
     let server_up = created.elapsed();
-    let attached = agent.wait_log(
+    agent.wait_log(
         &["endpoint attached", &format!("{ns}/late")],
         Duration::from_secs(5),
     )?;
-    let attach_seen = created
-        .elapsed()
-        .saturating_sub(Duration::ZERO)
-        .min(server_up.max(attached));
-    let _ = attach_seen;
     std::thread::sleep(Duration::from_secs(2));
     let (attempts, successes) = knocking.finish();
     let line = agent
@@ -361,9 +355,18 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
         .find(|l| l.contains("endpoint attached") && l.contains(&format!("{ns}/late")))
         .unwrap_or_default()
         .to_owned();
+    // The agent's log timestamp (same clock) against the moment the veth was made.
+    let attached_at: jiff::Timestamp =
+        line.split_whitespace().next().unwrap_or_default().parse()?;
+    let attach_after_link = attached_at.duration_since(created_wall);
     println!(
-        "late pod: server listening {server_up:?} after the veth was created; attach logged (polled) by then + {attached:?}; outsider attempts {attempts}, successes {}; agent: {line}",
+        "late pod: attached {attach_after_link:?} after `ip link add` began; its server listened {server_up:?} after; \
+         outsider attempts {attempts}, successes {}; agent: {line}",
         successes.len()
+    );
+    ensure!(
+        attach_after_link.as_secs_f64() < server_up.as_secs_f64(),
+        "attached only after the server ran"
     );
     ensure!(
         successes.is_empty(),
@@ -416,6 +419,7 @@ fn agent_restart_keeps_connections_and_denials() -> Result<()> {
         manifests: &manifests.dir,
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
+        kubeconfig: None,
     };
     let mut first = Agent::start(&options)?;
     first.wait_ready(topo.node(0), Duration::from_secs(20))?;
@@ -501,6 +505,7 @@ fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> 
         manifests: &manifests.dir,
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
+        kubeconfig: None,
     })?;
     agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     agent.wait_log(

@@ -5,7 +5,9 @@
 //! Must not: decide policy, touch the datapath, or drop state on its own: an
 //! unreachable API server means "no news", never "everything is gone". Only a
 //! [`SourceEvent::Resync`] (a complete listing) may imply deletions.
+pub mod events;
 pub mod files;
+pub mod kube;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;

@@ -46,7 +46,21 @@ pub fn rayfence_bin() -> Result<PathBuf> {
             .parent()
             .ok_or("no workspace dir")?
             .to_owned();
+        // The environment cargo gives a test (CARGO_*, build-script variables) would
+        // make this nested build fingerprint differently and rebuild dependencies.
+        let keep = [
+            "PATH",
+            "HOME",
+            "RUSTUP_HOME",
+            "CARGO_HOME",
+            "RUSTUP_TOOLCHAIN",
+        ];
         let status = Command::new(cargo)
+            .env_clear()
+            .envs(
+                keep.iter()
+                    .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+            )
             .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
             .current_dir(&workspace)
             .status()
@@ -240,6 +254,8 @@ pub struct AgentOptions<'a> {
     pub manifests: &'a Path,
     pub bpffs: &'a Path,
     pub cgroup_root: &'a Path,
+    /// Watch this API server (kubeconfig) instead of the manifests directory.
+    pub kubeconfig: Option<&'a Path>,
 }
 
 impl Agent {
@@ -247,15 +263,14 @@ impl Agent {
         let bin = rayfence_bin()?;
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
         let file = std::fs::File::create(&log)?;
-        let child = o
-            .node
-            .netns
-            .cmd(bin.to_str().context("utf-8 path")?)
-            .arg("agent")
+        let mut command = o.node.netns.cmd(bin.to_str().context("utf-8 path")?);
+        match o.kubeconfig {
+            Some(path) => command.arg("agent").arg("--kubeconfig").arg(path),
+            None => command.arg("agent").arg("--manifests").arg(o.manifests),
+        };
+        let child = command
             .arg("--node-name")
             .arg(o.node_name)
-            .arg("--manifests")
-            .arg(o.manifests)
             .arg("--bpffs")
             .arg(o.bpffs)
             .arg("--cgroup-root")

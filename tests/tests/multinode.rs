@@ -1,0 +1,450 @@
+//! Multi-node simulation: three "nodes" (network namespaces joined by an underlay
+//! with pod-CIDR routes), each running its own real `rayfence agent` against one fake
+//! Kubernetes API server, with the Ray pods of one RayCluster spread over all of
+//! them: intra-cluster flows across nodes pass, an outsider on another node is
+//! dropped, a RayCluster edit reaches every node (the time to enforcement on each
+//! node is printed), and an API outage keeps enforcement as it was, after which the
+//! agents pick up changes again.
+//!
+//! The fake API server listens on 127.0.0.1 of the test's namespace, which the
+//! agents (in their node namespaces) cannot reach; each node gets a small TCP relay
+//! listening on its own 127.0.0.1, so the agent's kubeconfig names a local address,
+//! as a kubeconfig names the API server's, and an outage of the server reaches
+//! every agent.
+//!
+//! Needs root (network namespaces, bpffs, cgroups). Guards kill the agents and run
+//! `rayfence cleanup` even when the test panics.
+mod agent_common;
+
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use agent_common::{
+    Agent, AgentOptions, Bpffs, Kubelet, Sandbox, head_labels, namespace, node_object, percentile,
+    pod_object, probe_bin, raycluster, sandbox, uid, v4, worker_labels,
+};
+use anyhow::{Context, Result, ensure};
+use rayfence_tests::fake_api::FakeApiServer;
+use rayfence_tests::{Layout, Node, Outcome, Pod, Topology};
+use serde_json::{Value, json};
+
+const SHORT: Duration = Duration::from_millis(300);
+const PORT: u16 = 8000;
+/// One probe's timeout while measuring: the resolution of a "now dropped -> now
+/// allowed" figure (a connection inside one machine takes well under 1 ms).
+const PROBE: Duration = Duration::from_millis(20);
+/// Per-edit bound while connected (the assertion on the figures is tighter).
+const EDIT_WAIT: Duration = Duration::from_secs(10);
+/// The watchers retry with backoff (0.8 s, 1.6 s, 3.2 s, ... with jitter).
+const RECOVERY_WAIT: Duration = Duration::from_secs(40);
+
+fn node_name(index: usize) -> String {
+    format!("node-{index}")
+}
+
+/// A TCP relay from 127.0.0.1 inside a node namespace to the fake API server. The
+/// listening socket is created in the node namespace and keeps it; the upstream
+/// connections are made from the test's own namespace. Stops accepting on drop.
+struct ApiRelay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    kubeconfig: Option<PathBuf>,
+}
+
+impl ApiRelay {
+    fn start(node: &Node, upstream: SocketAddr) -> Result<Self> {
+        let listener = node
+            .netns
+            .run(|| TcpListener::bind("127.0.0.1:0"))?
+            .context("binding the API relay in the node namespace")?;
+        let addr = listener.local_addr()?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((inbound, _)) => {
+                        let _ = inbound.set_nonblocking(false);
+                        std::thread::spawn(move || relay(inbound, upstream));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            stop,
+            kubeconfig: None,
+        })
+    }
+
+    /// A kubeconfig naming this relay.
+    fn kubeconfig(&mut self, server: &FakeApiServer, dir: &Path) -> Result<PathBuf> {
+        let yaml = server
+            .kubeconfig_yaml()
+            .replace(&server.url(), &format!("http://{}", self.addr));
+        let path = dir.join(format!(
+            "rf-multinode-{}-kubeconfig-{}",
+            std::process::id(),
+            self.addr.port()
+        ));
+        std::fs::write(&path, yaml)?;
+        self.kubeconfig = Some(path.clone());
+        Ok(path)
+    }
+}
+
+impl Drop for ApiRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(path) = &self.kubeconfig {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Copies both ways until either side closes, then closes the other.
+fn relay(inbound: TcpStream, upstream: SocketAddr) {
+    let Ok(outbound) = TcpStream::connect(upstream) else {
+        return;
+    };
+    let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone()) else {
+        return;
+    };
+    let up = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut in_r, &mut out_w);
+        let _ = out_w.shutdown(Shutdown::Both);
+    });
+    let (mut out_r, mut in_w) = (outbound, inbound);
+    let _ = std::io::copy(&mut out_r, &mut in_w);
+    let _ = in_w.shutdown(Shutdown::Both);
+    let _ = up.join();
+}
+
+/// A pod, the node it runs on, its labels.
+type Placement<'a> = (&'a str, usize, Vec<(&'a str, &'a str)>);
+
+/// Everything one simulated node runs.
+struct NodeRig {
+    agent: Agent,
+    _relay: ApiRelay,
+    _sandboxes: Vec<Sandbox>,
+    _kubelet: Kubelet,
+    // Last: cleaned up after the agent is killed.
+    _bpffs: Bpffs,
+}
+
+fn alive(agent: &Agent) -> Result<()> {
+    ensure!(
+        Path::new(&format!("/proc/{}", agent.pid())).exists(),
+        "the agent exited; log:\n{}",
+        agent.log_text()
+    );
+    Ok(())
+}
+
+/// Polls `probe` until its outcome is (not) Ok; the time that took.
+fn wait_outcome(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Outcome,
+    want_ok: bool,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let o = probe();
+        if o.is_ok() == want_ok {
+            return Ok(t0.elapsed());
+        }
+        ensure!(
+            t0.elapsed() < timeout,
+            "{what}: still {o:?} after {timeout:?}"
+        );
+    }
+}
+
+/// Applies `object` and measures, for each (node, target) in parallel, how long
+/// until `outsider -> target:PORT` gives the wanted verdict.
+fn edit_and_measure(
+    server: &FakeApiServer,
+    object: &Value,
+    outsider: &Pod,
+    targets: &[(usize, &Pod)],
+    want_ok: bool,
+    timeout: Duration,
+) -> Result<Vec<(usize, Duration)>> {
+    let prober = outsider.prober();
+    let t0 = Instant::now();
+    server.apply(object);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = targets
+            .iter()
+            .map(|(node, target)| {
+                let prober = prober.clone();
+                let addr = v4(target);
+                let name = target.name.clone();
+                let node = *node;
+                s.spawn(move || -> Result<(usize, Duration)> {
+                    wait_outcome(
+                        &format!("outsider -> {name} on node-{node}"),
+                        timeout,
+                        || prober.tcp_connect(addr, PORT, PROBE),
+                        want_ok,
+                    )?;
+                    Ok((node, t0.elapsed()))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .map_err(|_| anyhow::anyhow!("probe thread panicked"))?
+            })
+            .collect()
+    })
+}
+
+#[test]
+fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(FakeApiServer::start())?;
+    server.install_crd("ray.io", "v1", "rayclusters");
+
+    // node-0: the head; node-1: a worker and the outsider; node-2: a worker.
+    let mut topo = Topology::with_pods(Layout::Bridged, probe_bin(), &["head"])?;
+    let n1 = topo.add_node()?;
+    topo.add_pod(n1, "worker-1")?;
+    topo.add_pod(n1, "outsider")?;
+    let n2 = topo.add_node()?;
+    topo.add_pod(n2, "worker-2")?;
+    let ns = format!("ray-{}", topo.tag());
+    let placement: [Placement; 4] = [
+        ("head", 0, head_labels("rc")),
+        ("worker-1", n1, worker_labels("rc")),
+        ("outsider", n1, vec![("app", "outsider")]),
+        ("worker-2", n2, worker_labels("rc")),
+    ];
+
+    server.apply(&namespace(&ns));
+    for (i, node) in topo.nodes().iter().enumerate() {
+        server.apply(&node_object(&node_name(i), node));
+    }
+    let mut kubelets: Vec<Option<Kubelet>> = Vec::new();
+    let mut sandboxes: Vec<Vec<Sandbox>> = Vec::new();
+    for _ in topo.nodes() {
+        kubelets.push(Some(Kubelet::new()?));
+        sandboxes.push(Vec::new());
+    }
+    for (n, (pod, node, labels)) in placement.iter().enumerate() {
+        let uid = uid(n as u32 + 1);
+        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
+        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
+        server.apply(&pod_object(
+            &ns,
+            topo.pod(pod),
+            &uid,
+            &node_name(*node),
+            labels,
+        ));
+    }
+    let deny_all = raycluster(&ns, "rc", json!({"mode": "DenyAll"}));
+    server.apply(&deny_all);
+
+    let (head, worker1, worker2, outsider) = (
+        topo.pod("head"),
+        topo.pod("worker-1"),
+        topo.pod("worker-2"),
+        topo.pod("outsider"),
+    );
+    let _servers = [
+        head.serve_tcp(PORT)?,
+        worker1.serve_tcp(PORT)?,
+        worker2.serve_tcp(PORT)?,
+        head.serve_udp(PORT)?,
+        worker2.serve_udp(PORT)?,
+    ];
+    assert_eq!(
+        outsider.tcp_connect(v4(head), PORT, SHORT),
+        Outcome::Ok,
+        "open before the agents"
+    );
+
+    let dir = std::env::temp_dir();
+    let mut rigs = Vec::new();
+    for (i, node) in topo.nodes().iter().enumerate() {
+        let mut relay = ApiRelay::start(node, server.addr())?;
+        let kubeconfig = relay.kubeconfig(&server, &dir)?;
+        let bpffs = Bpffs::new();
+        let kubelet = kubelets[i].take().context("kubelet")?;
+        let agent = Agent::start(&AgentOptions {
+            node,
+            node_name: &node_name(i),
+            manifests: Path::new("/nonexistent"),
+            bpffs: &bpffs.path,
+            cgroup_root: kubelet.root.path(),
+            kubeconfig: Some(&kubeconfig),
+        })?;
+        rigs.push(NodeRig {
+            agent,
+            _relay: relay,
+            _sandboxes: std::mem::take(&mut sandboxes[i]),
+            _kubelet: kubelet,
+            _bpffs: bpffs,
+        });
+    }
+    for (i, rig) in rigs.iter_mut().enumerate() {
+        let ready = rig
+            .agent
+            .wait_ready(topo.node(i), Duration::from_secs(30))?;
+        println!("node-{i}: agent ready after {ready:?}");
+    }
+
+    // Intra-cluster flows across nodes pass, both ways, TCP and UDP, v4 and v6.
+    let intra = |what: &str| -> Result<()> {
+        for (from, to) in [
+            (worker1, head),
+            (head, worker1),
+            (worker2, head),
+            (head, worker2),
+            (worker1, worker2),
+            (worker2, worker1),
+        ] {
+            for dst in to.ips() {
+                ensure!(
+                    from.tcp_connect(dst, PORT, SHORT) == Outcome::Ok,
+                    "{what}: {} -> {} ({dst}) TCP",
+                    from.name,
+                    to.name
+                );
+            }
+        }
+        ensure!(
+            worker1.udp_probe(v4(head), PORT, SHORT) == Outcome::Ok,
+            "{what}: UDP worker-1 -> head"
+        );
+        ensure!(
+            head.udp_probe(v4(worker2), PORT, SHORT) == Outcome::Ok,
+            "{what}: UDP head -> worker-2"
+        );
+        Ok(())
+    };
+    // The outsider (node-1) is dropped by every node's agent: the head on node-0, its
+    // neighbour worker-1 on node-1, worker-2 on node-2.
+    let outsider_dropped = |what: &str| -> Result<()> {
+        for to in [head, worker1, worker2] {
+            for dst in to.ips() {
+                ensure!(
+                    outsider.tcp_connect(dst, PORT, SHORT) == Outcome::Timeout,
+                    "{what}: outsider -> {} ({dst}) not dropped",
+                    to.name
+                );
+            }
+        }
+        ensure!(
+            outsider.udp_probe(v4(head), PORT, SHORT) == Outcome::Timeout,
+            "{what}: UDP outsider -> head not dropped"
+        );
+        Ok(())
+    };
+    intra("DenyAll")?;
+    outsider_dropped("DenyAll")?;
+
+    // A RayCluster edit reaches every node: allow the outsider into head and
+    // workers (TCP 8000), then take it back; time to enforcement per node.
+    let allow_rule = json!([{
+        "from": [{"podSelector": {"matchLabels": {"app": "outsider"}}}],
+        "ports": [{"protocol": "TCP", "port": PORT}]}]);
+    let allow = raycluster(
+        &ns,
+        "rc",
+        json!({"mode": "DenyAll", "head": {"ingressRules": allow_rule},
+               "worker": {"ingressRules": allow_rule}}),
+    );
+    let targets = [(0, head), (n1, worker1), (n2, worker2)];
+    let mut per_node: Vec<Vec<Duration>> = vec![Vec::new(); topo.nodes().len()];
+    for round in 0..3 {
+        for (object, want_ok) in [(&allow, true), (&deny_all, false)] {
+            let times = edit_and_measure(&server, object, outsider, &targets, want_ok, EDIT_WAIT)
+                .with_context(|| format!("round {round}, allow={want_ok}"))?;
+            for (node, t) in times {
+                per_node[node].push(t);
+            }
+        }
+    }
+    for (i, samples) in per_node.iter().enumerate() {
+        println!(
+            "node-{i}: RayCluster edit (API write) -> enforced: p50 {:?} max {:?} over {} edits {samples:?}",
+            percentile(samples, 50.0),
+            percentile(samples, 100.0),
+            samples.len()
+        );
+    }
+    let worst = per_node
+        .iter()
+        .map(|s| percentile(s, 100.0))
+        .max()
+        .unwrap_or_default();
+    ensure!(
+        worst < Duration::from_secs(2),
+        "an edit took {worst:?} to reach a node"
+    );
+    intra("after edits")?;
+    outsider_dropped("after edits")?;
+
+    // API outage: enforcement stays as it was on every node.
+    server.set_available(false);
+    let outage = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    for (i, rig) in rigs.iter().enumerate() {
+        alive(&rig.agent)?;
+        let log = rig.agent.log_text();
+        ensure!(
+            log.contains("API server unreachable"),
+            "agent on node-{i} did not report the outage:\n{log}"
+        );
+    }
+    intra("during the outage")?;
+    outsider_dropped("during the outage")?;
+    for (i, rig) in rigs.iter().enumerate() {
+        let ready = rig
+            .agent
+            .http_get(topo.node(i), "/readyz")
+            .map(|r| r.0)
+            .unwrap_or(0);
+        println!("node-{i}: /readyz during the outage: {ready}");
+    }
+    ensure!(
+        server.refused_connections() > 0,
+        "the agents did not notice the outage"
+    );
+
+    // Back: the agents reconnect (watch backoff) and an edit reaches every node again.
+    let outage = outage.elapsed();
+    server.set_available(true);
+    let times = edit_and_measure(&server, &allow, outsider, &targets, true, RECOVERY_WAIT)
+        .context("the first edit after the outage")?;
+    for (node, t) in &times {
+        println!("node-{node}: first edit after a {outage:?} outage enforced after {t:?}");
+    }
+    let times = edit_and_measure(&server, &deny_all, outsider, &targets, false, EDIT_WAIT)
+        .context("the revoke after the outage")?;
+    for (node, t) in &times {
+        println!("node-{node}: revoke after the outage enforced after {t:?}");
+    }
+    intra("after the outage")?;
+    outsider_dropped("after the outage")?;
+    for rig in &rigs {
+        alive(&rig.agent)?;
+    }
+    drop(rigs);
+    drop(rt);
+    Ok(())
+}
