@@ -143,7 +143,21 @@ pub fn rayfence_bin() -> Result<PathBuf> {
             return Ok(PathBuf::from(p));
         }
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        // The environment cargo gives a test (CARGO_*, build-script variables) would
+        // make this nested build fingerprint differently and rebuild dependencies.
+        let keep = [
+            "PATH",
+            "HOME",
+            "RUSTUP_HOME",
+            "CARGO_HOME",
+            "RUSTUP_TOOLCHAIN",
+        ];
         let status = Command::new(cargo)
+            .env_clear()
+            .envs(
+                keep.iter()
+                    .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+            )
             .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
             .current_dir(workspace())
             .status()
