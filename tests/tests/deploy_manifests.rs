@@ -209,7 +209,7 @@ fn the_agent_accepts_every_rendered_configuration() -> Result<()> {
         env.insert("NODE_NAME".into(), "node-a".into());
         env.insert("RAYFENCE_MANIFESTS".into(), "/nonexistent/rayfence".into());
         let out = Command::new(rayfence_bin()?)
-            .args(&agent_args(ds))
+            .args(agent_args(ds))
             .env_clear()
             .envs(&env)
             .output()?;
@@ -222,12 +222,19 @@ fn the_agent_accepts_every_rendered_configuration() -> Result<()> {
     Ok(())
 }
 
+/// (overlay, settings it changes, RBAC rules it adds).
+type OverlayCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [(&'static str, &'static str, &'static str)],
+);
+
 #[test]
 fn overlays_change_only_what_they_are_for() -> Result<()> {
     let base = kustomize("deploy/base")?;
     let base_env = agent_environment(&base, agent_ds(&base));
     let base_rules = rule_triples(only(&base, "ClusterRole"));
-    let cases: [(&str, &[(&str, &str)], &[(&str, &str, &str)]); 3] = [
+    let cases: [OverlayCase; 3] = [
         ("deploy/overlays/audit", &[("RAYFENCE_AUDIT", "true")], &[]),
         (
             "deploy/overlays/k3s-flannel",
