@@ -66,8 +66,9 @@ impl Capability {
                  Spectre rules and rejects them)"
             }
             Capability::NetAdmin => {
-                "attach TC (tcx or clsact) programs to host veths, attach cgroup_skb programs, \
-                 and read links and addresses over rtnetlink"
+                "load SCHED_CLS and CGROUP_SKB programs at all (BPF_PROG_LOAD requires it for \
+                 network program types), attach them to host veths (tcx or clsact) and pod \
+                 cgroups, and read links and addresses over rtnetlink"
             }
             Capability::SysAdmin => {
                 "setns(2) into pods' network namespaces to find their interfaces (the kernel \
@@ -96,8 +97,18 @@ impl fmt::Display for Capability {
 pub struct CapSet(pub u64);
 
 impl CapSet {
+    /// The bit itself is set.
     pub fn contains(self, cap: Capability) -> bool {
         self.0 & (1u64 << cap.number()) != 0
+    }
+
+    /// What the kernel checks: `bpf_capable()` and `perfmon_capable()` also accept
+    /// CAP_SYS_ADMIN (include/linux/capability.h, since 5.8), so CAP_SYS_ADMIN
+    /// satisfies CAP_BPF and CAP_PERFMON.
+    pub fn satisfies(self, cap: Capability) -> bool {
+        self.contains(cap)
+            || (matches!(cap, Capability::Bpf | Capability::Perfmon)
+                && self.contains(Capability::SysAdmin))
     }
 }
 
@@ -146,12 +157,13 @@ pub fn effective() -> Result<CapSet, CapabilitiesError> {
     effective_from(Path::new("/proc/self/status"))
 }
 
-/// Those of `required` that `set` lacks, in the order given.
+/// Those of `required` that `set` does not satisfy (see [`CapSet::satisfies`]), in
+/// the order given.
 pub fn missing_from(set: CapSet, required: &[Capability]) -> Vec<Capability> {
     required
         .iter()
         .copied()
-        .filter(|c| !set.contains(*c))
+        .filter(|c| !set.satisfies(*c))
         .collect()
 }
 
@@ -284,6 +296,21 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("CAP_SYS_PTRACE (SYS_PTRACE: open /proc/<pid>/ns/net")
+        );
+    }
+
+    #[test]
+    fn sys_admin_satisfies_bpf_and_perfmon_as_the_kernel_does() {
+        let set = set_of(&[
+            Capability::NetAdmin,
+            Capability::SysAdmin,
+            Capability::SysPtrace,
+        ]);
+        assert!(check_set(set).is_ok());
+        let without_sys_admin = set_of(&[Capability::NetAdmin, Capability::SysPtrace]);
+        assert_eq!(
+            check_set(without_sys_admin).expect_err("missing").missing,
+            vec![Capability::SysAdmin, Capability::Perfmon, Capability::Bpf]
         );
     }
 
