@@ -5,7 +5,8 @@
 //! CAP_PERFMON or CAP_NET_ADMIN also taken away (and CAP_SYS_ADMIN, which the
 //! kernel accepts in their place) it must fail to load its programs.
 //!
-//! Needs root, bpffs at /sys/fs/bpf and util-linux `setpriv`.
+//! And `rayfence cleanup` with the cleanup DaemonSet's capabilities removes the
+//! pins an agent left. Needs root, bpffs at /sys/fs/bpf and util-linux `setpriv`.
 mod deploy_common;
 
 use std::io::{Read as _, Write as _};
@@ -166,5 +167,63 @@ fn without_perfmon_or_net_admin_the_programs_do_not_load() -> Result<()> {
             "without {drop}: expected {expect:?} in:\n{log}"
         );
     }
+    Ok(())
+}
+
+/// Uninstall step 2 works with what deploy/cleanup grants: after an agent that
+/// pinned its maps is gone, `rayfence cleanup` with only the cleanup init
+/// container's capabilities removes every pin.
+#[test]
+fn cleanup_with_the_cleanup_daemonsets_capabilities_removes_every_pin() -> Result<()> {
+    let (mut agent, port) = start(&daemonset_caps()?, "cleanup")?;
+    let t0 = Instant::now();
+    while !ready(port) {
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "agent not ready:\n{}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    agent.child.kill()?;
+    agent.child.wait()?;
+    assert!(agent.bpffs.is_dir(), "pins outlive the agent");
+
+    let docs = kustomize("deploy/cleanup")?;
+    let ds = find(&docs, "DaemonSet", "rayfence-cleanup");
+    let caps: Vec<String> = ds["spec"]["template"]["spec"]["initContainers"][0]["securityContext"]
+        ["capabilities"]["add"]
+        .as_array()
+        .context("add")?
+        .iter()
+        .map(|c| format!("+{}", c.as_str().unwrap_or_default().to_lowercase()))
+        .collect();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=0",
+            "--inh-caps=-all",
+            "--bounding-set",
+            &format!("-all,{}", caps.join(",")),
+            "--",
+        ])
+        .arg(rayfence_bin()?)
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(&agent.bpffs)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "cleanup with {caps:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("maps under"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !agent.bpffs.exists(),
+        "everything under the bpffs dir removed"
+    );
     Ok(())
 }
