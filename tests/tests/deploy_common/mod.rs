@@ -151,6 +151,7 @@ pub fn rayfence_bin() -> Result<PathBuf> {
             "RUSTUP_HOME",
             "CARGO_HOME",
             "RUSTUP_TOOLCHAIN",
+            "CARGO_TARGET_DIR",
         ];
         let status = Command::new(cargo)
             .env_clear()
