@@ -8,6 +8,7 @@
 //! - [`sweep`]: removing what a SIGKILLed run left behind (explicit call).
 //! - [`fake_api`]: `FakeApiServer`, a fake Kubernetes API server speaking real HTTP
 //!   list and watch, for the agent's kube-rs client path.
+//! - [`demo`]: the demo scenario (`cargo xtask demo`, binary `rf-demo`).
 //! - [`probe`]: running the `rf-probe` binary (servers, connects, pings, held
 //!   connections) in a pod, optionally inside a cgroup.
 //!
@@ -38,6 +39,7 @@
 //! firewall: every link is created directly inside namespaces this crate made.
 
 pub mod cgroup;
+pub mod demo;
 pub mod fake_api;
 pub mod names;
 pub mod netns;

@@ -282,6 +282,13 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
         samples.len()
     );
     ensure!(p99 < Duration::from_secs(1), "an edit took {p99:?}");
+    // The agent's own view: change received -> datapath (and endpoints) updated.
+    let (_, metrics) = agent.http_get(topo.node(0), "/metrics")?;
+    let name = "rayfence_programming_latency_seconds";
+    let (p50, n) = histogram_quantile(&metrics, name, 0.5);
+    let (p99, _) = histogram_quantile(&metrics, name, 0.99);
+    println!("agent programming latency over {n} programmings: p50 <= {p50:?} s, p99 <= {p99:?} s");
+    ensure!(p99.is_some_and(|s| s < 1.0), "{metrics}");
     // The ingress rule allowed TCP 8000 only: UDP stayed closed.
     assert_eq!(outsider.udp_probe(v4(head), 8001, SHORT), Outcome::Timeout);
     Ok(())
@@ -538,5 +545,29 @@ fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> 
         outsider.tcp_connect(v4(topo.pod("good")), 8000, SHORT),
         Outcome::Timeout
     );
+
+    // A pod deleted from the manifests is detached: its pinned links go.
+    let bad = topo.pod("bad");
+    let link = bpffs
+        .path
+        .join("links")
+        .join(format!("tc_{}_ingress", bad.host_ifindex));
+    ensure!(link.exists(), "no pinned link {}", link.display());
+    manifests.write(
+        "base.yaml",
+        &base(
+            &ns,
+            &topo,
+            &[
+                ("good", &uids[0], head_labels("good")),
+                ("outsider", &uids[2], vec![("app", "outsider")]),
+            ],
+        ),
+    )?;
+    agent.wait_log(
+        &["endpoint removed", &format!("{ns}/bad")],
+        Duration::from_secs(3),
+    )?;
+    ensure!(!link.exists(), "{} still pinned", link.display());
     Ok(())
 }

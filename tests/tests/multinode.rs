@@ -3,8 +3,9 @@
 //! Kubernetes API server, with the Ray pods of one RayCluster spread over all of
 //! them: intra-cluster flows across nodes pass, an outsider on another node is
 //! dropped, a RayCluster edit reaches every node (the time to enforcement on each
-//! node is printed), and an API outage keeps enforcement as it was, after which the
-//! agents pick up changes again.
+//! node is printed), and an API outage keeps enforcement as it was (intra-cluster
+//! traffic never stops, an edit the agents cannot see changes nothing), after which
+//! the agents relist (410 Gone) and enforce what they missed.
 //!
 //! The fake API server listens on 127.0.0.1 of the test's namespace, which the
 //! agents (in their node namespaces) cannot reach; each node gets a small TCP relay
@@ -27,6 +28,7 @@ use agent_common::{
     pod_object, probe_bin, raycluster, sandbox, uid, v4, worker_labels,
 };
 use anyhow::{Context, Result, ensure};
+use rayfence::source::kube::MAX_BACKOFF;
 use rayfence_tests::fake_api::FakeApiServer;
 use rayfence_tests::{Layout, Node, Outcome, Pod, Topology};
 use serde_json::{Value, json};
@@ -138,6 +140,54 @@ struct NodeRig {
     _bpffs: Bpffs,
 }
 
+/// A flow probed over and over (new TCP connections) until finished.
+struct Steady {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<(u32, u32)>>,
+}
+
+impl Steady {
+    fn start(from: &Pod, to: &Pod) -> Self {
+        let prober = from.prober();
+        let addr = v4(to);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let (mut attempts, mut failures) = (0, 0);
+            while !flag.load(Ordering::Relaxed) {
+                attempts += 1;
+                if prober.tcp_connect(addr, PORT, SHORT) != Outcome::Ok {
+                    failures += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (attempts, failures)
+        });
+        Self {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// (attempts, failures)
+    fn finish(mut self) -> (u32, u32) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle
+            .take()
+            .and_then(|h| h.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Steady {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 fn alive(agent: &Agent) -> Result<()> {
     ensure!(
         Path::new(&format!("/proc/{}", agent.pid())).exists(),
@@ -177,9 +227,27 @@ fn edit_and_measure(
     want_ok: bool,
     timeout: Duration,
 ) -> Result<Vec<(usize, Duration)>> {
+    measure(
+        || drop(server.apply(object)),
+        outsider,
+        targets,
+        want_ok,
+        timeout,
+    )
+}
+
+/// Runs `change` and measures, for each (node, target) in parallel, how long until
+/// `outsider -> target:PORT` gives the wanted verdict.
+fn measure(
+    change: impl FnOnce(),
+    outsider: &Pod,
+    targets: &[(usize, &Pod)],
+    want_ok: bool,
+    timeout: Duration,
+) -> Result<Vec<(usize, Duration)>> {
     let prober = outsider.prober();
     let t0 = Instant::now();
-    server.apply(object);
+    change();
     std::thread::scope(|s| {
         let handles: Vec<_> = targets
             .iter()
@@ -399,7 +467,9 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
     intra("after edits")?;
     outsider_dropped("after edits")?;
 
-    // API outage: enforcement stays as it was on every node.
+    // API outage: enforcement stays as it was on every node, and intra-cluster
+    // traffic never stops, through the outage and the relist after it.
+    let steady = Steady::start(worker2, head);
     server.set_available(false);
     let outage = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
@@ -426,19 +496,47 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
         "the agents did not notice the outage"
     );
 
-    // Back: the agents reconnect (watch backoff) and an edit reaches every node again.
+    // An edit the agents cannot see, and the history compacted: unseen, it changes
+    // nothing; once the server is back, the agents' watches get 410 Gone, relist,
+    // and enforce it without a new write.
+    server.apply(&allow);
+    server.compact_history();
+    std::thread::sleep(Duration::from_millis(500));
+    outsider_dropped("an edit made during the outage")?;
     let outage = outage.elapsed();
-    server.set_available(true);
-    let times = edit_and_measure(&server, &allow, outsider, &targets, true, RECOVERY_WAIT)
-        .context("the first edit after the outage")?;
+    let times = measure(
+        || server.set_available(true),
+        outsider,
+        &targets,
+        true,
+        RECOVERY_WAIT,
+    )
+    .context("the edit made during the outage, after it")?;
     for (node, t) in &times {
-        println!("node-{node}: first edit after a {outage:?} outage enforced after {t:?}");
+        println!(
+            "node-{node}: edit made during a {outage:?} outage enforced {t:?} after the server came back (relist)"
+        );
+        // Sleeping watchers are woken when the server answers (probed every second);
+        // one that misses the wake-up sleeps MAX_BACKOFF at most. Then a relist
+        // (410, at once) and programming.
+        ensure!(
+            *t < MAX_BACKOFF + Duration::from_secs(3),
+            "node-{node} took {t:?} to catch up after the outage"
+        );
     }
     let times = edit_and_measure(&server, &deny_all, outsider, &targets, false, EDIT_WAIT)
         .context("the revoke after the outage")?;
     for (node, t) in &times {
         println!("node-{node}: revoke after the outage enforced after {t:?}");
     }
+    let (attempts, failures) = steady.finish();
+    println!(
+        "worker-2 (node-2) -> head (node-0) through outage and relist: {attempts} connections, {failures} failed"
+    );
+    ensure!(
+        attempts > 10 && failures == 0,
+        "intra-cluster traffic broke during the outage or relist: {failures} of {attempts} failed"
+    );
     intra("after the outage")?;
     outsider_dropped("after the outage")?;
     for rig in &rigs {

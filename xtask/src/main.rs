@@ -4,6 +4,9 @@
 //! - `test`: setup, then every test of the workspace (as root: the eBPF and network
 //!   namespace tests need it).
 //! - `bench datapath|engine`: setup, then the named benchmark.
+//! - `demo`: setup, build the agent and the demo, then run the demo (as root): a
+//!   simulated node, the agent against manifests, every flow probed, the matrix of
+//!   expected vs observed verdicts; fails when any verdict differs.
 mod setup;
 
 use std::path::PathBuf;
@@ -11,7 +14,7 @@ use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask <setup | test [cargo test args] | bench <datapath|engine>>";
+const USAGE: &str = "usage: cargo xtask <setup | test [cargo test args] | bench <datapath|engine> | demo [rf-demo args]>";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -22,6 +25,7 @@ fn main() -> Result<()> {
         "setup" => setup::ensure_all(),
         "test" => test(rest),
         "bench" => bench(rest),
+        "demo" => demo(rest),
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
 }
@@ -60,6 +64,56 @@ fn bench(args: &[String]) -> Result<()> {
     run(cargo(setup::HOST_TOOLCHAIN)
         .args(["bench", "-p", "rayfence-agent", "--bench", name])
         .args(&args[1..]))
+}
+
+fn demo(extra: &[String]) -> Result<()> {
+    require_root("the demo creates network namespaces and loads eBPF programs")?;
+    setup::ensure_all()?;
+    say("building the agent (rayfence) and the demo (rf-demo, rf-probe)");
+    run(cargo(setup::HOST_TOOLCHAIN).args([
+        "build",
+        "--package",
+        "rayfence-agent",
+        "--bin",
+        "rayfence",
+        "--package",
+        "rayfence-tests",
+        "--bin",
+        "rf-demo",
+        "--bin",
+        "rf-probe",
+    ]))?;
+    let bin = target_dir()?.join("debug");
+    let rayfence = bin.join("rayfence");
+    say(&format!(
+        "running {} --rayfence {}",
+        bin.join("rf-demo").display(),
+        rayfence.display()
+    ));
+    run(Command::new(bin.join("rf-demo"))
+        .arg("--rayfence")
+        .arg(&rayfence)
+        .arg("--probe")
+        .arg(bin.join("rf-probe"))
+        .args(extra))
+}
+
+/// The workspace's target directory, as cargo reports it (honours
+/// `CARGO_TARGET_DIR` and `build.target-dir`).
+fn target_dir() -> Result<PathBuf> {
+    let out = cargo(setup::HOST_TOOLCHAIN)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .output()
+        .context("running cargo metadata")?;
+    let json = String::from_utf8_lossy(&out.stdout);
+    const KEY: &str = "\"target_directory\":\"";
+    let Some(start) = json.find(KEY).map(|i| i + KEY.len()) else {
+        bail!("cargo metadata did not report a target_directory");
+    };
+    let end = json[start..]
+        .find('"')
+        .context("unterminated target_directory")?;
+    Ok(PathBuf::from(&json[start..start + end]))
 }
 
 pub(crate) fn is_root() -> bool {

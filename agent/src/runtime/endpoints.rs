@@ -17,10 +17,14 @@ use crate::serve::metrics::EndpointLabels;
 use crate::tables::EndpointId;
 
 /// A pod the engine wants enforced.
+#[derive(Clone, Debug)]
 pub struct Desired {
     pub id: EndpointId,
     pub pod: PodRef,
 }
+
+/// Pods and what locating them found.
+pub type Located = Vec<(Desired, Result<Location, crate::discovery::DiscoveryError>)>;
 
 /// Where an endpoint stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,8 +66,59 @@ impl Endpoints {
             .any(|(_, s)| matches!(s, EndpointState::Pending { .. }))
     }
 
+    /// Attached, or known not to need a hook.
+    fn is_settled(&self, id: EndpointId) -> bool {
+        matches!(
+            self.states.get(&id),
+            Some((
+                _,
+                EndpointState::Tc { .. }
+                    | EndpointState::Cgroup { .. }
+                    | EndpointState::NotEnforced { .. }
+            ))
+        )
+    }
+
+    /// Locates (on a blocking thread) the wanted pods not attached yet.
+    pub async fn locate(
+        &self,
+        desired: &[Desired],
+        locator: &Arc<Locator>,
+        health: &Health,
+    ) -> Located {
+        let to_locate: Vec<Desired> = desired
+            .iter()
+            .filter(|d| !self.is_settled(d.id))
+            .cloned()
+            .collect();
+        if to_locate.is_empty() {
+            return Vec::new();
+        }
+        let locator = locator.clone();
+        let located = tokio::task::spawn_blocking(move || {
+            to_locate
+                .into_iter()
+                .map(|d| {
+                    let found = locator.locate(&d.pod);
+                    (d, found)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match located {
+            Ok(located) => located,
+            Err(error) => {
+                health.metrics.error("locate");
+                tracing::error!(%error, "the locate task failed");
+                Vec::new()
+            }
+        }
+    }
+
     /// Converges attachments to `desired`. `link_at`: when the link event that
-    /// triggered this pass was seen (for the attach latency).
+    /// triggered this pass was seen (for the attach latency). `prelocated`: what
+    /// [`Self::locate`] found just before (the first programming locates before it
+    /// applies, so re-registering adopted endpoints follows the apply at once).
     pub async fn sync(
         &mut self,
         desired: Vec<Desired>,
@@ -71,6 +126,7 @@ impl Endpoints {
         locator: &Arc<Locator>,
         health: &Health,
         link_at: Option<Instant>,
+        prelocated: Option<Located>,
     ) {
         let wanted: BTreeSet<EndpointId> = desired.iter().map(|d| d.id).collect();
 
@@ -88,39 +144,15 @@ impl Endpoints {
             }
         }
 
-        // Not attached yet: locate on a blocking thread, then attach here.
-        let to_locate: Vec<Desired> = desired
-            .into_iter()
-            .filter(|d| {
-                !matches!(
-                    self.states.get(&d.id),
-                    Some((_, EndpointState::Tc { .. } | EndpointState::Cgroup { .. }))
-                        | Some((_, EndpointState::NotEnforced { .. }))
-                )
-            })
-            .collect();
-        if !to_locate.is_empty() {
-            let locator = locator.clone();
-            let located = tokio::task::spawn_blocking(move || {
-                to_locate
-                    .into_iter()
-                    .map(|d| {
-                        let found = locator.locate(&d.pod);
-                        (d, found)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await;
-            match located {
-                Ok(located) => {
-                    for (d, found) in located {
-                        self.attach(datapath, d, found, health, link_at);
-                    }
-                }
-                Err(error) => {
-                    health.metrics.error("locate");
-                    tracing::error!(%error, "the locate task failed");
-                }
+        // Not attached yet: locate on a blocking thread (unless the caller already
+        // did), then attach here.
+        let located = match prelocated {
+            Some(located) => located,
+            None => self.locate(&desired, locator, health).await,
+        };
+        for (d, found) in located {
+            if wanted.contains(&d.id) && !self.is_settled(d.id) {
+                self.attach(datapath, d, found, health, link_at);
             }
         }
 

@@ -195,7 +195,7 @@ impl Runtime {
                     Some(at) => {
                         while links.try_recv().is_ok() {}
                         if self.programmed && self.endpoints.has_pending() {
-                            self.sync_endpoints(Some(at)).await;
+                            self.sync_endpoints(Some(at), None).await;
                         }
                     }
                     None => links_open = false,
@@ -210,7 +210,7 @@ impl Runtime {
                         if self.dirty_since.is_some() || self.needs_full_apply {
                             self.program(None).await;
                         } else if self.endpoints.has_pending() {
-                            self.sync_endpoints(None).await;
+                            self.sync_endpoints(None, None).await;
                         }
                     }
                 },
@@ -355,6 +355,18 @@ impl Runtime {
         }
         let started = self.dirty_since.take().unwrap_or_else(Instant::now);
         self.update_node_addresses();
+        // First programming: find the pods before applying, so endpoints adopted from
+        // a previous run are re-registered right after the apply, not a locate later.
+        let prelocated = if self.programmed {
+            None
+        } else {
+            let desired = self.desired_endpoints();
+            Some(
+                self.endpoints
+                    .locate(&desired, &self.locator, &self.health)
+                    .await,
+            )
+        };
         let result = if self.needs_full_apply {
             // First programming (or after an error): the engine's whole tables against
             // what the maps hold. Never a flush.
@@ -383,7 +395,7 @@ impl Runtime {
             }
         };
         self.report_problems();
-        self.sync_endpoints(link_at).await;
+        self.sync_endpoints(link_at, prelocated).await;
         let elapsed = started.elapsed();
         self.health
             .metrics
@@ -441,9 +453,8 @@ impl Runtime {
         self.reported = current;
     }
 
-    async fn sync_endpoints(&mut self, link_at: Option<Instant>) {
-        let desired: Vec<endpoints::Desired> = self
-            .engine
+    fn desired_endpoints(&self) -> Vec<endpoints::Desired> {
+        self.engine
             .endpoints()
             .filter_map(|meta| {
                 let facts = self.pods.get(&(meta.namespace.clone(), meta.pod.clone()))?;
@@ -462,7 +473,15 @@ impl Runtime {
                     },
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    async fn sync_endpoints(
+        &mut self,
+        link_at: Option<Instant>,
+        prelocated: Option<endpoints::Located>,
+    ) {
+        let desired = self.desired_endpoints();
         self.endpoints
             .sync(
                 desired,
@@ -470,6 +489,7 @@ impl Runtime {
                 &self.locator,
                 &self.health,
                 link_at,
+                prelocated,
             )
             .await;
     }

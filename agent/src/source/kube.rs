@@ -1,9 +1,15 @@
 //! The Kubernetes API source: one kube-rs watcher per kind, cluster-wide, turned into
 //! [`SourceEvent`]s for the runtime.
 //!
-//! Pipeline per kind: `watcher` -> `default_backoff()` -> `modify()` (drop the fields
-//! the engine never reads, so holding every pod of a large cluster stays cheap) ->
-//! the event mapping below. There is no `reflector` store here on purpose: the
+//! Pipeline per kind: `watcher` -> `modify()` (drop the fields the engine never
+//! reads, so holding every pod of a large cluster stays cheap) -> the event mapping
+//! below, with the backoff applied in the loop. It follows kube-rs's
+//! `default_backoff()` (0.8 s doubling, jittered, reset by any success) with two
+//! changes, because for an enforcement agent every second a watcher sleeps is a
+//! revocation not enforced (the multi-node test measured up to 33 s after a short
+//! outage with `default_backoff()`): the delay is capped at [`MAX_BACKOFF`] rather
+//! than 30 s, and sleeping watchers are woken as soon as the reachability probe
+//! gets an answer; a 410 relists at once, as client-go does. There is no `reflector` store here on purpose: the
 //! runtime's policy engine already holds every object, a second copy would double the
 //! agent's memory, and a complete listing is delivered as one [`SourceEvent::Resync`],
 //! which is the "store is ready" signal readiness waits for.
@@ -35,6 +41,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
@@ -48,6 +55,9 @@ use crate::crd::RayCluster;
 /// unreachable, to report `Connected` as soon as it answers (a watcher that resumes
 /// from its resourceVersion says nothing when it succeeds).
 const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The longest a watcher waits between attempts while the API server fails.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
 
 /// The kubectl annotation that holds a whole copy of the object: never read, often
 /// the biggest field.
@@ -211,20 +221,29 @@ where
     }
 
     async fn run(self, api: Api<K>, wc: watcher::Config) -> Result<(), KubeSourceError> {
-        let stream = watcher::watcher(api, wc)
-            .default_backoff()
-            .modify(self.trim);
+        // The backoff is applied here rather than with `.backoff()`, so a sleeping
+        // watcher can be woken when the API server is back, and a 410 relists at once.
+        let mut backoff = WatchBackoff::new();
+        let stream = watcher::watcher(api, wc).modify(self.trim);
         let mut stream = std::pin::pin!(stream);
         // The objects of a listing in progress; `None` outside one.
         let mut listing: Option<Vec<Object>> = None;
         while let Some(item) = stream.next().await {
             let event = match item {
-                Ok(event) => event,
+                Ok(event) => {
+                    backoff.reset();
+                    event
+                }
                 Err(error) => {
                     // A failed page abandons the listing; the watcher starts over with
                     // `Init`.
                     listing = None;
                     self.health.error(self.kind, &error).await?;
+                    // 410: the watcher relists next, nothing to wait for.
+                    if status_code(&error) != Some(410) {
+                        let delay = backoff.next().unwrap_or(MAX_BACKOFF);
+                        self.health.pause(delay).await;
+                    }
                     continue;
                 }
             };
@@ -270,6 +289,9 @@ struct Health {
     state: Mutex<HealthState>,
     /// Wakes the reachability probe when a kind starts failing.
     failing: Notify,
+    /// Wakes the watchers sleeping in their backoff when the API server answers
+    /// again.
+    reachable: Notify,
 }
 
 #[derive(Default)]
@@ -288,6 +310,7 @@ impl Health {
             tx,
             state: Mutex::new(HealthState::default()),
             failing: Notify::new(),
+            reachable: Notify::new(),
         }
     }
 
@@ -370,6 +393,9 @@ impl Health {
                 if client.apiserver_version().await.is_err() {
                     continue;
                 }
+                // Each agent's probe runs on its own phase, so a DaemonSet's watchers
+                // do not all come back in the same instant.
+                self.reachable.notify_waiters();
                 let status = {
                     let mut s = self.lock();
                     s.failing.clear();
@@ -386,11 +412,67 @@ impl Health {
         }
     }
 
+    /// A watcher's backoff: `delay`, or less if the API server answers again.
+    async fn pause(&self, delay: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = self.reachable.notified() => {}
+        }
+    }
+
     async fn send(&self, kind: ObjectKind, status: SourceStatus) -> Result<(), KubeSourceError> {
         self.tx
             .send(SourceEvent::Status(status))
             .await
             .map_err(|_| KubeSourceError::ChannelClosed { kind })
+    }
+}
+
+/// Exponential from 0.8 s, doubling, capped at [`MAX_BACKOFF`], with "equal jitter"
+/// (half the delay fixed, half random) so a DaemonSet's agents do not retry in step.
+struct WatchBackoff {
+    next: Duration,
+    seed: u64,
+}
+
+impl WatchBackoff {
+    const FIRST: Duration = Duration::from_millis(800);
+
+    fn new() -> Self {
+        // Different per process and per watcher; quality does not matter here.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let local = &nanos as *const u64 as u64;
+        Self {
+            next: Self::FIRST,
+            seed: nanos ^ local.rotate_left(32) | 1,
+        }
+    }
+
+    /// xorshift64: a fraction in [0, 1).
+    fn fraction(&mut self) -> f64 {
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        (self.seed >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let base = self.next.min(MAX_BACKOFF);
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        Some(base / 2 + base.mul_f64(self.fraction() / 2.0))
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
@@ -556,6 +638,18 @@ mod tests {
             rc.spec.head_group_spec,
             Some(json!({"rayStartParams": {"dashboard-port": "9000"}}))
         );
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter_and_resets() {
+        let mut b = WatchBackoff::new();
+        let delays: Vec<Duration> = (&mut b).take(12).collect();
+        assert!(delays[0] >= Duration::from_millis(400) && delays[0] <= Duration::from_millis(800));
+        assert!(delays[1] >= Duration::from_millis(800));
+        assert!(delays.iter().all(|d| *d <= MAX_BACKOFF));
+        assert!(delays[11] >= MAX_BACKOFF / 2);
+        b.reset();
+        assert!(b.next().unwrap() <= Duration::from_millis(800));
     }
 
     #[test]

@@ -54,6 +54,8 @@ pub fn rayfence_bin() -> Result<PathBuf> {
             "RUSTUP_HOME",
             "CARGO_HOME",
             "RUSTUP_TOOLCHAIN",
+            "CARGO_TARGET_DIR",
+            "CARGO_BUILD_TARGET_DIR",
         ];
         let status = Command::new(cargo)
             .env_clear()
@@ -433,4 +435,30 @@ pub fn percentile(samples: &[Duration], p: f64) -> Duration {
 /// An address as a probe target.
 pub fn v4(pod: &Pod) -> IpAddr {
     pod.ip4.into()
+}
+
+/// The upper bound (`le`) of the first bucket of histogram `name` holding at least
+/// `q` (0..=1) of its samples, and the sample count.
+pub fn histogram_quantile(text: &str, name: &str, q: f64) -> (Option<f64>, f64) {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}_bucket{{")))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count = l.rsplit(' ').next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    let bound = buckets
+        .iter()
+        .find(|(_, c)| *c >= q * total && total > 0.0)
+        .map(|b| b.0);
+    (bound, total)
 }

@@ -1,0 +1,256 @@
+//! Running `rayfence agent` inside the node namespace, waiting for `/readyz`,
+//! reading `/metrics`, and stopping it with `rayfence cleanup` afterwards.
+//!
+//! The agent is started as `nsenter --net=/run/netns/<node> rayfence agent ...`
+//! (nsenter execs it, so it is our direct child and keeps the host's mounts:
+//! bpffs and the cgroup tree stay visible). Its log goes to a file whose tail is
+//! printed when something goes wrong.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::Netns;
+
+/// Where the agent's metrics server listens, inside the node namespace (private
+/// to it, so any port is free).
+pub const METRICS_ADDR: &str = "127.0.0.1:9464";
+
+/// Whether `bin` has the `agent` subcommand (it lands on branch `runtime`).
+pub fn has_agent_command(bin: &Path) -> bool {
+    Command::new(bin)
+        .args(["agent", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A running agent; stopped (SIGTERM, then SIGKILL) and cleaned up on drop.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    bin: PathBuf,
+    bpffs: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent in `node`'s namespace.
+    pub fn start(
+        bin: &Path,
+        node: &Netns,
+        node_name: &str,
+        manifests: &Path,
+        bpffs: &Path,
+        cgroup_root: &Path,
+        log: &Path,
+    ) -> Result<Agent> {
+        std::fs::create_dir_all(bpffs)
+            .with_context(|| format!("creating bpffs dir {}", bpffs.display()))?;
+        let out = std::fs::File::create(log)?;
+        let err = out.try_clone()?;
+        let mut cmd = node.cmd(&bin.to_string_lossy());
+        cmd.args(["agent", "--node-name", node_name, "--manifests"])
+            .arg(manifests)
+            .arg("--bpffs")
+            .arg(bpffs)
+            .arg("--cgroup-root")
+            .arg(cgroup_root)
+            .args(["--metrics-addr", METRICS_ADDR])
+            .args(["--dns-service", "kube-system/kube-dns"])
+            .args(["--operator-namespace", "ray-system"])
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // The demo blocks SIGINT/SIGTERM/SIGHUP for its signal thread (see
+        // `guard`), and the mask is inherited across fork and exec: unblock them
+        // in the child, or the agent would never see our SIGTERM.
+        // SAFETY: only async-signal-safe calls (sigemptyset, pthread_sigmask)
+        // between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        Ok(Agent {
+            child: Some(child),
+            bin: bin.to_owned(),
+            bpffs: bpffs.to_owned(),
+            log: log.to_owned(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Waits until `/readyz` answers 200 (the first full sync is programmed).
+    pub fn wait_ready(&mut self, node: &Netns, timeout: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        loop {
+            super::guard::check()?;
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the agent exited with {status} before it was ready; its log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            if let Ok((200, _)) = http_get(node, "/readyz") {
+                return Ok(started.elapsed());
+            }
+            if started.elapsed() > timeout {
+                bail!(
+                    "the agent was not ready after {timeout:?}; its log:\n{}",
+                    self.log_tail(40)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last `n` lines of the agent's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        let start = lines.len().saturating_sub(n);
+        lines[start..]
+            .iter()
+            .map(|l| format!("  | {l}\n"))
+            .collect()
+    }
+
+    /// Stops the agent and removes what it attached and pinned. Returns what
+    /// `rayfence cleanup` said.
+    pub fn stop(&mut self) -> Result<String> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // An error (already reaped) counts as exited.
+            while let Ok(None) = child.try_wait() {
+                if Instant::now() > deadline {
+                    println!(
+                        "the agent did not exit within 5 s of SIGTERM: killing it; its log:\n{}",
+                        self.log_tail(5)
+                    );
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cleanup_bpffs(&self.bin, &self.bpffs)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// `rayfence cleanup --bpffs DIR`, then removes the (empty) directory.
+pub fn cleanup_bpffs(bin: &Path, bpffs: &Path) -> Result<String> {
+    if !bpffs.exists() {
+        return Ok(String::new());
+    }
+    let out = Command::new(bin)
+        .args(["cleanup", "--bpffs"])
+        .arg(bpffs)
+        .output()
+        .with_context(|| format!("running {} cleanup", bin.display()))?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // Whatever cleanup left (nothing, normally) goes with the directory.
+    let _ = std::fs::remove_dir_all(bpffs);
+    if !out.status.success() {
+        bail!(
+            "rayfence cleanup failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(said)
+}
+
+/// `GET path` on the agent's metrics server, from inside the node namespace.
+/// Returns the status code and the body.
+pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
+    let addr: SocketAddr = METRICS_ADDR.parse()?;
+    let path = path.to_owned();
+    node.run(move || -> Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status line")?;
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        Ok((code, body))
+    })?
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        let (Some(chunk), Some(after)) = (rest.get(..n), rest.get(n..)) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        s = after.trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dechunk_joins_chunks() {
+        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
+}

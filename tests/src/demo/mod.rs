@@ -1,0 +1,540 @@
+//! The demo (`cargo xtask demo`, binary `rf-demo`): one simulated node, the agent
+//! running against manifests, every flow probed, the matrix printed.
+//!
+//! What it builds, in the node's network namespace:
+//! - a flannel-like bridged node ([`Layout::Bridged`]): pods on a bridge holding
+//!   the pod-subnet gateway, node address `10.0.0.1` on `host0`;
+//! - kube-proxy-like DNAT: iptables `nat` rules (PREROUTING for pods, OUTPUT for
+//!   the node) from each ClusterIP:port to its one backend. On a bridge the reply
+//!   of a DNATed flow between two pods of the same subnet is bridged, not routed,
+//!   so conntrack would never undo the DNAT: as on a real kube-proxy node,
+//!   `br_netfilter` is loaded and `net.bridge.bridge-nf-call-iptables=1` is set,
+//!   inside the node namespace only (per-namespace since Linux 5.3);
+//! - the pods of [`scenario::PODS`]: CoreDNS (UDP+TCP echo on 53, behind
+//!   `kube-system/kube-dns`), the KubeRay operator, an impostor with the operator's
+//!   labels in another namespace, an outsider, Prometheus and Grafana in
+//!   `monitoring`, and the head and a worker of RayClusters `alpha` (DenyAll, one
+//!   user ingress rule) and `beta` (DenyAllIngress), each serving its Ray ports;
+//! - the manifests of all that in a temporary directory, for `--manifests`.
+//!
+//! Pods are dual-stack; Services are single-stack IPv4 (kube-proxy's DNAT is
+//! IPv4 only here), so pod and node targets are probed over both families and
+//! ClusterIPs over IPv4.
+//!
+//! Then it starts `rayfence agent` in the node namespace, waits for `/readyz`,
+//! probes every (source, target) cell in parallel, prints the matrix next to the
+//! hand-written expectation ([`expected`]), prints the agent's drop counters, and
+//! removes everything: agent (and `rayfence cleanup`), namespaces (the iptables
+//! rules live in the node namespace and go with it), bpffs directory, temporary
+//! directory, also on panic ([`Drop`] guards) and on Ctrl-C ([`guard`]).
+//!
+//! Without an agent ([`Options::rayfence`] `None`) the same run is a self-check of
+//! the harness: every flow passes, so exactly the `D` cells must show up as
+//! `LEAK`, and the run fails.
+
+pub mod agent;
+pub mod expected;
+pub mod guard;
+pub mod matrix;
+pub mod scenario;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::cgroup::TestCgroup;
+use crate::probe::{Outcome, ProbeBin, Server};
+use crate::topology::{Layout, Topology};
+
+use expected::Expect;
+use scenario::{Dest, NODE_NAME, PODS, Proto, SERVICES, TARGETS};
+
+/// How to run the demo.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `rayfence` binary; `None` runs without an agent (harness self-check).
+    pub rayfence: Option<PathBuf>,
+    pub probe: ProbeBin,
+    /// How long a probe waits for an answer (a drop costs this much).
+    pub timeout: Duration,
+    /// Probes in flight at once.
+    pub parallel: usize,
+    /// How long the agent may take to become ready.
+    pub ready_timeout: Duration,
+    /// Also probe pod and node targets over IPv6 (the pods are dual-stack).
+    pub ipv6: bool,
+}
+
+impl Options {
+    pub fn new(rayfence: Option<PathBuf>, probe: ProbeBin) -> Self {
+        Options {
+            rayfence,
+            probe,
+            timeout: Duration::from_millis(1500),
+            parallel: 40,
+            ready_timeout: Duration::from_secs(30),
+            ipv6: true,
+        }
+    }
+}
+
+/// What the run found.
+#[derive(Debug)]
+pub struct Report {
+    /// Cells probed.
+    pub probed: usize,
+    /// Cells the hand-written table expects dropped.
+    pub expected_dropped: usize,
+    /// Cells whose flow got through.
+    pub observed_allowed: usize,
+    /// One line per cell whose verdict differs from the expectation.
+    pub mismatches: Vec<String>,
+    /// Whether the agent ran.
+    pub with_agent: bool,
+    /// The `rayfence_drops_total` lines of `/metrics`.
+    pub drop_counters: Vec<String>,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.with_agent && self.mismatches.is_empty()
+    }
+}
+
+fn say(started: Instant, what: &str) {
+    println!("[{:5.1}s] {what}", started.elapsed().as_secs_f64());
+}
+
+/// A directory removed on drop.
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the whole demo and prints as it goes. Errors are harness failures
+/// (a namespace could not be made, the agent never got ready); policy mismatches
+/// are in the [`Report`].
+pub fn run(opts: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let table = expected::table()?;
+    if let Some(bin) = &opts.rayfence
+        && !agent::has_agent_command(bin)
+    {
+        bail!(
+            "{} has no `agent` command: the demo needs the node agent (branch `runtime`); \
+             rf-demo --no-agent runs the harness self-check",
+            bin.display()
+        );
+    }
+    // rf-demo-<pid>-<n>: unique even when a test binary runs two demos at once.
+    let run_name = crate::names::unique_name("demo");
+    let tmp = TempDir(std::env::temp_dir().join(&run_name));
+    std::fs::create_dir_all(&tmp.0)?;
+    let bpffs = PathBuf::from("/sys/fs/bpf").join(&run_name);
+    guard::remember(
+        opts.rayfence.clone(),
+        Some(bpffs.clone()),
+        Some(tmp.0.clone()),
+    );
+
+    ensure_br_netfilter()?;
+    let mut topo = Topology::new(Layout::Bridged, opts.probe.clone())?;
+    for p in PODS {
+        topo.add_pod(0, p.key)?;
+    }
+    let node = topo.node(0);
+    say(
+        started,
+        &format!(
+            "node {NODE_NAME}: netns {}, bridge {} {}/24, host0 {}; {} pods",
+            node.netns.name(),
+            node.bridge.as_deref().unwrap_or("?"),
+            node.gateway4,
+            node.ip4,
+            PODS.len()
+        ),
+    );
+    node.netns
+        .sysctl("net.bridge.bridge-nf-call-iptables", "1")
+        .context("br_netfilter: bridged replies of DNATed flows must see conntrack")?;
+    install_dnat(&topo)?;
+    say(
+        started,
+        &format!(
+            "kube-proxy-like DNAT (iptables nat PREROUTING+OUTPUT in the node netns): {}",
+            SERVICES
+                .iter()
+                .map(|s| format!("{}/{} {}", s.namespace, s.name, s.cluster_ip))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    );
+    // A kubelet-like cgroup tree (cgroupfs driver) passed as --cgroup-root: each
+    // pod's processes run in `kubepods/besteffort/pod<uid>/ctr`, which is how the
+    // agent reaches a pod's network namespace from kernel state alone.
+    let kubelet = TestCgroup::new()?;
+    let mut ctrs = HashMap::new();
+    for (i, p) in PODS.iter().enumerate() {
+        let ctr = kubelet.path().join(format!(
+            "kubepods/besteffort/pod{}/ctr",
+            scenario::pod_uid(i)
+        ));
+        std::fs::create_dir_all(&ctr)
+            .with_context(|| format!("creating cgroup {}", ctr.display()))?;
+        ctrs.insert(p.key, ctr);
+    }
+    let servers = start_servers(&topo, &ctrs)?;
+    say(
+        started,
+        &format!(
+            "{} servers listening (Ray ports, DNS on 53 UDP+TCP, kubelet 10250)",
+            servers.len()
+        ),
+    );
+    guard::check()?;
+    preflight(&topo, opts.timeout)?;
+    say(
+        started,
+        "preflight: node reaches every pod, DNS and a head Service answer through their ClusterIPs",
+    );
+
+    let manifests = tmp.0.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    let node_addrs = scenario::NodeAddrs {
+        internal_ip: node.ip4,
+        internal_ip6: node.ip6,
+        pod_cidr: node.pod_cidr4,
+    };
+    let pod_ip = |k: &str| (topo.pod(k).ip4, topo.pod(k).ip6);
+    for (name, text) in scenario::manifests(node_addrs, &pod_ip) {
+        std::fs::write(manifests.join(&name), text)?;
+    }
+    say(
+        started,
+        &format!(
+            "manifests written to {}: Namespaces, Node, Pods, Services + EndpointSlices, RayClusters alpha (networkPolicy DenyAll) and beta (networkIsolation DenyAllIngress)",
+            manifests.display()
+        ),
+    );
+
+    let mut agent = match &opts.rayfence {
+        Some(bin) => {
+            let log = tmp.0.join("agent.log");
+            let mut a = agent::Agent::start(
+                bin,
+                &node.netns,
+                NODE_NAME,
+                &manifests,
+                &bpffs,
+                kubelet.path(),
+                &log,
+            )?;
+            say(
+                started,
+                &format!(
+                    "agent started (pid {}): nsenter --net={} {} agent --node-name {NODE_NAME} --manifests {} --bpffs {} --cgroup-root {} --metrics-addr {}",
+                    a.pid().unwrap_or(0),
+                    node.netns.path().display(),
+                    bin.display(),
+                    manifests.display(),
+                    bpffs.display(),
+                    kubelet.path().display(),
+                    agent::METRICS_ADDR
+                ),
+            );
+            let took = a.wait_ready(&node.netns, opts.ready_timeout)?;
+            say(
+                started,
+                &format!("agent ready (/readyz 200) after {took:.1?}"),
+            );
+            Some(a)
+        }
+        None => {
+            say(
+                started,
+                "NO AGENT (--no-agent): nothing enforces anything, every flow gets through; \
+                 this checks the harness: every expected-dropped cell must show LEAK",
+            );
+            None
+        }
+    };
+
+    guard::check()?;
+    let sources = scenario::sources();
+    let cells = build_cells(&topo, &ctrs, &sources, &table, opts.ipv6)?;
+    say(
+        started,
+        &format!(
+            "probing {} flows ({} sources x {} targets minus self; pod and node targets over {}), {} at a time, timeout {:?}",
+            cells.len(),
+            sources.len(),
+            TARGETS.len(),
+            if opts.ipv6 {
+                "IPv4 and IPv6, ClusterIPs over IPv4"
+            } else {
+                "IPv4"
+            },
+            opts.parallel,
+            opts.timeout
+        ),
+    );
+    let probe_start = Instant::now();
+    let observed = matrix::run(&cells, opts.timeout, opts.parallel);
+    guard::check()?;
+    say(started, &format!("probed in {:.1?}", probe_start.elapsed()));
+    println!();
+    print!("{}", matrix::render(&sources, TARGETS, &cells, &observed));
+
+    let mut mismatches = Vec::new();
+    for (c, o) in cells.iter().zip(&observed) {
+        if !matrix::agrees(c.expect, &o.outcome) {
+            let t = &TARGETS[c.col];
+            mismatches.push(format!(
+                "{} -> {} {}:{}/{}: expected {}, observed {}{}",
+                sources[c.row],
+                t.who,
+                c.addr,
+                c.port,
+                match c.proto {
+                    Proto::Tcp => "tcp",
+                    Proto::Udp => "udp",
+                },
+                match c.expect {
+                    Expect::Allowed => "allowed",
+                    _ => "dropped",
+                },
+                o.outcome.as_line(),
+                if o.retried { " (twice)" } else { "" }
+            ));
+        } else if o.retried {
+            println!(
+                "note: {} -> {} disagreed once, then agreed on a second probe",
+                sources[c.row], TARGETS[c.col].who
+            );
+        }
+    }
+    let allowed = observed.iter().filter(|o| o.allowed()).count();
+    println!(
+        "\n{} flows: {} allowed, {} blocked; {} differ from the expected matrix",
+        cells.len(),
+        allowed,
+        cells.len() - allowed,
+        mismatches.len()
+    );
+    const SHOWN: usize = 40;
+    for m in mismatches.iter().take(SHOWN) {
+        println!("  MISMATCH {m}");
+    }
+    if mismatches.len() > SHOWN {
+        println!("  ... and {} more", mismatches.len() - SHOWN);
+    }
+
+    let mut drop_counters = Vec::new();
+    if let Some(a) = agent.as_mut() {
+        match agent::http_get(&node.netns, "/metrics") {
+            Ok((200, body)) => {
+                drop_counters = body
+                    .lines()
+                    .filter(|l| l.starts_with("rayfence_drops_total"))
+                    .map(str::to_owned)
+                    .collect();
+                println!("\ndrop counters (GET /metrics | grep rayfence_drops_total):");
+                if drop_counters.is_empty() {
+                    println!("  (none)");
+                }
+                for l in &drop_counters {
+                    println!("  {l}");
+                }
+            }
+            Ok((code, _)) => println!("\n/metrics answered {code}"),
+            Err(e) => println!("\n/metrics: {e:#}"),
+        }
+        if !mismatches.is_empty() {
+            println!("\nagent log (last lines):\n{}", a.log_tail(30));
+        }
+        say(
+            started,
+            "stopping the agent (SIGTERM), then rayfence cleanup",
+        );
+        let said = a.stop()?;
+        say(started, &format!("agent stopped; rayfence cleanup: {said}"));
+    }
+    drop(agent);
+    drop(servers);
+    drop(kubelet);
+    drop(topo);
+    drop(tmp);
+    say(
+        started,
+        "cleaned up: agent, servers, namespaces (with their iptables rules), bpffs and temporary directories",
+    );
+    Ok(Report {
+        probed: cells.len(),
+        expected_dropped: cells.iter().filter(|c| c.expect == Expect::Dropped).count(),
+        observed_allowed: allowed,
+        mismatches,
+        with_agent: opts.rayfence.is_some(),
+        drop_counters,
+    })
+}
+
+/// br_netfilter provides the `net.bridge.*` sysctls (per namespace since Linux
+/// 5.3); the demo turns `bridge-nf-call-iptables` on in its node namespace only.
+fn ensure_br_netfilter() -> Result<()> {
+    if Path::new("/proc/sys/net/bridge").exists() {
+        return Ok(());
+    }
+    println!("loading br_netfilter (kube-proxy needs it on bridged nodes too)");
+    let st = std::process::Command::new("modprobe")
+        .arg("br_netfilter")
+        .status()
+        .context("running modprobe br_netfilter")?;
+    if !st.success() {
+        bail!("modprobe br_netfilter failed: the bridged DNAT path needs it");
+    }
+    Ok(())
+}
+
+/// kube-proxy's iptables mode, reduced to what one backend per Service needs.
+fn install_dnat(topo: &Topology) -> Result<()> {
+    let ns = &topo.node(0).netns;
+    let ipt = |args: &[&str]| -> Result<()> {
+        let mut argv = vec!["iptables", "-w", "-t", "nat"];
+        argv.extend_from_slice(args);
+        ns.exec(&argv).map(drop)
+    };
+    ipt(&["-N", "RF-SERVICES"])?;
+    ipt(&["-A", "PREROUTING", "-j", "RF-SERVICES"])?;
+    ipt(&["-A", "OUTPUT", "-j", "RF-SERVICES"])?;
+    for s in SERVICES {
+        let backend = topo.pod(s.backend).ip4;
+        for (port, proto, _) in s.ports {
+            let p = match proto {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+            };
+            ipt(&[
+                "-A",
+                "RF-SERVICES",
+                "-d",
+                &format!("{}/32", s.cluster_ip),
+                "-p",
+                p,
+                "--dport",
+                &port.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{backend}:{port}"),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// Each pod's servers, in its container cgroup; a pod that serves nothing gets a
+/// pause-like process (a TCP listener on port 9, never probed) so that its
+/// cgroup holds a process in its network namespace, as a real pod's does.
+fn start_servers(topo: &Topology, ctrs: &HashMap<&str, PathBuf>) -> Result<Vec<Server>> {
+    let mut servers = Vec::new();
+    for p in PODS {
+        let prober = topo.pod(p.key).prober_in(&ctrs[p.key]);
+        if p.ports.is_empty() {
+            servers.push(prober.serve_tcp(9)?);
+        }
+        for (port, proto, _) in p.ports {
+            servers.push(match proto {
+                Proto::Tcp => prober.serve_tcp(*port),
+                Proto::Udp => prober.serve_udp(*port),
+            }?);
+        }
+    }
+    servers.push(topo.node(0).serve_tcp(10250)?);
+    Ok(servers)
+}
+
+/// Checks the plumbing before anything enforces: the node reaches every pod
+/// (which also teaches the bridge and the neighbour table every pod's MAC, as the
+/// kubelet's probes do on a real node), and the ClusterIPs answer from a pod.
+fn preflight(topo: &Topology, timeout: Duration) -> Result<()> {
+    let node = topo.node(0);
+    for p in PODS {
+        let o = node.ping(IpAddr::V4(topo.pod(p.key).ip4), timeout);
+        if o != Outcome::Ok {
+            bail!("preflight: node cannot ping pod {}: {}", p.key, o.as_line());
+        }
+    }
+    let from = topo.pod("outsider");
+    for (svc, port, proto) in [
+        ("kube-dns", 53, Proto::Udp),
+        ("kube-dns", 53, Proto::Tcp),
+        ("svc-a", 8265, Proto::Tcp),
+    ] {
+        let ip = IpAddr::V4(scenario::service(svc).context("service")?.cluster_ip);
+        let o = match proto {
+            Proto::Tcp => from.tcp_connect(ip, port, timeout),
+            Proto::Udp => from.udp_probe(ip, port, timeout),
+        };
+        if o != Outcome::Ok {
+            bail!(
+                "preflight: outsider -> {svc} {ip}:{port} {proto:?} through DNAT: {} (iptables or br_netfilter problem)",
+                o.as_line()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn build_cells(
+    topo: &Topology,
+    ctrs: &HashMap<&str, PathBuf>,
+    sources: &[&str],
+    table: &[(&str, Vec<Expect>)],
+    ipv6: bool,
+) -> Result<Vec<matrix::Cell>> {
+    let node = topo.node(0);
+    let mut cells = Vec::new();
+    for (row, (source, expects)) in sources.iter().zip(table).enumerate() {
+        let prober = if *source == "node" {
+            node.prober()
+        } else {
+            topo.pod(source).prober_in(&ctrs[source])
+        };
+        for (col, (t, expect)) in TARGETS.iter().zip(&expects.1).enumerate() {
+            if *expect == Expect::NotProbed {
+                continue;
+            }
+            // The semantics never depend on the address family: an IPv6 probe of
+            // a pod or the node expects what the IPv4 one does.
+            let addrs: Vec<IpAddr> = match t.dest {
+                Dest::Pod(k) => vec![topo.pod(k).ip4.into(), topo.pod(k).ip6.into()],
+                Dest::Service(k) => {
+                    vec![scenario::service(k).context("service")?.cluster_ip.into()]
+                }
+                Dest::Node => vec![node.ip4.into(), node.ip6.into()],
+            };
+            for addr in addrs {
+                if addr.is_ipv6() && !ipv6 {
+                    continue;
+                }
+                cells.push(matrix::Cell {
+                    row,
+                    col,
+                    prober: prober.clone(),
+                    addr,
+                    port: t.port,
+                    proto: t.proto,
+                    expect: *expect,
+                });
+            }
+        }
+    }
+    Ok(cells)
+}
