@@ -1,6 +1,7 @@
 //! rayfence: RayCluster network isolation enforced in eBPF on every node.
 //!
 //! Module map (one concern each; the `//!` header of each says what it must not do):
+//! - [`capabilities`]: the Linux capabilities the agent needs, checked at start.
 //! - [`crd`]: the RayCluster resource type, policy fields kept raw.
 //! - [`tables`]: the desired datapath state, the contract between policy and datapath.
 //! - [`policy`]: pure translation of cluster objects into [`tables::Tables`]; no I/O.
@@ -9,6 +10,7 @@
 //! - [`source`]: cluster objects from the API server or a manifests directory, as events.
 //! - [`runtime`]: the node agent's reconcile loop: sources -> engine -> datapath, endpoints.
 //! - [`serve`]: `/metrics`, `/healthz`, `/readyz`.
+pub mod capabilities;
 pub mod crd;
 pub mod datapath;
 pub mod discovery;

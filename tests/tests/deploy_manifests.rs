@@ -1,0 +1,344 @@
+//! deploy/ rendered with `kubectl kustomize` (base, every overlay, the cleanup):
+//! the objects parse as their Kubernetes types, the agent's pod is least privilege
+//! as deploy/base/daemonset.yaml justifies it, and every flag and setting the
+//! manifests pass is one the `rayfence` binary accepts.
+mod deploy_common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+
+use anyhow::Result;
+use deploy_common::*;
+use rayfence::capabilities::Capability;
+use serde_json::{Value, json};
+
+fn agent_ds(docs: &[Value]) -> &Value {
+    find(docs, "DaemonSet", "rayfence-agent")
+}
+
+#[test]
+fn every_rendering_parses_as_its_kubernetes_types() -> Result<()> {
+    for dir in KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        assert!(!docs.is_empty(), "{dir} renders nothing");
+        for doc in &docs {
+            check_typed(doc).map_err(|e| e.context(dir))?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn agent_pod_is_not_privileged_and_adds_exactly_the_justified_capabilities() -> Result<()> {
+    let expected: BTreeSet<String> = Capability::AGENT
+        .iter()
+        .map(|c| c.k8s_name().to_owned())
+        .collect();
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let sc = &agent_container(agent_ds(&docs))["securityContext"];
+        assert_eq!(sc["privileged"], false, "{dir}");
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{dir}");
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{dir}");
+        assert_eq!(
+            sc["runAsUser"], 0,
+            "{dir}: capabilities are effective for uid 0 only"
+        );
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{dir}");
+        assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{dir}");
+        let added: BTreeSet<String> = sc["capabilities"]["add"]
+            .as_array()
+            .expect("add")
+            .iter()
+            .map(|c| c.as_str().expect("name").to_owned())
+            .collect();
+        assert_eq!(
+            added, expected,
+            "{dir}: the DaemonSet must add exactly what rayfence::capabilities checks"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn agent_runs_on_every_node_as_node_critical_with_host_namespaces() -> Result<()> {
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let ds = agent_ds(&docs);
+        let pod = &ds["spec"]["template"]["spec"];
+        assert_eq!(
+            pod["tolerations"],
+            json!([{"operator": "Exists"}]),
+            "{dir}: one toleration without key tolerates every taint"
+        );
+        assert_eq!(pod["priorityClassName"], "system-node-critical", "{dir}");
+        assert_eq!(pod["hostNetwork"], true, "{dir}");
+        assert_eq!(pod["hostPID"], true, "{dir}: /proc/<pid>/ns/net of pods");
+        assert_eq!(pod["serviceAccountName"], "rayfence-agent", "{dir}");
+        let update = &ds["spec"]["updateStrategy"];
+        assert_eq!(update["type"], "RollingUpdate", "{dir}");
+        assert_eq!(update["rollingUpdate"]["maxUnavailable"], 1, "{dir}");
+
+        let env = agent_environment(&docs, ds);
+        assert_eq!(env["NODE_NAME"], "<downward API>", "{dir}");
+        let node_name = agent_container(ds)["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "NODE_NAME")
+            .expect("NODE_NAME");
+        assert_eq!(
+            node_name["valueFrom"]["fieldRef"]["fieldPath"],
+            "spec.nodeName"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn probes_hit_readyz_and_healthz_on_the_metrics_address() -> Result<()> {
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let ds = agent_ds(&docs);
+        let c = agent_container(ds);
+        let addr: std::net::SocketAddr = agent_environment(&docs, ds)["RAYFENCE_METRICS_ADDR"]
+            .parse()
+            .expect("RAYFENCE_METRICS_ADDR is host:port");
+        for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+            let get = &c[probe]["httpGet"];
+            assert_eq!(get["path"], path, "{dir} {probe}");
+            assert_eq!(get["port"], addr.port(), "{dir} {probe}");
+            if addr.ip().is_loopback() {
+                // The kubelet (host network) reaches the agent's loopback.
+                assert_eq!(get["host"], addr.ip().to_string(), "{dir} {probe}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn host_mounts_are_bpffs_and_a_read_only_cgroup2_only() -> Result<()> {
+    for dir in KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        for ds in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
+            let pod = &ds["spec"]["template"]["spec"];
+            let host_paths: BTreeMap<String, String> = pod["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .map(|v| {
+                    let path = v["hostPath"]["path"].as_str().expect("hostPath only");
+                    (v["name"].as_str().unwrap().to_owned(), path.to_owned())
+                })
+                .collect();
+            let allowed = ["/sys/fs/bpf", "/sys/fs/cgroup"];
+            for path in host_paths.values() {
+                assert!(allowed.contains(&path.as_str()), "{dir}: host path {path}");
+            }
+            let containers = pod["containers"]
+                .as_array()
+                .into_iter()
+                .chain(pod["initContainers"].as_array())
+                .flatten();
+            for c in containers {
+                let privileged = c["securityContext"]["privileged"] == true;
+                assert!(!privileged, "{dir}: container {} is privileged", c["name"]);
+                for m in c["volumeMounts"].as_array().into_iter().flatten() {
+                    // The API server rejects Bidirectional on unprivileged containers.
+                    assert_ne!(m["mountPropagation"], "Bidirectional", "{dir}");
+                    if host_paths[m["name"].as_str().unwrap()] == "/sys/fs/cgroup" {
+                        assert_eq!(m["readOnly"], true, "{dir}: cgroup fs read-only");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn every_flag_and_setting_the_manifests_pass_is_in_the_agent_cli() -> Result<()> {
+    let cli = cli_surface("agent")?;
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let ds = agent_ds(&docs);
+        let args = agent_args(ds);
+        assert_eq!(args[0], "agent", "{dir}");
+        for arg in &args[1..] {
+            let flag = flag_of(arg).unwrap_or_else(|| panic!("{dir}: {arg} is not --flag=value"));
+            assert!(
+                cli.flags.contains(flag),
+                "{dir}: rayfence agent has no {flag}"
+            );
+        }
+        for name in agent_environment(&docs, ds).keys() {
+            assert!(
+                cli.envs.contains(name),
+                "{dir}: rayfence agent reads no environment variable {name} (a typo is ignored silently)"
+            );
+        }
+    }
+    let cleanup = cli_surface("cleanup")?;
+    let docs = kustomize("deploy/cleanup")?;
+    let ds = find(&docs, "DaemonSet", "rayfence-cleanup");
+    let init = &ds["spec"]["template"]["spec"]["initContainers"][0];
+    let args: Vec<&str> = init["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "cleanup");
+    for arg in &args[1..] {
+        assert!(cleanup.flags.contains(flag_of(arg).expect("flag")), "{arg}");
+    }
+    Ok(())
+}
+
+/// Runs `rayfence agent` with exactly the pod's args and environment, plus a
+/// manifests directory that does not exist: the agent validates every flag and
+/// setting (values, NS/NAME, k=v selectors, capacities) before it checks that
+/// directory, so failing on it, and on nothing earlier, proves all of them valid.
+#[test]
+fn the_agent_accepts_every_rendered_configuration() -> Result<()> {
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let ds = agent_ds(&docs);
+        let mut env = agent_environment(&docs, ds);
+        env.insert("NODE_NAME".into(), "node-a".into());
+        env.insert("RAYFENCE_MANIFESTS".into(), "/nonexistent/rayfence".into());
+        let out = Command::new(rayfence_bin()?)
+            .args(agent_args(ds))
+            .env_clear()
+            .envs(&env)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--manifests /nonexistent/rayfence: not a directory"),
+            "{dir}: the agent rejected its configuration earlier:\n{stderr}"
+        );
+    }
+    Ok(())
+}
+
+/// (overlay, settings it changes, RBAC rules it adds).
+type OverlayCase = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    &'static [(&'static str, &'static str, &'static str)],
+);
+
+#[test]
+fn overlays_change_only_what_they_are_for() -> Result<()> {
+    let base = kustomize("deploy/base")?;
+    let base_env = agent_environment(&base, agent_ds(&base));
+    let base_rules = rule_triples(only(&base, "ClusterRole"));
+    let cases: [OverlayCase; 3] = [
+        ("deploy/overlays/audit", &[("RAYFENCE_AUDIT", "true")], &[]),
+        (
+            "deploy/overlays/k3s-flannel",
+            &[
+                ("RAYFENCE_DNS_SERVICE", "kube-system/kube-dns"),
+                ("RAYFENCE_KUBELET_CGROUP_ROOT", "/"),
+            ],
+            &[],
+        ),
+        (
+            "deploy/overlays/networkpolicies",
+            &[("RAYFENCE_ENFORCE_NETWORKPOLICIES", "true")],
+            &[
+                ("networking.k8s.io", "networkpolicies", "get"),
+                ("networking.k8s.io", "networkpolicies", "list"),
+                ("networking.k8s.io", "networkpolicies", "watch"),
+            ],
+        ),
+    ];
+    for (dir, settings, extra_rules) in cases {
+        let docs = kustomize(dir)?;
+        let mut expected_env = base_env.clone();
+        for (k, v) in settings {
+            expected_env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        assert_eq!(
+            agent_environment(&docs, agent_ds(&docs)),
+            expected_env,
+            "{dir}"
+        );
+        let mut expected_rules = base_rules.clone();
+        for (g, r, v) in extra_rules {
+            expected_rules.insert(((*g).into(), (*r).into(), (*v).into()));
+        }
+        assert_eq!(
+            rule_triples(only(&docs, "ClusterRole")),
+            expected_rules,
+            "{dir}"
+        );
+        assert_eq!(
+            agent_args(agent_ds(&docs)),
+            agent_args(agent_ds(&base)),
+            "{dir}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn cleanup_uses_the_agents_bpffs_with_bpf_and_net_admin_only() -> Result<()> {
+    let base = kustomize("deploy/base")?;
+    let agent_bpffs = agent_args(agent_ds(&base))
+        .into_iter()
+        .find(|a| a.starts_with("--bpffs="))
+        .expect("--bpffs");
+    let docs = kustomize("deploy/cleanup")?;
+    let ds = find(&docs, "DaemonSet", "rayfence-cleanup");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(
+        pod["hostNetwork"], true,
+        "clsact filters live in the host netns"
+    );
+    let init = &pod["initContainers"][0];
+    assert!(
+        init["args"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(agent_bpffs))
+    );
+    assert_eq!(
+        init["securityContext"]["capabilities"]["drop"],
+        json!(["ALL"])
+    );
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"],
+        json!(["BPF", "NET_ADMIN"])
+    );
+    // Same host directory at the same container path as the agent.
+    let mount = |docs: &[Value], ds: &Value, container: &Value| -> (String, String) {
+        let _ = docs;
+        let m = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "bpffs")
+            .expect("bpffs mount")
+            .clone();
+        let v = ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "bpffs")
+            .expect("bpffs volume")
+            .clone();
+        (
+            m["mountPath"].as_str().unwrap().to_owned(),
+            v["hostPath"]["path"].as_str().unwrap().to_owned(),
+        )
+    };
+    let agent = agent_ds(&base);
+    assert_eq!(
+        mount(&docs, ds, init),
+        mount(&base, agent, agent_container(agent))
+    );
+    Ok(())
+}

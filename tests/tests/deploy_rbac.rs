@@ -1,0 +1,307 @@
+//! The ClusterRole grants what the agent's API source needs and nothing more.
+//!
+//! Checked against the code's own list of watched kinds
+//! (`rayfence::source::ObjectKind::ALL`, whose exhaustive match below makes a new
+//! kind fail to compile until its rule is decided): the source runs one watcher
+//! (list + watch) per kind, cluster-wide, NetworkPolicies only with
+//! --enforce-networkpolicies; its Event reporter gets the object a problem is
+//! about and creates an events.k8s.io/v1 Event.
+//!
+//! And live: the real `rayfence agent`, configured as the manifests configure it,
+//! against tests/src/fake_api: every request in `server.requests()` must be
+//! allowed by the ClusterRole, and every rule used.
+mod deploy_common;
+
+use std::collections::BTreeSet;
+
+use anyhow::Result;
+use deploy_common::*;
+use k8s_openapi::Resource;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use rayfence::crd::RayCluster;
+use rayfence::source::ObjectKind;
+use rayfence_tests::fake_api::{FakeApiServer, RecordedRequest};
+use serde_json::json;
+
+type Triple = (String, String, String);
+
+fn triples<K: Resource>(verbs: &[&str]) -> Vec<Triple> {
+    verbs
+        .iter()
+        .map(|v| {
+            (
+                K::GROUP.to_owned(),
+                K::URL_PATH_SEGMENT.to_owned(),
+                (*v).to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// What the agent does against the API server, from the kinds it knows.
+fn needed(enforce_networkpolicies: bool) -> BTreeSet<Triple> {
+    // A watcher lists then watches; the Event reporter gets the object first.
+    const READ: &[&str] = &["get", "list", "watch"];
+    let mut out = BTreeSet::new();
+    for kind in ObjectKind::ALL {
+        let rules = match kind {
+            ObjectKind::RayCluster => triples::<RayCluster>(READ),
+            ObjectKind::Pod => triples::<Pod>(READ),
+            ObjectKind::Namespace => triples::<Namespace>(READ),
+            ObjectKind::Service => triples::<Service>(READ),
+            ObjectKind::EndpointSlice => triples::<EndpointSlice>(READ),
+            ObjectKind::NetworkPolicy if enforce_networkpolicies => triples::<NetworkPolicy>(READ),
+            ObjectKind::NetworkPolicy => Vec::new(),
+            // Only this node (fieldSelector metadata.name), but RBAC cannot narrow
+            // a list/watch to a name not known when the role is written.
+            ObjectKind::Node => triples::<Node>(READ),
+        };
+        out.extend(rules);
+    }
+    out.extend(triples::<Event>(&["create"]));
+    out
+}
+
+#[test]
+fn cluster_role_grants_exactly_what_the_agent_does() -> Result<()> {
+    for (dir, enforce) in [
+        ("deploy/base", false),
+        ("deploy/overlays/audit", false),
+        ("deploy/overlays/k3s-flannel", false),
+        ("deploy/overlays/networkpolicies", true),
+    ] {
+        let docs = kustomize(dir)?;
+        let env = agent_environment(&docs, find(&docs, "DaemonSet", "rayfence-agent"));
+        assert_eq!(
+            env["RAYFENCE_ENFORCE_NETWORKPOLICIES"],
+            enforce.to_string(),
+            "{dir}"
+        );
+        let granted = rule_triples(find(&docs, "ClusterRole", "rayfence-agent"));
+        let needed = needed(enforce);
+        let missing: Vec<_> = needed.difference(&granted).collect();
+        let extra: Vec<_> = granted.difference(&needed).collect();
+        assert!(missing.is_empty(), "{dir}: the agent needs {missing:?}");
+        assert!(extra.is_empty(), "{dir}: granted but never used {extra:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_role_is_bound_to_the_agents_service_account_only() -> Result<()> {
+    let docs = kustomize("deploy/base")?;
+    let binding = find(&docs, "ClusterRoleBinding", "rayfence-agent");
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(binding["roleRef"]["name"], "rayfence-agent");
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{
+            "kind": "ServiceAccount",
+            "name": "rayfence-agent",
+            "namespace": "rayfence-system"
+        }])
+    );
+    let ds = find(&docs, "DaemonSet", "rayfence-agent");
+    assert_eq!(
+        ds["spec"]["template"]["spec"]["serviceAccountName"],
+        "rayfence-agent"
+    );
+    // Nothing else in deploy/ may carry API permissions.
+    for dir in KUSTOMIZATIONS {
+        for doc in kustomize(dir)? {
+            let kind = doc["kind"].as_str().unwrap_or_default();
+            assert!(
+                !matches!(kind, "Role" | "RoleBinding")
+                    && (!kind.starts_with("Cluster")
+                        || doc["metadata"]["name"] == "rayfence-agent"),
+                "{dir}: unexpected {kind} {}",
+                doc["metadata"]["name"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// (verb, group, resource) of one recorded request, `None` for the public
+/// discovery endpoints (/version, /api, /apis), which every authenticated client
+/// may read through the built-in system:discovery role.
+fn request_triple(r: &RecordedRequest) -> Option<Triple> {
+    let segments: Vec<&str> = r.path.trim_matches('/').split('/').collect();
+    let (group, rest) = match segments.as_slice() {
+        ["api", "v1", rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return None,
+    };
+    // namespaces/<ns>/<resource>[/<name>], or <resource>[/<name>]; a bare
+    // namespaces/<name> is the Namespace itself.
+    let (resource, named) = match rest {
+        ["namespaces", _ns, resource, tail @ ..] => (*resource, !tail.is_empty()),
+        [resource, tail @ ..] => (*resource, !tail.is_empty()),
+        [] => return None,
+    };
+    let verb = match (r.method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if r.is_watch() => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        (other, _) => panic!("unexpected method {other} on {}", r.path),
+    };
+    Some((group.to_owned(), resource.to_owned(), verb.to_owned()))
+}
+
+/// Kills the agent and removes its pins, even when the test fails.
+struct RunningAgent {
+    child: std::process::Child,
+    bpffs: std::path::PathBuf,
+    log: std::path::PathBuf,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Ok(bin) = rayfence_bin() {
+            let _ = std::process::Command::new(bin)
+                .arg("cleanup")
+                .arg("--bpffs")
+                .arg(&self.bpffs)
+                .output();
+        }
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.kubeconfig);
+    }
+}
+
+/// The real `rayfence agent`, configured exactly as a rendered kustomization
+/// (its ConfigMap and args; only paths and the metrics port replaced for this
+/// machine), against the fake API server: every request it makes must be allowed
+/// by that kustomization's ClusterRole, and every rule must be exercised, except
+/// `get` on a watched kind the agent had no problem to report about in this
+/// scenario (the Event reporter may look up any of them; one is checked live).
+/// Needs root (it loads the datapath, on an empty node: nothing is attached).
+#[test]
+fn cluster_role_covers_every_request_the_running_agent_makes() -> Result<()> {
+    for (dir, enforce) in [
+        ("deploy/base", false),
+        ("deploy/overlays/networkpolicies", true),
+    ] {
+        check_live(dir, enforce).map_err(|e| e.context(dir))?;
+    }
+    Ok(())
+}
+
+fn check_live(dir: &str, enforce: bool) -> Result<()> {
+    use std::time::{Duration, Instant};
+
+    let docs = kustomize(dir)?;
+    let ds = find(&docs, "DaemonSet", "rayfence-agent");
+    let granted = rule_triples(find(&docs, "ClusterRole", "rayfence-agent"));
+
+    let rt = tokio::runtime::Runtime::new()?;
+    let server = rt.block_on(FakeApiServer::start())?;
+    server.install_crd("ray.io", "v1", "rayclusters");
+    let ns = "ray-rbac";
+    server.apply(&json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns}}}));
+    server.apply(&json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "rbac-node"},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.10"}]}}));
+    // Bad input, so that the Event reporter looks the object up and posts.
+    server.apply(&json!({"apiVersion": "ray.io/v1", "kind": "RayCluster",
+        "metadata": {"name": "bad", "namespace": ns, "uid": "rc-bad"},
+        "spec": {"networkPolicy": {"mode": "Sideways"}}}));
+
+    let tag = format!("rf-deploy-rbac-{}-{}", std::process::id(), enforce);
+    let kubeconfig = std::env::temp_dir().join(format!("{tag}.kubeconfig"));
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml())?;
+    let bpffs = std::path::Path::new("/sys/fs/bpf").join(&tag);
+    let log = std::env::temp_dir().join(format!("{tag}.log"));
+
+    let mut env = agent_environment(&docs, ds);
+    env.insert("NODE_NAME".into(), "rbac-node".into());
+    env.insert("RAYFENCE_METRICS_ADDR".into(), "127.0.0.1:0".into());
+    env.insert("RUST_LOG".into(), "info".into());
+    assert_eq!(env["RAYFENCE_ENFORCE_NETWORKPOLICIES"], enforce.to_string());
+    let mut args = Vec::new();
+    for arg in agent_args(ds) {
+        match flag_of(&arg) {
+            Some("--bpffs") => args.push(format!("--bpffs={}", bpffs.display())),
+            // Found in this machine's mountinfo instead.
+            Some("--cgroup-root") => {}
+            _ => args.push(arg),
+        }
+    }
+    args.push(format!("--kubeconfig={}", kubeconfig.display()));
+    let child = std::process::Command::new(rayfence_bin()?)
+        .args(&args)
+        .env_clear()
+        .envs(&env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let agent = RunningAgent {
+        child,
+        bpffs,
+        log: log.clone(),
+        kubeconfig,
+    };
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+
+    // Synced every kind it watches and posted the Event, then a little longer for
+    // anything that follows.
+    let watched: BTreeSet<Triple> = needed(enforce)
+        .into_iter()
+        .filter(|(_, _, v)| v == "watch")
+        .collect();
+    let t0 = Instant::now();
+    loop {
+        let seen: BTreeSet<Triple> = server
+            .requests()
+            .iter()
+            .filter_map(request_triple)
+            .collect();
+        let posted = seen.contains(&("events.k8s.io".into(), "events".into(), "create".into()));
+        if posted && watched.is_subset(&seen) {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(40),
+            "the agent did not sync and post within 40 s; requests: {:?}\nlog:\n{}",
+            server.requests(),
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(agent);
+
+    let used: BTreeSet<Triple> = server
+        .requests()
+        .iter()
+        .filter_map(request_triple)
+        .collect();
+    let denied: Vec<_> = used.difference(&granted).collect();
+    assert!(
+        denied.is_empty(),
+        "the agent made requests its ClusterRole does not allow: {denied:?}"
+    );
+    let unused: Vec<_> = granted
+        .difference(&used)
+        .filter(|(_, _, verb)| verb != "get")
+        .collect();
+    assert!(unused.is_empty(), "granted, never used: {unused:?}");
+    assert!(
+        used.contains(&("ray.io".into(), "rayclusters".into(), "get".into())),
+        "the Event reporter's lookup (get) was exercised"
+    );
+    Ok(())
+}
