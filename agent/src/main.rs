@@ -331,6 +331,9 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
 }
 
 async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()> {
+    // Say what is missing before anything half-starts (the error names each
+    // capability and what it is for).
+    rayfence::capabilities::check_for_agent()?;
     let health = Arc::new(Health::new());
     let bound = rayfence::serve::spawn(args.metrics_addr, health.clone())
         .await
