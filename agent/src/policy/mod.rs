@@ -34,7 +34,11 @@
 //!   are not endpoints and not selectable peers (they are the node).
 //! - Policy ids are hash-consed: local pods whose rule lists, isolation and (only if
 //!   an ingress rule names a port) named ports are equal share one id. Endpoint ids
-//!   are allocated per pod UID and kept until the pod goes; ids are never reused.
+//!   are allocated per pod UID and kept until the pod goes; every id is derived
+//!   from content with a stable hash (endpoint: pod UID; pod identity: its key;
+//!   CIDR: the prefix; Service: namespace/name; policy: its spec; see
+//!   `engine/ids.rs`), so the same cluster state gives the same tables in any event
+//!   order, and a restarted or upgraded agent renumbers nothing it adopts.
 //!
 //! # Readings where SEMANTICS is silent
 //! - Every local pod is an endpoint; pods of no isolating policy get

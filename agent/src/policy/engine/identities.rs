@@ -35,8 +35,7 @@ impl Engine {
         let id = match self.identity_keys.get(&key) {
             Some(id) => *id,
             None => {
-                let id = self.next_identity;
-                self.next_identity += 1;
+                let id = self.allocate_identity(super::ids::stable_hash("pod-identity", &key));
                 self.ids_by_ns
                     .entry(key.namespace.clone())
                     .or_default()
@@ -86,6 +85,7 @@ impl Engine {
     }
 
     pub(super) fn purge_identity(&mut self, id: IdentityId) {
+        self.used_identities.remove(&id);
         for policy in self.row_owners.remove(&id).into_iter().flatten() {
             if let Some(rows) = self
                 .policies
@@ -132,8 +132,7 @@ impl Engine {
             *refs += 1;
             return;
         }
-        let id = self.next_identity;
-        self.next_identity += 1;
+        let id = self.allocate_identity(super::ids::stable_hash("cidr", &net));
         self.prefixes.insert(net, (id, 1));
         self.prefix_by_id.insert(id, net);
         *self

@@ -184,8 +184,14 @@ impl Engine {
                 id
             }
             None => {
-                let id = self.next_endpoint;
-                self.next_endpoint += 1;
+                // From the UID: the pod keeps its id across agent restarts.
+                let seed = if uid.is_empty() {
+                    super::ids::stable_hash("endpoint-name", key)
+                } else {
+                    super::ids::stable_hash("endpoint", uid.as_str())
+                };
+                let taken = &self.endpoint_keys;
+                let id = super::ids::pick(seed, 1, |id| taken.contains_key(&id));
                 self.endpoints.insert(
                     key.clone(),
                     LocalEndpoint {
@@ -221,8 +227,10 @@ impl Engine {
             }
             return *id;
         }
-        let id = self.next_policy;
-        self.next_policy += 1;
+        let policies = &self.policies;
+        let id = super::ids::pick(super::ids::stable_hash("policy", &spec), 1, |id| {
+            policies.contains_key(&id)
+        });
         let mut prefixes: Vec<IpNet> = spec
             .rules()
             .flat_map(|(_, r)| r.peers.iter())

@@ -20,6 +20,7 @@
 mod declared;
 mod explain;
 mod identities;
+mod ids;
 mod index;
 mod local;
 mod namespaces;
@@ -160,9 +161,9 @@ where
 pub struct Engine {
     settings: Settings,
     node_addresses: HashSet<IpAddr>,
-    next_identity: IdentityId,
-    next_endpoint: EndpointId,
-    next_policy: PolicyId,
+    /// Every identity in use (pod, CIDR, Service): ids are derived from content and
+    /// probe past these on a collision.
+    used_identities: HashSet<IdentityId>,
     namespaces: HashMap<String, Labels>,
     pods: HashMap<ObjectKey, PodState>,
     addr_pods: HashMap<IpAddr, BTreeSet<ObjectKey>>,
@@ -197,6 +198,16 @@ pub struct Engine {
     dns_service: Option<ObjectKey>,
 }
 
+impl Engine {
+    /// A new identity for what `seed` hashes (see [`ids`]), marked in use.
+    fn allocate_identity(&mut self, seed: u64) -> IdentityId {
+        let used = &self.used_identities;
+        let id = ids::pick(seed, identity::FIRST_ALLOCATED, |id| used.contains(&id));
+        self.used_identities.insert(id);
+        id
+    }
+}
+
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
     (
         meta.namespace.clone().unwrap_or_default(),
@@ -209,9 +220,7 @@ impl Engine {
         let mut engine = Self {
             node_addresses: settings.node_addresses.iter().copied().collect(),
             settings,
-            next_identity: identity::FIRST_ALLOCATED,
-            next_endpoint: 1,
-            next_policy: 1,
+            used_identities: HashSet::new(),
             namespaces: HashMap::new(),
             pods: HashMap::new(),
             addr_pods: HashMap::new(),

@@ -79,11 +79,10 @@ impl Engine {
         ports.sort();
         let (identity, old_ips) = match self.services.remove(&key) {
             Some(old) => (old.identity, old.cluster_ips),
-            None => {
-                let id = self.next_identity;
-                self.next_identity += 1;
-                (id, Vec::new())
-            }
+            None => (
+                self.allocate_identity(super::ids::stable_hash("service", &key)),
+                Vec::new(),
+            ),
         };
         for ip in &old_ips {
             self.cluster_ips.remove(ip);
