@@ -38,6 +38,7 @@
 //! Nothing here touches the root namespace's interfaces, routes, sysctls or
 //! firewall: every link is created directly inside namespaces this crate made.
 
+pub mod agent_bin;
 pub mod cgroup;
 pub mod demo;
 pub mod fake_api;

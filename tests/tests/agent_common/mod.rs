@@ -9,13 +9,13 @@ use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use rayfence::discovery::QosClass;
 use rayfence::discovery::cgroup::{cgroupfs_path, pod_cgroup_name};
+pub use rayfence_tests::agent_bin::rayfence_bin;
 use rayfence_tests::{Node, Pod, ProbeBin, Server, TestCgroup};
 use serde_json::{Value, json};
 
@@ -30,57 +30,6 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 fn unique(role: &str) -> String {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     format!("rf-{role}-{}-{n}", std::process::id())
-}
-
-/// The `rayfence` binary: `$RAYFENCE_BIN`, else built once per test process with
-/// `cargo build -p rayfence-agent --bin rayfence` (cargo does not build a
-/// dependency's binaries for this crate's tests) and taken from the target dir.
-pub fn rayfence_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("RAYFENCE_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .ok_or("no workspace dir")?
-            .to_owned();
-        // The environment cargo gives a test (CARGO_*, build-script variables) would
-        // make this nested build fingerprint differently and rebuild dependencies.
-        let keep = [
-            "PATH",
-            "HOME",
-            "RUSTUP_HOME",
-            "CARGO_HOME",
-            "RUSTUP_TOOLCHAIN",
-            "CARGO_TARGET_DIR",
-            "CARGO_BUILD_TARGET_DIR",
-        ];
-        let status = Command::new(cargo)
-            .env_clear()
-            .envs(
-                keep.iter()
-                    .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
-            )
-            .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
-            .current_dir(&workspace)
-            .status()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build of the rayfence binary: {status}"));
-        }
-        // target/debug/deps/<test> -> target/debug/rayfence
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        exe.ancestors()
-            .skip(1)
-            .take(2)
-            .map(|d| d.join("rayfence"))
-            .find(|p| p.is_file())
-            .ok_or_else(|| format!("no rayfence binary near {}", exe.display()))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
 }
 
 /// A fake kubelet cgroup tree (cgroupfs driver, Guaranteed pods:

@@ -8,9 +8,9 @@ pub mod chart;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use anyhow::{Context as _, Result, bail};
+pub use rayfence_tests::agent_bin::rayfence_bin;
 use serde_json::Value;
 
 /// The repository root.
@@ -130,52 +130,6 @@ pub fn agent_args(ds: &Value) -> Vec<String> {
         .iter()
         .map(|a| a.as_str().expect("string arg").to_owned())
         .collect()
-}
-
-/// The `rayfence` binary: `$RAYFENCE_BIN`, else built once per test process with
-/// `cargo build -p rayfence-agent --bin rayfence` (cargo does not build a
-/// dependency's binaries for this crate's tests) and taken from next to the test
-/// executable (target/debug).
-pub fn rayfence_bin() -> Result<PathBuf> {
-    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("RAYFENCE_BIN") {
-            return Ok(PathBuf::from(p));
-        }
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        // The environment cargo gives a test (CARGO_*, build-script variables) would
-        // make this nested build fingerprint differently and rebuild dependencies.
-        let keep = [
-            "PATH",
-            "HOME",
-            "RUSTUP_HOME",
-            "CARGO_HOME",
-            "RUSTUP_TOOLCHAIN",
-            "CARGO_TARGET_DIR",
-        ];
-        let status = Command::new(cargo)
-            .env_clear()
-            .envs(
-                keep.iter()
-                    .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
-            )
-            .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
-            .current_dir(workspace())
-            .status()
-            .map_err(|e| format!("running cargo build: {e}"))?;
-        if !status.success() {
-            return Err(format!("cargo build of the rayfence binary: {status}"));
-        }
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        exe.ancestors()
-            .skip(1)
-            .take(2)
-            .map(|d| d.join("rayfence"))
-            .find(|p| p.is_file())
-            .ok_or_else(|| format!("no rayfence binary near {}", exe.display()))
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
 }
 
 /// What `rayfence <subcommand> --help` lists: long flags and environment variables.

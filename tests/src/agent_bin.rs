@@ -1,0 +1,59 @@
+//! The `rayfence` binary for end-to-end tests. Cargo does not build a dependency's
+//! binaries for this crate's tests (and a stale one would test old code), so it is
+//! built once per test process with `cargo build -p rayfence-agent --bin rayfence`
+//! and taken from next to the test executable (`target/<profile>/deps/<test>` ->
+//! `target/<profile>/rayfence`). `$RAYFENCE_BIN` overrides it.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use anyhow::Result;
+
+/// The environment kept for the nested build: what cargo gives a test (`CARGO_*`,
+/// build-script variables) would make it fingerprint differently and rebuild every
+/// dependency.
+const KEPT_ENV: [&str; 7] = [
+    "PATH",
+    "HOME",
+    "RUSTUP_HOME",
+    "CARGO_HOME",
+    "RUSTUP_TOOLCHAIN",
+    "CARGO_TARGET_DIR",
+    "CARGO_BUILD_TARGET_DIR",
+];
+
+pub fn rayfence_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(build).clone().map_err(anyhow::Error::msg)
+}
+
+fn build() -> std::result::Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("RAYFENCE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace dir")?;
+    let status = Command::new(cargo)
+        .env_clear()
+        .envs(
+            KEPT_ENV
+                .iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        )
+        .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
+        .current_dir(workspace)
+        .status()
+        .map_err(|e| format!("running cargo build: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build of the rayfence binary: {status}"));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("rayfence"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("no rayfence binary near {}", exe.display()))
+}
