@@ -33,6 +33,7 @@ fn main() -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     require_root("the eBPF and network namespace tests load programs and create namespaces")?;
     setup::ensure_all()?;
+    setup::require_kubectl()?;
     say("checking formatting");
     run(cargo(setup::HOST_TOOLCHAIN).args(["fmt", "--all", "--", "--check"]))?;
     say("running the tests");

@@ -29,6 +29,19 @@ pub fn ensure_all() -> Result<()> {
     Ok(())
 }
 
+/// The deploy tests render the manifests with `kubectl kustomize`. kubectl is part
+/// of this project's machine image; Debian has no package for it, so it cannot be
+/// installed here, only asked for.
+pub fn require_kubectl() -> Result<()> {
+    if output("kubectl", &["version", "--client"]).is_none() {
+        bail!(
+            "kubectl (with its built-in kustomize) is needed by the deploy tests: \
+             install it from https://kubernetes.io/docs/tasks/tools/ and run again"
+        );
+    }
+    Ok(())
+}
+
 fn output(program: &str, args: &[&str]) -> Option<String> {
     let out = Command::new(program).args(args).output().ok()?;
     out.status
