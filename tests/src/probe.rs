@@ -14,9 +14,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 
 use crate::netns::Netns;
 
@@ -345,5 +345,26 @@ impl Drop for HeldConnection {
         drop(self.stdin.take());
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Polls `probe` until its outcome is (not) Ok, as `want_ok` says; the time that took.
+/// Fails after `timeout`, naming `what` and the last outcome.
+pub fn wait_outcome(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Outcome,
+    want_ok: bool,
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let o = probe();
+        if o.is_ok() == want_ok {
+            return Ok(t0.elapsed());
+        }
+        ensure!(
+            t0.elapsed() < timeout,
+            "{what}: still {o:?} after {timeout:?}"
+        );
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Result, ensure};
+use rayfence_tests::probe::wait_outcome;
 use rayfence_tests::{Layout, Outcome, Prober, Topology};
 use serde_json::json;
 
@@ -64,25 +65,6 @@ impl Drop for Continuous {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
-    }
-}
-
-fn wait_outcome(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Outcome,
-    want_ok: bool,
-) -> Result<Duration> {
-    let t0 = Instant::now();
-    loop {
-        let o = probe();
-        if o.is_ok() == want_ok {
-            return Ok(t0.elapsed());
-        }
-        ensure!(
-            t0.elapsed() < timeout,
-            "{what}: still {o:?} after {timeout:?}"
-        );
     }
 }
 

@@ -30,6 +30,7 @@ use agent_common::{
 use anyhow::{Context, Result, ensure};
 use rayfence::source::kube::MAX_BACKOFF;
 use rayfence_tests::fake_api::FakeApiServer;
+use rayfence_tests::probe::wait_outcome;
 use rayfence_tests::{Layout, Node, Outcome, Pod, Topology};
 use serde_json::{Value, json};
 
@@ -195,26 +196,6 @@ fn alive(agent: &Agent) -> Result<()> {
         agent.log_text()
     );
     Ok(())
-}
-
-/// Polls `probe` until its outcome is (not) Ok; the time that took.
-fn wait_outcome(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> Outcome,
-    want_ok: bool,
-) -> Result<Duration> {
-    let t0 = Instant::now();
-    loop {
-        let o = probe();
-        if o.is_ok() == want_ok {
-            return Ok(t0.elapsed());
-        }
-        ensure!(
-            t0.elapsed() < timeout,
-            "{what}: still {o:?} after {timeout:?}"
-        );
-    }
 }
 
 /// Applies `object` and measures, for each (node, target) in parallel, how long
