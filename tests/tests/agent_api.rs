@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Context as _, Result, ensure};
+use rayfence_tests::Outcome;
 use rayfence_tests::fake_api::FakeApiServer;
-use rayfence_tests::{Layout, Outcome, Topology};
 use serde_json::json;
 
 const NODE: &str = "node-a";
@@ -28,20 +28,9 @@ fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Res
 
 #[test]
 fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_events() -> Result<()> {
-    let topo = Topology::with_pods(
-        Layout::Bridged,
-        probe_bin(),
-        &["head", "worker", "outsider"],
-    )?;
-    let kubelet = Kubelet::new()?;
-    let ns = format!("ray-{}", topo.tag());
-    let uids = [uid(41), uid(42), uid(43)];
+    let node = SimNode::new(&["head", "worker", "outsider"], 41)?;
+    let (topo, kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
     let (head, worker, outsider) = (topo.pod("head"), topo.pod("worker"), topo.pod("outsider"));
-    let _sandboxes = [
-        sandbox(&kubelet, head, &uids[0])?,
-        sandbox(&kubelet, worker, &uids[1])?,
-        sandbox(&kubelet, outsider, &uids[2])?,
-    ];
     let _head_tcp = head.serve_tcp(8000)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()

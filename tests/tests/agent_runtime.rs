@@ -82,26 +82,14 @@ fn base(ns: &str, topo: &Topology, pods: &[PodSpec<'_>]) -> Vec<serde_json::Valu
 
 #[test]
 fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
-    let topo = Topology::with_pods(
-        Layout::Bridged,
-        probe_bin(),
-        &["head", "worker", "outsider", "plain"],
-    )?;
-    let kubelet = Kubelet::new()?;
-    let ns = format!("ray-{}", topo.tag());
+    let node = SimNode::new(&["head", "worker", "outsider", "plain"], 1)?;
+    let (topo, kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
     let (head, worker, outsider, plain) = (
         topo.pod("head"),
         topo.pod("worker"),
         topo.pod("outsider"),
         topo.pod("plain"),
     );
-    let uids = [uid(1), uid(2), uid(3), uid(4)];
-    let _sandboxes = [
-        sandbox(&kubelet, head, &uids[0])?,
-        sandbox(&kubelet, worker, &uids[1])?,
-        sandbox(&kubelet, outsider, &uids[2])?,
-        sandbox(&kubelet, plain, &uids[3])?,
-    ];
     let _head_tcp = head.serve_tcp(8000)?;
     let _head_udp = head.serve_udp(8001)?;
     let _worker_tcp = worker.serve_tcp(8000)?;
@@ -390,20 +378,9 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
 
 #[test]
 fn agent_restart_keeps_connections_and_denials() -> Result<()> {
-    let topo = Topology::with_pods(
-        Layout::Bridged,
-        probe_bin(),
-        &["head", "worker", "outsider"],
-    )?;
-    let kubelet = Kubelet::new()?;
-    let ns = format!("ray-{}", topo.tag());
-    let uids = [uid(21), uid(22), uid(23)];
+    let node = SimNode::new(&["head", "worker", "outsider"], 21)?;
+    let (topo, kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
     let (head, worker, outsider) = (topo.pod("head"), topo.pod("worker"), topo.pod("outsider"));
-    let _sandboxes = [
-        sandbox(&kubelet, head, &uids[0])?,
-        sandbox(&kubelet, worker, &uids[1])?,
-        sandbox(&kubelet, outsider, &uids[2])?,
-    ];
     let _head_tcp = head.serve_tcp(8000)?;
     let manifests = Manifests::new()?;
     let mut docs = base(

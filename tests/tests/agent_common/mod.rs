@@ -16,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use rayfence::discovery::QosClass;
 use rayfence::discovery::cgroup::{cgroupfs_path, pod_cgroup_name};
 pub use rayfence_tests::agent_bin::rayfence_bin;
-use rayfence_tests::{Node, Pod, ProbeBin, Server, TestCgroup};
+use rayfence_tests::{Layout, Node, Pod, ProbeBin, Server, TestCgroup, Topology};
 use serde_json::{Value, json};
 
 pub const METRICS_PORT: u16 = 9402;
@@ -71,6 +71,40 @@ pub fn sandbox(kubelet: &Kubelet, pod: &Pod, uid: &str) -> Result<Sandbox> {
         ctr,
         _pause: pause,
     })
+}
+
+/// A bridged node whose pods each run in a kubelet-like cgroup with a sandbox
+/// process, as the agent finds pods on a real node. Fields drop in order: the
+/// sandboxes' processes first, then their cgroups, then the namespaces.
+pub struct SimNode {
+    _sandboxes: Vec<Sandbox>,
+    pub kubelet: Kubelet,
+    pub topo: Topology,
+    /// The pods' namespace in the manifests: `ray-<topology tag>`.
+    pub ns: String,
+    /// Pod UIDs, in the order of the pod names given.
+    pub uids: Vec<String>,
+}
+
+impl SimNode {
+    /// Pods `names` on one bridged node, UIDs from `uid(first_uid)` on.
+    pub fn new(names: &[&str], first_uid: u32) -> Result<Self> {
+        let topo = Topology::with_pods(Layout::Bridged, probe_bin(), names)?;
+        let kubelet = Kubelet::new()?;
+        let uids: Vec<String> = (first_uid..).take(names.len()).map(uid).collect();
+        let sandboxes = names
+            .iter()
+            .zip(&uids)
+            .map(|(name, uid)| sandbox(&kubelet, topo.pod(name), uid))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SimNode {
+            _sandboxes: sandboxes,
+            kubelet,
+            ns: format!("ray-{}", topo.tag()),
+            topo,
+            uids,
+        })
+    }
 }
 
 pub fn uid(n: u32) -> String {
