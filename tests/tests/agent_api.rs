@@ -72,6 +72,7 @@ fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_even
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
         kubeconfig: Some(&kubeconfig),
+        extra_args: &[],
     })?;
     agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     assert_eq!(worker.tcp_connect(v4(head), 8000, SHORT), Outcome::Ok);

@@ -125,6 +125,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
         kubeconfig: None,
+        extra_args: &[],
     })?;
     let (ready_after, statuses) = agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     // Ready means programmed: the log says so before /readyz does, and the head
@@ -305,6 +306,7 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
         kubeconfig: None,
+        extra_args: &[],
     })?;
     agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     agent.wait_log(&["pending", &format!("{ns}/late")], Duration::from_secs(5))?;
@@ -402,6 +404,7 @@ fn agent_restart_keeps_connections_and_denials() -> Result<()> {
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
         kubeconfig: None,
+        extra_args: &[],
     };
     let mut first = Agent::start(&options)?;
     first.wait_ready(topo.node(0), Duration::from_secs(20))?;
@@ -488,6 +491,7 @@ fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> 
         bpffs: &bpffs.path,
         cgroup_root: kubelet.root.path(),
         kubeconfig: None,
+        extra_args: &[],
     })?;
     agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     agent.wait_log(

@@ -340,6 +340,7 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
             bpffs: &bpffs.path,
             cgroup_root: kubelet.root.path(),
             kubeconfig: Some(&kubeconfig),
+            extra_args: &[],
         })?;
         rigs.push(NodeRig {
             agent,

@@ -241,6 +241,8 @@ pub struct AgentOptions<'a> {
     pub cgroup_root: &'a Path,
     /// Watch this API server (kubeconfig) instead of the manifests directory.
     pub kubeconfig: Option<&'a Path>,
+    /// More flags, after the ones above.
+    pub extra_args: &'a [&'a str],
 }
 
 impl Agent {
@@ -264,6 +266,7 @@ impl Agent {
             .arg(format!("127.0.0.1:{METRICS_PORT}"))
             .arg("--dns-mode")
             .arg("off")
+            .args(o.extra_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
