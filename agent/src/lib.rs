@@ -9,11 +9,18 @@
 //! - [`discovery`]: where local pods live in the kernel (cgroup, host veth) and which hook fits.
 //! - [`source`]: cluster objects from the API server or a manifests directory, as events.
 //! - [`runtime`]: the node agent's reconcile loop: sources -> engine -> datapath, endpoints.
-//! - [`serve`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`serve`]: `/metrics`, `/healthz`, `/readyz`, and the operator API (`/v1/...`) over
+//!   HTTP and the local socket.
+//! - [`api`]: the operator API's wire types (status, explain, flow events).
+//! - [`explain`]: a flow's verdict on each side and the rules that decide it.
+//! - [`cli`]: the operator commands' client side (`status`, `explain`, `flows`).
+pub mod api;
 pub mod capabilities;
+pub mod cli;
 pub mod crd;
 pub mod datapath;
 pub mod discovery;
+pub mod explain;
 pub mod policy;
 pub mod runtime;
 pub mod serve;

@@ -1,5 +1,5 @@
 //! The `rayfence` binary: the node agent (`rayfence agent`) and its operator
-//! commands (`rayfence cleanup`).
+//! commands (`rayfence status`, `explain`, `flows`, `cleanup`).
 //!
 //! Parses every flag once (each has an environment variable too) and fails fast
 //! with a message that names the flag; then wires sources, runtime and HTTP.
@@ -12,12 +12,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use rayfence::cli::{self, DEFAULT_API_SOCKET, Output};
 use rayfence::datapath::{self, Capacities, DatapathOptions, paths::DEFAULT_BPFFS_DIR};
 use rayfence::discovery::LocatorConfig;
 use rayfence::policy::selector::Selector;
 use rayfence::policy::{DnsMode, Settings};
+use rayfence::runtime::api::QueryClient;
+use rayfence::runtime::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
 use rayfence::runtime::{Runtime, RuntimeConfig};
-use rayfence::serve::Health;
+use rayfence::serve::{Health, OperatorApi, Served};
 use rayfence::source::ObjectKind;
 use rayfence::source::ProblemReporter;
 use rayfence::source::events::{EventReporterConfig, KubeEventReporter};
@@ -40,12 +43,124 @@ enum Command {
     /// Run the node agent: watch the cluster (or a manifests directory) and keep
     /// the datapath equal to the policy, live.
     Agent(Box<AgentArgs>),
+    /// The local endpoints of the agent on this node: hook, mode, isolation, drops.
+    Status {
+        #[command(flatten)]
+        agent: AgentConnection,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Why a flow is allowed or denied, and by which rule, from the same engine the
+    /// datapath's tables come from.
+    Explain(Box<ExplainArgs>),
+    /// Denied (and audited) flows seen by the agent on this node.
+    Flows {
+        #[command(flatten)]
+        agent: AgentConnection,
+        /// Keep printing new flows until interrupted.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only `dropped` or only `audit` (would have been dropped).
+        #[arg(long, value_name = "dropped|audit")]
+        verdict: Option<String>,
+        #[arg(long, value_name = "NS")]
+        namespace: Option<String>,
+        #[arg(long, value_name = "NAME")]
+        raycluster: Option<String>,
+        /// How many recent flows to print first.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Detach every program rayfence attached and remove everything it pinned.
     Cleanup {
         /// The agent's bpffs directory.
         #[arg(long, value_name = "DIR", env = "RAYFENCE_BPFFS", default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+}
+
+/// How the commands reach the agent.
+#[derive(Args, Debug)]
+struct AgentConnection {
+    /// The agent's local socket.
+    #[arg(long, value_name = "PATH", env = "RAYFENCE_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+    /// Ask the agent over HTTP instead (its --metrics-addr), e.g. http://10.0.0.5:9402.
+    #[arg(long, value_name = "URL")]
+    agent: Option<String>,
+    /// Bearer token for --agent (when the agent runs with --metrics-auth).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+}
+
+impl AgentConnection {
+    fn address(&self) -> anyhow::Result<cli::AgentAddress> {
+        cli::agent_address(
+            self.agent.as_deref(),
+            &self.socket,
+            self.token_file.as_deref(),
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+struct ExplainArgs {
+    /// The source: NAMESPACE/POD or an IP.
+    #[arg(long, value_name = "NS/POD|IP")]
+    from: String,
+    /// The destination, then :PORT and /tcp|udp|sctp (default tcp); no port: ICMP echo.
+    #[arg(long, value_name = "NS/POD|IP[:PORT[/PROTO]]")]
+    to: String,
+    /// Answer offline from the objects in DIR (YAML/JSON) instead of asking the agent.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
+    #[command(flatten)]
+    agent: AgentConnection,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Flags that change what the policy allows; shared by the agent and offline explain.
+#[derive(Args, Debug)]
+struct PolicyArgs {
+    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
+    #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
+    dns_mode: DnsModeArg,
+    /// The cluster DNS Service, NAMESPACE/NAME.
+    #[arg(
+        long,
+        value_name = "NS/NAME",
+        env = "RAYFENCE_DNS_SERVICE",
+        default_value = "kube-system/kube-dns"
+    )]
+    dns_service: String,
+    /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "RAYFENCE_OPERATOR_NAMESPACE",
+        value_delimiter = ','
+    )]
+    operator_namespace: Vec<String>,
+    /// Labels of the KubeRay operator pods, k=v[,k=v].
+    #[arg(long, value_name = "K=V[,K=V]", env = "RAYFENCE_OPERATOR_SELECTOR")]
+    operator_selector: Option<String>,
+    /// Also enforce plain networking.k8s.io/v1 NetworkPolicies.
+    #[arg(long, env = "RAYFENCE_ENFORCE_NETWORKPOLICIES")]
+    enforce_networkpolicies: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FlowLogArg {
+    Stdout,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -102,31 +217,22 @@ struct AgentArgs {
         default_value = "127.0.0.1:9402"
     )]
     metrics_addr: SocketAddr,
-    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
-    #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
-    dns_mode: DnsModeArg,
-    /// The cluster DNS Service, NAMESPACE/NAME.
+    #[command(flatten)]
+    policy: PolicyArgs,
+    /// Serve the operator API (status, explain, flows) on this local socket.
+    #[arg(long, value_name = "PATH", env = "RAYFENCE_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    api_socket: PathBuf,
+    /// Where denied-flow events are logged as JSON lines besides `rayfence flows`.
+    #[arg(long, value_enum, env = "RAYFENCE_FLOW_LOG", default_value = "stdout")]
+    flow_log: FlowLogArg,
+    /// Flow events each local pod may log per second; the rest are counted as suppressed.
     #[arg(
         long,
-        value_name = "NS/NAME",
-        env = "RAYFENCE_DNS_SERVICE",
-        default_value = "kube-system/kube-dns"
+        value_name = "N",
+        env = "RAYFENCE_FLOW_LOG_RATE",
+        default_value_t = 10
     )]
-    dns_service: String,
-    /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
-    #[arg(
-        long,
-        value_name = "NS",
-        env = "RAYFENCE_OPERATOR_NAMESPACE",
-        value_delimiter = ','
-    )]
-    operator_namespace: Vec<String>,
-    /// Labels of the KubeRay operator pods, k=v[,k=v].
-    #[arg(long, value_name = "K=V[,K=V]", env = "RAYFENCE_OPERATOR_SELECTOR")]
-    operator_selector: Option<String>,
-    /// Also enforce plain networking.k8s.io/v1 NetworkPolicies.
-    #[arg(long, env = "RAYFENCE_ENFORCE_NETWORKPOLICIES")]
-    enforce_networkpolicies: bool,
+    flow_log_rate: u32,
     /// Evaluate and count, never drop.
     #[arg(long, env = "RAYFENCE_AUDIT")]
     audit: bool,
@@ -181,6 +287,41 @@ fn main() -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Status { agent, json } => {
+            let address = agent.address()?;
+            block_on(cli::status(&address, output(json)))
+        }
+        Command::Explain(args) => {
+            let output = output(args.json);
+            match &args.manifests {
+                Some(dir) => {
+                    let settings = policy_settings(&args.policy, "offline")?;
+                    cli::explain_offline(dir, settings, &args.from, &args.to, output)?;
+                }
+                None => {
+                    let address = args.agent.address()?;
+                    block_on(cli::explain(&address, &args.from, &args.to, output))?;
+                }
+            }
+            Ok(())
+        }
+        Command::Flows {
+            agent,
+            follow,
+            verdict,
+            namespace,
+            raycluster,
+            limit,
+            json,
+        } => {
+            let address = agent.address()?;
+            let filter = rayfence::api::FlowFilter {
+                verdict: verdict.as_deref().map(cli::parse_verdict).transpose()?,
+                namespace,
+                raycluster,
+            };
+            block_on(cli::flows(&address, &filter, follow, limit, output(json)))
+        }
         Command::Agent(args) => {
             init_tracing(args.log_format);
             let config = runtime_config(&args)?;
@@ -192,6 +333,19 @@ fn main() -> anyhow::Result<()> {
                 .block_on(agent(*args, config))
         }
     }
+}
+
+fn output(json: bool) -> Output {
+    if json { Output::Json } else { Output::Human }
+}
+
+/// The commands' own small runtime (the agent builds its own).
+fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(future)
 }
 
 fn init_tracing(format: LogFormat) {
@@ -206,26 +360,23 @@ fn init_tracing(format: LogFormat) {
     }
 }
 
-/// Every flag checked and turned into the runtime's configuration.
-fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
-    if args.node_name.trim().is_empty() {
-        bail!("--node-name (NODE_NAME) must not be empty");
-    }
-    let mut settings = Settings::new(args.node_name.clone(), Vec::new());
-    settings.dns = match args.dns_mode {
+/// The settings the policy flags give, for node `node_name`.
+fn policy_settings(policy: &PolicyArgs, node_name: &str) -> anyhow::Result<Settings> {
+    let mut settings = Settings::new(node_name.to_owned(), Vec::new());
+    settings.dns = match policy.dns_mode {
         DnsModeArg::Anywhere => DnsMode::Anywhere,
         DnsModeArg::Off => DnsMode::Off,
         DnsModeArg::Service => {
-            let Some((namespace, name)) = args.dns_service.split_once('/') else {
+            let Some((namespace, name)) = policy.dns_service.split_once('/') else {
                 bail!(
                     "--dns-service {:?}: expected NAMESPACE/NAME",
-                    args.dns_service
+                    policy.dns_service
                 );
             };
             if namespace.is_empty() || name.is_empty() || name.contains('/') {
                 bail!(
                     "--dns-service {:?}: expected NAMESPACE/NAME",
-                    args.dns_service
+                    policy.dns_service
                 );
             }
             DnsMode::Service {
@@ -234,10 +385,10 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
             }
         }
     };
-    if !args.operator_namespace.is_empty() {
-        settings.operator_namespaces = args.operator_namespace.clone();
+    if !policy.operator_namespace.is_empty() {
+        settings.operator_namespaces = policy.operator_namespace.clone();
     }
-    if let Some(selector) = &args.operator_selector {
+    if let Some(selector) = &policy.operator_selector {
         let mut pairs = Vec::new();
         for pair in selector.split(',') {
             match pair.split_once('=') {
@@ -247,8 +398,20 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
         }
         settings.operator_selector = Selector::from_labels(pairs);
     }
-    settings.enforce_networkpolicies = args.enforce_networkpolicies;
+    settings.enforce_networkpolicies = policy.enforce_networkpolicies;
+    Ok(settings)
+}
+
+/// Every flag checked and turned into the runtime's configuration.
+fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
+    if args.node_name.trim().is_empty() {
+        bail!("--node-name (NODE_NAME) must not be empty");
+    }
+    let mut settings = policy_settings(&args.policy, &args.node_name)?;
     settings.audit = args.audit;
+    if args.flow_log_rate == 0 {
+        bail!("--flow-log-rate must be at least 1");
+    }
 
     let mut capacities = Capacities::default();
     for (flag, value, slot) in [
@@ -335,10 +498,38 @@ async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()>
     // capability and what it is for).
     rayfence::capabilities::check_for_agent()?;
     let health = Arc::new(Health::new());
-    let bound = rayfence::serve::spawn(args.metrics_addr, health.clone())
+    let hub = Arc::new(FlowHub::default());
+    let (queries, query_rx) = QueryClient::channel();
+    let served = Served {
+        health: health.clone(),
+        api: Some(OperatorApi {
+            queries,
+            flows: hub.clone(),
+        }),
+    };
+    let bound = rayfence::serve::spawn(args.metrics_addr, served.clone())
         .await
         .context("--metrics-addr")?;
-    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz, /v1/");
+    // Enforcement matters more than the commands' socket: without it the agent
+    // still runs (and says why).
+    let _socket = match rayfence::serve::spawn_socket(&args.api_socket, served).await {
+        Ok(guard) => {
+            tracing::info!(socket = %args.api_socket.display(), "serving the operator API");
+            Some(guard)
+        }
+        Err(error) => {
+            tracing::warn!(error = %format!("{error:#}"), "no operator API socket; the commands can use --agent http://...");
+            None
+        }
+    };
+    let flow_config = FlowConfig {
+        log: match args.flow_log {
+            FlowLogArg::Stdout => FlowLog::Stdout,
+            FlowLogArg::Off => FlowLog::Off,
+        },
+        per_pod_per_second: args.flow_log_rate,
+    };
 
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let mut reporter: Option<Arc<dyn ProblemReporter>> = None;
@@ -353,7 +544,7 @@ async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()>
         None => {
             let client = kube_client(args.kubeconfig.as_deref()).await?;
             let mut source = KubeSourceConfig::new(args.node_name.clone());
-            source.enforce_networkpolicies = args.enforce_networkpolicies;
+            source.enforce_networkpolicies = args.policy.enforce_networkpolicies;
             config.expected_kinds = source.kinds().into_iter().collect();
             reporter = Some(Arc::new(KubeEventReporter::spawn(
                 client.clone(),
@@ -369,6 +560,8 @@ async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()>
     }
 
     let runtime = tokio::task::block_in_place(|| Runtime::new(config, health, reporter))
+        .context("starting the agent")?
+        .with_observability(query_rx, FlowEvents::new(flow_config, hub))
         .context("starting the agent")?;
     let links = rayfence::runtime::spawn_link_watcher();
     runtime.run(rx, links, shutdown_signal()).await;

@@ -78,7 +78,9 @@ pub mod rule;
 pub mod selector;
 pub mod settings;
 
-pub use engine::{EndpointMeta, Engine, Explanation, Kind, NamedPort, ObjectKey, Stats};
+pub use engine::{
+    AddressOwner, EndpointMeta, Engine, Explanation, Kind, NamedPort, ObjectKey, PodFacts, Stats,
+};
 pub use problem::{ObjectRef, Problem, Severity};
 pub use rule::{Role, RuleOrigin};
 pub use settings::{DnsMode, Settings};

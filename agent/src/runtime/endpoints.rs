@@ -71,6 +71,11 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
+    /// Where one endpoint stands, if the runtime has tried it.
+    pub fn state(&self, id: EndpointId) -> Option<&EndpointState> {
+        self.states.get(&id).map(|(_, state)| state)
+    }
+
     pub fn has_pending(&self) -> bool {
         self.states
             .values()

@@ -13,12 +13,17 @@
 //! what the adopted maps hold (a diff, never a flush), and endpoints whose links
 //! survived are re-registered on their existing links (no detach/attach gap).
 //!
+//! Observability: the loop also answers operator queries ([`api`]) and names,
+//! limits and publishes the datapath's flow events ([`flows`]) between turns.
+//!
 //! Must not: parse manifests or talk to the API server (sources do), translate
 //! policy (the engine does), use aya (the datapath does), or open the gate on error:
 //! an apply error leaves the affected endpoints fail-closed (the datapath's doing)
 //! and is logged, counted and retried as a full apply on the next turn; a silent or
 //! unreachable source keeps the last state enforced.
+pub mod api;
 mod endpoints;
+pub mod flows;
 mod node;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -30,7 +35,7 @@ use k8s_openapi::api::core::v1::Pod;
 use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict};
 use tokio::sync::mpsc;
 
-use crate::datapath::{Datapath, DatapathError, DatapathOptions};
+use crate::datapath::{AsyncEventStream, Datapath, DatapathError, DatapathOptions};
 use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
 use crate::policy::{Engine, Kind, Problem, Role, Settings};
 use crate::serve::Health;
@@ -61,6 +66,8 @@ pub enum RuntimeError {
     Datapath(#[source] DatapathError),
     #[error("setting up pod discovery")]
     Discovery(#[source] DiscoveryError),
+    #[error("reading flow events from the datapath")]
+    Events(#[source] std::io::Error),
 }
 
 /// What the runtime keeps of a local pod besides the engine (for the locator).
@@ -114,6 +121,12 @@ pub struct Runtime {
     counters_seen: BTreeMap<CounterKey, CounterValue>,
     /// Changes received and not programmed yet, since this instant.
     dirty_since: Option<Instant>,
+    /// The source's last status (`connected`, `unreachable`, `kind-missing`).
+    source_status: String,
+    /// Operator queries, when the API is served.
+    queries: Option<mpsc::Receiver<api::Query>>,
+    /// Flow events: the datapath's stream and what names and publishes them.
+    flow_events: Option<(AsyncEventStream, flows::FlowEvents)>,
 }
 
 impl Runtime {
@@ -153,8 +166,29 @@ impl Runtime {
             interface_addresses: node::interface_addresses(),
             counters_seen: BTreeMap::new(),
             dirty_since: None,
+            source_status: "starting".into(),
+            queries: None,
+            flow_events: None,
             config,
         })
+    }
+
+    /// Answers operator queries and publishes flow events (the binary always does;
+    /// a test of the loop alone may not).
+    pub fn with_observability(
+        mut self,
+        queries: mpsc::Receiver<api::Query>,
+        flow_events: flows::FlowEvents,
+    ) -> Result<Self, RuntimeError> {
+        let stream = self
+            .datapath
+            .take_events()
+            .map_err(RuntimeError::Datapath)?
+            .into_async()
+            .map_err(RuntimeError::Events)?;
+        self.queries = Some(queries);
+        self.flow_events = Some((stream, flow_events));
+        Ok(self)
     }
 
     /// Runs until `shutdown` resolves. Links: one message per new or changed host
@@ -171,6 +205,8 @@ impl Runtime {
         counters.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut source_open = true;
         let mut links_open = true;
+        let mut queries = self.queries.take();
+        let mut flow_events = self.flow_events.take();
         tokio::pin!(shutdown);
         loop {
             self.health.turned();
@@ -215,6 +251,21 @@ impl Runtime {
                     }
                 },
                 _ = counters.tick() => self.publish_counters(),
+                query = next_query(&mut queries), if queries.is_some() => match query {
+                    Some(query) => self.answer(query),
+                    None => queries = None,
+                },
+                event = next_flow_event(&mut flow_events), if flow_events.is_some() => match event {
+                    Ok(event) => {
+                        if let Some((_, publisher)) = flow_events.as_mut() {
+                            publisher.handle(&self.engine, &event);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "flow events stopped");
+                        flow_events = None;
+                    }
+                },
             }
         }
         tracing::info!("agent stopping; pinned programs and maps keep enforcing");
@@ -329,6 +380,7 @@ impl Runtime {
                 "kind-missing"
             }
         };
+        self.source_status = label.to_owned();
         for s in ["connected", "unreachable", "kind-missing"] {
             self.health
                 .metrics
@@ -559,6 +611,22 @@ impl Runtime {
                 .inc_by(bytes);
         }
         self.counters_seen = counters;
+    }
+}
+
+async fn next_query(queries: &mut Option<mpsc::Receiver<api::Query>>) -> Option<api::Query> {
+    match queries {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_flow_event(
+    flow_events: &mut Option<(AsyncEventStream, flows::FlowEvents)>,
+) -> std::io::Result<rayfence_common::FlowEvent> {
+    match flow_events {
+        Some((stream, _)) => stream.next_event().await,
+        None => std::future::pending().await,
     }
 }
 

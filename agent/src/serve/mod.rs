@@ -1,21 +1,32 @@
 //! HTTP on `--metrics-addr`: `/metrics` (Prometheus text), `/healthz` (the process is
 //! alive and the reconcile loop turns), `/readyz` (the first full sync of every kind
-//! is programmed).
+//! is programmed), and the operator API: `/v1/status`, `/v1/explain?from=&to=`,
+//! `/v1/flows?follow=&verdict=&namespace=&raycluster=&limit=` (NDJSON, streamed
+//! with `follow`). The same routes are served on the local socket (`--api-socket`,
+//! root only, mode 0600), which is what the `rayfence` commands use on the node.
 //!
 //! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
-//! runtime writes.
+//! runtime writes, and asks the reconcile loop for status and explanations.
 pub mod metrics;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::api::{ExplainQuery, FlowFilter, FlowVerdict};
+use crate::runtime::api::QueryClient;
+use crate::runtime::flows::FlowHub;
 
 /// How long the loop may go without turning before `/healthz` fails.
 const STALL: Duration = Duration::from_secs(30);
@@ -73,11 +84,36 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("binding --api-socket {path}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--api-socket {path}: another agent answers there")]
+    SocketInUse { path: PathBuf },
 }
+
+/// What the server reads: health and metrics always; the operator API when the
+/// runtime answers it.
+#[derive(Clone)]
+pub struct Served {
+    pub health: Arc<Health>,
+    pub api: Option<OperatorApi>,
+}
+
+/// The operator API's handles into the runtime.
+#[derive(Clone)]
+pub struct OperatorApi {
+    pub queries: QueryClient,
+    pub flows: Arc<FlowHub>,
+}
+
+type Body = BoxBody<Bytes, Infallible>;
 
 /// Binds `addr` now (so a bad flag fails fast) and serves in a background task.
 /// Returns the bound address (port 0 picks one).
-pub async fn spawn(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, ServeError> {
+pub async fn spawn(addr: SocketAddr, served: Served) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
@@ -86,58 +122,249 @@ pub async fn spawn(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, 
         .map_err(|source| ServeError::Bind { addr, source })?;
     tokio::spawn(async move {
         loop {
-            let (stream, _) = match listener.accept().await {
-                Ok(s) => s,
+            match listener.accept().await {
+                Ok((stream, _)) => serve_connection(stream, served.clone()),
                 Err(error) => {
                     tracing::warn!(%error, "accepting an HTTP connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
                 }
-            };
-            let health = health.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let health = health.clone();
-                    async move { Ok::<_, Infallible>(handle(&req, &health)) }
-                });
-                if let Err(error) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    tracing::debug!(%error, "HTTP connection");
-                }
-            });
+            }
         }
     });
     Ok(bound)
 }
 
-fn handle<B>(req: &Request<B>, health: &Health) -> Response<Full<Bytes>> {
-    let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (
+/// The local socket: created mode 0600 (root only, like the agent), its directory
+/// 0700. A stale socket (nobody answers) is replaced; a live one is another agent's
+/// and is left alone. Removed when the returned guard drops.
+pub async fn spawn_socket(path: &Path, served: Served) -> Result<SocketGuard, ServeError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |source| ServeError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::SocketInUse {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let inode = std::fs::metadata(path).map(|m| {
+        use std::os::unix::fs::MetadataExt as _;
+        m.ino()
+    });
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => serve_connection(stream, served.clone()),
+                Err(error) => {
+                    tracing::warn!(%error, "accepting on the API socket");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok(SocketGuard {
+        path: path.to_owned(),
+        inode: inode.ok(),
+    })
+}
+
+/// Removes the socket file on drop, if it is still ours.
+pub struct SocketGuard {
+    path: PathBuf,
+    inode: Option<u64>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = std::fs::metadata(&self.path)
+            .ok()
+            .is_some_and(|m| Some(m.ino()) == self.inode);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn serve_connection<S>(stream: S, served: Served)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req| {
+            let served = served.clone();
+            async move { Ok::<_, Infallible>(handle(&req, &served).await) }
+        });
+        if let Err(error) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await
+        {
+            tracing::debug!(%error, "HTTP connection");
+        }
+    });
+}
+
+async fn handle<B>(req: &Request<B>, served: &Served) -> Response<Body> {
+    let health = &served.health;
+    let path = req.uri().path();
+    if path.starts_with("/v1/") {
+        return match &served.api {
+            Some(api) => operator_api(req, api).await,
+            None => text(StatusCode::NOT_FOUND, "the operator API is not served\n"),
+        };
+    }
+    match path {
+        "/metrics" => respond(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            health.metrics.encode(),
+            full(health.metrics.encode()),
         ),
-        "/healthz" if health.is_live() => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
-        "/healthz" => (
+        "/healthz" if health.is_live() => text(StatusCode::OK, "ok\n"),
+        "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "reconcile loop stalled\n"),
+        "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "reconcile loop stalled\n".to_owned(),
+            "first full sync not programmed yet\n",
         ),
-        "/readyz" if health.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_owned()),
-        "/readyz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "first full sync not programmed yet\n".to_owned(),
-        ),
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found\n".to_owned(),
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+async fn operator_api<B>(req: &Request<B>, api: &OperatorApi) -> Response<Body> {
+    let params: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
     };
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let gone = |error: crate::runtime::api::LoopGone| {
+        text(StatusCode::SERVICE_UNAVAILABLE, &format!("{error}\n"))
+    };
+    match req.uri().path() {
+        "/v1/status" => match api.queries.status().await {
+            Ok(report) => json(StatusCode::OK, &report),
+            Err(error) => gone(error),
+        },
+        "/v1/explain" => {
+            let (Some(from), Some(to)) = (param("from"), param("to")) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    "explain needs from=<ns/pod|IP> and to=<ns/pod|IP>[:port[/proto]]\n",
+                );
+            };
+            match api.queries.explain(ExplainQuery { from, to }).await {
+                Ok(Ok(report)) => json(StatusCode::OK, &report),
+                Ok(Err(error)) => text(StatusCode::BAD_REQUEST, &format!("{error}\n")),
+                Err(error) => gone(error),
+            }
+        }
+        "/v1/flows" => {
+            let verdict = match param("verdict").as_deref() {
+                None | Some("") | Some("all") => None,
+                Some("dropped") => Some(FlowVerdict::Dropped),
+                Some("audit") => Some(FlowVerdict::Audit),
+                Some(other) => {
+                    return text(
+                        StatusCode::BAD_REQUEST,
+                        &format!("verdict {other:?}: expected dropped or audit\n"),
+                    );
+                }
+            };
+            let limit = match param("limit").map(|l| l.parse::<usize>()) {
+                None => 100,
+                Some(Ok(limit)) => limit,
+                Some(Err(_)) => {
+                    return text(StatusCode::BAD_REQUEST, "limit: expected a number\n");
+                }
+            };
+            let filter = FlowFilter {
+                verdict,
+                namespace: param("namespace").filter(|v| !v.is_empty()),
+                raycluster: param("raycluster").filter(|v| !v.is_empty()),
+            };
+            let follow = matches!(param("follow").as_deref(), Some("true" | "1"));
+            flows(&api.flows, filter, limit, follow)
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// NDJSON: the recent matching events, then (with `follow`) every new one. A reader
+/// that falls behind gets `{"skipped":N}` in place of what it missed.
+fn flows(hub: &FlowHub, filter: FlowFilter, limit: usize, follow: bool) -> Response<Body> {
+    // Subscribe first: nothing published after the snapshot is missed.
+    let feed = follow.then(|| hub.subscribe());
+    let mut recent = String::new();
+    for record in hub.recent(&filter, limit) {
+        if let Ok(line) = serde_json::to_string(&*record) {
+            recent.push_str(&line);
+            recent.push('\n');
+        }
+    }
+    let Some(feed) = feed else {
+        return respond(StatusCode::OK, "application/x-ndjson", full(recent));
+    };
+    let first = futures::stream::once(async move { Ok(Frame::data(Bytes::from(recent))) });
+    let live = futures::stream::unfold((feed, filter), |(mut feed, filter)| async move {
+        loop {
+            let line = match feed.recv().await {
+                Ok(record) if filter.matches(&record) => serde_json::to_string(&*record).ok(),
+                Ok(_) => None,
+                Err(RecvError::Lagged(n)) => Some(format!("{{\"skipped\":{n}}}")),
+                Err(RecvError::Closed) => return None,
+            };
+            if let Some(mut line) = line {
+                line.push('\n');
+                return Some((Ok(Frame::data(Bytes::from(line))), (feed, filter)));
+            }
+        }
+    });
+    use futures::StreamExt as _;
+    let body = BodyExt::boxed(StreamBody::new(first.chain(live)));
+    respond(StatusCode::OK, "application/x-ndjson", body)
+}
+
+fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into()).boxed()
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Body> {
+    respond(status, "text/plain", full(body.to_owned()))
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    match serde_json::to_string_pretty(value) {
+        Ok(mut body) => {
+            body.push('\n');
+            respond(status, "application/json", full(body))
+        }
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("encoding the answer: {error}\n"),
+        ),
+    }
+}
+
+fn respond(status: StatusCode, content_type: &str, body: Body) -> Response<Body> {
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
         response

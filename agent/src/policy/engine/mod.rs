@@ -19,6 +19,7 @@
 
 mod declared;
 mod explain;
+pub use explain::{AddressOwner, PodFacts};
 mod identities;
 mod ids;
 mod index;

@@ -1,0 +1,218 @@
+//! The operator commands' client side: `rayfence status`, `rayfence explain` and
+//! `rayfence flows` ask a running agent over its local socket (or its HTTP address,
+//! with a bearer token when `--metrics-auth` protects it) and print for a person or
+//! as JSON; `rayfence explain --manifests DIR` answers offline from manifests, with
+//! the same engine the agent runs.
+//!
+//! Errors are for a person at a terminal (anyhow, each naming the flag or the
+//! agent address it is about).
+//!
+//! Must not: compute a verdict itself (the engine does, through [`crate::explain`]),
+//! or change anything in the agent.
+mod client;
+mod render;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+
+pub use client::AgentAddress;
+use client::get;
+
+use crate::api::{ExplainReport, FlowFilter, FlowRecord, FlowVerdict, StatusReport};
+use crate::policy::{Engine, Settings};
+use crate::source::files::Manifests;
+use crate::source::{Object, ObjectKind};
+
+/// How answers are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+pub async fn status(agent: &AgentAddress, output: Output) -> anyhow::Result<()> {
+    let body = get(agent, "/v1/status").await?.text().await?;
+    let report: StatusReport = serde_json::from_str(&body)
+        .with_context(|| format!("{agent}: the status answer is not what this version reads"))?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Output::Human => print!("{}", render::status(&report)),
+    }
+    Ok(())
+}
+
+/// Asks the running agent.
+pub async fn explain(
+    agent: &AgentAddress,
+    from: &str,
+    to: &str,
+    output: Output,
+) -> anyhow::Result<ExplainReport> {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("from", from)
+        .append_pair("to", to)
+        .finish();
+    let body = get(agent, &format!("/v1/explain?{query}"))
+        .await?
+        .text()
+        .await?;
+    let report: ExplainReport = serde_json::from_str(&body)
+        .with_context(|| format!("{agent}: the explain answer is not what this version reads"))?;
+    print_explanation(&report, output)?;
+    Ok(report)
+}
+
+/// Answers from manifests: every pod counts as local, so both sides of a flow are
+/// decided. `settings` carries the policy flags (DNS, operator, NetworkPolicies).
+pub fn explain_offline(
+    dir: &Path,
+    settings: Settings,
+    from: &str,
+    to: &str,
+    output: Output,
+) -> anyhow::Result<ExplainReport> {
+    let engine = offline_engine(dir, settings)?;
+    for problem in engine.problems() {
+        eprintln!(
+            "note: {} {}/{} {} = {}: {}",
+            problem.object.kind,
+            problem.object.namespace,
+            problem.object.name,
+            problem.field,
+            problem.value,
+            problem.message
+        );
+    }
+    let report = crate::explain::explain_flow(&engine, from, to)?;
+    print_explanation(&report, output)?;
+    Ok(report)
+}
+
+fn print_explanation(report: &ExplainReport, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
+        Output::Human => print!("{}", render::explanation(report)),
+    }
+    Ok(())
+}
+
+/// The engine over every object in `dir`, each pod placed on `settings.node_name`.
+pub fn offline_engine(dir: &Path, settings: Settings) -> anyhow::Result<Engine> {
+    let mut manifests = Manifests::default();
+    let errors = manifests
+        .rescan(dir)
+        .with_context(|| format!("--manifests {}", dir.display()))?
+        .unwrap_or_default();
+    if let Some(first) = errors.first() {
+        bail!(
+            "--manifests {}: {} file(s) could not be read; first: {first}",
+            dir.display(),
+            errors.len()
+        );
+    }
+    let node = settings.node_name.clone();
+    let mut engine = Engine::new(settings);
+    let listing = manifests.listing();
+    // Namespaces first, so selectors see their labels from the start.
+    let order = [ObjectKind::Namespace].into_iter().chain(
+        ObjectKind::ALL
+            .into_iter()
+            .filter(|k| *k != ObjectKind::Namespace),
+    );
+    for kind in order {
+        for object in listing.get(&kind).into_iter().flatten() {
+            match object {
+                Object::Namespace(o) => engine.upsert_namespace(o),
+                Object::Pod(o) => {
+                    let mut pod = o.clone();
+                    pod.spec.get_or_insert_with(Default::default).node_name = Some(node.clone());
+                    engine.upsert_pod(&pod);
+                }
+                Object::RayCluster(o) => engine.upsert_raycluster(o),
+                Object::Service(o) => engine.upsert_service(o),
+                Object::EndpointSlice(o) => engine.upsert_endpoint_slice(o),
+                Object::NetworkPolicy(o) => engine.upsert_network_policy(o),
+                Object::Node(_) => {}
+            }
+        }
+    }
+    Ok(engine)
+}
+
+/// `rayfence flows`: the recent events, then (with `follow`) every new one until
+/// interrupted.
+pub async fn flows(
+    agent: &AgentAddress,
+    filter: &FlowFilter,
+    follow: bool,
+    limit: usize,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    if let Some(verdict) = filter.verdict {
+        query.append_pair("verdict", verdict.as_str());
+    }
+    if let Some(ns) = &filter.namespace {
+        query.append_pair("namespace", ns);
+    }
+    if let Some(rc) = &filter.raycluster {
+        query.append_pair("raycluster", rc);
+    }
+    query.append_pair("limit", &limit.to_string());
+    if follow {
+        query.append_pair("follow", "true");
+    }
+    let mut response = get(agent, &format!("/v1/flows?{}", query.finish())).await?;
+    while let Some(line) = response.next_line().await? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<FlowRecord>(&line) {
+            Ok(record) => match output {
+                Output::Json => println!("{line}"),
+                Output::Human => println!("{}", render::flow(&record)),
+            },
+            Err(_) => match serde_json::from_str::<serde_json::Value>(&line) {
+                Ok(v) if v.get("skipped").is_some() => {
+                    eprintln!("(fell behind: {} events skipped)", v["skipped"]);
+                }
+                _ => bail!("{agent}: unexpected line in the flow stream: {line}"),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// `--verdict dropped|audit`.
+pub fn parse_verdict(value: &str) -> anyhow::Result<FlowVerdict> {
+    match value {
+        "dropped" => Ok(FlowVerdict::Dropped),
+        "audit" => Ok(FlowVerdict::Audit),
+        other => bail!("--verdict {other:?}: expected dropped or audit"),
+    }
+}
+
+/// The default local socket, shared by the agent and the commands.
+pub const DEFAULT_API_SOCKET: &str = "/run/rayfence/api/agent.sock";
+
+/// Where the commands find the agent: `--agent URL` wins, else the socket.
+pub fn agent_address(
+    agent: Option<&str>,
+    socket: &Path,
+    token_file: Option<&Path>,
+) -> anyhow::Result<AgentAddress> {
+    let token = match token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--token-file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    match agent {
+        Some(url) => AgentAddress::http(url, token),
+        None => Ok(AgentAddress::Socket(PathBuf::from(socket))),
+    }
+}

@@ -1,0 +1,144 @@
+//! Answers to the operator API (`/v1/status`, `/v1/explain`), computed inside the
+//! reconcile loop, which owns the engine and the datapath: the HTTP and socket
+//! handlers send a [`Query`] and wait for the reply, so an answer always describes
+//! one consistent state (what is programmed now), never a half-applied one.
+//!
+//! Must not: change anything, or take long (the loop answers between turns).
+use std::collections::BTreeMap;
+
+use rayfence_common::Verdict;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{EndpointState, Runtime};
+use crate::api::{EndpointStatus, ExplainQuery, ExplainReport, StatusReport};
+use crate::explain::{ExplainError, endpoint_labels, explain_flow};
+use crate::tables::EndpointId;
+
+/// A question for the reconcile loop.
+pub enum Query {
+    Status(oneshot::Sender<StatusReport>),
+    Explain(
+        ExplainQuery,
+        oneshot::Sender<Result<ExplainReport, ExplainError>>,
+    ),
+}
+
+/// The handlers' end: asks the loop and waits.
+#[derive(Clone)]
+pub struct QueryClient {
+    tx: mpsc::Sender<Query>,
+}
+
+/// The loop has stopped (the agent is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the agent's reconcile loop is not answering")]
+pub struct LoopGone;
+
+impl QueryClient {
+    pub fn channel() -> (Self, mpsc::Receiver<Query>) {
+        let (tx, rx) = mpsc::channel(64);
+        (Self { tx }, rx)
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, LoopGone> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Query::Status(reply))
+            .await
+            .map_err(|_| LoopGone)?;
+        answer.await.map_err(|_| LoopGone)
+    }
+
+    pub async fn explain(
+        &self,
+        query: ExplainQuery,
+    ) -> Result<Result<ExplainReport, ExplainError>, LoopGone> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(Query::Explain(query, reply))
+            .await
+            .map_err(|_| LoopGone)?;
+        answer.await.map_err(|_| LoopGone)
+    }
+}
+
+impl Runtime {
+    pub(super) fn answer(&self, query: Query) {
+        match query {
+            Query::Status(reply) => {
+                let _ = reply.send(self.status_report());
+            }
+            Query::Explain(query, reply) => {
+                let _ = reply.send(explain_flow(&self.engine, &query.from, &query.to));
+            }
+        }
+    }
+
+    fn status_report(&self) -> StatusReport {
+        // (drops, would-drops) per endpoint, over every reason and direction.
+        let mut denied: BTreeMap<EndpointId, (u64, u64)> = BTreeMap::new();
+        if let Ok(counters) = self.datapath.counters() {
+            for (key, value) in counters {
+                let slot = denied.entry(key.endpoint_id).or_default();
+                match Verdict::from_u8(key.verdict) {
+                    Some(Verdict::Drop) => slot.0 += value.packets,
+                    Some(Verdict::Audit) => slot.1 += value.packets,
+                    _ => {}
+                }
+            }
+        }
+        let endpoints = self
+            .engine
+            .endpoints()
+            .map(|meta| {
+                let (hook, state, detail) = match self.endpoints.state(meta.id) {
+                    Some(EndpointState::Tc { interface, .. }) => {
+                        ("tc", "attached", Some(interface.clone()))
+                    }
+                    Some(EndpointState::Cgroup { cgroup_id }) => {
+                        ("cgroup", "attached", Some(format!("cgroup id {cgroup_id}")))
+                    }
+                    Some(EndpointState::NotEnforced { reason }) => {
+                        ("none", "not-enforced", Some(reason.clone()))
+                    }
+                    Some(EndpointState::Pending { last_error, .. }) => {
+                        ("none", "pending", Some(last_error.clone()))
+                    }
+                    None => ("none", "pending", None),
+                };
+                let mode = if self.datapath.fail_closed().contains(&meta.id) {
+                    "fail-closed"
+                } else if meta.policy.audit {
+                    "audit"
+                } else {
+                    "enforce"
+                };
+                let (raycluster, role) = endpoint_labels(&self.engine, meta.id);
+                let (drops, would_drops) = denied.get(&meta.id).copied().unwrap_or_default();
+                EndpointStatus {
+                    namespace: meta.namespace.clone(),
+                    pod: meta.pod.clone(),
+                    raycluster,
+                    role,
+                    hook: hook.into(),
+                    state: state.into(),
+                    detail: detail.filter(|d| !d.is_empty()),
+                    mode: mode.into(),
+                    isolate_ingress: meta.policy.isolate_ingress,
+                    isolate_egress: meta.policy.isolate_egress,
+                    generation: self.datapath.generation(meta.id),
+                    drops,
+                    would_drops,
+                }
+            })
+            .collect();
+        StatusReport {
+            node: self.config.settings.node_name.clone(),
+            ready: self.health.is_ready(),
+            source: self.source_status.clone(),
+            audit: self.config.settings.audit,
+            problems: self.reported.len(),
+            endpoints,
+        }
+    }
+}
