@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 use crate::api::{FlowFilter, FlowRecord, FlowVerdict};
 use crate::explain::{describe, endpoint_labels, protocol_name};
 use crate::policy::Engine;
-use crate::tables::EndpointId;
+use crate::tables::{EndpointId, protocol};
 
 /// Recent events kept for `rayfence flows` without `--follow`.
 const RECENT: usize = 1024;
@@ -192,8 +192,11 @@ impl FlowEvents {
 fn record(engine: &Engine, event: &FlowEvent, verdict: FlowVerdict, suppressed: u64) -> FlowRecord {
     let local_ip = ip(event.local);
     let peer_ip = ip(event.peer);
-    let local = describe(engine, local_ip, event.local_port);
-    let peer = describe(engine, peer_ip, event.peer_port);
+    // ICMP has no ports; the datapath keys echo flows by their identifier instead.
+    let icmp = matches!(event.protocol, protocol::ICMP | protocol::ICMPV6);
+    let port = |p: u16| if icmp { 0 } else { p };
+    let local = describe(engine, local_ip, port(event.local_port));
+    let peer = describe(engine, peer_ip, port(event.peer_port));
     let meta = engine.endpoint_meta(event.endpoint_id);
     let (raycluster, role) = endpoint_labels(engine, event.endpoint_id);
     let ingress = Direction::from_u8(event.direction) == Some(Direction::Ingress);

@@ -228,7 +228,10 @@ pub fn raycluster(ns: &str, name: &str, policy: Value) -> Value {
 /// A running `rayfence agent`; SIGKILLed on drop (pinned state stays: see [`Bpffs`]).
 pub struct Agent {
     child: Option<Child>,
+    /// stderr (tracing) and stdout (flow events as JSON lines).
     pub log: PathBuf,
+    /// The operator API socket (`--api-socket`), unique per agent.
+    pub socket: PathBuf,
     netns: PathBuf,
     pub started: Instant,
 }
@@ -248,8 +251,11 @@ pub struct AgentOptions<'a> {
 impl Agent {
     pub fn start(o: &AgentOptions<'_>) -> Result<Agent> {
         let bin = rayfence_bin()?;
-        let log = std::env::temp_dir().join(format!("{}.log", unique("agent")));
+        let name = unique("agent");
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let socket = std::env::temp_dir().join(format!("{name}.sock"));
         let file = std::fs::File::create(&log)?;
+        let stdout = file.try_clone()?;
         let mut command = o.node.netns.cmd(bin.to_str().context("utf-8 path")?);
         match o.kubeconfig {
             Some(path) => command.arg("agent").arg("--kubeconfig").arg(path),
@@ -266,17 +272,20 @@ impl Agent {
             .arg(format!("127.0.0.1:{METRICS_PORT}"))
             .arg("--dns-mode")
             .arg("off")
+            .arg("--api-socket")
+            .arg(&socket)
             .args(o.extra_args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(file)
             .spawn()
             .context("spawning rayfence agent")?;
         Ok(Agent {
             child: Some(child),
             log,
+            socket,
             netns: o.node.netns.path(),
             started: Instant::now(),
         })
@@ -382,6 +391,36 @@ impl Agent {
     pub fn netns(&self) -> &Path {
         &self.netns
     }
+
+    /// Runs `rayfence ARGS` against this agent (its socket; inside the node
+    /// namespace, so `--agent http://127.0.0.1:...` works too). Returns whether it
+    /// succeeded, its stdout and its stderr.
+    pub fn command(&self, node: &Node, args: &[&str]) -> Result<(bool, String, String)> {
+        let bin = rayfence_bin()?;
+        let output = node
+            .netns
+            .cmd(bin.to_str().context("utf-8 path")?)
+            .args(args)
+            .env("RAYFENCE_API_SOCKET", &self.socket)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running rayfence {args:?}"))?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// The flow events the agent logged so far (its JSON lines on stdout).
+    pub fn logged_flows(&self) -> Vec<rayfence::api::FlowRecord> {
+        self.log_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
 }
 
 impl Drop for Agent {
@@ -395,6 +434,7 @@ impl Drop for Agent {
             );
         }
         let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.socket);
     }
 }
 
