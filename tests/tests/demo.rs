@@ -1,7 +1,9 @@
 //! The demo scenario (`cargo xtask demo`) as tests, so CI runs it: with the agent
 //! every verdict must match the hand-written matrix; without it, the harness must
 //! see every flow get through, i.e. exactly the expected-dropped cells differ
-//! (which checks the probing and the comparison themselves). Root only.
+//! (which checks the probing and the comparison themselves). With the agent,
+//! `rayfence explain` must also give the datapath's verdict for every probed flow.
+//! Root only.
 
 use rayfence_tests::ProbeBin;
 use rayfence_tests::agent_bin::rayfence_bin;
@@ -28,7 +30,7 @@ fn without_agent_exactly_the_expected_drops_get_through() {
 }
 
 #[test]
-fn with_agent_every_verdict_matches_the_expected_matrix() {
+fn with_agent_every_verdict_matches_the_expected_matrix_and_explain_agrees_on_each() {
     let report = demo::run(&Options::new(
         Some(rayfence_bin().expect("the rayfence binary")),
         probe(),
@@ -36,9 +38,16 @@ fn with_agent_every_verdict_matches_the_expected_matrix() {
     .expect("demo");
     assert!(
         report.passed(),
-        "{} of {} verdicts differ:\n{}",
+        "{} of {} verdicts differ:\n{}\nexplain disagrees on {} of {}:\n{}",
         report.mismatches.len(),
         report.probed,
-        report.mismatches.join("\n")
+        report.mismatches.join("\n"),
+        report.explain_disagreements.len(),
+        report.explained,
+        report.explain_disagreements.join("\n")
+    );
+    assert_eq!(
+        report.explained, report.probed,
+        "every probed flow is explained"
     );
 }

@@ -42,12 +42,23 @@ pub async fn status(agent: &AgentAddress, output: Output) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Asks the running agent.
+/// Asks the running agent and prints the answer.
 pub async fn explain(
     agent: &AgentAddress,
     from: &str,
     to: &str,
     output: Output,
+) -> anyhow::Result<ExplainReport> {
+    let report = fetch_explanation(agent, from, to).await?;
+    print_explanation(&report, output)?;
+    Ok(report)
+}
+
+/// Asks the running agent.
+pub async fn fetch_explanation(
+    agent: &AgentAddress,
+    from: &str,
+    to: &str,
 ) -> anyhow::Result<ExplainReport> {
     let query: String = form_urlencoded::Serializer::new(String::new())
         .append_pair("from", from)
@@ -57,10 +68,13 @@ pub async fn explain(
         .await?
         .text()
         .await?;
-    let report: ExplainReport = serde_json::from_str(&body)
-        .with_context(|| format!("{agent}: the explain answer is not what this version reads"))?;
-    print_explanation(&report, output)?;
-    Ok(report)
+    serde_json::from_str(&body)
+        .with_context(|| format!("{agent}: the explain answer is not what this version reads"))
+}
+
+/// An explanation as `rayfence explain` prints it for a person.
+pub fn render_explanation(report: &ExplainReport) -> String {
+    render::explanation(report)
 }
 
 /// Answers from manifests: every pod counts as local, so both sides of a flow are

@@ -80,7 +80,7 @@ fn main() {
     }) {
         Ok(report) if report.passed() => {
             println!(
-                "\nPASS: all {} verdicts match the expected matrix",
+                "\nPASS: all {} verdicts match the expected matrix, and rayfence explain gives each of them",
                 report.probed
             );
             0
@@ -96,9 +96,11 @@ fn main() {
         }
         Ok(report) => {
             println!(
-                "\nFAIL: {} of {} verdicts differ from the expected matrix",
+                "\nFAIL: {} of {} verdicts differ from the expected matrix; rayfence explain disagrees with the datapath on {} of {}",
                 report.mismatches.len(),
-                report.probed
+                report.probed,
+                report.explain_disagreements.len(),
+                report.explained
             );
             1
         }

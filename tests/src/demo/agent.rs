@@ -38,6 +38,8 @@ pub struct Agent {
     bin: PathBuf,
     bpffs: PathBuf,
     log: PathBuf,
+    /// The operator API socket (next to the log).
+    socket: PathBuf,
 }
 
 impl Agent {
@@ -55,6 +57,7 @@ impl Agent {
             .with_context(|| format!("creating bpffs dir {}", bpffs.display()))?;
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;
+        let socket = log.with_extension("sock");
         let mut cmd = node.cmd(&bin.to_string_lossy());
         cmd.args(["agent", "--node-name", node_name, "--manifests"])
             .arg(manifests)
@@ -65,6 +68,8 @@ impl Agent {
             .args(["--metrics-addr", METRICS_ADDR])
             .args(["--dns-service", "kube-system/kube-dns"])
             .args(["--operator-namespace", "ray-system"])
+            .arg("--api-socket")
+            .arg(&socket)
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
@@ -94,7 +99,13 @@ impl Agent {
             bin: bin.to_owned(),
             bpffs: bpffs.to_owned(),
             log: log.to_owned(),
+            socket,
         })
+    }
+
+    /// Where `rayfence status|explain|flows --socket` reach this agent.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     pub fn pid(&self) -> Option<u32> {

@@ -96,11 +96,16 @@ pub struct Report {
     pub with_agent: bool,
     /// The `rayfence_drops_total` lines of `/metrics`.
     pub drop_counters: Vec<String>,
+    /// Probed flows `rayfence explain` was asked about.
+    pub explained: usize,
+    /// One line per probed flow whose explanation disagrees with what the
+    /// datapath did (or that could not be explained).
+    pub explain_disagreements: Vec<String>,
 }
 
 impl Report {
     pub fn passed(&self) -> bool {
-        self.with_agent && self.mismatches.is_empty()
+        self.with_agent && self.mismatches.is_empty() && self.explain_disagreements.is_empty()
     }
 }
 
@@ -337,6 +342,32 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
 
     let mut drop_counters = Vec::new();
+    let mut explain_disagreements = Vec::new();
+    let mut explained = 0;
+    if let (Some(a), Some(bin)) = (agent.as_ref(), &opts.rayfence) {
+        let checked = explain_every_probe(
+            bin,
+            a.socket(),
+            &topo,
+            &sources,
+            &cells,
+            &observed,
+            opts.parallel,
+        )?;
+        explained = checked.asked;
+        explain_disagreements = checked.disagreements;
+        println!(
+            "\nrayfence explain (the agent's engine, over its socket) agrees with the datapath on {} of {} probed flows",
+            explained - explain_disagreements.len(),
+            explained
+        );
+        for d in explain_disagreements.iter().take(SHOWN) {
+            println!("  EXPLAIN DISAGREES {d}");
+        }
+        if let Some((command, text)) = checked.example {
+            println!("\nwhy was a flow dropped? {command}\n{text}");
+        }
+    }
     if let Some(a) = agent.as_mut() {
         match agent::http_get(&node.netns, "/metrics") {
             Ok((200, body)) => {
@@ -382,6 +413,114 @@ pub fn run(opts: &Options) -> Result<Report> {
         mismatches,
         with_agent: opts.rayfence.is_some(),
         drop_counters,
+        explained,
+        explain_disagreements,
+    })
+}
+
+struct ExplainCheck {
+    asked: usize,
+    disagreements: Vec<String>,
+    /// A dropped pod-to-pod flow: the command line and what it prints.
+    example: Option<(String, String)>,
+}
+
+/// Asks the running agent (`rayfence explain --json`, the real command over the
+/// agent's socket, several at a time) to explain every probed flow and compares its
+/// verdict with what the probe saw: the engine's explanation and the kernel must
+/// agree.
+fn explain_every_probe(
+    bin: &Path,
+    socket: &Path,
+    topo: &Topology,
+    sources: &[&str],
+    cells: &[matrix::Cell],
+    observed: &[matrix::Observed],
+    parallel: usize,
+) -> Result<ExplainCheck> {
+    let node = topo.node(0);
+    let run = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .arg("--socket")
+            .arg(socket)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", bin.display()))?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // (from, to, what the datapath did) for every probed cell.
+    let flows: Vec<(String, String, &str, bool)> = cells
+        .iter()
+        .zip(observed)
+        .filter(|(c, _)| c.expect != Expect::NotProbed)
+        .map(|(c, o)| {
+            let source = sources[c.row];
+            let from = match scenario::pod(source) {
+                Some(p) => format!("{}/{}", p.namespace, p.name),
+                None if c.addr.is_ipv4() => node.ip4.to_string(),
+                None => node.ip6.to_string(),
+            };
+            let proto = match c.proto {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+            };
+            let to = match c.addr {
+                IpAddr::V4(v4) => format!("{v4}:{}/{proto}", c.port),
+                IpAddr::V6(v6) => format!("[{v6}]:{}/{proto}", c.port),
+            };
+            let pod_to_pod = scenario::pod(source).is_some() && TARGETS[c.col].who != source;
+            let datapath = if o.allowed() { "allowed" } else { "denied" };
+            (from, to, datapath, pod_to_pod)
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let disagreements = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.clamp(1, 8) {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((from, to, datapath, _)) = flows.get(i) else {
+                        break;
+                    };
+                    let verdict =
+                        run(&["explain", "--json", "--from", from, "--to", to]).and_then(|out| {
+                            let v: serde_json::Value = serde_json::from_str(&out)?;
+                            Ok(v["verdict"].as_str().unwrap_or("?").to_owned())
+                        });
+                    let line = match verdict {
+                        Ok(v) if v == *datapath => continue,
+                        Ok(v) => {
+                            format!("{from} -> {to}: explain says {v}, the datapath {datapath}")
+                        }
+                        Err(error) => format!("{from} -> {to}: no explanation: {error:#}"),
+                    };
+                    if let Ok(mut d) = disagreements.lock() {
+                        d.push(line);
+                    }
+                }
+            });
+        }
+    });
+    let mut disagreements = disagreements.into_inner().unwrap_or_default();
+    disagreements.sort();
+    let example = flows
+        .iter()
+        // Preferably someone reaching for a head's dashboard: what Ray users meet first.
+        .filter(|(_, _, datapath, pod_to_pod)| *datapath == "denied" && *pod_to_pod)
+        .min_by_key(|(_, to, ..)| !to.ends_with(":8265/tcp"))
+        .and_then(|(from, to, ..)| {
+            let text = run(&["explain", "--from", from, "--to", to]).ok()?;
+            Some((format!("rayfence explain --from {from} --to {to}"), text))
+        });
+    Ok(ExplainCheck {
+        asked: flows.len(),
+        disagreements,
+        example,
     })
 }
 
