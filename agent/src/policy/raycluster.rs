@@ -1,7 +1,8 @@
 //! RayCluster isolation: parses `spec.networkPolicy` (KubeRay v1.7+),
 //! `spec.networkIsolation` (KubeRay PR #4638) and the `rayfence.io/network-policy`
 //! annotation, and compiles them, with the base flows, into per-role rule lists that
-//! say exactly what KubeRay's generated NetworkPolicies (plus DNS) allow.
+//! say exactly what KubeRay's generated NetworkPolicies (plus DNS) allow. Also reads
+//! the `rayfence.io/audit` switch ([`ParsedCluster::audit`]).
 //!
 //! Must not: look at pods or decide which pod gets which role (that is `engine`), or
 //! fail a whole cluster because one part is malformed: bad parts become [`Problem`]s
