@@ -2067,3 +2067,28 @@ fn editing_only_the_audit_annotation_changes_only_the_endpoint_entries() {
     }
     assert_eq!(back, before, "only the audit bits differ");
 }
+
+#[test]
+fn audit_annotation_covers_the_networkpolicies_of_its_pods_but_not_other_pods() {
+    let mut s = settings();
+    s.enforce_networkpolicies = true;
+    let mut e = scene(s);
+    // Only the cluster label: not a pod the RayCluster's policy applies to.
+    e.upsert_pod(&pod(
+        "team-a",
+        "sidecar",
+        &[("ray.io/cluster", "training")],
+        "10.0.0.4",
+        NODE,
+        &[],
+    ));
+    // A NetworkPolicy isolating every pod of team-a.
+    e.upsert_network_policy(&netpol(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: team-a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n",
+    ));
+    e.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), DENY_ALL));
+    assert_eq!(audited(&e), TRAINING_PODS);
+    let sidecar = e.endpoint_id("team-a", "sidecar").unwrap();
+    assert!(e.tables().endpoints[&sidecar].isolate_ingress);
+    assert!(!ingress(&e, "team-a", "sidecar", "10.9.9.9", "TCP", 1));
+}
