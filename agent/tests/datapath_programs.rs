@@ -436,20 +436,159 @@ fn peer_moving_to_another_identity_revokes_its_flows() {
     );
 }
 
-#[test]
-fn audit_mode_passes_would_be_drops_and_counts_them() {
+fn audit_tables(audit: bool) -> Tables {
     let mut tables = tables();
-    tables.endpoints.insert(EP, endpoint(true, true, true));
-    let dp = datapath_with(&tables);
-    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
-    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    tables.endpoints.insert(EP, endpoint(true, true, audit));
+    tables
+}
+
+#[test]
+fn audit_mode_passes_a_would_be_dropped_flow_and_counts_it_once() {
+    let dp = datapath_with(&audit_tables(true));
+    let first = tcp(STRANGER, 5555, POD, 22);
+    assert!(receive(&dp, &first));
+    assert!(receive(&dp, &first));
+    // The pod's reply hits the audited flow's entry: passes, counted nowhere.
+    assert!(send(&dp, &tcp(POD, 22, STRANGER, 5555)));
+    let audited = counter(&dp, Direction::Ingress, Verdict::Audit, Reason::NoPolicy);
+    assert_eq!((audited.packets, audited.bytes), (1, first.len() as u64));
+    // Another flow is another would-drop.
+    assert!(receive(&dp, &tcp(STRANGER, 5556, POD, 22)));
+    assert!(send(&dp, &udp(POD, 40001, STRANGER, 9)));
     assert_eq!(
         packets(&dp, Direction::Ingress, Verdict::Audit, Reason::NoPolicy),
         2
     );
     assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Audit, Reason::NoPolicy),
+        1
+    );
+    let drops: u64 = counters(&dp)
+        .iter()
+        .filter(|(key, _)| key.verdict == Verdict::Drop as u8)
+        .map(|(_, value)| value.packets)
+        .sum();
+    assert_eq!(drops, 0);
+}
+
+#[test]
+fn switching_audit_to_enforce_drops_the_next_packet_of_an_audited_flow() {
+    let mut dp = datapath_with(&audit_tables(true));
+    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    let before = dp.generation(EP);
+    dp.apply(&audit_tables(false)).expect("apply");
+    assert!(dp.generation(EP) > before, "the audit flip re-checks flows");
+    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    assert!(!send(&dp, &tcp(POD, 22, STRANGER, 5555)));
+    assert_eq!(
         packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        2
+    );
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Audit, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn an_audited_flow_cut_by_enforce_is_not_reopened_by_the_pods_own_packet() {
+    // DenyAllIngress: the pod's egress is not isolated, so a packet it sends would
+    // open a flow of its own if the audited entry were gone.
+    let ingress_only = |audit| {
+        let mut tables = tables();
+        tables.endpoints.insert(EP, endpoint(true, false, audit));
+        tables
+    };
+    let mut dp = datapath_with(&ingress_only(true));
+    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 8265)));
+    assert!(send(&dp, &tcp(POD, 8265, STRANGER, 5555)));
+    dp.apply(&ingress_only(false)).expect("apply");
+    assert!(!send(&dp, &tcp(POD, 8265, STRANGER, 5555)));
+    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 8265)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+    // The pod's own new flows still pass: egress is not isolated.
+    assert!(send(&dp, &tcp(POD, 40100, STRANGER, 80)));
+}
+
+#[test]
+fn an_allowed_flow_keeps_passing_across_audit_flips() {
+    let mut dp = datapath_with(&audit_tables(true));
+    assert!(receive(&dp, &tcp(CLIENT, 40000, POD, 8080)));
+    assert!(send(&dp, &tcp(POD, 8080, CLIENT, 40000)));
+    for audit in [false, true, false] {
+        let before = dp.generation(EP);
+        dp.apply(&audit_tables(audit)).expect("apply");
+        assert!(dp.generation(EP) > before);
+        assert!(
+            receive(&dp, &tcp(CLIENT, 40000, POD, 8080)),
+            "audit {audit}"
+        );
+        assert!(send(&dp, &tcp(POD, 8080, CLIENT, 40000)), "audit {audit}");
+    }
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Allow, Reason::PolicyAllow),
+        1
+    );
+    let not_allowed: u64 = counters(&dp)
+        .iter()
+        .filter(|(key, _)| key.verdict != Verdict::Allow as u8)
+        .map(|(_, value)| value.packets)
+        .sum();
+    assert_eq!(not_allowed, 0);
+}
+
+#[test]
+fn switching_enforce_to_audit_passes_the_next_packet_at_once() {
+    let mut dp = datapath_with(&audit_tables(false));
+    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    dp.apply(&audit_tables(true)).expect("apply");
+    assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Audit, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn a_flow_revoked_in_audit_mode_passes_counted_once_then_drops_when_enforced() {
+    let mut dp = datapath_with(&audit_tables(true));
+    assert!(send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
+    let mut revoked = audit_tables(true);
+    revoked.policy.retain(|row| row.identity != BLOCK_ID);
+    dp.apply(&revoked).expect("apply");
+    assert!(receive(&dp, &tcp(OUTSIDE, 443, POD, 40010)));
+    assert!(send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Audit, Reason::Revoked),
+        1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Audit, Reason::Revoked),
         0
+    );
+    revoked.endpoints.insert(EP, endpoint(true, true, false));
+    dp.apply(&revoked).expect("apply");
+    assert!(!send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
+    // It passed only by audit since the revocation: no policy allows it.
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
     );
 }
 

@@ -1855,3 +1855,240 @@ impl TapNode for k8s_openapi::api::core::v1::Pod {
         self
     }
 }
+
+// ------------------------------------------------------------------ audit mode
+
+/// `rc` with `rayfence.io/audit` set to `value` (absent for `None`).
+fn rc_audit(ns: &str, name: &str, value: Option<&str>, spec: &str) -> rayfence::crd::RayCluster {
+    let mut cluster = rc(ns, name, spec);
+    if let Some(value) = value {
+        cluster.metadata.annotations =
+            Some([("rayfence.io/audit".to_owned(), value.to_owned())].into());
+    }
+    cluster
+}
+
+/// `(pod, audit)` of every local endpoint, as `endpoint_meta` and the tables say
+/// (which must agree).
+fn audit_of(e: &Engine) -> Vec<(String, bool)> {
+    e.endpoints()
+        .map(|meta| {
+            assert_eq!(meta.audit, e.tables().endpoints[&meta.id].audit);
+            assert_eq!(meta.audit, meta.policy.audit);
+            (meta.pod, meta.audit)
+        })
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .into_iter()
+        .collect()
+}
+
+fn audited(e: &Engine) -> Vec<String> {
+    audit_of(e)
+        .into_iter()
+        .filter(|(_, audit)| *audit)
+        .map(|(pod, _)| pod)
+        .collect()
+}
+
+const TRAINING_PODS: [&str; 3] = ["training-cpu", "training-gpu", "training-head"];
+
+#[test]
+fn audit_annotation_true_makes_only_that_clusters_pods_audit_only() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), DENY_ALL));
+    e.upsert_raycluster(&rc("team-a", "other", DENY_ALL));
+    assert_eq!(audited(&e), TRAINING_PODS);
+    // Audit changes no verdict the tables give: would-drops are still denied there
+    // (the datapath passes and counts them).
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.1.20",
+        "TCP",
+        8265
+    ));
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        "10.0.0.2",
+        "TCP",
+        6379
+    ));
+    let head = e.endpoint_id("team-a", "training-head").unwrap();
+    let meta = e.endpoint_meta(head).unwrap();
+    assert!(meta.policy.isolate_ingress && meta.policy.isolate_egress && meta.audit);
+}
+
+#[test]
+fn audit_annotation_false_or_absent_enforces_and_case_does_not_matter() {
+    for (value, audit) in [
+        (None, false),
+        (Some("false"), false),
+        (Some("False"), false),
+        (Some("FALSE"), false),
+        (Some("true"), true),
+        (Some("True"), true),
+        (Some("TRUE"), true),
+    ] {
+        let mut e = scene(settings());
+        e.upsert_raycluster(&rc_audit("team-a", "training", value, DENY_ALL));
+        let expected: Vec<&str> = if audit {
+            TRAINING_PODS.to_vec()
+        } else {
+            vec![]
+        };
+        assert_eq!(audited(&e), expected, "rayfence.io/audit: {value:?}");
+        assert!(
+            e.problems_for(&ObjectRef::new("RayCluster", "team-a", "training"))
+                .is_empty(),
+            "{value:?}"
+        );
+    }
+}
+
+#[test]
+fn invalid_audit_annotation_is_enforced_and_reported_with_field_and_value() {
+    for value in ["yes", "1", "", " true", "true ", "on", "audit"] {
+        let mut e = scene(settings());
+        // Even from audit: an invalid value is not "keep the last good one".
+        e.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), DENY_ALL));
+        assert_eq!(audited(&e), TRAINING_PODS);
+        e.upsert_raycluster(&rc_audit("team-a", "training", Some(value), DENY_ALL));
+        assert!(audited(&e).is_empty(), "{value:?} must enforce");
+        let problems = e.problems_for(&ObjectRef::new("RayCluster", "team-a", "training"));
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        let problem = &problems[0];
+        assert_eq!(
+            problem.field,
+            r#"metadata.annotations["rayfence.io/audit"]"#
+        );
+        assert_eq!(problem.value, value);
+        assert_eq!(problem.severity, Severity::Warning);
+        assert!(problem.message.contains("enforced"), "{problem}");
+        // Still isolated as declared.
+        assert!(!ingress(
+            &e,
+            "team-a",
+            "training-head",
+            "10.0.1.20",
+            "TCP",
+            8265
+        ));
+        // Fixed: the problem goes.
+        e.upsert_raycluster(&rc_audit("team-a", "training", Some("false"), DENY_ALL));
+        assert!(e.problems().is_empty(), "{:?}", e.problems());
+    }
+}
+
+#[test]
+fn global_audit_makes_every_endpoint_audit_only_whatever_the_annotation() {
+    let mut s = settings();
+    s.audit = true;
+    let mut e = scene(s);
+    e.upsert_raycluster(&rc_audit("team-a", "training", Some("false"), DENY_ALL));
+    e.upsert_raycluster(&rc_audit("team-a", "other", Some("bogus"), DENY_ALL));
+    assert!(
+        audit_of(&e).iter().all(|(_, audit)| *audit),
+        "{:?}",
+        audit_of(&e)
+    );
+    assert_eq!(audit_of(&e).len(), 4);
+    // The invalid value is still reported.
+    assert_eq!(
+        e.problems_for(&ObjectRef::new("RayCluster", "team-a", "other"))
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn audit_annotation_on_an_unisolated_cluster_only_sets_the_flag() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), "  {}"));
+    assert_eq!(audited(&e), TRAINING_PODS);
+    let head = e.endpoint_id("team-a", "training-head").unwrap();
+    let policy = e.tables().endpoints[&head];
+    assert!(!policy.isolate_ingress && !policy.isolate_egress);
+    // Removing the RayCluster removes its audit switch with it.
+    e.remove_raycluster("team-a", "training");
+    assert!(audited(&e).is_empty());
+}
+
+#[test]
+fn editing_only_the_audit_annotation_changes_only_the_endpoint_entries() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    e.upsert_raycluster(&rc("team-a", "other", DENY_ALL));
+    e.take_diff();
+    let before = e.tables().clone();
+    let ids: Vec<u32> = TRAINING_PODS
+        .iter()
+        .map(|pod| e.endpoint_id("team-a", pod).unwrap())
+        .collect();
+    for (value, audit) in [("true", true), ("false", false), ("TRUE", true)] {
+        e.upsert_raycluster(&rc_audit("team-a", "training", Some(value), DENY_ALL));
+        let diff = e.take_diff();
+        assert!(
+            diff.policy_add.is_empty()
+                && diff.policy_remove.is_empty()
+                && diff.addresses_upsert.is_empty()
+                && diff.addresses_remove.is_empty()
+                && diff.cidrs_upsert.is_empty()
+                && diff.cidrs_remove.is_empty()
+                && diff.endpoints_remove.is_empty(),
+            "{value}: {diff:?}"
+        );
+        let expected: std::collections::BTreeMap<u32, rayfence::tables::EndpointPolicy> = ids
+            .iter()
+            .map(|id| {
+                let old = before.endpoints[id];
+                (*id, rayfence::tables::EndpointPolicy { audit, ..old })
+            })
+            .collect();
+        assert_eq!(diff.endpoints_upsert, expected, "{value}");
+        // Nothing renumbered.
+        for (pod, id) in TRAINING_PODS.iter().zip(&ids) {
+            assert_eq!(e.endpoint_id("team-a", pod), Some(*id));
+        }
+    }
+    // The same value again (in another spelling of it): nothing.
+    e.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), DENY_ALL));
+    assert!(e.take_diff().is_empty());
+    // The incremental state equals a rebuild from the same inputs.
+    let mut rebuilt = scene(settings());
+    rebuilt.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), DENY_ALL));
+    rebuilt.upsert_raycluster(&rc("team-a", "other", DENY_ALL));
+    assert_eq!(rebuilt.tables(), e.tables());
+    let mut back = e.tables().clone();
+    for id in &ids {
+        back.endpoints.get_mut(id).unwrap().audit = false;
+    }
+    assert_eq!(back, before, "only the audit bits differ");
+}
+
+#[test]
+fn audit_annotation_covers_the_networkpolicies_of_its_pods_but_not_other_pods() {
+    let mut s = settings();
+    s.enforce_networkpolicies = true;
+    let mut e = scene(s);
+    // Only the cluster label: not a pod the RayCluster's policy applies to.
+    e.upsert_pod(&pod(
+        "team-a",
+        "sidecar",
+        &[("ray.io/cluster", "training")],
+        "10.0.0.4",
+        NODE,
+        &[],
+    ));
+    // A NetworkPolicy isolating every pod of team-a.
+    e.upsert_network_policy(&netpol(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: deny, namespace: team-a}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n",
+    ));
+    e.upsert_raycluster(&rc_audit("team-a", "training", Some("true"), DENY_ALL));
+    assert_eq!(audited(&e), TRAINING_PODS);
+    let sidecar = e.endpoint_id("team-a", "sidecar").unwrap();
+    assert!(e.tables().endpoints[&sidecar].isolate_ingress);
+    assert!(!ingress(&e, "team-a", "sidecar", "10.9.9.9", "TCP", 1));
+}

@@ -228,9 +228,18 @@ pub struct CtValue {
     pub generation: u32,
     /// [`Direction`] of the packet that opened the flow.
     pub origin: u8,
+    /// [`ct_flags`].
     pub flags: u8,
     pub _pad: [u8; 2],
     pub last_seen_ns: u64,
+}
+
+/// Flag bits of [`CtValue::flags`].
+pub mod ct_flags {
+    /// The flow passes only because its endpoint is in audit mode (no rule allows
+    /// it). Once the endpoint enforces, the flow is dropped as `no-policy` in both
+    /// directions and its entry stays so that neither side re-opens it.
+    pub const AUDITED: u8 = 1 << 0;
 }
 
 /// Key of the fragment map: the first fragment of an allowed datagram records its
@@ -366,8 +375,9 @@ impl Verdict {
     }
 }
 
-/// Key of the per-CPU counters. Drops and audits are counted per packet; allows only
-/// for new flows (the established fast path adds no counter work).
+/// Key of the per-CPU counters. Drops are counted per packet; allows and audits per
+/// flow (its first packet, and once more each time a policy change re-checks it), so
+/// the established fast path adds no counter work.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct CounterKey {

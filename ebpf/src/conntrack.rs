@@ -38,11 +38,11 @@ pub fn lookup(key: &CtKey) -> Option<*mut CtValue> {
 }
 
 #[inline(always)]
-pub fn create(key: &CtKey, generation: u32, origin: Direction) {
+pub fn create(key: &CtKey, generation: u32, origin: Direction, flags: u8) {
     let value = CtValue {
         generation,
         origin: origin as u8,
-        flags: 0,
+        flags,
         _pad: [0; 2],
         // SAFETY: no preconditions.
         last_seen_ns: unsafe { bpf_ktime_get_ns() },

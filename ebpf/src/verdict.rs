@@ -2,13 +2,20 @@
 //! (node traffic excepted), related ICMP errors, conntrack (with the generation
 //! re-check that makes revocation work), then node traffic and policy for new
 //! flows. An established packet costs the endpoint lookup, the parse and one
-//! conntrack lookup, and no counter work; every drop and audit is counted and
-//! sampled, every allowed new flow counted.
+//! conntrack lookup, and no counter work; every drop is counted and sampled, every
+//! allowed new flow counted.
+//!
+//! Audit: a flow that no rule allows passes on an audit endpoint, counted and
+//! sampled once, and gets a conntrack entry marked [`ct_flags::AUDITED`] (so its
+//! replies are not opened as a flow of their own direction). Switching the endpoint
+//! to enforce bumps its generation: the entry is re-checked on its next packet,
+//! found not allowed, and dropped from then on in both directions.
 //!
 //! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
 //! separate (non-inlined) functions that take pointers, not copies.
 use rayfence_common::{
-    CtKey, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, endpoint_flags, identity,
+    CtKey, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, ct_flags, endpoint_flags,
+    identity,
 };
 
 use crate::{
@@ -110,19 +117,42 @@ fn decide_flow(
 ) -> bool {
     if let Some(entry) = conntrack::lookup(key) {
         // SAFETY: a live LRU value; a concurrent eviction leaves it readable.
-        let (generation, origin) = unsafe { ((*entry).generation, (*entry).origin) };
+        let (generation, origin, ct) =
+            unsafe { ((*entry).generation, (*entry).origin, (*entry).flags) };
         if generation == endpoint.generation {
             return true;
         }
         if recheck(endpoint, direction, key, origin) {
+            // Allowed now, whether or not it was before.
             // SAFETY: as above.
-            unsafe { (*entry).generation = endpoint.generation };
+            unsafe {
+                (*entry).generation = endpoint.generation;
+                (*entry).flags = ct & !ct_flags::AUDITED;
+            }
             return true;
         }
-        if endpoint.flags & endpoint_flags::AUDIT == 0 {
+        // A flow that passed only by audit was never allowed: no policy, not revoked.
+        let audited = ct & ct_flags::AUDITED != 0;
+        let reason = if audited {
+            Reason::NoPolicy
+        } else {
+            Reason::Revoked
+        };
+        if endpoint.flags & endpoint_flags::AUDIT != 0 {
+            // Passes by audit from now on: counted once per re-check, not per packet.
+            // SAFETY: as above.
+            unsafe {
+                (*entry).generation = endpoint.generation;
+                (*entry).flags = ct | ct_flags::AUDITED;
+            }
+        } else if !audited {
             conntrack::delete(key);
         }
-        return deny(skb, endpoint, direction, key, Reason::Revoked);
+        // An audited flow keeps its (stale) entry when enforced: each of its packets,
+        // either way, is re-checked in the direction that opened it and dropped, so
+        // the pod's own next packet cannot re-open it as a flow of the other
+        // direction (which DenyAllIngress, say, would let through).
+        return deny(skb, endpoint, direction, key, reason);
     }
     // A new flow. Node traffic always passes (and needs no conntrack).
     let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
@@ -132,7 +162,7 @@ fn decide_flow(
     if !isolates(endpoint.flags, direction) {
         // Open the flow so that its replies pass the isolated other direction.
         if new_flow.may_open {
-            conntrack::create(key, endpoint.generation, direction);
+            conntrack::create(key, endpoint.generation, direction, 0);
             count_new(skb, endpoint, direction, Reason::NotIsolated);
         }
         return true;
@@ -146,10 +176,13 @@ fn decide_flow(
         new_flow.dst_port,
     ) {
         if new_flow.may_open {
-            conntrack::create(key, endpoint.generation, direction);
+            conntrack::create(key, endpoint.generation, direction, 0);
         }
         count_new(skb, endpoint, direction, Reason::PolicyAllow);
         return true;
+    }
+    if endpoint.flags & endpoint_flags::AUDIT != 0 && new_flow.may_open {
+        conntrack::create(key, endpoint.generation, direction, ct_flags::AUDITED);
     }
     deny(skb, endpoint, direction, key, Reason::NoPolicy)
 }

@@ -250,7 +250,10 @@ impl Datapath {
         Ok(())
     }
 
-    /// Attached endpoints whose allowed flows `diff` may take away.
+    /// Attached endpoints whose allowed flows `diff` may take away. Every endpoint
+    /// upsert counts: a new policy id or isolation, and an audit flag turned off,
+    /// which must cut the flows that passed only by audit (their conntrack entries
+    /// are re-checked against the rows on their next packet).
     fn revocable(&self, diff: &TablesDiff, peers_changed: bool) -> BTreeSet<EndpointId> {
         let policies: BTreeSet<_> = diff.policy_remove.iter().map(|row| row.policy_id).collect();
         self.attachments

@@ -57,6 +57,11 @@
 //! - Operator namespaces default to `ray-system` and `kuberay-system`.
 //! - An invalid block (not an object, unparsable annotation) is an invalid mode: the
 //!   last good policy, or DenyAll with the base flows.
+//! - `rayfence.io/audit: "true"` (any ASCII case) on a RayCluster sets `audit` on
+//!   every endpoint its policy applies to (head and workers, whatever else isolates
+//!   them); any value other than true/false is a warning and enforced, never the
+//!   last good value. `Settings::audit` sets it on every endpoint. The flag is on
+//!   the endpoint, not in the policy spec, so a switch changes no policy id or row.
 //! - An invalid `spec.podSelector` on a NetworkPolicy selects no pod (the API server
 //!   rejects such objects; only hand-fed ones can have it).
 //!

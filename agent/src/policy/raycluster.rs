@@ -1,7 +1,8 @@
 //! RayCluster isolation: parses `spec.networkPolicy` (KubeRay v1.7+),
 //! `spec.networkIsolation` (KubeRay PR #4638) and the `rayfence.io/network-policy`
 //! annotation, and compiles them, with the base flows, into per-role rule lists that
-//! say exactly what KubeRay's generated NetworkPolicies (plus DNS) allow.
+//! say exactly what KubeRay's generated NetworkPolicies (plus DNS) allow. Also reads
+//! the `rayfence.io/audit` switch ([`ParsedCluster::audit`]).
 //!
 //! Must not: look at pods or decide which pod gets which role (that is `engine`), or
 //! fail a whole cluster because one part is malformed: bad parts become [`Problem`]s
@@ -10,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::networking::v1::{NetworkPolicyEgressRule, NetworkPolicyIngressRule};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde_json::Value;
 
 use super::problem::{Invalid, ObjectRef, Problem, Severity};
@@ -22,6 +24,8 @@ use crate::crd::RayCluster;
 use crate::tables::{Direction, protocol};
 
 pub const ANNOTATION: &str = "rayfence.io/network-policy";
+/// `"true"`: the cluster's pods are audit-only (evaluated and counted, not dropped).
+pub const AUDIT_ANNOTATION: &str = "rayfence.io/audit";
 pub const LABEL_CLUSTER: &str = "ray.io/cluster";
 pub const LABEL_NODE_TYPE: &str = "ray.io/node-type";
 pub const LABEL_GROUP: &str = "ray.io/group";
@@ -117,6 +121,9 @@ pub struct ParsedCluster {
     pub client_port: u16,
     /// The owning RayJob's name, when its submitter pods get the dashboard port.
     pub rayjob: Option<String>,
+    /// `rayfence.io/audit` is `"true"`: would-drops of the cluster's pods pass and
+    /// are counted as audit. An invalid value is `false` (enforced) and a problem.
+    pub audit: bool,
     pub problems: Vec<Problem>,
 }
 
@@ -348,6 +355,32 @@ fn start_param(params: Option<&Value>, key: &str, default: u16, ctx: &mut Ctx<'_
     }
 }
 
+/// Reads `rayfence.io/audit`: `true`/`false` in any ASCII case (as YAML 1.1 and
+/// Go's `strconv.ParseBool` spell booleans: `true`, `True`, `TRUE`), absent is
+/// `false`. Anything else (`yes`, `1`, `""`, ` true`) is a warning and `false`: a
+/// typo never loosens isolation.
+fn audit_annotation(meta: &ObjectMeta, ctx: &mut Ctx<'_>) -> bool {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(AUDIT_ANNOTATION))
+    else {
+        return false;
+    };
+    if value.eq_ignore_ascii_case("true") {
+        true
+    } else if value.eq_ignore_ascii_case("false") {
+        false
+    } else {
+        ctx.warn(Invalid::new(
+            format!("metadata.annotations[\"{AUDIT_ANNOTATION}\"]"),
+            value.as_str(),
+            "expected \"true\" or \"false\"; the cluster is enforced (not audit)",
+        ));
+        false
+    }
+}
+
 /// Parses what a RayCluster declares. Never fails: problems are collected.
 pub fn parse(cluster: &RayCluster) -> ParsedCluster {
     let meta = &cluster.metadata;
@@ -443,6 +476,7 @@ pub fn parse(cluster: &RayCluster) -> ParsedCluster {
         })
         .filter(|_| k8s_job_mode)
         .map(|o| o.name.clone());
+    let audit = audit_annotation(meta, &mut ctx);
     let problems = ctx.problems;
     ParsedCluster {
         object,
@@ -450,6 +484,7 @@ pub fn parse(cluster: &RayCluster) -> ParsedCluster {
         dashboard_port,
         client_port,
         rayjob,
+        audit,
         problems,
     }
 }

@@ -18,6 +18,8 @@ pub(super) struct ClusterState {
     pub(super) parsed: Option<raycluster::ParsedCluster>,
     pub(super) last_good: Option<UserPolicy>,
     pub(super) compiled: Option<CompiledCluster>,
+    /// `rayfence.io/audit` (false when invalid).
+    pub(super) audit: bool,
 }
 
 impl Engine {
@@ -42,8 +44,11 @@ impl Engine {
             ),
         };
         let compiled = effective.map(|p| raycluster::compile(&parsed, &p, &self.settings));
+        // An audit switch alone touches the endpoints' entries, never their rows.
+        let audit_changed = state.audit != parsed.audit;
+        state.audit = parsed.audit;
         state.parsed = Some(parsed);
-        if state.compiled != compiled {
+        if state.compiled != compiled || audit_changed {
             state.compiled = compiled;
             self.cluster_changed(&key);
         }

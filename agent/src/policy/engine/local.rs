@@ -64,7 +64,7 @@ impl Engine {
         &self,
         key: &ObjectKey,
         pod: &PodState,
-    ) -> (PolicySpec, Option<String>, Option<Role>, Vec<Problem>) {
+    ) -> (PolicySpec, Option<String>, Option<Role>, bool, Vec<Problem>) {
         let labels = &pod.labels;
         let mut ingress: Vec<Arc<Rule>> = Vec::new();
         let mut egress: Vec<Arc<Rule>> = Vec::new();
@@ -81,11 +81,15 @@ impl Engine {
                     }),
                     _ => None,
                 });
-        if let (Some(cluster), Some(role)) = (&cluster, &role)
-            && let Some(compiled) = self
-                .clusters
-                .get(&(key.0.clone(), cluster.clone()))
-                .and_then(|c| c.compiled.as_ref())
+        // The pods the RayCluster's policy applies to are the pods its audit switch
+        // applies to (their NetworkPolicy rows included: one mode per endpoint).
+        let state = match (&cluster, &role) {
+            (Some(cluster), Some(_)) => self.clusters.get(&(key.0.clone(), cluster.clone())),
+            _ => None,
+        };
+        let audit = self.settings.audit || state.is_some_and(|c| c.audit);
+        if let Some(role) = &role
+            && let Some(compiled) = state.and_then(|c| c.compiled.as_ref())
         {
             isolate_ingress |= compiled.mode.isolates(Direction::Ingress);
             isolate_egress |= compiled.mode.isolates(Direction::Egress);
@@ -147,7 +151,7 @@ impl Engine {
                 Arc::default()
             },
         };
-        (spec, cluster, role, problems)
+        (spec, cluster, role, audit, problems)
     }
 
     pub(super) fn refresh_endpoint(
@@ -164,12 +168,12 @@ impl Engine {
             return;
         };
         let uid = pod.uid.clone();
-        let (spec, cluster, role, problems) = self.spec_for(key, pod);
+        let (spec, cluster, role, audit, problems) = self.spec_for(key, pod);
         let value = |policy_id| EndpointPolicy {
             policy_id,
             isolate_ingress: spec.isolate_ingress,
             isolate_egress: spec.isolate_egress,
-            audit: self.settings.audit,
+            audit,
         };
         let endpoint_policy = value(0);
         let policy = self.intern_policy(spec, new_policies);

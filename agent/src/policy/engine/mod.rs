@@ -128,6 +128,9 @@ pub struct EndpointMeta {
     /// Role from `ray.io/node-type` / `ray.io/group`.
     pub role: Option<Role>,
     pub policy: EndpointPolicy,
+    /// Audit-only: would-drops pass and are counted (`--audit`, or its RayCluster's
+    /// `rayfence.io/audit: "true"`). The same as `policy.audit`.
+    pub audit: bool,
 }
 #[derive(Debug, Default)]
 struct Dirty {
@@ -359,6 +362,7 @@ impl Engine {
     pub fn endpoint_meta(&self, id: EndpointId) -> Option<EndpointMeta> {
         let key = self.endpoint_keys.get(&id)?;
         let ep = self.endpoints.get(key)?;
+        let policy = *self.out.tables.endpoints.get(&id)?;
         Some(EndpointMeta {
             id,
             namespace: key.0.clone(),
@@ -366,7 +370,8 @@ impl Engine {
             uid: ep.uid.clone(),
             cluster: ep.cluster.clone(),
             role: ep.role.clone(),
-            policy: *self.out.tables.endpoints.get(&id)?,
+            audit: policy.audit,
+            policy,
         })
     }
 

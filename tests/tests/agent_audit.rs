@@ -1,0 +1,458 @@
+//! End to end: audit mode per RayCluster, switched live. The real `rayfence agent`
+//! in a simulated node (flannel-like bridge) fed by a manifests directory; a
+//! DenyAll RayCluster annotated `rayfence.io/audit`, an outsider pod, real packets;
+//! what the kernel counted is read from the agent's pinned maps, read-only.
+//!
+//! Exact counters: audit counts a would-be-dropped flow once (its first packet), a
+//! drop counts each packet, and a denied probe whose timeout is shorter than its
+//! first retransmission (TCP SYN after 1 s, UDP after 200 ms) sends exactly one.
+//!
+//! Needs root (network namespaces, bpffs, cgroups). Its own topology, bpffs,
+//! manifests directory and kubelet cgroup tree; guards clean up on panic too.
+mod agent_common;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use agent_common::*;
+use anyhow::{Result, ensure};
+use rayfence::datapath::paths;
+use rayfence_common::{
+    CounterKey, CounterValue, Direction, EndpointInfo, Reason, Verdict, endpoint_flags, map_names,
+};
+use rayfence_tests::{Outcome, Pod};
+use serde_json::{Value, json};
+
+const NODE: &str = "node-a";
+/// Allowed (or audited) flows: room for neighbour resolution.
+const OK: Duration = Duration::from_secs(3);
+/// Denied TCP: shorter than the first SYN retransmission (1 s).
+const DENIED_TCP: Duration = Duration::from_millis(700);
+/// Denied UDP: shorter than rf-probe's first resend (200 ms).
+const DENIED_UDP: Duration = Duration::from_millis(150);
+/// How long an annotation edit may take to reach the datapath (the file source
+/// polls every 100 ms; the measured p99 of an edit is ~150 ms).
+const SWITCH_BOUND: Duration = Duration::from_secs(5);
+/// Longer than a delayed ACK (40 ms), so a probe's last packets are in before the
+/// counters are read or the mode switched.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Read-only access to the agent's pinned maps: `BPF_OBJ_GET` with `BPF_F_RDONLY`,
+/// so the test can look at what the kernel counted and can write nothing.
+mod pinned {
+    use std::ffi::CString;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_F_RDONLY: u32 = 1 << 3;
+
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+
+    #[repr(C)]
+    struct Elem {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        /// `value` (lookup) or `next_key`.
+        value: u64,
+        flags: u64,
+    }
+
+    fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        // SAFETY: `attr` is a live, correctly laid out bpf_attr prefix of its size.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                cmd,
+                attr as *mut T as *mut libc::c_void,
+                size_of::<T>() as libc::c_uint,
+            )
+        };
+        if ret < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(ret)
+        }
+    }
+
+    pub struct Map(OwnedFd);
+
+    impl Map {
+        pub fn open(path: &Path) -> io::Result<Self> {
+            let c = CString::new(path.as_os_str().as_bytes())?;
+            let mut attr = ObjGet {
+                pathname: c.as_ptr() as u64,
+                bpf_fd: 0,
+                file_flags: BPF_F_RDONLY,
+            };
+            let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+            // SAFETY: a new fd the kernel just gave us.
+            Ok(Map(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        }
+
+        /// The value bytes at `key` (`value_len` bytes: per-CPU maps hold one
+        /// 8-byte-aligned slot per possible CPU).
+        pub fn lookup(&self, key: &[u8], value_len: usize) -> io::Result<Option<Vec<u8>>> {
+            let mut value = vec![0u8; value_len];
+            let mut attr = Elem {
+                map_fd: self.0.as_raw_fd() as u32,
+                _pad: 0,
+                key: key.as_ptr() as u64,
+                value: value.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+                Ok(_) => Ok(Some(value)),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+
+        /// Every key (`key_len` bytes each).
+        pub fn keys(&self, key_len: usize) -> io::Result<Vec<Vec<u8>>> {
+            let mut keys: Vec<Vec<u8>> = Vec::new();
+            loop {
+                let mut next = vec![0u8; key_len];
+                let mut attr = Elem {
+                    map_fd: self.0.as_raw_fd() as u32,
+                    _pad: 0,
+                    // NULL: the first key.
+                    key: keys.last().map_or(0, |k| k.as_ptr() as u64),
+                    value: next.as_mut_ptr() as u64,
+                    flags: 0,
+                };
+                match bpf(BPF_MAP_GET_NEXT_KEY, &mut attr) {
+                    Ok(_) => keys.push(next),
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(keys),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// Number of possible CPUs (the per-CPU value count), from
+    /// `/sys/devices/system/cpu/possible` (`0-3`, `0,2-5`).
+    pub fn possible_cpus() -> io::Result<usize> {
+        let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+        let mut count = 0;
+        for part in text.trim().split(',') {
+            let (a, b) = part.split_once('-').unwrap_or((part, part));
+            let (a, b): (usize, usize) = (
+                a.parse().map_err(io::Error::other)?,
+                b.parse().map_err(io::Error::other)?,
+            );
+            count += b - a + 1;
+        }
+        Ok(count)
+    }
+}
+
+/// Plain `#[repr(C)]` data from its bytes.
+fn from_bytes<T: Copy>(bytes: &[u8]) -> T {
+    assert!(bytes.len() >= size_of::<T>());
+    // SAFETY: `T` is a plain-data `#[repr(C)]` map type (rayfence_common's layout
+    // tests); any byte pattern of its size is a value.
+    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) }
+}
+
+/// What the agent's datapath holds, read from its pins.
+struct Kernel {
+    root: PathBuf,
+}
+
+impl Kernel {
+    fn map(&self, name: &str) -> Result<pinned::Map> {
+        let path = paths::map(&self.root, name);
+        pinned::Map::open(&path).map_err(|e| anyhow::anyhow!("open {}: {e}", path.display()))
+    }
+
+    /// The endpoint entry of a pod's host veth.
+    fn endpoint(&self, pod: &Pod) -> Result<Option<EndpointInfo>> {
+        let map = self.map(map_names::ENDPOINTS_TC)?;
+        Ok(map
+            .lookup(&pod.host_ifindex.to_ne_bytes(), size_of::<EndpointInfo>())?
+            .map(|bytes| from_bytes(&bytes)))
+    }
+
+    /// Every counter row, summed over CPUs.
+    fn counters(&self) -> Result<BTreeMap<CounterKey, CounterValue>> {
+        let map = self.map(map_names::COUNTERS)?;
+        let cpus = pinned::possible_cpus()?;
+        let slot = size_of::<CounterValue>().next_multiple_of(8);
+        let mut out = BTreeMap::new();
+        for key in map.keys(size_of::<CounterKey>())? {
+            let Some(values) = map.lookup(&key, slot * cpus)? else {
+                continue; // gone in between
+            };
+            let mut total = CounterValue::default();
+            for chunk in values.chunks(slot) {
+                let value: CounterValue = from_bytes(chunk);
+                total.packets += value.packets;
+                total.bytes += value.bytes;
+            }
+            out.insert(from_bytes::<CounterKey>(&key), total);
+        }
+        Ok(out)
+    }
+
+    /// Waits until the pod's entry has the AUDIT flag `audit`; the time it took.
+    fn wait_audit(&self, pod: &Pod, audit: bool, since: Instant) -> Result<Duration> {
+        loop {
+            let info = self.endpoint(pod)?;
+            if let Some(info) = info
+                && (info.flags & endpoint_flags::AUDIT != 0) == audit
+                && info.flags & endpoint_flags::FAIL_CLOSED == 0
+            {
+                return Ok(since.elapsed());
+            }
+            ensure!(
+                since.elapsed() < SWITCH_BOUND,
+                "{}: audit still not {audit} after {SWITCH_BOUND:?}: {info:?}",
+                pod.name
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Packets counted for `endpoint` between two snapshots.
+fn delta(
+    before: &BTreeMap<CounterKey, CounterValue>,
+    after: &BTreeMap<CounterKey, CounterValue>,
+    endpoint: u32,
+    direction: Direction,
+    verdict: Verdict,
+    reason: Reason,
+) -> u64 {
+    let key = CounterKey {
+        endpoint_id: endpoint,
+        direction: direction as u8,
+        verdict: verdict as u8,
+        reason: reason as u8,
+        _pad: 0,
+    };
+    let count = |m: &BTreeMap<CounterKey, CounterValue>| m.get(&key).map_or(0, |v| v.packets);
+    count(after) - count(before)
+}
+
+/// Packets of `verdict` for `endpoint` (any direction, any reason) between snapshots.
+fn delta_all(
+    before: &BTreeMap<CounterKey, CounterValue>,
+    after: &BTreeMap<CounterKey, CounterValue>,
+    endpoint: u32,
+    verdict: Verdict,
+) -> u64 {
+    let sum = |m: &BTreeMap<CounterKey, CounterValue>| -> u64 {
+        m.iter()
+            .filter(|(k, _)| k.endpoint_id == endpoint && k.verdict == verdict as u8)
+            .map(|(_, v)| v.packets)
+            .sum()
+    };
+    sum(after) - sum(before)
+}
+
+/// The RayCluster `rc`, DenyAll, with `rayfence.io/audit` = `audit`.
+fn cluster(ns: &str, audit: &str) -> Value {
+    let mut rc = raycluster(ns, "rc", json!({"mode": "DenyAll"}));
+    rc["metadata"]["annotations"] = json!({"rayfence.io/audit": audit});
+    rc
+}
+
+#[test]
+fn audit_annotation_switches_a_raycluster_between_audit_and_enforce_live() -> Result<()> {
+    let node = SimNode::new(&["head", "worker", "outsider"], 1)?;
+    let (topo, kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
+    let (head, worker, outsider) = (topo.pod("head"), topo.pod("worker"), topo.pod("outsider"));
+    let _head_tcp = head.serve_tcp(8000)?;
+    let _head_udp = head.serve_udp(8001)?;
+    let _worker_tcp = worker.serve_tcp(8000)?;
+
+    let manifests = Manifests::new()?;
+    manifests.write(
+        "base.yaml",
+        &[
+            namespace(ns),
+            node_object(NODE, topo.node(0)),
+            pod_object(ns, head, &uids[0], NODE, &head_labels("rc")),
+            pod_object(ns, worker, &uids[1], NODE, &worker_labels("rc")),
+            pod_object(ns, outsider, &uids[2], NODE, &[("app", "outsider")]),
+        ],
+    )?;
+    manifests.write("rc.yaml", &[cluster(ns, "true")])?;
+    let bpffs = Bpffs::new();
+    let agent = Agent::start(&AgentOptions {
+        node: topo.node(0),
+        node_name: NODE,
+        manifests: &manifests.dir,
+        bpffs: &bpffs.path,
+        cgroup_root: kubelet.root.path(),
+        kubeconfig: None,
+        extra_args: &[],
+    })?;
+    agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
+    let kernel = Kernel {
+        root: bpffs.path.clone(),
+    };
+    kernel.wait_audit(head, true, Instant::now())?;
+    kernel.wait_audit(worker, true, Instant::now())?;
+    let ep = |pod: &Pod| -> Result<EndpointInfo> {
+        kernel
+            .endpoint(pod)?
+            .ok_or_else(|| anyhow::anyhow!("{} has no endpoint entry", pod.name))
+    };
+    let (head_ep, worker_ep) = (ep(head)?.endpoint_id, ep(worker)?.endpoint_id);
+    ensure!(
+        ep(head)?.flags & (endpoint_flags::ISOLATE_INGRESS | endpoint_flags::ISOLATE_EGRESS)
+            == endpoint_flags::ISOLATE_INGRESS | endpoint_flags::ISOLATE_EGRESS,
+        "audit keeps the isolation flags: {:?}",
+        ep(head)?
+    );
+
+    // 1. Audit: the outsider reaches the head (TCP, UDP) and the worker; each
+    // would-be-dropped flow is counted once as audit, nothing is dropped.
+    let c0 = kernel.counters()?;
+    assert_eq!(outsider.tcp_connect(v4(head), 8000, OK), Outcome::Ok);
+    assert_eq!(outsider.udp_probe(v4(head), 8001, OK), Outcome::Ok);
+    assert_eq!(outsider.tcp_connect(v4(worker), 8000, OK), Outcome::Ok);
+    let mut held = outsider.tcp_hold(v4(worker), 8000, OK)?;
+    ensure!(held.roundtrip(), "held outsider connection in audit");
+    ensure!(held.roundtrip(), "held outsider connection in audit, again");
+    let mut intra = worker.tcp_hold(v4(head), 8000, OK)?;
+    ensure!(intra.roundtrip(), "held intra-cluster connection");
+    // Delayed ACKs (40 ms) of the held connections land before the switch.
+    std::thread::sleep(SETTLE);
+    let c1 = kernel.counters()?;
+    let audits = |before, after, ep| {
+        delta(
+            before,
+            after,
+            ep,
+            Direction::Ingress,
+            Verdict::Audit,
+            Reason::NoPolicy,
+        )
+    };
+    assert_eq!(audits(&c0, &c1, head_ep), 2, "head: one TCP, one UDP flow");
+    assert_eq!(audits(&c0, &c1, worker_ep), 2, "worker: two TCP flows");
+    assert_eq!(delta_all(&c0, &c1, head_ep, Verdict::Audit), 2, "replies");
+    assert_eq!(delta_all(&c0, &c1, worker_ep, Verdict::Audit), 2, "replies");
+    assert_eq!(delta_all(&c0, &c1, head_ep, Verdict::Drop), 0);
+    assert_eq!(delta_all(&c0, &c1, worker_ep, Verdict::Drop), 0);
+
+    // 2. Enforce: the outsider is dropped, its held connection cut; the cluster's
+    // own traffic, held connection included, keeps passing.
+    let generation = ep(worker)?.generation;
+    let t0 = Instant::now();
+    manifests.write("rc.yaml", &[cluster(ns, "false")])?;
+    let took = kernel.wait_audit(head, false, t0)?;
+    kernel.wait_audit(worker, false, t0)?;
+    ensure!(
+        ep(worker)?.generation != generation,
+        "the switch re-checks established flows"
+    );
+    println!("audit -> enforce: in the datapath {took:?} after the manifest was written");
+    let c2 = kernel.counters()?;
+    assert_eq!(
+        outsider.tcp_connect(v4(head), 8000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    assert_eq!(
+        outsider.udp_probe(v4(head), 8001, DENIED_UDP),
+        Outcome::Timeout
+    );
+    assert_eq!(
+        outsider.tcp_connect(v4(worker), 8000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    let c3 = kernel.counters()?;
+    let drops = |before, after, ep| {
+        delta(
+            before,
+            after,
+            ep,
+            Direction::Ingress,
+            Verdict::Drop,
+            Reason::NoPolicy,
+        )
+    };
+    assert_eq!(drops(&c2, &c3, head_ep), 2, "head: one SYN, one datagram");
+    assert_eq!(drops(&c2, &c3, worker_ep), 1, "worker: one SYN");
+    assert_eq!(delta_all(&c2, &c3, head_ep, Verdict::Drop), 2);
+    assert_eq!(delta_all(&c2, &c3, worker_ep, Verdict::Drop), 1);
+    assert_eq!(delta_all(&c2, &c3, head_ep, Verdict::Audit), 0);
+    assert_eq!(delta_all(&c2, &c3, worker_ep, Verdict::Audit), 0);
+    let cut = held.roundtrip_outcome();
+    ensure!(
+        !cut.is_ok(),
+        "the connection held from the audit phase still passes"
+    );
+    let c4 = kernel.counters()?;
+    ensure!(
+        drops(&c3, &c4, worker_ep) >= 1,
+        "the held connection's data was not counted as dropped"
+    );
+    assert_eq!(delta_all(&c3, &c4, worker_ep, Verdict::Audit), 0);
+    ensure!(
+        intra.roundtrip(),
+        "intra-cluster held connection after the switch"
+    );
+    assert_eq!(worker.tcp_connect(v4(head), 8000, OK), Outcome::Ok);
+    assert_eq!(head.tcp_connect(v4(worker), 8000, OK), Outcome::Ok);
+    // The held connection's retransmissions would pass again in audit: end it.
+    drop(held);
+    std::thread::sleep(SETTLE);
+
+    // 3. Audit again: the outsider passes at once.
+    let t0 = Instant::now();
+    manifests.write("rc.yaml", &[cluster(ns, "true")])?;
+    let took = kernel.wait_audit(head, true, t0)?;
+    println!("enforce -> audit: in the datapath {took:?} after the manifest was written");
+    let c5 = kernel.counters()?;
+    assert_eq!(outsider.tcp_connect(v4(head), 8000, OK), Outcome::Ok);
+    assert_eq!(outsider.udp_probe(v4(head), 8001, OK), Outcome::Ok);
+    let c6 = kernel.counters()?;
+    assert_eq!(audits(&c5, &c6, head_ep), 2);
+    assert_eq!(delta_all(&c5, &c6, head_ep, Verdict::Audit), 2);
+    assert_eq!(delta_all(&c5, &c6, head_ep, Verdict::Drop), 0);
+    ensure!(
+        intra.roundtrip(),
+        "intra-cluster held connection back in audit"
+    );
+    std::thread::sleep(SETTLE);
+
+    // 4. An invalid value: enforced, and the problem is logged naming the field.
+    let t0 = Instant::now();
+    manifests.write("rc.yaml", &[cluster(ns, "yes")])?;
+    kernel.wait_audit(head, false, t0)?;
+    kernel.wait_audit(worker, false, t0)?;
+    agent.wait_log(
+        &[
+            "invalid input",
+            "rayfence.io/audit",
+            "value=yes",
+            "enforced",
+        ],
+        SWITCH_BOUND,
+    )?;
+    let c7 = kernel.counters()?;
+    assert_eq!(
+        outsider.tcp_connect(v4(head), 8000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    let c8 = kernel.counters()?;
+    assert_eq!(drops(&c7, &c8, head_ep), 1);
+    assert_eq!(delta_all(&c7, &c8, head_ep, Verdict::Audit), 0);
+    ensure!(intra.roundtrip(), "intra-cluster held connection, enforced");
+    Ok(())
+}
