@@ -457,3 +457,70 @@ fn flows_follow_streams_new_events_and_a_noisy_pod_is_rate_limited_with_a_count(
     assert_eq!(logged, streamed);
     Ok(())
 }
+
+#[test]
+fn an_audited_raycluster_shows_would_be_drops_in_flows_status_and_explain() -> Result<()> {
+    let scene = scene(321)?;
+    let (topo, ns) = (&scene.node.topo, &scene.node.ns);
+    let (head, outsider) = (topo.pod("head"), topo.pod("outsider"));
+    let _head_tcp = head.serve_tcp(8000)?;
+    let mut rc = raycluster(ns, "rc", serde_json::json!({"mode": "DenyAll"}));
+    rc["metadata"]["annotations"] = serde_json::json!({"rayfence.io/audit": "true"});
+    scene.manifests.write("rc.yaml", &[rc])?;
+    let agent = start(&scene, &[])?;
+
+    // Audit: the flow passes, and is reported as what would have been dropped.
+    assert_eq!(outsider.tcp_connect(v4(head), 8000, SHORT), Outcome::Ok);
+    let audited = wait_for("the audit event", Duration::from_secs(5), || {
+        agent
+            .logged_flows()
+            .into_iter()
+            .find(|f| f.destination.port == 8000)
+    })?;
+    assert_eq!(audited.verdict, FlowVerdict::Audit);
+    assert_eq!(
+        (audited.reason.as_str(), audited.pod.as_str()),
+        ("no-policy", "head")
+    );
+    let (ok, out, err) = agent.command(topo.node(0), &["flows", "--json", "--verdict", "audit"])?;
+    ensure!(ok, "{err}");
+    let listed: Vec<FlowRecord> = out
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(listed, vec![audited]);
+    let (ok, out, _) = agent.command(topo.node(0), &["flows", "--json", "--verdict", "dropped"])?;
+    ensure!(
+        ok && out.trim().is_empty(),
+        "nothing dropped in audit: {out}"
+    );
+
+    let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
+    let head_status = status
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "head")
+        .context("no head")?;
+    assert_eq!(head_status.mode, "audit");
+    // Audit counts a flow once (its later packets ride the conntrack entry).
+    assert_eq!((head_status.drops, head_status.would_drops), (0, 1));
+
+    let explained: ExplainReport = command_json(
+        &agent,
+        &scene,
+        &[
+            "explain",
+            "--json",
+            "--from",
+            &format!("{ns}/outsider"),
+            "--to",
+            &format!("{ns}/head:8000"),
+        ],
+    )?;
+    assert_eq!(explained.verdict, "audit");
+    ensure!(
+        explained.sides[1].audit && explained.sides[1].verdict == "denied",
+        "{explained:?}"
+    );
+    Ok(())
+}
