@@ -87,7 +87,7 @@ impl Runtime {
                 }
             }
         }
-        let endpoints = self
+        let mut endpoints: Vec<EndpointStatus> = self
             .engine
             .endpoints()
             .map(|meta| {
@@ -132,6 +132,7 @@ impl Runtime {
                 }
             })
             .collect();
+        endpoints.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
         StatusReport {
             node: self.config.settings.node_name.clone(),
             ready: self.health.is_ready(),

@@ -265,3 +265,22 @@ mod tests {
         assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
     }
 }
+
+/// `rayfence ARGS --socket SOCKET`: what the command prints, or its error.
+pub fn command(bin: &Path, socket: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .arg("--socket")
+        .arg(socket)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "rayfence {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -367,6 +367,16 @@ pub fn run(opts: &Options) -> Result<Report> {
         if let Some((command, text)) = checked.example {
             println!("\nwhy was a flow dropped? {command}\n{text}");
         }
+        for (what, args) in [
+            ("the last dropped flows", &["flows", "--limit", "4"][..]),
+            ("the local endpoints", &["status"][..]),
+        ] {
+            println!("{what}: rayfence {}", args.join(" "));
+            match agent::command(bin, a.socket(), args) {
+                Ok(text) => println!("{text}"),
+                Err(error) => println!("  {error:#}\n"),
+            }
+        }
     }
     if let Some(a) = agent.as_mut() {
         match agent::http_get(&node.netns, "/metrics") {
@@ -439,19 +449,7 @@ fn explain_every_probe(
     parallel: usize,
 ) -> Result<ExplainCheck> {
     let node = topo.node(0);
-    let run = |args: &[&str]| -> Result<String> {
-        let out = std::process::Command::new(bin)
-            .args(args)
-            .arg("--socket")
-            .arg(socket)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .with_context(|| format!("running {}", bin.display()))?;
-        if !out.status.success() {
-            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    };
+    let run = |args: &[&str]| agent::command(bin, socket, args);
     // (from, to, what the datapath did) for every probed cell.
     let flows: Vec<(String, String, &str, bool)> = cells
         .iter()
