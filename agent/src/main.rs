@@ -18,6 +18,7 @@ use rayfence::policy::selector::Selector;
 use rayfence::policy::{DnsMode, Settings};
 use rayfence::runtime::{Runtime, RuntimeConfig};
 use rayfence::serve::Health;
+use rayfence::serve::auth::{AuthConfig, Authorizer, ResourceAttributes};
 use rayfence::source::ObjectKind;
 use rayfence::source::ProblemReporter;
 use rayfence::source::events::{EventReporterConfig, KubeEventReporter};
@@ -102,6 +103,31 @@ struct AgentArgs {
         default_value = "127.0.0.1:9402"
     )]
     metrics_addr: SocketAddr,
+    /// Require a bearer token on every path but /healthz and /readyz, checked with
+    /// TokenReview and SubjectAccessReview (as kube-rbac-proxy does): 401 without a
+    /// valid token, 403 when not allowed, 503 when the API server cannot be asked.
+    /// Needs a Kubernetes client even with --manifests (--kubeconfig or in-cluster).
+    #[arg(long, env = "RAYFENCE_METRICS_AUTH")]
+    metrics_auth: bool,
+    /// With --metrics-auth: an audience the token must be valid for (repeatable;
+    /// default: the API server's own audiences).
+    #[arg(
+        long,
+        value_name = "AUDIENCE",
+        env = "RAYFENCE_METRICS_AUTH_AUDIENCE",
+        value_delimiter = ','
+    )]
+    metrics_auth_audience: Vec<String>,
+    /// With --metrics-auth: ask SubjectAccessReview about this resource instead of
+    /// the request path as a non-resource URL: k=v[,k=v] of namespace, group,
+    /// version, resource (required), subresource, name; the verb is the method's
+    /// (GET -> get).
+    #[arg(
+        long,
+        value_name = "K=V[,K=V]",
+        env = "RAYFENCE_METRICS_AUTH_RESOURCE_ATTRIBUTES"
+    )]
+    metrics_auth_resource_attributes: Option<String>,
     /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
     #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
     dns_mode: DnsModeArg,
@@ -183,13 +209,14 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(args) => {
             init_tracing(args.log_format);
+            let auth = metrics_auth_config(&args)?;
             let config = runtime_config(&args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(agent(*args, config))
+                .block_on(agent(*args, config, auth))
         }
     }
 }
@@ -204,6 +231,47 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// `--metrics-auth` and its flags, checked: `None` when auth is off.
+fn metrics_auth_config(args: &AgentArgs) -> anyhow::Result<Option<AuthConfig>> {
+    let resource = match args.metrics_auth_resource_attributes.as_deref() {
+        Some(text) if !text.trim().is_empty() => Some(
+            ResourceAttributes::parse(text)
+                .with_context(|| format!("--metrics-auth-resource-attributes {text:?}"))?,
+        ),
+        _ => None,
+    };
+    if args
+        .metrics_auth_audience
+        .iter()
+        .any(|a| a.trim().is_empty())
+    {
+        bail!(
+            "--metrics-auth-audience {:?}: an audience must not be empty",
+            args.metrics_auth_audience.join(",")
+        );
+    }
+    if !args.metrics_auth {
+        if !args.metrics_auth_audience.is_empty() || resource.is_some() {
+            tracing::warn!(
+                "--metrics-auth-audience and --metrics-auth-resource-attributes have no effect without --metrics-auth"
+            );
+        }
+        if !args.metrics_addr.ip().is_loopback() {
+            tracing::warn!(addr = %args.metrics_addr, "serving /metrics without authentication on a non-loopback address (see --metrics-auth)");
+        }
+        return Ok(None);
+    }
+    Ok(Some(AuthConfig {
+        audiences: args
+            .metrics_auth_audience
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .collect(),
+        resource,
+        ..AuthConfig::default()
+    }))
 }
 
 /// Every flag checked and turned into the runtime's configuration.
@@ -330,12 +398,27 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
     })
 }
 
-async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()> {
+async fn agent(
+    args: AgentArgs,
+    mut config: RuntimeConfig,
+    auth: Option<AuthConfig>,
+) -> anyhow::Result<()> {
     // Say what is missing before anything half-starts (the error names each
     // capability and what it is for).
     rayfence::capabilities::check_for_agent()?;
     let health = Arc::new(Health::new());
-    let bound = rayfence::serve::spawn(args.metrics_addr, health.clone())
+    // --metrics-auth asks the API server even when objects come from --manifests.
+    let authorizer = match auth {
+        Some(auth) => {
+            let client = kube_client(args.kubeconfig.as_deref())
+                .await
+                .context("--metrics-auth needs a Kubernetes client")?;
+            tracing::info!(audiences = ?auth.audiences, resource = ?auth.resource, "--metrics-auth: every path but /healthz and /readyz needs a bearer token");
+            Some(Arc::new(Authorizer::new(client, auth)))
+        }
+        None => None,
+    };
+    let bound = rayfence::serve::spawn(args.metrics_addr, health.clone(), authorizer)
         .await
         .context("--metrics-addr")?;
     tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");

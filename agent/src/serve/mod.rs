@@ -1,9 +1,11 @@
 //! HTTP on `--metrics-addr`: `/metrics` (Prometheus text), `/healthz` (the process is
 //! alive and the reconcile loop turns), `/readyz` (the first full sync of every kind
-//! is programmed).
+//! is programmed). With `--metrics-auth`, every path but the two probes first
+//! passes [`auth::Authorizer::check`].
 //!
 //! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
 //! runtime writes.
+pub mod auth;
 pub mod metrics;
 
 use std::convert::Infallible;
@@ -75,9 +77,18 @@ pub enum ServeError {
     },
 }
 
+/// The kubelet's probes carry no token: the only paths served without
+/// `--metrics-auth`'s check.
+const UNAUTHENTICATED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
 /// Binds `addr` now (so a bad flag fails fast) and serves in a background task.
-/// Returns the bound address (port 0 picks one).
-pub async fn spawn(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, ServeError> {
+/// Returns the bound address (port 0 picks one). With `auth`, every request but
+/// the probes must pass it before it is routed.
+pub async fn spawn(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    auth: Option<Arc<auth::Authorizer>>,
+) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
@@ -95,10 +106,23 @@ pub async fn spawn(addr: SocketAddr, health: Arc<Health>) -> Result<SocketAddr, 
                 }
             };
             let health = health.clone();
+            let auth = auth.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
+                let service = hyper::service::service_fn(move |req: Request<_>| {
                     let health = health.clone();
-                    async move { Ok::<_, Infallible>(handle(&req, &health)) }
+                    let auth = auth.clone();
+                    async move {
+                        // Before routing, so every route is covered.
+                        if let Some(auth) = auth
+                            && !UNAUTHENTICATED_PATHS.contains(&req.uri().path())
+                            && let Err(refusal) = auth
+                                .check(req.method(), req.uri().path(), req.headers())
+                                .await
+                        {
+                            return Ok::<_, Infallible>(refusal.response());
+                        }
+                        Ok::<_, Infallible>(handle(&req, &health))
+                    }
                 });
                 if let Err(error) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
