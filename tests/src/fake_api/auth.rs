@@ -103,6 +103,9 @@ impl Grant {
     }
 }
 
+/// Whether a grant's target covers what a SubjectAccessReview asks.
+type TargetMatch = Box<dyn Fn(&GrantTarget) -> bool>;
+
 /// One review as the server received and answered it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Review {
@@ -232,10 +235,7 @@ impl Reviews {
         }
         let non_resource = spec.get("nonResourceAttributes").filter(|v| !v.is_null());
         let resource = spec.get("resourceAttributes").filter(|v| !v.is_null());
-        let (verb, matches): (&str, Box<dyn Fn(&GrantTarget) -> bool>) = match (
-            non_resource,
-            resource,
-        ) {
+        let (verb, matches): (&str, TargetMatch) = match (non_resource, resource) {
             (Some(n), None) => {
                 let path = n["path"].as_str().unwrap_or("").to_owned();
                 (
