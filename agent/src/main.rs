@@ -19,6 +19,7 @@ use rayfence::policy::{DnsMode, Settings};
 use rayfence::runtime::{Runtime, RuntimeConfig};
 use rayfence::serve::Health;
 use rayfence::serve::auth::{AuthConfig, Authorizer, ResourceAttributes};
+use rayfence::serve::tls::TlsFiles;
 use rayfence::source::ObjectKind;
 use rayfence::source::ProblemReporter;
 use rayfence::source::events::{EventReporterConfig, KubeEventReporter};
@@ -128,6 +129,23 @@ struct AgentArgs {
         env = "RAYFENCE_METRICS_AUTH_RESOURCE_ATTRIBUTES"
     )]
     metrics_auth_resource_attributes: Option<String>,
+    /// Serve --metrics-addr over TLS with this certificate chain (PEM; needs
+    /// --metrics-tls-key). Re-read when the file changes.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "RAYFENCE_METRICS_TLS_CERT",
+        requires = "metrics_tls_key"
+    )]
+    metrics_tls_cert: Option<PathBuf>,
+    /// The private key of --metrics-tls-cert (PEM).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "RAYFENCE_METRICS_TLS_KEY",
+        requires = "metrics_tls_cert"
+    )]
+    metrics_tls_key: Option<PathBuf>,
     /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
     #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
     dns_mode: DnsModeArg,
@@ -210,13 +228,17 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => {
             init_tracing(args.log_format);
             let auth = metrics_auth_config(&args)?;
+            let tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
+                (Some(cert), Some(key)) => Some(Arc::new(TlsFiles::load(cert, key)?)),
+                _ => None,
+            };
             let config = runtime_config(&args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(agent(*args, config, auth))
+                .block_on(agent(*args, config, auth, tls))
         }
     }
 }
@@ -402,6 +424,7 @@ async fn agent(
     args: AgentArgs,
     mut config: RuntimeConfig,
     auth: Option<AuthConfig>,
+    tls: Option<Arc<TlsFiles>>,
 ) -> anyhow::Result<()> {
     // Say what is missing before anything half-starts (the error names each
     // capability and what it is for).
@@ -418,10 +441,11 @@ async fn agent(
         }
         None => None,
     };
-    let bound = rayfence::serve::spawn(args.metrics_addr, health.clone(), authorizer)
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let bound = rayfence::serve::spawn(args.metrics_addr, health.clone(), authorizer, tls)
         .await
         .context("--metrics-addr")?;
-    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz");
+    tracing::info!(addr = %bound, scheme, "serving /metrics, /healthz, /readyz");
 
     let (tx, rx) = tokio::sync::mpsc::channel(1024);
     let mut reporter: Option<Arc<dyn ProblemReporter>> = None;

@@ -1,12 +1,14 @@
 //! HTTP on `--metrics-addr`: `/metrics` (Prometheus text), `/healthz` (the process is
 //! alive and the reconcile loop turns), `/readyz` (the first full sync of every kind
 //! is programmed). With `--metrics-auth`, every path but the two probes first
-//! passes [`auth::Authorizer::check`].
+//! passes [`auth::Authorizer::check`]; with `--metrics-tls-cert`, connections are
+//! TLS only ([`tls`]).
 //!
 //! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
 //! runtime writes.
 pub mod auth;
 pub mod metrics;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -83,11 +85,13 @@ const UNAUTHENTICATED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
 /// Binds `addr` now (so a bad flag fails fast) and serves in a background task.
 /// Returns the bound address (port 0 picks one). With `auth`, every request but
-/// the probes must pass it before it is routed.
+/// the probes must pass it before it is routed; with `tls`, every connection
+/// starts with a TLS handshake.
 pub async fn spawn(
     addr: SocketAddr,
     health: Arc<Health>,
     auth: Option<Arc<auth::Authorizer>>,
+    tls: Option<Arc<tls::TlsFiles>>,
 ) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -107,6 +111,7 @@ pub async fn spawn(
             };
             let health = health.clone();
             let auth = auth.clone();
+            let tls = tls.as_ref().map(|t| t.acceptor());
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<_>| {
                     let health = health.clone();
@@ -124,10 +129,18 @@ pub async fn spawn(
                         Ok::<_, Infallible>(handle(&req, &health))
                     }
                 });
-                if let Err(error) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
+                let http = hyper::server::conn::http1::Builder::new();
+                let served = match tls {
+                    None => http.serve_connection(TokioIo::new(stream), service).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
+                        Err(error) => {
+                            tracing::debug!(%error, "TLS handshake on the metrics listener");
+                            return;
+                        }
+                    },
+                };
+                if let Err(error) = served {
                     tracing::debug!(%error, "HTTP connection");
                 }
             });
