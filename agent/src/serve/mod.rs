@@ -83,6 +83,10 @@ pub enum ServeError {
 /// `--metrics-auth`'s check.
 const UNAUTHENTICATED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 
+/// A client that connects and does not finish the TLS handshake in this long is
+/// dropped.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// Binds `addr` now (so a bad flag fails fast) and serves in a background task.
 /// Returns the bound address (port 0 picks one). With `auth`, every request but
 /// the probes must pass it before it is routed; with `tls`, every connection
@@ -117,14 +121,21 @@ pub async fn spawn(
                     let health = health.clone();
                     let auth = auth.clone();
                     async move {
-                        // Before routing, so every route is covered.
+                        // Before routing, so every route is covered. Who asked goes
+                        // in the request's extensions (`auth::Subject`).
+                        let mut req = req;
                         if let Some(auth) = auth
                             && !UNAUTHENTICATED_PATHS.contains(&req.uri().path())
-                            && let Err(refusal) = auth
-                                .check(req.method(), req.uri().path(), req.headers())
-                                .await
                         {
-                            return Ok::<_, Infallible>(refusal.response());
+                            let checked = auth
+                                .check(req.method(), req.uri().path(), req.headers())
+                                .await;
+                            match checked {
+                                Ok(subject) => {
+                                    req.extensions_mut().insert(subject);
+                                }
+                                Err(refusal) => return Ok::<_, Infallible>(refusal.response()),
+                            }
                         }
                         Ok::<_, Infallible>(handle(&req, &health))
                     }
@@ -132,13 +143,21 @@ pub async fn spawn(
                 let http = hyper::server::conn::http1::Builder::new();
                 let served = match tls {
                     None => http.serve_connection(TokioIo::new(stream), service).await,
-                    Some(tls) => match tls.accept(stream).await {
-                        Ok(stream) => http.serve_connection(TokioIo::new(stream), service).await,
-                        Err(error) => {
-                            tracing::debug!(%error, "TLS handshake on the metrics listener");
-                            return;
+                    Some(tls) => {
+                        match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                http.serve_connection(TokioIo::new(stream), service).await
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, "TLS handshake on the metrics listener");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!("TLS handshake on the metrics listener timed out");
+                                return;
+                            }
                         }
-                    },
+                    }
                 };
                 if let Err(error) = served {
                     tracing::debug!(%error, "HTTP connection");
