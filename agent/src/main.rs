@@ -20,6 +20,8 @@ use rayfence::policy::{DnsMode, Settings};
 use rayfence::runtime::api::QueryClient;
 use rayfence::runtime::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
 use rayfence::runtime::{Runtime, RuntimeConfig};
+use rayfence::serve::auth::{AuthConfig, Authorizer, ResourceAttributes};
+use rayfence::serve::tls::TlsFiles;
 use rayfence::serve::{Health, OperatorApi, Served};
 use rayfence::source::ObjectKind;
 use rayfence::source::ProblemReporter;
@@ -217,6 +219,48 @@ struct AgentArgs {
         default_value = "127.0.0.1:9402"
     )]
     metrics_addr: SocketAddr,
+    /// Require a bearer token on every path but /healthz and /readyz, checked with
+    /// TokenReview and SubjectAccessReview (as kube-rbac-proxy does): 401 without a
+    /// valid token, 403 when not allowed, 503 when the API server cannot be asked.
+    /// Needs a Kubernetes client even with --manifests (--kubeconfig or in-cluster).
+    #[arg(long, env = "RAYFENCE_METRICS_AUTH")]
+    metrics_auth: bool,
+    /// With --metrics-auth: an audience the token must be valid for (repeatable;
+    /// default: the API server's own audiences).
+    #[arg(
+        long,
+        value_name = "AUDIENCE",
+        env = "RAYFENCE_METRICS_AUTH_AUDIENCE",
+        value_delimiter = ','
+    )]
+    metrics_auth_audience: Vec<String>,
+    /// With --metrics-auth: ask SubjectAccessReview about this resource instead of
+    /// the request path as a non-resource URL: k=v[,k=v] of namespace, group,
+    /// version, resource (required), subresource, name; the verb is the method's
+    /// (GET -> get).
+    #[arg(
+        long,
+        value_name = "K=V[,K=V]",
+        env = "RAYFENCE_METRICS_AUTH_RESOURCE_ATTRIBUTES"
+    )]
+    metrics_auth_resource_attributes: Option<String>,
+    /// Serve --metrics-addr over TLS with this certificate chain (PEM; needs
+    /// --metrics-tls-key). Re-read when the file changes.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "RAYFENCE_METRICS_TLS_CERT",
+        requires = "metrics_tls_key"
+    )]
+    metrics_tls_cert: Option<PathBuf>,
+    /// The private key of --metrics-tls-cert (PEM).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "RAYFENCE_METRICS_TLS_KEY",
+        requires = "metrics_tls_cert"
+    )]
+    metrics_tls_key: Option<PathBuf>,
     #[command(flatten)]
     policy: PolicyArgs,
     /// Serve the operator API (status, explain, flows) on this local socket.
@@ -324,13 +368,18 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Agent(args) => {
             init_tracing(args.log_format);
+            let auth = metrics_auth_config(&args)?;
+            let tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
+                (Some(cert), Some(key)) => Some(Arc::new(TlsFiles::load(cert, key)?)),
+                _ => None,
+            };
             let config = runtime_config(&args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(agent(*args, config))
+                .block_on(agent(*args, config, auth, tls))
         }
     }
 }
@@ -358,6 +407,47 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// `--metrics-auth` and its flags, checked: `None` when auth is off.
+fn metrics_auth_config(args: &AgentArgs) -> anyhow::Result<Option<AuthConfig>> {
+    let resource = match args.metrics_auth_resource_attributes.as_deref() {
+        Some(text) if !text.trim().is_empty() => Some(
+            ResourceAttributes::parse(text)
+                .with_context(|| format!("--metrics-auth-resource-attributes {text:?}"))?,
+        ),
+        _ => None,
+    };
+    if args
+        .metrics_auth_audience
+        .iter()
+        .any(|a| a.trim().is_empty())
+    {
+        bail!(
+            "--metrics-auth-audience {:?}: an audience must not be empty",
+            args.metrics_auth_audience.join(",")
+        );
+    }
+    if !args.metrics_auth {
+        if !args.metrics_auth_audience.is_empty() || resource.is_some() {
+            tracing::warn!(
+                "--metrics-auth-audience and --metrics-auth-resource-attributes have no effect without --metrics-auth"
+            );
+        }
+        if !args.metrics_addr.ip().is_loopback() {
+            tracing::warn!(addr = %args.metrics_addr, "serving /metrics without authentication on a non-loopback address (see --metrics-auth)");
+        }
+        return Ok(None);
+    }
+    Ok(Some(AuthConfig {
+        audiences: args
+            .metrics_auth_audience
+            .iter()
+            .map(|a| a.trim().to_owned())
+            .collect(),
+        resource,
+        ..AuthConfig::default()
+    }))
 }
 
 /// The settings the policy flags give, for node `node_name`.
@@ -493,7 +583,12 @@ fn runtime_config(args: &AgentArgs) -> anyhow::Result<RuntimeConfig> {
     })
 }
 
-async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()> {
+async fn agent(
+    args: AgentArgs,
+    mut config: RuntimeConfig,
+    auth: Option<AuthConfig>,
+    tls: Option<Arc<TlsFiles>>,
+) -> anyhow::Result<()> {
     // Say what is missing before anything half-starts (the error names each
     // capability and what it is for).
     rayfence::capabilities::check_for_agent()?;
@@ -507,10 +602,22 @@ async fn agent(args: AgentArgs, mut config: RuntimeConfig) -> anyhow::Result<()>
             flows: hub.clone(),
         }),
     };
-    let bound = rayfence::serve::spawn(args.metrics_addr, served.clone())
+    // --metrics-auth asks the API server even when objects come from --manifests.
+    let authorizer = match auth {
+        Some(auth) => {
+            let client = kube_client(args.kubeconfig.as_deref())
+                .await
+                .context("--metrics-auth needs a Kubernetes client")?;
+            tracing::info!(audiences = ?auth.audiences, resource = ?auth.resource, "--metrics-auth: every path but /healthz and /readyz needs a bearer token");
+            Some(Arc::new(Authorizer::new(client, auth)))
+        }
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let bound = rayfence::serve::spawn(args.metrics_addr, served.clone(), authorizer, tls)
         .await
         .context("--metrics-addr")?;
-    tracing::info!(addr = %bound, "serving /metrics, /healthz, /readyz, /v1/");
+    tracing::info!(addr = %bound, scheme, "serving /metrics, /healthz, /readyz, /v1/");
     // Enforcement matters more than the commands' socket: without it the agent
     // still runs (and says why).
     let _socket = match rayfence::serve::spawn_socket(&args.api_socket, served).await {

@@ -130,6 +130,13 @@ fn chart_and_kustomize_pass_the_same_flags_settings_and_rbac() -> Result<()> {
         let k_role = find(&kust, "ClusterRole", "rayfence-agent");
         let h_role = find(&helm, "ClusterRole", "rayfence-agent");
         assert_eq!(h_role["rules"], k_role["rules"], "{dir}: RBAC rules");
+        for reader in ["rayfence-metrics-reader", "rayfence-api-reader"] {
+            assert_eq!(
+                find(&helm, "ClusterRole", reader)["rules"],
+                find(&kust, "ClusterRole", reader)["rules"],
+                "{dir}: {reader}"
+            );
+        }
         let k_binding = find(&kust, "ClusterRoleBinding", "rayfence-agent");
         let h_binding = find(&helm, "ClusterRoleBinding", "rayfence-agent");
         assert_eq!(h_binding["roleRef"], k_binding["roleRef"], "{dir}");
@@ -168,6 +175,57 @@ fn chart_follows_the_release_namespace_and_values() -> Result<()> {
         json!({"rayfence.io/enforce": "true"})
     );
     for doc in &docs {
+        check_typed(doc)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn chart_metrics_auth_values_set_the_flags_and_the_review_rules() -> Result<()> {
+    let review_rules = |docs: &[Value]| -> BTreeSet<String> {
+        rule_triples(find(docs, "ClusterRole", "rayfence-agent"))
+            .into_iter()
+            .filter(|(g, _, _)| g.starts_with("authentication.") || g.starts_with("authorization."))
+            .map(|(_, r, v)| format!("{r}/{v}"))
+            .collect()
+    };
+    let on = render(
+        &[(
+            "metrics.auth.resourceAttributes",
+            json!("namespace=rayfence-system,resource=services,subresource=proxy"),
+        )],
+        "rayfence-system",
+    )?;
+    let env = agent_environment(&on, find(&on, "DaemonSet", "rayfence-agent"));
+    assert_eq!(env["RAYFENCE_METRICS_AUTH"], "true");
+    assert_eq!(env["RAYFENCE_METRICS_AUTH_AUDIENCE"], "rayfence");
+    assert_eq!(
+        env["RAYFENCE_METRICS_AUTH_RESOURCE_ATTRIBUTES"],
+        "namespace=rayfence-system,resource=services,subresource=proxy"
+    );
+    assert_eq!(
+        review_rules(&on),
+        BTreeSet::from([
+            "subjectaccessreviews/create".to_owned(),
+            "tokenreviews/create".to_owned()
+        ])
+    );
+    let off = render(
+        &[
+            ("metrics.auth.enabled", json!(false)),
+            ("metrics.host", json!("127.0.0.1")),
+        ],
+        "rayfence-system",
+    )?;
+    let env = agent_environment(&off, find(&off, "DaemonSet", "rayfence-agent"));
+    assert_eq!(env["RAYFENCE_METRICS_AUTH"], "false");
+    assert_eq!(env["RAYFENCE_METRICS_ADDR"], "127.0.0.1:9402");
+    assert!(!env.contains_key("RAYFENCE_METRICS_AUTH_RESOURCE_ATTRIBUTES"));
+    assert!(
+        review_rules(&off).is_empty(),
+        "no review rules without auth"
+    );
+    for doc in on.iter().chain(&off) {
         check_typed(doc)?;
     }
     Ok(())

@@ -117,6 +117,40 @@ fn probes_hit_readyz_and_healthz_on_the_metrics_address() -> Result<()> {
     Ok(())
 }
 
+/// Metrics reachable by Prometheus (the node's addresses: host network) only
+/// behind --metrics-auth with an audience; never an open endpoint off loopback.
+#[test]
+fn metrics_listen_for_prometheus_only_behind_auth_with_an_audience() -> Result<()> {
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let ds = agent_ds(&docs);
+        let env = agent_environment(&docs, ds);
+        let addr: std::net::SocketAddr = env["RAYFENCE_METRICS_ADDR"].parse()?;
+        assert!(
+            addr.ip().is_unspecified(),
+            "{dir}: Prometheus scrapes <node IP>:{}",
+            addr.port()
+        );
+        assert_eq!(
+            env.get("RAYFENCE_METRICS_AUTH").map(String::as_str),
+            Some("true"),
+            "{dir}: off loopback, --metrics-auth is on"
+        );
+        let audiences = env
+            .get("RAYFENCE_METRICS_AUTH_AUDIENCE")
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            !audiences.is_empty() && audiences.split(',').all(|a| !a.trim().is_empty()),
+            "{dir}: tokens bound to an audience (a sniffed one cannot be replayed to the API server)"
+        );
+        let port = &agent_container(ds)["ports"][0];
+        assert_eq!(port["name"], "metrics", "{dir}");
+        assert_eq!(port["containerPort"], addr.port(), "{dir}");
+    }
+    Ok(())
+}
+
 #[test]
 fn host_mounts_are_bpffs_and_a_read_only_cgroup2_only() -> Result<()> {
     for dir in KUSTOMIZATIONS {
@@ -233,7 +267,7 @@ type OverlayCase = (
 fn overlays_change_only_what_they_are_for() -> Result<()> {
     let base = kustomize("deploy/base")?;
     let base_env = agent_environment(&base, agent_ds(&base));
-    let base_rules = rule_triples(only(&base, "ClusterRole"));
+    let base_rules = rule_triples(find(&base, "ClusterRole", "rayfence-agent"));
     let cases: [OverlayCase; 3] = [
         ("deploy/overlays/audit", &[("RAYFENCE_AUDIT", "true")], &[]),
         (
@@ -270,7 +304,7 @@ fn overlays_change_only_what_they_are_for() -> Result<()> {
             expected_rules.insert(((*g).into(), (*r).into(), (*v).into()));
         }
         assert_eq!(
-            rule_triples(only(&docs, "ClusterRole")),
+            rule_triples(find(&docs, "ClusterRole", "rayfence-agent")),
             expected_rules,
             "{dir}"
         );

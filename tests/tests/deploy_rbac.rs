@@ -5,11 +5,16 @@
 //! kind fail to compile until its rule is decided): the source runs one watcher
 //! (list + watch) per kind, cluster-wide, NetworkPolicies only with
 //! --enforce-networkpolicies; its Event reporter gets the object a problem is
-//! about and creates an events.k8s.io/v1 Event.
+//! about and creates an events.k8s.io/v1 Event; with --metrics-auth it creates
+//! TokenReviews and SubjectAccessReviews.
+//!
+//! The scrapers' ClusterRoles (rayfence-metrics-reader, rayfence-api-reader) grant
+//! `get` on the agent's paths and nothing else, and deploy/ binds them to no one.
 //!
 //! And live: the real `rayfence agent`, configured as the manifests configure it,
-//! against tests/src/fake_api: every request in `server.requests()` must be
-//! allowed by the ClusterRole, and every rule used.
+//! against tests/src/fake_api and scraped with tokens bound to the readers'
+//! roles: every request in `server.requests()` must be allowed by the ClusterRole,
+//! and every rule used.
 mod deploy_common;
 
 use std::collections::BTreeSet;
@@ -17,13 +22,15 @@ use std::collections::BTreeSet;
 use anyhow::Result;
 use deploy_common::*;
 use k8s_openapi::Resource;
+use k8s_openapi::api::authentication::v1::TokenReview;
+use k8s_openapi::api::authorization::v1::SubjectAccessReview;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use rayfence::crd::RayCluster;
 use rayfence::source::ObjectKind;
-use rayfence_tests::fake_api::{FakeApiServer, RecordedRequest};
+use rayfence_tests::fake_api::{FakeApiServer, Grant, GrantSubject, RecordedRequest, TokenInfo};
 use serde_json::json;
 
 type Triple = (String, String, String);
@@ -42,7 +49,7 @@ fn triples<K: Resource>(verbs: &[&str]) -> Vec<Triple> {
 }
 
 /// What the agent does against the API server, from the kinds it knows.
-fn needed(enforce_networkpolicies: bool) -> BTreeSet<Triple> {
+fn needed(enforce_networkpolicies: bool, metrics_auth: bool) -> BTreeSet<Triple> {
     // A watcher lists then watches; the Event reporter gets the object first.
     const READ: &[&str] = &["get", "list", "watch"];
     let mut out = BTreeSet::new();
@@ -62,7 +69,43 @@ fn needed(enforce_networkpolicies: bool) -> BTreeSet<Triple> {
         out.extend(rules);
     }
     out.extend(triples::<Event>(&["create"]));
+    if metrics_auth {
+        out.extend(triples::<TokenReview>(&["create"]));
+        out.extend(triples::<SubjectAccessReview>(&["create"]));
+    }
     out
+}
+
+/// The scrapers' ClusterRoles and the paths each grants `get` on.
+const READERS: [(&str, &[&str]); 2] = [
+    ("rayfence-metrics-reader", &["/metrics"]),
+    (
+        "rayfence-api-reader",
+        &["/v1/status", "/v1/explain", "/v1/flows"],
+    ),
+];
+
+/// (path, verb) pairs of a ClusterRole made of nonResourceURLs rules only.
+fn non_resource_rules(role: &serde_json::Value) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().expect("rules") {
+        assert!(
+            rule.get("resources").is_none() && rule.get("apiGroups").is_none(),
+            "{}: only nonResourceURLs rules: {rule}",
+            role["metadata"]["name"]
+        );
+        for url in rule["nonResourceURLs"].as_array().expect("nonResourceURLs") {
+            for verb in rule["verbs"].as_array().expect("verbs") {
+                let s = |x: &serde_json::Value| x.as_str().expect("string").to_owned();
+                out.insert((s(url), s(verb)));
+            }
+        }
+    }
+    out
+}
+
+fn metrics_auth_on(env: &std::collections::BTreeMap<String, String>) -> bool {
+    env.get("RAYFENCE_METRICS_AUTH").map(String::as_str) == Some("true")
 }
 
 #[test]
@@ -80,8 +123,12 @@ fn cluster_role_grants_exactly_what_the_agent_does() -> Result<()> {
             enforce.to_string(),
             "{dir}"
         );
+        assert!(
+            metrics_auth_on(&env),
+            "{dir}: --metrics-auth is on by default"
+        );
         let granted = rule_triples(find(&docs, "ClusterRole", "rayfence-agent"));
-        let needed = needed(enforce);
+        let needed = needed(enforce, metrics_auth_on(&env));
         let missing: Vec<_> = needed.difference(&granted).collect();
         let extra: Vec<_> = granted.difference(&needed).collect();
         assert!(missing.is_empty(), "{dir}: the agent needs {missing:?}");
@@ -109,16 +156,41 @@ fn the_role_is_bound_to_the_agents_service_account_only() -> Result<()> {
         ds["spec"]["template"]["spec"]["serviceAccountName"],
         "rayfence-agent"
     );
-    // Nothing else in deploy/ may carry API permissions.
+    // Nothing else in deploy/ may carry API permissions: the readers' roles are
+    // bound by users, never here.
     for dir in KUSTOMIZATIONS {
         for doc in kustomize(dir)? {
             let kind = doc["kind"].as_str().unwrap_or_default();
+            let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+            let reader = READERS.iter().any(|(r, _)| *r == name);
             assert!(
                 !matches!(kind, "Role" | "RoleBinding")
                     && (!kind.starts_with("Cluster")
-                        || doc["metadata"]["name"] == "rayfence-agent"),
-                "{dir}: unexpected {kind} {}",
-                doc["metadata"]["name"]
+                        || name == "rayfence-agent"
+                        || (kind == "ClusterRole" && reader)),
+                "{dir}: unexpected {kind} {name}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn reader_roles_grant_get_on_the_agents_paths_only_and_are_unbound() -> Result<()> {
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        for (name, paths) in READERS {
+            let granted = non_resource_rules(find(&docs, "ClusterRole", name));
+            let expected: BTreeSet<(String, String)> = paths
+                .iter()
+                .map(|p| ((*p).to_owned(), "get".to_owned()))
+                .collect();
+            assert_eq!(granted, expected, "{dir}: {name}");
+            assert!(
+                !docs
+                    .iter()
+                    .any(|d| d["kind"] == "ClusterRoleBinding" && d["roleRef"]["name"] == name),
+                "{dir}: {name} is bound in deploy/ (users bind it)"
             );
         }
     }
@@ -182,7 +254,9 @@ impl Drop for RunningAgent {
 
 /// The real `rayfence agent`, configured exactly as a rendered kustomization
 /// (its ConfigMap and args; only paths and the metrics port replaced for this
-/// machine), against the fake API server: every request it makes must be allowed
+/// machine), against the fake API server, and scraped with tokens for the
+/// configured audience bound (as grants in the fake) to exactly what each
+/// readers' ClusterRole says: every request it makes must be allowed
 /// by that kustomization's ClusterRole, and every rule must be exercised, except
 /// `get` on a watched kind the agent had no problem to report about in this
 /// scenario (the Event reporter may look up any of them; one is checked live).
@@ -204,9 +278,32 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
     let docs = kustomize(dir)?;
     let ds = find(&docs, "DaemonSet", "rayfence-agent");
     let granted = rule_triples(find(&docs, "ClusterRole", "rayfence-agent"));
+    let auth = metrics_auth_on(&agent_environment(&docs, ds));
+    anyhow::ensure!(auth, "--metrics-auth is on in the manifests");
 
     let rt = tokio::runtime::Runtime::new()?;
     let server = rt.block_on(FakeApiServer::start())?;
+    // One service account per readers' role, its token issued for the
+    // configured audiences, bound to that role's rules.
+    let audiences: Vec<String> = agent_environment(&docs, ds)
+        .get("RAYFENCE_METRICS_AUTH_AUDIENCE")
+        .map(|a| a.split(',').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let audiences: Vec<&str> = audiences.iter().map(String::as_str).collect();
+    let mut readers = Vec::new();
+    for (role, _) in READERS {
+        let token = format!("tok-{role}");
+        let info = TokenInfo::service_account("monitoring", role, &audiences);
+        for (path, verb) in non_resource_rules(find(&docs, "ClusterRole", role)) {
+            server.grant(Grant::non_resource(
+                GrantSubject::User(info.user.clone()),
+                &path,
+                &verb,
+            ));
+            readers.push((role, token.clone(), path));
+        }
+        server.add_token(&token, info);
+    }
     server.install_crd("ray.io", "v1", "rayclusters");
     let ns = "ray-rbac";
     server.apply(&json!({"apiVersion": "v1", "kind": "Namespace",
@@ -258,7 +355,7 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
 
     // Synced every kind it watches and posted the Event, then a little longer for
     // anything that follows.
-    let watched: BTreeSet<Triple> = needed(enforce)
+    let watched: BTreeSet<Triple> = needed(enforce, auth)
         .into_iter()
         .filter(|(_, _, v)| v == "watch")
         .collect();
@@ -281,6 +378,31 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+
+    // Scrapes: each reader's paths pass the check (200 for /metrics; the routes
+    // under /v1/ answer whatever they answer, but not 401/403/503); one role does
+    // not open the other's paths; no token, no metrics.
+    let addr = bound_addr(&log_text())
+        .ok_or_else(|| anyhow::anyhow!("no bound metrics address in the log:\n{}", log_text()))?;
+    for (role, token, path) in &readers {
+        let (code, body) = http_get(addr, path, Some(token))?;
+        if path == "/metrics" {
+            anyhow::ensure!(
+                code == 200 && body.contains("rayfence_"),
+                "{role} on {path}: {code} {body}"
+            );
+        } else {
+            anyhow::ensure!(
+                ![401, 403, 503].contains(&code),
+                "{role} on {path}: {code} {body}"
+            );
+        }
+    }
+    let (code, _) = http_get(addr, "/v1/flows", Some("tok-rayfence-metrics-reader"))?;
+    anyhow::ensure!(code == 403, "metrics reader on /v1/flows: {code}");
+    let (code, _) = http_get(addr, "/metrics", None)?;
+    anyhow::ensure!(code == 401, "no token on /metrics: {code}");
+
     std::thread::sleep(Duration::from_millis(1500));
     drop(agent);
 
@@ -304,4 +426,45 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
         "the Event reporter's lookup (get) was exercised"
     );
     Ok(())
+}
+
+/// The address the agent says it serves on (`--metrics-addr` with port 0), from
+/// its JSON or text log.
+fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {
+    log.lines().find_map(|line| {
+        if !line.contains("serving /metrics") {
+            return None;
+        }
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(v) => v["fields"]["addr"].as_str()?.parse().ok(),
+            Err(_) => line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))?
+                .parse()
+                .ok(),
+        }
+    })
+}
+
+/// `GET path` with an optional bearer token: (status, body).
+fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {out:?}"))?;
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Ok((code, body.to_owned()))
 }

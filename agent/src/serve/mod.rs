@@ -5,9 +5,15 @@
 //! with `follow`). The same routes are served on the local socket (`--api-socket`,
 //! root only, mode 0600), which is what the `rayfence` commands use on the node.
 //!
+//! With `--metrics-auth`, every path of the TCP listener but the two probes first
+//! passes [`auth::Authorizer::check`] (the socket is root-only and needs no token);
+//! with `--metrics-tls-cert`, TCP connections are TLS only ([`tls`]).
+//!
 //! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
 //! runtime writes, and asks the reconcile loop for status and explanations.
+pub mod auth;
 pub mod metrics;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -111,9 +117,24 @@ pub struct OperatorApi {
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// The kubelet's probes carry no token: the only paths served without
+/// `--metrics-auth`'s check.
+const UNAUTHENTICATED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
+
+/// A client that connects and does not finish the TLS handshake in this long is
+/// dropped.
+const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
 /// Binds `addr` now (so a bad flag fails fast) and serves in a background task.
-/// Returns the bound address (port 0 picks one).
-pub async fn spawn(addr: SocketAddr, served: Served) -> Result<SocketAddr, ServeError> {
+/// Returns the bound address (port 0 picks one). With `auth`, every request but
+/// the probes must pass it before it is routed; with `tls`, every connection
+/// starts with a TLS handshake.
+pub async fn spawn(
+    addr: SocketAddr,
+    served: Served,
+    auth: Option<Arc<auth::Authorizer>>,
+    tls: Option<Arc<tls::TlsFiles>>,
+) -> Result<SocketAddr, ServeError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { addr, source })?;
@@ -122,13 +143,28 @@ pub async fn spawn(addr: SocketAddr, served: Served) -> Result<SocketAddr, Serve
         .map_err(|source| ServeError::Bind { addr, source })?;
     tokio::spawn(async move {
         loop {
-            match listener.accept().await {
-                Ok((stream, _)) => serve_connection(stream, served.clone()),
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
                 Err(error) => {
                     tracing::warn!(%error, "accepting an HTTP connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
                 }
-            }
+            };
+            let (served, auth) = (served.clone(), auth.clone());
+            let Some(tls) = tls.as_ref().map(|t| t.acceptor()) else {
+                serve_connection(stream, served, auth);
+                continue;
+            };
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(stream, served, auth),
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "TLS handshake on the metrics listener");
+                    }
+                    Err(_) => tracing::debug!("TLS handshake on the metrics listener timed out"),
+                }
+            });
         }
     });
     Ok(bound)
@@ -167,7 +203,8 @@ pub async fn spawn_socket(path: &Path, served: Served) -> Result<SocketGuard, Se
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                Ok((stream, _)) => serve_connection(stream, served.clone()),
+                // Root only (mode 0600): no token asked.
+                Ok((stream, _)) => serve_connection(stream, served.clone(), None),
                 Err(error) => {
                     tracing::warn!(%error, "accepting on the API socket");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -199,14 +236,33 @@ impl Drop for SocketGuard {
     }
 }
 
-fn serve_connection<S>(stream: S, served: Served)
+fn serve_connection<S>(stream: S, served: Served, auth: Option<Arc<auth::Authorizer>>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |req| {
-            let served = served.clone();
-            async move { Ok::<_, Infallible>(handle(&req, &served).await) }
+        let service = hyper::service::service_fn(move |mut req: Request<_>| {
+            let (served, auth) = (served.clone(), auth.clone());
+            async move {
+                // Before routing, so every route is covered. Who asked goes in the
+                // request's extensions (`auth::Subject`).
+                if let Some(auth) = auth
+                    && !UNAUTHENTICATED_PATHS.contains(&req.uri().path())
+                {
+                    match auth
+                        .check(req.method(), req.uri().path(), req.headers())
+                        .await
+                    {
+                        Ok(subject) => {
+                            req.extensions_mut().insert(subject);
+                        }
+                        Err(refusal) => {
+                            return Ok::<_, Infallible>(refusal.response().map(BodyExt::boxed));
+                        }
+                    }
+                }
+                Ok::<_, Infallible>(handle(&req, &served).await)
+            }
         });
         if let Err(error) = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service)

@@ -31,6 +31,8 @@ pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// What the server and its controls share.
 pub struct Shared {
     pub store: Mutex<Store>,
+    /// TokenReview and SubjectAccessReview: what tests configured, what was asked.
+    pub reviews: Mutex<super::auth::Reviews>,
     pub requests: Mutex<Vec<RecordedRequest>>,
     /// False during a simulated outage: new connections are closed at once and
     /// open ones are cut.
@@ -358,6 +360,17 @@ fn dispatch(
     content_type: &str,
     body: &Bytes,
 ) -> Result<Reply, ApiError> {
+    if let Some(kind) = super::auth::Reviews::kind_of(path) {
+        if method != Method::POST {
+            return Err(ApiError {
+                code: 405,
+                reason: "MethodNotAllowed",
+                message: format!("{kind}s are only created (POST)"),
+            });
+        }
+        let mut reviews = shared.reviews.lock().unwrap_or_else(|e| e.into_inner());
+        return Ok(Reply::Json(201, reviews.review(kind, parse_body(body)?)?));
+    }
     let mut store = shared.store();
     let route = route(path, &store);
     let Route::Resource {

@@ -60,7 +60,11 @@
 //! - POST (409 AlreadyExists, `generateName`), GET, PUT (409 Conflict on a stale
 //!   resourceVersion), PATCH, DELETE (returns the object), the `status`
 //!   subresource, `/version`, `/api`, `/apis`, `/apis/{group}`, and the resource
-//!   lists `/api/v1` and `/apis/{group}/{version}`.
+//!   lists `/api/v1` and `/apis/{group}/{version}`;
+//! - TokenReview and SubjectAccessReview (POST, answered and not stored) from the
+//!   tokens and grants a test configures ([`FakeApiServer::add_token`],
+//!   [`FakeApiServer::grant`]; semantics in `auth`), each kept in
+//!   [`FakeApiServer::reviews`].
 //!
 //! Simplified:
 //! - strategic merge and server-side apply patches are applied as JSON merge
@@ -72,12 +76,14 @@
 //! - later list pages read current objects (not the first page's snapshot);
 //! - any dotted field path is accepted in field selectors (a real server accepts a
 //!   few per kind); bookmarks come every 500 ms rather than about once a minute;
-//! - no authentication, authorization, admission, schema validation, namespace
+//! - no authentication or authorization of its own clients (reviews answer what
+//!   the test configured; every request is served), no admission, schema validation, namespace
 //!   existence checks, finalizers, graceful deletion, garbage collection,
 //!   `deletecollection`, HTTP/2, aggregated discovery or protobuf.
 //!
 //! It binds only 127.0.0.1.
 
+pub mod auth;
 mod http;
 pub mod resources;
 pub mod selector;
@@ -95,6 +101,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+pub use auth::{Grant, GrantSubject, GrantTarget, Review, TokenInfo};
 pub use resources::ResourceKey;
 pub use store::ApiError;
 
@@ -147,6 +154,7 @@ impl FakeApiServer {
         let address = listener.local_addr()?;
         let shared = Arc::new(http::Shared {
             store: Mutex::new(store::Store::new()),
+            reviews: Mutex::new(auth::Reviews::default()),
             requests: Mutex::new(Vec::new()),
             available: watch::Sender::new(true),
             watch_generation: watch::Sender::new(0),
@@ -314,6 +322,44 @@ impl FakeApiServer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// A bearer token TokenReview authenticates as `info` (for its audiences).
+    pub fn add_token(&self, token: &str, info: TokenInfo) {
+        self.reviews_guard().tokens.push((token.to_owned(), info));
+    }
+
+    /// What SubjectAccessReview allows from now on.
+    pub fn grant(&self, grant: Grant) {
+        self.reviews_guard().grants.push(grant);
+    }
+
+    /// `true`: TokenReviews answer with the token's own audiences whatever was
+    /// asked (an authenticator that ignores `spec.audiences`), so only a client
+    /// that checks `status.audiences` itself refuses a token for another audience.
+    pub fn set_token_review_ignores_audiences(&self, ignore: bool) {
+        self.reviews_guard().ignore_requested_audiences = ignore;
+    }
+
+    /// Every TokenReview and SubjectAccessReview answered so far, in order.
+    pub fn reviews(&self) -> Vec<Review> {
+        self.reviews_guard().log.clone()
+    }
+
+    /// How many reviews of `kind` (`TokenReview`, `SubjectAccessReview`) were answered.
+    pub fn review_count(&self, kind: &str) -> usize {
+        self.reviews_guard()
+            .log
+            .iter()
+            .filter(|r| r.kind == kind)
+            .count()
+    }
+
+    fn reviews_guard(&self) -> std::sync::MutexGuard<'_, auth::Reviews> {
+        self.shared
+            .reviews
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Installs a CRD: its paths stop answering 404 and its
