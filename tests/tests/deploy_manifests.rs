@@ -157,13 +157,16 @@ fn host_mounts_are_bpffs_and_a_read_only_cgroup2_only() -> Result<()> {
         let docs = kustomize(dir)?;
         for ds in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
             let pod = &ds["spec"]["template"]["spec"];
-            let host_paths: BTreeMap<String, String> = pod["volumes"]
-                .as_array()
-                .expect("volumes")
+            let volumes = pod["volumes"].as_array().expect("volumes");
+            // Besides the host paths, only a small in-memory emptyDir (the API socket).
+            for v in volumes.iter().filter(|v| v.get("hostPath").is_none()) {
+                assert_eq!(v["emptyDir"]["medium"], "Memory", "{dir}: {v}");
+            }
+            let host_paths: BTreeMap<String, String> = volumes
                 .iter()
-                .map(|v| {
-                    let path = v["hostPath"]["path"].as_str().expect("hostPath only");
-                    (v["name"].as_str().unwrap().to_owned(), path.to_owned())
+                .filter_map(|v| {
+                    let path = v["hostPath"]["path"].as_str()?;
+                    Some((v["name"].as_str().unwrap().to_owned(), path.to_owned()))
                 })
                 .collect();
             let allowed = ["/sys/fs/bpf", "/sys/fs/cgroup"];
@@ -181,7 +184,8 @@ fn host_mounts_are_bpffs_and_a_read_only_cgroup2_only() -> Result<()> {
                 for m in c["volumeMounts"].as_array().into_iter().flatten() {
                     // The API server rejects Bidirectional on unprivileged containers.
                     assert_ne!(m["mountPropagation"], "Bidirectional", "{dir}");
-                    if host_paths[m["name"].as_str().unwrap()] == "/sys/fs/cgroup" {
+                    let host = host_paths.get(m["name"].as_str().unwrap());
+                    if host.map(String::as_str) == Some("/sys/fs/cgroup") {
                         assert_eq!(m["readOnly"], true, "{dir}: cgroup fs read-only");
                     }
                 }
