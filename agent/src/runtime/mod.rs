@@ -18,6 +18,7 @@
 //! an apply error leaves the affected endpoints fail-closed (the datapath's doing)
 //! and is logged, counted and retried as a full apply on the next turn; a silent or
 //! unreachable source keeps the last state enforced.
+mod counters;
 mod endpoints;
 mod node;
 
@@ -27,14 +28,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict};
 use tokio::sync::mpsc;
 
 use crate::datapath::{Datapath, DatapathError, DatapathOptions};
 use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
-use crate::policy::{Engine, Kind, Problem, Role, Settings};
+use crate::policy::{Engine, Kind, Problem, Settings};
 use crate::serve::Health;
-use crate::serve::metrics::{DropLabels, KindLabel, StatusLabel};
+use crate::serve::metrics::{KindLabel, StatusLabel};
 use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
 
 pub use endpoints::EndpointState;
@@ -51,7 +51,7 @@ pub struct RuntimeConfig {
     pub expected_kinds: BTreeSet<ObjectKind>,
     /// How often pods not found in the kernel yet are looked for again.
     pub retry_interval: Duration,
-    /// How often the drop counters are published.
+    /// How often the datapath's counters, lost events and map fill are published.
     pub counters_interval: Duration,
 }
 
@@ -111,7 +111,7 @@ pub struct Runtime {
     reported: BTreeSet<Problem>,
     node_from_api: Vec<IpAddr>,
     interface_addresses: Vec<IpAddr>,
-    counters_seen: BTreeMap<CounterKey, CounterValue>,
+    counters: counters::CounterPublisher,
     /// Changes received and not programmed yet, since this instant.
     dirty_since: Option<Instant>,
 }
@@ -151,7 +151,7 @@ impl Runtime {
             reported: BTreeSet::new(),
             node_from_api: Vec::new(),
             interface_addresses: node::interface_addresses(),
-            counters_seen: BTreeMap::new(),
+            counters: counters::CounterPublisher::default(),
             dirty_since: None,
             config,
         })
@@ -214,7 +214,13 @@ impl Runtime {
                         }
                     }
                 },
-                _ = counters.tick() => self.publish_counters(),
+                // Not before the first programming: until then endpoint ids have
+                // no names (see counters.rs on restarts).
+                _ = counters.tick(), if self.programmed => self.counters.publish(
+                    &self.datapath,
+                    self.engine.endpoints(),
+                    &self.health.metrics,
+                ),
             }
         }
         tracing::info!("agent stopping; pinned programs and maps keep enforcing");
@@ -319,6 +325,16 @@ impl Runtime {
 
     fn status(&mut self, status: &SourceStatus) {
         let label = match status {
+            SourceStatus::WatchRestarted { kind } => {
+                self.health
+                    .metrics
+                    .watch_restarts
+                    .get_or_create(&KindLabel {
+                        kind: format!("{kind:?}"),
+                    })
+                    .inc();
+                return;
+            }
             SourceStatus::Connected => "connected",
             SourceStatus::Unreachable { error } => {
                 tracing::warn!(%error, "source unreachable; the last state stays enforced");
@@ -492,73 +508,6 @@ impl Runtime {
                 prelocated,
             )
             .await;
-    }
-
-    /// Drop counters from the datapath to the metrics, as deltas.
-    fn publish_counters(&mut self) {
-        let counters = match self.datapath.counters() {
-            Ok(c) => c,
-            Err(error) => {
-                self.health.metrics.error("counters");
-                tracing::warn!(%error, "reading the datapath counters");
-                return;
-            }
-        };
-        for (key, value) in &counters {
-            if Verdict::from_u8(key.verdict) != Some(Verdict::Drop) {
-                continue;
-            }
-            let before = self.counters_seen.get(key).copied().unwrap_or_default();
-            let (packets, bytes) = if value.packets >= before.packets {
-                (
-                    value.packets - before.packets,
-                    value.bytes.saturating_sub(before.bytes),
-                )
-            } else {
-                (value.packets, value.bytes)
-            };
-            if packets == 0 && bytes == 0 {
-                continue;
-            }
-            let meta = self.engine.endpoint_meta(key.endpoint_id);
-            let labels = DropLabels {
-                direction: match Direction::from_u8(key.direction) {
-                    Some(Direction::Ingress) => "ingress",
-                    Some(Direction::Egress) => "egress",
-                    None => "unknown",
-                }
-                .to_owned(),
-                reason: Reason::from_u8(key.reason)
-                    .map(Reason::as_str)
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                namespace: meta
-                    .as_ref()
-                    .map(|m| m.namespace.clone())
-                    .unwrap_or_default(),
-                raycluster: meta
-                    .as_ref()
-                    .and_then(|m| m.cluster.clone())
-                    .unwrap_or_default(),
-                role: match meta.as_ref().and_then(|m| m.role.as_ref()) {
-                    Some(Role::Head) => "head",
-                    Some(Role::Worker | Role::Group(_)) => "worker",
-                    None => "",
-                }
-                .to_owned(),
-            };
-            self.health
-                .metrics
-                .drops
-                .get_or_create(&labels)
-                .inc_by(packets);
-            self.health
-                .metrics
-                .drop_bytes
-                .get_or_create(&labels)
-                .inc_by(bytes);
-        }
-        self.counters_seen = counters;
     }
 }
 
