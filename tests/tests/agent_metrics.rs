@@ -3,7 +3,8 @@
 //! packets whose number and size the test knows: exact counter deltas per reason
 //! and label, allowed new flows counted once per flow, map fill against what the
 //! pinned maps hold, values kept across SIGKILL and SIGTERM restarts, series of gone
-//! pods removed, and a global `--audit` agent counting would-drops.
+//! pods removed, a global `--audit` agent counting would-drops, and the API
+//! source's watch restarts.
 //!
 //! Needs root. Each test has its own topology, bpffs, manifests and kubelet cgroup
 //! tree; guards kill the agent and run `rayfence cleanup` on panic too.
@@ -16,6 +17,7 @@ use anyhow::{Context, Result, bail, ensure};
 use rayfence::datapath::Capacities;
 use rayfence::datapath::observe::{FILL_MAPS, count_pinned};
 use rayfence_common::map_names;
+use rayfence_tests::fake_api::FakeApiServer;
 use rayfence_tests::{Node, Outcome, Server};
 use serde_json::{Value, json};
 
@@ -563,5 +565,88 @@ fn a_global_audit_agent_counts_would_drops_and_drops_nothing() -> Result<()> {
         !body.contains("rayfence_drops_total{"),
         "an audit agent dropped: {body}"
     );
+    Ok(())
+}
+
+#[test]
+fn api_watch_restarts_are_counted_by_kind_and_the_source_stays_connected() -> Result<()> {
+    let node = SimNode::new(&["head"], 151)?;
+    let (topo, ns) = (&node.topo, node.ns.as_str());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    // Made inside the node namespace: the agent reaches it at 127.0.0.1.
+    let server = topo
+        .node(0)
+        .netns
+        .run(|| rt.block_on(FakeApiServer::start()))??;
+    server.install_crd("ray.io", "v1", "rayclusters");
+    server.apply(&namespace(ns));
+    server.apply(&node_object(NODE, topo.node(0)));
+    let head = topo.pod("head");
+    server.apply(&pod_object(
+        ns,
+        head,
+        &node.uids[0],
+        NODE,
+        &head_labels("rc"),
+    ));
+    server.apply(&raycluster(ns, "rc", json!({"mode": "DenyAll"})));
+    let manifests = Manifests::new()?;
+    let kubeconfig = manifests.dir.join("kubeconfig");
+    std::fs::write(&kubeconfig, server.kubeconfig_yaml())?;
+    let bpffs = Bpffs::new();
+    let agent = Agent::start(&AgentOptions {
+        node: topo.node(0),
+        node_name: NODE,
+        manifests: std::path::Path::new("/nonexistent"),
+        bpffs: &bpffs.path,
+        cgroup_root: node.kubelet.root.path(),
+        kubeconfig: Some(&kubeconfig),
+        extra_args: &[],
+    })?;
+    agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
+    let restarts = "rayfence_watch_restarts_total";
+    let body = scrape(&agent, topo.node(0))?;
+    ensure!(
+        metric_sum(&body, restarts, &[]) == 0.0,
+        "restarts before any: {body}"
+    );
+
+    // The history compacted and the watches closed: each watch resumes into a
+    // 410 Gone and relists, one restart per kind.
+    server.compact_history();
+    server.close_watches();
+    let kinds = [
+        "RayCluster",
+        "Pod",
+        "Namespace",
+        "Service",
+        "EndpointSlice",
+        "Node",
+    ];
+    let t0 = Instant::now();
+    let body = loop {
+        let body = scrape(&agent, topo.node(0))?;
+        if kinds
+            .iter()
+            .all(|k| metric_sum(&body, restarts, &[("kind", k)]) >= 1.0)
+        {
+            break body;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(15),
+            "no restart of every kind: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Routine: the source's status stays connected.
+    ensure!(
+        metric_sum(&body, "rayfence_source_status", &[("status", "connected")]) == 1.0,
+        "{body}"
+    );
+    drop(agent);
+    drop(server);
     Ok(())
 }
