@@ -358,8 +358,8 @@ fn map_fill_equals_what_the_pinned_maps_hold_and_capacity_their_size() -> Result
             _ => caps.counters,
         }
     };
-    // Conntrack and fragments are counted in the kernel every 10 s; the rest at
-    // each publication.
+    // Conntrack and fragments are counted in the kernel (small maps: at each
+    // publication), the rest come from the agent's mirror of what it wrote.
     let t0 = Instant::now();
     let last = loop {
         let body = scrape(&agent, node)?;
