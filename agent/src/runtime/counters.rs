@@ -69,7 +69,7 @@ impl Series {
 pub(super) struct Owner {
     pub namespace: String,
     pub raycluster: String,
-    pub role: &'static str,
+    pub role: String,
     pub group: String,
 }
 
@@ -84,8 +84,17 @@ impl Owner {
         Owner {
             namespace: meta.namespace.clone(),
             raycluster: meta.cluster.clone().unwrap_or_default(),
-            role,
+            role: role.to_owned(),
             group,
+        }
+    }
+
+    fn of_labels(labels: &DropLabels) -> Self {
+        Owner {
+            namespace: labels.namespace.clone(),
+            raycluster: labels.raycluster.clone(),
+            role: labels.role.clone(),
+            group: labels.group.clone(),
         }
     }
 
@@ -103,16 +112,9 @@ impl Owner {
                 .to_owned(),
             namespace: self.namespace.clone(),
             raycluster: self.raycluster.clone(),
-            role: self.role.to_owned(),
+            role: self.role.clone(),
             group: self.group.clone(),
         }
-    }
-
-    fn owns(&self, labels: &DropLabels) -> bool {
-        labels.namespace == self.namespace
-            && labels.raycluster == self.raycluster
-            && labels.role == self.role
-            && labels.group == self.group
     }
 }
 
@@ -168,7 +170,7 @@ pub(super) fn stale(
 ) -> Vec<(Series, DropLabels)> {
     published
         .iter()
-        .filter(|(_, labels)| !live.iter().any(|owner| owner.owns(labels)))
+        .filter(|(_, labels)| !live.contains(&Owner::of_labels(labels)))
         .cloned()
         .collect()
 }
@@ -345,11 +347,11 @@ mod tests {
         CounterValue { packets, bytes }
     }
 
-    fn owner(ns: &str, rc: &str, role: &'static str, group: &str) -> Owner {
+    fn owner(ns: &str, rc: &str, role: &str, group: &str) -> Owner {
         Owner {
             namespace: ns.to_owned(),
             raycluster: rc.to_owned(),
-            role,
+            role: role.to_owned(),
             group: group.to_owned(),
         }
     }

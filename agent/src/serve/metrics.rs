@@ -156,7 +156,7 @@ impl Metrics {
         let drops = Family::<DropLabels, Counter>::default();
         registry.register(
             "rayfence_drops",
-            "Packets dropped (new flows), by direction, reason, namespace, RayCluster and role",
+            "Packets dropped, by direction, reason, namespace, RayCluster, role and worker group",
             drops.clone(),
         );
         let drop_bytes = Family::<DropLabels, Counter>::default();
