@@ -448,6 +448,25 @@ fn flows_follow_streams_new_events_and_a_noisy_pod_is_rate_limited_with_a_count(
         last.suppressed > 0,
         "the last event carries no count: {last:?}"
     );
+    // And the metrics count the same: events logged, events left out.
+    let (code, metrics) = agent.http_get(topo.node(0), "/metrics")?;
+    ensure!(code == 200, "/metrics answered {code}");
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "rayfence_flow_events_total",
+            &[("verdict", "dropped")]
+        ),
+        streamed.len() as f64
+    );
+    assert_eq!(
+        metric_sum(&metrics, "rayfence_flow_events_suppressed_total", &[]),
+        (accounted - streamed.len() as u64) as f64
+    );
+    assert_eq!(
+        metric_sum(&metrics, "rayfence_flow_events_lost_total", &[]),
+        0.0
+    );
     // The log has the same events as the stream.
     let logged: Vec<FlowRecord> = agent
         .logged_flows()

@@ -108,6 +108,17 @@ impl Source {
         resyncs(&self.all(), kind)
     }
 
+    /// The kinds of the `WatchRestarted` statuses since event `from`, in order.
+    fn restarts_since(&self, from: usize) -> Vec<ObjectKind> {
+        self.since(from)
+            .into_iter()
+            .filter_map(|e| match e {
+                SourceEvent::Status(SourceStatus::WatchRestarted { kind }) => Some(kind),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn statuses(&self) -> Vec<SourceStatus> {
         self.all()
             .into_iter()
@@ -196,6 +207,7 @@ async fn initial_sync_is_one_resync_per_kind_with_pods_of_all_nodes_and_only_thi
             .any(|e| matches!(e, SourceEvent::Delete(..))),
         "no deletes on a sync"
     );
+    assert_eq!(source.restarts_since(0), [], "no watch restarted");
 
     // The Node watch asks the server for this node only.
     let requests = server.requests();
@@ -315,6 +327,12 @@ async fn compaction_relists_and_an_object_deleted_unseen_is_left_out_of_the_resy
     let source = Source::start(&server, config)?;
     synced(&source, &kinds).await?;
 
+    assert_eq!(
+        source.restarts_since(0),
+        [],
+        "no restart before the compaction"
+    );
+
     // compact + close: every watch resumes into a 410 and relists.
     server.compact_history();
     server.close_watches();
@@ -323,6 +341,13 @@ async fn compaction_relists_and_an_object_deleted_unseen_is_left_out_of_the_resy
     })
     .await?;
     assert_eq!(source.resyncs(ObjectKind::Pod)[1], ["w-a", "w-b"]);
+    // Each relist is a watch restart of its kind.
+    let restarted: BTreeSet<ObjectKind> = source.restarts_since(0).into_iter().collect();
+    assert_eq!(
+        restarted,
+        kinds.iter().copied().collect::<BTreeSet<_>>(),
+        "a WatchRestarted per kind"
+    );
 
     // A delete the watch cannot see (the server is down), then the history is gone:
     // the relist's Resync is how the runtime learns of it, never a made-up Delete.
@@ -374,6 +399,12 @@ async fn an_outage_is_unreachable_without_deletions_then_connected_and_live_agai
         .count();
     assert_eq!(unreachable, 1, "Unreachable is said once: {during:?}");
     assert!(server.refused_connections() > 0);
+    // Every failed attempt is a restart (counted), unlike Unreachable (said once).
+    assert!(
+        source.restarts_since(mark).len() > 1,
+        "watch restarts during the outage: {:?}",
+        source.restarts_since(mark)
+    );
 
     let back = source.len();
     server.set_available(true);

@@ -22,6 +22,7 @@
 //! and is logged, counted and retried as a full apply on the next turn; a silent or
 //! unreachable source keeps the last state enforced.
 pub mod api;
+mod counters;
 mod endpoints;
 pub mod flows;
 mod node;
@@ -32,14 +33,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict};
 use tokio::sync::mpsc;
 
 use crate::datapath::{AsyncEventStream, Datapath, DatapathError, DatapathOptions};
 use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
-use crate::policy::{Engine, Kind, Problem, Role, Settings};
+use crate::policy::{Engine, Kind, Problem, Settings};
 use crate::serve::Health;
-use crate::serve::metrics::{DropLabels, KindLabel, StatusLabel};
+use crate::serve::metrics::{KindLabel, StatusLabel, VerdictLabel};
 use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
 
 pub use endpoints::EndpointState;
@@ -56,7 +56,7 @@ pub struct RuntimeConfig {
     pub expected_kinds: BTreeSet<ObjectKind>,
     /// How often pods not found in the kernel yet are looked for again.
     pub retry_interval: Duration,
-    /// How often the drop counters are published.
+    /// How often the datapath's counters, lost events and map fill are published.
     pub counters_interval: Duration,
 }
 
@@ -118,7 +118,7 @@ pub struct Runtime {
     reported: BTreeSet<Problem>,
     node_from_api: Vec<IpAddr>,
     interface_addresses: Vec<IpAddr>,
-    counters_seen: BTreeMap<CounterKey, CounterValue>,
+    counters: counters::CounterPublisher,
     /// Changes received and not programmed yet, since this instant.
     dirty_since: Option<Instant>,
     /// The source's last status (`connected`, `unreachable`, `kind-missing`).
@@ -164,7 +164,7 @@ impl Runtime {
             reported: BTreeSet::new(),
             node_from_api: Vec::new(),
             interface_addresses: node::interface_addresses(),
-            counters_seen: BTreeMap::new(),
+            counters: counters::CounterPublisher::default(),
             dirty_since: None,
             source_status: "starting".into(),
             queries: None,
@@ -214,13 +214,18 @@ impl Runtime {
                 () = &mut shutdown => break,
                 event = events.recv(), if source_open => match event {
                     Some(event) => {
-                        self.dirty_since.get_or_insert_with(Instant::now);
-                        self.handle(event);
+                        let received = Instant::now();
+                        let mut changed = self.handle(event);
                         // Batch what arrived together.
                         while let Ok(event) = events.try_recv() {
-                            self.handle(event);
+                            changed |= self.handle(event);
                         }
-                        self.program(None).await;
+                        // A status alone (an outage, a watch restart) changes no
+                        // object: nothing to program, nothing to time.
+                        if changed {
+                            self.dirty_since.get_or_insert(received);
+                            self.program(None).await;
+                        }
                     }
                     None => {
                         tracing::warn!("every source stopped; the last state stays enforced");
@@ -250,7 +255,13 @@ impl Runtime {
                         }
                     }
                 },
-                _ = counters.tick() => self.publish_counters(),
+                // Not before the first programming: until then endpoint ids have
+                // no names (see counters.rs on restarts).
+                _ = counters.tick(), if self.programmed => self.counters.publish(
+                    &self.datapath,
+                    self.engine.endpoints(),
+                    &self.health.metrics,
+                ),
                 query = next_query(&mut queries), if queries.is_some() => match query {
                     Some(query) => self.answer(query),
                     None => queries = None,
@@ -258,7 +269,17 @@ impl Runtime {
                 event = next_flow_event(&mut flow_events), if flow_events.is_some() => match event {
                     Ok(event) => {
                         if let Some((_, publisher)) = flow_events.as_mut() {
-                            publisher.handle(&self.engine, &event);
+                            let metrics = &self.health.metrics;
+                            match publisher.handle(&self.engine, &event) {
+                                flows::Handled::Published(verdict) => metrics
+                                    .flow_events
+                                    .get_or_create(&VerdictLabel {
+                                        verdict: verdict.as_str().to_owned(),
+                                    })
+                                    .inc(),
+                                flows::Handled::Suppressed => metrics.flow_events_suppressed.inc(),
+                                flows::Handled::Ignored => 0,
+                            };
                         }
                     }
                     Err(error) => {
@@ -271,13 +292,18 @@ impl Runtime {
         tracing::info!("agent stopping; pinned programs and maps keep enforcing");
     }
 
-    fn handle(&mut self, event: SourceEvent) {
+    /// Applies one event; whether it may have changed an object.
+    fn handle(&mut self, event: SourceEvent) -> bool {
         match event {
             SourceEvent::Apply(object) => self.upsert(&object),
             SourceEvent::Delete(kind, key) => self.remove(kind, &key),
             SourceEvent::Resync(kind, objects) => self.resync(kind, &objects),
-            SourceEvent::Status(status) => self.status(&status),
+            SourceEvent::Status(status) => {
+                self.status(&status);
+                return false;
+            }
         }
+        true
     }
 
     fn upsert(&mut self, object: &Object) {
@@ -370,6 +396,16 @@ impl Runtime {
 
     fn status(&mut self, status: &SourceStatus) {
         let label = match status {
+            SourceStatus::WatchRestarted { kind } => {
+                self.health
+                    .metrics
+                    .watch_restarts
+                    .get_or_create(&KindLabel {
+                        kind: format!("{kind:?}"),
+                    })
+                    .inc();
+                return;
+            }
             SourceStatus::Connected => "connected",
             SourceStatus::Unreachable { error } => {
                 tracing::warn!(%error, "source unreachable; the last state stays enforced");
@@ -544,73 +580,6 @@ impl Runtime {
                 prelocated,
             )
             .await;
-    }
-
-    /// Drop counters from the datapath to the metrics, as deltas.
-    fn publish_counters(&mut self) {
-        let counters = match self.datapath.counters() {
-            Ok(c) => c,
-            Err(error) => {
-                self.health.metrics.error("counters");
-                tracing::warn!(%error, "reading the datapath counters");
-                return;
-            }
-        };
-        for (key, value) in &counters {
-            if Verdict::from_u8(key.verdict) != Some(Verdict::Drop) {
-                continue;
-            }
-            let before = self.counters_seen.get(key).copied().unwrap_or_default();
-            let (packets, bytes) = if value.packets >= before.packets {
-                (
-                    value.packets - before.packets,
-                    value.bytes.saturating_sub(before.bytes),
-                )
-            } else {
-                (value.packets, value.bytes)
-            };
-            if packets == 0 && bytes == 0 {
-                continue;
-            }
-            let meta = self.engine.endpoint_meta(key.endpoint_id);
-            let labels = DropLabels {
-                direction: match Direction::from_u8(key.direction) {
-                    Some(Direction::Ingress) => "ingress",
-                    Some(Direction::Egress) => "egress",
-                    None => "unknown",
-                }
-                .to_owned(),
-                reason: Reason::from_u8(key.reason)
-                    .map(Reason::as_str)
-                    .unwrap_or("unknown")
-                    .to_owned(),
-                namespace: meta
-                    .as_ref()
-                    .map(|m| m.namespace.clone())
-                    .unwrap_or_default(),
-                raycluster: meta
-                    .as_ref()
-                    .and_then(|m| m.cluster.clone())
-                    .unwrap_or_default(),
-                role: match meta.as_ref().and_then(|m| m.role.as_ref()) {
-                    Some(Role::Head) => "head",
-                    Some(Role::Worker | Role::Group(_)) => "worker",
-                    None => "",
-                }
-                .to_owned(),
-            };
-            self.health
-                .metrics
-                .drops
-                .get_or_create(&labels)
-                .inc_by(packets);
-            self.health
-                .metrics
-                .drop_bytes
-                .get_or_create(&labels)
-                .inc_by(bytes);
-        }
-        self.counters_seen = counters;
     }
 }
 

@@ -1,8 +1,9 @@
 //! The agent's Prometheus metrics: one registry, typed handles for the runtime.
 //!
 //! Must not: take an unbounded label value (never an IP, a port, a pod name or a
-//! UID); label values are kinds, hooks, states, reasons, namespaces and RayCluster
-//! names.
+//! UID); label values are kinds, hooks, states, reasons, map names, namespaces,
+//! RayCluster names and worker group names. Series of pods that are gone are removed
+//! by their publisher (`runtime::counters`), so no family grows without bound.
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,13 +36,33 @@ pub struct StatusLabel {
     pub status: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+/// Labels of the datapath's counters (drops, would-drops, allowed new flows).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
 pub struct DropLabels {
+    /// `ingress`, `egress` (towards / away from the local pod).
     pub direction: String,
+    /// A datapath reason (`no-policy`, `policy-allow`, ...).
     pub reason: String,
+    /// The local pod's namespace.
     pub namespace: String,
+    /// The pod's `ray.io/cluster`, "" for a pod of no RayCluster.
     pub raycluster: String,
+    /// `head`, `worker`, or "".
     pub role: String,
+    /// The worker group (`ray.io/group`) for workers, "" otherwise.
+    pub group: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VerdictLabel {
+    /// `dropped`, `audit`.
+    pub verdict: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabel {
+    /// A short stable name per datapath map (`policy`, `conntrack`, ...).
+    pub map: String,
 }
 
 /// Handles into the registry (each is a cheap `Arc` clone).
@@ -57,6 +78,21 @@ pub struct Metrics {
     pub problems: Gauge,
     pub drops: Family<DropLabels, Counter>,
     pub drop_bytes: Family<DropLabels, Counter>,
+    /// Packets an audit-mode endpoint would have dropped (passed, counted).
+    pub would_drops: Family<DropLabels, Counter>,
+    pub would_drop_bytes: Family<DropLabels, Counter>,
+    /// New flows allowed (one per flow, not per packet).
+    pub allowed_flows: Family<DropLabels, Counter>,
+    pub map_entries: Family<MapLabel, Gauge>,
+    pub map_capacity: Family<MapLabel, Gauge>,
+    /// Flow events the datapath did not deliver (over its rate limit, ring full).
+    pub flow_events_lost: Counter,
+    /// Flow events logged, by verdict (driven by the flow-event logger).
+    pub flow_events: Family<VerdictLabel, Counter>,
+    /// Flow events received but not logged (driven by the flow-event logger).
+    pub flow_events_suppressed: Counter,
+    /// The Kubernetes source restarting a kind's watch.
+    pub watch_restarts: Family<KindLabel, Counter>,
     pub attach_latency: Histogram,
 }
 
@@ -120,7 +156,7 @@ impl Metrics {
         let drops = Family::<DropLabels, Counter>::default();
         registry.register(
             "rayfence_drops",
-            "Packets dropped (new flows), by direction, reason, namespace, RayCluster and role",
+            "Packets dropped, by direction, reason, namespace, RayCluster, role and worker group",
             drops.clone(),
         );
         let drop_bytes = Family::<DropLabels, Counter>::default();
@@ -129,8 +165,71 @@ impl Metrics {
             "Bytes dropped, as rayfence_drops",
             drop_bytes.clone(),
         );
+        let would_drops = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "rayfence_would_drops",
+            "Packets an audit-mode endpoint would have dropped (passed), as rayfence_drops",
+            would_drops.clone(),
+        );
+        let would_drop_bytes = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "rayfence_would_drop_bytes",
+            "Bytes an audit-mode endpoint would have dropped, as rayfence_drops",
+            would_drop_bytes.clone(),
+        );
+        let allowed_flows = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "rayfence_allowed_flows",
+            "New flows allowed (the first packet of each), by direction, reason, namespace, RayCluster, role and group",
+            allowed_flows.clone(),
+        );
+        let map_entries = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "rayfence_map_entries",
+            "Entries in each datapath map",
+            map_entries.clone(),
+        );
+        let map_capacity = Family::<MapLabel, Gauge>::default();
+        registry.register(
+            "rayfence_map_capacity",
+            "Capacity (max entries) of each datapath map",
+            map_capacity.clone(),
+        );
+        let flow_events_lost = Counter::default();
+        registry.register(
+            "rayfence_flow_events_lost",
+            "Flow events the datapath did not deliver (over its rate limit or ring buffer full)",
+            flow_events_lost.clone(),
+        );
+        let flow_events = Family::<VerdictLabel, Counter>::default();
+        registry.register(
+            "rayfence_flow_events",
+            "Flow events logged, by verdict",
+            flow_events.clone(),
+        );
+        let flow_events_suppressed = Counter::default();
+        registry.register(
+            "rayfence_flow_events_suppressed",
+            "Flow events received but not logged (log rate limit)",
+            flow_events_suppressed.clone(),
+        );
+        let watch_restarts = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "rayfence_watch_restarts",
+            "Kubernetes watches restarted after an error (relist after 410 Gone, reconnect), by kind",
+            watch_restarts.clone(),
+        );
         Self {
             registry,
+            would_drops,
+            would_drop_bytes,
+            allowed_flows,
+            map_entries,
+            map_capacity,
+            flow_events_lost,
+            flow_events,
+            flow_events_suppressed,
+            watch_restarts,
             programming_latency,
             syncs,
             sync_errors,

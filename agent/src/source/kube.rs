@@ -23,6 +23,8 @@
 //!   not installed yet) -> `KindMissing`, waited for with backoff while the other kinds
 //!   keep working; anything else but a 410 -> `Unreachable` once, then `Connected`
 //!   when the API server answers again.
+//!   Every error is also a `WatchRestarted(kind)` (the watcher starts over after
+//!   it): what `rayfence_watch_restarts_total` counts.
 //!
 //! Must not: decide policy, touch the datapath, or imply a deletion by anything but a
 //! complete listing (no synthetic deletes on errors, no empty Resync for a missing
@@ -239,6 +241,12 @@ where
                     // `Init`.
                     listing = None;
                     self.health.error(self.kind, &error).await?;
+                    // The watcher starts over after every error it yields (a relist
+                    // after a 410, a new list or watch request otherwise).
+                    self.send(SourceEvent::Status(SourceStatus::WatchRestarted {
+                        kind: self.kind,
+                    }))
+                    .await?;
                     // 410: the watcher relists next, nothing to wait for.
                     if status_code(&error) != Some(410) {
                         let delay = backoff.next().unwrap_or(MAX_BACKOFF);

@@ -143,6 +143,11 @@ pub enum SourceStatus {
     /// A kind's API is not served (e.g. the RayCluster CRD is not installed yet);
     /// waited for, not fatal.
     KindMissing { kind: ObjectKind, error: String },
+    /// A kind's watch ended in an error and starts over (a relist after `410 Gone`,
+    /// a reconnect after a stream or connection error, a retry of a kind not
+    /// served): counted, not a change of health. A watch the server closes
+    /// routinely and the watcher resumes is not reported.
+    WatchRestarted { kind: ObjectKind },
 }
 
 /// Where bad-input reports go besides the log: a Kubernetes Event on the object when
