@@ -322,7 +322,7 @@ pub fn explain_flow(engine: &Engine, from: &str, to: &str) -> Result<ExplainRepo
 
 /// Denied anywhere (and not only in audit) → `denied`; denied only where audit
 /// mode passes it → `audit`; a side on another node → `unknown`; else `allowed`.
-fn combine(sides: &[ExplainSide]) -> String {
+pub fn combine(sides: &[ExplainSide]) -> String {
     let denied: Vec<&ExplainSide> = sides.iter().filter(|s| s.verdict == "denied").collect();
     if denied.iter().any(|s| !s.audit) {
         "denied".into()

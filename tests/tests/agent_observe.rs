@@ -543,3 +543,56 @@ fn an_audited_raycluster_shows_would_be_drops_in_flows_status_and_explain() -> R
     );
     Ok(())
 }
+
+#[test]
+fn explain_and_status_say_fail_closed_when_the_policy_does_not_fit_and_the_datapath_agrees()
+-> Result<()> {
+    let scene = scene(331)?;
+    let (topo, ns) = (&scene.node.topo, &scene.node.ns);
+    let (head, worker) = (topo.pod("head"), topo.pod("worker"));
+    let _head_tcp = head.serve_tcp(8000)?;
+    // Room for two policy rows: the cluster's rows do not fit.
+    let agent = Agent::start(&AgentOptions {
+        node: topo.node(0),
+        node_name: NODE,
+        manifests: &scene.manifests.dir,
+        bpffs: &scene.bpffs.path,
+        cgroup_root: scene.node.kubelet.root.path(),
+        kubeconfig: None,
+        extra_args: &["--max-policy", "2"],
+    })?;
+    agent.wait_log(&["endpoint attached", "/head"], Duration::from_secs(20))?;
+    agent.wait_log(&["applying the policy failed"], Duration::from_secs(10))?;
+
+    // The engine alone would allow worker -> head (same RayCluster); the datapath
+    // drops it, and explain says so, and why.
+    assert_eq!(worker.tcp_connect(v4(head), 8000, SHORT), Outcome::Timeout);
+    let report: ExplainReport = command_json(
+        &agent,
+        &scene,
+        &[
+            "explain",
+            "--json",
+            "--from",
+            &format!("{ns}/worker"),
+            "--to",
+            &format!("{ns}/head:8000"),
+        ],
+    )?;
+    assert_eq!(report.verdict, "denied", "{report:?}");
+    ensure!(
+        report
+            .sides
+            .iter()
+            .any(|s| s.verdict == "denied" && s.because.contains("fail-closed")),
+        "{report:?}"
+    );
+    let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
+    let head_status = status
+        .endpoints
+        .iter()
+        .find(|e| e.pod == "head")
+        .context("no head")?;
+    assert_eq!(head_status.mode, "fail-closed");
+    Ok(())
+}

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{EndpointState, Runtime};
 use crate::api::{EndpointStatus, ExplainQuery, ExplainReport, StatusReport};
-use crate::explain::{ExplainError, endpoint_labels, explain_flow};
+use crate::explain::{ExplainError, combine, endpoint_labels, explain_flow};
 use crate::tables::EndpointId;
 
 /// A question for the reconcile loop.
@@ -69,8 +69,50 @@ impl Runtime {
                 let _ = reply.send(self.status_report());
             }
             Query::Explain(query, reply) => {
-                let _ = reply.send(explain_flow(&self.engine, &query.from, &query.to));
+                let answer =
+                    explain_flow(&self.engine, &query.from, &query.to).map(|mut report| {
+                        self.as_enforced(&mut report);
+                        report
+                    });
+                let _ = reply.send(answer);
             }
+        }
+    }
+
+    /// What the engine says, corrected by where the datapath stands: a side whose
+    /// pod has no hook yet is not enforced at all, one whose policy did not fit the
+    /// maps drops everything (unless in audit mode).
+    fn as_enforced(&self, report: &mut ExplainReport) {
+        let mut changed = false;
+        for side in &mut report.sides {
+            let Some((namespace, pod)) = side.pod.as_deref().and_then(|p| p.split_once('/')) else {
+                continue;
+            };
+            let Some(id) = self.engine.endpoint_id(namespace, pod) else {
+                continue;
+            };
+            if self.datapath.fail_closed().contains(&id) && side.verdict != "not-enforced" {
+                side.verdict = "denied".into();
+                side.because = format!(
+                    "{namespace}/{pod} is fail-closed: its policy did not fit the datapath's maps (see rayfence_map_entries)"
+                );
+                side.rules.clear();
+                changed = true;
+            } else if !matches!(
+                self.endpoints.state(id),
+                Some(EndpointState::Tc { .. } | EndpointState::Cgroup { .. })
+            ) && side.verdict != "not-enforced"
+            {
+                side.verdict = "not-enforced".into();
+                side.because = format!(
+                    "{namespace}/{pod} has no hook attached (yet): nothing filters this side; the engine's verdict would be: {}",
+                    side.because
+                );
+                changed = true;
+            }
+        }
+        if changed {
+            report.verdict = combine(&report.sides);
         }
     }
 
