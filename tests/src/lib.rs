@@ -8,6 +8,7 @@
 //! - [`sweep`]: removing what a SIGKILLed run left behind (explicit call).
 //! - [`fake_api`]: `FakeApiServer`, a fake Kubernetes API server speaking real HTTP
 //!   list and watch, for the agent's kube-rs client path.
+//! - [`http`]: a plain HTTP GET with any headers, as a scraper makes it.
 //! - [`demo`]: the demo scenario (`cargo xtask demo`, binary `rf-demo`).
 //! - [`probe`]: running the `rf-probe` binary (servers, connects, pings, held
 //!   connections) in a pod, optionally inside a cgroup.
@@ -42,6 +43,7 @@ pub mod agent_bin;
 pub mod cgroup;
 pub mod demo;
 pub mod fake_api;
+pub mod http;
 pub mod names;
 pub mod netns;
 pub mod probe;

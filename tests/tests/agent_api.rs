@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use agent_common::*;
 use anyhow::{Context as _, Result, ensure};
 use rayfence_tests::Outcome;
-use rayfence_tests::fake_api::FakeApiServer;
 use serde_json::json;
 
 const NODE: &str = "node-a";
@@ -33,33 +32,26 @@ fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_even
     let (head, worker, outsider) = (topo.pod("head"), topo.pod("worker"), topo.pod("outsider"));
     let _head_tcp = head.serve_tcp(8000)?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let server = topo
-        .node(0)
-        .netns
-        .run(|| rt.block_on(FakeApiServer::start()))??;
+    let (_rt, server) = fake_api_in(topo.node(0))?;
     server.install_crd("ray.io", "v1", "rayclusters");
-    server.apply(&namespace(&ns));
+    server.apply(&namespace(ns));
     server.apply(&node_object(NODE, topo.node(0)));
-    server.apply(&pod_object(&ns, head, &uids[0], NODE, &head_labels("rc")));
+    server.apply(&pod_object(ns, head, &uids[0], NODE, &head_labels("rc")));
     server.apply(&pod_object(
-        &ns,
+        ns,
         worker,
         &uids[1],
         NODE,
         &worker_labels("rc"),
     ));
     server.apply(&pod_object(
-        &ns,
+        ns,
         outsider,
         &uids[2],
         NODE,
         &[("app", "outsider")],
     ));
-    server.apply(&raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
+    server.apply(&raycluster(ns, "rc", json!({"mode": "DenyAll"})));
     let manifests = Manifests::new()?;
     let kubeconfig = manifests.dir.join("kubeconfig");
     std::fs::write(&kubeconfig, server.kubeconfig_yaml())?;
@@ -85,13 +77,13 @@ fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_even
     let allow = json!({"mode": "DenyAll", "head": {"ingressRules": [{
         "from": [{"podSelector": {"matchLabels": {"app": "outsider"}}}],
         "ports": [{"protocol": "TCP", "port": 8000}]}]}});
-    server.apply(&raycluster(&ns, "rc", allow));
+    server.apply(&raycluster(ns, "rc", allow));
     let t = eventually("allow through the API", Duration::from_secs(3), || {
         outsider.tcp_connect(v4(head), 8000, Duration::from_millis(50)) == Outcome::Ok
     })?;
     println!("API edit -> enforced: {t:?}");
     ensure!(t < Duration::from_secs(1), "took {t:?}");
-    server.apply(&raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
+    server.apply(&raycluster(ns, "rc", json!({"mode": "DenyAll"})));
     eventually("revoke through the API", Duration::from_secs(3), || {
         outsider.tcp_connect(v4(head), 8000, Duration::from_millis(50)) != Outcome::Ok
     })?;
@@ -112,7 +104,7 @@ fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_even
     server.set_available(true);
 
     // Bad input: an Event on the RayCluster naming the field and value.
-    server.apply(&raycluster(&ns, "bad", json!({"mode": "Sideways"})));
+    server.apply(&raycluster(ns, "bad", json!({"mode": "Sideways"})));
     eventually(
         "an Event about the bad RayCluster",
         Duration::from_secs(15),

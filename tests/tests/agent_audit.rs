@@ -272,7 +272,7 @@ fn cluster(ns: &str, audit: &str) -> Value {
 #[test]
 fn audit_annotation_switches_a_raycluster_between_audit_and_enforce_live() -> Result<()> {
     let node = SimNode::new(&["head", "worker", "outsider"], 1)?;
-    let (topo, kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
+    let (topo, _kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
     let (head, worker, outsider) = (topo.pod("head"), topo.pod("worker"), topo.pod("outsider"));
     let _head_tcp = head.serve_tcp(8000)?;
     let _head_udp = head.serve_udp(8001)?;
@@ -291,16 +291,7 @@ fn audit_annotation_switches_a_raycluster_between_audit_and_enforce_live() -> Re
     )?;
     manifests.write("rc.yaml", &[cluster(ns, "true")])?;
     let bpffs = Bpffs::new();
-    let agent = Agent::start(&AgentOptions {
-        node: topo.node(0),
-        node_name: NODE,
-        manifests: &manifests.dir,
-        bpffs: &bpffs.path,
-        cgroup_root: kubelet.root.path(),
-        kubeconfig: None,
-        extra_args: &[],
-    })?;
-    agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
+    let agent = node.start_agent(NODE, &manifests.dir, &bpffs, &[])?;
     let kernel = Kernel {
         root: bpffs.path.clone(),
     };

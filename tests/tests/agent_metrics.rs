@@ -17,7 +17,6 @@ use anyhow::{Context, Result, bail, ensure};
 use rayfence::datapath::Capacities;
 use rayfence::datapath::observe::{FILL_MAPS, count_pinned};
 use rayfence_common::map_names;
-use rayfence_tests::fake_api::FakeApiServer;
 use rayfence_tests::{Node, Outcome, Server};
 use serde_json::{Value, json};
 
@@ -217,16 +216,9 @@ impl Setup {
     }
 
     fn start(&self, extra_args: &[&str]) -> Result<Agent> {
-        let agent = Agent::start(&AgentOptions {
-            node: self.node0(),
-            node_name: NODE,
-            manifests: &self.manifests.dir,
-            bpffs: &self.bpffs.path,
-            cgroup_root: self.node.kubelet.root.path(),
-            kubeconfig: None,
-            extra_args,
-        })?;
-        agent.wait_ready(self.node0(), Duration::from_secs(20))?;
+        let agent = self
+            .node
+            .start_agent(NODE, &self.manifests.dir, &self.bpffs, extra_args)?;
         wait_published(&agent, self.node0())?;
         Ok(agent)
     }
@@ -567,15 +559,7 @@ fn a_global_audit_agent_counts_would_drops_and_drops_nothing() -> Result<()> {
 fn api_watch_restarts_are_counted_by_kind_and_the_source_stays_connected() -> Result<()> {
     let node = SimNode::new(&["head"], 151)?;
     let (topo, ns) = (&node.topo, node.ns.as_str());
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    // Made inside the node namespace: the agent reaches it at 127.0.0.1.
-    let server = topo
-        .node(0)
-        .netns
-        .run(|| rt.block_on(FakeApiServer::start()))??;
+    let (_rt, server) = fake_api_in(topo.node(0))?;
     server.install_crd("ray.io", "v1", "rayclusters");
     server.apply(&namespace(ns));
     server.apply(&node_object(NODE, topo.node(0)));

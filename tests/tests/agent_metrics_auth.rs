@@ -20,6 +20,7 @@ use agent_common::*;
 use anyhow::{Context as _, Result, ensure};
 use rayfence_tests::Node;
 use rayfence_tests::fake_api::{FakeApiServer, Grant, GrantSubject, GrantTarget, TokenInfo};
+use rayfence_tests::http::{self, Reply};
 use serde_json::json;
 
 const NODE: &str = "node-a";
@@ -36,45 +37,23 @@ const TOKENS: [&str; 6] = [PROM, PROM2, NOSY, API_ONLY, API_ONLY2, OPS];
 
 const PROM_USER: &str = "system:serviceaccount:monitoring:prometheus";
 
-struct Reply {
-    code: u16,
-    head: String,
-    body: String,
-}
-
 /// `GET path` on the agent's metrics port with extra header lines, from inside the
 /// node namespace.
 fn get(node: &Node, path: &str, headers: &[String]) -> Result<Reply> {
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{}\r\n",
-        headers
-            .iter()
-            .map(|h| format!("{h}\r\n"))
-            .collect::<String>()
-    );
-    node.netns.run(move || -> Result<Reply> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT))?;
+    let (path, headers) = (path.to_owned(), headers.to_vec());
+    node.netns.run(move || {
         // Longer than the agent's own review timeout (5 s): a hang shows as 503.
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(request.as_bytes())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let (head, body) = out.split_once("\r\n\r\n").context("no header end")?;
-        let code = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no status")?;
-        Ok(Reply {
-            code,
-            head: head.to_owned(),
-            body: body.to_owned(),
-        })
+        http::get(
+            ([127, 0, 0, 1], METRICS_PORT).into(),
+            &path,
+            &headers,
+            Duration::from_secs(10),
+        )
     })?
 }
 
 fn bearer(token: &str) -> Vec<String> {
-    vec![format!("Authorization: Bearer {token}")]
+    vec![http::bearer(token)]
 }
 
 /// A one-pod node, its manifests, and (when `server`) the fake API server made
@@ -85,7 +64,7 @@ struct Setup {
     manifests: Manifests,
     /// Holds the kubeconfig (the manifests directory is for objects only).
     config_dir: Manifests,
-    _rt: tokio::runtime::Runtime,
+    _rt: Option<tokio::runtime::Runtime>,
     bpffs: Bpffs,
     node: SimNode,
 }
@@ -110,20 +89,13 @@ impl Setup {
                 raycluster(&node.ns, "rc", json!({"mode": "DenyAll"})),
             ],
         )?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
         let config_dir = Manifests::new()?;
-        let server = if server {
-            let server = topo
-                .node(0)
-                .netns
-                .run(|| rt.block_on(FakeApiServer::start()))??;
+        let (rt, server) = if server {
+            let (rt, server) = fake_api_in(topo.node(0))?;
             config_dir.write_raw("kubeconfig", &server.kubeconfig_yaml())?;
-            Some(server)
+            (Some(rt), Some(server))
         } else {
-            None
+            (None, None)
         };
         Ok(Setup {
             server,
@@ -148,18 +120,9 @@ impl Setup {
     }
 
     fn start(&self, extra_args: &[&str]) -> Result<Agent> {
-        let agent = Agent::start(&AgentOptions {
-            node: self.node(),
-            node_name: NODE,
-            manifests: &self.manifests.dir,
-            bpffs: &self.bpffs.path,
-            cgroup_root: self.node.kubelet.root.path(),
-            kubeconfig: None,
-            extra_args,
-        })?;
         // The probe carries no token: this is also the check that /readyz is open.
-        agent.wait_ready(self.node(), Duration::from_secs(20))?;
-        Ok(agent)
+        self.node
+            .start_agent(NODE, &self.manifests.dir, &self.bpffs, extra_args)
     }
 }
 

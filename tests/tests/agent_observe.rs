@@ -65,16 +65,9 @@ fn objects(ns: &str, topo: &Topology, uids: &[String]) -> Vec<Value> {
 }
 
 fn start(scene: &Scene, extra_args: &[&str]) -> Result<Agent> {
-    let agent = Agent::start(&AgentOptions {
-        node: scene.node.topo.node(0),
-        node_name: NODE,
-        manifests: &scene.manifests.dir,
-        bpffs: &scene.bpffs.path,
-        cgroup_root: scene.node.kubelet.root.path(),
-        kubeconfig: None,
-        extra_args,
-    })?;
-    agent.wait_ready(scene.node.topo.node(0), Duration::from_secs(20))?;
+    let agent = scene
+        .node
+        .start_agent(NODE, &scene.manifests.dir, &scene.bpffs, extra_args)?;
     // Ready means programmed; attached follows within the same turn.
     agent.wait_log(&["endpoint attached", "/head"], Duration::from_secs(10))?;
     Ok(agent)
@@ -417,7 +410,7 @@ fn flows_follow_streams_new_events_and_a_noisy_pod_is_rate_limited_with_a_count(
     while Instant::now() < deadline {
         if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
             streamed.push(serde_json::from_str(&line).with_context(|| line.clone())?);
-            if streamed.iter().map(|f| 1 + f.suppressed).sum::<u64>() >= SENT + 1 {
+            if streamed.iter().map(|f| 1 + f.suppressed).sum::<u64>() > SENT {
                 break;
             }
         }

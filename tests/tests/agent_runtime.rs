@@ -104,8 +104,8 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
     manifests.write(
         "base.yaml",
         &base(
-            &ns,
-            &topo,
+            ns,
+            topo,
             &[
                 ("head", &uids[0], head_labels("rc")),
                 ("worker", &uids[1], worker_labels("rc")),
@@ -115,7 +115,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
         ),
     )?;
     let deny_all = json!({"mode": "DenyAll"});
-    manifests.write("rc.yaml", &[raycluster(&ns, "rc", deny_all.clone())])?;
+    manifests.write("rc.yaml", &[raycluster(ns, "rc", deny_all.clone())])?;
 
     let bpffs = Bpffs::new();
     let agent = Agent::start(&AgentOptions {
@@ -185,7 +185,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
                         ("raycluster", "rc"),
                         ("role", "head"),
                         ("direction", "ingress"),
-                        ("namespace", &ns),
+                        ("namespace", ns),
                     ],
                 )
             })
@@ -230,7 +230,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
         "ports": [{"protocol": "TCP", "port": 8000}]}]}});
     let mut samples = Vec::new();
     for round in 0..4 {
-        manifests.write("rc.yaml", &[raycluster(&ns, "rc", allow.clone())])?;
+        manifests.write("rc.yaml", &[raycluster(ns, "rc", allow.clone())])?;
         let t = wait_outcome(
             &format!("allow edit {round}"),
             Duration::from_secs(3),
@@ -238,7 +238,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
             true,
         )?;
         samples.push(t);
-        manifests.write("rc.yaml", &[raycluster(&ns, "rc", deny_all.clone())])?;
+        manifests.write("rc.yaml", &[raycluster(ns, "rc", deny_all.clone())])?;
         let t = wait_outcome(
             &format!("revoke edit {round}"),
             Duration::from_secs(3),
@@ -386,15 +386,15 @@ fn agent_restart_keeps_connections_and_denials() -> Result<()> {
     let _head_tcp = head.serve_tcp(8000)?;
     let manifests = Manifests::new()?;
     let mut docs = base(
-        &ns,
-        &topo,
+        ns,
+        topo,
         &[
             ("head", &uids[0], head_labels("rc")),
             ("worker", &uids[1], worker_labels("rc")),
             ("outsider", &uids[2], vec![("app", "outsider")]),
         ],
     );
-    docs.push(raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
+    docs.push(raycluster(ns, "rc", json!({"mode": "DenyAll"})));
     manifests.write("all.yaml", &docs)?;
     let bpffs = Bpffs::new();
     let options = AgentOptions {

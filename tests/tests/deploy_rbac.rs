@@ -448,23 +448,11 @@ fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {
 
 /// `GET path` with an optional bearer token: (status, body).
 fn http_get(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> Result<(u16, String)> {
-    use std::io::{Read as _, Write as _};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\r\n"
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no status in {out:?}"))?;
-    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    Ok((code, body.to_owned()))
+    let headers: Vec<String> = token
+        .map(rayfence_tests::http::bearer)
+        .into_iter()
+        .collect();
+    let reply =
+        rayfence_tests::http::get(addr, path, &headers, std::time::Duration::from_secs(10))?;
+    Ok((reply.code, reply.body))
 }

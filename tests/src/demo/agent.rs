@@ -258,14 +258,6 @@ fn dechunk(mut s: &str) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dechunk_joins_chunks() {
-        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
-    }
-}
-
 /// `rayfence ARGS --socket SOCKET`: what the command prints, or its error.
 pub fn command(bin: &Path, socket: &Path, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(bin)
@@ -283,4 +275,12 @@ pub fn command(bin: &Path, socket: &Path, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dechunk_joins_chunks() {
+        assert_eq!(super::dechunk("3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"), "abcde");
+    }
 }

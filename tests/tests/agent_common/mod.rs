@@ -5,7 +5,6 @@
 //! test panics.
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
-use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,6 +15,7 @@ use anyhow::{Context, Result, bail};
 use rayfence::discovery::QosClass;
 use rayfence::discovery::cgroup::{cgroupfs_path, pod_cgroup_name};
 pub use rayfence_tests::agent_bin::rayfence_bin;
+use rayfence_tests::fake_api::FakeApiServer;
 use rayfence_tests::{Layout, Node, Pod, ProbeBin, Server, TestCgroup, Topology};
 use serde_json::{Value, json};
 
@@ -105,6 +105,41 @@ impl SimNode {
             uids,
         })
     }
+}
+
+impl SimNode {
+    /// `rayfence agent --manifests DIR` on this node as `node_name`, with more flags,
+    /// once `/readyz` says it is ready.
+    pub fn start_agent(
+        &self,
+        node_name: &str,
+        manifests: &Path,
+        bpffs: &Bpffs,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        let agent = Agent::start(&AgentOptions {
+            node: self.topo.node(0),
+            node_name,
+            manifests,
+            bpffs: &bpffs.path,
+            cgroup_root: self.kubelet.root.path(),
+            kubeconfig: None,
+            extra_args,
+        })?;
+        agent.wait_ready(self.topo.node(0), Duration::from_secs(20))?;
+        Ok(agent)
+    }
+}
+
+/// A fake API server made inside `node`'s namespace, so the agent reaches it at
+/// 127.0.0.1, and the runtime serving it (keep both).
+pub fn fake_api_in(node: &Node) -> Result<(tokio::runtime::Runtime, FakeApiServer)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let server = node.netns.run(|| rt.block_on(FakeApiServer::start()))??;
+    Ok((rt, server))
 }
 
 pub fn uid(n: u32) -> String {
@@ -337,27 +372,15 @@ impl Agent {
     /// `GET path` on the agent's metrics address, from inside the node namespace.
     pub fn http_get(&self, node: &Node, path: &str) -> Result<(u16, String)> {
         let path = path.to_owned();
-        node.netns.run(move || -> Result<(u16, String)> {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", METRICS_PORT))?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-            )?;
-            let mut out = String::new();
-            s.read_to_string(&mut out)?;
-            let code = out
-                .split_whitespace()
-                .nth(1)
-                .and_then(|c| c.parse().ok())
-                .context("no status")?;
-            let body = out
-                .split_once("\r\n\r\n")
-                .map(|x| x.1)
-                .unwrap_or("")
-                .to_owned();
-            Ok((code, body))
-        })?
+        let reply = node.netns.run(move || {
+            rayfence_tests::http::get(
+                ([127, 0, 0, 1], METRICS_PORT).into(),
+                &path,
+                &[],
+                Duration::from_secs(2),
+            )
+        })??;
+        Ok((reply.code, reply.body))
     }
 
     /// Polls `/readyz` until 200; returns when it flipped and every status seen.
