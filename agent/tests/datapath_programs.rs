@@ -635,6 +635,29 @@ fn the_pods_syn_on_a_revoked_tuple_is_decided_as_a_new_flow() {
 }
 
 #[test]
+fn a_revoked_ipv6_flow_stays_cut_and_the_pods_syn_is_still_a_new_flow() {
+    let mut dp = datapath_with(&one_way(true));
+    assert!(receive(&dp, &tcp(PEER6, 50000, POD6, 8080)));
+    assert!(send(&dp, &tcp_with(POD6, 8080, PEER6, 50000, SYN | ACK)));
+    let mut moved = one_way(true);
+    moved.addresses.insert(ip(PEER6), 999);
+    dp.apply(&moved).expect("apply");
+    assert!(!send(&dp, &data(POD6, 8080, PEER6, 50000)));
+    assert!(!receive(&dp, &data(PEER6, 50000, POD6, 8080)));
+    assert!(send(&dp, &tcp(POD6, 8080, PEER6, 50000)));
+    assert!(receive(&dp, &tcp_with(PEER6, 50000, POD6, 8080, SYN | ACK)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Egress, Verdict::Allow, Reason::NotIsolated), 1),
+        ])
+    );
+}
+
+#[test]
 fn a_syn_on_a_revoked_tuple_that_no_rule_allows_is_dropped_and_the_flow_stays_cut() {
     // Both directions isolated: CLIENT may only be reached on UDP 53.
     let mut dp = datapath();
@@ -1322,4 +1345,54 @@ fn cgroup_hook_ignores_sockets_of_unknown_cgroups() {
             .passed
     );
     assert!(counters(&dp).is_empty());
+}
+
+#[test]
+fn cgroup_hooks_keep_a_revoked_flow_cut_and_read_the_syn_without_an_ethernet_header() {
+    let mut dp = cgroup_datapath(&one_way(true));
+    let run =
+        |dp: &Datapath, hook, frame: &[u8]| dp.test_run(hook, frame, 1).expect("test run").passed;
+    assert!(run(
+        &dp,
+        Hook::CgroupIngress,
+        &tcp(CLIENT, 50000, POD, 8080)
+    ));
+    assert!(run(
+        &dp,
+        Hook::CgroupEgress,
+        &tcp_with(POD, 8080, CLIENT, 50000, SYN | ACK)
+    ));
+    dp.apply(&without(one_way(true), CLIENT_ID, Direction::Ingress))
+        .expect("apply");
+    assert!(!run(
+        &dp,
+        Hook::CgroupEgress,
+        &data(POD, 8080, CLIENT, 50000)
+    ));
+    assert!(!run(
+        &dp,
+        Hook::CgroupEgress,
+        &data(POD, 8080, CLIENT, 50000)
+    ));
+    assert!(!run(
+        &dp,
+        Hook::CgroupIngress,
+        &data(CLIENT, 50000, POD, 8080)
+    ));
+    // The pod's SYN the other way: a new flow.
+    assert!(run(&dp, Hook::CgroupEgress, &tcp(POD, 8080, CLIENT, 50000)));
+    assert!(run(
+        &dp,
+        Hook::CgroupIngress,
+        &tcp_with(CLIENT, 50000, POD, 8080, SYN | ACK)
+    ));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 2),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Egress, Verdict::Allow, Reason::NotIsolated), 1),
+        ])
+    );
 }
