@@ -144,6 +144,39 @@ fn packets(datapath: &Datapath, direction: Direction, verdict: Verdict, reason: 
     counter(datapath, direction, verdict, reason).packets
 }
 
+/// TCP flags (`support::packet::tcp` sends a bare SYN).
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const PSH: u8 = 0x08;
+
+/// A TCP segment with `flags`.
+fn tcp_with(src: &str, src_port: u16, dst: &str, dst_port: u16, flags: u8) -> Vec<u8> {
+    let mut header = tcp_header(src_port, dst_port);
+    header[13] = flags;
+    frame_of(&ip_packet(ip(src), ip(dst), TCP, &header))
+}
+
+/// A data segment of an established connection (PSH, ACK).
+fn data(src: &str, src_port: u16, dst: &str, dst_port: u16) -> Vec<u8> {
+    tcp_with(src, src_port, dst, dst_port, PSH | ACK)
+}
+
+/// Every counter row of the endpoint, as (direction, verdict, reason) -> packets.
+fn rows(datapath: &Datapath) -> BTreeMap<(Direction, Verdict, Reason), u64> {
+    counters(datapath)
+        .into_iter()
+        .map(|(key, value)| {
+            assert_eq!(key.endpoint_id, EP);
+            let row = (
+                Direction::from_u8(key.direction).expect("direction"),
+                Verdict::from_u8(key.verdict).expect("verdict"),
+                Reason::from_u8(key.reason).expect("reason"),
+            );
+            (row, value.packets)
+        })
+        .collect()
+}
+
 #[test]
 fn allowed_egress_to_cluster_peer_passes_and_counts_one_new_flow() {
     let dp = datapath();
@@ -378,22 +411,26 @@ fn icmp_echo_needs_an_all_protocols_row() {
 fn revoked_flow_is_dropped_after_the_policy_change() {
     let mut dp = datapath();
     assert!(send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
-    assert!(receive(&dp, &tcp(OUTSIDE, 443, POD, 40010)));
+    assert!(receive(&dp, &tcp_with(OUTSIDE, 443, POD, 40010, SYN | ACK)));
     let before = dp.generation(EP);
     let mut revoked = tables();
     revoked.policy.retain(|row| row.identity != BLOCK_ID);
     dp.apply(&revoked).expect("apply");
     assert!(dp.generation(EP) > before);
-    assert!(!receive(&dp, &tcp(OUTSIDE, 443, POD, 40010)));
+    assert!(!receive(&dp, &data(OUTSIDE, 443, POD, 40010)));
     assert_eq!(
         packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Revoked),
         1
     );
-    // The entry is gone: the flow is new again, and denied.
+    // The entry stays: the pod's next packet is re-checked as well, and revoked.
     assert!(!send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
     assert_eq!(
-        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
         1
+    );
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        0
     );
 }
 
@@ -429,11 +466,310 @@ fn peer_moving_to_another_identity_revokes_its_flows() {
     let mut moved = tables();
     moved.addresses.insert(ip(PEER), 999);
     dp.apply(&moved).expect("apply");
-    assert!(!send(&dp, &tcp(POD, 6379, PEER, 40012)));
+    assert!(!send(&dp, &data(POD, 6379, PEER, 40012)));
     assert_eq!(
         packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
         1
     );
+}
+
+/// DenyAllIngress (`true`: ingress isolated, egress not) or DenyAllEgress.
+fn one_way(isolate_ingress: bool) -> Tables {
+    let mut tables = tables();
+    tables
+        .endpoints
+        .insert(EP, endpoint(isolate_ingress, !isolate_ingress, false));
+    tables
+}
+
+/// `tables` without the rows for `identity` in `direction`: what revokes its flows.
+fn without(mut tables: Tables, identity: u32, direction: Direction) -> Tables {
+    tables
+        .policy
+        .retain(|row| !(row.identity == identity && row.direction == direction));
+    tables
+}
+
+/// DenyAllIngress: CLIENT connected in on an ingress rule (TCP 8080), with the
+/// handshake done; then the rule is removed.
+fn revoked_ingress_connection() -> Datapath {
+    let mut dp = datapath_with(&one_way(true));
+    assert!(receive(&dp, &tcp(CLIENT, 50000, POD, 8080)));
+    assert!(send(&dp, &tcp_with(POD, 8080, CLIENT, 50000, SYN | ACK)));
+    assert!(receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    assert!(send(&dp, &data(POD, 8080, CLIENT, 50000)));
+    let before = dp.generation(EP);
+    dp.apply(&without(one_way(true), CLIENT_ID, Direction::Ingress))
+        .expect("apply");
+    assert!(dp.generation(EP) > before);
+    dp
+}
+
+/// DenyAllEgress: the pod connected out to OUTSIDE on an egress rule (TCP 443),
+/// with the handshake done; then the rule is removed.
+fn revoked_egress_connection() -> Datapath {
+    let mut dp = datapath_with(&one_way(false));
+    assert!(send(&dp, &tcp(POD, 40010, OUTSIDE, 443)));
+    assert!(receive(&dp, &tcp_with(OUTSIDE, 443, POD, 40010, SYN | ACK)));
+    assert!(send(&dp, &data(POD, 40010, OUTSIDE, 443)));
+    assert!(receive(&dp, &data(OUTSIDE, 443, POD, 40010)));
+    dp.apply(&without(one_way(false), BLOCK_ID, Direction::Egress))
+        .expect("apply");
+    dp
+}
+
+#[test]
+fn revoked_ingress_flow_stays_cut_when_the_pod_sends_next_under_deny_all_ingress() {
+    let mut dp = revoked_ingress_connection();
+    let mut events = dp.take_events().expect("events");
+    // The pod writes first, then retransmits: without the entry, its packet would
+    // open an egress flow (egress is not isolated) and the peer's would pass as
+    // replies.
+    let write = data(POD, 8080, CLIENT, 50000);
+    assert!(!send(&dp, &write));
+    assert!(!send(&dp, &write));
+    assert!(!receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    assert!(!receive(&dp, &tcp_with(CLIENT, 50000, POD, 8080, ACK)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 2),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 2),
+        ])
+    );
+    assert_eq!(
+        counter(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked).bytes,
+        2 * write.len() as u64
+    );
+    let events = events.drain();
+    assert_eq!(events.len(), 4, "{events:?}");
+    for (event, direction) in events.iter().zip([
+        Direction::Egress,
+        Direction::Egress,
+        Direction::Ingress,
+        Direction::Ingress,
+    ]) {
+        assert_eq!(event.direction, direction as u8);
+        assert_eq!(event.verdict, Verdict::Drop as u8);
+        assert_eq!(event.reason, Reason::Revoked as u8);
+        assert_eq!((event.local_port, event.peer_port), (8080, 50000));
+        assert_eq!(rayfence_common_addr(event.peer), ip(CLIENT));
+    }
+    // The pod's other connections are untouched: its egress is not isolated.
+    assert!(send(&dp, &tcp(POD, 40100, CLIENT, 9000)));
+    assert!(receive(&dp, &tcp_with(CLIENT, 9000, POD, 40100, SYN | ACK)));
+}
+
+#[test]
+fn revoked_egress_flow_stays_cut_when_the_peer_sends_next_under_deny_all_egress() {
+    let dp = revoked_egress_connection();
+    let push = data(OUTSIDE, 443, POD, 40010);
+    assert!(!receive(&dp, &push));
+    assert!(!receive(&dp, &push));
+    assert!(!send(&dp, &data(POD, 40010, OUTSIDE, 443)));
+    assert!(!send(&dp, &tcp_with(POD, 40010, OUTSIDE, 443, ACK)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Egress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 2),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 2),
+        ])
+    );
+    // New connections to the pod are untouched: its ingress is not isolated.
+    assert!(receive(&dp, &tcp(OUTSIDE, 5000, POD, 8080)));
+    assert!(send(&dp, &tcp_with(POD, 8080, OUTSIDE, 5000, SYN | ACK)));
+}
+
+#[test]
+fn re_allowing_a_revoked_flow_restores_it_in_both_directions() {
+    let mut dp = revoked_ingress_connection();
+    assert!(!send(&dp, &data(POD, 8080, CLIENT, 50000)));
+    assert!(!receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    dp.apply(&one_way(true)).expect("apply");
+    for _ in 0..2 {
+        assert!(send(&dp, &data(POD, 8080, CLIENT, 50000)));
+        assert!(receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    }
+    // Refreshed, not re-opened: no new flow counted, no more drops.
+    let expected = BTreeMap::from([
+        ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+        ((Direction::Egress, Verdict::Drop, Reason::Revoked), 1),
+        ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+    ]);
+    assert_eq!(rows(&dp), expected);
+    // Revoked again: cut again, from the first packet either way.
+    dp.apply(&without(one_way(true), CLIENT_ID, Direction::Ingress))
+        .expect("apply");
+    assert!(!receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    assert!(!send(&dp, &data(POD, 8080, CLIENT, 50000)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
+        2
+    );
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::Revoked),
+        2
+    );
+}
+
+#[test]
+fn the_pods_syn_on_a_revoked_tuple_is_decided_as_a_new_flow() {
+    let dp = revoked_ingress_connection();
+    assert!(!send(&dp, &data(POD, 8080, CLIENT, 50000)));
+    // The pod connects out from the same port to the same peer port: a new
+    // connection, and egress is not isolated.
+    assert!(send(&dp, &tcp(POD, 8080, CLIENT, 50000)));
+    assert!(receive(&dp, &tcp_with(CLIENT, 50000, POD, 8080, SYN | ACK)));
+    assert!(send(&dp, &tcp_with(POD, 8080, CLIENT, 50000, ACK)));
+    assert!(receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Egress, Verdict::Allow, Reason::NotIsolated), 1),
+        ])
+    );
+}
+
+#[test]
+fn a_revoked_ipv6_flow_stays_cut_and_the_pods_syn_is_still_a_new_flow() {
+    let mut dp = datapath_with(&one_way(true));
+    assert!(receive(&dp, &tcp(PEER6, 50000, POD6, 8080)));
+    assert!(send(&dp, &tcp_with(POD6, 8080, PEER6, 50000, SYN | ACK)));
+    let mut moved = one_way(true);
+    moved.addresses.insert(ip(PEER6), 999);
+    dp.apply(&moved).expect("apply");
+    assert!(!send(&dp, &data(POD6, 8080, PEER6, 50000)));
+    assert!(!receive(&dp, &data(PEER6, 50000, POD6, 8080)));
+    assert!(send(&dp, &tcp(POD6, 8080, PEER6, 50000)));
+    assert!(receive(&dp, &tcp_with(PEER6, 50000, POD6, 8080, SYN | ACK)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Egress, Verdict::Allow, Reason::NotIsolated), 1),
+        ])
+    );
+}
+
+#[test]
+fn a_syn_on_a_revoked_tuple_that_no_rule_allows_is_dropped_and_the_flow_stays_cut() {
+    // Both directions isolated: CLIENT may only be reached on UDP 53.
+    let mut dp = datapath();
+    assert!(receive(&dp, &tcp(CLIENT, 50000, POD, 8080)));
+    assert!(send(&dp, &tcp_with(POD, 8080, CLIENT, 50000, SYN | ACK)));
+    dp.apply(&without(tables(), CLIENT_ID, Direction::Ingress))
+        .expect("apply");
+    assert!(!send(&dp, &tcp(POD, 8080, CLIENT, 50000)));
+    assert!(!receive(&dp, &data(CLIENT, 50000, POD, 8080)));
+    assert!(!send(&dp, &data(POD, 8080, CLIENT, 50000)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::NoPolicy), 1),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 1),
+        ])
+    );
+}
+
+#[test]
+fn the_peers_syn_on_a_revoked_tuple_opens_a_new_flow_only_once_the_pod_answers_syn_ack() {
+    let dp = revoked_egress_connection();
+    // The peer's SYN the other way: a new flow, and ingress is not isolated.
+    let syn = tcp(OUTSIDE, 443, POD, 40010);
+    assert!(receive(&dp, &syn));
+    // A pod still on the revoked connection answers with a challenge ACK: dropped,
+    // and so is the peer's data before a handshake.
+    assert!(!send(&dp, &tcp_with(POD, 40010, OUTSIDE, 443, ACK)));
+    assert!(!send(&dp, &data(POD, 40010, OUTSIDE, 443)));
+    assert!(!receive(&dp, &data(OUTSIDE, 443, POD, 40010)));
+    // A retransmitted SYN passes, counted with the first.
+    assert!(receive(&dp, &syn));
+    // A pod without a connection on the tuple answers SYN-ACK: the new connection.
+    assert!(send(&dp, &tcp_with(POD, 40010, OUTSIDE, 443, SYN | ACK)));
+    assert!(receive(&dp, &tcp_with(OUTSIDE, 443, POD, 40010, ACK)));
+    assert!(send(&dp, &data(POD, 40010, OUTSIDE, 443)));
+    assert!(receive(&dp, &data(OUTSIDE, 443, POD, 40010)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Egress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Ingress, Verdict::Allow, Reason::NotIsolated), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 2),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+        ])
+    );
+}
+
+#[test]
+fn a_revoked_udp_flow_stays_cut_both_ways() {
+    // UDP has no connection start: the pod's datagram the other way is the revoked
+    // flow's, not a new one.
+    let mut dp = datapath_with(&one_way(true));
+    assert!(receive(&dp, &udp(PEER, 5000, POD, 9999)));
+    assert!(send(&dp, &udp(POD, 9999, PEER, 5000)));
+    let mut moved = one_way(true);
+    moved.addresses.insert(ip(PEER), 999);
+    dp.apply(&moved).expect("apply");
+    assert!(!send(&dp, &udp(POD, 9999, PEER, 5000)));
+    assert!(!send(&dp, &udp(POD, 9999, PEER, 5000)));
+    assert!(!receive(&dp, &udp(PEER, 5000, POD, 9999)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 2),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+        ])
+    );
+    // Another tuple to the same peer is a new flow of the pod's.
+    assert!(send(&dp, &udp(POD, 9998, PEER, 5000)));
+    assert!(receive(&dp, &udp(PEER, 5000, POD, 9998)));
+}
+
+#[test]
+fn an_icmp_error_about_a_revoked_flow_is_not_related() {
+    let mut dp = datapath();
+    let original = ip_packet(ip(POD), ip(OUTSIDE), TCP, &tcp_header(40003, 443));
+    assert!(send(&dp, &frame_of(&original)));
+    let error = icmp_error("10.0.0.254", POD, 3, 4, &original);
+    dp.apply(&without(tables(), BLOCK_ID, Direction::Egress))
+        .expect("apply");
+    // Before and after a packet of the flow has found it revoked.
+    assert!(!receive(&dp, &error));
+    assert!(!send(&dp, &data(POD, 40003, OUTSIDE, 443)));
+    assert!(!receive(&dp, &error));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Egress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Ingress, Verdict::Drop, Reason::NoPolicy), 2),
+        ])
+    );
+}
+
+#[test]
+fn an_icmp_error_about_a_flow_still_allowed_passes_after_an_unrelated_change() {
+    let mut dp = datapath();
+    let original = ip_packet(ip(POD), ip(OUTSIDE), TCP, &tcp_header(40003, 443));
+    assert!(send(&dp, &frame_of(&original)));
+    let before = dp.generation(EP);
+    dp.apply(&without(tables(), CLIENT_ID, Direction::Ingress))
+        .expect("apply");
+    assert!(dp.generation(EP) > before);
+    assert!(receive(
+        &dp,
+        &icmp_error("10.0.0.254", POD, 3, 4, &original)
+    ));
+    assert_eq!(counters(&dp).len(), 1, "{:?}", counters(&dp));
 }
 
 fn audit_tables(audit: bool) -> Tables {
@@ -478,9 +814,9 @@ fn switching_audit_to_enforce_drops_the_next_packet_of_an_audited_flow() {
     let before = dp.generation(EP);
     dp.apply(&audit_tables(false)).expect("apply");
     assert!(dp.generation(EP) > before, "the audit flip re-checks flows");
-    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
-    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 22)));
-    assert!(!send(&dp, &tcp(POD, 22, STRANGER, 5555)));
+    assert!(!receive(&dp, &data(STRANGER, 5555, POD, 22)));
+    assert!(!receive(&dp, &data(STRANGER, 5555, POD, 22)));
+    assert!(!send(&dp, &data(POD, 22, STRANGER, 5555)));
     assert_eq!(
         packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
         2
@@ -506,10 +842,10 @@ fn an_audited_flow_cut_by_enforce_is_not_reopened_by_the_pods_own_packet() {
     };
     let mut dp = datapath_with(&ingress_only(true));
     assert!(receive(&dp, &tcp(STRANGER, 5555, POD, 8265)));
-    assert!(send(&dp, &tcp(POD, 8265, STRANGER, 5555)));
+    assert!(send(&dp, &tcp_with(POD, 8265, STRANGER, 5555, SYN | ACK)));
     dp.apply(&ingress_only(false)).expect("apply");
-    assert!(!send(&dp, &tcp(POD, 8265, STRANGER, 5555)));
-    assert!(!receive(&dp, &tcp(STRANGER, 5555, POD, 8265)));
+    assert!(!send(&dp, &data(POD, 8265, STRANGER, 5555)));
+    assert!(!receive(&dp, &data(STRANGER, 5555, POD, 8265)));
     assert_eq!(
         packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
         1
@@ -1009,4 +1345,54 @@ fn cgroup_hook_ignores_sockets_of_unknown_cgroups() {
             .passed
     );
     assert!(counters(&dp).is_empty());
+}
+
+#[test]
+fn cgroup_hooks_keep_a_revoked_flow_cut_and_read_the_syn_without_an_ethernet_header() {
+    let mut dp = cgroup_datapath(&one_way(true));
+    let run =
+        |dp: &Datapath, hook, frame: &[u8]| dp.test_run(hook, frame, 1).expect("test run").passed;
+    assert!(run(
+        &dp,
+        Hook::CgroupIngress,
+        &tcp(CLIENT, 50000, POD, 8080)
+    ));
+    assert!(run(
+        &dp,
+        Hook::CgroupEgress,
+        &tcp_with(POD, 8080, CLIENT, 50000, SYN | ACK)
+    ));
+    dp.apply(&without(one_way(true), CLIENT_ID, Direction::Ingress))
+        .expect("apply");
+    assert!(!run(
+        &dp,
+        Hook::CgroupEgress,
+        &data(POD, 8080, CLIENT, 50000)
+    ));
+    assert!(!run(
+        &dp,
+        Hook::CgroupEgress,
+        &data(POD, 8080, CLIENT, 50000)
+    ));
+    assert!(!run(
+        &dp,
+        Hook::CgroupIngress,
+        &data(CLIENT, 50000, POD, 8080)
+    ));
+    // The pod's SYN the other way: a new flow.
+    assert!(run(&dp, Hook::CgroupEgress, &tcp(POD, 8080, CLIENT, 50000)));
+    assert!(run(
+        &dp,
+        Hook::CgroupIngress,
+        &tcp_with(CLIENT, 50000, POD, 8080, SYN | ACK)
+    ));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::Revoked), 2),
+            ((Direction::Ingress, Verdict::Drop, Reason::Revoked), 1),
+            ((Direction::Egress, Verdict::Allow, Reason::NotIsolated), 1),
+        ])
+    );
 }

@@ -240,6 +240,11 @@ pub mod ct_flags {
     /// it). Once the endpoint enforces, the flow is dropped as `no-policy` in both
     /// directions and its entry stays so that neither side re-opens it.
     pub const AUDITED: u8 = 1 << 0;
+    /// Set on a revoked flow's (stale) entry when the peer sent a TCP SYN the other
+    /// way and it was allowed as a new connection: the entry stays the revoked
+    /// flow's until the pod answers with a SYN-ACK (proof that its kernel, too, sees
+    /// a new connection), and only then becomes the new flow's.
+    pub const REOPENING: u8 = 1 << 1;
 }
 
 /// Key of the fragment map: the first fragment of an allowed datagram records its

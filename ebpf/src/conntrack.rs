@@ -2,6 +2,10 @@
 //! endpoint's point of view so both directions hit it. The value carries the endpoint
 //! generation the flow was last allowed under; the established path reads it and
 //! writes nothing.
+//!
+//! Must not delete entries: a revoked flow's entry is what keeps it cut (see
+//! `verdict`); entries leave only by LRU eviction when the map is full, or are
+//! replaced by a new flow on the same tuple.
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use rayfence_common::{CtKey, CtValue, Direction};
 
@@ -50,9 +54,4 @@ pub fn create(key: &CtKey, generation: u32, origin: Direction, flags: u8) {
     // A full LRU evicts the oldest entry; a failure here only means the next packet
     // is decided again, never that it passes unchecked.
     let _ = maps::CONNTRACK.insert(key, &value, u64::from(BPF_ANY));
-}
-
-#[inline(always)]
-pub fn delete(key: &CtKey) {
-    let _ = maps::CONNTRACK.remove(key);
 }

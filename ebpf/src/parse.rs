@@ -16,7 +16,7 @@ const ETH_P_ARP: u16 = 0x0806;
 
 pub const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_IGMP: u8 = 2;
-const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_SCTP: u8 = 132;
@@ -27,6 +27,14 @@ const MAX_DIRECT_OFFSET: u32 = 512;
 
 /// IPv6 extension headers walked before giving up (each costs one load).
 const MAX_IPV6_EXTENSIONS: usize = 6;
+
+/// TCP header flag bits (byte 13 of the header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
 
 /// The socket buffer of a TC or cgroup_skb program.
 #[derive(Clone, Copy)]
@@ -147,6 +155,10 @@ pub struct Packet {
     pub is_first_fragment: bool,
     /// The datagram's fragment id (first or later fragments).
     pub fragment_id: u32,
+    /// Where the transport header starts; 0 when the packet has none (a later
+    /// fragment). Recorded, not read: only decisions off the established fast path
+    /// load anything from it ([`tcp_flags_at`]).
+    pub l4_offset: u32,
 }
 
 #[repr(C)]
@@ -281,6 +293,7 @@ fn parse_ipv6(skb: &Skb, l3: u32, out: &mut Packet) -> Result<(), Reason> {
 /// and the quoted flow of an ICMP error.
 #[inline(always)]
 fn parse_l4(skb: &Skb, l4: u32, out: &mut Packet, v6: bool) -> Result<(), Reason> {
+    out.l4_offset = l4;
     let flow = &mut out.flow;
     match flow.protocol {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP | IPPROTO_UDPLITE => {
@@ -328,6 +341,19 @@ fn parse_l4(skb: &Skb, l4: u32, out: &mut Packet, v6: bool) -> Result<(), Reason
         _ => {}
     }
     Ok(())
+}
+
+/// The flags of the TCP header at `l4` ([`Packet::l4_offset`]); 0 (no flag) when
+/// there is no header there or it cannot be read. Not part of [`parse`], so that
+/// packets of established flows never pay the load.
+#[inline(never)]
+pub fn tcp_flags_at(skb: Skb, l4: u32) -> u8 {
+    if l4 == 0 {
+        return 0;
+    }
+    // Bytes 12 and 13 (data offset, flags): a one-byte load's bounds check
+    // compiles to a comparison the verifier does not accept as a range.
+    skb.load::<[u8; 2]>(l4 + 12).map_or(0, |bytes| bytes[1])
 }
 
 /// Ports of an embedded (quoted) header: only its first 8 bytes are guaranteed.

@@ -5,22 +5,33 @@
 //! conntrack lookup, and no counter work; every drop is counted and sampled, every
 //! allowed new flow counted.
 //!
+//! Revocation: a flow whose re-check fails keeps its (stale) entry. Each of its
+//! packets, either way, is re-checked in the direction that opened it and dropped
+//! (`revoked`) until a rule allows it again (the entry is refreshed) or the
+//! conntrack LRU evicts the entry. Deleting it instead would let the side whose
+//! direction is not isolated re-open the flow with its next packet. The one way
+//! past a revoked entry is a new TCP connection the other way on the same tuple (a
+//! SYN without ACK), decided as a new flow of its own direction ([`reopen`]).
+//! UDP, ICMP and the rest carry no such signal: a revoked tuple stays cut both ways
+//! until the entry is evicted or allowed again.
+//!
 //! Audit: a flow that no rule allows passes on an audit endpoint, counted and
 //! sampled once, and gets a conntrack entry marked [`ct_flags::AUDITED`] (so its
 //! replies are not opened as a flow of their own direction). Switching the endpoint
 //! to enforce bumps its generation: the entry is re-checked on its next packet,
-//! found not allowed, and dropped from then on in both directions.
+//! found not allowed, and dropped from then on in both directions, as a revoked
+//! flow is.
 //!
 //! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
 //! separate (non-inlined) functions that take pointers, not copies.
 use rayfence_common::{
-    CtKey, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, ct_flags, endpoint_flags,
-    identity,
+    CtKey, CtValue, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, ct_flags,
+    endpoint_flags, identity,
 };
 
 use crate::{
     conntrack, identity as ident, maps, metrics,
-    parse::{self, Class, Flow, Layer, Packet, Skb},
+    parse::{self, Class, Flow, IPPROTO_TCP, Layer, Packet, Skb, tcp_flags},
     policy,
 };
 
@@ -33,12 +44,14 @@ const fn isolates(flags: u32, direction: Direction) -> bool {
     flags & (bit | endpoint_flags::FAIL_CLOSED) != 0
 }
 
-/// What a conntrack miss needs to decide a new flow.
+/// What a decision off the established fast path needs besides the key.
 struct NewFlow {
     /// The destination port of this packet.
     dst_port: u16,
     /// ICMP errors never open a flow.
     may_open: bool,
+    /// [`Packet::l4_offset`], for the TCP flags of a packet on a revoked flow.
+    l4_offset: u32,
 }
 
 /// `true` to pass the packet.
@@ -74,13 +87,14 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
     let mut new_flow = NewFlow {
         dst_port: 0,
         may_open: true,
+        l4_offset: packet.l4_offset,
     };
     match packet.class {
         Class::Plain => {}
         Class::IcmpError => {
             // The quoted packet travelled the other way.
             let related = conntrack::key(endpoint.endpoint_id, opposite(direction), &packet.inner);
-            if conntrack::lookup(&related).is_some() {
+            if is_related(endpoint, &related) {
                 return true;
             }
             new_flow.may_open = false;
@@ -122,12 +136,13 @@ fn decide_flow(
         if generation == endpoint.generation {
             return true;
         }
-        if recheck(endpoint, direction, key, origin) {
+        let origin = Direction::from_u8(origin).unwrap_or(direction);
+        if recheck(endpoint, key, origin) {
             // Allowed now, whether or not it was before.
             // SAFETY: as above.
             unsafe {
                 (*entry).generation = endpoint.generation;
-                (*entry).flags = ct & !ct_flags::AUDITED;
+                (*entry).flags = ct & !(ct_flags::AUDITED | ct_flags::REOPENING);
             }
             return true;
         }
@@ -143,15 +158,33 @@ fn decide_flow(
             // SAFETY: as above.
             unsafe {
                 (*entry).generation = endpoint.generation;
-                (*entry).flags = ct | ct_flags::AUDITED;
+                (*entry).flags = (ct | ct_flags::AUDITED) & !ct_flags::REOPENING;
             }
-        } else if !audited {
-            conntrack::delete(key);
+            return deny(skb, endpoint, direction, key, reason);
         }
-        // An audited flow keeps its (stale) entry when enforced: each of its packets,
-        // either way, is re-checked in the direction that opened it and dropped, so
-        // the pod's own next packet cannot re-open it as a flow of the other
-        // direction (which DenyAllIngress, say, would let through).
+        // Enforced: the stale entry stays (never deleted here), so each packet of the
+        // flow, either way, comes back to this re-check and is dropped; the pod's own
+        // next packet cannot re-open it as a flow of the other direction (which
+        // DenyAllIngress, say, would let through), nor the peer's with DenyAllEgress.
+        if key.protocol == IPPROTO_TCP {
+            let tcp = parse::tcp_flags_at(skb, new_flow.l4_offset);
+            let handshake =
+                tcp & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN);
+            if direction != origin && handshake == tcp_flags::SYN {
+                return reopen(skb, endpoint, direction, key, entry);
+            }
+            if ct & ct_flags::REOPENING != 0
+                && direction == origin
+                && handshake == tcp_flags::SYN | tcp_flags::ACK
+                && recheck(endpoint, key, opposite(origin))
+            {
+                // The pod accepts the peer's new connection: only a kernel without a
+                // connection on this tuple answers a SYN with a SYN-ACK. The entry
+                // becomes the new flow's (the new flow was counted at its SYN).
+                conntrack::create(key, endpoint.generation, opposite(origin), 0);
+                return true;
+            }
+        }
         return deny(skb, endpoint, direction, key, reason);
     }
     // A new flow. Node traffic always passes (and needs no conntrack).
@@ -187,10 +220,56 @@ fn decide_flow(
     deny(skb, endpoint, direction, key, Reason::NoPolicy)
 }
 
-/// A flow decided under older tables: is it, as it was opened, still allowed?
+/// A TCP SYN without ACK the other way of a revoked (enforced) flow: a new
+/// connection on the same tuple, decided as a new flow of its own direction.
+///
+/// - Sent by the pod: its kernel sends a bare SYN only for a connection it does not
+///   have, so an allowed SYN replaces the revoked entry at once.
+/// - Sent by the peer: anyone can send a SYN, and a pod whose connection is still
+///   established answers it with a (challenge) ACK, which would then pass as a
+///   reply and resume the revoked connection. So an allowed SYN passes, and marks
+///   the entry [`ct_flags::REOPENING`]; the entry stays the revoked flow's, and
+///   everything but the peer's SYNs stays dropped, until the pod answers SYN-ACK.
+///
+/// A SYN that is not allowed is dropped as `no-policy`, and the entry stays.
 #[inline(never)]
-fn recheck(endpoint: &EndpointInfo, direction: Direction, key: &CtKey, origin: u8) -> bool {
-    let origin = Direction::from_u8(origin).unwrap_or(direction);
+fn reopen(
+    skb: Skb,
+    endpoint: &EndpointInfo,
+    direction: Direction,
+    key: &CtKey,
+    entry: *mut CtValue,
+) -> bool {
+    if !recheck(endpoint, key, direction) {
+        return deny(skb, endpoint, direction, key, Reason::NoPolicy);
+    }
+    let reason = if isolates(endpoint.flags, direction) {
+        Reason::PolicyAllow
+    } else {
+        Reason::NotIsolated
+    };
+    match direction {
+        Direction::Egress => conntrack::create(key, endpoint.generation, direction, 0),
+        Direction::Ingress => {
+            // SAFETY: a live LRU value (see decide_flow).
+            let ct = unsafe { (*entry).flags };
+            if ct & ct_flags::REOPENING != 0 {
+                // A retransmitted SYN: the new flow is counted already.
+                return true;
+            }
+            // SAFETY: as above.
+            unsafe { (*entry).flags = ct | ct_flags::REOPENING };
+        }
+    }
+    count_new(skb, endpoint, direction, reason);
+    true
+}
+
+/// A flow opened in direction `origin` on `key`: is it allowed under the current
+/// tables? (The re-check of a flow decided under older tables, and the decision on
+/// a new connection over a revoked entry.)
+#[inline(never)]
+fn recheck(endpoint: &EndpointInfo, key: &CtKey, origin: Direction) -> bool {
     if !isolates(endpoint.flags, origin) {
         return true;
     }
@@ -211,6 +290,25 @@ fn recheck(endpoint: &EndpointInfo, direction: Direction, key: &CtKey, origin: u
         key.protocol,
         port,
     )
+}
+
+/// Whether an ICMP error quoting the flow `key` is about a flow that passes: its
+/// entry is current, or stale and the flow still allowed. A revoked flow keeps its
+/// entry, but errors about it are not related; they are decided as ICMP packets.
+#[inline(never)]
+fn is_related(endpoint: &EndpointInfo, key: &CtKey) -> bool {
+    let Some(entry) = conntrack::lookup(key) else {
+        return false;
+    };
+    // SAFETY: a live LRU value; a concurrent eviction leaves it readable.
+    let (generation, origin) = unsafe { ((*entry).generation, (*entry).origin) };
+    if generation == endpoint.generation {
+        return true;
+    }
+    match Direction::from_u8(origin) {
+        Some(origin) => recheck(endpoint, key, origin),
+        None => false,
+    }
 }
 
 #[inline(always)]

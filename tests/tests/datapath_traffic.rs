@@ -476,6 +476,159 @@ fn revoking_a_rule_cuts_an_established_connection() -> Result<()> {
     Ok(())
 }
 
+/// Segments this TCP socket has sent so far (`tcpi_segs_out`, Linux 4.2+):
+/// originals, retransmissions and bare ACKs alike.
+fn segments_sent(socket: &std::net::TcpStream) -> Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: tcp_info is plain old data; zero is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: a valid socket and a buffer of `len` bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    anyhow::ensure!(
+        rc == 0,
+        "getsockopt(TCP_INFO): {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(info.tcpi_segs_out)
+}
+
+/// DenyAllIngress: the worker's ingress isolated, its egress not.
+fn deny_all_ingress(mut tables: Tables) -> Tables {
+    for endpoint in tables.endpoints.values_mut() {
+        endpoint.isolate_egress = false;
+    }
+    tables
+}
+
+/// The gap this closes: with DenyAllIngress, a connection let in by an ingress rule
+/// and then revoked must not resume when the pod (whose egress is open) writes to
+/// it. Both ends are sockets of this process in the pods' namespaces, so the test
+/// knows exactly how many segments each end sent after the revocation: every one of
+/// them is a counted `revoked` drop, and no new flow is opened.
+#[test]
+fn a_revoked_connection_stays_cut_when_the_isolated_pod_writes_under_deny_all_ingress() -> Result<()>
+{
+    use std::io::{ErrorKind, Read as _, Write as _};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    let mut scenario = Scenario::new(Layout::Routed, HookKind::Tc)?;
+    let tables = deny_all_ingress(tables(&scenario.topo));
+    scenario
+        .datapath
+        .as_mut()
+        .context("agent")?
+        .apply(&tables)?;
+    let (worker, other) = (scenario.topo.pod("worker"), scenario.topo.pod("other"));
+    let server_addr = SocketAddr::new(worker.ip4.into(), 8000);
+    let listener = worker.netns.run(|| TcpListener::bind(server_addr))??;
+    let mut client = other
+        .netns
+        .run(|| TcpStream::connect_timeout(&server_addr, OK))??;
+    let (mut server, _) = listener.accept()?;
+    for socket in [&client, &server] {
+        socket.set_read_timeout(Some(OK))?;
+        socket.set_nodelay(true)?;
+    }
+    let mut buf = [0u8; 16];
+    client.write_all(b"ping")?;
+    server.read_exact(&mut buf[..4])?;
+    server.write_all(b"pong")?;
+    client.read_exact(&mut buf[..4])?;
+    assert_eq!(&buf[..4], b"pong");
+    // Let delayed ACKs go out before counting segments.
+    std::thread::sleep(Duration::from_millis(300));
+    let allowed = BTreeMap::from([((Direction::Ingress, Verdict::Allow, Reason::PolicyAllow), 1)]);
+    assert_eq!(rows(&scenario), allowed);
+
+    let mut revoked = tables.clone();
+    revoked
+        .policy
+        .retain(|row| !(row.identity == OTHER_ID && row.direction == Direction::Ingress));
+    let (server_before, client_before) = (segments_sent(&server)?, segments_sent(&client)?);
+    scenario
+        .datapath
+        .as_mut()
+        .context("agent")?
+        .apply(&revoked)?;
+
+    // The isolated pod writes first: without the revoked flow's entry, its segment
+    // would open an egress flow and the peer's ACKs would pass as its replies.
+    server.write_all(b"secret")?;
+    client.set_read_timeout(Some(Duration::from_secs(2)))?;
+    match client.read(&mut buf) {
+        Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the pod's write reached the peer: {other:?}"),
+    }
+    // The peer writes too: cut as well.
+    client.write_all(b"more")?;
+    server.set_read_timeout(Some(Duration::from_millis(700)))?;
+    match server.read(&mut buf) {
+        Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+        other => panic!("the peer's write reached the pod: {other:?}"),
+    }
+
+    // Both ends keep retransmitting: compare when no segment went out in between.
+    let mut last = None;
+    for _ in 0..50 {
+        let sent = (segments_sent(&server)?, segments_sent(&client)?);
+        let rows = rows(&scenario);
+        if sent == (segments_sent(&server)?, segments_sent(&client)?) {
+            last = Some((sent, rows));
+            break;
+        }
+    }
+    let ((server_sent, client_sent), rows) = last.context("segment counts kept moving")?;
+    let (server_sent, client_sent) = (
+        u64::from(server_sent - server_before),
+        u64::from(client_sent - client_before),
+    );
+    eprintln!("segments sent after the revocation: pod {server_sent}, peer {client_sent}");
+    assert!(
+        server_sent >= 1 && client_sent >= 1,
+        "{server_sent} {client_sent}"
+    );
+    let mut expected = allowed;
+    expected.insert(
+        (Direction::Egress, Verdict::Drop, Reason::Revoked),
+        server_sent,
+    );
+    expected.insert(
+        (Direction::Ingress, Verdict::Drop, Reason::Revoked),
+        client_sent,
+    );
+    assert_eq!(
+        rows, expected,
+        "every segment since the revocation, and nothing else"
+    );
+    Ok(())
+}
+
+/// Every counter row of the worker: (direction, verdict, reason) -> packets.
+fn rows(scenario: &Scenario) -> BTreeMap<(Direction, Verdict, Reason), u64> {
+    scenario
+        .counters()
+        .into_iter()
+        .map(|(key, value)| {
+            assert_eq!(key.endpoint_id, EP, "{key:?}");
+            let row = (
+                Direction::from_u8(key.direction).expect("direction"),
+                Verdict::from_u8(key.verdict).expect("verdict"),
+                Reason::from_u8(key.reason).expect("reason"),
+            );
+            (row, value.packets)
+        })
+        .collect()
+}
+
 #[test]
 fn cleanup_detaches_everything_and_removes_the_pins() -> Result<()> {
     let mut scenario = Scenario::new(Layout::Bridged, HookKind::Tc)?;
