@@ -183,8 +183,10 @@ impl FlowEvents {
             return;
         }
         self.last_prune = now;
+        // A pod gone quiet (or gone) loses its limiter; what it had suppressed is
+        // in `rayfence_flow_events_suppressed_total` already.
         self.buckets
-            .retain(|_, b| now.duration_since(b.last) < IDLE || b.suppressed > 0);
+            .retain(|_, b| now.duration_since(b.last) < IDLE);
     }
 }
 
@@ -286,6 +288,19 @@ mod tests {
         let t1 = t0 + Duration::from_secs(1);
         assert_eq!(flows.take_token(7, t1), Some(2));
         assert_eq!(flows.take_token(7, t1), Some(0));
+    }
+
+    #[test]
+    fn limiters_of_pods_gone_quiet_are_forgotten_so_churn_does_not_grow_them() {
+        let mut flows = events(1);
+        let t0 = Instant::now();
+        for endpoint in 0..1000 {
+            flows.take_token(endpoint, t0);
+            flows.take_token(endpoint, t0); // suppressed
+        }
+        flows.take_token(5000, t0 + IDLE);
+        flows.prune(t0 + IDLE + Duration::from_secs(1));
+        assert_eq!(flows.buckets.keys().copied().collect::<Vec<_>>(), [5000]);
     }
 
     #[test]

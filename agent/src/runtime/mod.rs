@@ -269,17 +269,8 @@ impl Runtime {
                 event = next_flow_event(&mut flow_events), if flow_events.is_some() => match event {
                     Ok(event) => {
                         if let Some((_, publisher)) = flow_events.as_mut() {
-                            let metrics = &self.health.metrics;
-                            match publisher.handle(&self.engine, &event) {
-                                flows::Handled::Published(verdict) => metrics
-                                    .flow_events
-                                    .get_or_create(&VerdictLabel {
-                                        verdict: verdict.as_str().to_owned(),
-                                    })
-                                    .inc(),
-                                flows::Handled::Suppressed => metrics.flow_events_suppressed.inc(),
-                                flows::Handled::Ignored => 0,
-                            };
+                            let handled = publisher.handle(&self.engine, &event);
+                            self.count_flow_event(handled);
                         }
                     }
                     Err(error) => {
@@ -425,6 +416,22 @@ impl Runtime {
                     status: s.to_owned(),
                 })
                 .set(i64::from(s == label));
+        }
+    }
+
+    fn count_flow_event(&self, handled: flows::Handled) {
+        let metrics = &self.health.metrics;
+        match handled {
+            flows::Handled::Published(verdict) => {
+                let label = VerdictLabel {
+                    verdict: verdict.as_str().to_owned(),
+                };
+                metrics.flow_events.get_or_create(&label).inc();
+            }
+            flows::Handled::Suppressed => {
+                metrics.flow_events_suppressed.inc();
+            }
+            flows::Handled::Ignored => {}
         }
     }
 
