@@ -345,6 +345,9 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut explain_disagreements = Vec::new();
     let mut explained = 0;
     if let (Some(a), Some(bin)) = (agent.as_ref(), &opts.rayfence) {
+        // Each explain is a short-lived `rayfence` process: a few at a time is plenty.
+        let explainers = opts.parallel.clamp(1, 8);
+        let explain_start = Instant::now();
         let checked = explain_every_probe(
             bin,
             a.socket(),
@@ -352,14 +355,17 @@ pub fn run(opts: &Options) -> Result<Report> {
             &sources,
             &cells,
             &observed,
-            opts.parallel,
+            explainers,
         )?;
         explained = checked.asked;
         explain_disagreements = checked.disagreements;
         println!(
-            "\nrayfence explain (the agent's engine, over its socket) agrees with the datapath on {} of {} probed flows",
+            "\nrayfence explain (the agent's engine, over its socket) agrees with the datapath on {} of {} probed flows ({} commands in {:.1?}, {} at a time)",
             explained - explain_disagreements.len(),
-            explained
+            explained,
+            explained,
+            explain_start.elapsed(),
+            explainers
         );
         for d in explain_disagreements.iter().take(SHOWN) {
             println!("  EXPLAIN DISAGREES {d}");
@@ -478,7 +484,7 @@ fn explain_every_probe(
     let next = std::sync::atomic::AtomicUsize::new(0);
     let disagreements = std::sync::Mutex::new(Vec::new());
     std::thread::scope(|scope| {
-        for _ in 0..parallel.clamp(1, 8) {
+        for _ in 0..parallel {
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
