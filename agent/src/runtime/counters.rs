@@ -20,21 +20,24 @@
 //! Cost: one walk of the counter map per publication (its entry count comes with
 //! it); the other maps' fill comes from the datapath's mirror, except conntrack and
 //! fragments, which only the datapath writes: they are counted in the kernel (one
-//! `bpf_map_get_next_key` per entry, at most `capacity` of them), and the next
-//! count waits [`KERNEL_COUNT_SPACING`] times as long as the last one took, so
-//! counting stays under 1% of one core whatever the fill. Measured here: a full
-//! default conntrack map (262,144 entries) takes 0.31-0.47 s to walk, so it is
-//! then counted every 31-47 s; a small one at every publication.
+//! `bpf_map_get_next_key` per entry, at most `capacity` of them) on a blocking
+//! thread of their own, through the pinned maps, so a long walk never holds up the
+//! reconcile loop; the next count waits [`KERNEL_COUNT_SPACING`] times as long as
+//! the last one took, so counting stays under 1% of one core whatever the fill.
+//! Measured here: a full default conntrack map (262,144 entries) takes 0.31-0.47 s
+//! to walk, so it is then counted every 31-47 s; a small one at every publication.
 //!
 //! Must not: write to the datapath, publish before the first programming, or keep
 //! a series or a bookkeeping row of something that is gone.
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict, map_names};
 
 use crate::datapath::Datapath;
-use crate::datapath::observe::FILL_MAPS;
+use crate::datapath::observe::{FILL_MAPS, count_pinned};
 use crate::policy::Role;
 use crate::policy::engine::EndpointMeta;
 use crate::serve::metrics::{DropLabels, MapLabel, Metrics};
@@ -176,7 +179,6 @@ pub(super) fn stale(
 }
 
 /// The publisher's bookkeeping (owned by the runtime).
-#[derive(Default)]
 pub(super) struct CounterPublisher {
     /// Counter rows as last published.
     seen: BTreeMap<CounterKey, CounterValue>,
@@ -184,8 +186,22 @@ pub(super) struct CounterPublisher {
     published: BTreeSet<(Series, DropLabels)>,
     lost_seen: u64,
     capacities: BTreeMap<&'static str, u32>,
-    /// When conntrack and fragments may be counted again.
-    kernel_next: Option<Instant>,
+    /// When conntrack and fragments may be counted again; `None` while a count
+    /// runs (shared with the thread that counts).
+    kernel_next: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Default for CounterPublisher {
+    fn default() -> Self {
+        Self {
+            seen: BTreeMap::new(),
+            published: BTreeSet::new(),
+            lost_seen: 0,
+            capacities: BTreeMap::new(),
+            // Due at once.
+            kernel_next: Arc::new(Mutex::new(Some(Instant::now()))),
+        }
+    }
 }
 
 impl CounterPublisher {
@@ -276,7 +292,9 @@ impl CounterPublisher {
 
     fn publish_fill(&mut self, datapath: &Datapath, metrics: &Metrics) {
         let started = Instant::now();
-        let count_kernel = self.kernel_next.is_none_or(|at| started >= at);
+        let count_kernel = self.kernel_count_due(started);
+        // Pinned maps are counted off the loop, through their pins.
+        let mut off_loop: Vec<(&'static str, &'static str)> = Vec::new();
         for (label, map) in FILL_MAPS {
             if !self.capacities.contains_key(map) {
                 match datapath.map_capacity(map) {
@@ -300,6 +318,10 @@ impl CounterPublisher {
             }
             let entries = match datapath.mirror_entries(map) {
                 Some(n) => n,
+                None if count_kernel && datapath.pin_dir().is_some() => {
+                    off_loop.push((label, map));
+                    continue;
+                }
                 None if count_kernel => match datapath.count_entries(map) {
                     Ok(n) => n,
                     Err(error) => {
@@ -312,10 +334,65 @@ impl CounterPublisher {
             };
             self.set_entries(metrics, label, entries);
         }
-        if count_kernel {
-            let took = started.elapsed();
-            self.kernel_next = Some(Instant::now() + took * KERNEL_COUNT_SPACING);
-            tracing::debug!(took_ms = took.as_secs_f64() * 1e3, "map fill counted");
+        match datapath.pin_dir() {
+            Some(dir) if count_kernel => {
+                self.count_off_loop(dir.to_owned(), off_loop, metrics);
+            }
+            _ if count_kernel => kernel_counted(&self.kernel_next, started),
+            _ => {}
+        }
+    }
+
+    /// Whether conntrack and fragments may be counted now (none is running, and
+    /// the pause after the last one is over); marks a count as running.
+    fn kernel_count_due(&self, now: Instant) -> bool {
+        let Ok(mut next) = self.kernel_next.lock() else {
+            return false;
+        };
+        match *next {
+            Some(at) if now >= at => {
+                *next = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Counts `maps` through their pins on a blocking thread and sets their gauges.
+    fn count_off_loop(
+        &self,
+        dir: PathBuf,
+        maps: Vec<(&'static str, &'static str)>,
+        metrics: &Metrics,
+    ) {
+        let (entries, errors) = (metrics.map_entries.clone(), metrics.sync_errors.clone());
+        let next = self.kernel_next.clone();
+        let count = move || {
+            let started = Instant::now();
+            for (label, map) in maps {
+                match count_pinned(&dir, map) {
+                    Ok(n) => {
+                        let label = MapLabel {
+                            map: label.to_owned(),
+                        };
+                        entries
+                            .get_or_create(&label)
+                            .set(i64::try_from(n).unwrap_or(i64::MAX));
+                    }
+                    Err(error) => {
+                        let stage = crate::serve::metrics::StageLabel {
+                            stage: "counters".to_owned(),
+                        };
+                        errors.get_or_create(&stage).inc();
+                        tracing::warn!(%error, map, "counting a map's entries");
+                    }
+                }
+            }
+            kernel_counted(&next, started);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(count)),
+            Err(_) => count(),
         }
     }
 
@@ -327,6 +404,16 @@ impl CounterPublisher {
             })
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
+}
+
+/// A count of conntrack and fragments finished: the next one waits
+/// [`KERNEL_COUNT_SPACING`] times as long as this one took.
+fn kernel_counted(next: &Mutex<Option<Instant>>, started: Instant) {
+    let took = started.elapsed();
+    if let Ok(mut next) = next.lock() {
+        *next = Some(Instant::now() + took * KERNEL_COUNT_SPACING);
+    }
+    tracing::debug!(took_ms = took.as_secs_f64() * 1e3, "map fill counted");
 }
 
 #[cfg(test)]
