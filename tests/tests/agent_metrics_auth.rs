@@ -234,6 +234,31 @@ fn metrics_auth_refuses_unauthenticated_and_unauthorised_scrapes_and_fails_close
         "nosy on /v1/status passes the check (the route answers): {}",
         r.code
     );
+    // The commands over HTTP: with a token they are answered, without they are
+    // told why; on the node, the socket needs none.
+    let token_file = setup.config_dir.dir.join("nosy.token");
+    std::fs::write(&token_file, NOSY)?;
+    let url = format!("http://127.0.0.1:{METRICS_PORT}");
+    let token_arg = token_file.to_str().context("utf-8 path")?;
+    let (ok, out, err) = agent.command(
+        node,
+        &[
+            "status",
+            "--json",
+            "--agent",
+            &url,
+            "--token-file",
+            token_arg,
+        ],
+    )?;
+    ensure!(
+        ok && out.contains("\"endpoints\""),
+        "status with a token: {err}"
+    );
+    let (ok, _, err) = agent.command(node, &["status", "--agent", &url])?;
+    ensure!(!ok && err.contains("401"), "status without a token: {err}");
+    let (ok, _, err) = agent.command(node, &["status"])?;
+    ensure!(ok, "status over the socket: {err}");
 
     // 200: authorised, with the metrics; the SubjectAccessReview asked for the
     // path with verb get, as the user the TokenReview named, with its groups,
