@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Context as _, Result, ensure};
-use rayfence::api::{ExplainReport, FlowRecord, FlowVerdict, StatusReport};
+use rayfence::api::{EndpointStatus, ExplainReport, FlowRecord, FlowVerdict, StatusReport};
 use rayfence_tests::{Outcome, Topology};
 use serde_json::Value;
 
@@ -83,6 +83,15 @@ fn command_json<T: serde::de::DeserializeOwned>(
     serde_json::from_str(&out).with_context(|| format!("rayfence {args:?} printed: {out}"))
 }
 
+/// The named pod's row of a status report.
+fn endpoint<'a>(status: &'a StatusReport, pod: &str) -> Result<&'a EndpointStatus> {
+    status
+        .endpoints
+        .iter()
+        .find(|e| e.pod == pod)
+        .with_context(|| format!("no {pod} in the status: {status:?}"))
+}
+
 fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
     let t0 = Instant::now();
     loop {
@@ -103,12 +112,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
     let agent = start(&scene, &[])?;
 
     let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
-    let head_before = status
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "head")
-        .context("no head in status")?
-        .clone();
+    let head_before = endpoint(&status, "head")?.clone();
 
     // One dropped TCP SYN and exactly one dropped echo request, both to the head.
     assert_eq!(
@@ -195,11 +199,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
     let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
     assert!(status.ready);
     assert_eq!(status.node, NODE);
-    let head_now = status
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "head")
-        .context("no head")?;
+    let head_now = endpoint(&status, "head")?;
     assert_eq!(head_now.drops - head_before.drops, 2, "{head_now:?}");
     assert_eq!(
         (
@@ -212,11 +212,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
     assert!(head_now.isolate_ingress && head_now.isolate_egress);
     assert_eq!(head_now.raycluster.as_deref(), Some("rc"));
     assert_eq!(head_now.role.as_deref(), Some("head"));
-    let worker_now = status
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "worker")
-        .context("no worker")?;
+    let worker_now = endpoint(&status, "worker")?;
     assert_eq!(worker_now.role.as_deref(), Some("worker/small"));
     assert_eq!(worker_now.drops, 0);
     let (ok, out, _) = agent.command(topo.node(0), &["status"])?;
@@ -508,11 +504,7 @@ fn an_audited_raycluster_shows_would_be_drops_in_flows_status_and_explain() -> R
     );
 
     let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
-    let head_status = status
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "head")
-        .context("no head")?;
+    let head_status = endpoint(&status, "head")?;
     assert_eq!(head_status.mode, "audit");
     // Audit counts a flow once (its later packets ride the conntrack entry).
     assert_eq!((head_status.drops, head_status.would_drops), (0, 1));
@@ -581,11 +573,7 @@ fn explain_and_status_say_fail_closed_when_the_policy_does_not_fit_and_the_datap
         "{report:?}"
     );
     let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
-    let head_status = status
-        .endpoints
-        .iter()
-        .find(|e| e.pod == "head")
-        .context("no head")?;
+    let head_status = endpoint(&status, "head")?;
     assert_eq!(head_status.mode, "fail-closed");
     Ok(())
 }
