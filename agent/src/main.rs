@@ -602,16 +602,24 @@ async fn agent(
             flows: hub.clone(),
         }),
     };
-    // --metrics-auth asks the API server even when objects come from --manifests.
-    let authorizer = match auth {
-        Some(auth) => {
-            let client = kube_client(args.kubeconfig.as_deref())
-                .await
-                .context("--metrics-auth needs a Kubernetes client")?;
+    // One client for whatever talks to the API server: the source, the Event
+    // reporter and --metrics-auth (which needs it even with --manifests).
+    let client = if auth.is_some() || args.manifests.is_none() {
+        let client = kube_client(args.kubeconfig.as_deref()).await;
+        Some(match auth {
+            Some(_) => client.context("--metrics-auth needs a Kubernetes client")?,
+            None => client?,
+        })
+    } else {
+        None
+    };
+    let authorizer = match (auth, &client) {
+        (Some(auth), Some(client)) => {
+            let client = client.clone();
             tracing::info!(audiences = ?auth.audiences, resource = ?auth.resource, "--metrics-auth: every path but /healthz and /readyz needs a bearer token");
             Some(Arc::new(Authorizer::new(client, auth)))
         }
-        None => None,
+        _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let bound = rayfence::serve::spawn(args.metrics_addr, served.clone(), authorizer, tls)
@@ -649,7 +657,7 @@ async fn agent(
                 .context("starting the manifests watcher")?;
         }
         None => {
-            let client = kube_client(args.kubeconfig.as_deref()).await?;
+            let client = client.context("the API source needs a Kubernetes client")?;
             let mut source = KubeSourceConfig::new(args.node_name.clone());
             source.enforce_networkpolicies = args.policy.enforce_networkpolicies;
             config.expected_kinds = source.kinds().into_iter().collect();
