@@ -451,23 +451,16 @@ fn agent_restart_keeps_connections_and_denials() -> Result<()> {
 
 #[test]
 fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> {
-    let topo = Topology::with_pods(Layout::Bridged, probe_bin(), &["good", "bad", "outsider"])?;
-    let kubelet = Kubelet::new()?;
-    let ns = format!("ray-{}", topo.tag());
-    let uids = [uid(31), uid(32), uid(33)];
-    let _sandboxes = [
-        sandbox(&kubelet, topo.pod("good"), &uids[0])?,
-        sandbox(&kubelet, topo.pod("bad"), &uids[1])?,
-        sandbox(&kubelet, topo.pod("outsider"), &uids[2])?,
-    ];
+    let node = SimNode::new(&["good", "bad", "outsider"], 31)?;
+    let (topo, ns, uids) = (&node.topo, &node.ns, &node.uids);
     let _good = topo.pod("good").serve_tcp(8000)?;
     let _bad = topo.pod("bad").serve_tcp(8000)?;
     let manifests = Manifests::new()?;
     manifests.write(
         "base.yaml",
         &base(
-            &ns,
-            &topo,
+            ns,
+            topo,
             &[
                 ("good", &uids[0], head_labels("good")),
                 ("bad", &uids[1], head_labels("bad")),
@@ -477,23 +470,14 @@ fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> 
     )?;
     manifests.write(
         "good.yaml",
-        &[raycluster(&ns, "good", json!({"mode": "DenyAll"}))],
+        &[raycluster(ns, "good", json!({"mode": "DenyAll"}))],
     )?;
     manifests.write(
         "bad.yaml",
-        &[raycluster(&ns, "bad", json!({"mode": "Sideways"}))],
+        &[raycluster(ns, "bad", json!({"mode": "Sideways"}))],
     )?;
     let bpffs = Bpffs::new();
-    let agent = Agent::start(&AgentOptions {
-        node: topo.node(0),
-        node_name: NODE,
-        manifests: &manifests.dir,
-        bpffs: &bpffs.path,
-        cgroup_root: kubelet.root.path(),
-        kubeconfig: None,
-        extra_args: &[],
-    })?;
-    agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
+    let agent = node.start_agent(NODE, &manifests.dir, &bpffs, &[])?;
     agent.wait_log(
         &["invalid input", "RayCluster", "/bad", "mode", "Sideways"],
         Duration::from_secs(5),
@@ -535,8 +519,8 @@ fn agent_reports_bad_input_and_keeps_the_other_cluster_enforced() -> Result<()> 
     manifests.write(
         "base.yaml",
         &base(
-            &ns,
-            &topo,
+            ns,
+            topo,
             &[
                 ("good", &uids[0], head_labels("good")),
                 ("outsider", &uids[2], vec![("app", "outsider")]),
