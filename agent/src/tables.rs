@@ -12,6 +12,11 @@
 //!   `except` needs no special casing in the datapath.
 //! - `policy`: allowed (policy, direction, peer identity, protocol, port prefix)
 //!   rows, already split into LPM prefixes; presence means allowed.
+//! - `node_ports`: ports the node DNATs elsewhere on every one of its addresses (a
+//!   Service's `nodePort`, a local pod's `hostPort`) to the identity egress to a node
+//!   address on that port is decided on (SEMANTICS 5a: by the backends, as for a
+//!   ClusterIP). The engine gives that identity rows only where every backend is
+//!   allowed; a port two sources claim maps to an identity with no rows.
 //!
 //! A packet is allowed when a row matches the peer's exact identity or its CIDR
 //! identity. A rule with no peers is expressed by the engine as the ipBlocks
@@ -109,6 +114,13 @@ impl PolicyEntry {
     }
 }
 
+/// A port the node rewrites to somewhere else, on any of its addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodePort {
+    pub protocol: u8,
+    pub port: u16,
+}
+
 /// The whole desired state. `BTree*` so diffs and dumps are deterministic.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tables {
@@ -116,6 +128,7 @@ pub struct Tables {
     pub addresses: BTreeMap<IpAddr, IdentityId>,
     pub cidrs: BTreeMap<IpNet, IdentityId>,
     pub policy: BTreeSet<PolicyEntry>,
+    pub node_ports: BTreeMap<NodePort, IdentityId>,
 }
 
 /// The change from one [`Tables`] to another. Apply order that never opens a gap:
@@ -131,6 +144,8 @@ pub struct TablesDiff {
     pub cidrs_remove: BTreeSet<IpNet>,
     pub policy_add: BTreeSet<PolicyEntry>,
     pub policy_remove: BTreeSet<PolicyEntry>,
+    pub node_ports_upsert: BTreeMap<NodePort, IdentityId>,
+    pub node_ports_remove: BTreeSet<NodePort>,
 }
 
 impl TablesDiff {
@@ -147,6 +162,8 @@ impl TablesDiff {
             || !self.cidrs_remove.is_empty()
             || !self.cidrs_upsert.is_empty()
             || !self.endpoints_upsert.is_empty()
+            || !self.node_ports_upsert.is_empty()
+            || !self.node_ports_remove.is_empty()
     }
 
     /// Folds `later` into `self`, as if both had been applied in order.
@@ -184,6 +201,12 @@ impl TablesDiff {
             later.cidrs_upsert,
             later.cidrs_remove,
         );
+        fold(
+            &mut self.node_ports_upsert,
+            &mut self.node_ports_remove,
+            later.node_ports_upsert,
+            later.node_ports_remove,
+        );
         for entry in later.policy_remove {
             if !self.policy_add.remove(&entry) {
                 self.policy_remove.insert(entry);
@@ -219,6 +242,8 @@ impl Tables {
         let (endpoints_upsert, endpoints_remove) = map_diff(&self.endpoints, &desired.endpoints);
         let (addresses_upsert, addresses_remove) = map_diff(&self.addresses, &desired.addresses);
         let (cidrs_upsert, cidrs_remove) = map_diff(&self.cidrs, &desired.cidrs);
+        let (node_ports_upsert, node_ports_remove) =
+            map_diff(&self.node_ports, &desired.node_ports);
         TablesDiff {
             endpoints_upsert,
             endpoints_remove,
@@ -228,6 +253,8 @@ impl Tables {
             cidrs_remove,
             policy_add: desired.policy.difference(&self.policy).copied().collect(),
             policy_remove: self.policy.difference(&desired.policy).copied().collect(),
+            node_ports_upsert,
+            node_ports_remove,
         }
     }
 
@@ -255,6 +282,12 @@ impl Tables {
         for entry in &diff.policy_remove {
             self.policy.remove(entry);
         }
+        for (port, identity) in &diff.node_ports_upsert {
+            self.node_ports.insert(*port, *identity);
+        }
+        for port in &diff.node_ports_remove {
+            self.node_ports.remove(port);
+        }
     }
 
     /// The verdict these tables give a new flow, computed the way the datapath does
@@ -281,20 +314,41 @@ impl Tables {
         let peer = canonical(peer);
         let exact = self.addresses.get(&peer).copied();
         if exact == Some(identity::HOST) {
-            return true;
+            // Egress to a port the node DNATs is decided on its backends' identity
+            // alone (no ipBlock matches it); any other node traffic is the node's
+            // own (its host processes: what the datapath finds by socket).
+            let node_port = NodePort { protocol, port };
+            return match self.node_ports.get(&node_port) {
+                Some(id) if direction == Direction::Egress => {
+                    self.row_allows(endpoint.policy_id, direction, *id, protocol, port)
+                }
+                _ => true,
+            };
         }
         let cidr = self.longest_cidr_identity(peer);
         [exact, cidr].into_iter().flatten().any(|peer_identity| {
-            let start = PolicyEntry::any(endpoint.policy_id, direction, peer_identity);
-            self.policy
-                .range(start..)
-                .take_while(|row| {
-                    row.policy_id == endpoint.policy_id
-                        && row.direction == direction
-                        && row.identity == peer_identity
-                })
-                .any(|row| row.matches(protocol, port))
+            self.row_allows(endpoint.policy_id, direction, peer_identity, protocol, port)
         })
+    }
+
+    /// Whether a row of `policy_id` allows `protocol`/`port` to/from `peer_identity`.
+    fn row_allows(
+        &self,
+        policy_id: PolicyId,
+        direction: Direction,
+        peer_identity: IdentityId,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let start = PolicyEntry::any(policy_id, direction, peer_identity);
+        self.policy
+            .range(start..)
+            .take_while(|row| {
+                row.policy_id == policy_id
+                    && row.direction == direction
+                    && row.identity == peer_identity
+            })
+            .any(|row| row.matches(protocol, port))
     }
 
     fn longest_cidr_identity(&self, addr: IpAddr) -> Option<IdentityId> {

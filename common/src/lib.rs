@@ -28,9 +28,11 @@ pub mod map_names {
     pub const EVENTS: &str = "RF_EVENTS_V1";
     pub const EVENT_BUDGET: &str = "RF_EVBUDGET_V1";
     pub const CONFIG: &str = "RF_CONFIG_V1";
+    pub const NODE_PORTS: &str = "RF_NODEPORT_V1";
+    pub const NODE_CGROUPS: &str = "RF_NODECG_V1";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 13] = [
         ENDPOINTS_TC,
         ENDPOINTS_CGROUP,
         IDENTITIES,
@@ -42,6 +44,8 @@ pub mod map_names {
         EVENTS,
         EVENT_BUDGET,
         CONFIG,
+        NODE_PORTS,
+        NODE_CGROUPS,
     ];
 }
 
@@ -100,8 +104,15 @@ pub struct EndpointInfo {
 pub mod identity {
     /// No identity: the address is unknown.
     pub const NONE: u32 = 0;
-    /// An address of the node the pod runs on: always allowed (Kubernetes semantics).
+    /// An address of the node the pod runs on. What it means depends on who is
+    /// behind it (SEMANTICS 5a): the node's own host processes are always allowed;
+    /// traffic the node NATs is judged by its original source, a port the node DNATs
+    /// (`RF_NODEPORT`) by its backends, a hostNetwork pod by its own identity.
     pub const HOST: u32 = 1;
+    /// In `RF_NODECG`: a cgroup holding pods (the kubelet's `kubepods` root). A
+    /// process below it that is no known hostNetwork pod is not the node either; it
+    /// is matched by ipBlocks on the node's address only.
+    pub const OTHER_POD: u32 = 2;
     pub const FIRST_ALLOCATED: u32 = 256;
 }
 
@@ -245,6 +256,22 @@ pub mod ct_flags {
     /// flow's until the pod answers with a SYN-ACK (proof that its kernel, too, sees
     /// a new connection), and only then becomes the new flow's.
     pub const REOPENING: u8 = 1 << 1;
+    /// The flow's peer is the node itself (a host process in no pod cgroup), as
+    /// decided at its first packet: a socket never changes its cgroup, so re-checks
+    /// of the flow need not ask again (and could not, from the pod's side).
+    pub const NODE: u8 = 1 << 2;
+}
+
+/// Key of `RF_NODEPORT`: a port the node DNATs elsewhere on every one of its
+/// addresses (a Service's `nodePort`, a local pod's `hostPort`). Egress to a node
+/// address on it is decided on the map's identity, never as the node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodePortKey {
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Host byte order.
+    pub port: u16,
 }
 
 /// Key of the fragment map: the first fragment of an allowed datagram records its
@@ -441,6 +468,7 @@ mod pod_impls {
     unsafe impl aya::Pod for FlowEvent {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for NodePortKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for EventBudget {}
 }
@@ -473,6 +501,8 @@ mod tests {
         assert_eq!(size_of::<FragKey>(), 44);
         assert_eq!(offset_of!(FragKey, src), 12);
         assert_eq!(size_of::<FragValue>(), 4);
+        assert_eq!(size_of::<NodePortKey>(), 4);
+        assert_eq!(offset_of!(NodePortKey, port), 2);
         assert_eq!(size_of::<EventBudget>(), 24);
         assert_eq!(offset_of!(EventBudget, lost), 16);
     }
