@@ -1396,3 +1396,186 @@ fn cgroup_hooks_keep_a_revoked_flow_cut_and_read_the_syn_without_an_ethernet_hea
         ])
     );
 }
+
+// What counts as the node (SEMANTICS 5a). A TC test run's packet carries a socket
+// the kernel makes for it, in the test process's cgroup: to the datapath, a packet
+// the node itself generated. Registering that cgroup in RF_NODECG makes the same
+// packet a hostNetwork pod's.
+
+/// A nodePort (TCP 30080) whose identity the policy allows on egress, and one
+/// (TCP 30081) it does not.
+const NODE_PORT_ALLOWED: u16 = 30080;
+const NODE_PORT_DENIED: u16 = 30081;
+const NODE_PORT_ID: u32 = 500;
+const OTHER_NODE_PORT_ID: u32 = 501;
+/// A hostNetwork pod's identity.
+const HOST_POD_ID: u32 = 600;
+
+fn node_port_tables() -> Tables {
+    use rayfence::tables::NodePort;
+    let mut tables = tables();
+    for (port, id) in [
+        (NODE_PORT_ALLOWED, NODE_PORT_ID),
+        (NODE_PORT_DENIED, OTHER_NODE_PORT_ID),
+    ] {
+        tables.node_ports.insert(
+            NodePort {
+                protocol: protocol::TCP,
+                port,
+            },
+            id,
+        );
+    }
+    tables.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Egress,
+        NODE_PORT_ID,
+        protocol::TCP,
+        NODE_PORT_ALLOWED,
+        NODE_PORT_ALLOWED,
+    ));
+    tables
+}
+
+#[test]
+fn egress_to_a_node_port_is_decided_on_its_backends_identity() {
+    let dp = datapath_with(&node_port_tables());
+    assert!(send(&dp, &tcp(POD, 40000, NODE, NODE_PORT_ALLOWED)));
+    assert!(!send(&dp, &tcp(POD, 40001, NODE, NODE_PORT_DENIED)));
+    assert_eq!(
+        rows(&dp),
+        BTreeMap::from([
+            ((Direction::Egress, Verdict::Allow, Reason::PolicyAllow), 1),
+            ((Direction::Egress, Verdict::Drop, Reason::NoPolicy), 1),
+        ])
+    );
+}
+
+#[test]
+fn egress_to_a_node_port_nothing_rewrites_is_the_node() {
+    let dp = datapath_with(&node_port_tables());
+    assert!(send(&dp, &tcp(POD, 40000, NODE, 10250)));
+    assert!(send(&dp, &udp(POD, 40000, NODE, NODE_PORT_DENIED)));
+    assert!(counters(&dp).is_empty(), "{:?}", rows(&dp));
+}
+
+#[test]
+fn an_ipblock_covering_the_node_does_not_open_its_node_ports() {
+    let mut tables = node_port_tables();
+    tables.cidrs.insert("10.0.0.0/24".parse().unwrap(), 402);
+    tables
+        .policy
+        .insert(PolicyEntry::any(POLICY, Direction::Egress, 402));
+    let dp = datapath_with(&tables);
+    assert!(!send(&dp, &tcp(POD, 40000, NODE, NODE_PORT_DENIED)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn a_node_port_flow_is_revoked_when_its_backends_stop_being_allowed() {
+    let mut tables = node_port_tables();
+    let mut dp = datapath_with(&tables);
+    assert!(send(&dp, &tcp(POD, 40000, NODE, NODE_PORT_ALLOWED)));
+    tables.policy.retain(|row| row.identity != NODE_PORT_ID);
+    dp.apply(&tables).expect("apply");
+    assert!(!send(&dp, &data(POD, 40000, NODE, NODE_PORT_ALLOWED)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
+        1
+    );
+}
+
+#[test]
+fn a_port_becoming_a_node_port_revokes_flows_to_it() {
+    let mut tables = tables();
+    let mut dp = datapath_with(&tables);
+    assert!(send(&dp, &tcp(POD, 40000, NODE, NODE_PORT_DENIED)));
+    tables.node_ports.insert(
+        rayfence::tables::NodePort {
+            protocol: protocol::TCP,
+            port: NODE_PORT_DENIED,
+        },
+        OTHER_NODE_PORT_ID,
+    );
+    dp.apply(&tables).expect("apply");
+    assert!(!send(&dp, &data(POD, 40000, NODE, NODE_PORT_DENIED)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
+        1
+    );
+}
+
+#[test]
+fn a_hostnetwork_pods_socket_is_not_the_node() {
+    let mut dp = datapath();
+    dp.set_node_cgroups(&BTreeMap::from([(own_cgroup_id(), HOST_POD_ID)]))
+        .expect("register the hostNetwork pod's cgroup");
+    assert!(!receive(&dp, &tcp(NODE, 40000, POD, 8265)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+        1
+    );
+}
+
+#[test]
+fn a_hostnetwork_pod_selected_by_a_rule_passes_and_its_flow_is_rechecked_as_it() {
+    let mut tables = tables();
+    tables.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Ingress,
+        HOST_POD_ID,
+        protocol::TCP,
+        8265,
+        8265,
+    ));
+    let mut dp = datapath_with(&tables);
+    dp.set_node_cgroups(&BTreeMap::from([(own_cgroup_id(), HOST_POD_ID)]))
+        .expect("register the hostNetwork pod's cgroup");
+    assert!(receive(&dp, &tcp(NODE, 40000, POD, 8265)));
+    // The pod's side carries no socket of the node: re-checked as the same pod.
+    tables
+        .policy
+        .insert(PolicyEntry::any(POLICY, Direction::Egress, 777));
+    dp.apply(&tables).expect("apply (bumps the generation)");
+    assert!(send(&dp, &data(POD, 8265, NODE, 40000)));
+    tables.policy.retain(|row| row.identity != HOST_POD_ID);
+    dp.apply(&tables).expect("apply");
+    assert!(!send(&dp, &data(POD, 8265, NODE, 40000)));
+    assert_eq!(
+        packets(&dp, Direction::Egress, Verdict::Drop, Reason::Revoked),
+        1
+    );
+}
+
+#[test]
+fn a_socket_in_an_unknown_pod_cgroup_is_only_the_node_address() {
+    let mut tables = tables();
+    let mut dp = datapath_with(&tables);
+    dp.set_node_cgroups(&BTreeMap::from([(own_cgroup_id(), identity::OTHER_POD)]))
+        .expect("register a pod cgroup root");
+    assert!(!receive(&dp, &tcp(NODE, 40000, POD, 8265)));
+    tables.cidrs.insert("10.0.0.1/32".parse().unwrap(), 403);
+    tables
+        .policy
+        .insert(PolicyEntry::any(POLICY, Direction::Ingress, 403));
+    dp.apply(&tables).expect("apply");
+    assert!(receive(&dp, &tcp(NODE, 40001, POD, 8265)));
+}
+
+#[test]
+fn the_kubelets_probe_passes_a_fail_closed_pod_but_a_hostnetwork_pod_does_not() {
+    let mut tables = tables();
+    tables.endpoints.clear();
+    let mut dp = datapath_with(&tables);
+    assert!(receive(&dp, &tcp(NODE, 40000, POD, 10250)));
+    dp.set_node_cgroups(&BTreeMap::from([(own_cgroup_id(), HOST_POD_ID)]))
+        .expect("register the hostNetwork pod's cgroup");
+    assert!(!receive(&dp, &tcp(NODE, 40001, POD, 10250)));
+    assert_eq!(
+        packets(&dp, Direction::Ingress, Verdict::Drop, Reason::FailClosed),
+        1
+    );
+}

@@ -30,9 +30,10 @@ pub mod map_names {
     pub const CONFIG: &str = "RF_CONFIG_V1";
     pub const NODE_PORTS: &str = "RF_NODEPORT_V1";
     pub const NODE_CGROUPS: &str = "RF_NODECG_V1";
+    pub const NODE_FLOWS: &str = "RF_NODEFLOW_V1";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         ENDPOINTS_TC,
         ENDPOINTS_CGROUP,
         IDENTITIES,
@@ -46,6 +47,7 @@ pub mod map_names {
         CONFIG,
         NODE_PORTS,
         NODE_CGROUPS,
+        NODE_FLOWS,
     ];
 }
 

@@ -7,6 +7,8 @@
 //! hooks sit on the pod's own sockets, so their direction is the pod's directly.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Hand-written kfunc calls (see `node`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
@@ -18,6 +20,8 @@ mod identity;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod metrics;
+#[cfg(target_arch = "bpf")]
+mod node;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]

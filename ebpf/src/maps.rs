@@ -2,13 +2,14 @@
 //! literals because the `map` attribute needs one); sizes here are defaults that the
 //! agent overrides at load time. Nothing here is pinned by the program: the agent
 //! decides where (or whether) maps are pinned.
+use crate::node::CtScratch;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use rayfence_common::{
     Addr, CounterKey, CounterValue, CtKey, CtValue, DatapathConfig, EndpointInfo, EventBudget,
-    FragKey, FragValue, PolicyKey, PolicyValue,
+    FragKey, FragValue, NodePortKey, PolicyKey, PolicyValue,
 };
 
 /// Host veth ifindex -> endpoint.
@@ -49,3 +50,24 @@ pub static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::with_max_entrie
 
 #[map(name = "RF_CONFIG_V1")]
 pub static CONFIG: Array<DatapathConfig> = Array::with_max_entries(1, 0);
+
+/// Ports the node DNATs elsewhere (nodePorts, local hostPorts) -> the identity egress
+/// to a node address on them is decided on.
+#[map(name = "RF_NODEPORT_V1")]
+pub static NODE_PORTS: HashMap<NodePortKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Cgroup (v2) id -> what a node socket in it is: a local hostNetwork pod's identity,
+/// or `identity::OTHER_POD` (the kubelet's pod cgroup roots).
+#[map(name = "RF_NODECG_V1")]
+pub static NODE_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Flows from a local hostNetwork pod to a local pod, found by the sending socket's
+/// cgroup -> that pod's identity: the pod's side of the flow carries no socket of
+/// the node, so its re-checks read the answer here.
+#[map(name = "RF_NODEFLOW_V1")]
+pub static NODE_FLOWS: LruHashMap<CtKey, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// Per-CPU room for the kernel conntrack lookup (`node`); never pinned, never read
+/// by the agent.
+#[map(name = "RF_CT_SCRATCH")]
+pub static CT_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -15,21 +15,23 @@ fn lookup(policy_id: u32, identity: u32, direction: Direction, protocol: u8, por
     maps::POLICY.get(&key).is_some()
 }
 
-/// `exact` is the peer's exact identity (`NONE` if it has none). A CIDR
-/// identity of `NONE` is the trie's IPv4 barrier: no rows.
+/// `exact` is the peer's exact identity (`NONE` if it has none); `address`, when
+/// given, is matched by its CIDR identity too (a port the node DNATs is not: no
+/// ipBlock matches it). A CIDR identity of `NONE` is the trie's IPv4 barrier: no
+/// rows.
 #[inline(always)]
 pub fn allows(
     policy_id: u32,
     direction: Direction,
     exact: u32,
-    peer: &Addr,
+    address: Option<&Addr>,
     protocol: u8,
     port: u16,
 ) -> bool {
     if exact != NONE && lookup(policy_id, exact, direction, protocol, port) {
         return true;
     }
-    match identity::cidr(peer) {
+    match address.and_then(identity::cidr) {
         Some(id) if id != NONE => lookup(policy_id, id, direction, protocol, port),
         _ => false,
     }

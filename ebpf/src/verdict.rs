@@ -25,12 +25,13 @@
 //! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
 //! separate (non-inlined) functions that take pointers, not copies.
 use rayfence_common::{
-    CtKey, CtValue, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, ct_flags,
+    Addr, CtKey, CtValue, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, ct_flags,
     endpoint_flags, identity,
 };
 
 use crate::{
     conntrack, identity as ident, maps, metrics,
+    node::{self, NodePeer},
     parse::{self, Class, Flow, IPPROTO_TCP, Layer, Packet, Skb, tcp_flags},
     policy,
 };
@@ -42,6 +43,16 @@ const fn isolates(flags: u32, direction: Direction) -> bool {
         Direction::Egress => endpoint_flags::ISOLATE_EGRESS,
     };
     flags & (bit | endpoint_flags::FAIL_CLOSED) != 0
+}
+
+/// The packet being decided: what every step needs (BPF calls take at most five
+/// arguments, so the steps take this by reference).
+struct Current<'a> {
+    skb: Skb,
+    layer: Layer,
+    endpoint: &'a EndpointInfo,
+    /// The direction this packet travels.
+    direction: Direction,
 }
 
 /// What a decision off the established fast path needs besides the key.
@@ -67,6 +78,12 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
         return true;
     }
     let enforced = isolates(flags, direction);
+    let this = Current {
+        skb,
+        layer,
+        endpoint,
+        direction,
+    };
     let mut packet = Packet::default();
     match parse::parse(skb, layer, &mut packet) {
         Ok(()) => {}
@@ -75,14 +92,7 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
         Err(_) => return true,
     }
     if flags & endpoint_flags::FAIL_CLOSED != 0 {
-        let peer = match direction {
-            Direction::Egress => &packet.flow.dst,
-            Direction::Ingress => &packet.flow.src,
-        };
-        if ident::exact(peer) == Some(identity::HOST) {
-            return true;
-        }
-        return deny_flow(skb, endpoint, direction, &packet.flow, Reason::FailClosed);
+        return fail_closed(&this, &packet.flow);
     }
     let mut new_flow = NewFlow {
         dst_port: 0,
@@ -94,7 +104,7 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
         Class::IcmpError => {
             // The quoted packet travelled the other way.
             let related = conntrack::key(endpoint.endpoint_id, opposite(direction), &packet.inner);
-            if is_related(endpoint, &related) {
+            if is_related(&this, &related) {
                 return true;
             }
             new_flow.may_open = false;
@@ -114,7 +124,7 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
     }
     new_flow.dst_port = packet.flow.dst_port;
     let key = conntrack::key(endpoint.endpoint_id, direction, &packet.flow);
-    let pass = decide_flow(skb, endpoint, direction, &key, &new_flow);
+    let pass = decide_flow(&this, &key, &new_flow);
     if pass && packet.is_first_fragment {
         remember_fragment(endpoint.endpoint_id, packet.fragment_id, &packet.flow);
     }
@@ -122,13 +132,8 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
 }
 
 #[inline(never)]
-fn decide_flow(
-    skb: Skb,
-    endpoint: &EndpointInfo,
-    direction: Direction,
-    key: &CtKey,
-    new_flow: &NewFlow,
-) -> bool {
+fn decide_flow(this: &Current, key: &CtKey, new_flow: &NewFlow) -> bool {
+    let (skb, layer, endpoint, direction) = (this.skb, this.layer, this.endpoint, this.direction);
     if let Some(entry) = conntrack::lookup(key) {
         // SAFETY: a live LRU value; a concurrent eviction leaves it readable.
         let (generation, origin, ct) =
@@ -137,7 +142,7 @@ fn decide_flow(
             return true;
         }
         let origin = Direction::from_u8(origin).unwrap_or(direction);
-        if recheck(endpoint, key, origin) {
+        if recheck(this, key, origin, ct) {
             // Allowed now, whether or not it was before.
             // SAFETY: as above.
             unsafe {
@@ -171,12 +176,14 @@ fn decide_flow(
             let handshake =
                 tcp & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST | tcp_flags::FIN);
             if direction != origin && handshake == tcp_flags::SYN {
-                return reopen(skb, endpoint, direction, key, entry);
+                // Decided here, not in `reopen`: one call level less on the stack.
+                let allowed = recheck(this, key, direction, 0);
+                return reopen(this, key, entry, allowed);
             }
             if ct & ct_flags::REOPENING != 0
                 && direction == origin
                 && handshake == tcp_flags::SYN | tcp_flags::ACK
-                && recheck(endpoint, key, opposite(origin))
+                && recheck(this, key, opposite(origin), 0)
             {
                 // The pod accepts the peer's new connection: only a kernel without a
                 // connection on this tuple answers a SYN with a SYN-ACK. The entry
@@ -187,11 +194,7 @@ fn decide_flow(
         }
         return deny(skb, endpoint, direction, key, reason);
     }
-    // A new flow. Node traffic always passes (and needs no conntrack).
-    let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
-    if exact == identity::HOST {
-        return true;
-    }
+    // A new flow.
     if !isolates(endpoint.flags, direction) {
         // Open the flow so that its replies pass the isolated other direction.
         if new_flow.may_open {
@@ -200,11 +203,23 @@ fn decide_flow(
         }
         return true;
     }
+    let NodePeer::Peer {
+        exact,
+        addr,
+        by_address,
+    } = peer(skb, layer, key, direction, direction)
+    else {
+        // The node itself always passes; its entry keeps that answer for re-checks.
+        if new_flow.may_open {
+            conntrack::create(key, endpoint.generation, direction, ct_flags::NODE);
+        }
+        return true;
+    };
     if policy::allows(
         endpoint.policy_id,
         direction,
         exact,
-        &key.peer,
+        by_address.then_some(&addr),
         key.protocol,
         new_flow.dst_port,
     ) {
@@ -217,7 +232,56 @@ fn decide_flow(
     if endpoint.flags & endpoint_flags::AUDIT != 0 && new_flow.may_open {
         conntrack::create(key, endpoint.generation, direction, ct_flags::AUDITED);
     }
-    deny(skb, endpoint, direction, key, Reason::NoPolicy)
+    deny_peer(this, key, &addr)
+}
+
+/// Only the node itself (its host processes: kubelet probes) passes a fail-closed
+/// endpoint. No conntrack here, so each packet asks; fail-closed is transient.
+#[inline(never)]
+fn fail_closed(this: &Current, flow: &Flow) -> bool {
+    let key = conntrack::key(this.endpoint.endpoint_id, this.direction, flow);
+    if let NodePeer::Node = peer(this.skb, this.layer, &key, this.direction, this.direction) {
+        return true;
+    }
+    deny(
+        this.skb,
+        this.endpoint,
+        this.direction,
+        &key,
+        Reason::FailClosed,
+    )
+}
+
+/// Denies a new flow as `no-policy`; the event names who is behind a node address
+/// (a NATed flow's client) as the peer.
+#[inline(never)]
+fn deny_peer(this: &Current, key: &CtKey, peer: &Addr) -> bool {
+    let mut shown = *key;
+    shown.peer = *peer;
+    deny(
+        this.skb,
+        this.endpoint,
+        this.direction,
+        &shown,
+        Reason::NoPolicy,
+    )
+}
+
+/// Who the peer of `key` is for a flow opened in `origin` (the current packet
+/// travels in `direction`): an ordinary peer by its identities, or, behind one of
+/// the node's own addresses, whatever [`node::classify`] finds.
+#[inline(always)]
+fn peer(skb: Skb, layer: Layer, key: &CtKey, origin: Direction, direction: Direction) -> NodePeer {
+    match ident::exact(&key.peer) {
+        // The cgroup hook, in the pod's namespace, cannot see who it is.
+        Some(identity::HOST) if layer == Layer::L3 => NodePeer::address(key.peer),
+        Some(identity::HOST) => node::classify(skb, key, origin, direction),
+        exact => NodePeer::Peer {
+            exact: exact.unwrap_or(identity::NONE),
+            addr: key.peer,
+            by_address: true,
+        },
+    }
 }
 
 /// A TCP SYN without ACK the other way of a revoked (enforced) flow: a new
@@ -231,16 +295,12 @@ fn decide_flow(
 ///   the entry [`ct_flags::REOPENING`]; the entry stays the revoked flow's, and
 ///   everything but the peer's SYNs stays dropped, until the pod answers SYN-ACK.
 ///
-/// A SYN that is not allowed is dropped as `no-policy`, and the entry stays.
+/// A SYN that is not allowed (`allowed`: the caller's re-check of it as a new flow
+/// of its own direction) is dropped as `no-policy`, and the entry stays.
 #[inline(never)]
-fn reopen(
-    skb: Skb,
-    endpoint: &EndpointInfo,
-    direction: Direction,
-    key: &CtKey,
-    entry: *mut CtValue,
-) -> bool {
-    if !recheck(endpoint, key, direction) {
+fn reopen(this: &Current, key: &CtKey, entry: *mut CtValue, allowed: bool) -> bool {
+    let (skb, endpoint, direction) = (this.skb, this.endpoint, this.direction);
+    if !allowed {
         return deny(skb, endpoint, direction, key, Reason::NoPolicy);
     }
     let reason = if isolates(endpoint.flags, direction) {
@@ -267,16 +327,31 @@ fn reopen(
 
 /// A flow opened in direction `origin` on `key`: is it allowed under the current
 /// tables? (The re-check of a flow decided under older tables, and the decision on
-/// a new connection over a revoked entry.)
+/// a new connection over a revoked entry.) `ct` is the flow's entry flags: a flow
+/// the node opened (found by its socket at the first packet) stays the node's
+/// while its address is; a flow to the node is asked again (its port may have
+/// become a node port).
 #[inline(never)]
-fn recheck(endpoint: &EndpointInfo, key: &CtKey, origin: Direction) -> bool {
+fn recheck(this: &Current, key: &CtKey, origin: Direction, ct: u8) -> bool {
+    let endpoint = this.endpoint;
     if !isolates(endpoint.flags, origin) {
         return true;
     }
-    let exact = ident::exact(&key.peer).unwrap_or(identity::NONE);
-    if exact == identity::HOST {
+    let NodePeer::Peer {
+        exact,
+        addr,
+        by_address,
+    } = (if ct & ct_flags::NODE != 0
+        && origin == Direction::Ingress
+        && ident::exact(&key.peer) == Some(identity::HOST)
+    {
+        NodePeer::Node
+    } else {
+        peer(this.skb, this.layer, key, origin, this.direction)
+    })
+    else {
         return true;
-    }
+    };
     // The packet that opened the flow went to the peer's port (egress) or to ours.
     let port = match origin {
         Direction::Egress => key.peer_port,
@@ -286,7 +361,7 @@ fn recheck(endpoint: &EndpointInfo, key: &CtKey, origin: Direction) -> bool {
         endpoint.policy_id,
         origin,
         exact,
-        &key.peer,
+        by_address.then_some(&addr),
         key.protocol,
         port,
     )
@@ -296,17 +371,19 @@ fn recheck(endpoint: &EndpointInfo, key: &CtKey, origin: Direction) -> bool {
 /// entry is current, or stale and the flow still allowed. A revoked flow keeps its
 /// entry, but errors about it are not related; they are decided as ICMP packets.
 #[inline(never)]
-fn is_related(endpoint: &EndpointInfo, key: &CtKey) -> bool {
+fn is_related(this: &Current, key: &CtKey) -> bool {
+    let endpoint = this.endpoint;
     let Some(entry) = conntrack::lookup(key) else {
         return false;
     };
     // SAFETY: a live LRU value; a concurrent eviction leaves it readable.
-    let (generation, origin) = unsafe { ((*entry).generation, (*entry).origin) };
+    let (generation, origin, ct) =
+        unsafe { ((*entry).generation, (*entry).origin, (*entry).flags) };
     if generation == endpoint.generation {
         return true;
     }
     match Direction::from_u8(origin) {
-        Some(origin) => recheck(endpoint, key, origin),
+        Some(origin) => recheck(this, key, origin, ct),
         None => false,
     }
 }

@@ -14,10 +14,10 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use aya::maps::{HashMap, LpmTrie, MapError, lpm_trie::Key};
-use rayfence_common::{Addr, EndpointInfo, PolicyKey, PolicyValue, map_names};
+use rayfence_common::{Addr, EndpointInfo, NodePortKey, PolicyKey, PolicyValue, map_names};
 
 use super::{Datapath, DatapathError, codec};
-use crate::tables::{EndpointId, IdentityId, PolicyEntry, Tables, TablesDiff};
+use crate::tables::{EndpointId, IdentityId, NodePort, PolicyEntry, Tables, TablesDiff};
 
 /// What did not fit, by map.
 #[derive(Default)]
@@ -25,11 +25,15 @@ struct Failures {
     addresses: Vec<(IpAddr, IdentityId)>,
     cidrs: Vec<(IpNet, IdentityId)>,
     rows: Vec<PolicyEntry>,
+    node_ports: Vec<(NodePort, IdentityId)>,
 }
 
 impl Failures {
     fn is_empty(&self) -> bool {
-        self.addresses.is_empty() && self.cidrs.is_empty() && self.rows.is_empty()
+        self.addresses.is_empty()
+            && self.cidrs.is_empty()
+            && self.rows.is_empty()
+            && self.node_ports.is_empty()
     }
 
     fn first_overflow(&self) -> Option<(&'static str, usize)> {
@@ -37,6 +41,7 @@ impl Failures {
             (map_names::IDENTITIES, self.addresses.len()),
             (map_names::CIDRS, self.cidrs.len()),
             (map_names::POLICY, self.rows.len()),
+            (map_names::NODE_PORTS, self.node_ports.len()),
         ]
         .into_iter()
         .find(|(_, failed)| *failed > 0)
@@ -65,6 +70,8 @@ impl Datapath {
             || !diff.cidrs_remove.is_empty()
             // A new prefix can be an `except` that narrows a wider one.
             || !diff.cidrs_upsert.is_empty()
+            // A port the node now DNATs is no longer the node's to everyone.
+            || !diff.node_ports_upsert.is_empty()
             || diff.addresses_upsert.iter().any(|(ip, identity)| {
                 self.mirror
                     .addresses
@@ -72,15 +79,22 @@ impl Datapath {
                     .is_some_and(|old| old != identity)
             });
 
-        // 1-2. Peers (new and changed addresses and prefixes), then policy rows.
-        let mut failures = self.upsert(
-            diff.addresses_upsert
+        // 1-2. Peers (new and changed addresses and prefixes), then policy rows,
+        // then the node ports that rows decide.
+        let mut failures = self.upsert(Failures {
+            addresses: diff
+                .addresses_upsert
                 .iter()
                 .map(|(k, v)| (*k, *v))
                 .collect(),
-            diff.cidrs_upsert.iter().map(|(k, v)| (*k, *v)).collect(),
-            diff.policy_add.iter().copied().collect(),
-        )?;
+            cidrs: diff.cidrs_upsert.iter().map(|(k, v)| (*k, *v)).collect(),
+            rows: diff.policy_add.iter().copied().collect(),
+            node_ports: diff
+                .node_ports_upsert
+                .iter()
+                .map(|(k, v)| (*k, *v))
+                .collect(),
+        })?;
 
         // 3. Endpoints: now their rows exist. Whatever did not fit makes the
         // endpoints it concerns fail-closed before anything else happens.
@@ -100,11 +114,7 @@ impl Datapath {
         // A full map may have room now: retry what did not fit, and lift fail-closed
         // from the endpoints whose entries all made it.
         if !failures.is_empty() {
-            failures = self.upsert(
-                std::mem::take(&mut failures.addresses),
-                std::mem::take(&mut failures.cidrs),
-                std::mem::take(&mut failures.rows),
-            )?;
+            failures = self.upsert(std::mem::take(&mut failures))?;
             let forced = &forced_before | &self.failing_endpoints(&failures);
             let changed: Vec<EndpointId> = self
                 .forced_fail_closed
@@ -135,12 +145,13 @@ impl Datapath {
     }
 
     /// Writes peers and rows; returns what did not fit (the rest is mirrored).
-    fn upsert(
-        &mut self,
-        addresses: Vec<(IpAddr, IdentityId)>,
-        cidrs: Vec<(IpNet, IdentityId)>,
-        rows: Vec<PolicyEntry>,
-    ) -> Result<Failures, DatapathError> {
+    fn upsert(&mut self, wanted: Failures) -> Result<Failures, DatapathError> {
+        let Failures {
+            addresses,
+            cidrs,
+            rows,
+            node_ports,
+        } = wanted;
         let mut failures = Failures::default();
         {
             const MAP: &str = map_names::IDENTITIES;
@@ -186,14 +197,31 @@ impl Datapath {
             }
             self.mirror.policy.extend(done);
         }
+        {
+            const MAP: &str = map_names::NODE_PORTS;
+            let mut map: HashMap<_, NodePortKey, u32> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut done = Vec::new();
+            for (port, identity) in node_ports {
+                match map.insert(&codec::node_port_key(&port), &identity, 0) {
+                    Ok(()) => done.push((port, identity)),
+                    Err(error) if is_full(&error) => failures.node_ports.push((port, identity)),
+                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                }
+            }
+            self.mirror.node_ports.extend(done);
+        }
         Ok(failures)
     }
 
     /// Endpoints that must be fail-closed because of `failures`: every isolated one
-    /// when a peer did not fit (any of them may talk to it), else those whose policy
-    /// lost a row.
+    /// when a peer or a node port did not fit (any of them may talk to it; a node
+    /// port missing from the map would be the node's), else those whose policy lost
+    /// a row.
     fn failing_endpoints(&self, failures: &Failures) -> BTreeSet<EndpointId> {
-        let fail_all = !failures.addresses.is_empty() || !failures.cidrs.is_empty();
+        let fail_all = !failures.addresses.is_empty()
+            || !failures.cidrs.is_empty()
+            || !failures.node_ports.is_empty();
         let policies: BTreeSet<_> = failures.rows.iter().map(|row| row.policy_id).collect();
         self.mirror
             .endpoints
@@ -207,6 +235,17 @@ impl Datapath {
     }
 
     fn remove(&mut self, diff: &TablesDiff) -> Result<(), DatapathError> {
+        {
+            const MAP: &str = map_names::NODE_PORTS;
+            let mut map: HashMap<_, NodePortKey, u32> =
+                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for port in &diff.node_ports_remove {
+                remove_ok(map.remove(&codec::node_port_key(port)), MAP)?;
+            }
+            for port in &diff.node_ports_remove {
+                self.mirror.node_ports.remove(port);
+            }
+        }
         {
             const MAP: &str = map_names::POLICY;
             let mut map: LpmTrie<_, PolicyKey, PolicyValue> =

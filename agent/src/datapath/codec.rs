@@ -2,9 +2,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
-use rayfence_common::{Addr, Direction, EndpointInfo, PolicyKey, endpoint_flags};
+use rayfence_common::{Addr, Direction, EndpointInfo, NodePortKey, PolicyKey, endpoint_flags};
 
-use crate::tables::{EndpointPolicy, PolicyEntry};
+use crate::tables::{EndpointPolicy, NodePort, PolicyEntry};
 
 pub fn addr(ip: IpAddr) -> Addr {
     match ip {
@@ -109,6 +109,21 @@ pub fn endpoint_policy(info: &EndpointInfo) -> Option<EndpointPolicy> {
         isolate_egress: info.flags & endpoint_flags::ISOLATE_EGRESS != 0,
         audit: info.flags & endpoint_flags::AUDIT != 0,
     })
+}
+
+pub fn node_port_key(port: &NodePort) -> NodePortKey {
+    NodePortKey {
+        protocol: port.protocol,
+        _pad: 0,
+        port: port.port,
+    }
+}
+
+pub fn node_port(key: &NodePortKey) -> NodePort {
+    NodePort {
+        protocol: key.protocol,
+        port: key.port,
+    }
 }
 
 #[cfg(test)]

@@ -71,6 +71,10 @@ pub enum DatapathError {
     },
     #[error("endpoint {endpoint} is not attached")]
     NotAttached { endpoint: EndpointId },
+    #[error(
+        "the eBPF object has no conntrack placeholder calls to rewrite (built from another source?)"
+    )]
+    KfuncPlaceholders,
 }
 
 impl DatapathError {

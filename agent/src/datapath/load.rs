@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
 use aya::programs::{CgroupSkb, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
-use rayfence_common::{Addr, EndpointInfo, PolicyKey, PolicyValue, map_names};
+use rayfence_common::{Addr, EndpointInfo, NodePortKey, PolicyKey, PolicyValue, map_names};
 
-use super::{Attachments, Datapath, DatapathError, codec, paths};
+use super::{Attachments, Datapath, DatapathError, NodeTrust, codec, paths};
 use crate::tables::Tables;
 
 /// The compiled programs (built by agent/build.rs).
@@ -50,6 +50,17 @@ impl Default for Capacities {
 }
 
 impl Capacities {
+    /// Ports the node DNATs or hostNetwork pods serve: every nodePort of the default
+    /// range (2768) for three protocols, and room for hostPorts.
+    pub fn node_ports(&self) -> u32 {
+        16384
+    }
+
+    /// Flows from local hostNetwork pods to local pods (a sixteenth of conntrack).
+    pub fn node_flows(&self) -> u32 {
+        (self.conntrack / 16).max(1024)
+    }
+
     /// Small maps for tests and benchmarks that load many private instances.
     pub fn small() -> Self {
         Self {
@@ -124,7 +135,28 @@ impl Datapath {
             .map_max_entries(map_names::CONNTRACK, caps.conntrack)
             .map_max_entries(map_names::FRAGMENTS, caps.fragments)
             .map_max_entries(map_names::COUNTERS, caps.counters)
-            .map_max_entries(map_names::EVENTS, caps.events_bytes);
+            .map_max_entries(map_names::EVENTS, caps.events_bytes)
+            .map_max_entries(map_names::NODE_PORTS, caps.node_ports())
+            .map_max_entries(map_names::NODE_CGROUPS, caps.endpoints)
+            .map_max_entries(map_names::NODE_FLOWS, caps.node_flows());
+        // Who is behind a node address needs the kernel's conntrack (SEMANTICS 5a).
+        let conntrack = super::kfuncs::find();
+        let object = match &conntrack {
+            Ok(ct) => {
+                let (patched, calls) = super::kfuncs::patch(OBJECT, ct);
+                if calls == 0 {
+                    return Err(DatapathError::KfuncPlaceholders);
+                }
+                loader.override_global("RF_NF_CONN_ORIGINAL_SRC", &ct.original_source_offset, true);
+                Aligned::copy_of(&patched)
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "no conntrack lookup for the datapath: traffic the node \
+                    forwards (NodePort, hostPort, masquerade) is judged by the node address it \
+                    carries, so only an ipBlock covering that address allows it");
+                Aligned::copy_of(OBJECT)
+            }
+        };
         if let Some(dir) = &options.bpffs_dir {
             ensure_bpffs(dir)?;
             for sub in [paths::maps_dir(dir), paths::links_dir(dir)] {
@@ -135,10 +167,12 @@ impl Datapath {
                 loader.map_pin_path(name, paths::map(dir, name));
             }
         }
-        let mut ebpf = loader.load(OBJECT).map_err(|source| DatapathError::Load {
-            pin_dir: options.bpffs_dir.clone(),
-            source: Box::new(source),
-        })?;
+        let mut ebpf = loader
+            .load(object.bytes())
+            .map_err(|source| DatapathError::Load {
+                pin_dir: options.bpffs_dir.clone(),
+                source: Box::new(source),
+            })?;
         for name in TC_PROGRAMS {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -159,6 +193,11 @@ impl Datapath {
         }
         let mut datapath = Self {
             ebpf,
+            node_trust: match conntrack {
+                Ok(_) => NodeTrust::Conntrack,
+                Err(reason) => NodeTrust::AddressOnly { reason },
+            },
+            node_cgroups: BTreeMap::new(),
             pin_dir: options.bpffs_dir.clone(),
             tc_backend: options.tc_backend,
             mirror: Tables::default(),
@@ -236,6 +275,25 @@ impl Datapath {
                 }
             }
         }
+        {
+            const MAP: &str = map_names::NODE_PORTS;
+            let map: HashMap<&MapData, NodePortKey, u32> =
+                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for item in map.iter() {
+                let (key, identity) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                tables.node_ports.insert(codec::node_port(&key), identity);
+            }
+        }
+        let mut node_cgroups = BTreeMap::new();
+        {
+            const MAP: &str = map_names::NODE_CGROUPS;
+            let map: HashMap<&MapData, u64, u32> =
+                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            for item in map.iter() {
+                let (cgroup, class) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                node_cgroups.insert(cgroup, class);
+            }
+        }
         let mut record = |info: &EndpointInfo| {
             generations.insert(info.endpoint_id, info.generation);
             if let Some(policy) = codec::endpoint_policy(info) {
@@ -271,6 +329,7 @@ impl Datapath {
             }
         }
         self.mirror = tables;
+        self.node_cgroups = node_cgroups;
         self.attachments = attachments;
         self.generations = generations;
         Ok(())
@@ -356,4 +415,31 @@ fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
     Err(DatapathError::NotBpffs {
         path: dir.to_owned(),
     })
+}
+
+/// An object copied to 8-byte aligned memory, as the ELF parser wants it.
+struct Aligned {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Aligned {
+    fn copy_of(bytes: &[u8]) -> Self {
+        let mut words = vec![0u64; bytes.len().div_ceil(8)];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            *word = u64::from_le_bytes(le);
+        }
+        Self {
+            words,
+            len: bytes.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the Vec<u64> holds at least `len` initialised bytes; u8 has no
+        // alignment or validity requirements.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast::<u8>(), self.len) }
+    }
 }

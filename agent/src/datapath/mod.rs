@@ -8,6 +8,9 @@
 //! - [`attach`]: TCX (clsact before Linux 6.6) on a pod's host veth, cgroup_skb on
 //!   its cgroup; links pinned so enforcement outlives the agent.
 //! - [`apply`]: tables and diffs to maps, in an order that never opens a gap.
+//! - [`node`]: who is behind a node address: the pod cgroups a node socket may sit
+//!   in, and what the kernel offers ([`kfuncs`]: its conntrack) to tell NATed
+//!   traffic from the node's own (SEMANTICS 5a).
 //! - [`observe`]: counters and flow events.
 //! - [`testrun`]: BPF_PROG_TEST_RUN, for the tests and the benchmark.
 //! - [`cleanup`]: remove everything pinned or attached.
@@ -16,7 +19,9 @@ pub mod attach;
 pub mod cleanup;
 mod codec;
 pub mod error;
+pub mod kfuncs;
 pub mod load;
+pub mod node;
 pub mod observe;
 pub mod paths;
 pub mod testrun;
@@ -31,6 +36,7 @@ pub use attach::Interface;
 pub use cleanup::cleanup;
 pub use error::DatapathError;
 pub use load::{Capacities, DatapathOptions, TcBackend};
+pub use node::NodeTrust;
 pub use observe::{AsyncEventStream, Counters, EventStream};
 pub use testrun::{Hook, TestRunOutcome};
 
@@ -49,6 +55,10 @@ pub struct Datapath {
     forced_fail_closed: BTreeSet<EndpointId>,
     /// Links held by this process when nothing is pinned; dropping one detaches it.
     owned_links: BTreeMap<String, OwnedLink>,
+    /// How forwarded traffic from a node address is told apart from the node's own.
+    node_trust: NodeTrust,
+    /// What `RF_NODECG` holds: cgroup id -> hostNetwork pod identity or `OTHER_POD`.
+    node_cgroups: BTreeMap<u64, u32>,
 }
 
 /// Where one endpoint is attached.
