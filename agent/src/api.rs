@@ -112,6 +112,14 @@ pub struct StatusReport {
     /// Global `--audit`.
     pub audit: bool,
     pub problems: usize,
+    /// How this node tells the node's own traffic from what it forwards or NATs
+    /// (SEMANTICS 5a): `conntrack: ...` or `address-only: ... (why)`.
+    #[serde(default)]
+    pub node_trust: String,
+    /// Local hostNetwork pods (by `namespace/name`) whose cgroup the datapath knows:
+    /// their traffic is theirs, not the node's.
+    #[serde(default)]
+    pub host_network_pods: Vec<String>,
     pub endpoints: Vec<EndpointStatus>,
 }
 

@@ -232,6 +232,55 @@ pub fn candidate_paths(
     out
 }
 
+/// The kubelet's pod cgroup roots (`kubepods.slice` for the systemd driver,
+/// `kubepods` for cgroupfs, below each kubelet `--cgroup-root`) that exist under
+/// the mount, and the `kubepods` ancestors of `located` pod cgroups (nested
+/// kubelets put the tree elsewhere): every process below one is some pod's, never
+/// the node's own (SEMANTICS 5a).
+pub fn pod_cgroup_roots(
+    mount: &Cgroup2Mount,
+    kubelet_roots: &[String],
+    located: &[PathBuf],
+) -> Vec<(PathBuf, u64)> {
+    let default_root = ["/".to_owned()];
+    let roots = if kubelet_roots.is_empty() {
+        &default_root[..]
+    } else {
+        kubelet_roots
+    };
+    let mut found: Vec<PathBuf> = Vec::new();
+    for root in roots {
+        let mut name = kubelet_root_components(root);
+        name.push("kubepods".into());
+        for path in [systemd_path(&name), cgroupfs_path(&name)] {
+            found.push(mount.mount_point.join(path));
+        }
+    }
+    for pod in located {
+        // The outermost ancestor whose name starts with `kubepods`.
+        let outermost = pod
+            .ancestors()
+            .skip(1)
+            .take_while(|dir| dir.starts_with(&mount.mount_point))
+            .filter(|dir| {
+                dir.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("kubepods"))
+            })
+            .last();
+        found.extend(outermost.map(Path::to_path_buf));
+    }
+    found.sort();
+    found.dedup();
+    found
+        .into_iter()
+        .filter_map(|path| {
+            let id = fs::metadata(&path).ok().filter(|m| m.is_dir())?.ino();
+            Some((path, id))
+        })
+        .collect()
+}
+
 /// The directory names a pod cgroup may have, whatever the driver: they end in
 /// `pod<uid>` (cgroupfs) or `pod<uid_>.slice` (systemd).
 pub fn is_pod_dir_name(dir_name: &str, uid: &str) -> bool {
@@ -594,5 +643,27 @@ mod tests {
         let mut pids = pids_below(&tree.0.join("pod"));
         pids.sort_unstable();
         assert_eq!(pids, vec![10, 11, 12]);
+    }
+
+    #[test]
+    fn pod_cgroup_roots_are_the_kubepods_trees_that_exist() {
+        let tree = TempTree::new("roots");
+        fs::create_dir_all(tree.0.join("kubepods.slice/kubepods-burstable.slice")).expect("mkdir");
+        let nested = tree.0.join("kubelet.slice/kubepods/besteffort/podu");
+        fs::create_dir_all(&nested).expect("mkdir");
+        let found: Vec<PathBuf> = pod_cgroup_roots(&tree.mount(), &["/".into()], &[nested])
+            .into_iter()
+            .map(|(path, id)| {
+                assert_eq!(id, fs::metadata(&path).expect("stat").ino());
+                path
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![
+                tree.0.join("kubelet.slice/kubepods"),
+                tree.0.join("kubepods.slice"),
+            ]
+        );
     }
 }

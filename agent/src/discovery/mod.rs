@@ -239,6 +239,12 @@ impl Locator {
         &self.mount
     }
 
+    /// The kubelet's pod cgroup roots present on this node (see
+    /// [`cgroup::pod_cgroup_roots`]), with their ids.
+    pub fn pod_cgroup_roots(&self, located: &[PathBuf]) -> Vec<(PathBuf, u64)> {
+        cgroup::pod_cgroup_roots(&self.mount, &self.config.kubelet_cgroup_roots, located)
+    }
+
     /// The pod's cgroup, or every path tried.
     pub fn locate_cgroup(&self, pod: &PodRef) -> Result<PodCgroupInfo, Vec<PathBuf>> {
         cgroup::locate_pod_cgroup(

@@ -137,9 +137,14 @@ impl Runtime {
                     Some(EndpointState::Tc { interface, .. }) => {
                         ("tc", "attached", Some(interface.clone()))
                     }
-                    Some(EndpointState::Cgroup { cgroup_id }) => {
-                        ("cgroup", "attached", Some(format!("cgroup id {cgroup_id}")))
-                    }
+                    Some(EndpointState::Cgroup { cgroup_id }) => (
+                        "cgroup",
+                        "attached",
+                        Some(format!(
+                            "cgroup id {cgroup_id}; the node's addresses are ordinary \
+                             addresses here (only an ipBlock allows them)"
+                        )),
+                    ),
                     Some(EndpointState::NotEnforced { reason }) => {
                         ("none", "not-enforced", Some(reason.clone()))
                     }
@@ -181,6 +186,8 @@ impl Runtime {
             source: self.source_status.clone(),
             audit: self.config.settings.audit,
             problems: self.reported.len(),
+            node_trust: self.datapath.node_trust().describe(),
+            host_network_pods: self.host_network_pods.keys().cloned().collect(),
             endpoints,
         }
     }

@@ -362,10 +362,13 @@ impl Endpoints {
                         via = ?location.host_interface.as_ref().map(|h| h.via), adopted, latency_ms,
                         "endpoint attached"
                     ),
-                    EndpointState::Cgroup { cgroup_id } => tracing::info!(
+                    EndpointState::Cgroup { cgroup_id } => tracing::warn!(
                         pod = %pod, endpoint = d.id, hook = "cgroup", cgroup_id = *cgroup_id,
                         cgroup = ?location.cgroup.as_ref().map(|c| c.path.display().to_string()), adopted, latency_ms,
-                        "endpoint attached"
+                        "endpoint attached on its cgroup: in the pod's own network namespace the \
+                         node's addresses cannot be told from traffic the node forwards, so they \
+                         are ordinary addresses for this pod (only an ipBlock allows them, kubelet \
+                         probes included)"
                     ),
                     EndpointState::NotEnforced { reason } => tracing::info!(
                         pod = %pod, endpoint = d.id, hook = "none", reason = %reason,

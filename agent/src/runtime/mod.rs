@@ -41,6 +41,7 @@ use crate::policy::{Engine, Kind, Problem, Settings};
 use crate::serve::Health;
 use crate::serve::metrics::{KindLabel, StatusLabel, VerdictLabel};
 use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
+use crate::tables::IdentityId;
 
 pub use endpoints::EndpointState;
 
@@ -127,6 +128,9 @@ pub struct Runtime {
     queries: Option<mpsc::Receiver<api::Query>>,
     /// Flow events: the datapath's stream and what names and publishes them.
     flow_events: Option<(AsyncEventStream, flows::FlowEvents)>,
+    /// Local hostNetwork pods (`namespace/name`) programmed into `RF_NODECG`: their
+    /// cgroup id and identity.
+    host_network_pods: BTreeMap<String, (u64, IdentityId)>,
 }
 
 impl Runtime {
@@ -142,6 +146,7 @@ impl Runtime {
             bpffs = ?config.datapath.bpffs_dir,
             adopted_endpoints = adopted,
             adopted_rows = datapath.tables().policy.len(),
+            node_trust = %datapath.node_trust().describe(),
             "datapath loaded"
         );
         let locator = Locator::new(config.locator.clone()).map_err(RuntimeError::Discovery)?;
@@ -161,6 +166,7 @@ impl Runtime {
             programmed: false,
             needs_full_apply: true,
             endpoints: endpoints::Endpoints::default(),
+            host_network_pods: BTreeMap::new(),
             reported: BTreeSet::new(),
             node_from_api: Vec::new(),
             interface_addresses: node::interface_addresses(),
@@ -491,6 +497,7 @@ impl Runtime {
         };
         self.report_problems();
         self.sync_endpoints(link_at, prelocated).await;
+        self.sync_node_cgroups();
         let elapsed = started.elapsed();
         self.health
             .metrics
@@ -569,6 +576,67 @@ impl Runtime {
                 })
             })
             .collect()
+    }
+
+    /// `RF_NODECG`: the kubelet's pod cgroup roots (a socket below one is some pod's,
+    /// never the node's) and each local hostNetwork pod's cgroup with its identity
+    /// (SEMANTICS 5a). A hostNetwork pod whose cgroup is not found yet stays under
+    /// its root meanwhile: only its address, never the node.
+    fn sync_node_cgroups(&mut self) {
+        let mut located = Vec::new();
+        let mut pods = BTreeMap::new();
+        for ((namespace, name), identity) in self.engine.host_network_pods() {
+            let Some(facts) = self.pods.get(&(namespace.clone(), name.clone())) else {
+                continue;
+            };
+            let pod = crate::discovery::PodRef {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                uid: facts.uid.clone(),
+                qos_class: facts
+                    .qos
+                    .as_deref()
+                    .and_then(crate::discovery::QosClass::from_api),
+                ips: facts.ips.clone(),
+                host_network: true,
+            };
+            match self.locator.locate_cgroup(&pod) {
+                Ok(cgroup) => {
+                    located.push(cgroup.path.clone());
+                    pods.insert(format!("{namespace}/{name}"), (cgroup.id, identity));
+                }
+                Err(tried) => tracing::debug!(
+                    pod = %format!("{namespace}/{name}"), tried = tried.len(),
+                    "hostNetwork pod: cgroup not found yet"
+                ),
+            }
+        }
+        let mut desired: BTreeMap<u64, u32> = self
+            .locator
+            .pod_cgroup_roots(&located)
+            .into_iter()
+            .map(|(_, id)| (id, rayfence_common::identity::OTHER_POD))
+            .collect();
+        desired.extend(pods.values().map(|(cgroup, identity)| (*cgroup, *identity)));
+        if &desired == self.datapath.node_cgroups() {
+            self.host_network_pods = pods;
+            return;
+        }
+        match self.datapath.set_node_cgroups(&desired) {
+            Ok(()) => {
+                for (pod, (cgroup, identity)) in &pods {
+                    if self.host_network_pods.get(pod) != Some(&(*cgroup, *identity)) {
+                        tracing::info!(pod = %pod, cgroup_id = *cgroup, identity = *identity,
+                            "hostNetwork pod: its traffic is its own, not the node's");
+                    }
+                }
+                self.host_network_pods = pods;
+            }
+            Err(error) => {
+                self.health.metrics.error("node-cgroups");
+                tracing::error!(%error, "programming the pod cgroups of the node failed; retrying");
+            }
+        }
     }
 
     async fn sync_endpoints(
