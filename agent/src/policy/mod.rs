@@ -84,7 +84,8 @@ pub mod selector;
 pub mod settings;
 
 pub use engine::{
-    AddressOwner, EndpointMeta, Engine, Explanation, Kind, NamedPort, ObjectKey, PodFacts, Stats,
+    AddressOwner, EndpointMeta, Engine, Explanation, Kind, NamedPort, NodePortOwner, ObjectKey,
+    PodFacts, Stats,
 };
 pub use problem::{ObjectRef, Problem, Severity};
 pub use rule::{Role, RuleOrigin};

@@ -28,6 +28,7 @@ mod index;
 mod local;
 mod namespaces;
 mod node_ports;
+pub use node_ports::NodePortOwner;
 mod pods;
 mod rows;
 mod services;
@@ -84,6 +85,12 @@ pub enum Explanation {
     /// Allowed to a Service ClusterIP: every backend is allowed, by these rules.
     AllowedViaService {
         service: ObjectKey,
+        rules: Vec<(ObjectRef, RuleOrigin)>,
+    },
+    /// Allowed to a port the node DNATs (a Service's `nodePort`, a local pod's
+    /// `hostPort`) on one of its addresses: every backend is allowed, by these rules.
+    AllowedViaNodePort {
+        owner: NodePortOwner,
         rules: Vec<(ObjectRef, RuleOrigin)>,
     },
     /// No rule allows it.
