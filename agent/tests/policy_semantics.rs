@@ -2179,6 +2179,29 @@ fn cluster_ip_backed_by_a_host_network_pod_is_decided_by_that_pod() {
         "TCP",
         9100
     ));
+    // explain names the rule that selects the hostNetwork pod behind the ClusterIP.
+    let cpu = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let why = e.explain(
+        cpu,
+        Direction::Egress,
+        "10.96.2.1".parse().unwrap(),
+        proto("TCP"),
+        9100,
+    );
+    let Explanation::AllowedViaService { rules, .. } = why else {
+        panic!("{why:?}");
+    };
+    assert_eq!(
+        rules,
+        vec![(
+            ObjectRef::new("RayCluster", "team-a", "training"),
+            RuleOrigin::User {
+                role: Role::Worker,
+                direction: Direction::Egress,
+                index: 0
+            }
+        )]
+    );
     // The exporter relabelled: revoked.
     e.upsert_pod(&host_network(pod(
         "monitoring",

@@ -147,18 +147,28 @@ impl Engine {
         })
     }
 
-    /// Every rule that lets `endpoint` reach these backends (post-DNAT).
+    /// Every rule that lets `endpoint` reach these backends (post-DNAT); on this
+    /// node's address, the hostNetwork pods there that declare the port.
     fn backend_rules(
         &self,
         endpoint: EndpointId,
         backends: &[(IpAddr, u8, u16)],
     ) -> Vec<(crate::policy::ObjectRef, crate::policy::RuleOrigin)> {
         let mut rules = Vec::new();
-        for (ip, proto, target) in backends {
-            if let Explanation::Allowed(r) =
-                self.explain(endpoint, Direction::Egress, *ip, *proto, *target)
-            {
-                rules.extend(r);
+        for &(ip, proto, target) in backends {
+            let answers: Vec<Explanation> = if self.node_addresses.contains(&ip) {
+                self.node_listeners(proto, target)
+                    .map(|id| {
+                        self.explain_identified(endpoint, Direction::Egress, ip, id, proto, target)
+                    })
+                    .collect()
+            } else {
+                vec![self.explain(endpoint, Direction::Egress, ip, proto, target)]
+            };
+            for answer in answers {
+                if let Explanation::Allowed(r) = answer {
+                    rules.extend(r);
+                }
             }
         }
         rules.sort();

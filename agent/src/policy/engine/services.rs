@@ -397,16 +397,25 @@ impl Engine {
         port: u16,
     ) -> bool {
         let cidr = self.longest_prefix(ip);
+        self.node_listeners(protocol, port).all(|listener| {
+            [Some(listener), cidr]
+                .into_iter()
+                .flatten()
+                .any(|id| Self::rows_allow(policy, id, Direction::Egress, protocol, port))
+        })
+    }
+
+    /// The identities of this node's hostNetwork pods that declare `protocol`/`port`.
+    pub(super) fn node_listeners(
+        &self,
+        protocol: u8,
+        port: u16,
+    ) -> impl Iterator<Item = IdentityId> + '_ {
         self.local_host_network
             .iter()
             .filter_map(|key| self.pods.get(key))
-            .filter(|pod| pod.listen_ports.contains(&(protocol, port)))
-            .all(|pod| {
-                [pod.identity, cidr]
-                    .into_iter()
-                    .flatten()
-                    .any(|id| Self::rows_allow(policy, id, Direction::Egress, protocol, port))
-            })
+            .filter(move |pod| pod.listen_ports.contains(&(protocol, port)))
+            .filter_map(|pod| pod.identity)
     }
 
     /// Whether every backend is allowed, and there is one.
