@@ -6,7 +6,9 @@
 //!   which directions are isolated. Where the pod is attached (veth ifindex, cgroup)
 //!   is the agent's business, not the engine's.
 //! - `addresses`: exact addresses (pod IPs, the node's own addresses as
-//!   [`identity::HOST`], Service ClusterIPs) to identities.
+//!   [`identity::HOST`], Service ClusterIPs) to identities. A hostNetwork pod's
+//!   address is its node's and is never entered for it: on this node the datapath
+//!   knows it by its cgroup ([`Tables::allows_identified`]).
 //! - `cidrs`: ipBlock prefixes to identities of the *set of ipBlocks* containing the
 //!   prefix; the longest match for an address gives exactly the blocks it is in, so
 //!   `except` needs no special casing in the datapath.
