@@ -1,8 +1,13 @@
 //! Flow-level explanation: `explain --from A --to B[:port[/proto]]` resolved to
 //! addresses, each side (egress at A, ingress at B or at each backend of a
-//! ClusterIP) explained by [`Engine::explain`] from the rows the datapath holds, and
-//! the verdict combined the way the datapath combines them (a flow passes only if
-//! every side lets it). Also names the ends of a flow for flow events.
+//! ClusterIP or of a port the node DNATs: a `nodePort`, a `hostPort`) explained by
+//! [`Engine::explain`] from the rows the datapath holds, and the verdict combined the
+//! way the datapath combines them (a flow passes only if every side lets it). Also
+//! names the ends of a flow for flow events.
+//!
+//! SEMANTICS 5a: a backend behind a node port judges the flow by its original source
+//! (`--from`), whatever the node's SNAT makes of it; a hostNetwork pod of this node is
+//! judged by its identity ([`Engine::explain_identified`]), not as the node.
 //!
 //! The running agent answers from its own engine: a side on another node is
 //! `elsewhere`. Offline (`--manifests`), the CLI builds an engine in which every pod
@@ -12,8 +17,10 @@
 use std::net::IpAddr;
 
 use crate::api::{ExplainReport, ExplainSide, FlowEnd};
-use crate::policy::{AddressOwner, Engine, Explanation, ObjectRef, Role, RuleOrigin};
-use crate::tables::{Direction, EndpointId, protocol};
+use crate::policy::{
+    AddressOwner, Engine, Explanation, NodePortOwner, ObjectRef, Role, RuleOrigin,
+};
+use crate::tables::{Direction, EndpointId, IdentityId, protocol};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ExplainError {
@@ -253,58 +260,75 @@ pub fn explain_flow(engine: &Engine, from: &str, to: &str) -> Result<ExplainRepo
         None if to_ip.is_ipv4() => (protocol::ICMP, 0),
         None => (protocol::ICMPV6, 0),
     };
+    // A hostNetwork pod of this node is judged by its identity, not as the node.
+    let from_identity = host_network_identity(engine, &source);
+    let to_identity = host_network_identity(engine, &destination.end);
 
     let mut sides = vec![side(
         engine,
         Direction::Egress,
         from_ip,
-        to_ip,
+        (to_ip, to_identity),
         proto,
         port,
         &source,
     )];
-    match engine.address_owner(to_ip) {
-        AddressOwner::Service(service) => {
+    let peer = (from_ip, from_identity);
+    let backend_sides = |backends: Vec<(IpAddr, u8, u16)>, sides: &mut Vec<ExplainSide>| {
+        for (backend, proto, target) in backends {
+            let end = match engine.address_owner(backend) {
+                AddressOwner::Pod { pod, .. } => NamedEnd::Pod {
+                    namespace: pod.0,
+                    name: pod.1,
+                },
+                _ => NamedEnd::Address(backend),
+            };
+            // Judged by the original source, as the node saw it before any SNAT.
+            sides.push(side(
+                engine,
+                Direction::Ingress,
+                backend,
+                peer,
+                proto,
+                target,
+                &end,
+            ));
+        }
+    };
+    let no_backend = |what: String| ExplainSide {
+        direction: "ingress".into(),
+        pod: None,
+        verdict: "not-enforced".into(),
+        because: format!("{what} has no backend for {}/{port}", protocol_name(proto)),
+        rules: Vec::new(),
+        audit: false,
+    };
+    let node_port = match engine.address_owner(to_ip) {
+        AddressOwner::Node => engine.node_port_owner(proto, port),
+        _ => None,
+    };
+    match (engine.address_owner(to_ip), node_port) {
+        (AddressOwner::Service(service), _) => {
             let backends = engine.service_backends(&service, proto, port);
             if backends.is_empty() {
-                sides.push(ExplainSide {
-                    direction: "ingress".into(),
-                    pod: None,
-                    verdict: "not-enforced".into(),
-                    because: format!(
-                        "Service {}/{} has no backend for {}/{port}",
-                        service.0,
-                        service.1,
-                        protocol_name(proto)
-                    ),
-                    rules: Vec::new(),
-                    audit: false,
-                });
+                sides.push(no_backend(format!("Service {}/{}", service.0, service.1)));
             }
-            for (backend, proto, target) in backends {
-                let end = match engine.address_owner(backend) {
-                    AddressOwner::Pod { pod, .. } => NamedEnd::Pod {
-                        namespace: pod.0,
-                        name: pod.1,
-                    },
-                    _ => NamedEnd::Address(backend),
-                };
-                sides.push(side(
-                    engine,
-                    Direction::Ingress,
-                    backend,
-                    from_ip,
-                    proto,
-                    target,
-                    &end,
-                ));
+            backend_sides(backends, &mut sides);
+        }
+        (_, Some(owner)) => {
+            // The node DNATs this port: the flow lands on the backends, wherever they
+            // run (in a conflict, on either claimant's).
+            let backends = engine.node_port_backends(proto, port);
+            if backends.is_empty() {
+                sides.push(no_backend(node_port_words(&owner)));
             }
+            backend_sides(backends, &mut sides);
         }
         _ => sides.push(side(
             engine,
             Direction::Ingress,
             to_ip,
-            from_ip,
+            peer,
             proto,
             port,
             &destination.end,
@@ -312,12 +336,50 @@ pub fn explain_flow(engine: &Engine, from: &str, to: &str) -> Result<ExplainRepo
     }
     let verdict = combine(&sides);
     Ok(ExplainReport {
-        from: describe(engine, from_ip, 0),
-        to: describe(engine, to_ip, port),
+        from: named_end(engine, &source, from_ip, 0),
+        to: named_end(engine, &destination.end, to_ip, port),
         protocol: protocol_name(proto),
         verdict,
         sides,
     })
+}
+
+/// The identity of a named end that is a hostNetwork pod of this node.
+fn host_network_identity(engine: &Engine, end: &NamedEnd) -> Option<IdentityId> {
+    match end {
+        NamedEnd::Pod { namespace, name } => engine.host_network_identity(namespace, name),
+        NamedEnd::Address(_) => None,
+    }
+}
+
+/// An end as reports show it: a hostNetwork pod by its name, not as its node.
+fn named_end(engine: &Engine, end: &NamedEnd, ip: IpAddr, port: u16) -> FlowEnd {
+    let mut out = describe(engine, ip, port);
+    if let NamedEnd::Pod { namespace, name } = end
+        && let Some(facts) = engine.pod_facts(namespace, name).filter(|f| f.host_network)
+    {
+        out.kind = "pod".into();
+        out.namespace = Some(namespace.clone());
+        out.name = Some(name.clone());
+        out.raycluster = facts.raycluster;
+    }
+    out
+}
+
+/// `Service ns/name's nodePort`, `hostPort of pod ns/name`, `both ...`.
+fn node_port_words(owner: &NodePortOwner) -> String {
+    match owner {
+        NodePortOwner::Service((ns, name)) => format!("the nodePort of Service {ns}/{name}"),
+        NodePortOwner::HostPort((ns, name)) => format!("the hostPort of pod {ns}/{name}"),
+        NodePortOwner::Conflict(objects) => format!(
+            "the node port claimed by {}",
+            objects
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ),
+    }
 }
 
 /// Denied anywhere (and not only in audit) → `denied`; denied only where audit
@@ -387,16 +449,18 @@ fn pick_family(from: &[IpAddr], to: &[IpAddr]) -> Result<(IpAddr, IpAddr), Expla
     })
 }
 
-/// One side: `direction` at the pod that owns `local` (if rayfence isolates it here).
+/// One side: `direction` at the pod that owns `local` (if rayfence isolates it here),
+/// with `peer` (its address, and its identity when the datapath knows it by socket).
 fn side(
     engine: &Engine,
     direction: Direction,
     local: IpAddr,
-    peer: IpAddr,
+    peer: (IpAddr, Option<IdentityId>),
     proto: u8,
     port: u16,
     named: &NamedEnd,
 ) -> ExplainSide {
+    let (peer, peer_identity) = peer;
     let dir = match direction {
         Direction::Ingress => "ingress",
         Direction::Egress => "egress",
@@ -419,12 +483,18 @@ fn side(
         return out;
     };
     out.pod = Some(format!("{namespace}/{name}"));
+    let facts = engine.pod_facts(&namespace, &name);
+    if facts.as_ref().is_some_and(|f| f.host_network) {
+        out.because = format!(
+            "{namespace}/{name} is a hostNetwork pod: rayfence isolates none (its peers judge its traffic by its labels and namespace)"
+        );
+        return out;
+    }
     let Some(endpoint) = engine
         .endpoint_id(&namespace, &name)
         .or_else(|| engine.endpoint_at(local))
     else {
-        let local_pod = engine.pod_facts(&namespace, &name).is_some_and(|f| f.local);
-        if local_pod {
+        if facts.is_some_and(|f| f.local) {
             out.because = format!("{namespace}/{name} is not isolated by rayfence");
         } else {
             out.verdict = "elsewhere".into();
@@ -443,9 +513,13 @@ fn side(
         Direction::Ingress => format!("from {peer}"),
         Direction::Egress => format!("to {peer}"),
     };
+    let explanation = match peer_identity {
+        Some(id) => engine.explain_identified(endpoint, direction, peer, id, proto, port),
+        None => engine.explain(endpoint, direction, peer, proto, port),
+    };
     fill(
         &mut out,
-        engine.explain(endpoint, direction, peer, proto, port),
+        explanation,
         &format!("{dir} of {namespace}/{name}"),
         &format!("{what} {peer_words}"),
     );
@@ -464,7 +538,9 @@ fn fill(out: &mut ExplainSide, explanation: Explanation, who: &str, flow: &str) 
         Explanation::NotIsolated => out.because = format!("{who} is not isolated"),
         Explanation::Host => {
             out.verdict = "allowed".into();
-            out.because = format!("{flow}: this node's own address is always allowed");
+            out.because = format!(
+                "{flow}: this node's own processes are always allowed (nothing rewrites this port)"
+            );
         }
         Explanation::Allowed(rules) => {
             out.verdict = "allowed".into();
@@ -476,6 +552,14 @@ fn fill(out: &mut ExplainSide, explanation: Explanation, who: &str, flow: &str) 
             out.because = format!(
                 "{who} is isolated; {flow} is allowed: every backend of Service {}/{} is",
                 service.0, service.1
+            );
+            out.rules = render(&rules);
+        }
+        Explanation::AllowedViaNodePort { owner, rules } => {
+            out.verdict = "allowed".into();
+            out.because = format!(
+                "{who} is isolated; {flow} is allowed: the node forwards it ({}) and every backend is",
+                node_port_words(&owner)
             );
             out.rules = render(&rules);
         }

@@ -6,7 +6,9 @@
 //!   which directions are isolated. Where the pod is attached (veth ifindex, cgroup)
 //!   is the agent's business, not the engine's.
 //! - `addresses`: exact addresses (pod IPs, the node's own addresses as
-//!   [`identity::HOST`], Service ClusterIPs) to identities.
+//!   [`identity::HOST`], Service ClusterIPs) to identities. A hostNetwork pod's
+//!   address is its node's and is never entered for it: on this node the datapath
+//!   knows it by its cgroup ([`Tables::allows_identified`]).
 //! - `cidrs`: ipBlock prefixes to identities of the *set of ipBlocks* containing the
 //!   prefix; the longest match for an address gives exactly the blocks it is in, so
 //!   `except` needs no special casing in the datapath.
@@ -331,6 +333,46 @@ impl Tables {
         })
     }
 
+    /// The verdict for a new flow whose peer the datapath knows by its socket's cgroup
+    /// (`RF_NODECG`: a hostNetwork pod of this node, or [`identity::OTHER_POD`]) rather
+    /// than by its address `peer` (one of the node's): `peer_identity`'s rows, or an
+    /// ipBlock's rows for `peer` (SEMANTICS 5a: a hostNetwork pod is a peer with its own
+    /// labels, and its node's address for ipBlocks). Egress to a port in `node_ports`
+    /// is still decided on that port's identity: the node rewrites it before any
+    /// socket is involved.
+    pub fn allows_identified(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer: IpAddr,
+        peer_identity: IdentityId,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let Some(endpoint) = self.endpoints.get(&endpoint) else {
+            return false;
+        };
+        let isolated = match direction {
+            Direction::Ingress => endpoint.isolate_ingress,
+            Direction::Egress => endpoint.isolate_egress,
+        };
+        if !isolated {
+            return true;
+        }
+        let peer = canonical(peer);
+        if direction == Direction::Egress
+            && self.addresses.get(&peer) == Some(&identity::HOST)
+            && let Some(id) = self.node_ports.get(&NodePort { protocol, port })
+        {
+            return self.row_allows(endpoint.policy_id, direction, *id, protocol, port);
+        }
+        let cidr = self.longest_cidr_identity(peer);
+        [Some(peer_identity), cidr]
+            .into_iter()
+            .flatten()
+            .any(|id| self.row_allows(endpoint.policy_id, direction, id, protocol, port))
+    }
+
     /// Whether a row of `policy_id` allows `protocol`/`port` to/from `peer_identity`.
     fn row_allows(
         &self,
@@ -479,6 +521,93 @@ mod tests {
             "10.2.3.4".parse().unwrap(),
             protocol::UDP,
             1500
+        ));
+    }
+
+    #[test]
+    fn egress_to_a_node_port_is_decided_on_its_identity_and_the_rest_is_the_node() {
+        let node: IpAddr = "192.168.0.1".parse().unwrap();
+        let mut tables = Tables::default();
+        tables.endpoints.insert(
+            1,
+            EndpointPolicy {
+                policy_id: 9,
+                isolate_ingress: true,
+                isolate_egress: true,
+                audit: false,
+            },
+        );
+        tables.addresses.insert(node, identity::HOST);
+        tables.cidrs.insert("0.0.0.0/0".parse().unwrap(), 400);
+        let node_port = |port| NodePort {
+            protocol: protocol::TCP,
+            port,
+        };
+        tables.node_ports.insert(node_port(30080), 500);
+        tables.node_ports.insert(node_port(30081), 501);
+        tables.policy.extend(PolicyEntry::for_port_range(
+            9,
+            Direction::Egress,
+            500,
+            protocol::TCP,
+            30080,
+            30080,
+        ));
+        // Every address allowed by an ipBlock: still no way around a node port.
+        tables
+            .policy
+            .insert(PolicyEntry::any(9, Direction::Egress, 400));
+        let egress = |port| tables.allows(1, Direction::Egress, node, protocol::TCP, port);
+        assert!(egress(30080));
+        assert!(!egress(30081), "a node port without rows is denied");
+        assert!(egress(10250), "a port nothing rewrites is the node");
+        assert!(tables.allows(1, Direction::Ingress, node, protocol::TCP, 30081));
+        assert!(!tables.allows_identified(1, Direction::Egress, node, 700, protocol::TCP, 30081));
+    }
+
+    #[test]
+    fn a_peer_known_by_identity_is_judged_by_its_rows_or_an_ip_block_on_its_address() {
+        let node: IpAddr = "192.168.0.1".parse().unwrap();
+        let mut tables = Tables::default();
+        tables.endpoints.insert(
+            1,
+            EndpointPolicy {
+                policy_id: 9,
+                isolate_ingress: true,
+                isolate_egress: false,
+                audit: false,
+            },
+        );
+        tables.addresses.insert(node, identity::HOST);
+        tables.policy.extend(PolicyEntry::for_port_range(
+            9,
+            Direction::Ingress,
+            700,
+            protocol::TCP,
+            8080,
+            8080,
+        ));
+        let from = |tables: &Tables, id, port| {
+            tables.allows_identified(1, Direction::Ingress, node, id, protocol::TCP, port)
+        };
+        assert!(from(&tables, 700, 8080));
+        assert!(!from(&tables, 700, 8081));
+        assert!(!from(&tables, identity::OTHER_POD, 8080));
+        tables.cidrs.insert("192.168.0.0/24".parse().unwrap(), 400);
+        tables
+            .policy
+            .insert(PolicyEntry::any(9, Direction::Ingress, 400));
+        assert!(
+            from(&tables, identity::OTHER_POD, 8080),
+            "an ipBlock on the node's address"
+        );
+        assert!(tables.allows_identified(
+            1,
+            Direction::Egress,
+            node,
+            identity::OTHER_POD,
+            protocol::TCP,
+            1
         ));
     }
 }

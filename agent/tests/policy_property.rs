@@ -1,6 +1,10 @@
 //! Property tests: the compiled tables against an independent, obviously-correct
 //! reference evaluator that decides flows straight from the objects (no engine code
 //! beyond the input types), and incremental updates against a fresh full compile.
+//!
+//! The world has what SEMANTICS 5a is about too: Services with a `nodePort`, pods
+//! with a `hostPort`, hostNetwork pods (on this node and another), and Services with
+//! a backend on this node's address.
 mod policy_support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -44,6 +48,10 @@ const NETPOL_SLOTS: usize = 3;
 const EXTERNAL: [&str; 2] = ["10.0.1.200", "8.8.8.8"];
 const PROBE_PORTS: [u16; 6] = [53, 80, 81, 8080, 8265, 10001];
 const PROTOS: [&str; 3] = ["TCP", "UDP", "SCTP"];
+/// Ports Services and pods may publish on the node (a nodePort, a hostPort).
+const NODE_PORTS: [u16; 2] = [30080, 30081];
+/// Container ports a hostPort may lead to.
+const HOST_PORT_TARGETS: [u16; 2] = [80, 8080];
 
 fn slot_ip(slot: usize) -> String {
     format!("10.0.{}.{}", slot / 4, slot % 4 + 1)
@@ -104,6 +112,10 @@ struct PodT {
     ray: Option<Ray>,
     local: bool,
     ports: Vec<usize>,
+    /// `spec.hostNetwork`: its address is its node's, not its slot's.
+    host_network: bool,
+    /// (protocol index into TCP/UDP, HOST_PORT_TARGETS index, NODE_PORTS index).
+    host_port: Option<(usize, usize, usize)>,
 }
 
 #[derive(Clone, Debug)]
@@ -137,6 +149,10 @@ struct ServiceT {
     target: u16,
     backends: Vec<usize>,
     external_backend: bool,
+    /// A backend on this node's address (what a hostNetwork pod there serves).
+    node_backend: bool,
+    /// NODE_PORTS index of its nodePort, and whether it is a LoadBalancer.
+    node_port: Option<(usize, bool)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -228,14 +244,23 @@ fn pod_t() -> impl Strategy<Value = PodT> {
         ),
         prop::bool::weighted(0.6),
         prop::collection::vec(0..PORTS.len(), 0..3),
+        prop::bool::weighted(0.15),
+        prop::option::weighted(
+            0.25,
+            (0..2usize, 0..HOST_PORT_TARGETS.len(), 0..NODE_PORTS.len()),
+        ),
     )
-        .prop_map(|(ns, labels, ray, local, ports)| PodT {
-            ns,
-            labels,
-            ray,
-            local,
-            ports,
-        })
+        .prop_map(
+            |(ns, labels, ray, local, ports, host_network, host_port)| PodT {
+                ns,
+                labels,
+                ray,
+                local,
+                ports,
+                host_network,
+                host_port,
+            },
+        )
 }
 
 fn netpol_t() -> impl Strategy<Value = NetpolT> {
@@ -281,14 +306,20 @@ fn service_t() -> impl Strategy<Value = ServiceT> {
         prop::sample::select(vec![80u16, 81, 53, 8080]),
         prop::collection::vec(0..POD_SLOTS, 0..3),
         prop::bool::weighted(0.2),
+        prop::bool::weighted(0.15),
+        prop::option::weighted(0.4, (0..NODE_PORTS.len(), any::<bool>())),
     )
-        .prop_map(|(ns, proto, target, backends, external_backend)| ServiceT {
-            ns,
-            proto,
-            target,
-            backends,
-            external_backend,
-        })
+        .prop_map(
+            |(ns, proto, target, backends, external_backend, node_backend, node_port)| ServiceT {
+                ns,
+                proto,
+                target,
+                backends,
+                external_backend,
+                node_backend,
+                node_port,
+            },
+        )
 }
 
 fn world() -> impl Strategy<Value = World> {
@@ -397,7 +428,8 @@ fn in_block(ip: IpAddr, b: usize) -> bool {
     in_net(ip, cidr) && !except.iter().any(|e| in_net(ip, e))
 }
 
-/// The pod slot holding `ip`, if any.
+/// The pod slot holding `ip`, if any (a hostNetwork pod holds none: its address is
+/// its node's, which stays the node's).
 fn pod_at(w: &World, ip: IpAddr) -> Option<&PodT> {
     (0..POD_SLOTS)
         .find(|s| {
@@ -405,6 +437,11 @@ fn pod_at(w: &World, ip: IpAddr) -> Option<&PodT> {
                 || slot_ip6(*s).parse::<IpAddr>().unwrap() == ip
         })
         .and_then(|s| w.pods[s].as_ref())
+        .filter(|p| !p.host_network)
+}
+
+fn node_ip() -> IpAddr {
+    NODE_IP.parse().unwrap()
 }
 
 fn proto_of(p: &PortT) -> &'static str {
@@ -420,7 +457,8 @@ enum Via {
     Any,
 }
 
-/// One rule of the policy of `local` (in namespace `ns`), straight from its meaning.
+/// One rule of the policy of `local` (in namespace `ns`), straight from its meaning,
+/// for a peer at `peer` that is `peer_pod` (if a pod).
 #[expect(clippy::too_many_arguments, reason = "a flow has that many parts")]
 fn rule_allows(
     w: &World,
@@ -428,11 +466,10 @@ fn rule_allows(
     ns: usize,
     local: &PodT,
     dir: Direction,
-    peer: IpAddr,
+    (peer, peer_pod): (IpAddr, Option<&PodT>),
     proto: &str,
     port: u16,
 ) -> bool {
-    let peer_pod = pod_at(w, peer);
     let mut vias = Vec::new();
     match &rule.peers {
         None => vias.push(Via::Any),
@@ -520,7 +557,15 @@ fn ray_rules<'a>(
 /// The reference verdict for a new flow of local pod `slot`.
 fn reference(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, port: u16) -> bool {
     let local = w.pods[slot].as_ref().unwrap();
-    if peer == NODE_IP.parse::<IpAddr>().unwrap() {
+    if peer == node_ip() {
+        // A port the node DNATs is decided on where it leads; anything else on the
+        // node's address is the node's own processes.
+        if dir == Direction::Egress
+            && isolated(w, local, dir)
+            && let Some(verdict) = node_port_verdict(w, slot, proto, port)
+        {
+            return verdict;
+        }
         return true;
     }
     // Post-DNAT: egress to a ClusterIP is the verdict for every backend it may land on.
@@ -536,13 +581,142 @@ fn reference(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, 
         if svc_proto != proto || port != 80 {
             return false;
         }
-        let backends = backends(svc);
-        return !backends.is_empty()
-            && backends
-                .iter()
-                .all(|b| direct(w, slot, dir, *b, proto, svc.target));
+        return to_every_backend(w, slot, svc, proto);
     }
     direct(w, slot, dir, peer, proto, port)
+}
+
+/// The reference verdict when the peer is hostNetwork pod `host` of this node, known
+/// by its socket rather than its address (the node's): its labels and namespace, or
+/// an ipBlock covering the node's address.
+fn reference_identified(
+    w: &World,
+    slot: usize,
+    dir: Direction,
+    host: usize,
+    proto: &str,
+    port: u16,
+) -> bool {
+    let local = w.pods[slot].as_ref().unwrap();
+    if !isolated(w, local, dir) {
+        return true;
+    }
+    if dir == Direction::Egress
+        && let Some(verdict) = node_port_verdict(w, slot, proto, port)
+    {
+        return verdict;
+    }
+    direct_as(
+        w,
+        slot,
+        dir,
+        (node_ip(), w.pods[host].as_ref()),
+        proto,
+        port,
+    )
+}
+
+/// Egress to every backend of `svc` on its target port (none: denied).
+fn to_every_backend(w: &World, slot: usize, svc: &ServiceT, proto: &str) -> bool {
+    let backends = backends(svc);
+    !backends.is_empty()
+        && backends
+            .iter()
+            .all(|b| to_backend(w, slot, *b, proto, svc.target))
+}
+
+/// Egress from `slot` to a backend (after DNAT). On this node's address it lands on
+/// whatever listens there: a hostNetwork pod of this node that declares the port
+/// (each one must be allowed), else the node's own processes.
+fn to_backend(w: &World, slot: usize, backend: IpAddr, proto: &str, port: u16) -> bool {
+    if backend != node_ip() {
+        return direct(w, slot, Direction::Egress, backend, proto, port);
+    }
+    (0..POD_SLOTS)
+        .filter(|h| {
+            w.pods[*h]
+                .as_ref()
+                .is_some_and(|p| p.local && p.host_network && listens(p).contains(&(proto, port)))
+        })
+        .all(|h| {
+            direct_as(
+                w,
+                slot,
+                Direction::Egress,
+                (node_ip(), w.pods[h].as_ref()),
+                proto,
+                port,
+            )
+        })
+}
+
+/// Every (protocol, containerPort) a pod declares.
+fn listens(p: &PodT) -> Vec<(&'static str, u16)> {
+    let mut out: Vec<(&'static str, u16)> =
+        p.ports.iter().map(|c| (PORTS[*c].1, PORTS[*c].2)).collect();
+    if let Some((proto, target, _)) = p.host_port {
+        out.push((["TCP", "UDP"][proto], HOST_PORT_TARGETS[target]));
+    }
+    out
+}
+
+/// What claims `proto`/`port` on this node's addresses.
+enum Claim<'a> {
+    Service(&'a ServiceT),
+    /// The slot of a local pod with that hostPort.
+    Pod(usize),
+}
+
+fn node_port_claims<'a>(w: &'a World, proto: &str, port: u16) -> Vec<Claim<'a>> {
+    let mut out: Vec<Claim<'a>> = w
+        .services
+        .iter()
+        .flatten()
+        .filter(|svc| {
+            svc.node_port.is_some_and(|(i, _)| NODE_PORTS[i] == port)
+                && ["TCP", "UDP"][svc.proto] == proto
+        })
+        .map(Claim::Service)
+        .collect();
+    out.extend(
+        (0..POD_SLOTS)
+            .filter(|s| {
+                w.pods[*s].as_ref().is_some_and(|p| {
+                    p.local
+                        && !p.host_network
+                        && p.host_port.is_some_and(|(pr, _, np)| {
+                            ["TCP", "UDP"][pr] == proto && NODE_PORTS[np] == port
+                        })
+                })
+            })
+            .map(Claim::Pod),
+    );
+    out
+}
+
+/// Egress of isolated `slot` to this node's address on a port the node DNATs: every
+/// backend must be allowed, and a port two objects claim allows nothing. `None` when
+/// nothing claims the port.
+fn node_port_verdict(w: &World, slot: usize, proto: &str, port: u16) -> Option<bool> {
+    Some(match node_port_claims(w, proto, port).as_slice() {
+        [] => return None,
+        [Claim::Service(svc)] => to_every_backend(w, slot, svc, proto),
+        [Claim::Pod(pod)] => {
+            let pod = *pod;
+            let (_, target, _) = w.pods[pod].as_ref()?.host_port?;
+            [slot_ip(pod), slot_ip6(pod)].iter().all(|ip| {
+                direct(
+                    w,
+                    slot,
+                    Direction::Egress,
+                    ip.parse().unwrap(),
+                    proto,
+                    HOST_PORT_TARGETS[target],
+                )
+            })
+        }
+        _ => false,
+    })
 }
 
 fn backends(svc: &ServiceT) -> Vec<IpAddr> {
@@ -553,6 +727,9 @@ fn backends(svc: &ServiceT) -> Vec<IpAddr> {
         .collect();
     if svc.external_backend {
         out.push(EXTERNAL[0].parse().unwrap());
+    }
+    if svc.node_backend {
+        out.push(node_ip());
     }
     out.sort();
     out.dedup();
@@ -573,10 +750,23 @@ fn isolated(w: &World, local: &PodT, dir: Direction) -> bool {
 }
 
 fn direct(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, port: u16) -> bool {
-    let local = w.pods[slot].as_ref().unwrap();
-    if peer == NODE_IP.parse::<IpAddr>().unwrap() {
+    if peer == node_ip() {
         return true;
     }
+    direct_as(w, slot, dir, (peer, pod_at(w, peer)), proto, port)
+}
+
+/// A flow of `slot` with a peer at an address that is a given pod (or none), by the
+/// rules alone.
+fn direct_as(
+    w: &World,
+    slot: usize,
+    dir: Direction,
+    (peer, peer_pod): (IpAddr, Option<&PodT>),
+    proto: &str,
+    port: u16,
+) -> bool {
+    let local = w.pods[slot].as_ref().unwrap();
     if !isolated(w, local, dir) {
         return true;
     }
@@ -592,13 +782,12 @@ fn direct(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, por
         if on
             && rules
                 .iter()
-                .any(|r| rule_allows(w, r, np.ns, local, dir, peer, proto, port))
+                .any(|r| rule_allows(w, r, np.ns, local, dir, (peer, peer_pod), proto, port))
         {
             return true;
         }
     }
     if let Some((true, user, head)) = ray_rules(w, local, dir) {
-        let peer_pod = pod_at(w, peer);
         // Base flows: same cluster, all ports.
         if peer_pod.is_some_and(|p| p.ns == 0 && p.ray.is_some()) {
             return true;
@@ -607,7 +796,7 @@ fn direct(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, por
         if dir == Direction::Egress && (proto == "UDP" || proto == "TCP") && port == 53 {
             let dns = w.services[0].as_ref().filter(|svc| svc.ns == 0);
             let slot = (0..POD_SLOTS).find(|s| {
-                w.pods[*s].is_some()
+                w.pods[*s].as_ref().is_some_and(|p| !p.host_network)
                     && (slot_ip(*s).parse::<IpAddr>().unwrap() == peer
                         || slot_ip6(*s).parse::<IpAddr>().unwrap() == peer)
             });
@@ -630,7 +819,7 @@ fn direct(w: &World, slot: usize, dir: Direction, peer: IpAddr, proto: &str, por
         }
         if user
             .iter()
-            .any(|r| rule_allows(w, r, 0, local, dir, peer, proto, port))
+            .any(|r| rule_allows(w, r, 0, local, dir, (peer, peer_pod), proto, port))
         {
             return true;
         }
@@ -742,10 +931,31 @@ fn apply(e: &mut Engine, w: &mut World, op: &Op) {
                     .iter()
                     .map(|i| (PORTS[*i].0, PORTS[*i].1, i32::from(PORTS[*i].2)))
                     .collect();
-                let node = if p.local { NODE } else { "node-b" };
-                let mut object = pod(NAMESPACES[p.ns], &name, &l, &slot_ip(*s), node, &ports);
-                if let Some(ips) = object.status.as_mut().and_then(|st| st.pod_ips.as_mut()) {
+                let (node, node_ip) = if p.local {
+                    (NODE, NODE_IP)
+                } else {
+                    ("node-b", OTHER_NODE_IP)
+                };
+                // A hostNetwork pod has its node's address (IPv4 only here).
+                let ip = if p.host_network {
+                    node_ip.to_owned()
+                } else {
+                    slot_ip(*s)
+                };
+                let mut object = pod(NAMESPACES[p.ns], &name, &l, &ip, node, &ports);
+                if p.host_network {
+                    object = host_network(object);
+                } else if let Some(ips) = object.status.as_mut().and_then(|st| st.pod_ips.as_mut())
+                {
                     ips.push(k8s_openapi::api::core::v1::PodIP { ip: slot_ip6(*s) });
+                }
+                if let Some((proto, target, node_port)) = p.host_port {
+                    object = with_host_port(
+                        object,
+                        ["TCP", "UDP"][proto],
+                        i32::from(HOST_PORT_TARGETS[target]),
+                        i32::from(NODE_PORTS[node_port]),
+                    );
                 }
                 e.upsert_pod(&object);
             }
@@ -805,7 +1015,18 @@ fn apply(e: &mut Engine, w: &mut World, op: &Op) {
             if let Some(svc) = svc {
                 let proto = ["TCP", "UDP"][svc.proto];
                 let ns = NAMESPACES[svc.ns];
-                e.upsert_service(&service(ns, &name, &service_ip(*s), &[("p", proto, 80)]));
+                match svc.node_port {
+                    Some((node_port, lb)) => e.upsert_service(&exposed_service(
+                        ns,
+                        &name,
+                        if lb { "LoadBalancer" } else { "NodePort" },
+                        &service_ip(*s),
+                        &[("p", proto, 80, i32::from(NODE_PORTS[node_port]))],
+                    )),
+                    None => {
+                        e.upsert_service(&service(ns, &name, &service_ip(*s), &[("p", proto, 80)]))
+                    }
+                }
                 let ips: Vec<String> = backends(svc).iter().map(IpAddr::to_string).collect();
                 let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
                 e.upsert_endpoint_slice(&slice(
@@ -878,7 +1099,8 @@ fn full_reversed(w: &World) -> Engine {
     e
 }
 
-/// Every sampled flow of every local pod must get the reference verdict.
+/// Every sampled flow of every local pod must get the reference verdict, with peers
+/// known by address and, for this node's hostNetwork pods, by identity.
 fn check_verdicts(e: &Engine, w: &World) -> Result<(), TestCaseError> {
     let mut peers: Vec<IpAddr> = (0..POD_SLOTS)
         .flat_map(|s| [slot_ip(s).parse().unwrap(), slot_ip6(s).parse().unwrap()])
@@ -886,15 +1108,23 @@ fn check_verdicts(e: &Engine, w: &World) -> Result<(), TestCaseError> {
     peers.extend(EXTERNAL.iter().map(|p| p.parse::<IpAddr>().unwrap()));
     peers.push("fd00::ff".parse().unwrap());
     peers.push("2001:db8::1".parse().unwrap());
-    peers.push(NODE_IP.parse().unwrap());
+    peers.push(node_ip());
     peers.push(OTHER_NODE_IP.parse().unwrap());
     let services: Vec<IpAddr> = (0..SERVICE_SLOTS)
         .map(|s| service_ip(s).parse().unwrap())
         .collect();
+    // The node's address is probed on the ports it may DNAT too.
+    let node_probes: Vec<u16> = PROBE_PORTS.iter().chain(&NODE_PORTS).copied().collect();
+    let host_network = host_network_slots(e, w)?;
     for (slot, p) in w.pods.iter().enumerate() {
         let Some(p) = p else { continue };
         let id = e.endpoint_id(NAMESPACES[p.ns], &format!("p{slot}"));
-        prop_assert_eq!(id.is_some(), p.local, "endpoint of p{}", slot);
+        prop_assert_eq!(
+            id.is_some(),
+            p.local && !p.host_network,
+            "endpoint of p{}",
+            slot
+        );
         let Some(id) = id else { continue };
         for dir in Direction::ALL {
             let extra = if dir == Direction::Egress {
@@ -903,8 +1133,13 @@ fn check_verdicts(e: &Engine, w: &World) -> Result<(), TestCaseError> {
                 &[][..]
             };
             for peer in peers.iter().chain(extra) {
+                let ports = if *peer == node_ip() {
+                    &node_probes[..]
+                } else {
+                    &PROBE_PORTS[..]
+                };
                 for proto in PROTOS {
-                    for port in PROBE_PORTS {
+                    for &port in ports {
                         let want = reference(w, slot, dir, *peer, proto, port);
                         let got = e.tables().allows(id, dir, *peer, proto_num(proto), port);
                         prop_assert_eq!(
@@ -922,9 +1157,61 @@ fn check_verdicts(e: &Engine, w: &World) -> Result<(), TestCaseError> {
                     }
                 }
             }
+            for &(host, identity) in &host_network {
+                for proto in PROTOS {
+                    for &port in &node_probes {
+                        let want = reference_identified(w, slot, dir, host, proto, port);
+                        let got = e.tables().allows_identified(
+                            id,
+                            dir,
+                            node_ip(),
+                            identity,
+                            proto_num(proto),
+                            port,
+                        );
+                        prop_assert_eq!(
+                            got,
+                            want,
+                            "p{} {:?} hostNetwork p{} {}/{}",
+                            slot,
+                            dir,
+                            host,
+                            proto,
+                            port
+                        );
+                        let why = e.explain_identified(
+                            id,
+                            dir,
+                            node_ip(),
+                            identity,
+                            proto_num(proto),
+                            port,
+                        );
+                        prop_assert_eq!(why.allowed(), got, "explain {:?}", why);
+                    }
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// This node's hostNetwork pods as `(slot, identity)`; the engine must list exactly
+/// those.
+fn host_network_slots(e: &Engine, w: &World) -> Result<Vec<(usize, u32)>, TestCaseError> {
+    let listed: BTreeMap<(String, String), u32> = e.host_network_pods().into_iter().collect();
+    let mut out = Vec::new();
+    for (slot, p) in w.pods.iter().enumerate() {
+        let Some(p) = p.as_ref().filter(|p| p.local && p.host_network) else {
+            continue;
+        };
+        let key = (NAMESPACES[p.ns].to_owned(), format!("p{slot}"));
+        let identity = listed.get(&key).copied();
+        prop_assert!(identity.is_some(), "p{} is not listed", slot);
+        out.extend(identity.map(|id| (slot, id)));
+    }
+    prop_assert_eq!(out.len(), listed.len(), "listed: {:?}", listed);
+    Ok(out)
 }
 
 fn proto_num(p: &str) -> u8 {
@@ -935,6 +1222,7 @@ type Canonical = (
     BTreeMap<String, (bool, bool, BTreeSet<String>)>,
     BTreeMap<IpAddr, String>,
     BTreeMap<IpNet, String>,
+    BTreeMap<(u8, u16), String>,
 );
 
 /// Tables with every id replaced by what it stands for, so two engines that numbered
@@ -947,6 +1235,18 @@ fn canonical(e: &Engine) -> Canonical {
     }
     for (net, id) in &t.cidrs {
         names.entry(*id).or_default().insert(net.to_string());
+    }
+    for (port, id) in &t.node_ports {
+        names
+            .entry(*id)
+            .or_default()
+            .insert(format!("node port {}/{}", port.protocol, port.port));
+    }
+    for ((ns, name), id) in e.host_network_pods() {
+        names
+            .entry(id)
+            .or_default()
+            .insert(format!("hostNetwork {ns}/{name}"));
     }
     let name = |id: &u32| {
         if *id == identity::HOST {
@@ -985,7 +1285,12 @@ fn canonical(e: &Engine) -> Canonical {
     }
     let addresses = t.addresses.iter().map(|(ip, id)| (*ip, name(id))).collect();
     let cidrs = t.cidrs.iter().map(|(net, id)| (*net, name(id))).collect();
-    (endpoints, addresses, cidrs)
+    let node_ports = t
+        .node_ports
+        .iter()
+        .map(|(port, id)| ((port.protocol, port.port), name(id)))
+        .collect();
+    (endpoints, addresses, cidrs, node_ports)
 }
 
 /// Rows that belong to no endpoint's policy are leaks.

@@ -1,10 +1,14 @@
-//! Table tests for SEMANTICS.md sections 1-6 and the example manifests, decided
-//! through `Tables::allows` (the datapath's lookup semantics).
+//! Table tests for SEMANTICS.md sections 1-6 (5a included: node ports, host ports,
+//! hostNetwork pods) and the example manifests, decided through `Tables::allows` (the
+//! datapath's lookup semantics) and, for a peer known by its socket,
+//! `Tables::allows_identified`.
 mod policy_support;
 
 use policy_support::*;
-use rayfence::policy::{DnsMode, Engine, ObjectRef, Role, RuleOrigin, Settings, Severity};
-use rayfence::tables::Direction;
+use rayfence::policy::{
+    DnsMode, Engine, Explanation, ObjectRef, Role, RuleOrigin, Settings, Severity,
+};
+use rayfence::tables::{Direction, NodePort, identity};
 
 const OPERATOR: &[(&str, &str)] = &[
     ("app.kubernetes.io/name", "kuberay-operator"),
@@ -1518,6 +1522,878 @@ fn revoking_a_rule_removes_its_rows_in_the_diff() {
     assert!(!egress(&e, "team-a", "training-cpu", "1.1.1.1", "TCP", 443));
 }
 
+// ------------------------------------------------- section 5a: what counts as the node
+
+/// The registry Service as NodePort 30080 (TCP 80 -> the registry pod's 8000), and a
+/// worker egress rule to the registry namespace on 8000.
+fn scene_with_registry_node_port() -> Engine {
+    let mut e = scene(settings());
+    e.upsert_service(&exposed_service(
+        "registry",
+        "registry",
+        "NodePort",
+        "10.96.1.1",
+        &[("web", "TCP", 80, 30080)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: registry}}}], ports: [{port: 8000}]}]",
+    );
+    e
+}
+
+fn node_port(protocol: &str, port: u16) -> NodePort {
+    NodePort {
+        protocol: proto(protocol),
+        port,
+    }
+}
+
+/// The rows any policy holds for `identity`.
+fn rows_for(e: &Engine, identity: u32) -> Vec<rayfence::tables::PolicyEntry> {
+    e.tables()
+        .policy
+        .iter()
+        .filter(|r| r.identity == identity)
+        .copied()
+        .collect()
+}
+
+#[test]
+fn node_port_egress_is_decided_on_the_services_backends() {
+    let e = scene_with_registry_node_port();
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            // Through the node's NodePort to the registry pod: allowed like the pod.
+            (NODE_IP, "TCP", 30080, ALLOW),
+            (NODE_IP, "UDP", 30080, ALLOW), // no UDP node port: the node itself
+            (NODE_IP, "TCP", 10250, ALLOW), // nothing rewrites it: the node itself
+        ],
+    );
+    // The head has no egress rule for the registry: the NodePort does not go around it.
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        NODE_IP,
+        "TCP",
+        30080
+    ));
+    assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 10250));
+    // Its own identity, not the ClusterIP's: a rule for one never allows the other.
+    let np = e.tables().node_ports[&node_port("TCP", 30080)];
+    let cluster_ip = e.tables().addresses[&"10.96.1.1".parse().unwrap()];
+    assert_ne!(np, cluster_ip);
+    assert_ne!(np, identity::HOST);
+    assert!(
+        rows_for(&e, np)
+            .iter()
+            .all(|r| r.direction == Direction::Egress && r.port == 30080),
+        "{:?}",
+        rows_for(&e, np)
+    );
+}
+
+#[test]
+fn node_port_with_one_denied_backend_is_denied_fail_closed() {
+    let mut e = scene_with_registry_node_port();
+    e.upsert_pod(&pod(
+        "team-b",
+        "imposter",
+        &[("app", "other")],
+        "10.0.1.50",
+        "node-b",
+        &[],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1", "10.0.1.50"],
+    ));
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    // No backend at all: nothing to be allowed to.
+    e.upsert_endpoint_slice(&slice("registry", "registry", &[("web", "TCP", 8000)], &[]));
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+}
+
+#[test]
+fn relabelled_backend_revokes_the_node_port_row_incrementally() {
+    let mut e = scene(settings());
+    e.upsert_service(&exposed_service(
+        "registry",
+        "registry",
+        "NodePort",
+        "10.96.1.1",
+        &[("web", "TCP", 80, 30080)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    let np = e.tables().node_ports[&node_port("TCP", 30080)];
+    e.take_diff();
+    e.upsert_pod(&pod(
+        "registry",
+        "registry",
+        &[("app", "retired")],
+        "10.2.0.1",
+        "node-b",
+        &[("http", "TCP", 8000)],
+    ));
+    let diff = e.take_diff();
+    assert!(
+        diff.policy_remove.iter().any(|r| r.identity == np),
+        "{diff:?}"
+    );
+    assert!(diff.may_revoke());
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    // The same objects fed to a fresh engine give the same tables.
+    let mut fresh = scene(settings());
+    fresh.upsert_pod(&pod(
+        "registry",
+        "registry",
+        &[("app", "retired")],
+        "10.2.0.1",
+        "node-b",
+        &[("http", "TCP", 8000)],
+    ));
+    fresh.upsert_endpoint_slice(&slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    with_rules(
+        &mut fresh,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
+    );
+    fresh.upsert_service(&exposed_service(
+        "registry",
+        "registry",
+        "NodePort",
+        "10.96.1.1",
+        &[("web", "TCP", 80, 30080)],
+    ));
+    assert_eq!(fresh.tables(), e.tables());
+}
+
+#[test]
+fn removed_node_port_service_leaves_no_entry_and_no_rows() {
+    let mut e = scene_with_registry_node_port();
+    let np = e.tables().node_ports[&node_port("TCP", 30080)];
+    assert!(!rows_for(&e, np).is_empty());
+    e.take_diff();
+    e.remove_service("registry", "registry");
+    let diff = e.take_diff();
+    assert!(diff.node_ports_remove.contains(&node_port("TCP", 30080)));
+    assert!(diff.policy_remove.iter().any(|r| r.identity == np));
+    assert!(e.tables().node_ports.is_empty());
+    assert!(rows_for(&e, np).is_empty());
+    // Nothing rewrites the port any more: it is the node's again.
+    assert!(egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+}
+
+#[test]
+fn load_balancer_services_have_node_ports_cluster_ip_and_external_name_do_not() {
+    let mut e = scene_with_registry_node_port();
+    e.upsert_service(&exposed_service(
+        "registry",
+        "registry",
+        "LoadBalancer",
+        "10.96.1.1",
+        &[("web", "TCP", 80, 31080)],
+    ));
+    assert!(e.tables().node_ports.contains_key(&node_port("TCP", 31080)));
+    assert!(!e.tables().node_ports.contains_key(&node_port("TCP", 30080)));
+    assert!(egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 31080));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-head",
+        NODE_IP,
+        "TCP",
+        31080
+    ));
+    for type_ in ["ClusterIP", "ExternalName"] {
+        e.upsert_service(&exposed_service(
+            "registry",
+            "registry",
+            type_,
+            "10.96.1.1",
+            &[("web", "TCP", 80, 31080)],
+        ));
+        assert!(e.tables().node_ports.is_empty(), "{type_}");
+    }
+}
+
+#[test]
+fn service_port_without_node_port_is_not_claimed() {
+    let mut e = scene(settings());
+    e.upsert_service(&exposed_service(
+        "registry",
+        "registry",
+        "LoadBalancer",
+        "10.96.1.1",
+        &[("web", "TCP", 80, 0), ("admin", "TCP", 81, 30081)],
+    ));
+    assert_eq!(
+        e.tables().node_ports.keys().copied().collect::<Vec<_>>(),
+        vec![node_port("TCP", 30081)]
+    );
+}
+
+/// A pod on this node publishing container port 80 as hostPort 8080, and one on
+/// another node publishing 9090.
+fn scene_with_host_ports() -> Engine {
+    let mut e = scene(settings());
+    e.upsert_pod(&with_host_port(
+        pod("team-b", "web", &[("app", "web")], "10.0.0.40", NODE, &[]),
+        "TCP",
+        80,
+        8080,
+    ));
+    e.upsert_pod(&with_host_port(
+        pod(
+            "team-b",
+            "remote-web",
+            &[("app", "web")],
+            "10.0.1.40",
+            "node-b",
+            &[],
+        ),
+        "TCP",
+        80,
+        9090,
+    ));
+    e
+}
+
+#[test]
+fn host_port_egress_is_decided_on_the_local_pod_behind_it() {
+    let mut e = scene_with_host_ports();
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}], ports: [{port: 80}]}]",
+    );
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (NODE_IP, "TCP", 8080, ALLOW),
+            (NODE_IP, "UDP", 8080, ALLOW), // not published for UDP: the node itself
+            (NODE_IP, "TCP", 9090, ALLOW), // another node's pod: nothing rewrites it here
+        ],
+    );
+    assert!(!egress(&e, "team-a", "training-head", NODE_IP, "TCP", 8080));
+    // A rule for the host port itself does not allow the pod behind it.
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}], ports: [{port: 8080}]}]",
+    );
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 8080));
+    assert_eq!(
+        e.tables().node_ports.keys().copied().collect::<Vec<_>>(),
+        vec![node_port("TCP", 8080)]
+    );
+}
+
+#[test]
+fn host_port_rows_follow_the_pod_and_go_with_it() {
+    let mut e = scene_with_host_ports();
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}]}]",
+    );
+    assert!(egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 8080));
+    let hp = e.tables().node_ports[&node_port("TCP", 8080)];
+    e.upsert_pod(&with_host_port(
+        pod("team-b", "web", &[("app", "other")], "10.0.0.40", NODE, &[]),
+        "TCP",
+        80,
+        8080,
+    ));
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 8080));
+    assert!(rows_for(&e, hp).is_empty());
+    e.remove_pod("team-b", "web");
+    assert!(e.tables().node_ports.is_empty());
+}
+
+#[test]
+fn node_port_claimed_twice_allows_nothing_and_both_claims_are_reported() {
+    let mut e = scene_with_registry_node_port();
+    let service_np = e.tables().node_ports[&node_port("TCP", 30080)];
+    e.upsert_pod(&with_host_port(
+        pod(
+            "team-b",
+            "squatter",
+            &[("app", "web")],
+            "10.0.0.41",
+            NODE,
+            &[],
+        ),
+        "TCP",
+        8000,
+        30080,
+    ));
+    let conflict = e.tables().node_ports[&node_port("TCP", 30080)];
+    assert_ne!(conflict, service_np);
+    assert!(rows_for(&e, conflict).is_empty());
+    assert!(rows_for(&e, service_np).is_empty());
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    let problems = e.problems();
+    let service = ObjectRef::new("Service", "registry", "registry");
+    let pod_ref = ObjectRef::new("Pod", "team-b", "squatter");
+    let about = |object: &ObjectRef, field: &str, other: &str| {
+        problems.iter().any(|p| {
+            &p.object == object
+                && p.field == field
+                && p.value == "30080"
+                && p.severity == Severity::Warning
+                && p.message.contains(other)
+        })
+    };
+    assert!(
+        about(
+            &service,
+            "spec.ports[0].nodePort",
+            "Pod team-b/squatter spec.containers[0].ports[0].hostPort"
+        ),
+        "{problems:#?}"
+    );
+    assert!(
+        about(
+            &pod_ref,
+            "spec.containers[0].ports[0].hostPort",
+            "Service registry/registry spec.ports[0].nodePort"
+        ),
+        "{problems:#?}"
+    );
+    // One claim goes: the other owns the port again.
+    e.remove_pod("team-b", "squatter");
+    assert_eq!(e.tables().node_ports[&node_port("TCP", 30080)], service_np);
+    assert!(egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    assert!(e.problems().iter().all(|p| p.object != service));
+}
+
+#[test]
+fn two_services_on_one_node_port_allow_nothing() {
+    let mut e = scene_with_registry_node_port();
+    e.upsert_service(&exposed_service(
+        "registry",
+        "copy",
+        "NodePort",
+        "10.96.1.2",
+        &[("web", "TCP", 80, 30080)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "registry",
+        "copy",
+        &[("web", "TCP", 8000)],
+        &["10.2.0.1"],
+    ));
+    assert!(!egress(&e, "team-a", "training-cpu", NODE_IP, "TCP", 30080));
+    let fields: Vec<(String, String)> = e
+        .problems()
+        .into_iter()
+        .filter(|p| p.field == "spec.ports[0].nodePort")
+        .map(|p| (p.object.name, p.value))
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            ("copy".to_owned(), "30080".to_owned()),
+            ("registry".to_owned(), "30080".to_owned())
+        ]
+    );
+}
+
+/// A hostNetwork node exporter on this node (labels app=node-exporter in monitoring,
+/// serving 9100), another hostNetwork pod on this node, and one on node-b.
+fn scene_with_host_network_pods() -> Engine {
+    let mut e = scene(settings());
+    e.upsert_pod(&host_network(pod(
+        "monitoring",
+        "node-exporter",
+        &[("app", "node-exporter")],
+        NODE_IP,
+        NODE,
+        &[("metrics", "TCP", 9100)],
+    )));
+    e.upsert_pod(&host_network(pod(
+        "kube-system",
+        "ingress",
+        &[("app", "ingress")],
+        NODE_IP,
+        NODE,
+        &[],
+    )));
+    e.upsert_pod(&host_network(pod(
+        "monitoring",
+        "node-exporter-b",
+        &[("app", "node-exporter")],
+        OTHER_NODE_IP,
+        "node-b",
+        &[("metrics", "TCP", 9100)],
+    )));
+    e
+}
+
+fn host_network_id(e: &Engine, ns: &str, name: &str) -> u32 {
+    e.host_network_pods()
+        .into_iter()
+        .find(|(key, _)| key == &(ns.to_owned(), name.to_owned()))
+        .unwrap_or_else(|| panic!("{ns}/{name} is not a local hostNetwork pod"))
+        .1
+}
+
+#[test]
+fn host_network_pod_selected_by_namespace_and_pod_selector_gets_rows_as_itself() {
+    let mut e = scene_with_host_network_pods();
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    mode: DenyAll\n    head:\n      ingressRules: [{from: [{namespaceSelector: {matchLabels: {purpose: metrics}}, podSelector: {matchLabels: {app: node-exporter}}}], ports: [{port: 8080}]}]\n      egressRules: [{to: [{namespaceSelector: {matchLabels: {purpose: metrics}}, podSelector: {matchLabels: {app: node-exporter}}}], ports: [{port: metrics}]}]",
+    ));
+    let exporter = host_network_id(&e, "monitoring", "node-exporter");
+    let ingress_controller = host_network_id(&e, "kube-system", "ingress");
+    assert!(!rows_for(&e, exporter).is_empty());
+    let head = |dir, who, port| {
+        allows_identified(
+            &e,
+            "team-a",
+            "training-head",
+            dir,
+            NODE_IP,
+            who,
+            "TCP",
+            port,
+        )
+    };
+    assert!(head(Direction::Ingress, exporter, 8080));
+    assert!(!head(Direction::Ingress, exporter, 8081));
+    assert!(!head(Direction::Ingress, ingress_controller, 8080));
+    // Egress to it, by the named port it declares.
+    assert!(head(Direction::Egress, exporter, 9100));
+    assert!(!head(Direction::Egress, ingress_controller, 9100));
+    // The node's own processes are still the node.
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        NODE_IP,
+        "TCP",
+        10250
+    ));
+}
+
+#[test]
+fn host_network_pod_address_never_enters_the_address_table() {
+    let mut e = scene_with_host_network_pods();
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let addresses = &e.tables().addresses;
+    assert_eq!(
+        addresses.get(&NODE_IP.parse().unwrap()),
+        Some(&identity::HOST)
+    );
+    assert_eq!(addresses.get(&OTHER_NODE_IP.parse().unwrap()), None);
+    // Not endpoints: nothing isolates them.
+    assert!(e.endpoint_id("monitoring", "node-exporter").is_none());
+    assert!(e.endpoint_id("kube-system", "ingress").is_none());
+    // Gone: still the node's address.
+    e.remove_pod("monitoring", "node-exporter");
+    assert_eq!(
+        e.tables().addresses.get(&NODE_IP.parse().unwrap()),
+        Some(&identity::HOST)
+    );
+}
+
+#[test]
+fn host_network_pods_are_listed_only_when_on_this_node() {
+    let mut e = scene_with_host_network_pods();
+    let listed: Vec<(String, String)> = e
+        .host_network_pods()
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            ("kube-system".to_owned(), "ingress".to_owned()),
+            ("monitoring".to_owned(), "node-exporter".to_owned())
+        ]
+    );
+    // Same labels, same namespace, same named ports: one identity, like any pods.
+    e.upsert_pod(&pod(
+        "monitoring",
+        "exporter-pod",
+        &[("app", "node-exporter")],
+        "10.1.0.9",
+        "node-b",
+        &[("metrics", "TCP", 9100)],
+    ));
+    assert_eq!(
+        e.tables().addresses[&"10.1.0.9".parse().unwrap()],
+        host_network_id(&e, "monitoring", "node-exporter")
+    );
+    e.remove_pod("kube-system", "ingress");
+    assert_eq!(e.host_network_pods().len(), 1);
+}
+
+#[test]
+fn remote_host_network_pod_is_matched_only_by_an_ip_block_on_its_node() {
+    let mut e = scene_with_host_network_pods();
+    with_rules(
+        &mut e,
+        "head",
+        "ingressRules",
+        "[{from: [{namespaceSelector: {}, podSelector: {matchLabels: {app: node-exporter}}}]}]",
+    );
+    assert!(!ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        8080
+    ));
+    with_rules(
+        &mut e,
+        "head",
+        "ingressRules",
+        "[{from: [{ipBlock: {cidr: 192.168.0.11/32}}]}]",
+    );
+    assert!(ingress(
+        &e,
+        "team-a",
+        "training-head",
+        OTHER_NODE_IP,
+        "TCP",
+        8080
+    ));
+    // On this node an ipBlock on the node's address matches its hostNetwork pods too.
+    with_rules(
+        &mut e,
+        "head",
+        "ingressRules",
+        "[{from: [{ipBlock: {cidr: 192.168.0.0/24}}]}]",
+    );
+    let ingress_controller = host_network_id(&e, "kube-system", "ingress");
+    assert!(allows_identified(
+        &e,
+        "team-a",
+        "training-head",
+        Direction::Ingress,
+        NODE_IP,
+        ingress_controller,
+        "TCP",
+        8080
+    ));
+}
+
+#[test]
+fn cluster_ip_backed_by_a_host_network_pod_is_decided_by_that_pod() {
+    let mut e = scene_with_host_network_pods();
+    e.upsert_service(&service(
+        "monitoring",
+        "node-exporter",
+        "10.96.2.1",
+        &[("metrics", "TCP", 9100)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "monitoring",
+        "node-exporter",
+        &[("metrics", "TCP", 9100)],
+        &[NODE_IP],
+    ));
+    // A Service on this node's address on a port no hostNetwork pod declares: the node.
+    e.upsert_service(&service(
+        "default",
+        "kubelet",
+        "10.96.2.2",
+        &[("https", "TCP", 10250)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "default",
+        "kubelet",
+        &[("https", "TCP", 10250)],
+        &[NODE_IP],
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            ("10.96.2.1", "TCP", 9100, DENY),
+            ("10.96.2.2", "TCP", 10250, ALLOW),
+        ],
+    );
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: node-exporter}}}]}]",
+    );
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.2.1",
+        "TCP",
+        9100
+    ));
+    // explain names the rule that selects the hostNetwork pod behind the ClusterIP.
+    let cpu = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let why = e.explain(
+        cpu,
+        Direction::Egress,
+        "10.96.2.1".parse().unwrap(),
+        proto("TCP"),
+        9100,
+    );
+    let Explanation::AllowedViaService { rules, .. } = why else {
+        panic!("{why:?}");
+    };
+    assert_eq!(
+        rules,
+        vec![(
+            ObjectRef::new("RayCluster", "team-a", "training"),
+            RuleOrigin::User {
+                role: Role::Worker,
+                direction: Direction::Egress,
+                index: 0
+            }
+        )]
+    );
+    // The exporter relabelled: revoked.
+    e.upsert_pod(&host_network(pod(
+        "monitoring",
+        "node-exporter",
+        &[("app", "exporter-v2")],
+        NODE_IP,
+        NODE,
+        &[("metrics", "TCP", 9100)],
+    )));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        "10.96.2.1",
+        "TCP",
+        9100
+    ));
+}
+
+// --------------------------------------------------- explain, SEMANTICS 5a
+
+/// The head's dashboard exposed as NodePort 30265 (and its cpu worker's hostPort
+/// 8080 -> 80), DenyAll.
+fn scene_with_exposed_head() -> Engine {
+    let mut e = scene(settings());
+    e.upsert_service(&exposed_service(
+        "team-a",
+        "training-head-svc",
+        "NodePort",
+        "10.96.3.1",
+        &[("dashboard", "TCP", 8265, 30265)],
+    ));
+    e.upsert_endpoint_slice(&slice(
+        "team-a",
+        "training-head-svc",
+        &[("dashboard", "TCP", 8265)],
+        &["10.0.0.1"],
+    ));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    e
+}
+
+fn explain(e: &Engine, from: &str, to: &str) -> rayfence::api::ExplainReport {
+    rayfence::explain::explain_flow(e, from, to).unwrap()
+}
+
+#[test]
+fn explain_to_a_node_port_names_the_service_and_judges_each_backend() {
+    let e = scene_with_exposed_head();
+    let report = explain(&e, "team-a/training-cpu", &format!("{NODE_IP}:30265"));
+    assert_eq!(report.verdict, "allowed", "{report:#?}");
+    let egress = &report.sides[0];
+    assert_eq!(egress.verdict, "allowed");
+    assert!(
+        egress
+            .because
+            .contains("nodePort of Service team-a/training-head-svc"),
+        "{egress:#?}"
+    );
+    assert!(
+        egress.rules.iter().any(|r| r.contains("same RayCluster")),
+        "{egress:#?}"
+    );
+    let backend = &report.sides[1];
+    assert_eq!(
+        (
+            backend.direction.as_str(),
+            backend.pod.as_deref(),
+            backend.verdict.as_str()
+        ),
+        ("ingress", Some("team-a/training-head"), "allowed")
+    );
+    // Another cluster's head gets nowhere through the node.
+    let report = explain(&e, "team-a/other-head", &format!("{NODE_IP}:30265"));
+    assert_eq!(report.verdict, "denied");
+}
+
+#[test]
+fn explain_from_an_external_client_through_a_node_port_judges_the_backend_by_the_client() {
+    let mut e = scene_with_exposed_head();
+    let to = format!("{NODE_IP}:30265");
+    let report = explain(&e, "203.0.113.7", &to);
+    assert_eq!(report.verdict, "denied", "{report:#?}");
+    assert_eq!(report.sides[0].verdict, "not-enforced");
+    assert_eq!(report.sides[1].pod.as_deref(), Some("team-a/training-head"));
+    assert!(
+        report.sides[1].because.contains("from 203.0.113.7"),
+        "{report:#?}"
+    );
+    with_rules(
+        &mut e,
+        "head",
+        "ingressRules",
+        "[{from: [{ipBlock: {cidr: 203.0.113.0/24}}], ports: [{port: 8265}]}]",
+    );
+    let report = explain(&e, "203.0.113.7", &to);
+    assert_eq!(report.verdict, "allowed", "{report:#?}");
+    assert_eq!(
+        report.sides[1].rules,
+        vec!["RayCluster team-a/training head.ingressRules[0]".to_owned()]
+    );
+    // Another client is not in the ipBlock; a rule with no `from` admits any client.
+    assert_eq!(explain(&e, "198.51.100.1", &to).verdict, "denied");
+    with_rules(&mut e, "head", "ingressRules", "[{ports: [{port: 8265}]}]");
+    assert_eq!(explain(&e, "198.51.100.1", &to).verdict, "allowed");
+}
+
+#[test]
+fn explain_to_a_host_port_names_the_pod_behind_it() {
+    let mut e = scene_with_exposed_head();
+    e.upsert_pod(&with_host_port(
+        pod("team-b", "web", &[("app", "web")], "10.0.0.40", NODE, &[]),
+        "TCP",
+        80,
+        8080,
+    ));
+    let report = explain(&e, "team-a/training-cpu", &format!("{NODE_IP}:8080"));
+    assert_eq!(report.verdict, "denied", "{report:#?}");
+    assert_eq!(report.sides[1].pod.as_deref(), Some("team-b/web"));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: web}}}], ports: [{port: 80}]}]",
+    );
+    let report = explain(&e, "team-a/training-cpu", &format!("{NODE_IP}:8080"));
+    assert_eq!(report.verdict, "allowed", "{report:#?}");
+    assert!(
+        report.sides[0]
+            .because
+            .contains("hostPort of pod team-b/web"),
+        "{report:#?}"
+    );
+    assert_eq!(
+        report.sides[0].rules,
+        vec!["RayCluster team-a/training worker.egressRules[0]".to_owned()]
+    );
+}
+
+#[test]
+fn explain_to_a_node_port_nothing_rewrites_is_the_node() {
+    let e = scene_with_exposed_head();
+    let report = explain(&e, "team-a/training-cpu", &format!("{NODE_IP}:10250"));
+    assert_eq!(report.verdict, "allowed");
+    assert!(
+        report.sides[0]
+            .because
+            .contains("this node's own processes")
+    );
+    assert_eq!(
+        e.explain(
+            e.endpoint_id("team-a", "training-cpu").unwrap(),
+            Direction::Egress,
+            NODE_IP.parse().unwrap(),
+            proto("TCP"),
+            10250
+        ),
+        Explanation::Host
+    );
+}
+
+#[test]
+fn explain_from_a_host_network_pod_uses_its_identity_not_the_node() {
+    let mut e = scene_with_host_network_pods();
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let report = explain(&e, "monitoring/node-exporter", "team-a/training-head:8080");
+    assert_eq!(report.verdict, "denied", "{report:#?}");
+    assert_eq!(
+        (report.from.kind.as_str(), report.from.name.as_deref()),
+        ("pod", Some("node-exporter"))
+    );
+    assert!(
+        report.sides[0].because.contains("hostNetwork pod"),
+        "{report:#?}"
+    );
+    with_rules(
+        &mut e,
+        "head",
+        "ingressRules",
+        "[{from: [{namespaceSelector: {matchLabels: {purpose: metrics}}, podSelector: {matchLabels: {app: node-exporter}}}]}]",
+    );
+    let report = explain(&e, "monitoring/node-exporter", "team-a/training-head:8080");
+    assert_eq!(report.verdict, "allowed", "{report:#?}");
+    assert_eq!(
+        report.sides[1].rules,
+        vec!["RayCluster team-a/training head.ingressRules[0]".to_owned()]
+    );
+    // The reverse direction: egress to it is judged by its identity as well.
+    let report = explain(&e, "team-a/training-head", "monitoring/node-exporter:9100");
+    assert_eq!(report.verdict, "denied", "{report:#?}");
+}
+
 // ------------------------------------------------------------- section 6: bad input
 
 #[test]
@@ -1716,26 +2592,44 @@ fn pods_of_a_group_share_one_policy_id_and_endpoint_ids_are_stable() {
 }
 
 #[test]
-fn host_network_and_finished_pods_are_not_endpoints_or_peers() {
+fn finished_pods_are_not_endpoints_or_peers() {
     let mut e = scene(settings());
-    let mut host = ray_pod("team-a", "hostnet", "training", "worker", "cpu", NODE_IP);
-    host.spec.as_mut().unwrap().host_network = Some(true);
-    e.upsert_pod(&host);
     let mut done = ray_pod("team-a", "done", "training", "worker", "cpu", "10.0.0.77");
     done.status.as_mut().unwrap().phase = Some("Succeeded".into());
     e.upsert_pod(&done);
     e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
-    assert!(e.endpoint_id("team-a", "hostnet").is_none());
     assert!(e.endpoint_id("team-a", "done").is_none());
-    assert_eq!(
-        e.tables().addresses.get(&NODE_IP.parse().unwrap()),
-        Some(&rayfence::tables::identity::HOST)
-    );
     assert!(!ingress(
         &e,
         "team-a",
         "training-head",
         "10.0.0.77",
+        "TCP",
+        1
+    ));
+}
+
+#[test]
+fn host_network_ray_pod_is_not_an_endpoint_and_its_address_stays_the_node() {
+    let mut e = scene(settings());
+    e.upsert_pod(&host_network(ray_pod(
+        "team-a", "hostnet", "training", "worker", "cpu", NODE_IP,
+    )));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    assert!(e.endpoint_id("team-a", "hostnet").is_none());
+    assert_eq!(
+        e.tables().addresses.get(&NODE_IP.parse().unwrap()),
+        Some(&identity::HOST)
+    );
+    // It is a peer by its labels: a pod of the same RayCluster (SEMANTICS 5a).
+    let id = e.host_network_identity("team-a", "hostnet").unwrap();
+    assert!(allows_identified(
+        &e,
+        "team-a",
+        "training-head",
+        Direction::Ingress,
+        NODE_IP,
+        id,
         "TCP",
         1
     ));

@@ -8,7 +8,9 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use crate::tables::{EndpointId, EndpointPolicy, IdentityId, PolicyEntry, Tables, TablesDiff};
+use crate::tables::{
+    EndpointId, EndpointPolicy, IdentityId, NodePort, PolicyEntry, Tables, TablesDiff,
+};
 
 #[derive(Debug, Default)]
 pub(crate) struct Output {
@@ -17,6 +19,7 @@ pub(crate) struct Output {
     endpoints: HashMap<EndpointId, Option<EndpointPolicy>>,
     addresses: HashMap<IpAddr, Option<IdentityId>>,
     cidrs: HashMap<IpNet, Option<IdentityId>>,
+    node_ports: HashMap<NodePort, Option<IdentityId>>,
     rows: HashMap<PolicyEntry, bool>,
 }
 
@@ -67,6 +70,15 @@ impl Output {
         set(&mut self.tables.cidrs, &mut self.cidrs, net, value);
     }
 
+    pub fn set_node_port(&mut self, port: NodePort, value: Option<IdentityId>) {
+        set(
+            &mut self.tables.node_ports,
+            &mut self.node_ports,
+            port,
+            value,
+        );
+    }
+
     pub fn add_row(&mut self, row: PolicyEntry) {
         if self.tables.policy.insert(row) {
             self.rows.entry(row).or_insert(false);
@@ -98,6 +110,12 @@ impl Output {
             &mut self.cidrs,
             &mut diff.cidrs_upsert,
             &mut diff.cidrs_remove,
+        );
+        drain(
+            &self.tables.node_ports,
+            &mut self.node_ports,
+            &mut diff.node_ports_upsert,
+            &mut diff.node_ports_remove,
         );
         for (row, was) in self.rows.drain() {
             let now = self.tables.policy.contains(&row);

@@ -116,6 +116,55 @@ pub fn service(ns: &str, name: &str, cluster_ip: &str, ports: &[(&str, &str, i32
     }
 }
 
+/// A Service of `type_` (`NodePort`, `LoadBalancer`, ...); `ports` are (name,
+/// protocol, port, nodePort), a nodePort of 0 meaning none.
+pub fn exposed_service(
+    ns: &str,
+    name: &str,
+    type_: &str,
+    cluster_ip: &str,
+    ports: &[(&str, &str, i32, i32)],
+) -> Service {
+    let mut svc = service(
+        ns,
+        name,
+        cluster_ip,
+        &ports
+            .iter()
+            .map(|(n, p, port, _)| (*n, *p, *port))
+            .collect::<Vec<_>>(),
+    );
+    let spec = svc.spec.as_mut().unwrap();
+    spec.type_ = Some(type_.into());
+    for (port, (.., node_port)) in spec.ports.iter_mut().flatten().zip(ports) {
+        port.node_port = (*node_port != 0).then_some(*node_port);
+    }
+    svc
+}
+
+/// `pod` with one more container port: `protocol` `container_port`, published on the
+/// node as `host_port` (what the CNI portmap plugin DNATs).
+pub fn with_host_port(mut pod: Pod, protocol: &str, container_port: i32, host_port: i32) -> Pod {
+    let container = &mut pod.spec.as_mut().unwrap().containers[0];
+    container
+        .ports
+        .get_or_insert_with(Vec::new)
+        .push(ContainerPort {
+            protocol: Some(protocol.into()),
+            container_port,
+            host_port: Some(host_port),
+            ..Default::default()
+        });
+    pod
+}
+
+/// `pod` as a hostNetwork pod: `spec.hostNetwork: true`, its IPs those given (its
+/// node's address, as the kubelet reports them).
+pub fn host_network(mut pod: Pod) -> Pod {
+    pod.spec.as_mut().unwrap().host_network = Some(true);
+    pod
+}
+
 /// An EndpointSlice of `service`; `ports` are (name, protocol, target port).
 pub fn slice(
     ns: &str,
@@ -220,6 +269,41 @@ pub fn allows(
         verdict,
         "explain disagrees for {ns}/{name} {direction:?} {peer} {protocol}/{port}: {:?}",
         engine.explain(id, direction, peer, proto(protocol), port)
+    );
+    verdict
+}
+
+/// The verdict for a new flow of local pod `ns/name` whose peer the datapath knows by
+/// its socket's cgroup (a hostNetwork pod of this node with identity `peer_identity`)
+/// at address `peer`; `explain_identified` must agree.
+#[expect(clippy::too_many_arguments, reason = "a flow has that many parts")]
+pub fn allows_identified(
+    engine: &Engine,
+    ns: &str,
+    name: &str,
+    direction: Direction,
+    peer: &str,
+    peer_identity: u32,
+    protocol: &str,
+    port: u16,
+) -> bool {
+    let id = engine
+        .endpoint_id(ns, name)
+        .unwrap_or_else(|| panic!("{ns}/{name} is not a local endpoint"));
+    let peer: IpAddr = peer.parse().unwrap();
+    let verdict = engine.tables().allows_identified(
+        id,
+        direction,
+        peer,
+        peer_identity,
+        proto(protocol),
+        port,
+    );
+    let why = engine.explain_identified(id, direction, peer, peer_identity, proto(protocol), port);
+    assert_eq!(
+        why.allowed(),
+        verdict,
+        "explain disagrees for {ns}/{name} {direction:?} {peer} as {peer_identity} {protocol}/{port}: {why:?}"
     );
     verdict
 }

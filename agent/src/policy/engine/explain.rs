@@ -1,21 +1,25 @@
 //! `explain`: why a flow of a local pod gets its verdict, from the same rows and
 //! identities the tables hold.
 //!
-//! Also who an address belongs to, a pod's addresses and a Service's backends: what
-//! flow events and the flow-level explanation (`crate::explain`) need to name the
-//! ends of a flow.
+//! Also who an address belongs to, a pod's addresses, a Service's backends and where
+//! a node port leads: what flow events and the flow-level explanation
+//! (`crate::explain`) need to name the ends of a flow.
 //!
-//! Must not: change state, or reach a verdict the tables would not.
+//! Must not: change state, or reach a verdict the tables would not
+//! ([`crate::tables::Tables::allows`], and `allows_identified` for a peer known by its
+//! identity).
 
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 use super::{Engine, Explanation, ObjectKey};
-use crate::tables::{Direction, EndpointId, identity};
+use crate::tables::{Direction, EndpointId, EndpointPolicy, IdentityId, NodePort, identity};
 
 impl Engine {
     /// Explains the verdict [`Tables::allows`] gives a new flow of a local pod.
+    ///
+    /// [`Tables::allows`]: crate::tables::Tables::allows
     pub fn explain(
         &self,
         endpoint: EndpointId,
@@ -24,19 +28,15 @@ impl Engine {
         protocol: u8,
         port: u16,
     ) -> Explanation {
-        let Some(ep) = self.out.tables.endpoints.get(&endpoint) else {
-            return Explanation::UnknownEndpoint;
+        let ep = match self.isolated(endpoint, direction) {
+            Ok(ep) => ep,
+            Err(answer) => return answer,
         };
-        let isolated = match direction {
-            Direction::Ingress => ep.isolate_ingress,
-            Direction::Egress => ep.isolate_egress,
-        };
-        if !isolated {
-            return Explanation::NotIsolated;
-        }
         let exact = self.out.tables.addresses.get(&peer).copied();
         if exact == Some(identity::HOST) {
-            return Explanation::Host;
+            return self
+                .explain_node_port(endpoint, ep, direction, protocol, port)
+                .unwrap_or(Explanation::Host);
         }
         if let Some(service) = self.cluster_ips.get(&peer) {
             if direction == Direction::Ingress {
@@ -45,39 +45,148 @@ impl Engine {
             let Some(svc) = self.services.get(service) else {
                 return Explanation::Denied;
             };
-            let allowed = self.policies.get(&ep.policy_id).is_some_and(|p| {
-                p.rows.get(&svc.identity).is_some_and(|rows| {
-                    rows.iter()
-                        .any(|r| r.direction == direction && r.matches(protocol, port))
-                })
-            });
+            let allowed = self
+                .policies
+                .get(&ep.policy_id)
+                .is_some_and(|p| Self::rows_allow(p, svc.identity, direction, protocol, port));
             if !allowed {
                 return Explanation::Denied;
             }
-            let mut rules = Vec::new();
-            for sp in svc
-                .ports
-                .iter()
-                .filter(|p| p.protocol == protocol && p.port == port)
-            {
-                for (ip, proto, target) in self.backends(service, sp) {
-                    if let Explanation::Allowed(r) =
-                        self.explain(endpoint, direction, ip, proto, target)
-                    {
-                        rules.extend(r);
-                    }
-                }
-            }
-            rules.sort();
-            rules.dedup();
+            let backends = self.service_backends(service, protocol, port);
             return Explanation::AllowedViaService {
                 service: service.clone(),
-                rules,
+                rules: self.backend_rules(endpoint, &backends),
             };
         }
-        let cidr = self.longest_prefix(peer);
+        self.explain_rows(
+            ep,
+            direction,
+            [exact, self.longest_prefix(peer)],
+            protocol,
+            port,
+        )
+    }
+
+    /// Explains the verdict for a peer the datapath knows by its socket's cgroup rather
+    /// than by its address `peer` (one of this node's): a hostNetwork pod of this node
+    /// with identity `peer_identity` (see [`Engine::host_network_pods`]). Agrees with
+    /// [`Tables::allows_identified`].
+    ///
+    /// [`Tables::allows_identified`]: crate::tables::Tables::allows_identified
+    pub fn explain_identified(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer: IpAddr,
+        peer_identity: IdentityId,
+        protocol: u8,
+        port: u16,
+    ) -> Explanation {
+        let ep = match self.isolated(endpoint, direction) {
+            Ok(ep) => ep,
+            Err(answer) => return answer,
+        };
+        if self.out.tables.addresses.get(&peer) == Some(&identity::HOST)
+            && let Some(answer) = self.explain_node_port(endpoint, ep, direction, protocol, port)
+        {
+            return answer;
+        }
+        let ids = [Some(peer_identity), self.longest_prefix(peer)];
+        self.explain_rows(ep, direction, ids, protocol, port)
+    }
+
+    /// The endpoint's entry if `direction` is isolated for it, else the answer.
+    fn isolated(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+    ) -> Result<&EndpointPolicy, Explanation> {
+        let Some(ep) = self.out.tables.endpoints.get(&endpoint) else {
+            return Err(Explanation::UnknownEndpoint);
+        };
+        let isolated = match direction {
+            Direction::Ingress => ep.isolate_ingress,
+            Direction::Egress => ep.isolate_egress,
+        };
+        if isolated {
+            Ok(ep)
+        } else {
+            Err(Explanation::NotIsolated)
+        }
+    }
+
+    /// Egress to this node's address on a port the node DNATs: decided on the port's
+    /// identity, as `Tables::allows` does. `None` when the port is not one of those.
+    fn explain_node_port(
+        &self,
+        endpoint: EndpointId,
+        ep: &EndpointPolicy,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> Option<Explanation> {
+        if direction != Direction::Egress {
+            return None;
+        }
+        let id = *self
+            .out
+            .tables
+            .node_ports
+            .get(&NodePort { protocol, port })?;
+        let allowed = self
+            .policies
+            .get(&ep.policy_id)
+            .is_some_and(|p| Self::rows_allow(p, id, direction, protocol, port));
+        let owner = self.node_port_owner(protocol, port);
+        Some(match owner {
+            Some(owner) if allowed => Explanation::AllowedViaNodePort {
+                owner,
+                rules: self.backend_rules(endpoint, &self.node_port_backends(protocol, port)),
+            },
+            _ => Explanation::Denied,
+        })
+    }
+
+    /// Every rule that lets `endpoint` reach these backends (post-DNAT); on this
+    /// node's address, the hostNetwork pods there that declare the port.
+    fn backend_rules(
+        &self,
+        endpoint: EndpointId,
+        backends: &[(IpAddr, u8, u16)],
+    ) -> Vec<(crate::policy::ObjectRef, crate::policy::RuleOrigin)> {
         let mut rules = Vec::new();
-        for id in [exact, cidr].into_iter().flatten() {
+        for &(ip, proto, target) in backends {
+            let answers: Vec<Explanation> = if self.node_addresses.contains(&ip) {
+                self.node_listeners(proto, target)
+                    .map(|id| {
+                        self.explain_identified(endpoint, Direction::Egress, ip, id, proto, target)
+                    })
+                    .collect()
+            } else {
+                vec![self.explain(endpoint, Direction::Egress, ip, proto, target)]
+            };
+            for answer in answers {
+                if let Explanation::Allowed(r) = answer {
+                    rules.extend(r);
+                }
+            }
+        }
+        rules.sort();
+        rules.dedup();
+        rules
+    }
+
+    /// The rules whose rows for these peer identities allow the flow.
+    fn explain_rows(
+        &self,
+        ep: &EndpointPolicy,
+        direction: Direction,
+        ids: [Option<IdentityId>; 2],
+        protocol: u8,
+        port: u16,
+    ) -> Explanation {
+        let mut rules = Vec::new();
+        for id in ids.into_iter().flatten() {
             for (origin, object, rows) in self.rule_rows(ep.policy_id, id) {
                 if rows
                     .iter()
@@ -118,9 +227,13 @@ pub enum AddressOwner {
 /// A pod as the engine knows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodFacts {
+    /// Its addresses (a hostNetwork pod's are its node's).
     pub ips: Vec<IpAddr>,
-    /// Scheduled on this node (an endpoint if rayfence isolates it here).
+    /// Scheduled on this node (an endpoint if rayfence isolates it here, unless it is
+    /// a hostNetwork pod).
     pub local: bool,
+    /// `spec.hostNetwork`: a peer by its own identity, never an endpoint.
+    pub host_network: bool,
     pub raycluster: Option<String>,
 }
 
@@ -154,6 +267,7 @@ impl Engine {
         Some(PodFacts {
             ips: pod.ips.clone(),
             local: pod.local,
+            host_network: pod.host_network,
             raycluster: pod_cluster(pod),
         })
     }

@@ -1,6 +1,6 @@
 //! Content-derived ids: endpoint ids from the pod UID, identities from what they
-//! stand for (pod identity key, CIDR prefix, Service), policy ids from the compiled
-//! policy. The same cluster state gives the same tables whatever order the objects
+//! stand for (pod identity key, CIDR prefix, Service, a Service's node ports, a pod's
+//! host ports, a port claimed twice), policy ids from the compiled policy. The same cluster state gives the same tables whatever order the objects
 //! arrived in, so an agent that restarts (or is upgraded) and adopts pinned maps
 //! renumbers nothing: no pinned endpoint entry ever points at another pod's policy,
 //! not even between the first apply and re-registering the endpoints.

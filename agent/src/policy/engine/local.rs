@@ -159,7 +159,7 @@ impl Engine {
         key: &ObjectKey,
         new_policies: &mut BTreeSet<PolicyId>,
     ) {
-        let Some(pod) = self.pods.get(key).filter(|p| p.local) else {
+        let Some(pod) = self.pods.get(key).filter(|p| p.is_endpoint()) else {
             if let Some(ep) = self.endpoints.remove(key) {
                 self.endpoint_keys.remove(&ep.id);
                 self.out.set_endpoint(ep.id, None);

@@ -7,12 +7,14 @@
 //! One concern per submodule:
 //! - `namespaces`, `pods`, `declared` (RayClusters, NetworkPolicies), `services`
 //!   (Services, EndpointSlices): the `upsert_*`/`remove_*` of each input kind;
+//! - `node_ports`: the ports the node DNATs (Service `nodePort`s, local pods'
+//!   `hostPort`s), who claims each, and the rows of host-port identities;
 //! - `identities`: pod, CIDR and address identities, and what addresses and prefixes
 //!   map to in the output;
 //! - `local`: local endpoints, their policy specs and the hash-consed policy ids;
 //! - `index`: which policies and identities a change can touch;
 //! - `rows`: the rows a rule gives a peer identity, and writing them to the output;
-//! - `services` also owns the post-DNAT rows of Service identities;
+//! - `services` also owns the post-DNAT rows of Service and node-port identities;
 //! - `explain`: why a flow gets its verdict.
 //!
 //! Must not: do I/O, keep a clock, or rebuild everything on a change.
@@ -25,6 +27,8 @@ mod ids;
 mod index;
 mod local;
 mod namespaces;
+mod node_ports;
+pub use node_ports::NodePortOwner;
 mod pods;
 mod rows;
 mod services;
@@ -44,12 +48,13 @@ use super::rule::{Role, RuleOrigin};
 use super::selector::Labels;
 use super::settings::{DnsMode, Settings};
 use crate::tables::{
-    EndpointId, EndpointPolicy, IdentityId, PolicyId, Tables, TablesDiff, identity,
+    EndpointId, EndpointPolicy, IdentityId, NodePort, PolicyId, Tables, TablesDiff, identity,
 };
 use declared::ClusterState;
 use identities::{IdentityKey, PodIdentity};
 use index::IndexKey;
 use local::{LocalEndpoint, PolicySpec, PolicyState};
+use node_ports::Claimant;
 use pods::PodState;
 use services::{ServiceState, SliceState};
 
@@ -80,6 +85,12 @@ pub enum Explanation {
     /// Allowed to a Service ClusterIP: every backend is allowed, by these rules.
     AllowedViaService {
         service: ObjectKey,
+        rules: Vec<(ObjectRef, RuleOrigin)>,
+    },
+    /// Allowed to a port the node DNATs (a Service's `nodePort`, a local pod's
+    /// `hostPort`) on one of its addresses: every backend is allowed, by these rules.
+    AllowedViaNodePort {
+        owner: NodePortOwner,
         rules: Vec<(ObjectRef, RuleOrigin)>,
     },
     /// No rule allows it.
@@ -138,6 +149,8 @@ struct Dirty {
     identities: BTreeSet<IdentityId>,
     services: BTreeSet<ObjectKey>,
     nets: Vec<IpNet>,
+    /// Local pods whose host-port rows may change.
+    host_ports: BTreeSet<ObjectKey>,
     /// Pods whose DNS-backend bit may have changed.
     rekey: BTreeSet<ObjectKey>,
     /// Identities to recompute in one policy only (namespace relabels).
@@ -165,8 +178,8 @@ where
 pub struct Engine {
     settings: Settings,
     node_addresses: HashSet<IpAddr>,
-    /// Every identity in use (pod, CIDR, Service): ids are derived from content and
-    /// probe past these on a collision.
+    /// Every identity in use (pod, CIDR, Service, node port): ids are derived from
+    /// content and probe past these on a collision.
     used_identities: HashSet<IdentityId>,
     namespaces: HashMap<String, Labels>,
     pods: HashMap<ObjectKey, PodState>,
@@ -200,6 +213,16 @@ pub struct Engine {
     ns_by_label: HashMap<(String, String), BTreeSet<String>>,
     /// The DNS Service of `DnsMode::Service`.
     dns_service: Option<ObjectKey>,
+    /// Who claims each port the node DNATs, with the claiming fields.
+    node_port_claims: BTreeMap<NodePort, BTreeMap<Claimant, Vec<String>>>,
+    /// The ports each claimant claims.
+    claims_by: HashMap<Claimant, Vec<NodePort>>,
+    /// The identity (never given rows) of each port several objects claim.
+    conflict_identities: HashMap<NodePort, IdentityId>,
+    /// Local pods with `hostPort`s.
+    host_port_pods: BTreeSet<ObjectKey>,
+    /// hostNetwork pods on this node.
+    local_host_network: BTreeSet<ObjectKey>,
 }
 
 impl Engine {
@@ -253,6 +276,11 @@ impl Engine {
             local_by_cluster: HashMap::new(),
             ns_by_label: HashMap::new(),
             dns_service: None,
+            node_port_claims: BTreeMap::new(),
+            claims_by: HashMap::new(),
+            conflict_identities: HashMap::new(),
+            host_port_pods: BTreeSet::new(),
+            local_host_network: BTreeSet::new(),
         };
         if let DnsMode::Service { namespace, name } = &engine.settings.dns {
             engine.dns_service = Some((namespace.clone(), name.clone()));
@@ -290,7 +318,29 @@ impl Engine {
             all.extend(ep.problems.iter().cloned());
         }
         all.extend(self.egress_named_port_problems());
+        all.extend(self.node_port_problems());
         all.into_iter().collect()
+    }
+
+    /// The hostNetwork pods on this node with their pod identity, by `(namespace,
+    /// name)`: what the datapath maps their cgroups to (`RF_NODECG`), so their traffic
+    /// is judged as theirs, not the node's (SEMANTICS 5a). A hostNetwork pod on another
+    /// node is not listed: its traffic comes from its node's address, and only an
+    /// ipBlock covering that address can match it there.
+    pub fn host_network_pods(&self) -> Vec<(ObjectKey, IdentityId)> {
+        self.local_host_network
+            .iter()
+            .filter_map(|key| Some((key.clone(), self.pods.get(key)?.identity?)))
+            .collect()
+    }
+
+    /// The identity of hostNetwork pod `namespace/name` if it runs on this node.
+    pub fn host_network_identity(&self, namespace: &str, name: &str) -> Option<IdentityId> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if !self.local_host_network.contains(&key) {
+            return None;
+        }
+        self.pods.get(&key)?.identity
     }
 
     /// Replaces the node's own addresses (identity `HOST`), e.g. after a node IP change.
@@ -303,6 +353,9 @@ impl Engine {
         }
         // A backend on a node address counts as allowed: Services may change.
         self.dirty.services.extend(self.services.keys().cloned());
+        self.dirty
+            .host_ports
+            .extend(self.host_port_pods.iter().cloned());
         self.flush();
     }
 
@@ -419,11 +472,14 @@ impl Engine {
             }
         }
         let mut services = std::mem::take(&mut self.dirty.services);
-        for id in changed {
+        let mut host_ports = std::mem::take(&mut self.dirty.host_ports);
+        for &id in &changed {
             self.services_behind(id, &mut services);
+            self.host_ports_behind(id, &mut host_ports);
         }
         for net in std::mem::take(&mut self.dirty.nets) {
             self.services_in(net, &mut services);
+            self.host_ports_in(net, &mut host_ports);
         }
         for service in &services {
             let mut policies = BTreeSet::new();
@@ -431,6 +487,15 @@ impl Engine {
             for policy in policies {
                 if !new_policies.contains(&policy) {
                     self.refresh_service_rows(policy, service);
+                }
+            }
+        }
+        for pod in &host_ports {
+            let mut policies = BTreeSet::new();
+            self.policies_for_host_ports(pod, &mut policies);
+            for policy in policies {
+                if !new_policies.contains(&policy) {
+                    self.refresh_host_port_rows(policy, pod);
                 }
             }
         }
@@ -442,11 +507,18 @@ impl Engine {
                 continue;
             }
             let mut candidates = BTreeSet::new();
+            let mut host_ports = BTreeSet::new();
+            // A backend on this node's address needs no row of the policy's own.
+            self.services_at_node(&mut candidates);
             for id in state.rows.keys() {
                 self.services_behind(*id, &mut candidates);
+                self.host_ports_behind(*id, &mut host_ports);
             }
             for service in &candidates {
                 self.refresh_service_rows(policy, service);
+            }
+            for pod in &host_ports {
+                self.refresh_host_port_rows(policy, pod);
             }
         }
     }

@@ -1,30 +1,127 @@
-//! Pods: what the engine keeps of a pod (labels, IPs, named ports, locality), its
-//! identity membership, the address index, and which endpoints, identities and
-//! Services a pod change marks dirty.
+//! Pods: what the engine keeps of a pod (labels, IPs, named ports, locality, host
+//! ports), its identity membership, the address index, and which endpoints,
+//! identities, Services and host ports a pod change marks dirty.
 //!
-//! Must not: allocate identities or compute rows itself (`identities` and `flush` do),
-//! or treat host-network or terminal pods as selectable peers.
+//! A hostNetwork pod (SEMANTICS 5a: not the node) is a selectable peer with a pod
+//! identity like any pod, but never an endpoint, and its addresses (its node's) never
+//! enter the address index: this node's addresses stay `identity::HOST`, another
+//! node's stay ordinary addresses that only ipBlocks match. On this node the datapath
+//! finds it by its cgroup (`Engine::host_network_pods`); a remote one is matched only
+//! by an ipBlock on its node's address, since nothing tells it from the rest of that
+//! node.
+//!
+//! Must not: allocate identities or compute rows itself (`identities`, `node_ports`
+//! and `flush` do), treat terminal pods as selectable peers, or index a hostNetwork
+//! pod's addresses.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, PodSpec};
 
 use super::identities::IdentityKey;
+use super::node_ports::{Claimant, HostPort};
 use super::{Engine, NamedPort, ObjectKey, key_of, unlink};
 use crate::policy::raycluster::LABEL_CLUSTER;
 use crate::policy::rule::parse_protocol;
 use crate::policy::selector::Labels;
-use crate::tables::IdentityId;
+use crate::tables::{IdentityId, NodePort};
 
 #[derive(Debug)]
 pub(super) struct PodState {
     pub(super) uid: String,
     pub(super) labels: Labels,
+    /// Its addresses; for a hostNetwork pod its node's, kept for `explain` only.
     pub(super) ips: Vec<IpAddr>,
+    /// On this node and not finished.
     pub(super) local: bool,
+    pub(super) host_network: bool,
     pub(super) named_ports: Arc<Vec<NamedPort>>,
+    /// A local hostNetwork pod's declared `(protocol, containerPort)`: the ports it
+    /// binds on the node's addresses.
+    pub(super) listen_ports: Vec<(u8, u16)>,
+    /// A local pod's `hostPort`s (never a hostNetwork pod's: nothing is rewritten).
+    pub(super) host_ports: Vec<HostPort>,
+    /// Present iff `host_ports` is not empty.
+    pub(super) host_port_identity: Option<IdentityId>,
     pub(super) identity: Option<IdentityId>,
+}
+
+impl PodState {
+    /// Whether the pod is one of this node's endpoints (isolated, if a policy says so).
+    pub(super) fn is_endpoint(&self) -> bool {
+        self.local && !self.host_network
+    }
+
+    /// The addresses that map to its identity in the address index.
+    fn indexed_ips(&self) -> &[IpAddr] {
+        if self.host_network { &[] } else { &self.ips }
+    }
+}
+
+/// What a pod's container ports declare.
+struct DeclaredPorts {
+    named: Vec<NamedPort>,
+    /// Every `(protocol, containerPort)`: what a hostNetwork pod binds on its node.
+    listen: Vec<(u8, u16)>,
+    /// Every `hostPort`: what the node DNATs to the pod (unless it is hostNetwork).
+    host: Vec<HostPort>,
+}
+
+/// The ports of every container and init container (sidecars serve ports too).
+fn declared_ports(spec: &PodSpec) -> DeclaredPorts {
+    let main = spec
+        .containers
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.containers[{i}]"), c));
+    let init = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .enumerate()
+        .map(|(i, c)| (format!("spec.initContainers[{i}]"), c));
+    let mut out = DeclaredPorts {
+        named: Vec::new(),
+        listen: Vec::new(),
+        host: Vec::new(),
+    };
+    for (field, container) in main.chain(init) {
+        for (j, port) in container.ports.iter().flatten().enumerate() {
+            let (Some(protocol), Ok(number)) = (
+                parse_protocol(port.protocol.as_deref()),
+                u16::try_from(port.container_port),
+            ) else {
+                continue;
+            };
+            if let Some(name) = &port.name {
+                out.named.push(NamedPort {
+                    name: name.clone(),
+                    protocol,
+                    port: number,
+                });
+            }
+            out.listen.push((protocol, number));
+            if let Some(host_port) = port
+                .host_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+            {
+                out.host.push(HostPort {
+                    protocol,
+                    host_port,
+                    container_port: number,
+                    field: format!("{field}.ports[{j}].hostPort"),
+                });
+            }
+        }
+    }
+    out.named.sort();
+    out.named.dedup();
+    out.listen.sort();
+    out.listen.dedup();
+    out
 }
 
 impl Engine {
@@ -42,10 +139,9 @@ impl Engine {
         }
         let spec = pod.spec.clone().unwrap_or_default();
         let status = pod.status.clone().unwrap_or_default();
-        let terminal = matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
+        // Terminal pods no longer hold an IP.
+        let selectable = !matches!(status.phase.as_deref(), Some("Succeeded" | "Failed"));
         let host_network = spec.host_network == Some(true);
-        // Host-network pods are the node (HOST), terminal pods no longer hold an IP.
-        let selectable = !terminal && !host_network;
         let local =
             selectable && spec.node_name.as_deref() == Some(self.settings.node_name.as_str());
         let labels: Labels = pod.metadata.labels.clone().unwrap_or_default();
@@ -60,29 +156,19 @@ impl Engine {
         }
         ips.sort();
         ips.dedup();
-        let mut named: Vec<NamedPort> = Vec::new();
-        let containers = spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten());
-        for port in containers.flat_map(|c| c.ports.iter().flatten()) {
-            let (Some(name), Some(protocol), Ok(number)) = (
-                &port.name,
-                parse_protocol(port.protocol.as_deref()),
-                u16::try_from(port.container_port),
-            ) else {
-                continue;
-            };
-            named.push(NamedPort {
-                name: name.clone(),
-                protocol,
-                port: number,
-            });
-        }
-        named.sort();
-        named.dedup();
-        let named_ports = Arc::new(named);
-        let dns_backend = self.is_dns_backend(&ips);
+        let declared = declared_ports(&spec);
+        let listen_ports = if local && host_network {
+            declared.listen
+        } else {
+            Vec::new()
+        };
+        let host_ports = if local && !host_network {
+            declared.host
+        } else {
+            Vec::new()
+        };
+        let named_ports = Arc::new(declared.named);
+        let dns_backend = !host_network && self.is_dns_backend(&ips);
         let new_identity = selectable.then(|| {
             self.join_identity(
                 IdentityKey {
@@ -94,47 +180,83 @@ impl Engine {
                 &key,
             )
         });
+        let old_host_port_identity = self.pods.get(&key).and_then(|p| p.host_port_identity);
+        let host_port_identity = match (host_ports.is_empty(), old_host_port_identity) {
+            (true, _) => None,
+            (false, Some(id)) => Some(id),
+            (false, None) => {
+                Some(self.allocate_identity(super::ids::stable_hash("pod-hostport", &key)))
+            }
+        };
+        let mut claims: BTreeMap<NodePort, Vec<String>> = BTreeMap::new();
+        for mapping in &host_ports {
+            let port = NodePort {
+                protocol: mapping.protocol,
+                port: mapping.host_port,
+            };
+            claims.entry(port).or_default().push(mapping.field.clone());
+        }
         let old = self.pods.insert(
             key.clone(),
             PodState {
                 uid,
                 labels,
-                ips: ips.clone(),
+                ips,
                 local,
+                host_network,
                 named_ports,
+                listen_ports,
+                host_ports,
+                host_port_identity,
                 identity: new_identity,
             },
         );
-        let (old_ips, old_identity, was_local) = match old {
+        let (old_ips, old_identity, was_local, was_listening) = match old {
             Some(old) => {
                 self.unindex_local(&key, &old);
-                (old.ips, old.identity, old.local)
+                let was_listening = old.local && old.host_network;
+                (
+                    old.indexed_ips().to_vec(),
+                    old.identity,
+                    old.local,
+                    was_listening,
+                )
             }
-            None => (Vec::new(), None, false),
+            None => (Vec::new(), None, false, false),
         };
-        if local
-            && let Some(cluster) = self
-                .pods
-                .get(&key)
-                .and_then(|p| p.labels.get(LABEL_CLUSTER))
-        {
-            self.local_by_cluster
-                .entry((key.0.clone(), cluster.clone()))
-                .or_default()
-                .insert(key.clone());
-        }
+        self.index_local(&key);
         if old_identity != new_identity
             && let Some(id) = old_identity
         {
             self.leave_identity(id, &key);
         }
+        let new_ips = self
+            .pods
+            .get(&key)
+            .map(|p| p.indexed_ips().to_vec())
+            .unwrap_or_default();
         self.ips_changed(
             &key,
             &old_ips,
-            &ips,
+            &new_ips,
             old_identity != new_identity,
             [old_identity, new_identity],
         );
+        if was_listening || (local && host_network) {
+            // What listens on this node's addresses may have changed.
+            let mut services = BTreeSet::new();
+            self.services_at_node(&mut services);
+            self.dirty.services.extend(services);
+        }
+        self.set_node_port_claims(&Claimant::Pod(key.clone()), claims);
+        if host_port_identity.is_none()
+            && let Some(old) = old_host_port_identity
+        {
+            self.purge_identity(old);
+        }
+        if host_port_identity.is_some() {
+            self.dirty.host_ports.insert(key.clone());
+        }
         if local || was_local {
             self.dirty.endpoints.insert(key);
         }
@@ -155,15 +277,53 @@ impl Engine {
         if let Some(id) = old.identity {
             self.leave_identity(id, key);
         }
-        self.ips_changed(key, &old.ips, &[], true, [old.identity, None]);
+        self.ips_changed(key, old.indexed_ips(), &[], true, [old.identity, None]);
+        if old.local && old.host_network {
+            let mut services = BTreeSet::new();
+            self.services_at_node(&mut services);
+            self.dirty.services.extend(services);
+        }
+        self.set_node_port_claims(&Claimant::Pod(key.clone()), BTreeMap::new());
+        if let Some(id) = old.host_port_identity {
+            self.purge_identity(id);
+        }
         self.dirty.endpoints.insert(key.clone());
     }
 
+    /// Indexes a pod by what makes it local: an endpoint of its RayCluster, a
+    /// hostNetwork pod of this node, a pod with host ports.
+    fn index_local(&mut self, key: &ObjectKey) {
+        let Some(pod) = self.pods.get(key) else {
+            return;
+        };
+        let cluster = pod
+            .labels
+            .get(LABEL_CLUSTER)
+            .filter(|_| pod.is_endpoint())
+            .cloned();
+        let host_network = pod.local && pod.host_network;
+        let host_ports = pod.host_port_identity.is_some();
+        if let Some(cluster) = cluster {
+            self.local_by_cluster
+                .entry((key.0.clone(), cluster))
+                .or_default()
+                .insert(key.clone());
+        }
+        if host_network {
+            self.local_host_network.insert(key.clone());
+        }
+        if host_ports {
+            self.host_port_pods.insert(key.clone());
+        }
+    }
+
     fn unindex_local(&mut self, key: &ObjectKey, old: &PodState) {
-        if let Some(cluster) = old.labels.get(LABEL_CLUSTER).filter(|_| old.local) {
+        if let Some(cluster) = old.labels.get(LABEL_CLUSTER).filter(|_| old.is_endpoint()) {
             let group = (key.0.clone(), cluster.clone());
             unlink(&mut self.local_by_cluster, &group, key);
         }
+        self.local_host_network.remove(key);
+        self.host_port_pods.remove(key);
     }
 
     fn ips_changed(
@@ -183,6 +343,7 @@ impl Engine {
             self.addr_pods.entry(*ip).or_default().insert(key.clone());
         }
         let changed = identity_changed || old != new;
+        let mut host_ports = BTreeSet::new();
         for ip in old.iter().chain(new) {
             self.refresh_address(*ip);
             if changed && let Some(services) = self.backend_ips.get(ip) {
@@ -192,6 +353,11 @@ impl Engine {
                     .identities
                     .extend(identities.into_iter().flatten());
             }
+            if changed {
+                // A host-port pod at this address: its rows follow the address.
+                self.host_ports_at(*ip, &mut host_ports);
+            }
         }
+        self.dirty.host_ports.extend(host_ports);
     }
 }

@@ -95,13 +95,15 @@ impl Engine {
                 if self.dns_service.as_ref() == Some(&service) {
                     return identity.key.dns_backend;
                 }
+                // A hostNetwork pod's addresses are its node's: not a backend peer.
                 identity.members.iter().any(|m| {
                     self.pods.get(m).is_some_and(|p| {
-                        p.ips.iter().any(|ip| {
-                            self.backend_ips
-                                .get(ip)
-                                .is_some_and(|s| s.contains_key(&service))
-                        })
+                        !p.host_network
+                            && p.ips.iter().any(|ip| {
+                                self.backend_ips
+                                    .get(ip)
+                                    .is_some_and(|s| s.contains_key(&service))
+                            })
                     })
                 })
             }

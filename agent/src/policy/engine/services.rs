@@ -1,11 +1,17 @@
 //! Services and EndpointSlices: Service identities on ClusterIPs, the backends each
 //! slice lists, the DNS-backend bit of pod identities, and the post-DNAT rows of a
-//! Service identity (a service port is allowed iff every backend is).
+//! Service identity (a service port is allowed iff every backend is) and of its
+//! node-port identity (a `nodePort` likewise, on the same backends; which ports it
+//! owns is `node_ports`' business).
 //!
-//! Must not: let an ipBlock match a ClusterIP, or allow a service port that has no
-//! backend or a backend the policy's own rows deny.
+//! A backend on one of this node's addresses is the node, unless a hostNetwork pod on
+//! this node declares that port (SEMANTICS 5a): then it is that pod, by its identity
+//! (or an ipBlock covering the address).
+//!
+//! Must not: let an ipBlock match a ClusterIP, or allow a service port or node port
+//! that has no backend or a backend the policy's own rows deny.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -14,9 +20,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::identities::IdentityKey;
 use super::local::PolicyState;
+use super::node_ports::Claimant;
 use super::{Engine, ObjectKey, key_of};
 use crate::policy::rule::parse_protocol;
-use crate::tables::{Direction, IdentityId, PolicyEntry, PolicyId};
+use crate::tables::{Direction, IdentityId, NodePort, PolicyEntry, PolicyId};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -43,11 +50,24 @@ impl ServicePort {
     }
 }
 
+/// A service port the node also exposes on `node_port` of each of its addresses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ServiceNodePort {
+    pub(super) port: ServicePort,
+    pub(super) node_port: u16,
+    /// `spec.ports[i].nodePort`.
+    pub(super) field: String,
+}
+
 #[derive(Debug)]
 pub(super) struct ServiceState {
     pub(super) identity: IdentityId,
     pub(super) cluster_ips: Vec<IpAddr>,
     pub(super) ports: Vec<ServicePort>,
+    /// Its own identity for egress to a node port (not its ClusterIP identity: rows of
+    /// one must never allow the other); present iff `node_ports` is not empty.
+    pub(super) node_port_identity: Option<IdentityId>,
+    pub(super) node_ports: Vec<ServiceNodePort>,
 }
 
 #[derive(Debug)]
@@ -77,13 +97,46 @@ impl Engine {
             .filter_map(|p| ServicePort::new(p.name.as_ref(), p.protocol.as_deref(), Some(p.port)))
             .collect();
         ports.sort();
-        let (identity, old_ips) = match self.services.remove(&key) {
-            Some(old) => (old.identity, old.cluster_ips),
+        // kube-proxy opens node ports for these types only (ClusterIP and
+        // ExternalName Services cannot have one).
+        let exposed = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+        let node_ports: Vec<ServiceNodePort> = spec
+            .ports
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|_| exposed)
+            .filter_map(|(i, p)| {
+                Some(ServiceNodePort {
+                    node_port: u16::try_from(p.node_port?).ok().filter(|n| *n > 0)?,
+                    port: ServicePort::new(p.name.as_ref(), p.protocol.as_deref(), Some(p.port))?,
+                    field: format!("spec.ports[{i}].nodePort"),
+                })
+            })
+            .collect();
+        let (identity, old_ips, old_np) = match self.services.remove(&key) {
+            Some(old) => (old.identity, old.cluster_ips, old.node_port_identity),
             None => (
                 self.allocate_identity(super::ids::stable_hash("service", &key)),
                 Vec::new(),
+                None,
             ),
         };
+        let node_port_identity = match (node_ports.is_empty(), old_np) {
+            (true, _) => None,
+            (false, Some(id)) => Some(id),
+            (false, None) => {
+                Some(self.allocate_identity(super::ids::stable_hash("service-nodeport", &key)))
+            }
+        };
+        let mut claims: BTreeMap<NodePort, Vec<String>> = BTreeMap::new();
+        for np in &node_ports {
+            let port = NodePort {
+                protocol: np.port.protocol,
+                port: np.node_port,
+            };
+            claims.entry(port).or_default().push(np.field.clone());
+        }
         for ip in &old_ips {
             self.cluster_ips.remove(ip);
         }
@@ -96,11 +149,19 @@ impl Engine {
                 identity,
                 cluster_ips: ips.clone(),
                 ports,
+                node_port_identity,
+                node_ports,
             },
         );
         for ip in old_ips.iter().chain(&ips) {
             self.refresh_address(*ip);
             self.refresh_cidr(host_net(*ip));
+        }
+        self.set_node_port_claims(&Claimant::Service(key.clone()), claims);
+        if node_port_identity.is_none()
+            && let Some(old) = old_np
+        {
+            self.purge_identity(old);
         }
         self.dirty.services.insert(key);
         self.flush();
@@ -114,7 +175,11 @@ impl Engine {
                 self.refresh_address(*ip);
                 self.refresh_cidr(host_net(*ip));
             }
+            self.set_node_port_claims(&Claimant::Service(key), BTreeMap::new());
             self.purge_identity(old.identity);
+            if let Some(np) = old.node_port_identity {
+                self.purge_identity(np);
+            }
         }
         self.flush();
     }
@@ -232,7 +297,8 @@ impl Engine {
         let Some(old) = pod.identity else {
             return;
         };
-        let dns_backend = self.is_dns_backend(&pod.ips);
+        // A hostNetwork pod's addresses are its node's: never a Service-backend peer.
+        let dns_backend = !pod.host_network && self.is_dns_backend(&pod.ips);
         if self
             .pod_identities
             .get(&old)
@@ -252,12 +318,15 @@ impl Engine {
             pod.identity = Some(new);
         }
         self.leave_identity(old, key);
+        let mut host_ports = BTreeSet::new();
         for ip in ips {
             self.refresh_address(ip);
             if let Some(services) = self.backend_ips.get(&ip) {
                 self.dirty.services.extend(services.keys().cloned());
             }
+            self.host_ports_at(ip, &mut host_ports);
         }
+        self.dirty.host_ports.extend(host_ports);
     }
 
     /// `(backend address, protocol, target port)` of one service port.
@@ -291,36 +360,92 @@ impl Engine {
     /// Whether `policy`'s current rows let its pods open `protocol`/`port` to `ip`.
     fn egress_allows(&self, policy: &PolicyState, ip: IpAddr, protocol: u8, port: u16) -> bool {
         if self.node_addresses.contains(&ip) {
-            return true;
+            return self.node_listeners_allow(policy, ip, protocol, port);
         }
         let exact = self.out.tables.addresses.get(&ip).copied();
         let cidr = self.longest_prefix(ip);
-        [exact, cidr].into_iter().flatten().any(|id| {
-            policy.rows.get(&id).is_some_and(|rows| {
-                rows.iter()
-                    .any(|r| r.direction == Direction::Egress && r.matches(protocol, port))
-            })
+        [exact, cidr]
+            .into_iter()
+            .flatten()
+            .any(|id| Self::rows_allow(policy, id, Direction::Egress, protocol, port))
+    }
+
+    /// Whether `policy` has a row for `id` that allows `protocol`/`port`.
+    pub(super) fn rows_allow(
+        policy: &PolicyState,
+        id: IdentityId,
+        direction: Direction,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        policy.rows.get(&id).is_some_and(|rows| {
+            rows.iter()
+                .any(|r| r.direction == direction && r.matches(protocol, port))
         })
     }
 
-    /// Rows for a Service identity: a service port is allowed iff every backend it can
-    /// land on is allowed (fail-closed when backends disagree).
+    /// Egress to this node's address `ip` on `protocol`/`port`, landing on whatever
+    /// listens there: the node's own processes (allowed), or a hostNetwork pod of
+    /// this node that declares the port (a `containerPort`, which for hostNetwork is
+    /// the port it binds on every node address), allowed by its identity's rows or an
+    /// ipBlock covering `ip`. Every such pod must be allowed (fail closed).
+    fn node_listeners_allow(
+        &self,
+        policy: &PolicyState,
+        ip: IpAddr,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
+        let cidr = self.longest_prefix(ip);
+        self.node_listeners(protocol, port).all(|listener| {
+            [Some(listener), cidr]
+                .into_iter()
+                .flatten()
+                .any(|id| Self::rows_allow(policy, id, Direction::Egress, protocol, port))
+        })
+    }
+
+    /// The identities of this node's hostNetwork pods that declare `protocol`/`port`.
+    pub(super) fn node_listeners(
+        &self,
+        protocol: u8,
+        port: u16,
+    ) -> impl Iterator<Item = IdentityId> + '_ {
+        self.local_host_network
+            .iter()
+            .filter_map(|key| self.pods.get(key))
+            .filter(move |pod| pod.listen_ports.contains(&(protocol, port)))
+            .filter_map(|pod| pod.identity)
+    }
+
+    /// Whether every backend is allowed, and there is one.
+    pub(super) fn all_egress_allowed(
+        &self,
+        policy: &PolicyState,
+        backends: &[(IpAddr, u8, u16)],
+    ) -> bool {
+        !backends.is_empty()
+            && backends
+                .iter()
+                .all(|(ip, proto, target)| self.egress_allows(policy, *ip, *proto, *target))
+    }
+
+    /// Rows for a Service identity and its node-port identity: a service port (node
+    /// port) is allowed iff every backend it can land on is allowed (fail-closed when
+    /// backends disagree); a node port only while the Service alone claims it.
     pub(super) fn refresh_service_rows(&mut self, policy: PolicyId, service: &ObjectKey) {
         let Some(svc) = self.services.get(service) else {
             return;
         };
         let sid = svc.identity;
+        let np_id = svc.node_port_identity;
         let mut rows = Vec::new();
+        let mut np_rows = Vec::new();
         if let Some(state) = self.policies.get(&policy)
             && state.spec.isolate_egress
         {
             for port in &svc.ports {
-                let backends = self.backends(service, port);
-                if !backends.is_empty()
-                    && backends
-                        .iter()
-                        .all(|(ip, proto, target)| self.egress_allows(state, *ip, *proto, *target))
-                {
+                if self.all_egress_allowed(state, &self.backends(service, port)) {
                     rows.extend(PolicyEntry::for_port_range(
                         policy,
                         Direction::Egress,
@@ -331,14 +456,64 @@ impl Engine {
                     ));
                 }
             }
+            if let Some(np_id) = np_id {
+                // Entries that share a node port must all be allowed.
+                let mut by_port: BTreeMap<NodePort, bool> = BTreeMap::new();
+                for np in &svc.node_ports {
+                    let port = NodePort {
+                        protocol: np.port.protocol,
+                        port: np.node_port,
+                    };
+                    let allowed = self.all_egress_allowed(state, &self.backends(service, &np.port));
+                    *by_port.entry(port).or_insert(true) &= allowed;
+                }
+                let claimant = Claimant::Service(service.clone());
+                for (port, allowed) in by_port {
+                    if allowed && self.owns_node_port(port, &claimant) {
+                        np_rows.extend(PolicyEntry::for_port_range(
+                            policy,
+                            Direction::Egress,
+                            np_id,
+                            port.protocol,
+                            port.port,
+                            port.port,
+                        ));
+                    }
+                }
+            }
         }
         rows.sort();
         rows.dedup();
         self.replace_rows(policy, sid, rows);
+        if let Some(np_id) = np_id {
+            np_rows.sort();
+            np_rows.dedup();
+            self.replace_rows(policy, np_id, np_rows);
+        }
+    }
+
+    /// Services with a backend on one of this node's addresses (whose rows follow the
+    /// hostNetwork pods of this node).
+    pub(super) fn services_at_node(&self, out: &mut BTreeSet<ObjectKey>) {
+        for ip in &self.node_addresses {
+            out.extend(
+                self.backend_ips
+                    .get(ip)
+                    .into_iter()
+                    .flat_map(|s| s.keys().cloned()),
+            );
+        }
     }
 
     pub(super) fn services_behind(&self, id: IdentityId, out: &mut BTreeSet<ObjectKey>) {
         if let Some(identity) = self.pod_identities.get(&id) {
+            if identity
+                .members
+                .iter()
+                .any(|m| self.local_host_network.contains(m))
+            {
+                self.services_at_node(out);
+            }
             for key in &identity.members {
                 for ip in self.pods.get(key).into_iter().flat_map(|p| p.ips.iter()) {
                     out.extend(
@@ -370,17 +545,23 @@ impl Engine {
         }
     }
 
-    /// Policies whose rows for `service` may change: those that hold rows for it or
-    /// for any backend's identities (a port is only allowed if every backend is).
+    /// Policies whose rows for `service` may change: those that hold rows for it (or
+    /// its node-port identity) or for any backend's identities (a port is only allowed
+    /// if every backend is); with a backend on this node's address, where the node
+    /// needs no row, every egress-isolating policy.
     pub(super) fn policies_for_service(&self, service: &ObjectKey, out: &mut BTreeSet<PolicyId>) {
         if let Some(svc) = self.services.get(service) {
-            out.extend(self.row_owners.get(&svc.identity).into_iter().flatten());
+            for id in std::iter::once(svc.identity).chain(svc.node_port_identity) {
+                out.extend(self.row_owners.get(&id).into_iter().flatten());
+            }
         }
+        let mut node_backend = false;
         for slice in self.slices_by_service.get(service).into_iter().flatten() {
             let Some(slice) = self.slices.get(&(service.0.clone(), slice.clone())) else {
                 continue;
             };
             for ip in &slice.addresses {
+                node_backend |= self.node_addresses.contains(ip);
                 let ids = [
                     self.out.tables.addresses.get(ip).copied(),
                     self.longest_prefix(*ip),
@@ -389,6 +570,14 @@ impl Engine {
                     out.extend(self.row_owners.get(&id).into_iter().flatten());
                 }
             }
+        }
+        if node_backend {
+            out.extend(
+                self.policies
+                    .iter()
+                    .filter(|(_, p)| p.spec.isolate_egress)
+                    .map(|(id, _)| *id),
+            );
         }
     }
 }
