@@ -665,6 +665,8 @@ enum Claim<'a> {
     Service(&'a ServiceT),
     /// The slot of a local pod with that hostPort.
     Pod(usize),
+    /// A local hostNetwork pod that declares the port: it leads to that pod.
+    HostNetwork,
 }
 
 fn node_port_claims<'a>(w: &'a World, proto: &str, port: u16) -> Vec<Claim<'a>> {
@@ -691,6 +693,15 @@ fn node_port_claims<'a>(w: &'a World, proto: &str, port: u16) -> Vec<Claim<'a>> 
             })
             .map(Claim::Pod),
     );
+    out.extend(
+        (0..POD_SLOTS)
+            .filter(|s| {
+                w.pods[*s].as_ref().is_some_and(|p| {
+                    p.local && p.host_network && listens(p).contains(&(proto, port))
+                })
+            })
+            .map(|_| Claim::HostNetwork),
+    );
     out
 }
 
@@ -715,6 +726,7 @@ fn node_port_verdict(w: &World, slot: usize, proto: &str, port: u16) -> Option<b
                 )
             })
         }
+        [Claim::HostNetwork] => to_backend(w, slot, node_ip(), proto, port),
         _ => false,
     })
 }

@@ -2009,9 +2009,10 @@ fn host_network_pod_selected_by_namespace_and_pod_selector_gets_rows_as_itself()
     assert!(head(Direction::Ingress, exporter, 8080));
     assert!(!head(Direction::Ingress, exporter, 8081));
     assert!(!head(Direction::Ingress, ingress_controller, 8080));
-    // Egress to it, by the named port it declares.
+    // Egress to it, by the named port it declares: the node's address on 9100 leads
+    // to the exporter, whoever else listens on the node.
     assert!(head(Direction::Egress, exporter, 9100));
-    assert!(!head(Direction::Egress, ingress_controller, 9100));
+    assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 9100));
     // The node's own processes are still the node.
     assert!(ingress(
         &e,
@@ -2985,4 +2986,31 @@ fn audit_annotation_covers_the_networkpolicies_of_its_pods_but_not_other_pods() 
     let sidecar = e.endpoint_id("team-a", "sidecar").unwrap();
     assert!(e.tables().endpoints[&sidecar].isolate_ingress);
     assert!(!ingress(&e, "team-a", "sidecar", "10.9.9.9", "TCP", 1));
+}
+
+#[test]
+fn egress_to_a_port_a_host_network_pod_declares_needs_a_rule_that_selects_it() {
+    let mut e = scene_with_host_network_pods();
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    mode: DenyAllEgress",
+    ));
+    // 9100 is the exporter's: not the node's, so the base flow to the node does not
+    // cover it; any other port of the node is the node.
+    assert!(!egress(&e, "team-a", "training-head", NODE_IP, "TCP", 9100));
+    assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 9101));
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    mode: DenyAllEgress\n    head:\n      egressRules: [{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: node-exporter}}}]}]",
+    ));
+    assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 9100));
+    // An ipBlock covering the node also covers a hostNetwork pod on it.
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy:\n    mode: DenyAllEgress\n    head:\n      egressRules: [{to: [{ipBlock: {cidr: 192.168.0.0/16}}]}]",
+    ));
+    assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 9100));
 }

@@ -157,9 +157,13 @@ impl Engine {
         let mut rules = Vec::new();
         for &(ip, proto, target) in backends {
             let answers: Vec<Explanation> = if self.node_addresses.contains(&ip) {
+                // The pods listening there, by their rows (not through the node
+                // port they claim: that port's rows are these rows).
+                let ep = self.out.tables.endpoints.get(&endpoint);
                 self.node_listeners(proto, target)
-                    .map(|id| {
-                        self.explain_identified(endpoint, Direction::Egress, ip, id, proto, target)
+                    .filter_map(|id| {
+                        let ids = [Some(id), self.longest_prefix(ip)];
+                        Some(self.explain_rows(ep?, Direction::Egress, ids, proto, target))
                     })
                     .collect()
             } else {

@@ -305,6 +305,10 @@ impl Engine {
             return;
         };
         let mut ids: Vec<IdentityId> = pod.host_port_identity.into_iter().collect();
+        if pod.host_network {
+            // Its ports lead to itself: its own identity's rows decide them.
+            ids.extend(pod.identity);
+        }
         for ip in &pod.ips {
             ids.extend(self.out.tables.addresses.get(ip).copied());
             ids.extend(self.longest_prefix(*ip));

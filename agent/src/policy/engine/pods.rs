@@ -67,6 +67,9 @@ struct DeclaredPorts {
     listen: Vec<(u8, u16)>,
     /// Every `hostPort`: what the node DNATs to the pod (unless it is hostNetwork).
     host: Vec<HostPort>,
+    /// `listen` with the fields that declare it, as the node ports of a hostNetwork
+    /// pod (nothing rewrites them, but they lead to the pod, not the node).
+    listen_fields: Vec<HostPort>,
 }
 
 /// The ports of every container and init container (sidecars serve ports too).
@@ -86,6 +89,7 @@ fn declared_ports(spec: &PodSpec) -> DeclaredPorts {
         named: Vec::new(),
         listen: Vec::new(),
         host: Vec::new(),
+        listen_fields: Vec::new(),
     };
     for (field, container) in main.chain(init) {
         for (j, port) in container.ports.iter().flatten().enumerate() {
@@ -103,6 +107,12 @@ fn declared_ports(spec: &PodSpec) -> DeclaredPorts {
                 });
             }
             out.listen.push((protocol, number));
+            out.listen_fields.push(HostPort {
+                protocol,
+                host_port: number,
+                container_port: number,
+                field: format!("{field}.ports[{j}].containerPort"),
+            });
             if let Some(host_port) = port
                 .host_port
                 .and_then(|p| u16::try_from(p).ok())
@@ -162,10 +172,13 @@ impl Engine {
         } else {
             Vec::new()
         };
-        let host_ports = if local && !host_network {
-            declared.host
-        } else {
-            Vec::new()
+        // What reaching the node's address on a port leads to: a pod's hostPorts
+        // (DNAT to its containerPort), or the ports a local hostNetwork pod declares
+        // (the pod itself, SEMANTICS 5a): both decided on the pod, with the same rows.
+        let host_ports = match (local, host_network) {
+            (true, false) => declared.host,
+            (true, true) => declared.listen_fields,
+            (false, _) => Vec::new(),
         };
         let named_ports = Arc::new(declared.named);
         let dns_backend = !host_network && self.is_dns_backend(&ips);
