@@ -207,7 +207,13 @@ pub struct Pod {
 impl Pod {
     /// Puts every probe this pod starts from now on into cgroup `cg` (or none).
     pub fn set_cgroup(&self, cg: Option<&TestCgroup>) {
-        *self.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = cg.map(|c| c.path().to_owned());
+        self.set_cgroup_dir(cg.map(TestCgroup::path));
+    }
+
+    /// Like [`Pod::set_cgroup`], for a cgroup directory this crate did not make a
+    /// [`TestCgroup`] of (a container cgroup of a [`crate::kubelet::KubeletTree`]).
+    pub fn set_cgroup_dir(&self, dir: Option<&Path>) {
+        *self.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = dir.map(Path::to_owned);
     }
 
     pub fn cgroup(&self) -> Option<PathBuf> {
