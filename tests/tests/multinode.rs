@@ -134,6 +134,8 @@ fn relay(inbound: TcpStream, upstream: SocketAddr) {
 
 /// A pod, the node it runs on, its labels.
 type Placement<'a> = (&'a str, usize, Vec<(&'a str, &'a str)>);
+/// A pod, its namespace, the node it runs on, its labels.
+type NamespacedPlacement<'a> = (&'a str, &'a str, usize, Vec<(&'a str, &'a str)>);
 
 /// Everything one simulated node runs.
 struct NodeRig {
@@ -607,7 +609,7 @@ fn node_ports_across_nodes_are_judged_by_the_original_client_and_the_backend() -
     topo.add_external_client("client")?;
     let ns = format!("ray-{}", topo.tag());
     let other = format!("other-{}", topo.tag());
-    let placement: [(&str, &str, usize, Vec<(&str, &str)>); 6] = [
+    let placement: [NamespacedPlacement; 6] = [
         ("head", &ns, 0, head_labels("rc")),
         ("eg-head", &ns, 0, head_labels("eg")),
         ("foreign", &other, 0, vec![("app", "foreign")]),

@@ -72,6 +72,9 @@ enum Hook {
 
 static RIGS: AtomicU32 = AtomicU32::new(0);
 
+/// A pod of the rig: topology name, Kubernetes namespace, labels.
+type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
+
 /// One node with everything of the lab on it, and its agent.
 ///
 /// Pods (namespace `ray-<tag>` unless said): `head` and `worker` of RayCluster `rc`
@@ -128,7 +131,7 @@ impl Rig {
 
         // The kubelet's tree: each pod's sandbox process in its container cgroup.
         let kubelet = KubeletTree::new(driver)?;
-        let pods: [(&str, &str, Vec<(&str, &str)>); 4] = [
+        let pods: [PodSpec; 4] = [
             ("head", &ns, head_labels("rc")),
             ("worker", &ns, worker_labels("rc")),
             ("outsider", &ns, vec![("app", "outsider")]),
