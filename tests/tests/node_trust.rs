@@ -81,8 +81,9 @@ type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
 /// (veth pods on the TC rig, macvlan pods on the cgroup rig); `outsider`
 /// (app=outsider, not isolated); `foreign` in `other-<tag>` (app=foreign, not
 /// isolated). hostNetwork pods in `monitoring-<tag>`: `exporter` (app=exporter,
-/// listens on 9100) and `node-agent` (app=node-agent, 9101); `stray`: a process in
-/// a pod cgroup of no known pod (9102). The kubelet: a host process on 10250.
+/// declares and listens on 9100) and `node-agent` (app=node-agent, 9101); `stray`:
+/// a process in a pod cgroup of no known pod (9102). The kubelet: a host process on
+/// 10250.
 /// Services: `head-np` (Cluster, 30080), `head-np-local` (Local, 30081), `head-lb`
 /// (LoadBalancer, Cluster, 30082) in front of the head; `foreign-np` (Cluster,
 /// 30090) in front of `foreign`. hostPorts: the head's 18001, foreign's 18000.
@@ -828,16 +829,18 @@ fn host_network_pods(hook: Hook) -> Result<()> {
         srv,
     )?;
     ingress.expect(4, "hostNetwork pods -> head")?;
-    // And the reverse: the head to their ports on the node's address.
-    for port in [EXPORTER, STRAY] {
-        let o = head.tcp_connect(node.ip4.into(), port, DENIED);
+    // And the reverse: the head to the port the exporter declares, on the node's
+    // addresses. (Not asserted: a process of an unknown pod cgroup listening on the
+    // node; no Pod object declares its port, so egress to it is the node's.)
+    for dst in node.ips() {
+        let o = head.tcp_connect(dst, EXPORTER, DENIED);
         dropped(
-            &format!("head -> node:{port} (a hostNetwork pod's)"),
+            &format!("head -> {dst}:{EXPORTER} (the exporter's)"),
             o,
             None,
         )?;
     }
-    egress.expect(2, "head -> hostNetwork pods")?;
+    egress.expect(2, "head -> the exporter")?;
 
     // A rule whose peer selects the exporter (its namespace AND its labels).
     let exporter_peer = json!([{
