@@ -3,7 +3,13 @@
 //!
 //! - [`netns`]: `Netns`, a named network namespace and ways to act inside it.
 //! - [`topology`]: simulated Kubernetes nodes (`Bridged` like flannel's cni0,
-//!   `Routed` like Calico) with dual-stack pods.
+//!   `Routed` like Calico) with dual-stack pods, and the optional pieces of "the
+//!   node" a test adds: external clients, macvlan pods (no host veth), NAT.
+//! - [`node_nat`]: kube-proxy's NodePorts and the portmap plugin's hostPorts as
+//!   iptables rules in the node namespaces, with their Services, EndpointSlices
+//!   and container ports.
+//! - [`kubelet`]: kubelet-style pod cgroup trees (systemd and cgroupfs drivers) and
+//!   hostNetwork pods (a pod cgroup, the node's network namespace).
 //! - [`cgroup`]: `TestCgroup` / `PodCgroup` under the cgroup2 mount.
 //! - [`sweep`]: removing what a SIGKILLed run left behind (explicit call).
 //! - [`fake_api`]: `FakeApiServer`, a fake Kubernetes API server speaking real HTTP
@@ -44,8 +50,10 @@ pub mod cgroup;
 pub mod demo;
 pub mod fake_api;
 pub mod http;
+pub mod kubelet;
 pub mod names;
 pub mod netns;
+pub mod node_nat;
 pub mod probe;
 pub mod probe_cli;
 pub mod sweep;
@@ -54,4 +62,4 @@ pub mod topology;
 pub use cgroup::{PodCgroup, TestCgroup};
 pub use netns::Netns;
 pub use probe::{HeldConnection, Outcome, ProbeBin, Prober, Server};
-pub use topology::{Layout, Node, Pod, Topology};
+pub use topology::{ExternalClient, Layout, Node, Pod, Topology, Wiring};

@@ -13,7 +13,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -208,17 +208,36 @@ impl Prober {
         self.serve("udp-serve", port)
     }
 
+    /// A TCP echo server like [`Prober::serve_tcp`] that also reports the source
+    /// address of every connection it accepts ([`Server::take_peers`]): what a NAT
+    /// on the way made of the client.
+    pub fn serve_tcp_recording(&self, port: u16) -> Result<Server> {
+        self.serve_with("tcp-serve", port, &["--report-peers"])
+    }
+
     fn serve(&self, kind: &str, port: u16) -> Result<Server> {
+        self.serve_with(kind, port, &[])
+    }
+
+    fn serve_with(&self, kind: &str, port: u16, flags: &[&str]) -> Result<Server> {
+        let mut args = vec![kind.to_owned(), port.to_string()];
+        args.extend(flags.iter().map(|f| (*f).to_owned()));
         let mut child = self
-            .command(&[kind.into(), port.to_string()])
+            .command(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.path().display()))?;
         let stdout = child.stdout.take().context("child stdout")?;
-        let server = Server { child, port };
         let lines = line_reader(stdout);
-        match lines.recv_timeout(SERVER_START) {
+        let started = lines.recv_timeout(SERVER_START);
+        let recording = !flags.is_empty();
+        let server = Server {
+            child,
+            port,
+            peers: recording.then(|| Mutex::new(lines)),
+        };
+        match started {
             Ok(line) if line.trim() == "listening" => Ok(server),
             Ok(line) => bail!("{kind} {port}: {line}"),
             Err(_) => bail!("{kind} {port}: not listening after {SERVER_START:?}"),
@@ -281,11 +300,33 @@ fn line_reader(stdout: ChildStdout) -> mpsc::Receiver<String> {
 pub struct Server {
     child: Child,
     port: u16,
+    /// The `peer ADDR` lines of a recording server ([`Prober::serve_tcp_recording`]).
+    peers: Option<Mutex<mpsc::Receiver<String>>>,
 }
 
 impl Server {
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The source addresses of the connections accepted since the last call, in
+    /// order; waits up to `wait` for the first one (a connection that just
+    /// succeeded has been reported already, the line may still be in flight).
+    /// Empty for a server that does not record, or when nothing came.
+    pub fn take_peers(&self, wait: Duration) -> Vec<IpAddr> {
+        let Some(lines) = &self.peers else {
+            return Vec::new();
+        };
+        let lines = lines.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = Vec::new();
+        let peer = |line: String| line.strip_prefix("peer ")?.trim().parse::<IpAddr>().ok();
+        if let Ok(line) = lines.recv_timeout(wait) {
+            seen.extend(peer(line));
+        }
+        while let Ok(line) = lines.try_recv() {
+            seen.extend(peer(line));
+        }
+        seen
     }
 
     pub fn pid(&self) -> u32 {

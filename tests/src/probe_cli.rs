@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! rf-probe [--cgroup DIR] [--netns NAME|PATH] COMMAND
-//!   tcp-serve PORT                     echo server on [::]:PORT (v4 and v6)
+//!   tcp-serve PORT [--report-peers]    echo server on [::]:PORT (v4 and v6); with
+//!                                      --report-peers, one `peer ADDR` line per
+//!                                      accepted connection (the source it sees)
 //!   udp-serve PORT                     echo server on [::]:PORT (v4 and v6)
 //!   tcp-connect ADDR PORT [--timeout-ms N]
 //!   udp-probe ADDR PORT [--timeout-ms N]
@@ -11,7 +13,8 @@
 //!   tcp-hold ADDR PORT [--timeout-ms N]
 //! ```
 //!
-//! Servers print `listening` once bound, then nothing. Clients print exactly one of
+//! Servers print `listening` once bound, then nothing (or the peers they accept,
+//! when asked; IPv4-mapped IPv6 sources are printed as IPv4). Clients print exactly one of
 //! `ok`, `timeout`, `refused`, `unreachable`, `reset`, `error: ...` and exit with
 //! [`Outcome::exit_code`]. `tcp-hold` prints `connected` (or a failure), then for
 //! every line read on stdin sends it, waits for the echo and prints one outcome
@@ -55,11 +58,13 @@ fn run(args: &[String]) -> Result<Outcome> {
     let mut cgroup = None;
     let mut netns = None;
     let mut timeout = Duration::from_millis(1000);
+    let mut report_peers = false;
     let mut rest = Vec::new();
     while let Some(a) = args.next() {
         match a {
             "--cgroup" => cgroup = Some(args.next().context("--cgroup needs a directory")?),
             "--netns" => netns = Some(args.next().context("--netns needs a name or path")?),
+            "--report-peers" => report_peers = true,
             "--timeout-ms" => {
                 let v = args.next().context("--timeout-ms needs a value")?;
                 timeout = Duration::from_millis(v.parse().context("--timeout-ms")?);
@@ -78,7 +83,7 @@ fn run(args: &[String]) -> Result<Outcome> {
         enter_netns(ns)?;
     }
     match rest.as_slice() {
-        ["tcp-serve", port] => tcp_serve(port.parse().context("port")?),
+        ["tcp-serve", port] => tcp_serve(port.parse().context("port")?, report_peers),
         ["udp-serve", port] => udp_serve(port.parse().context("port")?),
         ["tcp-connect", addr, port] => Ok(tcp_connect(sockaddr(addr, port)?, timeout)),
         ["udp-probe", addr, port] => Ok(udp_probe(sockaddr(addr, port)?, timeout)),
@@ -126,13 +131,20 @@ fn dual_stack(ty: Type, protocol: Protocol, port: u16) -> Result<Socket> {
     Ok(s)
 }
 
-fn tcp_serve(port: u16) -> Result<Outcome> {
+fn tcp_serve(port: u16, report_peers: bool) -> Result<Outcome> {
     let s = dual_stack(Type::STREAM, Protocol::TCP, port)?;
     s.listen(128)?;
     let listener: TcpListener = s.into();
     listening();
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
+        if report_peers && let Ok(peer) = conn.peer_addr() {
+            // Before the first echo, so a client that saw its echo can read the line.
+            // A reader that went away must not end the server: errors are ignored.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "peer {}", peer.ip().to_canonical());
+            let _ = out.flush();
+        }
         std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             loop {

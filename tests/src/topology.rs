@@ -2,8 +2,9 @@
 //! namespace plus one namespace per pod, dual stack, in one of two layouts.
 //!
 //! - [`Layout::Bridged`] (flannel's cni0): a bridge in the node namespace holds the
-//!   node's pod-subnet gateway address; each pod's host-side veth is a bridge port;
-//!   pods route by default via the bridge address.
+//!   node's pod-subnet gateway address; each pod's host-side veth is a bridge port
+//!   in hairpin mode (flannel's default); pods route by default via the bridge
+//!   address.
 //! - [`Layout::Routed`] (Calico): no bridge; each host-side veth has no address and
 //!   MAC `ee:ee:ee:ee:ee:ee`, and the node has a /32 and a /128 route per pod via
 //!   it. Pods route by default via `169.254.1.1` (answered by proxy ARP on the host
@@ -18,7 +19,10 @@
 //! | pod CIDR of node n        | 10.244.n.0/24     | fd00:10:244:n::/64          |
 //! | bridge gateway (Bridged)  | 10.244.n.1/24     | fd00:10:244:n::1/64         |
 //! | pod k on node n           | 10.244.n.(10+k)   | fd00:10:244:n::(10+k) (hex) |
-//! | underlay (multi-node)     | 10.1.0.(n+1)/24   | fd00:10:1::(n+1)/64         |
+//! | underlay (multi-node, or with an external client) | 10.1.0.(n+1)/24 | fd00:10:1::(n+1)/64 |
+//! | macvlan pod k on node n   | 10.245.n.(10+k)   | fd00:10:245:n::(10+k) (hex) |
+//! | external client i         | 10.1.0.(200+i)/24 | fd00:10:1::(c8+i)/64        |
+//! | "cluster CIDR" (kube-proxy's `--cluster-cidr`) | 10.244.0.0/15 | fd00:10:244::/47 |
 //!
 //! Every topology lives in its own namespaces, so two topologies (in one test
 //! binary or in several) may use the same addresses without meeting. Interface
@@ -28,6 +32,21 @@
 //! Multi-node: [`Topology::add_node`] connects nodes through an "underlay"
 //! namespace holding a bridge; each node has a veth `ul0` on it and routes to the
 //! other nodes' pod CIDRs and host addresses via their underlay address.
+//!
+//! Pieces a test adds when it needs them (each optional; see also [`crate::node_nat`]
+//! and [`crate::kubelet`]):
+//! - [`Topology::add_external_client`]: a namespace on the underlay that is neither
+//!   a node nor a pod (a client outside the cluster), with routes to every node's
+//!   host address and pod ranges; a single-node topology gets an underlay for it.
+//! - [`Topology::add_macvlan_pod`]: a pod on a macvlan (as a Multus secondary
+//!   network gives one), in its own range: it has no host-side veth, so the agent
+//!   enforces it with the cgroup hook. The node reaches it through a macvlan of its
+//!   own (`rf<tag>mv`, link-local `fe80::1`) with a /32 and /128 route whose source
+//!   is the node's host address; the pod's default routes point at the node's host
+//!   address (IPv4, on-link) and `fe80::1` (IPv6).
+//! - [`Topology::install_node_port`] / [`Topology::install_host_port`]:
+//!   kube-proxy's NodePort NAT on every node, the CNI portmap plugin's hostPort NAT
+//!   on the pod's node ([`crate::node_nat`]).
 //!
 //! Links are always created inside our namespaces (`ip -n NODE link add ... peer
 //! ... netns POD`), never in the root namespace.
@@ -42,6 +61,7 @@ use anyhow::{Context, Result, bail};
 use crate::cgroup::TestCgroup;
 use crate::names;
 use crate::netns::Netns;
+use crate::node_nat::{self, HostPort, NodePortService};
 use crate::probe::{HeldConnection, Outcome, ProbeBin, Prober, Server};
 
 /// How pods are wired to their node.
@@ -60,6 +80,16 @@ pub const ROUTED_GATEWAY4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The host veth's EUI-64 link-local address for [`ROUTED_HOST_MAC`].
 pub const ROUTED_GATEWAY6: Ipv6Addr =
     Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+/// The first external client's addresses (client i: `.200 + i`, `::c8 + i`).
+pub const EXTERNAL_CLIENT4: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 200);
+pub const EXTERNAL_CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 0xc8);
+/// Every pod address of every node (veth and macvlan pods): kube-proxy's
+/// `--cluster-cidr`, which tells pod sources from others.
+pub const CLUSTER_CIDR4: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 244, 0, 0), 15);
+pub const CLUSTER_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0), 47);
+/// The node side of the macvlan pods' network: its link-local address, their IPv6
+/// gateway.
+pub const MACVLAN_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 /// A node namespace.
 #[derive(Debug)]
@@ -77,13 +107,19 @@ pub struct Node {
     /// Pod CIDRs (network address and prefix length).
     pub pod_cidr4: (Ipv4Addr, u8),
     pub pod_cidr6: (Ipv6Addr, u8),
+    /// The range of its macvlan pods (`10.245.n.0/24`, `fd00:10:245:n::/64`).
+    pub macvlan_cidr4: (Ipv4Addr, u8),
+    pub macvlan_cidr6: (Ipv6Addr, u8),
     /// The bridge's name (Bridged only).
     pub bridge: Option<String>,
-    /// The underlay address, once a second node exists.
+    /// The underlay address, once a second node or an external client exists.
     pub underlay4: Option<Ipv4Addr>,
     pub underlay6: Option<Ipv6Addr>,
+    /// The node's own macvlan, once it has a macvlan pod.
+    pub macvlan: Option<String>,
     bin: ProbeBin,
     pods_created: usize,
+    macvlan_pods_created: usize,
 }
 
 impl Node {
@@ -115,6 +151,35 @@ impl Node {
     pub fn tcp_hold(&self, addr: IpAddr, port: u16, timeout: Duration) -> Result<HeldConnection> {
         self.prober().tcp_hold(addr, port, timeout)
     }
+
+    /// The host addresses `host0` holds, as probe targets.
+    pub fn ips(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.ip4), IpAddr::V6(self.ip6)]
+    }
+
+    /// Every global address of the node namespace (host, bridge, underlay): what
+    /// a masquerade on this node may pick as the new source.
+    pub fn addresses(&self) -> Result<Vec<IpAddr>> {
+        let out = self.netns.ip(&["-o", "addr", "show", "scope", "global"])?;
+        Ok(out
+            .lines()
+            .filter_map(|line| {
+                let mut words = line.split_whitespace();
+                words.find(|w| *w == "inet" || *w == "inet6")?;
+                words.next()?.split('/').next()?.parse().ok()
+            })
+            .collect())
+    }
+}
+
+/// How a pod is wired to its node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wiring {
+    /// A veth pair: the host side is in the node namespace (TC attaches there).
+    Veth,
+    /// A macvlan on a device of the node: no host-side veth, so the agent falls
+    /// back to the cgroup hook.
+    Macvlan,
 }
 
 /// A pod namespace wired to a node.
@@ -126,7 +191,10 @@ pub struct Pod {
     pub netns: Netns,
     pub ip4: Ipv4Addr,
     pub ip6: Ipv6Addr,
-    /// Host-side veth, in the node namespace (where TC programs attach).
+    pub wiring: Wiring,
+    /// Host-side veth, in the node namespace (where TC programs attach). For a
+    /// macvlan pod: the node's own macvlan, shared by every macvlan pod of the node
+    /// (no program attaches there).
     pub host_if: String,
     pub host_ifindex: u32,
     /// Pod-side veth (`eth0`) in the pod namespace.
@@ -139,7 +207,13 @@ pub struct Pod {
 impl Pod {
     /// Puts every probe this pod starts from now on into cgroup `cg` (or none).
     pub fn set_cgroup(&self, cg: Option<&TestCgroup>) {
-        *self.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = cg.map(|c| c.path().to_owned());
+        self.set_cgroup_dir(cg.map(TestCgroup::path));
+    }
+
+    /// Like [`Pod::set_cgroup`], for a cgroup directory this crate did not make a
+    /// [`TestCgroup`] of (a container cgroup of a [`crate::kubelet::KubeletTree`]).
+    pub fn set_cgroup_dir(&self, dir: Option<&Path>) {
+        *self.cgroup.lock().unwrap_or_else(|e| e.into_inner()) = dir.map(Path::to_owned);
     }
 
     pub fn cgroup(&self) -> Option<PathBuf> {
@@ -193,15 +267,47 @@ impl Pod {
     }
 }
 
+/// A client outside the cluster: a namespace on the underlay, neither a node nor a
+/// pod, that reaches every node's host address (and, as on a flat network, the
+/// pod ranges) through that node's underlay address.
+#[derive(Debug)]
+pub struct ExternalClient {
+    pub name: String,
+    pub netns: Netns,
+    pub ip4: Ipv4Addr,
+    pub ip6: Ipv6Addr,
+    bin: ProbeBin,
+}
+
+impl ExternalClient {
+    pub fn prober(&self) -> Prober {
+        Prober::new(self.bin.clone(), &self.netns)
+    }
+
+    pub fn ips(&self) -> [IpAddr; 2] {
+        [IpAddr::V4(self.ip4), IpAddr::V6(self.ip6)]
+    }
+
+    pub fn tcp_connect(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().tcp_connect(addr, port, timeout)
+    }
+
+    pub fn udp_probe(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober().udp_probe(addr, port, timeout)
+    }
+}
+
 /// One or more simulated nodes with their pods; everything is removed on drop.
 #[derive(Debug)]
 pub struct Topology {
     pub layout: Layout,
     tag: String,
     bin: ProbeBin,
-    // Field order is drop order: pods, then nodes, then the underlay.
+    // Field order is drop order: pods, then nodes, then external clients, then
+    // the underlay.
     pods: Vec<Pod>,
     nodes: Vec<Node>,
+    externals: Vec<ExternalClient>,
     underlay: Option<Netns>,
     underlay_bridge: String,
 }
@@ -217,6 +323,7 @@ impl Topology {
             bin,
             pods: Vec::new(),
             nodes: Vec::new(),
+            externals: Vec::new(),
             underlay: None,
             underlay_bridge,
         };
@@ -257,7 +364,15 @@ impl Topology {
             .unwrap_or_else(|| panic!("no pod {name} in topology {}", self.tag))
     }
 
-    /// Every namespace of this topology (nodes, pods, underlay).
+    /// The external client called `name`; panics if there is none (test code).
+    pub fn external(&self, name: &str) -> &ExternalClient {
+        self.externals
+            .iter()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("no external client {name} in topology {}", self.tag))
+    }
+
+    /// Every namespace of this topology (nodes, pods, external clients, underlay).
     pub fn netns_names(&self) -> Vec<String> {
         let mut v: Vec<String> = self
             .nodes
@@ -265,6 +380,7 @@ impl Topology {
             .map(|n| n.netns.name().to_owned())
             .collect();
         v.extend(self.pods.iter().map(|p| p.netns.name().to_owned()));
+        v.extend(self.externals.iter().map(|e| e.netns.name().to_owned()));
         v.extend(self.underlay.iter().map(|u| u.name().to_owned()));
         v
     }
@@ -353,11 +469,18 @@ impl Topology {
             gateway6,
             pod_cidr4,
             pod_cidr6,
+            macvlan_cidr4: (Ipv4Addr::new(10, 245, nb, 0), 24),
+            macvlan_cidr6: (
+                Ipv6Addr::new(0xfd00, 0x10, 0x245, u16::from(nb), 0, 0, 0, 0),
+                64,
+            ),
             bridge,
             underlay4: None,
             underlay6: None,
+            macvlan: None,
             bin: self.bin.clone(),
             pods_created: 0,
+            macvlan_pods_created: 0,
         });
         Ok(n)
     }
@@ -375,7 +498,85 @@ impl Topology {
             self.route_between(m, n)?;
             self.route_between(n, m)?;
         }
+        for e in 0..self.externals.len() {
+            self.route_external(e, n)?;
+        }
         Ok(n)
+    }
+
+    /// Adds an external client `name` on the underlay (made now if this is a
+    /// single node): client i has `10.1.0.(200+i)/24` and `fd00:10:1::(c8+i)/64`,
+    /// and routes to every node's host address, pod CIDR and macvlan range via
+    /// that node's underlay address (nodes added later too).
+    pub fn add_external_client(&mut self, name: &str) -> Result<&ExternalClient> {
+        if self.externals.iter().any(|e| e.name == name) {
+            bail!("external client {name} exists");
+        }
+        let i = self.externals.len();
+        if i >= 50 {
+            bail!("too many external clients");
+        }
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].underlay4.is_none() {
+                self.attach_underlay(n)?;
+            }
+        }
+        let ul = self.underlay.as_ref().context("no underlay")?;
+        let netns = Netns::new(&format!("ext-{name}"))?;
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        let port = format!("rf{}x{i}", self.tag);
+        ul.ip(&[
+            "link",
+            "add",
+            &port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        ul.ip(&["link", "set", &port, "master", &self.underlay_bridge, "up"])?;
+        let ip4 = Ipv4Addr::new(10, 1, 0, 200 + i as u8);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 1, 0, 0, 0, 0, 0xc8 + i as u16);
+        netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", "eth0"])?;
+        netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        self.externals.push(ExternalClient {
+            name: name.to_owned(),
+            netns,
+            ip4,
+            ip6,
+            bin: self.bin.clone(),
+        });
+        for n in 0..self.nodes.len() {
+            self.route_external(i, n)?;
+        }
+        Ok(self.externals.last().expect("just pushed"))
+    }
+
+    /// Routes in external client `e` towards node `n`'s host address and pods.
+    fn route_external(&self, e: usize, n: usize) -> Result<()> {
+        let (ext, node) = (&self.externals[e], &self.nodes[n]);
+        let via4 = node.underlay4.context("no underlay")?.to_string();
+        let via6 = node.underlay6.context("no underlay")?.to_string();
+        for dst in [
+            format!("{}/32", node.ip4),
+            format!("{}/{}", node.pod_cidr4.0, node.pod_cidr4.1),
+            format!("{}/{}", node.macvlan_cidr4.0, node.macvlan_cidr4.1),
+        ] {
+            ext.netns.ip(&["route", "add", &dst, "via", &via4])?;
+        }
+        for dst in [
+            format!("{}/128", node.ip6),
+            format!("{}/{}", node.pod_cidr6.0, node.pod_cidr6.1),
+            format!("{}/{}", node.macvlan_cidr6.0, node.macvlan_cidr6.1),
+        ] {
+            ext.netns.ip(&["-6", "route", "add", &dst, "via", &via6])?;
+        }
+        Ok(())
     }
 
     fn attach_underlay(&mut self, i: usize) -> Result<()> {
@@ -455,7 +656,161 @@ impl Topology {
             "via",
             &via6,
         ])?;
+        ns.ip(&[
+            "route",
+            "add",
+            &format!("{}/{}", t.macvlan_cidr4.0, t.macvlan_cidr4.1),
+            "via",
+            &via4,
+        ])?;
+        ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{}/{}", t.macvlan_cidr6.0, t.macvlan_cidr6.1),
+            "via",
+            &via6,
+        ])?;
         Ok(())
+    }
+
+    /// kube-proxy's NAT for `service` (its NodePort on every node, its ClusterIPs),
+    /// in every node's namespace. See [`crate::node_nat`].
+    pub fn install_node_port(&self, service: &NodePortService) -> Result<()> {
+        for node in &self.nodes {
+            node_nat::install_node_port(node, service)?;
+        }
+        Ok(())
+    }
+
+    /// The CNI portmap plugin's NAT for `host_port`, on the node of its pod. See
+    /// [`crate::node_nat`].
+    pub fn install_host_port(&self, host_port: &HostPort) -> Result<()> {
+        let pod = self
+            .pods
+            .iter()
+            .find(|p| p.name == host_port.pod)
+            .with_context(|| format!("no pod {} in topology {}", host_port.pod, self.tag))?;
+        node_nat::install_host_port(&self.nodes[pod.node], pod, host_port)
+    }
+
+    /// Adds pod `name` on node `node`, wired by a macvlan instead of a veth (see
+    /// the module docs): pod k of that kind gets `10.245.n.(10+k)` and
+    /// `fd00:10:245:n::(10+k)`.
+    pub fn add_macvlan_pod(&mut self, node: usize, name: &str) -> Result<&Pod> {
+        if self.pods.iter().any(|p| p.name == name) {
+            bail!("pod {name} exists");
+        }
+        let tag = self.tag.clone();
+        let index = self.pods.len();
+        let n = self
+            .nodes
+            .get_mut(node)
+            .with_context(|| format!("no node {node}"))?;
+        let k = n.macvlan_pods_created;
+        if k > 200 {
+            bail!("too many macvlan pods on node {node}");
+        }
+        n.macvlan_pods_created += 1;
+        let lower = format!("rf{tag}ml");
+        if n.macvlan.is_none() {
+            // The macvlans' lower device: a veth pair inside the node (the
+            // "dummy" module may be missing), up at both ends.
+            let ns = &n.netns;
+            let mv = format!("rf{tag}mv");
+            let peer = format!("rf{tag}mp");
+            ns.ip(&["link", "add", &lower, "type", "veth", "peer", "name", &peer])?;
+            ns.ip(&["link", "set", &peer, "up"])?;
+            ns.ip(&["link", "set", &lower, "up"])?;
+            ns.ip(&[
+                "link", "add", &mv, "link", &lower, "type", "macvlan", "mode", "bridge",
+            ])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{MACVLAN_GATEWAY6}/64"),
+                "dev",
+                &mv,
+                "nodad",
+            ])?;
+            ns.ip(&["link", "set", &mv, "up"])?;
+            n.macvlan = Some(mv);
+        }
+        let n = &self.nodes[node];
+        let host_if = n.macvlan.clone().context("node macvlan")?;
+        let nb = node as u8;
+        let ip4 = Ipv4Addr::new(10, 245, nb, 10 + k as u8);
+        let ip6 = Ipv6Addr::new(0xfd00, 0x10, 0x245, u16::from(nb), 0, 0, 0, 10 + k as u16);
+        let netns = Netns::new(&format!("pod-{name}"))?;
+        netns.sysctl("net.ipv6.conf.all.accept_dad", "0")?;
+        netns.sysctl("net.ipv6.conf.default.accept_dad", "0")?;
+        let node_ns = &n.netns;
+        let temp = format!("rf{tag}m{index}");
+        node_ns.ip(&[
+            "link", "add", &temp, "link", &lower, "type", "macvlan", "mode", "bridge",
+        ])?;
+        node_ns.ip(&["link", "set", &temp, "netns", netns.name()])?;
+        let pod_if = "eth0".to_owned();
+        netns.ip(&["link", "set", &temp, "name", &pod_if])?;
+        netns.ip(&["addr", "add", &format!("{ip4}/32"), "dev", &pod_if])?;
+        netns.ip(&[
+            "addr",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &pod_if,
+            "nodad",
+        ])?;
+        netns.ip(&["link", "set", &pod_if, "up"])?;
+        let node4 = n.ip4.to_string();
+        netns.ip(&["route", "add", &node4, "dev", &pod_if, "scope", "link"])?;
+        netns.ip(&["route", "add", "default", "via", &node4, "dev", &pod_if])?;
+        netns.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &MACVLAN_GATEWAY6.to_string(),
+            "dev",
+            &pod_if,
+        ])?;
+        node_ns.ip(&[
+            "route",
+            "add",
+            &format!("{ip4}/32"),
+            "dev",
+            &host_if,
+            "src",
+            &node4,
+        ])?;
+        node_ns.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{ip6}/128"),
+            "dev",
+            &host_if,
+            "src",
+            &n.ip6.to_string(),
+        ])?;
+        let host_ifindex = node_ns.ifindex(&host_if)?;
+        let pod_ifindex = netns.ifindex(&pod_if)?;
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            node,
+            netns,
+            ip4,
+            ip6,
+            wiring: Wiring::Macvlan,
+            host_if,
+            host_ifindex,
+            pod_if,
+            pod_ifindex,
+            bin: self.bin.clone(),
+            cgroup: Mutex::new(None),
+        });
+        Ok(self.pods.last().expect("just pushed"))
     }
 
     /// Adds pod `name` on node `node` (an "outsider" is just a pod the test does
@@ -500,6 +855,19 @@ impl Topology {
             Layout::Bridged => {
                 let br = n.bridge.as_deref().context("bridged node without bridge")?;
                 node_ns.ip(&["link", "set", &host_if, "master", br, "up"])?;
+                // As flannel and the CNI bridge plugin (`hairpinMode`) do: a pod
+                // reaching itself through a NAT of the node (its hostPort, a
+                // Service it backs) gets its own packets back on its port.
+                node_ns.ip(&[
+                    "link",
+                    "set",
+                    "dev",
+                    &host_if,
+                    "type",
+                    "bridge_slave",
+                    "hairpin",
+                    "on",
+                ])?;
                 netns.ip(&["addr", "add", &format!("{ip4}/24"), "dev", &pod_if])?;
                 netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", &pod_if, "nodad"])?;
                 netns.ip(&["link", "set", &pod_if, "up"])?;
@@ -561,6 +929,7 @@ impl Topology {
             netns,
             ip4,
             ip6,
+            wiring: Wiring::Veth,
             host_if,
             host_ifindex,
             pod_if,

@@ -7,6 +7,9 @@
 //! traffic never stops, an edit the agents cannot see changes nothing), after which
 //! the agents relist (410 Gone) and enforce what they missed.
 //!
+//! And NodePorts across two nodes (kube-proxy's NAT on each, an external client on
+//! the underlay): what each node's NAT does to the source, and who is judged.
+//!
 //! The fake API server listens on 127.0.0.1 of the test's namespace, which the
 //! agents (in their node namespaces) cannot reach; each node gets a small TCP relay
 //! listening on its own 127.0.0.1, so the agent's kubeconfig names a local address,
@@ -17,21 +20,22 @@
 //! `rayfence cleanup` even when the test panics.
 mod agent_common;
 
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use agent_common::{
-    Agent, AgentOptions, Bpffs, Kubelet, Sandbox, head_labels, namespace, node_object, percentile,
-    pod_object, probe_bin, raycluster, sandbox, uid, v4, worker_labels,
+    Agent, AgentOptions, Bpffs, Kubelet, Sandbox, head_labels, metric_sum, namespace, node_object,
+    percentile, pod_object, probe_bin, raycluster, sandbox, uid, v4, worker_labels,
 };
 use anyhow::{Context, Result, ensure};
 use rayfence::source::kube::MAX_BACKOFF;
 use rayfence_tests::fake_api::FakeApiServer;
+use rayfence_tests::node_nat::{Endpoint, NodePortService, TrafficPolicy};
 use rayfence_tests::probe::wait_outcome;
-use rayfence_tests::{Layout, Node, Outcome, Pod, Topology};
+use rayfence_tests::{Layout, Node, Outcome, Pod, Server, Topology};
 use serde_json::{Value, json};
 
 const SHORT: Duration = Duration::from_millis(300);
@@ -130,6 +134,8 @@ fn relay(inbound: TcpStream, upstream: SocketAddr) {
 
 /// A pod, the node it runs on, its labels.
 type Placement<'a> = (&'a str, usize, Vec<(&'a str, &'a str)>);
+/// A pod, its namespace, the node it runs on, its labels.
+type NamespacedPlacement<'a> = (&'a str, &'a str, usize, Vec<(&'a str, &'a str)>);
 
 /// Everything one simulated node runs.
 struct NodeRig {
@@ -521,6 +527,370 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
     );
     intra("after the outage")?;
     outsider_dropped("after the outage")?;
+    for rig in &rigs {
+        alive(&rig.agent)?;
+    }
+    drop(rigs);
+    drop(rt);
+    Ok(())
+}
+
+/// Drops `node`'s agent counted for `role` of RayCluster `cluster` in `direction`.
+fn drops(agent: &Agent, node: &Node, ns: &str, cluster: &str, role: &str, dir: &str) -> f64 {
+    agent
+        .http_get(node, "/metrics")
+        .map(|(_, body)| {
+            metric_sum(
+                &body,
+                "rayfence_drops_total",
+                &[
+                    ("namespace", ns),
+                    ("raycluster", cluster),
+                    ("role", role),
+                    ("direction", dir),
+                ],
+            )
+        })
+        .unwrap_or(0.0)
+}
+
+/// Waits (counters are published every second) until `read()` reaches `want`,
+/// then checks it is exactly that.
+fn expect_drops(what: &str, want: f64, read: impl Fn() -> f64) -> Result<()> {
+    let t0 = Instant::now();
+    let mut now = read();
+    while now < want && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+        now = read();
+    }
+    ensure!(now == want, "{what}: {now} drops counted, expected {want}");
+    Ok(())
+}
+
+/// The one source address a recording server saw since it was last asked.
+fn one_peer(what: &str, srv: &Server) -> Result<IpAddr> {
+    let seen = srv.take_peers(Duration::from_secs(1));
+    ensure!(seen.len() == 1, "{what}: the server saw {seen:?}");
+    Ok(seen[0])
+}
+
+/// NodePorts on two nodes (kube-proxy's NAT in both, SEMANTICS 5a): the head's
+/// node judges what it NATed itself by the original client (the node's conntrack),
+/// and what another node masqueraded by that node's address (an ordinary peer: its
+/// SNAT hid the client); an egress-isolated pod's own node's NodePort is decided
+/// by the backend on the other node. Checks that pass without the node-trust
+/// datapath come first, then the ones it makes pass.
+///
+/// Not asserted: an egress-isolated pod to ANOTHER node's NodePort. For its own
+/// agent that node's address is an ordinary peer (SEMANTICS 3, egress 2: only the
+/// pod's own node), so it is dropped unless an ipBlock covers it, whatever the
+/// backend; whether 5a's "any Service's nodePort on any node address" should
+/// decide it by the backend instead is open.
+#[test]
+fn node_ports_across_nodes_are_judged_by_the_original_client_and_the_backend() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(FakeApiServer::start())?;
+    server.install_crd("ray.io", "v1", "rayclusters");
+
+    // node-0: the head of `rc`, the head of `eg`, a pod of another namespace;
+    // node-1: a worker of each, an outsider; a client outside the cluster.
+    let mut topo = Topology::with_pods(
+        Layout::Bridged,
+        probe_bin(),
+        &["head", "eg-head", "foreign"],
+    )?;
+    let n1 = topo.add_node()?;
+    for pod in ["worker", "eg-worker", "outsider"] {
+        topo.add_pod(n1, pod)?;
+    }
+    topo.add_external_client("client")?;
+    let ns = format!("ray-{}", topo.tag());
+    let other = format!("other-{}", topo.tag());
+    let placement: [NamespacedPlacement; 6] = [
+        ("head", &ns, 0, head_labels("rc")),
+        ("eg-head", &ns, 0, head_labels("eg")),
+        ("foreign", &other, 0, vec![("app", "foreign")]),
+        ("worker", &ns, n1, worker_labels("rc")),
+        ("eg-worker", &ns, n1, worker_labels("eg")),
+        ("outsider", &ns, n1, vec![("app", "outsider")]),
+    ];
+    let service = |name: &str, namespace: &str, pod: &str, node_port, policy, ip: u8| {
+        let mut svc = NodePortService::tcp(namespace, name, PORT, node_port);
+        svc.external_traffic_policy = policy;
+        svc.cluster_ips = vec![
+            format!("10.96.2.{ip}").parse().expect("ip"),
+            format!("fd00:10:96::2:{ip}").parse().expect("ip"),
+        ];
+        svc.endpoints.push(Endpoint::of(namespace, topo.pod(pod)));
+        svc
+    };
+    let services = [
+        service("head-np", &ns, "head", 30080, TrafficPolicy::Cluster, 1),
+        service("head-np-local", &ns, "head", 30081, TrafficPolicy::Local, 2),
+        service(
+            "foreign-np",
+            &other,
+            "foreign",
+            30090,
+            TrafficPolicy::Cluster,
+            3,
+        ),
+        service("eg-np", &ns, "eg-head", 30093, TrafficPolicy::Cluster, 4),
+    ];
+    for svc in &services {
+        topo.install_node_port(svc)?;
+    }
+
+    let (node0, node1) = (topo.node(0), topo.node(n1));
+    let client = topo.external("client");
+    let (head, foreign, eg_worker, outsider) = (
+        topo.pod("head"),
+        topo.pod("foreign"),
+        topo.pod("eg-worker"),
+        topo.pod("outsider"),
+    );
+    let head_srv = head.prober().serve_tcp_recording(PORT)?;
+    let foreign_srv = foreign.prober().serve_tcp_recording(PORT)?;
+    let _servers = [
+        topo.pod("eg-head").serve_tcp(PORT)?,
+        node0.serve_tcp(10250)?,
+        node1.serve_tcp(10250)?,
+    ];
+    let ul1: [IpAddr; 2] = [
+        node1.underlay4.context("underlay")?.into(),
+        node1.underlay6.context("underlay")?.into(),
+    ];
+    let addrs0 = node0.addresses()?;
+
+    // The lab: every path answers, with the source each NAT leaves.
+    for (dst0, dst1) in node0.ips().into_iter().zip(node1.ips()) {
+        ensure!(
+            client.tcp_connect(dst1, 30080, SHORT) == Outcome::Ok,
+            "lab: client -> node-1 {dst1}:30080"
+        );
+        let src = one_peer("lab: client via node-1", &head_srv)?;
+        ensure!(ul1.contains(&src), "lab: via node-1 the head saw {src}");
+        ensure!(
+            client.tcp_connect(dst0, 30081, SHORT) == Outcome::Ok,
+            "lab: client -> {dst0}:30081"
+        );
+        ensure!(client.ips().contains(&one_peer("lab: Local", &head_srv)?));
+        ensure!(
+            outsider.tcp_connect(dst0, 30080, SHORT) == Outcome::Ok,
+            "lab: outsider -> {dst0}:30080"
+        );
+        ensure!(addrs0.contains(&one_peer("lab: outsider via node-0", &head_srv)?));
+        ensure!(
+            eg_worker.tcp_connect(dst1, 30090, SHORT) == Outcome::Ok,
+            "lab: eg-worker -> {dst1}:30090"
+        );
+        ensure!(ul1.contains(&one_peer("lab: eg-worker via node-1", &foreign_srv)?));
+    }
+
+    server.apply(&namespace(&ns));
+    server.apply(&namespace(&other));
+    for (i, node) in topo.nodes().iter().enumerate() {
+        server.apply(&node_object(&node_name(i), node));
+    }
+    let mut kubelets: Vec<Option<Kubelet>> = Vec::new();
+    let mut sandboxes: Vec<Vec<Sandbox>> = Vec::new();
+    for _ in topo.nodes() {
+        kubelets.push(Some(Kubelet::new()?));
+        sandboxes.push(Vec::new());
+    }
+    for (n, (pod, pod_ns, node, labels)) in placement.iter().enumerate() {
+        let uid = uid(n as u32 + 101);
+        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
+        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
+        server.apply(&pod_object(
+            pod_ns,
+            topo.pod(pod),
+            &uid,
+            &node_name(*node),
+            labels,
+        ));
+    }
+    for svc in &services {
+        for doc in svc.manifests(&node_name) {
+            server.apply(&doc);
+        }
+    }
+    server.apply(&raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
+    server.apply(&raycluster(&ns, "eg", json!({"mode": "DenyAllEgress"})));
+
+    let dir = std::env::temp_dir();
+    let mut rigs = Vec::new();
+    for (i, node) in topo.nodes().iter().enumerate() {
+        let mut relay = ApiRelay::start(node, server.addr())?;
+        let kubeconfig = relay.kubeconfig(&server, &dir)?;
+        let bpffs = Bpffs::new();
+        let kubelet = kubelets[i].take().context("kubelet")?;
+        let agent = Agent::start(&AgentOptions {
+            node,
+            node_name: &node_name(i),
+            manifests: Path::new("/nonexistent"),
+            bpffs: &bpffs.path,
+            cgroup_root: kubelet.root.path(),
+            kubeconfig: Some(&kubeconfig),
+            extra_args: &[],
+        })?;
+        rigs.push(NodeRig {
+            agent,
+            _relay: relay,
+            _sandboxes: std::mem::take(&mut sandboxes[i]),
+            _kubelet: kubelet,
+            _bpffs: bpffs,
+        });
+    }
+    for (i, rig) in rigs.iter().enumerate() {
+        rig.agent
+            .wait_ready(topo.node(i), Duration::from_secs(30))?;
+    }
+    let (agent0, agent1) = (&rigs[0].agent, &rigs[1].agent);
+    let head_in = || drops(agent0, node0, &ns, "rc", "head", "ingress");
+    let eg_out = || drops(agent1, node1, &ns, "eg", "worker", "egress");
+    let (mut want_in, mut want_out) = (head_in(), eg_out());
+    let denied = Duration::from_millis(700);
+    let dropped = |what: &str, o: Outcome, srv: Option<&Server>| -> Result<()> {
+        ensure!(o.is_blocked(), "{what}: not dropped ({o:?})");
+        if let Some(srv) = srv {
+            let seen = srv.take_peers(Duration::from_millis(50));
+            ensure!(seen.is_empty(), "{what}: arrived from {seen:?}");
+        }
+        Ok(())
+    };
+
+    // The head's own node is the node; another node's host is an ordinary peer.
+    ensure!(
+        node0.tcp_connect(v4(head), PORT, SHORT) == Outcome::Ok,
+        "node-0's kubelet -> head"
+    );
+    ensure!(addrs0.contains(&one_peer("node-0's kubelet", &head_srv)?));
+    dropped(
+        "node-1's host -> head",
+        node1.tcp_connect(v4(head), PORT, denied),
+        Some(&head_srv),
+    )?;
+    want_in += 1.0;
+    // Through node-1's NodePort the head sees node-1's address: an ordinary peer.
+    for dst in node1.ips() {
+        dropped(
+            &format!("outsider -> node-1 {dst}:30080"),
+            outsider.tcp_connect(dst, 30080, denied),
+            Some(&head_srv),
+        )?;
+        dropped(
+            &format!("client -> node-1 {dst}:30080"),
+            client.tcp_connect(dst, 30080, denied),
+            Some(&head_srv),
+        )?;
+        want_in += 2.0;
+    }
+    // Local keeps the client's address.
+    dropped(
+        "client -> node-0:30081 (Local)",
+        client.tcp_connect(node0.ip4.into(), 30081, denied),
+        Some(&head_srv),
+    )?;
+    want_in += 1.0;
+    expect_drops("head ingress, without node trust", want_in, head_in)?;
+    // Egress of `eg` (DenyAllEgress) through its own node-1: its cluster's head on
+    // node-0 and node-1's host pass; the pod directly does not.
+    ensure!(
+        eg_worker.tcp_connect(node1.ip4.into(), 30093, SHORT) == Outcome::Ok,
+        "eg-worker -> node-1:30093 (eg-head)"
+    );
+    ensure!(
+        eg_worker.tcp_connect(node1.ip4.into(), 10250, SHORT) == Outcome::Ok,
+        "eg-worker -> node-1's host"
+    );
+    dropped(
+        "eg-worker -> foreign directly",
+        eg_worker.tcp_connect(v4(foreign), PORT, denied),
+        Some(&foreign_srv),
+    )?;
+    want_out += 1.0;
+    expect_drops("eg-worker egress, without node trust", want_out, eg_out)?;
+
+    // What node trust adds: node-0's own NAT is judged by the original source.
+    for dst in node0.ips() {
+        dropped(
+            &format!("outsider -> node-0 {dst}:30080"),
+            outsider.tcp_connect(dst, 30080, denied),
+            Some(&head_srv),
+        )?;
+        dropped(
+            &format!("client -> node-0 {dst}:30080"),
+            client.tcp_connect(dst, 30080, denied),
+            Some(&head_srv),
+        )?;
+        want_in += 2.0;
+    }
+    expect_drops("head ingress, NATed by node-0", want_in, head_in)?;
+    // And node-1's NodePort for a pod of another namespace on node-0 is that pod.
+    for dst in node1.ips() {
+        dropped(
+            &format!("eg-worker -> node-1 {dst}:30090 (foreign)"),
+            eg_worker.tcp_connect(dst, 30090, denied),
+            Some(&foreign_srv),
+        )?;
+        want_out += 1.0;
+    }
+    expect_drops("eg-worker egress to foreign's NodePort", want_out, eg_out)?;
+
+    // An ipBlock for the client opens node-0's NodePorts to it; through node-1 it
+    // still arrives as node-1's address.
+    let rule = json!([{"from": [
+        {"ipBlock": {"cidr": format!("{}/32", client.ip4)}},
+        {"ipBlock": {"cidr": format!("{}/128", client.ip6)}}],
+        "ports": [{"protocol": "TCP", "port": PORT}]}]);
+    server.apply(&raycluster(
+        &ns,
+        "rc",
+        json!({"mode": "DenyAll", "head": {"ingressRules": rule}}),
+    ));
+    wait_outcome(
+        "client -> node-0:30081 once its ipBlock is programmed",
+        EDIT_WAIT,
+        || client.tcp_connect(node0.ip4.into(), 30081, PROBE),
+        true,
+    )?;
+    std::thread::sleep(Duration::from_millis(1200));
+    head_srv.take_peers(Duration::from_millis(100));
+    want_in = head_in();
+    for dst in node0.ips() {
+        ensure!(
+            client.tcp_connect(dst, 30081, SHORT) == Outcome::Ok,
+            "client -> node-0 {dst}:30081"
+        );
+        ensure!(
+            client
+                .ips()
+                .contains(&one_peer("Local with the ipBlock", &head_srv)?)
+        );
+        ensure!(
+            client.tcp_connect(dst, 30080, SHORT) == Outcome::Ok,
+            "client -> node-0 {dst}:30080"
+        );
+        ensure!(addrs0.contains(&one_peer("Cluster with the ipBlock", &head_srv)?));
+    }
+    for dst in node1.ips() {
+        dropped(
+            &format!("client -> node-1 {dst}:30080 with its ipBlock"),
+            client.tcp_connect(dst, 30080, denied),
+            Some(&head_srv),
+        )?;
+        want_in += 1.0;
+    }
+    expect_drops("head ingress with the client's ipBlock", want_in, head_in)?;
+    std::thread::sleep(Duration::from_millis(1200));
+    ensure!(
+        head_in() == want_in && eg_out() == want_out,
+        "drops nobody caused"
+    );
     for rig in &rigs {
         alive(&rig.agent)?;
     }

@@ -2,14 +2,16 @@
 //! computed by the policy engine: the demo checks the engine, it must not trust it).
 //!
 //! `A` allowed, `D` dropped, `-` not probed (a pod to itself, or through a
-//! ClusterIP back to itself: hairpin traffic never leaves the pod's veth the way
-//! the demo's flows do). Columns are [`super::scenario::TARGETS`], rows are
+//! ClusterIP, NodePort or hostPort back to itself: hairpin traffic never leaves the
+//! pod's veth the way the demo's flows do; and the external client to ClusterIPs,
+//! which only exist inside the cluster). Columns are [`super::scenario::TARGETS`], rows are
 //! [`super::scenario::sources`]; `table()` checks both shapes.
 //!
 //! The two clusters (section 1): `alpha` (team-a) is `spec.networkPolicy`
-//! `DenyAll`, so ingress AND egress of its pods are isolated, with one user ingress
-//! rule for the head: TCP 8080 from pods labelled `app=prometheus` in namespace
-//! `monitoring` (one peer: both selectors must match, section 4). `beta` (team-b)
+//! `DenyAll`, so ingress AND egress of its pods are isolated, with two user ingress
+//! rules for the head: TCP 8080 from pods labelled `app=prometheus` in namespace
+//! `monitoring` (one peer: both selectors must match, section 4), and TCP 8265 from
+//! the external client's addresses (two ipBlocks). `beta` (team-b)
 //! is `spec.networkIsolation` `DenyAllIngress`: only ingress is isolated, egress is
 //! free. A flow is allowed when the sender's egress AND the receiver's ingress allow
 //! it; pods of no isolated RayCluster are left alone (section 1, last points).
@@ -38,6 +40,29 @@
 //! - `b-head`, `b-worker` (DenyAllIngress): egress is not isolated, so DNS, the
 //!   outsider and the node are fine; alpha refuses them (alpha's ingress 1-3 do not
 //!   cover another cluster); within beta every port (3, ingress 1), svc-b too (5).
+//!
+//! What counts as the node (section 5a), the last four columns and two rows:
+//! - `np-a` (alpha's head Service as `type: NodePort`, externalTrafficPolicy
+//!   Cluster, on the node's IPv4 address): kube-proxy DNATs to alpha's head and
+//!   masquerades to the node's address, but the head judges the original source.
+//!   So exactly who may reach the head's dashboard (8265) and client port (10001)
+//!   directly may reach them this way: the node's own processes, the operator,
+//!   alpha's worker, and the external client on 8265 only (its ipBlock); a pod of
+//!   no cluster, beta or the hostNetwork pod may not. To itself: not probed.
+//! - `hostport` (the outsider's hostPort 18080 -> 8080, the portmap plugin's DNAT on
+//!   every node address): egress to it is decided by the backend, the outsider, as
+//!   for a ClusterIP: alpha's egress-isolated pods may not; everyone else may (the
+//!   outsider is not isolated).
+//! - `hostnet` (a hostNetwork pod's port 9100 on the node's address): it is not
+//!   the node, so alpha's egress-isolated pods may not reach it (no rule selects
+//!   it); everyone else may (nothing isolates it).
+//! - row `hostnet` (`monitoring/node-exporter`, hostNetwork, `app=node-exporter`):
+//!   not the node, and not `app=prometheus`: alpha and beta refuse it like any pod
+//!   of no cluster, also through ClusterIPs and the NodePort; the rest is open.
+//! - row `external` (a client outside the cluster, 10.1.0.200 / fd00:10:1::c8): an
+//!   ordinary address; alpha's head lets it reach 8265 (its ipBlock) directly and
+//!   through the NodePort (the original source), nothing else of alpha or beta;
+//!   non-Ray pods, the node, the hostPort and the hostNetwork pod are open.
 
 use anyhow::{Result, bail};
 
@@ -58,22 +83,26 @@ pub enum Expect {
 ///  6 b-head:6379   7 b-head:8265   8 b-head:10001  9 b-head:8080  10 b-worker:8080
 /// 11 svc-a:8265   12 svc-b:8265   13 kube-dns:udp53 14 kube-dns:tcp53
 /// 15 coredns:udp53 (the DNS pod itself) 16 outsider:8080  17 node:10250
+/// 18 np-a:30265 (-> a-head:8265)  19 np-a:30001 (-> a-head:10001)
+/// 20 hostport:18080 (-> outsider:8080)  21 hostnet:9100 (the hostNetwork pod)
 /// ```
 #[rustfmt::skip]
 const TABLE: &[(&str, &str)] = &[
-    //               a-head   a-wk b-head   b-wk svc   dns   cd  out node
-    //               1 2 3 4  5    6 7 8 9  10   11 12 13 14 15  16  17
-    ("node",        "A A A A  A    A A A A  A    A  A  A  A  A   A   -"),
-    ("coredns",     "D D D D  D    D D D D  D    D  D  -  -  -   A   A"),
-    ("operator",    "D A A D  D    D A A D  D    A  A  A  A  A   A   A"),
-    ("impostor",    "D D D D  D    D D D D  D    D  D  A  A  A   A   A"),
-    ("outsider",    "D D D D  D    D D D D  D    D  D  A  A  A   -   A"),
-    ("prometheus",  "D D D A  D    D D D D  D    D  D  A  A  A   A   A"),
-    ("grafana",     "D D D D  D    D D D D  D    D  D  A  A  A   A   A"),
-    ("a-head",      "- - - -  A    D D D D  D    -  D  A  A  A   D   A"),
-    ("a-worker",    "A A A A  -    D D D D  D    A  D  A  A  A   D   A"),
-    ("b-head",      "D D D D  D    - - - -  A    D  -  A  A  A   A   A"),
-    ("b-worker",    "D D D D  D    A A A A  -    D  A  A  A  A   A   A"),
+    //               a-head   a-wk b-head   b-wk svc   dns   cd  out node  np-a  hp hn
+    //               1 2 3 4  5    6 7 8 9  10   11 12 13 14 15  16  17    18 19 20 21
+    ("node",        "A A A A  A    A A A A  A    A  A  A  A  A   A   -     A  A  A  A"),
+    ("coredns",     "D D D D  D    D D D D  D    D  D  -  -  -   A   A     D  D  A  A"),
+    ("operator",    "D A A D  D    D A A D  D    A  A  A  A  A   A   A     A  A  A  A"),
+    ("impostor",    "D D D D  D    D D D D  D    D  D  A  A  A   A   A     D  D  A  A"),
+    ("outsider",    "D D D D  D    D D D D  D    D  D  A  A  A   -   A     D  D  -  A"),
+    ("prometheus",  "D D D A  D    D D D D  D    D  D  A  A  A   A   A     D  D  A  A"),
+    ("grafana",     "D D D D  D    D D D D  D    D  D  A  A  A   A   A     D  D  A  A"),
+    ("a-head",      "- - - -  A    D D D D  D    -  D  A  A  A   D   A     -  -  D  D"),
+    ("a-worker",    "A A A A  -    D D D D  D    A  D  A  A  A   D   A     A  A  D  D"),
+    ("b-head",      "D D D D  D    - - - -  A    D  -  A  A  A   A   A     D  D  A  A"),
+    ("b-worker",    "D D D D  D    A A A A  -    D  A  A  A  A   A   A     D  D  A  A"),
+    ("hostnet",     "D D D D  D    D D D D  D    D  D  A  A  A   A   A     D  D  A  -"),
+    ("external",    "D A D D  D    D D D D  D    -  -  -  -  A   A   A     A  D  A  A"),
 ];
 
 /// The table as (source, one [`Expect`] per target), checked against the

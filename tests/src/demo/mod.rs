@@ -15,6 +15,13 @@
 //!   labels in another namespace, an outsider, Prometheus and Grafana in
 //!   `monitoring`, and the head and a worker of RayClusters `alpha` (DenyAll, one
 //!   user ingress rule) and `beta` (DenyAllIngress), each serving its Ray ports;
+//! - what counts as the node (SEMANTICS 5a): alpha's head Service as a NodePort
+//!   (kube-proxy's NodePort chains with the masquerade mark 0x4000, in front of
+//!   the dashboard and client ports), the outsider's hostPort 18080 (the portmap
+//!   plugin's DNAT), a hostNetwork pod (`monitoring/node-exporter`: a process in its
+//!   pod cgroup in the node's namespace, on 9100), and an external client on an
+//!   underlay (10.1.0.200 / fd00:10:1::c8, neither node nor pod) that alpha's head
+//!   lets in on its dashboard port by an ipBlock;
 //! - the manifests of all that in a temporary directory, for `--manifests`.
 //!
 //! Pods are dual-stack; Services are single-stack IPv4 (kube-proxy's DNAT is
@@ -46,11 +53,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cgroup::TestCgroup;
-use crate::probe::{Outcome, ProbeBin, Server};
+use crate::node_nat::{Endpoint, HostPort, NodePortService};
+use crate::probe::{Outcome, ProbeBin, Prober, Server};
 use crate::topology::{Layout, Topology};
 
 use expected::Expect;
-use scenario::{Dest, NODE_NAME, PODS, Proto, SERVICES, TARGETS};
+use scenario::{
+    Dest, EXTERNAL, HOST_NETWORK_PODS, HOST_PORTS, NODE_NAME, PODS, Proto, SERVICES, Source,
+    TARGETS,
+};
 
 /// How to run the demo.
 #[derive(Debug, Clone)]
@@ -154,6 +165,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     for p in PODS {
         topo.add_pod(0, p.key)?;
     }
+    topo.add_external_client(EXTERNAL)?;
     let node = topo.node(0);
     say(
         started,
@@ -170,6 +182,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         .sysctl("net.bridge.bridge-nf-call-iptables", "1")
         .context("br_netfilter: bridged replies of DNATed flows must see conntrack")?;
     install_dnat(&topo)?;
+    install_node_nat(&topo)?;
     say(
         started,
         &format!(
@@ -179,6 +192,26 @@ pub fn run(opts: &Options) -> Result<Report> {
                 .map(|s| format!("{}/{} {}", s.namespace, s.name, s.cluster_ip))
                 .collect::<Vec<_>>()
                 .join(", ")
+        ),
+    );
+    say(
+        started,
+        &format!(
+            "kube-proxy-like NodePorts (KUBE-NODEPORTS, masquerade mark 0x4000) {}; portmap-like hostPorts {}; external client {} on the underlay",
+            SERVICES
+                .iter()
+                .flat_map(|s| s
+                    .node_ports
+                    .iter()
+                    .map(move |(p, n)| format!("{}:{n}->{p}", s.key)))
+                .collect::<Vec<_>>()
+                .join(", "),
+            HOST_PORTS
+                .iter()
+                .map(|(k, c, h)| format!("{k}:{h}->{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            topo.external(EXTERNAL).ip4
         ),
     );
     // A kubelet-like cgroup tree (cgroupfs driver) passed as --cgroup-root: each
@@ -195,11 +228,22 @@ pub fn run(opts: &Options) -> Result<Report> {
             .with_context(|| format!("creating cgroup {}", ctr.display()))?;
         ctrs.insert(p.key, ctr);
     }
+    // hostNetwork pods: a pod cgroup like any pod's, their processes in the node's
+    // network namespace.
+    for (i, p) in HOST_NETWORK_PODS.iter().enumerate() {
+        let ctr = kubelet.path().join(format!(
+            "kubepods/besteffort/pod{}/ctr",
+            scenario::host_network_pod_uid(i)
+        ));
+        std::fs::create_dir_all(&ctr)
+            .with_context(|| format!("creating cgroup {}", ctr.display()))?;
+        ctrs.insert(p.key, ctr);
+    }
     let servers = start_servers(&topo, &ctrs)?;
     say(
         started,
         &format!(
-            "{} servers listening (Ray ports, DNS on 53 UDP+TCP, kubelet 10250)",
+            "{} servers listening (Ray ports, DNS on 53 UDP+TCP, kubelet 10250, node-exporter 9100 with host networking)",
             servers.len()
         ),
     );
@@ -463,10 +507,15 @@ fn explain_every_probe(
         .filter(|(c, _)| c.expect != Expect::NotProbed)
         .map(|(c, o)| {
             let source = sources[c.row];
-            let from = match scenario::pod(source) {
-                Some(p) => format!("{}/{}", p.namespace, p.name),
-                None if c.addr.is_ipv4() => node.ip4.to_string(),
-                None => node.ip6.to_string(),
+            let external = topo.external(EXTERNAL);
+            let from = match scenario::source(source) {
+                Some(Source::Pod(p) | Source::HostNetwork(p)) => {
+                    format!("{}/{}", p.namespace, p.name)
+                }
+                Some(Source::External) if c.addr.is_ipv4() => external.ip4.to_string(),
+                Some(Source::External) => external.ip6.to_string(),
+                _ if c.addr.is_ipv4() => node.ip4.to_string(),
+                _ => node.ip6.to_string(),
             };
             let proto = match c.proto {
                 Proto::Tcp => "tcp",
@@ -582,6 +631,27 @@ fn install_dnat(topo: &Topology) -> Result<()> {
     Ok(())
 }
 
+/// What kube-proxy programs for the Services' NodePorts (one rule set per port,
+/// on the node's IPv4 addresses; its ClusterIP rules come after the ones above and
+/// never match first) and what the portmap plugin programs for the hostPorts.
+fn install_node_nat(topo: &Topology) -> Result<()> {
+    for s in SERVICES {
+        let backend = scenario::pod(s.backend).context("service backend")?;
+        for (port, node_port) in s.node_ports {
+            let mut np = NodePortService::tcp(s.namespace, s.name, *port, *node_port);
+            np.cluster_ips = vec![s.cluster_ip.into()];
+            let mut endpoint = Endpoint::of(backend.namespace, topo.pod(s.backend));
+            endpoint.ips.retain(IpAddr::is_ipv4);
+            np.endpoints.push(endpoint);
+            topo.install_node_port(&np)?;
+        }
+    }
+    for (pod, container_port, host_port) in HOST_PORTS {
+        topo.install_host_port(&HostPort::tcp(pod, *host_port, *container_port))?;
+    }
+    Ok(())
+}
+
 /// Each pod's servers, in its container cgroup; a pod that serves nothing gets a
 /// pause-like process (a TCP listener on port 9, never probed) so that its
 /// cgroup holds a process in its network namespace, as a real pod's does.
@@ -597,6 +667,12 @@ fn start_servers(topo: &Topology, ctrs: &HashMap<&str, PathBuf>) -> Result<Vec<S
                 Proto::Tcp => prober.serve_tcp(*port),
                 Proto::Udp => prober.serve_udp(*port),
             }?);
+        }
+    }
+    for p in HOST_NETWORK_PODS {
+        let prober = topo.node(0).prober().in_cgroup(&ctrs[p.key]);
+        for (port, _, _) in p.ports {
+            servers.push(prober.serve_tcp(*port)?);
         }
     }
     servers.push(topo.node(0).serve_tcp(10250)?);
@@ -632,6 +708,22 @@ fn preflight(topo: &Topology, timeout: Duration) -> Result<()> {
             );
         }
     }
+    let external = topo.external(EXTERNAL);
+    for (what, o) in [
+        (
+            "external -> alpha's NodePort 30265",
+            external.tcp_connect(node.ip4.into(), 30265, timeout),
+        ),
+        (
+            "a-worker -> the outsider's hostPort 18080",
+            topo.pod("a-worker")
+                .tcp_connect(node.ip4.into(), 18080, timeout),
+        ),
+    ] {
+        if o != Outcome::Ok {
+            bail!("preflight: {what}: {} (iptables problem)", o.as_line());
+        }
+    }
     Ok(())
 }
 
@@ -645,10 +737,11 @@ fn build_cells(
     let node = topo.node(0);
     let mut cells = Vec::new();
     for (row, (source, expects)) in sources.iter().zip(table).enumerate() {
-        let prober = if *source == "node" {
-            node.prober()
-        } else {
-            topo.pod(source).prober_in(&ctrs[source])
+        let prober: Prober = match scenario::source(source) {
+            Some(Source::Pod(_)) => topo.pod(source).prober_in(&ctrs[source]),
+            Some(Source::HostNetwork(_)) => node.prober().in_cgroup(&ctrs[source]),
+            Some(Source::External) => topo.external(EXTERNAL).prober(),
+            Some(Source::Node) | None => node.prober(),
         };
         for (col, (t, expect)) in TARGETS.iter().zip(&expects.1).enumerate() {
             if *expect == Expect::NotProbed {
@@ -662,6 +755,7 @@ fn build_cells(
                     vec![scenario::service(k).context("service")?.cluster_ip.into()]
                 }
                 Dest::Node => vec![node.ip4.into(), node.ip6.into()],
+                Dest::NodePort(_) => vec![node.ip4.into()],
             };
             for addr in addrs {
                 if addr.is_ipv6() && !ipv6 {

@@ -11,6 +11,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
+use crate::topology::{EXTERNAL_CLIENT4, EXTERNAL_CLIENT6};
+
 /// The simulated node's name (`spec.nodeName` of every pod, `--node-name`).
 pub const NODE_NAME: &str = "rf-demo-node";
 
@@ -143,6 +145,24 @@ pub const PODS: &[PodSpec] = &[
     },
 ];
 
+/// hostNetwork pods: their processes run in the node's network namespace, in their
+/// own pod cgroup (`kubepods/besteffort/pod<uid>`), with the node's addresses.
+pub const HOST_NETWORK_PODS: &[PodSpec] = &[PodSpec {
+    key: "hostnet",
+    namespace: "monitoring",
+    name: "node-exporter-7kq4d",
+    labels: &[("app", "node-exporter")],
+    ports: &[(9100, Proto::Tcp, "metrics")],
+}];
+
+/// hostPorts the portmap plugin DNATs on the node: (pod key, container port,
+/// host port).
+pub const HOST_PORTS: &[(&str, u16, u16)] = &[("outsider", 8080, 18080)];
+
+/// The row of the client outside the cluster (a namespace on the underlay, at
+/// [`EXTERNAL_CLIENT4`] / [`EXTERNAL_CLIENT6`]).
+pub const EXTERNAL: &str = "external";
+
 pub const NAMESPACES: &[&str] = &[
     "kube-system",
     "ray-system",
@@ -163,6 +183,9 @@ pub struct ServiceSpec {
     /// The pod (key) behind it.
     pub backend: &'static str,
     pub ports: &'static [(u16, Proto, &'static str)],
+    /// (port, nodePort): when not empty the Service is `type: NodePort`
+    /// (externalTrafficPolicy Cluster), and kube-proxy's NodePort NAT is on the node.
+    pub node_ports: &'static [(u16, u16)],
 }
 
 pub const SERVICES: &[ServiceSpec] = &[
@@ -174,6 +197,7 @@ pub const SERVICES: &[ServiceSpec] = &[
         selector: &[("k8s-app", "kube-dns")],
         backend: "coredns",
         ports: &[(53, Proto::Udp, "dns"), (53, Proto::Tcp, "dns-tcp")],
+        node_ports: &[],
     },
     ServiceSpec {
         key: "svc-a",
@@ -183,6 +207,8 @@ pub const SERVICES: &[ServiceSpec] = &[
         selector: &[("ray.io/cluster", "alpha"), ("ray.io/node-type", "head")],
         backend: "a-head",
         ports: HEAD_PORTS,
+        // The dashboard and the Ray client port, as `serviceType: NodePort` gives them.
+        node_ports: &[(8265, 30265), (10001, 30001)],
     },
     ServiceSpec {
         key: "svc-b",
@@ -192,6 +218,7 @@ pub const SERVICES: &[ServiceSpec] = &[
         selector: &[("ray.io/cluster", "beta"), ("ray.io/node-type", "head")],
         backend: "b-head",
         ports: HEAD_PORTS,
+        node_ports: &[],
     },
 ];
 
@@ -202,8 +229,12 @@ pub enum Dest {
     Pod(&'static str),
     /// A Service's ClusterIP (key).
     Service(&'static str),
-    /// The node's host address (`host0`).
+    /// The node's host address (`host0`): its own services, a hostPort, a
+    /// hostNetwork pod's port.
     Node,
+    /// A NodePort of a Service (key) on the node's host address, IPv4 only (the
+    /// Service is single-stack IPv4, so kube-proxy programs it for IPv4).
+    NodePort(&'static str),
 }
 
 /// One column of the matrix.
@@ -264,17 +295,52 @@ pub const TARGETS: &[Target] = &[
     },
     tcp("outsider", Dest::Pod("outsider"), 8080),
     tcp("node", Dest::Node, 10250),
+    tcp("np-a", Dest::NodePort("svc-a"), 30265),
+    tcp("np-a", Dest::NodePort("svc-a"), 30001),
+    tcp("hostport", Dest::Node, 18080),
+    tcp("hostnet", Dest::Node, 9100),
 ];
 
-/// The rows: the node itself, then every pod.
+/// The rows: the node itself, every pod, the hostNetwork pods, the external client.
 pub fn sources() -> Vec<&'static str> {
     std::iter::once("node")
         .chain(PODS.iter().map(|p| p.key))
+        .chain(HOST_NETWORK_PODS.iter().map(|p| p.key))
+        .chain(std::iter::once(EXTERNAL))
         .collect()
+}
+
+/// What a row's probes come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// A host process of the node, in no pod cgroup (the kubelet).
+    Node,
+    Pod(&'static PodSpec),
+    HostNetwork(&'static PodSpec),
+    External,
+}
+
+pub fn source(key: &str) -> Option<Source> {
+    match key {
+        "node" => Some(Source::Node),
+        EXTERNAL => Some(Source::External),
+        _ => pod(key)
+            .map(Source::Pod)
+            .or_else(|| host_network_pod(key).map(Source::HostNetwork)),
+    }
 }
 
 pub fn pod(key: &str) -> Option<&'static PodSpec> {
     PODS.iter().find(|p| p.key == key)
+}
+
+pub fn host_network_pod(key: &str) -> Option<&'static PodSpec> {
+    HOST_NETWORK_PODS.iter().find(|p| p.key == key)
+}
+
+/// `metadata.uid` of hostNetwork pod `index` of [`HOST_NETWORK_PODS`].
+pub fn host_network_pod_uid(index: usize) -> String {
+    pod_uid(PODS.len() + index)
 }
 
 pub fn service(key: &str) -> Option<&'static ServiceSpec> {
@@ -316,14 +382,28 @@ pub fn manifests(
             {"type": "Hostname", "address": NODE_NAME},
         ]},
     });
-    let pods: Vec<Value> = PODS
+    let mut pods: Vec<Value> = PODS
         .iter()
         .enumerate()
         .map(|(i, p)| pod_manifest(i, p, pod_ip(p.key)))
         .collect();
+    for (i, p) in HOST_NETWORK_PODS.iter().enumerate() {
+        let mut m = pod_manifest(PODS.len() + i, p, (node.internal_ip, node.internal_ip6));
+        // Host networking: every container port is also a hostPort (the API
+        // server's default), the pod's IPs are the node's.
+        m["spec"]["hostNetwork"] = json!(true);
+        if let Some(ports) = m["spec"]["containers"][0]["ports"].as_array_mut() {
+            for port in ports {
+                port["hostPort"] = port["containerPort"].clone();
+            }
+        }
+        m["status"]["hostIP"] = json!(node.internal_ip.to_string());
+        pods.push(m);
+    }
     let mut services = Vec::new();
     for s in SERVICES {
-        services.push(json!({
+        let node_port = |port: u16| s.node_ports.iter().find(|(p, _)| *p == port).map(|n| n.1);
+        let mut service = json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": {"name": s.name, "namespace": s.namespace},
             "spec": {
@@ -331,11 +411,22 @@ pub fn manifests(
                 "clusterIP": s.cluster_ip.to_string(),
                 "clusterIPs": [s.cluster_ip.to_string()],
                 "selector": labels(s.selector),
-                "ports": s.ports.iter().map(|(port, proto, name)| json!({
-                    "name": name, "port": port, "targetPort": port, "protocol": proto.api(),
-                })).collect::<Vec<_>>(),
+                "ports": s.ports.iter().map(|(port, proto, name)| {
+                    let mut p = json!({
+                        "name": name, "port": port, "targetPort": port, "protocol": proto.api(),
+                    });
+                    if let Some(n) = node_port(*port) {
+                        p["nodePort"] = json!(n);
+                    }
+                    p
+                }).collect::<Vec<_>>(),
             },
-        }));
+        });
+        if !s.node_ports.is_empty() {
+            service["spec"]["type"] = json!("NodePort");
+            service["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        }
+        services.push(service);
         let backend = pod(s.backend).expect("service backend is a demo pod");
         services.push(json!({
             "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -401,9 +492,16 @@ fn pod_manifest(index: usize, p: &PodSpec, (ip, ip6): (Ipv4Addr, Ipv6Addr)) -> V
             "containers": [{
                 "name": container,
                 "image": "registry.example/demo:1",
-                "ports": p.ports.iter().map(|(port, proto, name)| json!({
-                    "name": name, "containerPort": port, "protocol": proto.api(),
-                })).collect::<Vec<_>>(),
+                "ports": p.ports.iter().map(|(port, proto, name)| {
+                    let mut c = json!({
+                        "name": name, "containerPort": port, "protocol": proto.api(),
+                    });
+                    let host_port = HOST_PORTS.iter().find(|(k, cp, _)| *k == p.key && cp == port);
+                    if let Some((_, _, hp)) = host_port {
+                        c["hostPort"] = json!(hp);
+                    }
+                    c
+                }).collect::<Vec<_>>(),
             }],
         },
         "status": {
@@ -416,8 +514,9 @@ fn pod_manifest(index: usize, p: &PodSpec, (ip, ip6): (Ipv4Addr, Ipv6Addr)) -> V
 }
 
 /// RayCluster `alpha` (team-a): KubeRay v1.7 `spec.networkPolicy`, mode DenyAll,
-/// one user ingress rule: Prometheus pods in `monitoring` may scrape the head's
-/// metrics port. RayCluster `beta` (team-b): PR #4638's `spec.networkIsolation`,
+/// two user ingress rules for the head: Prometheus pods in `monitoring` may scrape
+/// its metrics port, and the external client (an ipBlock for each of its
+/// addresses) may reach its dashboard. RayCluster `beta` (team-b): PR #4638's `spec.networkIsolation`,
 /// mode DenyAllIngress, no user rules.
 fn rayclusters() -> Vec<Value> {
     let groups = || {
@@ -450,6 +549,12 @@ fn rayclusters() -> Vec<Value> {
                 "podSelector": {"matchLabels": {"app": "prometheus"}},
             }],
             "ports": [{"protocol": "TCP", "port": 8080}],
+        }, {
+            "from": [
+                {"ipBlock": {"cidr": format!("{EXTERNAL_CLIENT4}/32")}},
+                {"ipBlock": {"cidr": format!("{EXTERNAL_CLIENT6}/128")}},
+            ],
+            "ports": [{"protocol": "TCP", "port": 8265}],
         }]},
     });
     beta_spec["networkIsolation"] = json!({"mode": "DenyAllIngress"});
@@ -568,11 +673,25 @@ mod tests {
             match t.dest {
                 Dest::Pod(k) => assert!(pod(k).is_some(), "{k}"),
                 Dest::Service(k) => assert!(service(k).is_some(), "{k}"),
+                Dest::NodePort(k) => assert!(
+                    service(k).is_some_and(|s| s.node_ports.iter().any(|n| n.1 == t.port)),
+                    "{k}:{}",
+                    t.port
+                ),
                 Dest::Node => {}
             }
         }
         for s in SERVICES {
             assert!(pod(s.backend).is_some(), "{}", s.backend);
+        }
+        for (k, container_port, _) in HOST_PORTS {
+            assert!(
+                pod(k).is_some_and(|p| p.ports.iter().any(|q| q.0 == *container_port)),
+                "{k}"
+            );
+        }
+        for key in sources() {
+            assert!(source(key).is_some(), "{key}");
         }
     }
 }

@@ -1,0 +1,236 @@
+//! A kubelet's pod cgroups under a test-owned cgroup (what the agent is given as
+//! `--cgroup-root`), laid out as the kubelet lays them out, and hostNetwork pods:
+//! processes in such a pod cgroup that run in a node's own network namespace.
+//!
+//! | driver   | Guaranteed                                  | Burstable / BestEffort |
+//! |----------|---------------------------------------------|------------------------|
+//! | systemd  | `kubepods.slice/kubepods-pod<uid_>.slice`   | `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice` |
+//! | cgroupfs | `kubepods/pod<uid>`                         | `kubepods/burstable/pod<uid>` |
+//!
+//! (`<uid_>`: the UID with `-` escaped to `_`.) Each pod cgroup gets one container
+//! child where its processes run: `cri-containerd-<id>.scope` (systemd) or `ctr`
+//! (cgroupfs). `kubepods.slice` / `kubepods` is the kubelet's root of all pods: a
+//! process anywhere below it belongs to some pod; a process outside it (the test
+//! itself, the node probes of [`crate::topology::Node`]) is a host process, as the
+//! kubelet and system daemons are.
+//!
+//! A hostNetwork pod ([`HostNetworkPod`]) is such a pod whose processes share the
+//! node's network namespace: on the wire its packets carry the node's addresses;
+//! only the socket's cgroup tells it from the node's own processes.
+//!
+//! This module never touches cgroups it did not create: everything lives below the
+//! tree's root, which is removed (processes killed) on drop.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use crate::cgroup::TestCgroup;
+use crate::probe::{Outcome, Prober, Server};
+use crate::topology::Node;
+
+/// The kubelet's `--cgroup-driver`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CgroupDriver {
+    Systemd,
+    Cgroupfs,
+}
+
+/// A pod's QoS class (`status.qosClass`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+impl QosClass {
+    /// As the API server reports it.
+    pub fn api(self) -> &'static str {
+        match self {
+            QosClass::Guaranteed => "Guaranteed",
+            QosClass::Burstable => "Burstable",
+            QosClass::BestEffort => "BestEffort",
+        }
+    }
+
+    fn component(self) -> Option<&'static str> {
+        match self {
+            QosClass::Guaranteed => None,
+            QosClass::Burstable => Some("burstable"),
+            QosClass::BestEffort => Some("besteffort"),
+        }
+    }
+}
+
+/// The kubelet's root of all pod cgroups, relative to its `--cgroup-root` `/`.
+pub fn kubepods(driver: CgroupDriver) -> &'static str {
+    match driver {
+        CgroupDriver::Systemd => "kubepods.slice",
+        CgroupDriver::Cgroupfs => "kubepods",
+    }
+}
+
+/// A pod's cgroup, relative to the cgroup root (kubelet `--cgroup-root` `/`).
+pub fn pod_cgroup_path(driver: CgroupDriver, qos: QosClass, uid: &str) -> PathBuf {
+    match driver {
+        CgroupDriver::Cgroupfs => {
+            let mut p = PathBuf::from("kubepods");
+            p.extend(qos.component());
+            p.join(format!("pod{uid}"))
+        }
+        CgroupDriver::Systemd => {
+            let escaped = uid.replace('-', "_");
+            let mut p = PathBuf::from("kubepods.slice");
+            match qos.component() {
+                Some(q) => {
+                    p.push(format!("kubepods-{q}.slice"));
+                    p.push(format!("kubepods-{q}-pod{escaped}.slice"));
+                }
+                None => p.push(format!("kubepods-pod{escaped}.slice")),
+            }
+            p
+        }
+    }
+}
+
+/// The container cgroup a pod's processes run in, below its pod cgroup.
+fn container_dir(driver: CgroupDriver, uid: &str) -> String {
+    match driver {
+        CgroupDriver::Systemd => format!("cri-containerd-{}.scope", uid.replace('-', "")),
+        CgroupDriver::Cgroupfs => "ctr".to_owned(),
+    }
+}
+
+/// A kubelet cgroup tree under a fresh test cgroup; removed (everything in it
+/// killed) on drop.
+#[derive(Debug)]
+pub struct KubeletTree {
+    root: TestCgroup,
+    driver: CgroupDriver,
+}
+
+impl KubeletTree {
+    pub fn new(driver: CgroupDriver) -> Result<Self> {
+        Ok(KubeletTree {
+            root: TestCgroup::new()?,
+            driver,
+        })
+    }
+
+    /// What to give the agent as `--cgroup-root`.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn driver(&self) -> CgroupDriver {
+        self.driver
+    }
+
+    /// The kubelet's root of all pods (`<root>/kubepods.slice` or `<root>/kubepods`).
+    pub fn kubepods(&self) -> PathBuf {
+        self.root.path().join(kubepods(self.driver))
+    }
+
+    /// Creates the pod cgroup of `uid` and its container child; returns the
+    /// container's directory (where the pod's processes go).
+    pub fn pod_cgroup(&self, uid: &str, qos: QosClass) -> Result<PathBuf> {
+        let ctr = self
+            .root
+            .path()
+            .join(pod_cgroup_path(self.driver, qos, uid))
+            .join(container_dir(self.driver, uid));
+        std::fs::create_dir_all(&ctr).with_context(|| format!("mkdir {}", ctr.display()))?;
+        Ok(ctr)
+    }
+}
+
+/// A pod with `spec.hostNetwork: true`: its processes run in its own pod cgroup
+/// but in the node's network namespace.
+#[derive(Debug)]
+pub struct HostNetworkPod {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub qos: QosClass,
+    /// Index of the node it runs on.
+    pub node: usize,
+    /// Its container cgroup.
+    pub container: PathBuf,
+    node_ips: [IpAddr; 2],
+    prober: Prober,
+}
+
+impl HostNetworkPod {
+    /// Makes the pod's cgroup in `tree`; its processes will run on `node`.
+    pub fn new(
+        tree: &KubeletTree,
+        node: &Node,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        qos: QosClass,
+    ) -> Result<Self> {
+        let container = tree.pod_cgroup(uid, qos)?;
+        Ok(HostNetworkPod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            uid: uid.to_owned(),
+            qos,
+            node: node.index,
+            prober: node.prober().in_cgroup(&container),
+            container,
+            node_ips: node.ips(),
+        })
+    }
+
+    /// Probes from this pod: in the node's namespace, inside the pod's cgroup.
+    pub fn prober(&self) -> Prober {
+        self.prober.clone()
+    }
+
+    /// Its addresses: the node's.
+    pub fn ips(&self) -> [IpAddr; 2] {
+        self.node_ips
+    }
+
+    pub fn serve_tcp(&self, port: u16) -> Result<Server> {
+        self.prober.serve_tcp(port)
+    }
+
+    pub fn tcp_connect(&self, addr: IpAddr, port: u16, timeout: Duration) -> Outcome {
+        self.prober.tcp_connect(addr, port, timeout)
+    }
+
+    /// The Pod object: `spec.hostNetwork: true`, the node's addresses as its IPs
+    /// (as the kubelet reports them), each TCP `ports` entry with hostPort equal
+    /// to containerPort (what the API server defaults for host networking).
+    pub fn manifest(&self, node_name: &str, labels: &[(&str, &str)], ports: &[u16]) -> Value {
+        let labels: serde_json::Map<String, Value> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
+            .collect();
+        let ips: Vec<Value> = self
+            .node_ips
+            .iter()
+            .map(|ip| json!({"ip": ip.to_string()}))
+            .collect();
+        let ports: Vec<Value> = ports
+            .iter()
+            .map(|p| json!({"name": format!("p{p}"), "containerPort": p, "hostPort": p, "protocol": "TCP"}))
+            .collect();
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid,
+                         "labels": labels},
+            "spec": {"nodeName": node_name, "hostNetwork": true,
+                     "containers": [{"name": "c", "image": "x", "ports": ports}]},
+            "status": {"phase": "Running", "qosClass": self.qos.api(),
+                       "podIP": self.node_ips[0].to_string(), "podIPs": ips,
+                       "hostIP": self.node_ips[0].to_string(), "hostIPs": ips},
+        })
+    }
+}

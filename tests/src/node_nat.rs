@@ -1,0 +1,909 @@
+//! What a node rewrites on behalf of others: kube-proxy's NodePorts (iptables mode)
+//! and the CNI portmap plugin's hostPorts, as `iptables` and `ip6tables` rules in a
+//! simulated node's network namespace, plus the Kubernetes objects that describe
+//! them (the Service and its EndpointSlices; the pod's `hostPort`), made from the
+//! same description so the rules and the objects the agent reads cannot disagree.
+//!
+//! kube-proxy (nat table, the chains and marks kube-proxy 1.28+ programs):
+//!
+//! ```text
+//! PREROUTING, OUTPUT  -j KUBE-SERVICES
+//! POSTROUTING         -j KUBE-POSTROUTING
+//! KUBE-SERVICES       -d <clusterIP> -p tcp --dport <port> -j KUBE-SVC-<h>      (one per Service)
+//!                     -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS            (always last)
+//! KUBE-NODEPORTS      -p tcp --dport <nodePort> -j KUBE-EXT-<h>
+//! KUBE-EXT-<h>        Cluster: -j KUBE-MARK-MASQ; -j KUBE-SVC-<h>
+//!                     Local:   -s <cluster CIDR> -j KUBE-SVC-<h>                (pods: as Cluster)
+//!                              -m addrtype --src-type LOCAL -j KUBE-MARK-MASQ    (the node itself)
+//!                              -m addrtype --src-type LOCAL -j KUBE-SVC-<h>
+//!                              -j KUBE-SVL-<h>                                  (local endpoints only)
+//! KUBE-SVC-<h>        ! -s <cluster CIDR> -d <clusterIP> ... -j KUBE-MARK-MASQ
+//!                     [-m statistic --mode random --probability p] -j KUBE-SEP-<e>
+//! KUBE-SEP-<e>        -s <endpoint> -j KUBE-MARK-MASQ                          (hairpin)
+//!                     -p tcp -j DNAT --to-destination <endpoint>:<targetPort>
+//! KUBE-MARK-MASQ      -j MARK --or-mark 0x4000
+//! KUBE-POSTROUTING    -m mark ! --mark 0x4000/0x4000 -j RETURN
+//!                     -j MARK --xor-mark 0x4000
+//!                     -j MASQUERADE --random-fully
+//! ```
+//!
+//! So with externalTrafficPolicy `Cluster` every NodePort connection (from outside,
+//! from a pod, from the node) leaves towards its endpoint with the address of the
+//! node's outgoing interface as its source (on a bridged node: the bridge's, the
+//! pods' gateway; towards another node: the underlay address). With `Local` the
+//! client's address stays and only endpoints on the node that received the
+//! connection serve it (a node without one leaves the port alone: nothing listens,
+//! the client is refused). The cluster CIDR is
+//! [`crate::topology::CLUSTER_CIDR4`] / [`crate::topology::CLUSTER_CIDR6`].
+//!
+//! portmap (nat table, as the plugin programs a pod's `hostPort`):
+//!
+//! ```text
+//! PREROUTING, OUTPUT  -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT         (inserted first)
+//! POSTROUTING         -j CNI-HOSTPORT-MASQ                                      (inserted first)
+//! CNI-HOSTPORT-DNAT   -p tcp -m multiport --dports <hostPort> -j CNI-DN-<h>
+//! CNI-DN-<h>          -s <pod IP> -p tcp --dport <hostPort> -j CNI-HOSTPORT-SETMARK   (hairpin)
+//!                     -s 127.0.0.1 (::1) -p tcp --dport <hostPort> -j CNI-HOSTPORT-SETMARK
+//!                     -p tcp --dport <hostPort> -j DNAT --to-destination <pod IP>:<containerPort>
+//! CNI-HOSTPORT-SETMARK -j MARK --set-xmark 0x2000/0x2000
+//! CNI-HOSTPORT-MASQ   -m mark --mark 0x2000/0x2000 -j MASQUERADE
+//! ```
+//!
+//! plus `route_localnet` on the pod's host interface (and the bridge), as the plugin
+//! sets it for the localhost case. A hostPort connection keeps its source address
+//! unless it is the pod itself (hairpin) or the node's loopback.
+//!
+//! On a bridged node the reply of a DNATed flow between two pods of one bridge is
+//! bridged, not routed: as on a real kube-proxy node, `br_netfilter` must be loaded
+//! and `net.bridge.bridge-nf-call-iptables` / `-ip6tables` are set to 1, inside the
+//! node's namespace only (per-namespace since Linux 5.3).
+//!
+//! Must not: touch any namespace but the node's, or load anything but
+//! `br_netfilter` (and that only when a bridged node needs it and it is missing).
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::netns::Netns;
+use crate::topology::{CLUSTER_CIDR4, CLUSTER_CIDR6, Node, Pod};
+
+/// kube-proxy's masquerade mark (`--iptables-masquerade-bit` 14).
+pub const KUBE_MASQ_MARK: &str = "0x4000/0x4000";
+/// The portmap plugin's masquerade mark (its default `markMasqBit` 13).
+pub const PORTMAP_MASQ_MARK: &str = "0x2000/0x2000";
+
+/// A transport protocol of a Service port or a hostPort.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// As the Kubernetes API spells it.
+    pub fn api(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+
+    fn iptables(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// `spec.externalTrafficPolicy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficPolicy {
+    /// Any node forwards to any endpoint and masquerades (the default).
+    Cluster,
+    /// Only endpoints on the receiving node; the client address is kept.
+    Local,
+}
+
+impl TrafficPolicy {
+    pub fn api(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
+}
+
+/// `spec.type`: a LoadBalancer Service is a NodePort Service on the node (the
+/// load balancer sends its traffic to `<node>:<nodePort>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceType {
+    NodePort,
+    LoadBalancer,
+}
+
+/// One endpoint (a backend pod) of a Service.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub namespace: String,
+    pub pod: String,
+    /// Index of the node it runs on.
+    pub node: usize,
+    pub ips: Vec<IpAddr>,
+}
+
+impl Endpoint {
+    /// The topology pod `pod`, in Kubernetes namespace `namespace`, dual-stack.
+    pub fn of(namespace: &str, pod: &Pod) -> Self {
+        Endpoint {
+            namespace: namespace.to_owned(),
+            pod: pod.name.clone(),
+            node: pod.node,
+            ips: pod.ips().to_vec(),
+        }
+    }
+}
+
+/// A Service of type NodePort (or LoadBalancer) with one port.
+#[derive(Debug, Clone)]
+pub struct NodePortService {
+    pub namespace: String,
+    pub name: String,
+    pub kind: ServiceType,
+    pub protocol: Protocol,
+    /// The Service port (on its ClusterIPs).
+    pub port: u16,
+    /// Where the endpoints listen (`targetPort`, numeric).
+    pub target_port: u16,
+    pub node_port: u16,
+    /// One per family the Service has (`spec.clusterIPs`, `ipFamilies` follow).
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl NodePortService {
+    /// A TCP NodePort Service, policy Cluster, no endpoints yet.
+    pub fn tcp(namespace: &str, name: &str, port: u16, node_port: u16) -> Self {
+        NodePortService {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            kind: ServiceType::NodePort,
+            protocol: Protocol::Tcp,
+            port,
+            target_port: port,
+            node_port,
+            cluster_ips: Vec::new(),
+            external_traffic_policy: TrafficPolicy::Cluster,
+            endpoints: Vec::new(),
+        }
+    }
+
+    /// The endpoints' addresses of one family.
+    fn endpoint_ips(&self, v6: bool) -> Vec<(usize, IpAddr)> {
+        self.endpoints
+            .iter()
+            .flat_map(|e| e.ips.iter().map(move |ip| (e.node, *ip)))
+            .filter(|(_, ip)| ip.is_ipv6() == v6)
+            .collect()
+    }
+
+    /// The Service's families (false: IPv4), in the order of its ClusterIPs.
+    fn families(&self) -> Vec<bool> {
+        let mut v = Vec::new();
+        for ip in &self.cluster_ips {
+            if !v.contains(&ip.is_ipv6()) {
+                v.push(ip.is_ipv6());
+            }
+        }
+        v
+    }
+
+    /// The Service and one EndpointSlice per family, as the API server and the
+    /// EndpointSlice controller would have them; `node_name(i)` names node i.
+    pub fn manifests(&self, node_name: &dyn Fn(usize) -> String) -> Vec<Value> {
+        let port_name = format!("p{}", self.port);
+        let families: Vec<&str> = self
+            .families()
+            .into_iter()
+            .map(|v6| if v6 { "IPv6" } else { "IPv4" })
+            .collect();
+        let ips: Vec<String> = self.cluster_ips.iter().map(IpAddr::to_string).collect();
+        let mut service = json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": self.name, "namespace": self.namespace,
+                         "uid": format!("svc-{}-{}", self.namespace, self.name)},
+            "spec": {
+                "type": match self.kind {
+                    ServiceType::NodePort => "NodePort",
+                    ServiceType::LoadBalancer => "LoadBalancer",
+                },
+                "clusterIP": ips.first(),
+                "clusterIPs": ips,
+                "ipFamilies": families,
+                "ipFamilyPolicy": if families.len() > 1 { "PreferDualStack" } else { "SingleStack" },
+                "externalTrafficPolicy": self.external_traffic_policy.api(),
+                "ports": [{
+                    "name": port_name, "protocol": self.protocol.api(), "port": self.port,
+                    "targetPort": self.target_port, "nodePort": self.node_port,
+                }],
+            },
+        });
+        if self.kind == ServiceType::LoadBalancer {
+            service["status"] = json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.80"}]}});
+        }
+        let mut docs = vec![service];
+        for (family, v6) in families.iter().zip(self.families()) {
+            let endpoints: Vec<Value> = self
+                .endpoints
+                .iter()
+                .filter_map(|e| {
+                    let addresses: Vec<String> = e
+                        .ips
+                        .iter()
+                        .filter(|ip| ip.is_ipv6() == v6)
+                        .map(IpAddr::to_string)
+                        .collect();
+                    (!addresses.is_empty()).then(|| {
+                        json!({
+                            "addresses": addresses,
+                            "conditions": {"ready": true, "serving": true, "terminating": false},
+                            "nodeName": node_name(e.node),
+                            "targetRef": {"kind": "Pod", "namespace": e.namespace, "name": e.pod},
+                        })
+                    })
+                })
+                .collect();
+            docs.push(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {
+                    "name": format!("{}-{}", self.name, family.to_lowercase()),
+                    "namespace": self.namespace,
+                    "labels": {
+                        "kubernetes.io/service-name": self.name,
+                        "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                    },
+                },
+                "addressType": family,
+                "endpoints": endpoints,
+                "ports": [{"name": port_name, "protocol": self.protocol.api(), "port": self.target_port}],
+            }));
+        }
+        docs
+    }
+}
+
+/// A pod's `hostPort`, DNATed by the portmap plugin on the pod's node.
+#[derive(Debug, Clone)]
+pub struct HostPort {
+    /// The topology pod.
+    pub pod: String,
+    pub protocol: Protocol,
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+impl HostPort {
+    pub fn tcp(pod: &str, host_port: u16, container_port: u16) -> Self {
+        HostPort {
+            pod: pod.to_owned(),
+            protocol: Protocol::Tcp,
+            host_port,
+            container_port,
+        }
+    }
+
+    /// The container port entry that declares it (`spec.containers[].ports[]`).
+    pub fn container_port_entry(&self) -> Value {
+        json!({
+            "name": format!("hp{}", self.host_port),
+            "containerPort": self.container_port,
+            "hostPort": self.host_port,
+            "protocol": self.protocol.api(),
+        })
+    }
+
+    /// `pod` (a Pod object) with this hostPort added to its first container.
+    pub fn add_to(&self, mut pod: Value) -> Value {
+        let container = &mut pod["spec"]["containers"][0];
+        if !container["ports"].is_array() {
+            container["ports"] = json!([]);
+        }
+        if let Some(ports) = container["ports"].as_array_mut() {
+            ports.push(self.container_port_entry());
+        }
+        pod
+    }
+}
+
+/// A short, stable chain suffix (kube-proxy and portmap hash their names too).
+fn chain_hash(what: &str) -> String {
+    // FNV-1a, 64 bits, in 13 base32 characters.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in what.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    (0..13)
+        .map(|i| ALPHABET[((h >> (i * 5)) & 31) as usize] as char)
+        .collect()
+}
+
+fn tool(v6: bool) -> &'static str {
+    if v6 { "ip6tables" } else { "iptables" }
+}
+
+/// `iptables -w -t nat ARGS` (or ip6tables) in the node's namespace.
+fn nat(ns: &Netns, v6: bool, args: &[&str]) -> Result<()> {
+    let mut argv = vec![tool(v6), "-w", "-t", "nat"];
+    argv.extend_from_slice(args);
+    ns.exec(&argv).map(drop)
+}
+
+fn chain_exists(ns: &Netns, v6: bool, chain: &str) -> bool {
+    ns.exec(&[tool(v6), "-w", "-t", "nat", "-S", chain]).is_ok()
+}
+
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}/32"),
+        IpAddr::V6(v6) => format!("{v6}/128"),
+    }
+}
+
+fn socket(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v4) => format!("{v4}:{port}"),
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+    }
+}
+
+fn cluster_cidr(v6: bool) -> String {
+    if v6 {
+        format!("{}/{}", CLUSTER_CIDR6.0, CLUSTER_CIDR6.1)
+    } else {
+        format!("{}/{}", CLUSTER_CIDR4.0, CLUSTER_CIDR4.1)
+    }
+}
+
+/// br_netfilter provides the `net.bridge.*` sysctls; bridged nodes need
+/// `bridge-nf-call-ip(6)tables` for DNATed flows between pods of one bridge.
+fn bridge_netfilter(node: &Node) -> Result<()> {
+    if node.bridge.is_none() {
+        return Ok(());
+    }
+    if !Path::new("/proc/sys/net/bridge").exists() {
+        let st = std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .status()
+            .context("running modprobe br_netfilter")?;
+        if !st.success() {
+            bail!("modprobe br_netfilter failed: bridged NodePort and hostPort NAT need it");
+        }
+    }
+    for key in [
+        "net.bridge.bridge-nf-call-iptables",
+        "net.bridge.bridge-nf-call-ip6tables",
+    ] {
+        node.netns
+            .sysctl(key, "1")
+            .with_context(|| format!("{key} in node {}", node.index))?;
+    }
+    Ok(())
+}
+
+/// kube-proxy's own chains, once per node and family.
+fn kube_proxy_base(ns: &Netns, v6: bool) -> Result<()> {
+    if chain_exists(ns, v6, "KUBE-SERVICES") {
+        return Ok(());
+    }
+    for chain in [
+        "KUBE-SERVICES",
+        "KUBE-NODEPORTS",
+        "KUBE-POSTROUTING",
+        "KUBE-MARK-MASQ",
+    ] {
+        nat(ns, v6, &["-N", chain])?;
+    }
+    let portals = ["-m", "comment", "--comment", "kubernetes service portals"];
+    for hook in ["PREROUTING", "OUTPUT"] {
+        let mut args = vec!["-A", hook];
+        args.extend_from_slice(&portals);
+        args.extend_from_slice(&["-j", "KUBE-SERVICES"]);
+        nat(ns, v6, &args)?;
+    }
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes postrouting rules",
+            "-j",
+            "KUBE-POSTROUTING",
+        ],
+    )?;
+    nat(
+        ns,
+        v6,
+        &["-A", "KUBE-MARK-MASQ", "-j", "MARK", "--or-mark", "0x4000"],
+    )?;
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "KUBE-POSTROUTING",
+            "-m",
+            "mark",
+            "!",
+            "--mark",
+            KUBE_MASQ_MARK,
+            "-j",
+            "RETURN",
+        ],
+    )?;
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "KUBE-POSTROUTING",
+            "-j",
+            "MARK",
+            "--xor-mark",
+            "0x4000",
+        ],
+    )?;
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "KUBE-POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service traffic requiring SNAT",
+            "-j",
+            "MASQUERADE",
+            "--random-fully",
+        ],
+    )?;
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "KUBE-SERVICES",
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service nodeports; NOTE: this must be the last rule in this chain",
+            "-m",
+            "addrtype",
+            "--dst-type",
+            "LOCAL",
+            "-j",
+            "KUBE-NODEPORTS",
+        ],
+    )
+}
+
+/// kube-proxy's rules for `svc` on `node`, for every family it has.
+pub(crate) fn install_node_port(node: &Node, svc: &NodePortService) -> Result<()> {
+    if svc.cluster_ips.is_empty() {
+        bail!(
+            "Service {}/{} has no ClusterIP: its families follow its ClusterIPs",
+            svc.namespace,
+            svc.name
+        );
+    }
+    bridge_netfilter(node)?;
+    let ns = &node.netns;
+    let proto = svc.protocol.iptables();
+    let port_name = format!("{}/{}:p{}", svc.namespace, svc.name, svc.port);
+    for v6 in svc.families() {
+        kube_proxy_base(ns, v6)?;
+        let h = chain_hash(&format!("{port_name}/{proto}"));
+        let (svc_chain, ext_chain, svl_chain) = (
+            format!("KUBE-SVC-{h}"),
+            format!("KUBE-EXT-{h}"),
+            format!("KUBE-SVL-{h}"),
+        );
+        for chain in [&svc_chain, &ext_chain, &svl_chain] {
+            nat(ns, v6, &["-N", chain])?;
+        }
+        let cidr = cluster_cidr(v6);
+        let node_port = svc.node_port.to_string();
+        let port = svc.port.to_string();
+        // ClusterIPs, ahead of the NodePorts rule (which stays last).
+        for ip in svc.cluster_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+            let dst = host(*ip);
+            nat(
+                ns,
+                v6,
+                &[
+                    "-I",
+                    "KUBE-SERVICES",
+                    "1",
+                    "-d",
+                    &dst,
+                    "-p",
+                    proto,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &format!("{port_name} cluster IP"),
+                    "-m",
+                    proto,
+                    "--dport",
+                    &port,
+                    "-j",
+                    &svc_chain,
+                ],
+            )?;
+            nat(
+                ns,
+                v6,
+                &[
+                    "-A",
+                    &svc_chain,
+                    "!",
+                    "-s",
+                    &cidr,
+                    "-d",
+                    &dst,
+                    "-p",
+                    proto,
+                    "-m",
+                    proto,
+                    "--dport",
+                    &port,
+                    "-j",
+                    "KUBE-MARK-MASQ",
+                ],
+            )?;
+        }
+        nat(
+            ns,
+            v6,
+            &[
+                "-A",
+                "KUBE-NODEPORTS",
+                "-p",
+                proto,
+                "-m",
+                "comment",
+                "--comment",
+                &port_name,
+                "-m",
+                proto,
+                "--dport",
+                &node_port,
+                "-j",
+                &ext_chain,
+            ],
+        )?;
+        match svc.external_traffic_policy {
+            TrafficPolicy::Cluster => {
+                nat(
+                    ns,
+                    v6,
+                    &[
+                        "-A",
+                        &ext_chain,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &format!("masquerade traffic for {port_name} external destinations"),
+                        "-j",
+                        "KUBE-MARK-MASQ",
+                    ],
+                )?;
+                nat(ns, v6, &["-A", &ext_chain, "-j", &svc_chain])?;
+            }
+            TrafficPolicy::Local => {
+                nat(
+                    ns,
+                    v6,
+                    &[
+                        "-A",
+                        &ext_chain,
+                        "-s",
+                        &cidr,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &format!("pod traffic for {port_name} external destinations"),
+                        "-j",
+                        &svc_chain,
+                    ],
+                )?;
+                for target in ["KUBE-MARK-MASQ", svc_chain.as_str()] {
+                    nat(
+                        ns,
+                        v6,
+                        &[
+                            "-A",
+                            &ext_chain,
+                            "-m",
+                            "comment",
+                            "--comment",
+                            &format!("LOCAL traffic for {port_name} external destinations"),
+                            "-m",
+                            "addrtype",
+                            "--src-type",
+                            "LOCAL",
+                            "-j",
+                            target,
+                        ],
+                    )?;
+                }
+                nat(ns, v6, &["-A", &ext_chain, "-j", &svl_chain])?;
+            }
+        }
+        let endpoints = svc.endpoint_ips(v6);
+        let local: Vec<(usize, IpAddr)> = endpoints
+            .iter()
+            .copied()
+            .filter(|(n, _)| *n == node.index)
+            .collect();
+        for (chain, list) in [(&svc_chain, &endpoints), (&svl_chain, &local)] {
+            for (i, (_, ip)) in list.iter().enumerate() {
+                let sep = format!("KUBE-SEP-{}", chain_hash(&format!("{port_name}/{ip}")));
+                if !chain_exists(ns, v6, &sep) {
+                    nat(ns, v6, &["-N", &sep])?;
+                    nat(
+                        ns,
+                        v6,
+                        &["-A", &sep, "-s", &host(*ip), "-j", "KUBE-MARK-MASQ"],
+                    )?;
+                    nat(
+                        ns,
+                        v6,
+                        &[
+                            "-A",
+                            &sep,
+                            "-p",
+                            proto,
+                            "-m",
+                            proto,
+                            "-j",
+                            "DNAT",
+                            "--to-destination",
+                            &socket(*ip, svc.target_port),
+                        ],
+                    )?;
+                }
+                let left = list.len() - i;
+                if left > 1 {
+                    let p = format!("{:.10}", 1.0 / left as f64);
+                    nat(
+                        ns,
+                        v6,
+                        &[
+                            "-A",
+                            chain,
+                            "-m",
+                            "statistic",
+                            "--mode",
+                            "random",
+                            "--probability",
+                            &p,
+                            "-j",
+                            &sep,
+                        ],
+                    )?;
+                } else {
+                    nat(ns, v6, &["-A", chain, "-j", &sep])?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The portmap plugin's own chains, once per node and family.
+fn portmap_base(ns: &Netns, v6: bool) -> Result<()> {
+    if chain_exists(ns, v6, "CNI-HOSTPORT-DNAT") {
+        return Ok(());
+    }
+    for chain in [
+        "CNI-HOSTPORT-DNAT",
+        "CNI-HOSTPORT-SETMARK",
+        "CNI-HOSTPORT-MASQ",
+    ] {
+        nat(ns, v6, &["-N", chain])?;
+    }
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "CNI-HOSTPORT-SETMARK",
+            "-m",
+            "comment",
+            "--comment",
+            "CNI portfwd masquerade mark",
+            "-j",
+            "MARK",
+            "--set-xmark",
+            PORTMAP_MASQ_MARK,
+        ],
+    )?;
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "CNI-HOSTPORT-MASQ",
+            "-m",
+            "mark",
+            "--mark",
+            PORTMAP_MASQ_MARK,
+            "-j",
+            "MASQUERADE",
+        ],
+    )?;
+    for hook in ["PREROUTING", "OUTPUT"] {
+        nat(
+            ns,
+            v6,
+            &[
+                "-I",
+                hook,
+                "-m",
+                "addrtype",
+                "--dst-type",
+                "LOCAL",
+                "-j",
+                "CNI-HOSTPORT-DNAT",
+            ],
+        )?;
+    }
+    nat(
+        ns,
+        v6,
+        &[
+            "-I",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "CNI portfwd requiring masquerade",
+            "-j",
+            "CNI-HOSTPORT-MASQ",
+        ],
+    )
+}
+
+/// The portmap plugin's rules for `hp` of `pod`, on `node`, both families.
+pub(crate) fn install_host_port(node: &Node, pod: &Pod, hp: &HostPort) -> Result<()> {
+    bridge_netfilter(node)?;
+    let ns = &node.netns;
+    let proto = hp.protocol.iptables();
+    let host_port = hp.host_port.to_string();
+    for ip in pod.ips() {
+        let v6 = ip.is_ipv6();
+        portmap_base(ns, v6)?;
+        let chain = format!(
+            "CNI-DN-{}",
+            chain_hash(&format!("{}/{}/{proto}", pod.name, hp.host_port))
+        );
+        nat(ns, v6, &["-N", &chain])?;
+        nat(
+            ns,
+            v6,
+            &[
+                "-A",
+                "CNI-HOSTPORT-DNAT",
+                "-p",
+                proto,
+                "-m",
+                "comment",
+                "--comment",
+                &format!("dnat name: \"cbr0\" id: \"{}\"", pod.name),
+                "-m",
+                "multiport",
+                "--dports",
+                &host_port,
+                "-j",
+                &chain,
+            ],
+        )?;
+        let loopback = if v6 { "::1/128" } else { "127.0.0.1/32" };
+        for source in [host(ip), loopback.to_owned()] {
+            nat(
+                ns,
+                v6,
+                &[
+                    "-A",
+                    &chain,
+                    "-s",
+                    &source,
+                    "-p",
+                    proto,
+                    "-m",
+                    proto,
+                    "--dport",
+                    &host_port,
+                    "-j",
+                    "CNI-HOSTPORT-SETMARK",
+                ],
+            )?;
+        }
+        nat(
+            ns,
+            v6,
+            &[
+                "-A",
+                &chain,
+                "-p",
+                proto,
+                "-m",
+                proto,
+                "--dport",
+                &host_port,
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &socket(ip, hp.container_port),
+            ],
+        )?;
+    }
+    // The plugin lets 127.0.0.1 be DNATed out of the host interface.
+    let host_if = node.bridge.as_deref().unwrap_or(&pod.host_if);
+    ns.sysctl(&format!("net.ipv4.conf.{host_if}.route_localnet"), "1")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_fit_iptables_and_differ() {
+        let a = format!("KUBE-SVC-{}", chain_hash("ns/a:p80/tcp"));
+        let b = format!("KUBE-SVC-{}", chain_hash("ns/b:p80/tcp"));
+        assert_ne!(a, b);
+        assert!(a.len() <= 28, "{a}");
+        assert_eq!(chain_hash("x"), chain_hash("x"));
+    }
+
+    #[test]
+    fn a_dual_stack_service_has_one_slice_per_family() {
+        let mut svc = NodePortService::tcp("ray", "head", 8265, 30265);
+        svc.cluster_ips = vec![
+            "10.96.5.1".parse().unwrap(),
+            "fd00:10:96::5:1".parse().unwrap(),
+        ];
+        svc.endpoints.push(Endpoint {
+            namespace: "ray".into(),
+            pod: "head".into(),
+            node: 0,
+            ips: vec![
+                "10.244.0.10".parse().unwrap(),
+                "fd00:10:244::a".parse().unwrap(),
+            ],
+        });
+        let docs = svc.manifests(&|n| format!("node-{n}"));
+        assert_eq!(docs.len(), 3);
+        assert_eq!(docs[0]["spec"]["ports"][0]["nodePort"], 30265);
+        assert_eq!(docs[0]["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        assert_eq!(docs[1]["addressType"], "IPv4");
+        assert_eq!(docs[1]["endpoints"][0]["addresses"], json!(["10.244.0.10"]));
+        assert_eq!(
+            docs[2]["endpoints"][0]["addresses"],
+            json!(["fd00:10:244::a"])
+        );
+        assert_eq!(docs[2]["endpoints"][0]["nodeName"], "node-0");
+    }
+}
