@@ -42,8 +42,9 @@ enum Task {
     /// Setup, check formatting, then run every test of the workspace (as root).
     ///
     /// As root because the eBPF and network namespace tests load programs and
-    /// create namespaces. Runs `cargo test --workspace` (the eBPF crate left out:
-    /// the agent's build embeds it) with the arguments given.
+    /// create namespaces. Runs xtask's own tests (`cargo test -p xtask`), then
+    /// `cargo test --workspace` for the rest (the eBPF crate left out: the agent's
+    /// build embeds it) with the arguments given.
     #[command(
         override_usage = "cargo xtask test [CARGO_TEST_ARGS]... [-- TEST_ARGS...]",
         after_help = "Examples:\n  \
@@ -167,9 +168,22 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     setup::require_kubectl()?;
     say("checking formatting");
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    // A cargo invocation of their own: xtask's dependencies (cargo_metadata turns on
+    // serde_json's unbounded_depth) would change the features, hence the builds, of
+    // nearly every other crate in a --workspace one. They take no arguments: a
+    // filter or flag for the workspace's tests may not apply to them.
+    say("running xtask's own tests");
+    run(cargo().args(["test", "--package", "xtask"]))?;
     say("running the tests");
     run(cargo()
-        .args(["test", "--workspace", "--exclude", "rayfence-ebpf"])
+        .args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "rayfence-ebpf",
+            "--exclude",
+            "xtask",
+        ])
         .args(cargo_args)
         .args(after_separator(test_args)))
 }
