@@ -24,5 +24,13 @@ fn main() -> anyhow::Result<()> {
         root_dir: root_dir.as_str(),
         ..Default::default()
     };
+    // aya-build passes every line the nested cargo writes to stderr on as a
+    // `cargo::warning`, and cargo repeats those on every later command: quiet
+    // leaves only what matters there (errors; the compiler's own diagnostics come
+    // through its JSON messages either way).
+    if std::env::var_os("CARGO_TERM_QUIET").is_none() {
+        // SAFETY: the build script is single-threaded here.
+        unsafe { std::env::set_var("CARGO_TERM_QUIET", "true") };
+    }
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN))
 }

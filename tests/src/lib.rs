@@ -11,6 +11,8 @@
 //! - [`kubelet`]: kubelet-style pod cgroup trees (systemd and cgroupfs drivers) and
 //!   hostNetwork pods (a pod cgroup, the node's network namespace).
 //! - [`cgroup`]: `TestCgroup` / `PodCgroup` under the cgroup2 mount.
+//! - [`bpffs`]: pin directories under `/sys/fs/bpf`, mounting the bpf filesystem
+//!   there first when the machine has none.
 //! - [`sweep`]: removing what a SIGKILLed run left behind (explicit call).
 //! - [`fake_api`]: `FakeApiServer`, a fake Kubernetes API server speaking real HTTP
 //!   list and watch, for the agent's kube-rs client path.
@@ -46,6 +48,7 @@
 //! firewall: every link is created directly inside namespaces this crate made.
 
 pub mod agent_bin;
+pub mod bpffs;
 pub mod cgroup;
 pub mod demo;
 pub mod fake_api;

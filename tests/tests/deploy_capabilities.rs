@@ -6,7 +6,8 @@
 //! kernel accepts in their place) it must fail to load its programs.
 //!
 //! And `rayfence cleanup` with the cleanup DaemonSet's capabilities removes the
-//! pins an agent left. Needs root, bpffs at /sys/fs/bpf and util-linux `setpriv`.
+//! pins an agent left. Needs root and util-linux `setpriv`; mounts bpffs at
+//! /sys/fs/bpf when the machine has none (the DaemonSet gets the host's).
 mod deploy_common;
 
 use std::io::{Read as _, Write as _};
@@ -70,6 +71,7 @@ fn start(caps: &[String], tag: &str) -> Result<(Started, u16)> {
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: a}\n",
     )?;
     let bpffs = PathBuf::from("/sys/fs/bpf").join(&tag);
+    rayfence_tests::bpffs::ensure_mounted(&bpffs)?;
     let log = std::env::temp_dir().join(format!("{tag}.log"));
     let port = free_port()?;
     let bounding = format!("-all,{}", caps.join(","));

@@ -320,6 +320,7 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
     let kubeconfig = std::env::temp_dir().join(format!("{tag}.kubeconfig"));
     std::fs::write(&kubeconfig, server.kubeconfig_yaml())?;
     let bpffs = std::path::Path::new("/sys/fs/bpf").join(&tag);
+    rayfence_tests::bpffs::ensure_mounted(&bpffs)?;
     let log = std::env::temp_dir().join(format!("{tag}.log"));
 
     let mut env = agent_environment(&docs, ds);

@@ -1,14 +1,16 @@
 //! Installs what building and testing rayfence needs, idempotently: each step checks
-//! first and says what it does. Versions are pinned here and nowhere else (the agent's
-//! build.rs names the same eBPF nightly).
+//! first and says what it does. The host toolchain is the one rust-toolchain.toml
+//! pins; the other versions are pinned here and nowhere else (the agent's build.rs
+//! names the same eBPF nightly).
 use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{cargo, run, say};
+use crate::{cargo, nested, run, say};
 
-/// Host toolchain for every crate but the eBPF one (aya 0.16 needs Rust >= 1.98).
-pub const HOST_TOOLCHAIN: &str = "1.99.0";
+/// What xtask uses of the host toolchain (rust-toolchain.toml lists them as well, so
+/// rustup installs them with it).
+const HOST_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 /// eBPF toolchain: its LLVM major (22) must match bpf-linker's LLVM.
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -18,15 +20,52 @@ const LLVM_MAJOR: &str = "22";
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "iptables"];
 
 pub fn ensure_all() -> Result<()> {
-    ensure_toolchain(HOST_TOOLCHAIN, &["rustfmt", "clippy"])?;
+    let host = ensure_host_toolchain()?;
     ensure_toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
     say(&format!(
-        "prerequisites in place: Rust {HOST_TOOLCHAIN}, {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}",
+        "prerequisites in place: Rust {host} (rust-toolchain.toml), {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}",
         APT_PACKAGES.join(", ")
     ));
     Ok(())
+}
+
+/// The toolchain rust-toolchain.toml pins, with [`HOST_COMPONENTS`]. rustup installs
+/// it on first use (that is how `cargo xtask` itself got built), unless
+/// `RUSTUP_AUTO_INSTALL=0` or `cargo +other xtask` chose another one; then
+/// `rustup toolchain install` (no argument: the file's toolchain) does it here.
+fn ensure_host_toolchain() -> Result<String> {
+    output("rustup", &["--version"]).context("rustup is needed: https://rustup.rs")?;
+    let host = match active_toolchain() {
+        Some(host) => host,
+        None => {
+            say("installing the Rust toolchain rust-toolchain.toml pins");
+            run(nested("rustup").args(["toolchain", "install"]))?;
+            active_toolchain()
+                .context("rustup installed no toolchain for this workspace (rust-toolchain.toml)")?
+        }
+    };
+    ensure_components(&host, HOST_COMPONENTS)?;
+    Ok(host)
+}
+
+/// The toolchain rustup picks at the workspace root, if installed (asked without
+/// installing it: `rustup show active-toolchain` fails for a missing one).
+fn active_toolchain() -> Option<String> {
+    let out = nested("rustup")
+        .args(["show", "active-toolchain"])
+        .env("RUSTUP_AUTO_INSTALL", "0")
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    // "1.99.0-x86_64-unknown-linux-gnu (overridden by '.../rust-toolchain.toml')"
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_owned)
 }
 
 /// The deploy tests render the manifests with `kubectl kustomize`. kubectl is part
@@ -65,6 +104,10 @@ fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result<()> {
             "minimal",
         ]))?;
     }
+    ensure_components(toolchain, components)
+}
+
+fn ensure_components(toolchain: &str, components: &[&str]) -> Result<()> {
     let have = output(
         "rustup",
         &["component", "list", "--installed", "--toolchain", toolchain],
@@ -124,7 +167,7 @@ fn ensure_bpf_linker() -> Result<()> {
     say(&format!(
         "building bpf-linker {BPF_LINKER_VERSION} against LLVM {LLVM_MAJOR} (about 2 minutes)"
     ));
-    run(cargo(HOST_TOOLCHAIN)
+    run(cargo()
         .args([
             "install",
             "--locked",

@@ -3,14 +3,14 @@
 //! mirror rebuilt from what the maps hold, so the first apply after a restart is a
 //! diff, not a flush and refill.
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
 use aya::programs::{CgroupSkb, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use rayfence_common::{Addr, EndpointInfo, NodePortKey, PolicyKey, PolicyValue, map_names};
 
-use super::{Attachments, Datapath, DatapathError, NodeTrust, codec, paths};
+use super::{Attachments, Datapath, DatapathError, NodeTrust, bpffs, codec, paths};
 use crate::tables::Tables;
 
 /// The compiled programs (built by agent/build.rs).
@@ -158,7 +158,7 @@ impl Datapath {
             }
         };
         if let Some(dir) = &options.bpffs_dir {
-            ensure_bpffs(dir)?;
+            bpffs::ensure_mounted(dir)?;
             for sub in [paths::maps_dir(dir), paths::links_dir(dir)] {
                 std::fs::create_dir_all(&sub)
                     .map_err(|source| DatapathError::io("creating", &sub, source))?;
@@ -358,65 +358,6 @@ impl Datapath {
         &mut self.ebpf
     }
 }
-
-/// `BPF_FS_MAGIC` from linux/magic.h.
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
-fn is_bpffs(path: &Path) -> Result<bool, DatapathError> {
-    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|e| DatapathError::io("checking", path, std::io::Error::other(e)))?;
-    // SAFETY: a zeroed statfs is a valid out-buffer; the path is NUL-terminated.
-    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
-        return Err(DatapathError::io(
-            "checking",
-            path,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(stat.f_type as i64 == BPF_FS_MAGIC)
-}
-
-/// Pins need a bpf filesystem. Its usual mount point, `/sys/fs/bpf`, is mounted
-/// here when a node has none (as Cilium does); anywhere else the caller must mount
-/// it.
-fn ensure_bpffs(dir: &Path) -> Result<(), DatapathError> {
-    let Some(existing) = dir.ancestors().find(|path| path.exists()) else {
-        return Err(DatapathError::NotBpffs {
-            path: dir.to_owned(),
-        });
-    };
-    if is_bpffs(existing)? {
-        return Ok(());
-    }
-    let standard = Path::new(paths::BPFFS_MOUNT);
-    if existing == standard {
-        // SAFETY: NUL-terminated literals; mounting a fresh bpffs instance.
-        let rc = unsafe {
-            libc::mount(
-                c"bpffs".as_ptr(),
-                c"/sys/fs/bpf".as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
-            )
-        };
-        if rc != 0 {
-            return Err(DatapathError::io(
-                "mounting bpffs on",
-                standard,
-                std::io::Error::last_os_error(),
-            ));
-        }
-        tracing::info!(path = %standard.display(), "mounted the bpf filesystem");
-        return Ok(());
-    }
-    Err(DatapathError::NotBpffs {
-        path: dir.to_owned(),
-    })
-}
-
 /// An object copied to 8-byte aligned memory, as the ELF parser wants it.
 struct Aligned {
     words: Vec<u64>,

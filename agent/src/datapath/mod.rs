@@ -3,6 +3,8 @@
 //!
 //! The only module that uses aya. It knows nothing of Kubernetes.
 //!
+//! - [`bpffs`]: the bpf filesystem under the pins (mounted at /sys/fs/bpf when
+//!   missing).
 //! - [`load`]: load the object, size and pin (or adopt) the maps, rebuild the
 //!   userspace mirror from what the maps hold.
 //! - [`attach`]: TCX (clsact before Linux 6.6) on a pod's host veth, cgroup_skb on
@@ -16,6 +18,7 @@
 //! - [`cleanup`]: remove everything pinned or attached.
 pub mod apply;
 pub mod attach;
+pub mod bpffs;
 pub mod cleanup;
 mod codec;
 pub mod error;

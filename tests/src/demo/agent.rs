@@ -53,8 +53,7 @@ impl Agent {
         cgroup_root: &Path,
         log: &Path,
     ) -> Result<Agent> {
-        std::fs::create_dir_all(bpffs)
-            .with_context(|| format!("creating bpffs dir {}", bpffs.display()))?;
+        crate::bpffs::create_dir(bpffs)?;
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;
         let socket = log.with_extension("sock");

@@ -152,10 +152,12 @@ pub struct Bpffs {
 }
 
 impl Bpffs {
+    /// A fresh name under `/sys/fs/bpf`, with a bpf filesystem mounted there (the
+    /// agent would mount it too, but tests read pins there themselves).
     pub fn new() -> Self {
-        Bpffs {
-            path: PathBuf::from("/sys/fs/bpf").join(unique("test")),
-        }
+        let path = PathBuf::from("/sys/fs/bpf").join(unique("test"));
+        rayfence_tests::bpffs::ensure_mounted(&path).expect("a bpf filesystem at /sys/fs/bpf");
+        Bpffs { path }
     }
 }
 
