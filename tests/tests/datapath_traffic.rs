@@ -366,12 +366,25 @@ fn enforces_tcp_udp_and_icmp(layout: Layout, hook: HookKind) -> Result<()> {
         assert_eq!(pings, 1, "echo requests dropped");
     }
 
-    // The node (kubelet probes) always gets through, uncounted.
     let node = topo.node(0);
-    let drops_before = scenario.counters();
-    assert_eq!(node.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
-    assert_eq!(node.tcp_connect(worker.ip6.into(), 7000, OK), Outcome::Ok);
-    assert_eq!(scenario.counters(), drops_before);
+    if hook == HookKind::Tc {
+        // The node's own processes (kubelet probes) always get through, uncounted.
+        let drops_before = scenario.counters();
+        assert_eq!(node.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
+        assert_eq!(node.tcp_connect(worker.ip6.into(), 7000, OK), Outcome::Ok);
+        assert_eq!(scenario.counters(), drops_before);
+    } else {
+        // Inside the pod's own namespace a node address cannot be told from what
+        // the node forwards: only an address, so no rule here lets it in
+        // (SEMANTICS 5a, docs/semantics.md "What counts as the node").
+        let before = scenario.packets(Direction::Ingress, Verdict::Drop, Reason::NoPolicy);
+        let probe = node.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP);
+        assert!(probe.is_blocked(), "{probe:?}");
+        assert_eq!(
+            scenario.packets(Direction::Ingress, Verdict::Drop, Reason::NoPolicy),
+            before + 1
+        );
+    }
     Ok(())
 }
 
