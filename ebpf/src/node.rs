@@ -162,20 +162,7 @@ impl NodePeer {
 #[inline(never)]
 pub fn classify(skb: Skb, key: &CtKey, origin: Direction, direction: Direction) -> NodePeer {
     if origin == Direction::Egress {
-        let port = NodePortKey {
-            protocol: key.protocol,
-            _pad: 0,
-            port: key.peer_port,
-        };
-        // SAFETY: plain data, copied out.
-        return match unsafe { maps::NODE_PORTS.get(&port) } {
-            Some(id) => NodePeer::Peer {
-                exact: *id,
-                addr: key.peer,
-                by_address: false,
-            },
-            None => NodePeer::Node,
-        };
+        return node_port(key).unwrap_or(NodePeer::Node);
     }
     if direction == Direction::Ingress {
         // Sent from the node side: a locally generated packet still has its socket.
@@ -220,6 +207,23 @@ pub fn classify(skb: Skb, key: &CtKey, origin: Direction, direction: Direction) 
     }
     // Neither a socket of the node nor a NAT record: not the node's own.
     NodePeer::address(key.peer)
+}
+
+/// Egress to the node's address on a port it DNATs (or a hostNetwork pod serves):
+/// decided on the port's identity alone, no ipBlock matches it.
+#[inline(always)]
+pub fn node_port(key: &CtKey) -> Option<NodePeer> {
+    let port = NodePortKey {
+        protocol: key.protocol,
+        _pad: 0,
+        port: key.peer_port,
+    };
+    // SAFETY: plain data, copied out.
+    unsafe { maps::NODE_PORTS.get(&port) }.map(|id| NodePeer::Peer {
+        exact: *id,
+        addr: key.peer,
+        by_address: false,
+    })
 }
 
 /// The deepest registered cgroup at or above the sending socket's: a hostNetwork

@@ -273,8 +273,12 @@ fn deny_peer(this: &Current, key: &CtKey, peer: &Addr) -> bool {
 #[inline(always)]
 fn peer(skb: Skb, layer: Layer, key: &CtKey, origin: Direction, direction: Direction) -> NodePeer {
     match ident::exact(&key.peer) {
-        // The cgroup hook, in the pod's namespace, cannot see who it is.
-        Some(identity::HOST) if layer == Layer::L3 => NodePeer::address(key.peer),
+        // The cgroup hook, in the pod's namespace, cannot see who it is: only its
+        // node ports (compiled, not seen) are still decided on their backends.
+        Some(identity::HOST) if layer == Layer::L3 => match origin {
+            Direction::Egress => node::node_port(key).unwrap_or(NodePeer::address(key.peer)),
+            Direction::Ingress => NodePeer::address(key.peer),
+        },
         Some(identity::HOST) => node::classify(skb, key, origin, direction),
         exact => NodePeer::Peer {
             exact: exact.unwrap_or(identity::NONE),
