@@ -3,6 +3,12 @@
 //! call, the kernel's own timing), a dropped packet, a reply (conntrack hit), and
 //! the pass-through `tc_floor` classifier on the same hook as the floor.
 //!
+//! What counts as the node (SEMANTICS 5a) adds three rows at every size: `node-new`
+//! (a new flow from a node address: the test run's packet carries a socket, of a host
+//! process, so it is classified and opened as the node's), `node-established`
+//! (that flow's later packets: the ordinary conntrack hit), and `node-port-new` (a
+//! new egress flow to a node address on a node port, decided on its identity).
+//!
 //! Rows: `<kind> <entries> entries <ns> ns`, `floor <ns> ns` (repeated runs, like
 //! drop and reply) and `floor-single <ns> ns` (one run per call, like allow-new and
 //! drop-single: a new flow cannot be repeated, and a single run pays the per-call
@@ -23,6 +29,9 @@ use rayfence_common::Direction;
 const EP: u32 = 1;
 const POLICY: u32 = 1;
 const POD: &str = "10.0.0.7";
+const NODE: &str = "10.0.0.1";
+const NODE_PORT: u16 = 30080;
+const NODE_PORT_ID: u32 = 900;
 const REPEAT: u32 = 200_000;
 const NEW_FLOWS: u32 = 20_000;
 
@@ -55,6 +64,35 @@ fn tables(entries: u32) -> Tables {
         ));
     }
     tables
+        .addresses
+        .insert(NODE.parse().expect("node address"), rayfence_common::identity::HOST);
+    tables.node_ports.insert(
+        rayfence::tables::NodePort {
+            protocol: protocol::TCP,
+            port: NODE_PORT,
+        },
+        NODE_PORT_ID,
+    );
+    tables.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Egress,
+        NODE_PORT_ID,
+        protocol::TCP,
+        NODE_PORT,
+        NODE_PORT,
+    ));
+    tables
+}
+
+/// Mean single-run time of new flows built by `frame` (one per source port).
+fn new_node_flows(datapath: &Datapath, hook: Hook, frame: impl Fn(u16) -> Vec<u8>) -> Result<f64> {
+    let mut total = 0.0;
+    for flow in 0..NEW_FLOWS {
+        let outcome = datapath.test_run(hook, &frame(1024 + flow as u16), 1)?;
+        ensure!(outcome.passed, "node flow {flow} dropped");
+        total += ns(outcome.duration);
+    }
+    Ok(total / f64::from(NEW_FLOWS))
 }
 
 fn load(entries: u32) -> Result<Datapath> {
@@ -141,6 +179,17 @@ fn main() -> Result<()> {
         let reply = packet::tcp(POD, 8080, &last, 999);
         let reply_ns = repeated(&datapath, Hook::TcIngress, &reply, true)?;
         println!("reply {entries} entries {reply_ns:.1} ns");
+        let node_new = new_node_flows(&datapath, Hook::TcEgress, |port| {
+            packet::tcp(NODE, port, POD, 10250)
+        })?;
+        println!("node-new {entries} entries {node_new:.1} ns");
+        let probe = packet::tcp(NODE, 1024, POD, 10250);
+        let node_established = repeated(&datapath, Hook::TcEgress, &probe, true)?;
+        println!("node-established {entries} entries {node_established:.1} ns");
+        let node_port_new = new_node_flows(&datapath, Hook::TcIngress, |port| {
+            packet::tcp(POD, port, NODE, NODE_PORT)
+        })?;
+        println!("node-port-new {entries} entries {node_port_new:.1} ns");
     }
     if let Some((repeated, single)) = floor {
         println!("floor {repeated:.1} ns");
