@@ -359,7 +359,7 @@ impl Endpoints {
                 match &state {
                     EndpointState::Tc { ifindex, interface } => tracing::info!(
                         pod = %pod, endpoint = d.id, hook = "tc", interface = %interface, ifindex = *ifindex,
-                        via = ?location.host_interface.as_ref().map(|h| h.via), adopted, latency_ms,
+                        via = location.host_interface.as_ref().map(|h| tracing::field::display(h.via)), adopted, latency_ms,
                         "endpoint attached"
                     ),
                     EndpointState::Cgroup { cgroup_id } => tracing::info!(

@@ -139,7 +139,7 @@ impl Runtime {
         let datapath = Datapath::load(&config.datapath).map_err(RuntimeError::Datapath)?;
         let adopted = datapath.attachments().len();
         tracing::info!(
-            bpffs = ?config.datapath.bpffs_dir,
+            bpffs = config.datapath.bpffs_dir.as_deref().map(|p| tracing::field::display(p.display())),
             adopted_endpoints = adopted,
             adopted_rows = datapath.tables().policy.len(),
             "datapath loaded"
@@ -381,7 +381,7 @@ impl Runtime {
             })
             .inc();
         if self.synced.insert(kind) {
-            tracing::info!(kind = ?kind, objects = objects.len(), "first full sync of a kind");
+            tracing::info!(kind = %kind, objects = objects.len(), "first full sync of a kind");
         }
     }
 
@@ -403,7 +403,7 @@ impl Runtime {
                 "unreachable"
             }
             SourceStatus::KindMissing { kind, error } => {
-                tracing::warn!(kind = ?kind, %error, "a kind is not served yet; waiting for it");
+                tracing::warn!(kind = %kind, %error, "a kind is not served yet; waiting for it");
                 "kind-missing"
             }
         };
@@ -482,8 +482,8 @@ impl Runtime {
             }
             Err(error) => {
                 self.health.metrics.error("apply");
-                tracing::error!(%error, source = ?std::error::Error::source(&error).map(|s| s.to_string()),
-                    fail_closed = ?self.datapath.fail_closed(),
+                tracing::error!(%error, source = std::error::Error::source(&error).map(tracing::field::display),
+                    fail_closed = %crate::logging::list(self.datapath.fail_closed()),
                     "applying the policy failed; affected endpoints stay fail-closed, retrying");
                 self.needs_full_apply = true;
                 false
@@ -523,7 +523,7 @@ impl Runtime {
         addresses.sort();
         addresses.dedup();
         if addresses != self.engine.settings().node_addresses {
-            tracing::info!(addresses = ?addresses, "node addresses");
+            tracing::info!(addresses = %crate::logging::list(&addresses), "node addresses");
             self.engine.set_node_addresses(addresses);
         }
     }
