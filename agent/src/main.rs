@@ -21,9 +21,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use rayfence::cli::{self, DEFAULT_API_SOCKET, Output};
-use rayfence::logging::{LogConfig, LogFormat, LogLevel};
 use rayfence::datapath::{self, Capacities, DatapathOptions, paths::DEFAULT_BPFFS_DIR};
 use rayfence::discovery::LocatorConfig;
+use rayfence::logging::{LogConfig, LogFormat, LogLevel};
 use rayfence::policy::selector::Selector;
 use rayfence::policy::{DnsMode, Settings};
 use rayfence::runtime::api::QueryClient;
@@ -832,7 +832,13 @@ mod tests {
         let mut command = Cli::command();
         let explain = command.find_subcommand_mut("explain").expect("explain");
         let help = explain.render_long_help().to_string();
-        for needle in ["Exit status", "0  allowed", "1  denied", "2  error", "3  unknown"] {
+        for needle in [
+            "Exit status",
+            "0  allowed",
+            "1  denied",
+            "2  error",
+            "3  unknown",
+        ] {
             assert!(help.contains(needle), "{needle}: {help}");
         }
     }
@@ -860,6 +866,9 @@ mod tests {
             .expect("status")
             .render_help()
             .to_string();
-        assert!(help.contains("--output") && !help.contains("--json"), "{help}");
+        assert!(
+            help.contains("--output") && !help.contains("--json"),
+            "{help}"
+        );
     }
 }

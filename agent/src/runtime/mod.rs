@@ -139,7 +139,11 @@ impl Runtime {
         let datapath = Datapath::load(&config.datapath).map_err(RuntimeError::Datapath)?;
         let adopted = datapath.attachments().len();
         tracing::info!(
-            bpffs = config.datapath.bpffs_dir.as_deref().map(|p| tracing::field::display(p.display())),
+            bpffs = config
+                .datapath
+                .bpffs_dir
+                .as_deref()
+                .map(|p| tracing::field::display(p.display())),
             adopted_endpoints = adopted,
             adopted_rows = datapath.tables().policy.len(),
             "datapath loaded"

@@ -361,7 +361,10 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
 /// A watcher that sends `()` on every change in `config.dir`: inotify when it can
 /// be had (unless `config.watch` says poll), else the poll watcher; `None` (with
 /// a warning) when neither works, leaving the periodic rescan.
-fn watch(config: &FilesConfig, notices: std_mpsc::Sender<()>) -> Option<Box<dyn notify::Watcher + Send>> {
+fn watch(
+    config: &FilesConfig,
+    notices: std_mpsc::Sender<()>,
+) -> Option<Box<dyn notify::Watcher + Send>> {
     let handler = move |event: notify::Result<notify::Event>| {
         // Opening and reading (the rescan's own, too) change nothing; a closed
         // write does. An error from the watcher: rescan to be sure.
@@ -388,9 +391,10 @@ fn watch(config: &FilesConfig, notices: std_mpsc::Sender<()>) -> Option<Box<dyn 
         return Some(Box::new(watcher));
     }
     let poll = notify::Config::default().with_poll_interval(config.poll);
-    match notify::PollWatcher::new(handler, poll)
-        .and_then(|mut w| w.watch(&config.dir, RecursiveMode::NonRecursive).map(|()| w))
-    {
+    match notify::PollWatcher::new(handler, poll).and_then(|mut w| {
+        w.watch(&config.dir, RecursiveMode::NonRecursive)
+            .map(|()| w)
+    }) {
         Ok(watcher) => Some(Box::new(watcher)),
         Err(error) => {
             tracing::warn!(dir = %config.dir.display(), %error, resync_ms = config.resync.as_millis(), "no watch on the manifests directory; rescanning it periodically");
@@ -451,7 +455,10 @@ mod tests {
     fn a_syntax_error_names_the_line_too() {
         let e = parse("apiVersion: v1\nkind: Pod\nmetadata: [oops\n").expect_err("bad yaml");
         let text = e.to_string();
-        assert!(text.contains("document 0") && text.contains("line "), "{text}");
+        assert!(
+            text.contains("document 0") && text.contains("line "),
+            "{text}"
+        );
     }
 
     /// A temporary manifests directory, removed on drop.
