@@ -86,8 +86,9 @@ pub enum FilesError {
         /// Counted from 0; empty documents are not counted.
         document: usize,
         line: Option<u64>,
+        /// Boxed: the parser's error is large, and every `Result` here carries it.
         #[source]
-        source: serde_saphyr::Error,
+        source: Box<serde_saphyr::Error>,
     },
     #[error("{path}: document {document}: {kind} {name:?}: {source}")]
     Object {
@@ -230,7 +231,7 @@ pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, FilesErro
             path: path.to_owned(),
             document,
             line: source.location().map(|l| l.line()),
-            source,
+            source: Box::new(source),
         })?;
         if !value.is_null() {
             collect(path, document, value, &mut objects)?;
