@@ -111,6 +111,13 @@ enum Command {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
     },
+    /// Print the manual page rayfence(1) (`rayfence man | man -l -`), or write one
+    /// page per command with --dir.
+    Man {
+        /// Write rayfence.1 and rayfence-COMMAND.1 for every command into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// `-o` (and `--json`, kept for scripts written before `-o`).
@@ -441,6 +448,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "rayfence", &mut script);
             cli::out(&String::from_utf8_lossy(&script))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            match dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("--dir {}", dir.display()))?,
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(Cli::command())
+                        .render(&mut page)
+                        .context("rendering the manual page")?;
+                    cli::out(&String::from_utf8_lossy(&page))?;
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {

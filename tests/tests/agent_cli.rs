@@ -263,3 +263,33 @@ fn help_names_every_output_format_and_explain_its_exit_status() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn man_prints_the_page_and_writes_one_per_command() -> Result<()> {
+    let (code, out, err) = rayfence(&["man"], &[])?;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(".TH rayfence 1"),
+        "{}",
+        &out[..out.len().min(200)]
+    );
+    assert!(
+        out.contains("explain") && out.contains("completion"),
+        "{out}"
+    );
+
+    let dir = std::env::temp_dir().join(format!("rf-man-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (code, _, err) = rayfence(&["man", "--dir", dir.to_str().context("utf-8")?], &[])?;
+    let explain = std::fs::read_to_string(dir.join("rayfence-explain.1"));
+    let agent = std::fs::read_to_string(dir.join("rayfence-agent.1"));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(code, Some(0), "{err}");
+    let (explain, agent) = (explain?, agent?);
+    assert!(
+        explain.contains("Exit status") && explain.contains("\\-\\-manifests"),
+        "{explain}"
+    );
+    assert!(agent.contains("\\-\\-log\\-level"), "{agent}");
+    Ok(())
+}
