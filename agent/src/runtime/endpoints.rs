@@ -184,7 +184,8 @@ impl Endpoints {
             self.cgroup_since.remove(&id);
             if let Some((pod, state)) = self.states.remove(&id) {
                 detach(datapath, id, &pod, health);
-                tracing::info!(pod = %pod, endpoint = id, was = ?state, "endpoint removed");
+                let was = state.labels();
+                tracing::info!(pod = %pod, endpoint = id, hook = %was.hook, was = %was.state, "endpoint removed");
             }
         }
 
@@ -364,7 +365,7 @@ impl Endpoints {
                     ),
                     EndpointState::Cgroup { cgroup_id } => tracing::info!(
                         pod = %pod, endpoint = d.id, hook = "cgroup", cgroup_id = *cgroup_id,
-                        cgroup = ?location.cgroup.as_ref().map(|c| c.path.display().to_string()), adopted, latency_ms,
+                        cgroup = location.cgroup.as_ref().map(|c| tracing::field::display(c.path.display())), adopted, latency_ms,
                         "endpoint attached"
                     ),
                     EndpointState::NotEnforced { reason } => tracing::info!(
