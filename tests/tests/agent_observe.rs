@@ -387,7 +387,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
             &to_head,
         ],
     )?;
-    let as_yaml: ExplainReport = serde_saphyr::from_str(&out).context(out.clone())?;
+    let as_yaml: ExplainReport = serde_norway::from_str(&out).context(out.clone())?;
     ensure!(code == Some(1) && as_yaml == denied, "{code:?} {out}");
     let (code, out, _) = agent.command_status(
         topo.node(0),
@@ -477,7 +477,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
 
     // Status as YAML (the same report) and wide (a column per field).
     let (ok, out, err) = agent.command(topo.node(0), &["status", "-o", "yaml"])?;
-    let as_yaml: StatusReport = serde_saphyr::from_str(&out).context(out.clone())?;
+    let as_yaml: StatusReport = serde_norway::from_str(&out).context(out.clone())?;
     ensure!(ok && as_yaml.node == NODE, "{err}");
     endpoint(&as_yaml, "head")?;
     let (ok, out, err) = agent.command(topo.node(0), &["status", "-o", "wide"])?;

@@ -110,7 +110,7 @@ fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
 }
 
 fn yaml<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
-    serde_saphyr::to_string(value).context("writing YAML")
+    serde_norway::to_string(value).context("writing YAML")
 }
 
 /// Asks the running agent and prints the answer (a closed stdout is not an error

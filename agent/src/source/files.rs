@@ -83,12 +83,11 @@ pub enum FilesError {
     #[error("{path}: document {document}{}: not valid YAML/JSON", at_line(*.line))]
     Syntax {
         path: PathBuf,
-        /// Counted from 0; empty documents are not counted.
+        /// Counted from 0.
         document: usize,
-        line: Option<u64>,
-        /// Boxed: the parser's error is large, and every `Result` here carries it.
+        line: Option<usize>,
         #[source]
-        source: Box<serde_saphyr::Error>,
+        source: serde_norway::Error,
     },
     #[error("{path}: document {document}: {kind} {name:?}: {source}")]
     Object {
@@ -101,7 +100,7 @@ pub enum FilesError {
     },
 }
 
-fn at_line(line: Option<u64>) -> String {
+fn at_line(line: Option<usize>) -> String {
     line.map(|l| format!(" (line {l})")).unwrap_or_default()
 }
 
@@ -213,29 +212,27 @@ pub fn read_file(path: &Path) -> Result<Vec<Object>, FilesError> {
 
 /// Every object of a kind the agent reads in `text` (YAML, multi-document, or JSON).
 pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, FilesError> {
-    // The parser's budget guards against alias bombs; its caps on documents and
-    // nodes per stream are raised to fit `kubectl get -A -o yaml` of a big cluster.
-    let options = serde_saphyr::options! {
-        budget: serde_saphyr::budget! {
-            max_reader_input_bytes: None,
-            max_documents: 1_000_000,
-            max_nodes: 100_000_000,
-            max_events: 100_000_000,
-        },
-    };
+    use serde::Deserialize as _;
     let mut objects = Vec::new();
-    let mut input = text.as_bytes();
-    let documents = serde_saphyr::read_with_options::<_, serde_json::Value>(&mut input, options);
-    for (document, value) in documents.enumerate() {
-        let value = value.map_err(|source| FilesError::Syntax {
+    for (document, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = serde_norway::Value::deserialize(de).map_err(|source| FilesError::Syntax {
             path: path.to_owned(),
             document,
             line: source.location().map(|l| l.line()),
-            source: Box::new(source),
+            source,
         })?;
-        if !value.is_null() {
-            collect(path, document, value, &mut objects)?;
+        if value.is_null() {
+            continue;
         }
+        // Through YAML's own value first: its non-string keys become JSON strings.
+        let json = serde_json::to_value(&value).map_err(|source| FilesError::Object {
+            path: path.to_owned(),
+            document,
+            kind: String::new(),
+            name: String::new(),
+            source,
+        })?;
+        collect(path, document, json, &mut objects)?;
     }
     Ok(objects)
 }
@@ -450,6 +447,20 @@ mod tests {
         let e = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: 5\n")
             .expect_err("bad pod");
         assert!(e.to_string().contains("document 0"), "{e}");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_stay_strings_as_kubectl_reads_label_values() {
+        let objects = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: y, tier: on, ok: no}}\n",
+        )
+        .expect("parses");
+        let Some(Object::Namespace(ns)) = objects.first() else {
+            panic!("{}", objects.len());
+        };
+        let labels = ns.metadata.labels.clone().unwrap_or_default();
+        let values: Vec<&str> = labels.values().map(String::as_str).collect();
+        assert_eq!(values, ["y", "no", "on"], "{labels:?}");
     }
 
     #[test]

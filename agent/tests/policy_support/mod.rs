@@ -154,17 +154,19 @@ pub fn slice(
 }
 
 pub fn raycluster(yaml: &str) -> RayCluster {
-    serde_saphyr::from_str(yaml).expect("RayCluster YAML")
+    serde_norway::from_str(yaml).expect("RayCluster YAML")
 }
 
 pub fn netpol(yaml: &str) -> NetworkPolicy {
-    serde_saphyr::from_str(yaml).expect("NetworkPolicy YAML")
+    serde_norway::from_str(yaml).expect("NetworkPolicy YAML")
 }
 
 /// Every document of a fixture file, as JSON values.
 pub fn fixture_docs(text: &str) -> Vec<serde_json::Value> {
-    // Empty documents are left out by the parser.
-    serde_saphyr::from_multiple(text).expect("fixture YAML")
+    serde_norway::Deserializer::from_str(text)
+        .map(|d| serde::Deserialize::deserialize(d).expect("fixture YAML"))
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
 }
 
 /// Feeds every document of a fixture (RayCluster, Pod, Namespace, Service, ...).

@@ -57,8 +57,14 @@ pub fn kustomize(dir: &str) -> Result<Vec<Value>> {
 
 /// A multi-document YAML stream as JSON values, empty documents left out.
 pub fn documents(text: &str) -> Result<Vec<Value>> {
-    // The parser leaves empty documents out.
-    serde_saphyr::from_multiple(text).context("parsing YAML")
+    let mut docs = Vec::new();
+    for doc in serde_norway::Deserializer::from_str(text) {
+        let value: Value = serde::Deserialize::deserialize(doc).context("parsing YAML")?;
+        if !value.is_null() {
+            docs.push(value);
+        }
+    }
+    Ok(docs)
 }
 
 /// The one object of `kind` named `name`.
