@@ -63,9 +63,10 @@ fn tables(entries: u32) -> Tables {
             8080,
         ));
     }
-    tables
-        .addresses
-        .insert(NODE.parse().expect("node address"), rayfence_common::identity::HOST);
+    tables.addresses.insert(
+        NODE.parse().expect("node address"),
+        rayfence_common::identity::HOST,
+    );
     tables.node_ports.insert(
         rayfence::tables::NodePort {
             protocol: protocol::TCP,

@@ -111,7 +111,7 @@ spec:
 "#,
         x = c % 200
     );
-    serde_yaml::from_str(&yaml).expect("cluster yaml")
+    serde_norway::from_str(&yaml).expect("cluster yaml")
 }
 
 fn pod_ip(i: usize) -> String {

@@ -14,6 +14,7 @@
 //! - [`api`]: the operator API's wire types (status, explain, flow events).
 //! - [`explain`]: a flow's verdict on each side and the rules that decide it.
 //! - [`cli`]: the operator commands' client side (`status`, `explain`, `flows`).
+//! - [`logging`]: the agent's log (text or JSON lines on stdout, flow events included).
 pub mod api;
 pub mod capabilities;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod crd;
 pub mod datapath;
 pub mod discovery;
 pub mod explain;
+pub mod logging;
 pub mod policy;
 pub mod runtime;
 pub mod serve;

@@ -3,18 +3,27 @@
 //!
 //! Parses every flag once (each has an environment variable too) and fails fast
 //! with a message that names the flag; then wires sources, runtime and HTTP.
+//!
+//! Errors: `Error: ` and the error's chain of causes on one line (no backtrace,
+//! whatever `RUST_BACKTRACE` says), exit status 2 (`cli::exit::ERROR`), the status
+//! clap gives bad arguments too. `explain` exits with its verdict ([`cli::exit`]).
+//! A closed stdout ends a command quietly, with the status it would have had.
+//!
 //! Must not: hold agent logic (that is `rayfence::runtime`).
 use std::collections::BTreeSet;
+use std::io::{IsTerminal as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use rayfence::cli::{self, DEFAULT_API_SOCKET, Output};
 use rayfence::datapath::{self, Capacities, DatapathOptions, paths::DEFAULT_BPFFS_DIR};
 use rayfence::discovery::LocatorConfig;
+use rayfence::logging::{LogConfig, LogFormat, LogLevel};
 use rayfence::policy::selector::Selector;
 use rayfence::policy::{DnsMode, Settings};
 use rayfence::runtime::api::QueryClient;
@@ -40,6 +49,18 @@ struct Cli {
     command: Command,
 }
 
+/// What `rayfence explain --help` says after the flags.
+const EXPLAIN_EXIT_STATUS: &str = "\
+Exit status (as `kubectl auth can-i` gives its answer):
+  0  allowed: every side that is enforced allows the flow (a side rayfence does not
+     isolate, `not-enforced`, lets it pass)
+  1  denied, or audit: the policy denies it and only audit mode lets it through
+     (the status does not change when audit mode is switched off)
+  2  error: bad arguments, no agent, unreadable manifests, ...
+  3  unknown: a side is decided by another node's agent (ask that node, or use
+     --manifests, where every pod counts as local)
+A closed stdout (`| head`) ends the command quietly with the same status.";
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the node agent: watch the cluster (or a manifests directory) and keep
@@ -49,12 +70,12 @@ enum Command {
     Status {
         #[command(flatten)]
         agent: AgentConnection,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Why a flow is allowed or denied, and by which rule, from the same engine the
-    /// datapath's tables come from.
+    /// datapath's tables come from. The exit status is the verdict.
+    #[command(after_help = EXPLAIN_EXIT_STATUS)]
     Explain(Box<ExplainArgs>),
     /// Denied (and audited) flows seen by the agent on this node.
     Flows {
@@ -64,18 +85,19 @@ enum Command {
         #[arg(long, short)]
         follow: bool,
         /// Only `dropped` or only `audit` (would have been dropped).
-        #[arg(long, value_name = "dropped|audit")]
+        #[arg(long, value_parser = ["dropped", "audit"])]
         verdict: Option<String>,
+        /// Only flows of local pods in this namespace.
         #[arg(long, value_name = "NS")]
         namespace: Option<String>,
+        /// Only flows of local pods of this RayCluster.
         #[arg(long, value_name = "NAME")]
         raycluster: Option<String>,
         /// How many recent flows to print first.
         #[arg(long, default_value_t = 100)]
         limit: usize,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: OutputArgs,
     },
     /// Detach every program rayfence attached and remove everything it pinned.
     Cleanup {
@@ -83,6 +105,36 @@ enum Command {
         #[arg(long, value_name = "DIR", env = "RAYFENCE_BPFFS", default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+    /// Print a shell completion script: `source <(rayfence completion bash)`.
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page rayfence(1) (`rayfence man | man -l -`), or write one
+    /// page per command with --dir.
+    Man {
+        /// Write rayfence.1 and rayfence-COMMAND.1 for every command into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// `-o` (and `--json`, kept for scripts written before `-o`).
+#[derive(Args, Debug)]
+struct OutputArgs {
+    /// Output format: table, wide (every field in a column), json or yaml.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+    /// The same as -o json.
+    #[arg(long, hide = true, conflicts_with = "output")]
+    json: bool,
+}
+
+impl OutputArgs {
+    fn format(&self) -> Output {
+        if self.json { Output::Json } else { self.output }
+    }
 }
 
 /// How the commands reach the agent.
@@ -124,9 +176,8 @@ struct ExplainArgs {
     policy: PolicyArgs,
     #[command(flatten)]
     agent: AgentConnection,
-    /// Print JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 /// Flags that change what the policy allows; shared by the agent and offline explain.
@@ -161,21 +212,20 @@ struct PolicyArgs {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum FlowLogArg {
+    /// In the agent's log on stdout, one line each, in --log-format.
     Stdout,
+    /// Not logged (still counted, and listed by `rayfence flows`).
     Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DnsModeArg {
+    /// To the pods behind --dns-service, port 53.
     Service,
+    /// To port 53 anywhere.
     Anywhere,
+    /// No DNS base flow: rules must allow it.
     Off,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Args, Debug)]
@@ -266,7 +316,8 @@ struct AgentArgs {
     /// Serve the operator API (status, explain, flows) on this local socket.
     #[arg(long, value_name = "PATH", env = "RAYFENCE_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
     api_socket: PathBuf,
-    /// Where denied-flow events are logged as JSON lines besides `rayfence flows`.
+    /// Where denied-flow events are logged besides `rayfence flows`: in the log
+    /// (whatever --log-level says), or not at all.
     #[arg(long, value_enum, env = "RAYFENCE_FLOW_LOG", default_value = "stdout")]
     flow_log: FlowLogArg,
     /// Flow events each local pod may log per second; the rest are counted as suppressed.
@@ -312,42 +363,61 @@ struct AgentArgs {
     /// Flow event ring buffer size in bytes (a power of two, page multiple).
     #[arg(long, value_name = "BYTES", env = "RAYFENCE_EVENTS_BYTES")]
     events_bytes: Option<u32>,
-    /// Log format.
+    /// Log format, on stdout: text (colour only on a terminal and without NO_COLOR)
+    /// or JSON lines.
     #[arg(long, value_enum, env = "RAYFENCE_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
+    /// Log level; wins over RUST_LOG, whose directives apply without it (default:
+    /// info).
+    #[arg(long, value_enum, env = "RAYFENCE_LOG_LEVEL")]
+    log_level: Option<LogLevel>,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) if cli::stdout_closed(&error) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}`: the chain of causes on one line; never anyhow's Debug form,
+            // which adds a backtrace under RUST_BACKTRACE=1.
+            let _ = writeln!(std::io::stderr().lock(), "Error: {error:#}");
+            ExitCode::from(cli::exit::ERROR)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Cleanup { bpffs } => {
             let report = datapath::cleanup(&bpffs)
                 .with_context(|| format!("cleaning up {}", bpffs.display()))?;
-            println!(
-                "removed {} links and {} maps under {}",
+            cli::out(&format!(
+                "removed {} links and {} maps under {}\n",
                 report.links,
                 report.maps,
                 bpffs.display()
-            );
-            Ok(())
+            ))?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Status { agent, json } => {
+        Command::Status { agent, output } => {
             let address = agent.address()?;
-            block_on(cli::status(&address, output(json)))
+            block_on(cli::status(&address, output.format()))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Explain(args) => {
-            let output = output(args.json);
-            match &args.manifests {
+            let output = args.output.format();
+            let report = match &args.manifests {
                 Some(dir) => {
                     let settings = policy_settings(&args.policy, "offline")?;
-                    cli::explain_offline(dir, settings, &args.from, &args.to, output)?;
+                    cli::explain_offline(dir, settings, &args.from, &args.to, output)?
                 }
                 None => {
                     let address = args.agent.address()?;
-                    block_on(cli::explain(&address, &args.from, &args.to, output))?;
+                    block_on(cli::explain(&address, &args.from, &args.to, output))?
                 }
-            }
-            Ok(())
+            };
+            Ok(ExitCode::from(cli::verdict_exit_code(&report.verdict)))
         }
         Command::Flows {
             agent,
@@ -356,7 +426,7 @@ fn main() -> anyhow::Result<()> {
             namespace,
             raycluster,
             limit,
-            json,
+            output,
         } => {
             let address = agent.address()?;
             let filter = rayfence::api::FlowFilter {
@@ -364,10 +434,48 @@ fn main() -> anyhow::Result<()> {
                 namespace,
                 raycluster,
             };
-            block_on(cli::flows(&address, &filter, follow, limit, output(json)))
+            block_on(cli::flows(
+                &address,
+                &filter,
+                follow,
+                limit,
+                output.format(),
+            ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completion { shell } => {
+            // Into a buffer first: clap_complete panics on a failed write.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "rayfence", &mut script);
+            cli::out(&String::from_utf8_lossy(&script))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => {
+            match dir {
+                Some(dir) => clap_mangen::generate_to(Cli::command(), &dir)
+                    .with_context(|| format!("--dir {}", dir.display()))?,
+                None => {
+                    let mut page = Vec::new();
+                    clap_mangen::Man::new(Cli::command())
+                        .render(&mut page)
+                        .context("rendering the manual page")?;
+                    cli::out(&String::from_utf8_lossy(&page))?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Agent(args) => {
-            init_tracing(args.log_format);
+            rayfence::logging::init(&LogConfig {
+                format: args.log_format,
+                level: args.log_level,
+                rust_log: std::env::var("RUST_LOG").ok(),
+                flows: matches!(args.flow_log, FlowLogArg::Stdout),
+                colour: rayfence::logging::colour(
+                    args.log_format,
+                    std::io::stdout().is_terminal(),
+                    std::env::var_os("NO_COLOR").as_deref(),
+                ),
+            })?;
             let auth = metrics_auth_config(&args)?;
             let tls = match (&args.metrics_tls_cert, &args.metrics_tls_key) {
                 (Some(cert), Some(key)) => Some(Arc::new(TlsFiles::load(cert, key)?)),
@@ -379,13 +487,10 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()
                 .context("starting the async runtime")?
-                .block_on(agent(*args, config, auth, tls))
+                .block_on(agent(*args, config, auth, tls))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-fn output(json: bool) -> Output {
-    if json { Output::Json } else { Output::Human }
 }
 
 /// The commands' own small runtime (the agent builds its own).
@@ -395,18 +500,6 @@ fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> 
         .build()
         .context("starting the async runtime")?
         .block_on(future)
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 /// `--metrics-auth` and its flags, checked: `None` when auth is off.
@@ -616,7 +709,11 @@ async fn agent(
     let authorizer = match (auth, &client) {
         (Some(auth), Some(client)) => {
             let client = client.clone();
-            tracing::info!(audiences = ?auth.audiences, resource = ?auth.resource, "--metrics-auth: every path but /healthz and /readyz needs a bearer token");
+            tracing::info!(
+                audiences = %rayfence::logging::list(&auth.audiences),
+                resource = auth.resource.as_ref().map(tracing::field::display),
+                "--metrics-auth: every path but /healthz and /readyz needs a bearer token"
+            );
             Some(Arc::new(Authorizer::new(client, auth)))
         }
         _ => None,
@@ -665,7 +762,7 @@ async fn agent(
                 client.clone(),
                 EventReporterConfig::new(args.node_name.clone()),
             )));
-            tracing::info!(kinds = ?config.expected_kinds, "watching the Kubernetes API");
+            tracing::info!(kinds = %rayfence::logging::list(&config.expected_kinds), "watching the Kubernetes API");
             tokio::spawn(async move {
                 if let Err(error) = kube_source::run(client, source, tx).await {
                     tracing::error!(%error, "the Kubernetes source stopped; the last state stays enforced");
@@ -712,5 +809,87 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_tree_passes_clap_s_own_checks() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                if help.trim().is_empty() {
+                    missing.push(format!("{path} {}", arg.get_id()));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(format!("{path} (the command itself)"));
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut command = Cli::command();
+        command.build();
+        let mut missing = Vec::new();
+        walk(&command, "rayfence", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:#?}");
+        // The walk sees the subcommands' own flags.
+        let flows = command.find_subcommand("flows").expect("flows");
+        assert!(flows.get_arguments().any(|a| a.get_id() == "raycluster"));
+    }
+
+    #[test]
+    fn explain_help_documents_its_exit_status() {
+        let mut command = Cli::command();
+        let explain = command.find_subcommand_mut("explain").expect("explain");
+        let help = explain.render_long_help().to_string();
+        for needle in [
+            "Exit status",
+            "0  allowed",
+            "1  denied",
+            "2  error",
+            "3  unknown",
+        ] {
+            assert!(help.contains(needle), "{needle}: {help}");
+        }
+    }
+
+    #[test]
+    fn json_is_a_hidden_alias_of_output_json_and_conflicts_with_o() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let Ok(Cli {
+            command: Command::Status { output, .. },
+        }) = parse(&["rayfence", "status", "--json"])
+        else {
+            panic!("status --json parses");
+        };
+        assert_eq!(output.format(), Output::Json);
+        let Ok(Cli {
+            command: Command::Status { output, .. },
+        }) = parse(&["rayfence", "status"])
+        else {
+            panic!("status parses");
+        };
+        assert_eq!(output.format(), Output::Table);
+        assert!(parse(&["rayfence", "status", "--json", "-o", "yaml"]).is_err());
+        let help = Cli::command()
+            .find_subcommand_mut("status")
+            .expect("status")
+            .render_help()
+            .to_string();
+        assert!(
+            help.contains("--output") && !help.contains("--json"),
+            "{help}"
+        );
     }
 }

@@ -1,8 +1,9 @@
 //! End to end: what an operator sees of a running agent. Real packets between pods
 //! of a simulated node, then `rayfence flows`, `rayfence status` and `rayfence
 //! explain` (the real commands, over the agent's socket and over HTTP) must say
-//! exactly what the datapath did, and the agent's JSON flow lines must name the
-//! pods, ports, reason and RayCluster.
+//! exactly what the datapath did (`explain` in its exit status too), and the
+//! agent's JSON flow lines must name the pods, ports, reason and RayCluster, in
+//! the one schema of every log line.
 //!
 //! Needs root, like `agent_runtime`.
 mod agent_common;
@@ -64,10 +65,12 @@ fn objects(ns: &str, topo: &Topology, uids: &[String]) -> Vec<Value> {
     ]
 }
 
+/// The agent, logging JSON lines (the flow events are read back from them).
 fn start(scene: &Scene, extra_args: &[&str]) -> Result<Agent> {
+    let args = [extra_args, &["--log-format", "json"]].concat();
     let agent = scene
         .node
-        .start_agent(NODE, &scene.manifests.dir, &scene.bpffs, extra_args)?;
+        .start_agent(NODE, &scene.manifests.dir, &scene.bpffs, &args)?;
     // Ready means programmed; attached follows within the same turn.
     agent.wait_log(&["endpoint attached", "/head"], Duration::from_secs(10))?;
     Ok(agent)
@@ -81,6 +84,83 @@ fn command_json<T: serde::de::DeserializeOwned>(
     let (ok, out, err) = agent.command(scene.node.topo.node(0), args)?;
     ensure!(ok, "rayfence {args:?} failed: {err}");
     serde_json::from_str(&out).with_context(|| format!("rayfence {args:?} printed: {out}"))
+}
+
+/// `rayfence explain ARGS` (with `-o json` or `--json` among them): the report,
+/// after checking that the exit status is its verdict's.
+fn explained(agent: &Agent, scene: &Scene, args: &[&str]) -> Result<ExplainReport> {
+    let (code, out, err) = agent.command_status(scene.node.topo.node(0), args)?;
+    let report: ExplainReport = serde_json::from_str(&out)
+        .with_context(|| format!("rayfence {args:?} printed: {out}; stderr: {err}"))?;
+    let expected = match report.verdict.as_str() {
+        "allowed" => 0,
+        "denied" | "audit" => 1,
+        _ => 3,
+    };
+    ensure!(
+        code == Some(expected),
+        "rayfence {args:?}: exit status {code:?} for verdict {}",
+        report.verdict
+    );
+    Ok(report)
+}
+
+/// A flow record without its time: the log line's timestamp (when it was logged)
+/// and the API's `time` (when the datapath saw it) differ by a little.
+fn untimed(records: &[FlowRecord]) -> Vec<FlowRecord> {
+    records
+        .iter()
+        .map(|r| FlowRecord {
+            time: String::new(),
+            ..r.clone()
+        })
+        .collect()
+}
+
+/// Every line of a JSON log: an object with the same envelope (RFC 3339 UTC
+/// `timestamp`, `level`, `target`, `message`), flat plain fields, no Rust Debug
+/// strings; flow lines the same, with their own fields beside.
+fn check_log_schema(log: &str) -> Result<()> {
+    let mut flows = 0;
+    let mut others = 0;
+    for line in log.lines() {
+        let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+            anyhow::bail!("not a JSON object: {line}");
+        };
+        for key in ["timestamp", "level", "target", "message"] {
+            ensure!(
+                fields.get(key).is_some_and(Value::is_string),
+                "{key}: {line}"
+            );
+        }
+        let stamp = fields["timestamp"].as_str().unwrap_or_default();
+        ensure!(
+            stamp.parse::<jiff::Timestamp>().is_ok() && stamp.ends_with('Z'),
+            "timestamp {stamp}: {line}"
+        );
+        ensure!(
+            fields.values().all(|v| !v.is_object() && !v.is_array()),
+            "nested: {line}"
+        );
+        ensure!(
+            !line.contains("Some(") && !line.contains("None"),
+            "Debug: {line}"
+        );
+        if fields["target"] == rayfence::logging::FLOW_TARGET {
+            ensure!(
+                !fields.contains_key("time") && fields.contains_key("src_ip"),
+                "{line}"
+            );
+            flows += 1;
+        } else {
+            others += 1;
+        }
+    }
+    ensure!(
+        flows > 0 && others > 0,
+        "{flows} flow and {others} other lines"
+    );
+    Ok(())
 }
 
 /// The named pod's row of a status report.
@@ -180,7 +260,11 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    ensure!(listed.contains(&syn) && listed.contains(&ping), "{out}");
+    let listed = untimed(&listed);
+    ensure!(
+        listed.contains(&untimed(&[syn])[0]) && listed.contains(&untimed(&[ping])[0]),
+        "{out}"
+    );
     for (filter, value) in [
         ("--raycluster", "other"),
         ("--namespace", "elsewhere"),
@@ -196,7 +280,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
     );
 
     // Status: the head's drop counter moved by exactly the two packets.
-    let status: StatusReport = command_json(&agent, &scene, &["status", "--json"])?;
+    let status: StatusReport = command_json(&agent, &scene, &["status", "-o", "json"])?;
     assert!(status.ready);
     assert_eq!(status.node, NODE);
     let head_now = endpoint(&status, "head")?;
@@ -224,7 +308,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
     // Explain: the same verdicts, and the rule.
     let from_outsider = format!("{ns}/outsider");
     let to_head = format!("{ns}/head:8000");
-    let denied: ExplainReport = command_json(
+    let denied: ExplainReport = explained(
         &agent,
         &scene,
         &[
@@ -244,7 +328,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         denied.sides[1].pod.as_deref(),
         Some(format!("{ns}/head").as_str())
     );
-    let allowed: ExplainReport = command_json(
+    let allowed: ExplainReport = explained(
         &agent,
         &scene,
         &[
@@ -266,7 +350,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         "{allowed:?}"
     );
     // By IP, ICMP, and in words.
-    let by_ip: ExplainReport = command_json(
+    let by_ip: ExplainReport = explained(
         &agent,
         &scene,
         &[
@@ -282,13 +366,44 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         (by_ip.verdict.as_str(), by_ip.protocol.as_str()),
         ("denied", "icmp")
     );
-    let (ok, out, _) = agent.command(
+    let (code, out, _) = agent.command_status(
         topo.node(0),
         &["explain", "--from", &from_outsider, "--to", &to_head],
     )?;
     ensure!(
-        ok && out.contains("DENIED") && out.contains("no rule allows"),
-        "{out}"
+        code == Some(1) && out.contains("DENIED") && out.contains("no rule allows"),
+        "{code:?} {out}"
+    );
+    // The same answer as YAML, and wide (the pod each side is decided at).
+    let (code, out, _) = agent.command_status(
+        topo.node(0),
+        &[
+            "explain",
+            "-o",
+            "yaml",
+            "--from",
+            &from_outsider,
+            "--to",
+            &to_head,
+        ],
+    )?;
+    let as_yaml: ExplainReport = serde_norway::from_str(&out).context(out.clone())?;
+    ensure!(code == Some(1) && as_yaml == denied, "{code:?} {out}");
+    let (code, out, _) = agent.command_status(
+        topo.node(0),
+        &[
+            "explain",
+            "-o",
+            "wide",
+            "--from",
+            &from_outsider,
+            "--to",
+            &to_head,
+        ],
+    )?;
+    ensure!(
+        code == Some(1) && out.contains(&format!("[at {ns}/head]")),
+        "{code:?} {out}"
     );
 
     // Offline, from the same manifests: the same verdicts.
@@ -297,7 +412,7 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         (from_outsider.as_str(), to_head.as_str(), "denied"),
         (&format!("{ns}/worker"), to_head.as_str(), "allowed"),
     ] {
-        let offline: ExplainReport = command_json(
+        let offline: ExplainReport = explained(
             &agent,
             &scene,
             &[
@@ -316,21 +431,24 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         assert_eq!(offline.verdict, verdict, "{from} -> {to}: {offline:?}");
     }
 
-    // Bad input names the flag; an unknown pod is said to be unknown.
-    let (ok, _, err) = agent.command(
+    // Bad input names the flag; an unknown pod is said to be unknown: exit 2.
+    let (code, _, err) = agent.command_status(
         topo.node(0),
         &["explain", "--from", "nope", "--to", &to_head],
     )?;
     ensure!(
-        !ok && err.contains("--from") && err.contains("nope"),
-        "{err}"
+        code == Some(2) && err.contains("--from") && err.contains("nope"),
+        "{code:?} {err}"
     );
-    let (ok, _, err) = agent.command(
+    let (code, _, err) = agent.command_status(
         topo.node(0),
         &["explain", "--from", "ghost/pod", "--to", &to_head],
     )?;
-    ensure!(!ok && err.contains("not known"), "{err}");
-    let (ok, _, err) = agent.command(
+    ensure!(
+        code == Some(2) && err.contains("not known"),
+        "{code:?} {err}"
+    );
+    let (code, _, err) = agent.command_status(
         topo.node(0),
         &[
             "explain",
@@ -340,7 +458,10 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
             &format!("{ns}/head:99999"),
         ],
     )?;
-    ensure!(!ok && err.contains("--to") && err.contains("port"), "{err}");
+    ensure!(
+        code == Some(2) && err.contains("--to") && err.contains("port"),
+        "{code:?} {err}"
+    );
 
     // Over HTTP (the metrics address) the API answers too.
     let (ok, out, err) = agent.command(
@@ -353,6 +474,49 @@ fn a_dropped_flow_is_logged_listed_counted_and_explained_with_its_pods_and_rule(
         ],
     )?;
     ensure!(ok && out.contains("\"endpoints\""), "{err}");
+
+    // Status as YAML (the same report) and wide (a column per field).
+    let (ok, out, err) = agent.command(topo.node(0), &["status", "-o", "yaml"])?;
+    let as_yaml: StatusReport = serde_norway::from_str(&out).context(out.clone())?;
+    ensure!(ok && as_yaml.node == NODE, "{err}");
+    endpoint(&as_yaml, "head")?;
+    let (ok, out, err) = agent.command(topo.node(0), &["status", "-o", "wide"])?;
+    ensure!(
+        ok && out.contains("NAMESPACE") && out.contains("DETAIL"),
+        "{out} {err}"
+    );
+
+    // A reader that went away (`| head`) ends status and flows quietly, exit 0.
+    let bin = rayfence_bin()?;
+    for args in [
+        &["status"][..],
+        &["status", "-o", "yaml"],
+        &["flows"],
+        &["flows", "-o", "json"],
+    ] {
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let out = topo
+            .node(0)
+            .netns
+            .cmd(bin.to_str().context("utf-8")?)
+            .args(args)
+            .env("RAYFENCE_API_SOCKET", &agent.socket)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            out.status.code() == Some(0) && err.is_empty(),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+    }
+
+    // Every line the agent logged, flow events included, has the one schema.
+    check_log_schema(&agent.log_text())?;
     Ok(())
 }
 
@@ -462,7 +626,7 @@ fn flows_follow_streams_new_events_and_a_noisy_pod_is_rate_limited_with_a_count(
         .into_iter()
         .filter(|f| f.protocol == "icmp")
         .collect();
-    assert_eq!(logged, streamed);
+    assert_eq!(untimed(&logged), untimed(&streamed));
     Ok(())
 }
 
@@ -496,7 +660,7 @@ fn an_audited_raycluster_shows_would_be_drops_in_flows_status_and_explain() -> R
         .lines()
         .map(serde_json::from_str)
         .collect::<Result<_, _>>()?;
-    assert_eq!(listed, vec![audited]);
+    assert_eq!(untimed(&listed), untimed(&[audited]));
     let (ok, out, _) = agent.command(topo.node(0), &["flows", "--json", "--verdict", "dropped"])?;
     ensure!(
         ok && out.trim().is_empty(),
@@ -509,7 +673,7 @@ fn an_audited_raycluster_shows_would_be_drops_in_flows_status_and_explain() -> R
     // Audit counts a flow once (its later packets ride the conntrack entry).
     assert_eq!((head_status.drops, head_status.would_drops), (0, 1));
 
-    let explained: ExplainReport = command_json(
+    let explained: ExplainReport = explained(
         &agent,
         &scene,
         &[
@@ -552,7 +716,23 @@ fn explain_and_status_say_fail_closed_when_the_policy_does_not_fit_and_the_datap
     // The engine alone would allow worker -> head (same RayCluster); the datapath
     // drops it, and explain says so, and why.
     assert_eq!(worker.tcp_connect(v4(head), 8000, SHORT), Outcome::Timeout);
-    let report: ExplainReport = command_json(
+    // This agent logs text (the default) into a file: the flow event is a line of
+    // its own, and there is no colour.
+    agent.wait_log(
+        &[
+            "rayfence::flows",
+            "flow dropped",
+            "reason=fail-closed",
+            "dst_name=head",
+        ],
+        Duration::from_secs(5),
+    )?;
+    ensure!(
+        !agent.log_text().contains('\x1b'),
+        "colour in a file:\n{}",
+        agent.log_text()
+    );
+    let report: ExplainReport = explained(
         &agent,
         &scene,
         &[

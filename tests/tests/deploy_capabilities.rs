@@ -75,6 +75,7 @@ fn start(caps: &[String], tag: &str) -> Result<(Started, u16)> {
     let log = std::env::temp_dir().join(format!("{tag}.log"));
     let port = free_port()?;
     let bounding = format!("-all,{}", caps.join(","));
+    let log_file = std::fs::File::create(&log)?;
     let child = Command::new("setpriv")
         .args([
             "--reuid=0",
@@ -94,8 +95,9 @@ fn start(caps: &[String], tag: &str) -> Result<(Started, u16)> {
         .env_clear()
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
+        // The agent logs on stdout; stderr has a fatal error.
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
         .spawn()
         .context("running setpriv (util-linux)")?;
     Ok((

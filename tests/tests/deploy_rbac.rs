@@ -338,13 +338,15 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
         }
     }
     args.push(format!("--kubeconfig={}", kubeconfig.display()));
+    // The log is on stdout; stderr would have a fatal error.
+    let log_file = std::fs::File::create(&log)?;
     let child = std::process::Command::new(rayfence_bin()?)
         .args(&args)
         .env_clear()
         .envs(&env)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
         .spawn()?;
     let agent = RunningAgent {
         child,
@@ -437,7 +439,8 @@ fn bound_addr(log: &str) -> Option<std::net::SocketAddr> {
             return None;
         }
         match serde_json::from_str::<serde_json::Value>(line) {
-            Ok(v) => v["fields"]["addr"].as_str()?.parse().ok(),
+            // Fields are flat beside timestamp, level, message and target.
+            Ok(v) => v["addr"].as_str()?.parse().ok(),
             Err(_) => line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("addr="))?

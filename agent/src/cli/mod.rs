@@ -5,13 +5,16 @@
 //! the same engine the agent runs.
 //!
 //! Errors are for a person at a terminal (anyhow, each naming the flag or the
-//! agent address it is about).
+//! agent address it is about). Everything is written to stdout through [`out`], so
+//! a reader that goes away (`| head`) ends the command quietly instead of a panic:
+//! [`stdout_closed`] tells such an error apart.
 //!
 //! Must not: compute a verdict itself (the engine does, through [`crate::explain`]),
 //! or change anything in the agent.
 mod client;
 mod render;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
@@ -24,25 +27,94 @@ use crate::policy::{Engine, Settings};
 use crate::source::files::Manifests;
 use crate::source::{Object, ObjectKind};
 
-/// How answers are printed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How answers are printed (`-o`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Output {
-    Human,
+    /// Aligned columns and short sentences, for a person.
+    Table,
+    /// The table with every field in a column of its own.
+    Wide,
+    /// The agent's answer as JSON (flows: one object per line).
     Json,
+    /// The same as YAML (flows: one document per event).
+    Yaml,
+}
+
+/// Exit status of `rayfence explain`, the way `kubectl auth can-i` gives its answer.
+pub mod exit {
+    /// The flow passes: every side that is enforced allows it.
+    pub const ALLOWED: u8 = 0;
+    /// The policy denies the flow (`denied`, and `audit`: denied, let through only
+    /// while audit mode is on).
+    pub const DENIED: u8 = 1;
+    /// No answer: bad arguments, no agent, unreadable manifests, any other error.
+    pub const ERROR: u8 = 2;
+    /// No verdict here: a side is decided by another node's agent (`unknown`).
+    pub const UNKNOWN: u8 = 3;
+}
+
+/// The exit status for an explanation's verdict (see [`exit`]).
+pub fn verdict_exit_code(verdict: &str) -> u8 {
+    match verdict {
+        "allowed" => exit::ALLOWED,
+        "denied" | "audit" => exit::DENIED,
+        _ => exit::UNKNOWN,
+    }
+}
+
+/// The reader of stdout went away (`rayfence ... | head`): not a failure of the
+/// command, which just stops writing. Only [`out`] gives it, so a broken pipe to
+/// the agent is never mistaken for it.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout was closed by its reader")]
+pub struct StdoutClosed;
+
+/// Writes `text` to stdout as is.
+pub fn out(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(StdoutClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to stdout")),
+    }
+}
+
+/// Whether `error` is (or was caused by) [`StdoutClosed`].
+pub fn stdout_closed(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.is::<StdoutClosed>())
+}
+
+/// A line on stderr for a person; nothing to do if stderr is gone too.
+fn note(text: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 pub async fn status(agent: &AgentAddress, output: Output) -> anyhow::Result<()> {
     let body = get(agent, "/v1/status").await?.text().await?;
     let report: StatusReport = serde_json::from_str(&body)
         .with_context(|| format!("{agent}: the status answer is not what this version reads"))?;
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Output::Human => print!("{}", render::status(&report)),
-    }
-    Ok(())
+    let text = match output {
+        Output::Json => json(&report)?,
+        Output::Yaml => yaml(&report)?,
+        Output::Table => render::status(&report, false),
+        Output::Wide => render::status(&report, true),
+    };
+    out(&text)
 }
 
-/// Asks the running agent and prints the answer.
+fn json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+fn yaml<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    serde_norway::to_string(value).context("writing YAML")
+}
+
+/// Asks the running agent and prints the answer (a closed stdout is not an error
+/// here: the verdict is known, and is what the caller exits with).
 pub async fn explain(
     agent: &AgentAddress,
     from: &str,
@@ -74,7 +146,7 @@ pub async fn fetch_explanation(
 
 /// An explanation as `rayfence explain` prints it for a person.
 pub fn render_explanation(report: &ExplainReport) -> String {
-    render::explanation(report)
+    render::explanation(report, false)
 }
 
 /// Answers from manifests: every pod counts as local, so both sides of a flow are
@@ -88,7 +160,7 @@ pub fn explain_offline(
 ) -> anyhow::Result<ExplainReport> {
     let engine = offline_engine(dir, settings)?;
     for problem in engine.problems() {
-        eprintln!(
+        note(&format!(
             "note: {} {}/{} {} = {}: {}",
             problem.object.kind,
             problem.object.namespace,
@@ -96,7 +168,7 @@ pub fn explain_offline(
             problem.field,
             problem.value,
             problem.message
-        );
+        ));
     }
     let report = crate::explain::explain_flow(&engine, from, to)?;
     print_explanation(&report, output)?;
@@ -104,11 +176,16 @@ pub fn explain_offline(
 }
 
 fn print_explanation(report: &ExplainReport, output: Output) -> anyhow::Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
-        Output::Human => print!("{}", render::explanation(report)),
+    let text = match output {
+        Output::Json => json(report)?,
+        Output::Yaml => yaml(report)?,
+        Output::Table => render::explanation(report, false),
+        Output::Wide => render::explanation(report, true),
+    };
+    match out(&text) {
+        Err(error) if stdout_closed(&error) => Ok(()),
+        other => other,
     }
-    Ok(())
 }
 
 /// The engine over every object in `dir`, each pod placed on `settings.node_name`.
@@ -183,13 +260,15 @@ pub async fn flows(
             continue;
         }
         match serde_json::from_str::<FlowRecord>(&line) {
-            Ok(record) => match output {
-                Output::Json => println!("{line}"),
-                Output::Human => println!("{}", render::flow(&record)),
-            },
+            Ok(record) => out(&match output {
+                Output::Json => format!("{line}\n"),
+                Output::Yaml => format!("---\n{}", yaml(&record)?),
+                Output::Table => render::flow(&record, false) + "\n",
+                Output::Wide => render::flow(&record, true) + "\n",
+            })?,
             Err(_) => match serde_json::from_str::<serde_json::Value>(&line) {
                 Ok(v) if v.get("skipped").is_some() => {
-                    eprintln!("(fell behind: {} events skipped)", v["skipped"]);
+                    note(&format!("(fell behind: {} events skipped)", v["skipped"]));
                 }
                 _ => bail!("{agent}: unexpected line in the flow stream: {line}"),
             },

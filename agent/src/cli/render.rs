@@ -1,9 +1,12 @@
-//! Answers as a person reads them: aligned tables and short sentences.
+//! Answers as a person reads them: aligned tables and short sentences (`-o table`),
+//! or the same with every field shown (`-o wide`). Plain text, no colour.
 use std::fmt::Write as _;
 
-use crate::api::{ExplainReport, FlowEnd, FlowRecord, StatusReport};
+use comfy_table::{Table, presets::NOTHING};
 
-pub fn status(report: &StatusReport) -> String {
+use crate::api::{EndpointStatus, ExplainReport, FlowEnd, FlowRecord, StatusReport};
+
+pub fn status(report: &StatusReport, wide: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -22,70 +25,117 @@ pub fn status(report: &StatusReport) -> String {
             n => format!(", {n} input problem(s) (see the agent's log or Events)"),
         }
     );
+    if !report.node_trust.is_empty() {
+        let _ = writeln!(out, "node trust: {}", report.node_trust);
+    }
+    if !report.host_network_pods.is_empty() {
+        let _ = writeln!(
+            out,
+            "hostNetwork pods (their traffic is theirs, not the node's): {}",
+            report.host_network_pods.join(", ")
+        );
+    }
     if report.endpoints.is_empty() {
         return out;
     }
-    let header = [
-        "POD",
-        "RAYCLUSTER",
-        "ROLE",
-        "HOOK",
-        "STATE",
-        "MODE",
-        "ISOLATED",
-        "GEN",
-        "DROPS",
-        "WOULD-DROP",
-    ];
-    let rows: Vec<[String; 10]> = report
-        .endpoints
-        .iter()
-        .map(|e| {
-            let isolated = match (e.isolate_ingress, e.isolate_egress) {
-                (true, true) => "ingress+egress",
-                (true, false) => "ingress",
-                (false, true) => "egress",
-                (false, false) => "-",
-            };
-            [
-                format!("{}/{}", e.namespace, e.pod),
-                e.raycluster.clone().unwrap_or_else(|| "-".into()),
-                e.role.clone().unwrap_or_else(|| "-".into()),
-                e.hook.clone(),
-                match &e.detail {
-                    Some(d) if e.state != "attached" => format!("{} ({d})", e.state),
-                    _ => e.state.clone(),
-                },
-                e.mode.clone(),
-                isolated.into(),
-                e.generation.to_string(),
-                e.drops.to_string(),
-                e.would_drops.to_string(),
-            ]
-        })
-        .collect();
-    table(&mut out, &header, &rows);
+    let (header, rows): (&[&str], Vec<Vec<String>>) = if wide {
+        (
+            &[
+                "NAMESPACE",
+                "POD",
+                "RAYCLUSTER",
+                "ROLE",
+                "HOOK",
+                "STATE",
+                "MODE",
+                "INGRESS",
+                "EGRESS",
+                "GEN",
+                "DROPS",
+                "WOULD-DROP",
+                "DETAIL",
+            ],
+            report.endpoints.iter().map(wide_row).collect(),
+        )
+    } else {
+        (
+            &[
+                "POD",
+                "RAYCLUSTER",
+                "ROLE",
+                "HOOK",
+                "STATE",
+                "MODE",
+                "ISOLATED",
+                "GEN",
+                "DROPS",
+                "WOULD-DROP",
+            ],
+            report.endpoints.iter().map(row).collect(),
+        )
+    };
+    out.push_str(&table(header, rows));
     out
 }
 
-fn table<const N: usize>(out: &mut String, header: &[&str; N], rows: &[[String; N]]) {
-    let mut widths = header.map(str::len);
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let line = |out: &mut String, cells: Vec<&str>| {
-        let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            let _ = write!(text, "{cell:<width$}  ", width = widths[i]);
-        }
-        let _ = writeln!(out, "{}", text.trim_end());
+fn row(e: &EndpointStatus) -> Vec<String> {
+    let isolated = match (e.isolate_ingress, e.isolate_egress) {
+        (true, true) => "ingress+egress",
+        (true, false) => "ingress",
+        (false, true) => "egress",
+        (false, false) => "-",
     };
-    line(out, header.to_vec());
-    for row in rows {
-        line(out, row.iter().map(String::as_str).collect());
+    vec![
+        format!("{}/{}", e.namespace, e.pod),
+        dash(e.raycluster.as_deref()),
+        dash(e.role.as_deref()),
+        e.hook.clone(),
+        match &e.detail {
+            Some(d) if e.state != "attached" => format!("{} ({d})", e.state),
+            _ => e.state.clone(),
+        },
+        e.mode.clone(),
+        isolated.into(),
+        e.generation.to_string(),
+        e.drops.to_string(),
+        e.would_drops.to_string(),
+    ]
+}
+
+fn wide_row(e: &EndpointStatus) -> Vec<String> {
+    let isolated = |on: bool| if on { "isolated" } else { "-" }.to_owned();
+    vec![
+        e.namespace.clone(),
+        e.pod.clone(),
+        dash(e.raycluster.as_deref()),
+        dash(e.role.as_deref()),
+        e.hook.clone(),
+        e.state.clone(),
+        e.mode.clone(),
+        isolated(e.isolate_ingress),
+        isolated(e.isolate_egress),
+        e.generation.to_string(),
+        e.drops.to_string(),
+        e.would_drops.to_string(),
+        dash(e.detail.as_deref()),
+    ]
+}
+
+fn dash(value: Option<&str>) -> String {
+    value.unwrap_or("-").to_owned()
+}
+
+/// Columns left-aligned, two spaces apart, no borders (as `kubectl get` prints).
+fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut table = Table::new();
+    table
+        .load_style(NOTHING)
+        .set_header(header.to_vec())
+        .add_rows(rows);
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 2));
     }
+    table.trim_fmt() + "\n"
 }
 
 /// `ray/head (10.0.0.7:8265)`, `node 10.0.0.1`, `10.1.2.3 (ipBlock 10.1.0.0/16)`.
@@ -104,22 +154,40 @@ pub fn end(end: &FlowEnd) -> String {
     }
 }
 
-pub fn explanation(report: &ExplainReport) -> String {
+/// Wide: the end's RayCluster, when it has one.
+fn end_wide(flow_end: &FlowEnd) -> String {
+    match &flow_end.raycluster {
+        Some(rc) => format!("{} [raycluster {rc}]", end(flow_end)),
+        None => end(flow_end),
+    }
+}
+
+pub fn explanation(report: &ExplainReport, wide: bool) -> String {
+    let show = if wide { end_wide } else { end };
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{} -> {} {}: {}",
-        end(&report.from),
-        end(&report.to),
+        show(&report.from),
+        show(&report.to),
         report.protocol,
         report.verdict.to_uppercase()
     );
     for side in &report.sides {
-        let _ = writeln!(
+        let _ = write!(
             out,
             "  {:<7} {:<12} {}",
             side.direction, side.verdict, side.because
         );
+        if wide {
+            if let Some(pod) = &side.pod {
+                let _ = write!(out, " [at {pod}]");
+            }
+            if side.audit {
+                let _ = write!(out, " [audit mode]");
+            }
+        }
+        out.push('\n');
         for rule in &side.rules {
             let _ = writeln!(out, "  {:<7} {:<12}   by {rule}", "", "");
         }
@@ -127,14 +195,15 @@ pub fn explanation(report: &ExplainReport) -> String {
     out
 }
 
-pub fn flow(record: &FlowRecord) -> String {
+pub fn flow(record: &FlowRecord, wide: bool) -> String {
+    let show = if wide { end_wide } else { end };
     let mut line = format!(
         "{} {:<7} {:<7} {} -> {} {} reason={}",
         record.time,
         record.verdict.as_str().to_uppercase(),
         record.direction,
-        end(&record.source),
-        end(&record.destination),
+        show(&record.source),
+        show(&record.destination),
         record.protocol,
         record.reason,
     );
@@ -144,8 +213,79 @@ pub fn flow(record: &FlowRecord) -> String {
     if let Some(role) = &record.role {
         let _ = write!(line, " role={role}");
     }
-    if record.suppressed > 0 {
+    if wide {
+        let _ = write!(
+            line,
+            " pod={}/{} bytes={} suppressed={}",
+            record.namespace, record.pod, record.bytes, record.suppressed
+        );
+    } else if record.suppressed > 0 {
         let _ = write!(line, " (+{} suppressed before this)", record.suppressed);
     }
     line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(pod: &str, state: &str, detail: Option<&str>) -> EndpointStatus {
+        EndpointStatus {
+            namespace: "team-a".into(),
+            pod: pod.into(),
+            raycluster: Some("alpha".into()),
+            role: Some("head".into()),
+            hook: "tc".into(),
+            state: state.into(),
+            detail: detail.map(Into::into),
+            mode: "enforce".into(),
+            isolate_ingress: true,
+            isolate_egress: false,
+            generation: 3,
+            drops: 12,
+            would_drops: 0,
+        }
+    }
+
+    fn report() -> StatusReport {
+        StatusReport {
+            node: "n1".into(),
+            ready: true,
+            source: "files".into(),
+            audit: false,
+            problems: 0,
+            endpoints: vec![
+                endpoint("alpha-head-8x2kq", "attached", None),
+                endpoint("w", "pending", Some("no cgroup yet")),
+            ],
+        }
+    }
+
+    #[test]
+    fn the_status_table_is_aligned_two_spaces_apart_without_trailing_blanks() {
+        let text = status(&report(), false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[1].starts_with("POD                      RAYCLUSTER  ROLE"));
+        assert!(lines[2].starts_with("team-a/alpha-head-8x2kq  alpha       head"));
+        assert!(lines[3].contains("pending (no cgroup yet)"), "{text}");
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text:?}");
+        // Every column starts at the header's offset.
+        let at = lines[1].find("WOULD-DROP").expect("header");
+        assert_eq!(&lines[2][at..], "0");
+    }
+
+    #[test]
+    fn wide_status_gives_every_field_its_own_column() {
+        let text = status(&report(), true);
+        let header = text.lines().nth(1).expect("header");
+        for column in ["NAMESPACE", "INGRESS", "EGRESS", "DETAIL"] {
+            assert!(header.contains(column), "{header}");
+        }
+        let pending = text.lines().nth(3).expect("row");
+        assert!(
+            pending.contains(" pending ") && pending.ends_with("no cgroup yet"),
+            "{pending}"
+        );
+    }
 }

@@ -42,6 +42,17 @@ pub enum HowFound {
     BridgeFdb,
 }
 
+/// `pod-netns`, `route-to-veth`, `bridge-fdb`, as logs name it.
+impl std::fmt::Display for HowFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HowFound::PodNetns => "pod-netns",
+            HowFound::RouteToVeth => "route-to-veth",
+            HowFound::BridgeFdb => "bridge-fdb",
+        })
+    }
+}
+
 impl HowFound {
     pub const ALL: [HowFound; 3] = [
         HowFound::PodNetns,

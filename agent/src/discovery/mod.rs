@@ -347,7 +347,7 @@ impl Locator {
             pod = %pod.label(),
             ?hook,
             host_interface = host_interface.as_ref().map(|h| h.name.as_str()),
-            via = ?host_interface.as_ref().map(|h| h.via),
+            via = host_interface.as_ref().map(|h| tracing::field::display(h.via)),
             cgroup_id = cgroup.as_ref().map(|c| c.id),
             misses = misses.len(),
             "located pod"

@@ -435,7 +435,7 @@ pub fn parse(cluster: &RayCluster) -> ParsedCluster {
                 Declared::Valid,
             )
         }
-        (None, None, Some(text)) => match serde_yaml::from_str::<Value>(text) {
+        (None, None, Some(text)) => match serde_norway::from_str::<Value>(text) {
             Ok(block) => {
                 let policy = ctx.block(&block, &annotation_field, PolicySource::Annotation);
                 policy.map_or(Declared::Invalid(PolicySource::Annotation), Declared::Valid)
@@ -632,7 +632,7 @@ mod tests {
     use super::*;
 
     fn cluster(yaml: &str) -> RayCluster {
-        serde_yaml::from_str(yaml).unwrap()
+        serde_norway::from_str(yaml).unwrap()
     }
 
     #[test]

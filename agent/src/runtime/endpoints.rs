@@ -184,7 +184,8 @@ impl Endpoints {
             self.cgroup_since.remove(&id);
             if let Some((pod, state)) = self.states.remove(&id) {
                 detach(datapath, id, &pod, health);
-                tracing::info!(pod = %pod, endpoint = id, was = ?state, "endpoint removed");
+                let was = state.labels();
+                tracing::info!(pod = %pod, endpoint = id, hook = %was.hook, was = %was.state, "endpoint removed");
             }
         }
 
@@ -359,12 +360,12 @@ impl Endpoints {
                 match &state {
                     EndpointState::Tc { ifindex, interface } => tracing::info!(
                         pod = %pod, endpoint = d.id, hook = "tc", interface = %interface, ifindex = *ifindex,
-                        via = ?location.host_interface.as_ref().map(|h| h.via), adopted, latency_ms,
+                        via = location.host_interface.as_ref().map(|h| tracing::field::display(h.via)), adopted, latency_ms,
                         "endpoint attached"
                     ),
                     EndpointState::Cgroup { cgroup_id } => tracing::warn!(
                         pod = %pod, endpoint = d.id, hook = "cgroup", cgroup_id = *cgroup_id,
-                        cgroup = ?location.cgroup.as_ref().map(|c| c.path.display().to_string()), adopted, latency_ms,
+                        cgroup = location.cgroup.as_ref().map(|c| tracing::field::display(c.path.display())), adopted, latency_ms,
                         "endpoint attached on its cgroup: in the pod's own network namespace the \
                          node's addresses cannot be told from traffic the node forwards, so they \
                          are ordinary addresses for this pod (only an ipBlock allows them, kubelet \

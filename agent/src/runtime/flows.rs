@@ -1,16 +1,21 @@
 //! Flow events: the datapath's sampled drop and audit events, named (pods,
 //! namespaces, RayCluster, CIDR) from the engine, rate-limited per local pod with a
-//! count of what was left out, logged as one JSON line each on stdout, and kept for
-//! `/v1/flows` ([`FlowHub`]: the recent ones, and a live feed).
+//! count of what was left out, logged as one line each (target
+//! [`crate::logging::FLOW_TARGET`], in the agent's log format, flat fields), and kept
+//! for `/v1/flows` ([`FlowHub`]: the recent ones, and a live feed).
 //!
 //! Two limits, on purpose: the datapath's per-CPU budget bounds what crosses the ring
 //! buffer (its losses are `rayfence_flow_events_lost_total`); the per-pod limit here
 //! keeps one noisy pod from drowning the others in the log.
 //!
+//! The limiter is a token bucket per pod, by hand rather than `governor`'s keyed
+//! limiter: what rayfence needs is the count of what each pod had suppressed,
+//! handed on with its next event and forgotten with its bucket, which `governor`
+//! does not keep; it would be a second map beside the limiter's.
+//!
 //! Must not: block the reconcile loop (publishing never waits on a reader), or let
 //! a slow `rayfence flows --follow` reader hold events (it skips, and is told).
 use std::collections::{BTreeMap, VecDeque};
-use std::io::Write as _;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -82,7 +87,7 @@ impl FlowHub {
 /// Where flow events go besides the hub.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowLog {
-    /// One JSON object per line on stdout.
+    /// In the agent's log (stdout), one line each.
     Stdout,
     Off,
 }
@@ -149,11 +154,8 @@ impl FlowEvents {
             return Handled::Suppressed;
         };
         let record = record(engine, event, verdict, suppressed);
-        if self.config.log == FlowLog::Stdout
-            && let Ok(line) = serde_json::to_string(&record)
-        {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{line}");
+        if self.config.log == FlowLog::Stdout {
+            log(&record);
         }
         self.hub.publish(record);
         Handled::Published(verdict)
@@ -188,6 +190,44 @@ impl FlowEvents {
         self.buckets
             .retain(|_, b| now.duration_since(b.last) < IDLE);
     }
+}
+
+/// One log line for the event: the ends' fields prefixed `src_` and `dst_`, the
+/// rest as [`FlowRecord`] names them; the line's own `timestamp` stands for `time`.
+pub fn log(record: &FlowRecord) {
+    let (src, dst) = (&record.source, &record.destination);
+    fn opt(value: &Option<String>) -> Option<tracing::field::DisplayValue<&str>> {
+        value.as_deref().map(tracing::field::display)
+    }
+    tracing::info!(
+        target: crate::logging::FLOW_TARGET,
+        verdict = %record.verdict.as_str(),
+        direction = %record.direction,
+        reason = %record.reason,
+        protocol = %record.protocol,
+        src_ip = %src.ip,
+        src_port = src.port,
+        src_kind = %src.kind,
+        src_namespace = opt(&src.namespace),
+        src_name = opt(&src.name),
+        src_raycluster = opt(&src.raycluster),
+        src_cidr = opt(&src.cidr),
+        dst_ip = %dst.ip,
+        dst_port = dst.port,
+        dst_kind = %dst.kind,
+        dst_namespace = opt(&dst.namespace),
+        dst_name = opt(&dst.name),
+        dst_raycluster = opt(&dst.raycluster),
+        dst_cidr = opt(&dst.cidr),
+        namespace = %record.namespace,
+        pod = %record.pod,
+        raycluster = opt(&record.raycluster),
+        role = opt(&record.role),
+        bytes = record.bytes,
+        suppressed = record.suppressed,
+        "flow {}",
+        record.verdict.as_str()
+    );
 }
 
 /// The event, named from the engine's current state.

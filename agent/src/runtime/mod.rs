@@ -143,7 +143,11 @@ impl Runtime {
         let datapath = Datapath::load(&config.datapath).map_err(RuntimeError::Datapath)?;
         let adopted = datapath.attachments().len();
         tracing::info!(
-            bpffs = ?config.datapath.bpffs_dir,
+            bpffs = config
+                .datapath
+                .bpffs_dir
+                .as_deref()
+                .map(|p| tracing::field::display(p.display())),
             adopted_endpoints = adopted,
             adopted_rows = datapath.tables().policy.len(),
             node_trust = %datapath.node_trust().describe(),
@@ -387,7 +391,7 @@ impl Runtime {
             })
             .inc();
         if self.synced.insert(kind) {
-            tracing::info!(kind = ?kind, objects = objects.len(), "first full sync of a kind");
+            tracing::info!(kind = %kind, objects = objects.len(), "first full sync of a kind");
         }
     }
 
@@ -409,7 +413,7 @@ impl Runtime {
                 "unreachable"
             }
             SourceStatus::KindMissing { kind, error } => {
-                tracing::warn!(kind = ?kind, %error, "a kind is not served yet; waiting for it");
+                tracing::warn!(kind = %kind, %error, "a kind is not served yet; waiting for it");
                 "kind-missing"
             }
         };
@@ -488,8 +492,8 @@ impl Runtime {
             }
             Err(error) => {
                 self.health.metrics.error("apply");
-                tracing::error!(%error, source = ?std::error::Error::source(&error).map(|s| s.to_string()),
-                    fail_closed = ?self.datapath.fail_closed(),
+                tracing::error!(%error, source = std::error::Error::source(&error).map(tracing::field::display),
+                    fail_closed = %crate::logging::list(self.datapath.fail_closed()),
                     "applying the policy failed; affected endpoints stay fail-closed, retrying");
                 self.needs_full_apply = true;
                 false
@@ -530,7 +534,7 @@ impl Runtime {
         addresses.sort();
         addresses.dedup();
         if addresses != self.engine.settings().node_addresses {
-            tracing::info!(addresses = ?addresses, "node addresses");
+            tracing::info!(addresses = %crate::logging::list(&addresses), "node addresses");
             self.engine.set_node_addresses(addresses);
         }
     }

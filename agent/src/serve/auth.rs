@@ -108,6 +108,27 @@ impl ResourceAttributes {
     }
 }
 
+/// The flag's own form, `namespace=..,resource=..` (empty keys left out), as logs
+/// show it.
+impl std::fmt::Display for ResourceAttributes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pairs = [
+            ("namespace", &self.namespace),
+            ("group", &self.group),
+            ("version", &self.version),
+            ("resource", &self.resource),
+            ("subresource", &self.subresource),
+            ("name", &self.name),
+        ];
+        let mut first = true;
+        for (key, value) in pairs.into_iter().filter(|(_, v)| !v.is_empty()) {
+            write!(f, "{}{key}={value}", if first { "" } else { "," })?;
+            first = false;
+        }
+        Ok(())
+    }
+}
+
 /// What to ask the API server.
 #[derive(Debug, Clone)]
 pub struct AuthConfig {

@@ -204,7 +204,7 @@ impl Poster {
             if let Err(error) = self.handle(&problem).await {
                 self.shared.forget(&problem);
                 self.shared.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %error, source = ?std::error::Error::source(&error),
+                tracing::warn!(error = %error, source = std::error::Error::source(&error).map(tracing::field::display),
                     "could not post a Kubernetes Event; retried when reported again");
             }
         }

@@ -6,9 +6,13 @@
 //! editor backups ignored); multi-document YAML, and `kind: List` as
 //! `kubectl get -o yaml` writes it. Kinds the agent does not read are ignored.
 //!
-//! Watching is a cheap poll of (name, inode, size, mtime) every
-//! [`FilesConfig::poll`] (default 100 ms): edits, new files, files renamed into
-//! place and deletions are all seen within a second, with no inotify dependency.
+//! Watching: `notify` (inotify) says something in the directory changed; after
+//! [`FilesConfig::settle`] (the rest of an editor's or `kubectl cp`'s writes) the
+//! directory is rescanned, and only files whose (name, inode, size, mtime) changed
+//! are read again. Where inotify is unavailable (no instances left, a filesystem
+//! without it), `notify`'s poll watcher looks every [`FilesConfig::poll`] instead.
+//! Either way a rescan also runs every [`FilesConfig::resync`], for what no notice
+//! reports (the directory itself replaced, network filesystems).
 //!
 //! Must not: loosen anything on bad input. A file that fails to parse (any document)
 //! is reported with its path and document index and keeps its last good objects; an
@@ -16,24 +20,47 @@
 //! nothing. Must not decide policy or touch the datapath.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime};
 
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use super::{Object, ObjectKey, ObjectKind, SourceEvent, SourceStatus};
 
-/// Where and how often to look.
+/// Where and how to look.
 #[derive(Clone, Debug)]
 pub struct FilesConfig {
     pub dir: PathBuf,
+    /// How changes are noticed.
+    pub watch: WatchMode,
+    /// After a change is noticed, how long to wait for more before rescanning
+    /// (one rescan for a burst of writes).
+    pub settle: Duration,
+    /// The poll watcher's interval (where inotify is unavailable).
     pub poll: Duration,
+    /// A rescan at least this often, notice or not.
+    pub resync: Duration,
+}
+
+/// How changes in the directory are noticed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchMode {
+    /// inotify, or the poll watcher where inotify cannot be had.
+    Notify,
+    /// The poll watcher only.
+    Poll,
 }
 
 impl FilesConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
+            watch: WatchMode::Notify,
+            settle: Duration::from_millis(20),
             poll: Duration::from_millis(100),
+            resync: Duration::from_secs(2),
         }
     }
 }
@@ -53,12 +80,14 @@ pub enum FilesError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: document {document}: not valid YAML/JSON")]
+    #[error("{path}: document {document}{}: not valid YAML/JSON", at_line(*.line))]
     Syntax {
         path: PathBuf,
+        /// Counted from 0.
         document: usize,
+        line: Option<usize>,
         #[source]
-        source: serde_yaml::Error,
+        source: serde_norway::Error,
     },
     #[error("{path}: document {document}: {kind} {name:?}: {source}")]
     Object {
@@ -69,6 +98,10 @@ pub enum FilesError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+fn at_line(line: Option<usize>) -> String {
+    line.map(|l| format!(" (line {l})")).unwrap_or_default()
 }
 
 /// What identifies a version of a file on disk.
@@ -181,15 +214,17 @@ pub fn read_file(path: &Path) -> Result<Vec<Object>, FilesError> {
 pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, FilesError> {
     use serde::Deserialize as _;
     let mut objects = Vec::new();
-    for (document, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = serde_yaml::Value::deserialize(de).map_err(|source| FilesError::Syntax {
+    for (document, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = serde_norway::Value::deserialize(de).map_err(|source| FilesError::Syntax {
             path: path.to_owned(),
             document,
+            line: source.location().map(|l| l.line()),
             source,
         })?;
         if value.is_null() {
             continue;
         }
+        // Through YAML's own value first: its non-string keys become JSON strings.
         let json = serde_json::to_value(&value).map_err(|source| FilesError::Object {
             path: path.to_owned(),
             document,
@@ -261,6 +296,9 @@ fn collect(
 
 /// Watches `config.dir` until `tx` closes. Blocking: run it on its own thread.
 pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
+    let (notice_tx, notices) = std_mpsc::channel();
+    // Kept for as long as the loop runs: dropping it ends the watch.
+    let mut _watcher = watch(&config, notice_tx.clone());
     let mut manifests = Manifests::default();
     let mut unreachable = false;
     loop {
@@ -284,6 +322,10 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
                 {
                     return;
                 }
+                if unreachable {
+                    // A directory that came back is another inode: watch it anew.
+                    _watcher = watch(&config, notice_tx.clone());
+                }
                 unreachable = false;
             }
             Err(error) => {
@@ -302,7 +344,60 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
         if tx.is_closed() {
             return;
         }
-        std::thread::sleep(config.poll);
+        match notices.recv_timeout(config.resync) {
+            Ok(()) => {
+                std::thread::sleep(config.settle);
+                while notices.try_recv().is_ok() {}
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            // Unreachable while `notice_tx` lives; never spin.
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(config.resync),
+        }
+    }
+}
+
+/// A watcher that sends `()` on every change in `config.dir`: inotify when it can
+/// be had (unless `config.watch` says poll), else the poll watcher; `None` (with
+/// a warning) when neither works, leaving the periodic rescan.
+fn watch(
+    config: &FilesConfig,
+    notices: std_mpsc::Sender<()>,
+) -> Option<Box<dyn notify::Watcher + Send>> {
+    let handler = move |event: notify::Result<notify::Event>| {
+        // Opening and reading (the rescan's own, too) change nothing; a closed
+        // write does. An error from the watcher: rescan to be sure.
+        let change = match event {
+            Ok(event) => match event.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                _ => true,
+            },
+            Err(_) => true,
+        };
+        if change {
+            let _ = notices.send(());
+        }
+    };
+    let inotify = match config.watch {
+        WatchMode::Notify => notify::recommended_watcher(handler.clone())
+            .and_then(|mut w| w.watch(&config.dir, RecursiveMode::NonRecursive).map(|()| w))
+            .map_err(|error| tracing::warn!(dir = %config.dir.display(), %error, poll_ms = config.poll.as_millis(), "no inotify watch on the manifests directory; polling it instead")),
+        WatchMode::Poll => Err(()),
+    };
+    if let Ok(watcher) = inotify {
+        tracing::debug!(dir = %config.dir.display(), "watching the manifests directory with inotify");
+        return Some(Box::new(watcher));
+    }
+    let poll = notify::Config::default().with_poll_interval(config.poll);
+    match notify::PollWatcher::new(handler, poll).and_then(|mut w| {
+        w.watch(&config.dir, RecursiveMode::NonRecursive)
+            .map(|()| w)
+    }) {
+        Ok(watcher) => Some(Box::new(watcher)),
+        Err(error) => {
+            tracing::warn!(dir = %config.dir.display(), %error, resync_ms = config.resync.as_millis(), "no watch on the manifests directory; rescanning it periodically");
+            None
+        }
     }
 }
 
@@ -352,6 +447,129 @@ mod tests {
         let e = parse("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: 5\n")
             .expect_err("bad pod");
         assert!(e.to_string().contains("document 0"), "{e}");
+    }
+
+    #[test]
+    fn yaml_1_1_booleans_stay_strings_as_kubectl_reads_label_values() {
+        let objects = parse(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: x, labels: {ns: y, tier: on, ok: no}}\n",
+        )
+        .expect("parses");
+        let Some(Object::Namespace(ns)) = objects.first() else {
+            panic!("{}", objects.len());
+        };
+        let labels = ns.metadata.labels.clone().unwrap_or_default();
+        let values: Vec<&str> = labels.values().map(String::as_str).collect();
+        assert_eq!(values, ["y", "no", "on"], "{labels:?}");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line_too() {
+        let e = parse("apiVersion: v1\nkind: Pod\nmetadata: [oops\n").expect_err("bad yaml");
+        let text = e.to_string();
+        assert!(
+            text.contains("document 0") && text.contains("line "),
+            "{text}"
+        );
+    }
+
+    /// A temporary manifests directory, removed on drop.
+    struct Dir(PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("rf-files-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("dir");
+            Self(dir)
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// Runs the watcher on `dir` with a resync far beyond the test, so only a
+    /// notice can make it see a change; returns the namespaces of each listing.
+    fn watched(dir: &Path, watch: WatchMode) -> impl FnMut(Duration) -> Option<Vec<String>> {
+        let (tx, mut rx) = mpsc::channel(64);
+        let config = FilesConfig {
+            watch,
+            poll: Duration::from_millis(50),
+            resync: Duration::from_secs(3600),
+            ..FilesConfig::new(dir)
+        };
+        std::thread::spawn(move || run_blocking(config, tx));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        move |timeout| {
+            runtime.block_on(async {
+                loop {
+                    match tokio::time::timeout(timeout, rx.recv()).await {
+                        Ok(Some(SourceEvent::Resync(ObjectKind::Namespace, objects))) => {
+                            let names = objects
+                                .iter()
+                                .map(|o| o.key().name.clone())
+                                .collect::<Vec<_>>();
+                            return Some(names);
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) | Err(_) => return None,
+                    }
+                }
+            })
+        }
+    }
+
+    fn namespace(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}}}\n")
+    }
+
+    fn changes_are_seen_by_notice(watch: WatchMode) {
+        let dir = Dir::new(&format!("{watch:?}"));
+        std::fs::write(dir.0.join("a.yaml"), namespace("a")).expect("write");
+        let mut next = watched(&dir.0, watch);
+        assert_eq!(next(Duration::from_secs(5)), Some(vec!["a".to_owned()]));
+
+        // Written in place, in two steps (a burst, one consistent listing after it).
+        let t0 = std::time::Instant::now();
+        std::fs::write(dir.0.join("b.yaml"), "apiVersion: v1\nkind: Namespace\n").expect("w");
+        std::fs::write(dir.0.join("b.yaml"), namespace("b")).expect("write");
+        let mut seen = next(Duration::from_secs(5)).expect("a listing after the write");
+        while seen != ["a", "b"] {
+            seen = next(Duration::from_secs(5)).expect("the complete listing");
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+
+        // Renamed into place, as editors and ConfigMap volumes do; then removed.
+        std::fs::write(dir.0.join(".c.tmp"), namespace("c")).expect("write");
+        std::fs::rename(dir.0.join(".c.tmp"), dir.0.join("c.yaml")).expect("rename");
+        assert_eq!(
+            next(Duration::from_secs(5)),
+            Some(vec!["a".to_owned(), "b".to_owned(), "c".to_owned()])
+        );
+        std::fs::remove_file(dir.0.join("a.yaml")).expect("rm");
+        assert_eq!(
+            next(Duration::from_secs(5)),
+            Some(vec!["b".to_owned(), "c".to_owned()])
+        );
+        // Reading a file changes nothing: no new listing.
+        let _ = std::fs::read_to_string(dir.0.join("b.yaml"));
+        assert_eq!(next(Duration::from_millis(500)), None);
+    }
+
+    #[test]
+    fn inotify_notices_new_edited_renamed_and_removed_files_without_waiting_for_a_resync() {
+        changes_are_seen_by_notice(WatchMode::Notify);
+    }
+
+    #[test]
+    fn the_poll_watcher_notices_them_where_inotify_is_not_used() {
+        changes_are_seen_by_notice(WatchMode::Poll);
     }
 
     #[test]

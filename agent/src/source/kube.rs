@@ -130,7 +130,7 @@ pub async fn run(
         let tx = tx.clone();
         let page_size = config.page_size;
         let node = config.node_name.clone();
-        tracing::info!(?kind, node = %node, "watching");
+        tracing::info!(%kind, node = %node, "watching");
         tasks.spawn(async move {
             let wc = watcher::Config::default().page_size(page_size);
             match kind {
@@ -265,7 +265,7 @@ where
                 Event::InitApply(o) => listing.get_or_insert_with(Vec::new).push((self.wrap)(o)),
                 Event::InitDone => {
                     let objects = listing.take().unwrap_or_default();
-                    tracing::info!(kind = ?self.kind, objects = objects.len(), "listed");
+                    tracing::info!(kind = %self.kind, objects = objects.len(), "listed");
                     self.send(SourceEvent::Resync(self.kind, objects)).await?;
                 }
                 Event::Apply(o) => self.send(SourceEvent::Apply((self.wrap)(o))).await?,
@@ -342,7 +342,7 @@ impl Health {
             }
         };
         if let Some(status) = status {
-            tracing::info!(?kind, "connected to the API server");
+            tracing::info!(%kind, "connected to the API server");
             self.send(kind, status).await?;
         }
         Ok(())
@@ -354,13 +354,13 @@ impl Health {
             // 410 Gone: the history moved on; the watcher relists, and the listing
             // is delivered as a Resync. Routine, not an outage.
             Some(410) => {
-                tracing::debug!(?kind, %error, "watch expired, relisting");
+                tracing::debug!(%kind, %error, "watch expired, relisting");
                 None
             }
             Some(404) => {
                 let mut s = self.lock();
                 if s.missing.insert(kind) {
-                    tracing::warn!(?kind, %error, "kind not served by the API server; waiting for it");
+                    tracing::warn!(%kind, %error, "kind not served by the API server; waiting for it");
                     Some(SourceStatus::KindMissing {
                         kind,
                         error: error.to_string(),
@@ -375,12 +375,12 @@ impl Health {
                 self.failing.notify_one();
                 if s.unreachable != Some(true) {
                     s.unreachable = Some(true);
-                    tracing::warn!(?kind, %error, "API server unreachable; enforcing the last known state");
+                    tracing::warn!(%kind, %error, "API server unreachable; enforcing the last known state");
                     Some(SourceStatus::Unreachable {
                         error: error.to_string(),
                     })
                 } else {
-                    tracing::debug!(?kind, %error, "still unreachable");
+                    tracing::debug!(%kind, %error, "still unreachable");
                     None
                 }
             }

@@ -29,6 +29,13 @@ pub enum ObjectKind {
     Node,
 }
 
+/// The manifest kind (`RayCluster`, `Pod`, ...), as logs name it.
+impl std::fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
 impl ObjectKind {
     pub const ALL: [ObjectKind; 7] = [
         ObjectKind::RayCluster,

@@ -203,16 +203,16 @@ pub fn slice(
 }
 
 pub fn raycluster(yaml: &str) -> RayCluster {
-    serde_yaml::from_str(yaml).expect("RayCluster YAML")
+    serde_norway::from_str(yaml).expect("RayCluster YAML")
 }
 
 pub fn netpol(yaml: &str) -> NetworkPolicy {
-    serde_yaml::from_str(yaml).expect("NetworkPolicy YAML")
+    serde_norway::from_str(yaml).expect("NetworkPolicy YAML")
 }
 
 /// Every document of a fixture file, as JSON values.
 pub fn fixture_docs(text: &str) -> Vec<serde_json::Value> {
-    serde_yaml::Deserializer::from_str(text)
+    serde_norway::Deserializer::from_str(text)
         .map(|d| serde::Deserialize::deserialize(d).expect("fixture YAML"))
         .filter(|v: &serde_json::Value| !v.is_null())
         .collect()

@@ -259,6 +259,17 @@ fn dechunk(mut s: &str) -> String {
 
 /// `rayfence ARGS --socket SOCKET`: what the command prints, or its error.
 pub fn command(bin: &Path, socket: &Path, args: &[&str]) -> Result<String> {
+    command_with_status(bin, socket, args, &[0]).map(|(_, out)| out)
+}
+
+/// `rayfence ARGS` against the agent's socket; an exit status in `ok` (`explain`
+/// exits 1 for a denied flow) gives it and stdout, any other stderr as the error.
+pub fn command_with_status(
+    bin: &Path,
+    socket: &Path,
+    args: &[&str],
+    ok: &[i32],
+) -> Result<(i32, String)> {
     let out = std::process::Command::new(bin)
         .args(args)
         .arg("--socket")
@@ -266,14 +277,17 @@ pub fn command(bin: &Path, socket: &Path, args: &[&str]) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", bin.display()))?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "rayfence {}: {}",
+    match out.status.code() {
+        Some(code) if ok.contains(&code) => {
+            Ok((code, String::from_utf8_lossy(&out.stdout).into_owned()))
+        }
+        _ => anyhow::bail!(
+            "rayfence {} ({}): {}",
             args.join(" "),
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        );
+        ),
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[cfg(test)]

@@ -404,7 +404,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         explained = checked.asked;
         explain_disagreements = checked.disagreements;
         println!(
-            "\nrayfence explain (the agent's engine, over its socket) agrees with the datapath on {} of {} probed flows ({} commands in {:.1?}, {} at a time)",
+            "\nrayfence explain (the agent's engine, over its socket) agrees with the datapath (verdict and exit status) on {} of {} probed flows ({} commands in {:.1?}, {} at a time)",
             explained - explain_disagreements.len(),
             explained,
             explained,
@@ -499,7 +499,8 @@ fn explain_every_probe(
     parallel: usize,
 ) -> Result<ExplainCheck> {
     let node = topo.node(0);
-    let run = |args: &[&str]| agent::command(bin, socket, args);
+    // `explain` exits with its verdict: 0 allowed, 1 denied.
+    let run = |args: &[&str]| agent::command_with_status(bin, socket, args, &[0, 1]);
     // (from, to, what the datapath did) for every probed cell.
     let flows: Vec<(String, String, &str, bool)> = cells
         .iter()
@@ -540,10 +541,17 @@ fn explain_every_probe(
                     let Some((from, to, datapath, _)) = flows.get(i) else {
                         break;
                     };
-                    let verdict =
-                        run(&["explain", "--json", "--from", from, "--to", to]).and_then(|out| {
+                    // The exit status must say the same as the verdict.
+                    let verdict = run(&["explain", "-o", "json", "--from", from, "--to", to])
+                        .and_then(|(status, out)| {
                             let v: serde_json::Value = serde_json::from_str(&out)?;
-                            Ok(v["verdict"].as_str().unwrap_or("?").to_owned())
+                            let verdict = v["verdict"].as_str().unwrap_or("?").to_owned();
+                            let expected = if verdict == "allowed" { 0 } else { 1 };
+                            anyhow::ensure!(
+                                status == expected,
+                                "verdict {verdict} but exit status {status}"
+                            );
+                            Ok(verdict)
                         });
                     let line = match verdict {
                         Ok(v) if v == *datapath => continue,
@@ -567,7 +575,7 @@ fn explain_every_probe(
         .filter(|(_, _, datapath, pod_to_pod)| *datapath == "denied" && *pod_to_pod)
         .min_by_key(|(_, to, ..)| !to.ends_with(":8265/tcp"))
         .and_then(|(from, to, ..)| {
-            let text = run(&["explain", "--from", from, "--to", to]).ok()?;
+            let (_, text) = run(&["explain", "--from", from, "--to", to]).ok()?;
             Some((format!("rayfence explain --from {from} --to {to}"), text))
         });
     Ok(ExplainCheck {

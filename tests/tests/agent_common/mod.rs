@@ -265,7 +265,7 @@ pub fn raycluster(ns: &str, name: &str, policy: Value) -> Value {
 /// A running `rayfence agent`; SIGKILLed on drop (pinned state stays: see [`Bpffs`]).
 pub struct Agent {
     child: Option<Child>,
-    /// stderr (tracing) and stdout (flow events as JSON lines).
+    /// Its log (stdout: every line, flow events included) and stderr (a fatal error).
     pub log: PathBuf,
     /// The operator API socket (`--api-socket`), unique per agent.
     pub socket: PathBuf,
@@ -313,7 +313,6 @@ impl Agent {
             .arg(&socket)
             .args(o.extra_args)
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(file)
@@ -421,31 +420,74 @@ impl Agent {
     /// namespace, so `--agent http://127.0.0.1:...` works too). Returns whether it
     /// succeeded, its stdout and its stderr.
     pub fn command(&self, node: &Node, args: &[&str]) -> Result<(bool, String, String)> {
+        let (code, out, err) = self.command_status(node, args)?;
+        Ok((code == Some(0), out, err))
+    }
+
+    /// [`Agent::command`] with the exit status (`None`: killed by a signal).
+    pub fn command_status(
+        &self,
+        node: &Node,
+        args: &[&str],
+    ) -> Result<(Option<i32>, String, String)> {
         let bin = rayfence_bin()?;
         let output = node
             .netns
             .cmd(bin.to_str().context("utf-8 path")?)
             .args(args)
             .env("RAYFENCE_API_SOCKET", &self.socket)
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()
             .with_context(|| format!("running rayfence {args:?}"))?;
         Ok((
-            output.status.success(),
+            output.status.code(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         ))
     }
 
-    /// The flow events the agent logged so far (its JSON lines on stdout).
+    /// The flow events the agent logged so far (with `--log-format json`: its lines
+    /// of target `rayfence::flows`), as the API's records; `time` is the line's
+    /// `timestamp`.
     pub fn logged_flows(&self) -> Vec<rayfence::api::FlowRecord> {
         self.log_text()
             .lines()
-            .filter(|l| l.starts_with('{'))
-            .filter_map(|l| serde_json::from_str(l).ok())
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == rayfence::logging::FLOW_TARGET)
+            .filter_map(|v| flow_record(&v))
             .collect()
     }
+}
+
+/// A flow log line's flat fields back into the API's nested record.
+fn flow_record(line: &Value) -> Option<rayfence::api::FlowRecord> {
+    let text = |key: &str| line.get(key).and_then(Value::as_str).map(str::to_owned);
+    let end = |prefix: &str| -> Option<rayfence::api::FlowEnd> {
+        Some(rayfence::api::FlowEnd {
+            ip: text(&format!("{prefix}_ip"))?.parse().ok()?,
+            port: u16::try_from(line.get(format!("{prefix}_port"))?.as_u64()?).ok()?,
+            kind: text(&format!("{prefix}_kind"))?,
+            namespace: text(&format!("{prefix}_namespace")),
+            name: text(&format!("{prefix}_name")),
+            raycluster: text(&format!("{prefix}_raycluster")),
+            cidr: text(&format!("{prefix}_cidr")),
+        })
+    };
+    Some(rayfence::api::FlowRecord {
+        time: text("timestamp")?,
+        verdict: serde_json::from_value(line.get("verdict")?.clone()).ok()?,
+        direction: text("direction")?,
+        reason: text("reason")?,
+        protocol: text("protocol")?,
+        source: end("src")?,
+        destination: end("dst")?,
+        namespace: text("namespace")?,
+        pod: text("pod")?,
+        raycluster: text("raycluster"),
+        role: text("role"),
+        bytes: u32::try_from(line.get("bytes")?.as_u64()?).ok()?,
+        suppressed: line.get("suppressed")?.as_u64()?,
+    })
 }
 
 impl Drop for Agent {

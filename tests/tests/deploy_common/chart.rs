@@ -26,7 +26,7 @@ pub fn chart_dir() -> std::path::PathBuf {
 /// values.yaml as JSON.
 pub fn default_values() -> Result<Value> {
     let text = std::fs::read_to_string(chart_dir().join("values.yaml"))?;
-    Ok(serde_yaml::from_str(&text)?)
+    Ok(serde_norway::from_str(&text)?)
 }
 
 /// Every template file (name, text), sorted by name.
@@ -155,7 +155,7 @@ fn pipeline(action: &str, values: &Value, namespace: &str) -> Result<String> {
     let first = stages.next().unwrap_or_default();
     let mut current = if let Some(arg) = first.strip_prefix("toYaml ") {
         Value::String(
-            serde_yaml::to_string(&eval(arg.trim(), values, namespace)?)?
+            serde_norway::to_string(&eval(arg.trim(), values, namespace)?)?
                 .trim_end()
                 .to_owned(),
         )

@@ -58,7 +58,7 @@ pub fn kustomize(dir: &str) -> Result<Vec<Value>> {
 /// A multi-document YAML stream as JSON values, empty documents left out.
 pub fn documents(text: &str) -> Result<Vec<Value>> {
     let mut docs = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
+    for doc in serde_norway::Deserializer::from_str(text) {
         let value: Value = serde::Deserialize::deserialize(doc).context("parsing YAML")?;
         if !value.is_null() {
             docs.push(value);
