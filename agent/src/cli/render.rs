@@ -254,6 +254,8 @@ mod tests {
             source: "files".into(),
             audit: false,
             problems: 0,
+            node_trust: String::new(),
+            host_network_pods: Vec::new(),
             endpoints: vec![
                 endpoint("alpha-head-8x2kq", "attached", None),
                 endpoint("w", "pending", Some("no cgroup yet")),
@@ -287,5 +289,23 @@ mod tests {
             pending.contains(" pending ") && pending.ends_with("no cgroup yet"),
             "{pending}"
         );
+    }
+
+    #[test]
+    fn status_says_how_node_trust_works_and_which_host_network_pods_are_known() {
+        let mut report = report();
+        report.node_trust = "conntrack: NATed traffic is judged by its original source".into();
+        report.host_network_pods = vec!["monitoring/node-exporter".into()];
+        let text = status(&report, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "node trust: conntrack: NATed traffic is judged by its original source"
+        );
+        assert_eq!(
+            lines[2],
+            "hostNetwork pods (their traffic is theirs, not the node's): monitoring/node-exporter"
+        );
+        assert!(lines[3].starts_with("POD "), "{text}");
     }
 }
