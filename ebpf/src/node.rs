@@ -21,7 +21,9 @@
 //!
 //! The cgroup hook sits in the pod's own network namespace: it sees neither the
 //! node's sockets nor its conntrack, so there a node address is an ordinary address
-//! (the caller does not ask here); the agent says so for every pod so hooked.
+//! except for its node ports ([`node_port`], compiled, so the same on both hooks);
+//! the caller does not ask [`classify`] there. The agent says so for every pod so
+//! hooked.
 //!
 //! Cost: one hash lookup (egress), or a bounded cgroup walk, one conntrack lookup
 //! and one hash lookup, on the first packet of a node flow only; the answer "the

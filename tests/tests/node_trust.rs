@@ -752,14 +752,20 @@ fn egress_through_the_node(hook: Hook) -> Result<()> {
             dropped("DenyAll: worker -> foreign's NodePort", o, foreign)?;
             egress.expect(1, "DenyAll: worker -> foreign's NodePort")?;
         }
-        // On the cgroup hook every node address is an ordinary address: the
-        // head's NodePort and the kubelet too, until an ipBlock covers the node.
+        // On the cgroup hook the ports the node DNATs are still decided on where
+        // they lead (they are compiled, not seen): the head's NodePort and hostPort
+        // pass. Any other port of a node address is an ordinary address there: the
+        // kubelet too, until an ipBlock covers the node.
         Hook::Cgroup => {
-            for port in [HEAD_NP, HEAD_HP, KUBELET] {
-                let o = worker.tcp_connect(node.ip4.into(), port, DENIED);
-                dropped(&format!("worker -> node:{port}"), o, None)?;
+            for port in [HEAD_NP, HEAD_HP] {
+                allowed(
+                    &format!("worker -> node:{port} (the head's) on the cgroup hook"),
+                    worker.tcp_connect(node.ip4.into(), port, OK),
+                )?;
             }
-            egress.expect(3, "worker -> node addresses")?;
+            let o = worker.tcp_connect(node.ip4.into(), KUBELET, DENIED);
+            dropped(&format!("worker -> node:{KUBELET}"), o, None)?;
+            egress.expect(1, "worker -> the node's kubelet")?;
             let to_node: Vec<Value> = host_cidrs(&node.ips())
                 .iter()
                 .map(|c| json!({"ipBlock": {"cidr": c}}))
@@ -795,7 +801,8 @@ fn an_egress_isolated_pod_reaches_through_its_node_only_what_it_may_reach_direct
 }
 
 #[test]
-fn an_egress_isolated_pod_on_the_cgroup_hook_treats_node_addresses_as_addresses() -> Result<()> {
+fn an_egress_isolated_pod_on_the_cgroup_hook_treats_node_addresses_as_addresses_but_node_ports_as_their_backends()
+-> Result<()> {
     egress_through_the_node(Hook::Cgroup)
 }
 
@@ -897,8 +904,10 @@ fn host_network_pods(hook: Hook) -> Result<()> {
             )?;
             egress.expect(1, "head -> unselected")?;
         }
-        // The cgroup hook cannot tell a hostNetwork pod from the node: a selector
-        // does not reach it there, an ipBlock for the node's address does.
+        // The cgroup hook cannot tell a hostNetwork pod's packets from the node's:
+        // a selector does not let it in there, an ipBlock for the node's address
+        // does. The port it declares is compiled, so egress to it is decided on the
+        // pod, as on TC.
         Hook::Cgroup => {
             dropped(
                 "selected exporter -> head on the cgroup hook",
@@ -906,12 +915,10 @@ fn host_network_pods(hook: Hook) -> Result<()> {
                 srv,
             )?;
             ingress.expect(1, "selected exporter -> head")?;
-            dropped(
-                "head -> selected exporter on the cgroup hook",
-                head.tcp_connect(node.ip4.into(), EXPORTER, DENIED),
-                None,
+            allowed(
+                "head -> selected exporter's port on the cgroup hook",
+                head.tcp_connect(node.ip4.into(), EXPORTER, OK),
             )?;
-            egress.expect(1, "head -> selected exporter")?;
             let rule = ip_block_rule(&host_cidrs(&node.ips()), PORT);
             rig.edit(
                 json!({"mode": "DenyAll", "head": {"ingressRules": [rule]}}),
