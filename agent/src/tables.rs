@@ -303,34 +303,7 @@ impl Tables {
         protocol: u8,
         port: u16,
     ) -> bool {
-        let Some(endpoint) = self.endpoints.get(&endpoint) else {
-            return false;
-        };
-        let isolated = match direction {
-            Direction::Ingress => endpoint.isolate_ingress,
-            Direction::Egress => endpoint.isolate_egress,
-        };
-        if !isolated {
-            return true;
-        }
-        let peer = canonical(peer);
-        let exact = self.addresses.get(&peer).copied();
-        if exact == Some(identity::HOST) {
-            // Egress to a port the node DNATs is decided on its backends' identity
-            // alone (no ipBlock matches it); any other node traffic is the node's
-            // own (its host processes: what the datapath finds by socket).
-            let node_port = NodePort { protocol, port };
-            return match self.node_ports.get(&node_port) {
-                Some(id) if direction == Direction::Egress => {
-                    self.row_allows(endpoint.policy_id, direction, *id, protocol, port)
-                }
-                _ => true,
-            };
-        }
-        let cidr = self.longest_cidr_identity(peer);
-        [exact, cidr].into_iter().flatten().any(|peer_identity| {
-            self.row_allows(endpoint.policy_id, direction, peer_identity, protocol, port)
-        })
+        self.verdict(endpoint, direction, peer, None, protocol, port)
     }
 
     /// The verdict for a new flow whose peer the datapath knows by its socket's cgroup
@@ -349,6 +322,27 @@ impl Tables {
         protocol: u8,
         port: u16,
     ) -> bool {
+        self.verdict(
+            endpoint,
+            direction,
+            peer,
+            Some(peer_identity),
+            protocol,
+            port,
+        )
+    }
+
+    /// [`Self::allows`] and [`Self::allows_identified`]: `identified` replaces the
+    /// address's exact identity (behind a node address: someone other than the node).
+    fn verdict(
+        &self,
+        endpoint: EndpointId,
+        direction: Direction,
+        peer: IpAddr,
+        identified: Option<IdentityId>,
+        protocol: u8,
+        port: u16,
+    ) -> bool {
         let Some(endpoint) = self.endpoints.get(&endpoint) else {
             return false;
         };
@@ -360,17 +354,27 @@ impl Tables {
             return true;
         }
         let peer = canonical(peer);
-        if direction == Direction::Egress
-            && self.addresses.get(&peer) == Some(&identity::HOST)
-            && let Some(id) = self.node_ports.get(&NodePort { protocol, port })
-        {
-            return self.row_allows(endpoint.policy_id, direction, *id, protocol, port);
+        let exact = self.addresses.get(&peer).copied();
+        if exact == Some(identity::HOST) {
+            // Egress to a port the node DNATs is decided on its backends' identity
+            // alone (no ipBlock matches it); any other node traffic from the node's
+            // own host processes (what the datapath finds by socket) is allowed.
+            if direction == Direction::Egress
+                && let Some(id) = self.node_ports.get(&NodePort { protocol, port })
+            {
+                return self.row_allows(endpoint.policy_id, direction, *id, protocol, port);
+            }
+            if identified.is_none() {
+                return true;
+            }
         }
         let cidr = self.longest_cidr_identity(peer);
-        [Some(peer_identity), cidr]
+        [identified.or(exact), cidr]
             .into_iter()
             .flatten()
-            .any(|id| self.row_allows(endpoint.policy_id, direction, id, protocol, port))
+            .any(|peer_identity| {
+                self.row_allows(endpoint.policy_id, direction, peer_identity, protocol, port)
+            })
     }
 
     /// Whether a row of `policy_id` allows `protocol`/`port` to/from `peer_identity`.

@@ -195,6 +195,41 @@ impl Drop for Steady {
     }
 }
 
+/// One agent per node, each with its own relay to the fake API server, bpffs and
+/// kubelet tree (and the pod sandboxes it enforces, kept alive with it).
+fn start_agents(
+    topo: &Topology,
+    server: &FakeApiServer,
+    kubelets: &mut [Option<Kubelet>],
+    sandboxes: &mut [Vec<Sandbox>],
+) -> Result<Vec<NodeRig>> {
+    let dir = std::env::temp_dir();
+    let mut rigs = Vec::new();
+    for (i, node) in topo.nodes().iter().enumerate() {
+        let mut relay = ApiRelay::start(node, server.addr())?;
+        let kubeconfig = relay.kubeconfig(server, &dir)?;
+        let bpffs = Bpffs::new();
+        let kubelet = kubelets[i].take().context("kubelet")?;
+        let agent = Agent::start(&AgentOptions {
+            node,
+            node_name: &node_name(i),
+            manifests: Path::new("/nonexistent"),
+            bpffs: &bpffs.path,
+            cgroup_root: kubelet.root.path(),
+            kubeconfig: Some(&kubeconfig),
+            extra_args: &[],
+        })?;
+        rigs.push(NodeRig {
+            agent,
+            _relay: relay,
+            _sandboxes: std::mem::take(&mut sandboxes[i]),
+            _kubelet: kubelet,
+            _bpffs: bpffs,
+        });
+    }
+    Ok(rigs)
+}
+
 fn alive(agent: &Agent) -> Result<()> {
     ensure!(
         Path::new(&format!("/proc/{}", agent.pid())).exists(),
@@ -332,30 +367,7 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
         "open before the agents"
     );
 
-    let dir = std::env::temp_dir();
-    let mut rigs = Vec::new();
-    for (i, node) in topo.nodes().iter().enumerate() {
-        let mut relay = ApiRelay::start(node, server.addr())?;
-        let kubeconfig = relay.kubeconfig(&server, &dir)?;
-        let bpffs = Bpffs::new();
-        let kubelet = kubelets[i].take().context("kubelet")?;
-        let agent = Agent::start(&AgentOptions {
-            node,
-            node_name: &node_name(i),
-            manifests: Path::new("/nonexistent"),
-            bpffs: &bpffs.path,
-            cgroup_root: kubelet.root.path(),
-            kubeconfig: Some(&kubeconfig),
-            extra_args: &[],
-        })?;
-        rigs.push(NodeRig {
-            agent,
-            _relay: relay,
-            _sandboxes: std::mem::take(&mut sandboxes[i]),
-            _kubelet: kubelet,
-            _bpffs: bpffs,
-        });
-    }
+    let mut rigs = start_agents(&topo, &server, &mut kubelets, &mut sandboxes)?;
     for (i, rig) in rigs.iter_mut().enumerate() {
         let ready = rig
             .agent
@@ -721,30 +733,7 @@ fn node_ports_across_nodes_are_judged_by_the_original_client_and_the_backend() -
     server.apply(&raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
     server.apply(&raycluster(&ns, "eg", json!({"mode": "DenyAllEgress"})));
 
-    let dir = std::env::temp_dir();
-    let mut rigs = Vec::new();
-    for (i, node) in topo.nodes().iter().enumerate() {
-        let mut relay = ApiRelay::start(node, server.addr())?;
-        let kubeconfig = relay.kubeconfig(&server, &dir)?;
-        let bpffs = Bpffs::new();
-        let kubelet = kubelets[i].take().context("kubelet")?;
-        let agent = Agent::start(&AgentOptions {
-            node,
-            node_name: &node_name(i),
-            manifests: Path::new("/nonexistent"),
-            bpffs: &bpffs.path,
-            cgroup_root: kubelet.root.path(),
-            kubeconfig: Some(&kubeconfig),
-            extra_args: &[],
-        })?;
-        rigs.push(NodeRig {
-            agent,
-            _relay: relay,
-            _sandboxes: std::mem::take(&mut sandboxes[i]),
-            _kubelet: kubelet,
-            _bpffs: bpffs,
-        });
-    }
+    let rigs = start_agents(&topo, &server, &mut kubelets, &mut sandboxes)?;
     for (i, rig) in rigs.iter().enumerate() {
         rig.agent
             .wait_ready(topo.node(i), Duration::from_secs(30))?;
