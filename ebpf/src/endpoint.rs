@@ -8,7 +8,7 @@ use crate::{maps, parse::Skb};
 
 /// Cgroup levels walked when the socket's own cgroup is not registered (containers
 /// live in cgroups below the pod's; kubelet nests pods 3-4 levels deep).
-const MAX_CGROUP_DEPTH: i32 = 12;
+pub const MAX_CGROUP_DEPTH: i32 = 12;
 
 #[inline(always)]
 pub fn by_ifindex(skb: &Skb) -> Option<EndpointInfo> {

@@ -38,12 +38,10 @@ use aya_ebpf::{
 use rayfence_common::{Addr, CtKey, Direction, NodePortKey, identity};
 
 use crate::{
+    endpoint::MAX_CGROUP_DEPTH,
     identity as ident, maps,
     parse::{IPPROTO_TCP, IPPROTO_UDP, Skb},
 };
-
-/// Cgroup levels walked (kubelet nests containers 3-5 levels deep).
-const MAX_CGROUP_DEPTH: i32 = 12;
 
 /// Where the original source address sits in the kernel's `struct nf_conn`
 /// (`tuplehash[IP_CT_DIR_ORIGINAL].tuple.src.u3`), read from the running kernel's

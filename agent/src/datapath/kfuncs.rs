@@ -27,9 +27,13 @@ pub struct KernelConntrack {
     pub original_source_offset: u32,
 }
 
-/// Reads what the datapath needs from the running kernel's BTF.
+/// Reads what the datapath needs from the running kernel's BTF, once per process
+/// (vmlinux BTF is megabytes, and the kernel does not change under us).
 pub fn find() -> Result<KernelConntrack, String> {
-    find_in(Path::new("/sys/kernel/btf/vmlinux"))
+    static FOUND: std::sync::OnceLock<Result<KernelConntrack, String>> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| find_in(Path::new("/sys/kernel/btf/vmlinux")))
+        .clone()
 }
 
 pub fn find_in(vmlinux: &Path) -> Result<KernelConntrack, String> {
