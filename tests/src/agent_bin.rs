@@ -1,8 +1,14 @@
 //! The `rayfence` binary for end-to-end tests. Cargo does not build a dependency's
 //! binaries for this crate's tests (and a stale one would test old code), so it is
-//! built once per test process with `cargo build -p rayfence-agent --bin rayfence`
-//! and taken from next to the test executable (`target/<profile>/deps/<test>` ->
-//! `target/<profile>/rayfence`). `$RAYFENCE_BIN` overrides it.
+//! built once per test process and taken from next to the test executable
+//! (`target/<profile>/deps/<test>` -> `target/<profile>/rayfence`). `$RAYFENCE_BIN`
+//! overrides it.
+//!
+//! The nested build is `cargo test --no-run` over the packages `cargo xtask test`
+//! tests: the same units with the same features, so under `cargo xtask test` (where
+//! the agent's own integration tests already made cargo build the binary) it compiles
+//! nothing. A narrower `cargo build -p rayfence-agent` unifies features differently
+//! and rebuilt kube, hyper and the agent a second time: minutes and gigabytes.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -12,7 +18,8 @@ use anyhow::Result;
 /// The environment kept for the nested build: what cargo gives a test (`CARGO_*`,
 /// build-script variables) would make it fingerprint differently and rebuild every
 /// dependency.
-const KEPT_ENV: [&str; 7] = [
+/// What is kept changes the build the way it changed the outer one.
+const KEPT_ENV: [&str; 10] = [
     "PATH",
     "HOME",
     "RUSTUP_HOME",
@@ -20,6 +27,19 @@ const KEPT_ENV: [&str; 7] = [
     "RUSTUP_TOOLCHAIN",
     "CARGO_TARGET_DIR",
     "CARGO_BUILD_TARGET_DIR",
+    "CARGO_INCREMENTAL",
+    "CARGO_BUILD_JOBS",
+    "RUSTFLAGS",
+];
+
+/// The outer test run's package selection (`cargo xtask test`'s).
+const TEST_RUN_PACKAGES: [&str; 6] = [
+    "--workspace",
+    "--exclude",
+    "rayfence-ebpf",
+    "--exclude",
+    "xtask",
+    "--no-run",
 ];
 
 pub fn rayfence_bin() -> Result<PathBuf> {
@@ -42,7 +62,8 @@ fn build() -> std::result::Result<PathBuf, String> {
                 .iter()
                 .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
         )
-        .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
+        .arg("test")
+        .args(TEST_RUN_PACKAGES)
         .current_dir(workspace)
         .status()
         .map_err(|e| format!("running cargo build: {e}"))?;

@@ -174,8 +174,14 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     // filter or flag for the workspace's tests may not apply to them.
     say("running xtask's own tests");
     run(cargo().args(["test", "--package", "xtask"]))?;
+    check_free_disk(&target_dir()?, FRESH_TEST_BUILD_GIB);
     say("running the tests");
     run(cargo()
+        // A one-off build gains nothing from incremental caches: they cost disk and time.
+        .env(
+            "CARGO_INCREMENTAL",
+            std::env::var_os("CARGO_INCREMENTAL").unwrap_or("0".into()),
+        )
         .args([
             "test",
             "--workspace",
@@ -231,6 +237,42 @@ fn demo(args: &[String]) -> Result<()> {
         .arg("--probe")
         .arg(bin.join("rf-probe"))
         .args(args))
+}
+
+/// What a fresh `cargo xtask test` writes under the target directory, in GiB, with
+/// some room (measured: see README "Testing").
+const FRESH_TEST_BUILD_GIB: u64 = 6;
+
+/// Says how much disk the test build needs when less is free: a full disk shows up
+/// as a compiler crash deep in a nested build, far from its cause.
+fn check_free_disk(target: &Path, needed_gib: u64) {
+    let existing = target
+        .ancestors()
+        .find(|dir| dir.exists())
+        .unwrap_or(Path::new("/"));
+    let Ok(out) = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(existing)
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(free) = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    let free_gib = free >> 30;
+    if free_gib < needed_gib {
+        say(&format!(
+            "warning: {free_gib} GiB free under {}; a fresh test build needs about \
+             {needed_gib} GiB (free some, or point CARGO_TARGET_DIR elsewhere)",
+            existing.display()
+        ));
+    }
 }
 
 /// `-- ARGS` when there are any: what cargo hands on to the test or bench binaries.
