@@ -318,15 +318,40 @@ fn require_root(why: &str) -> Result<()> {
 /// What the outer `cargo xtask` (a `cargo run`) sets for xtask and must not reach a
 /// nested cargo or rustup: they would pin it to the outer toolchain (which can be a
 /// `cargo +toolchain xtask` override) instead of rust-toolchain.toml's.
-const NESTED_CARGO_ENV_REMOVED: [&str; 7] = [
+const NESTED_CARGO_ENV_REMOVED: [&str; 10] = [
     "RUSTUP_TOOLCHAIN",
     "RUSTUP_TOOLCHAIN_SOURCE",
     "RUSTC",
     "RUSTDOC",
     "CARGO",
     "RUSTC_WRAPPER",
-    "CARGO_MANIFEST_DIR",
+    "CARGO_CRATE_NAME",
+    "CARGO_BIN_NAME",
+    "CARGO_PRIMARY_PACKAGE",
+    "OUT_DIR",
 ];
+
+/// Prefixes of the package variables `cargo run` sets for xtask. Build scripts watch
+/// some of them (ring's `rerun-if-env-changed=CARGO_PKG_NAME`), and cargo reads those
+/// from its own environment: left in, a test's nested build (which has none) saw
+/// them change and rebuilt ring, rustls, kube and the agent.
+const NESTED_CARGO_ENV_PREFIXES_REMOVED: [&str; 2] = ["CARGO_PKG_", "CARGO_MANIFEST_"];
+
+/// Removes what `cargo run` set for xtask from `command`'s environment.
+fn remove_outer_cargo_env(command: &mut Command) {
+    for var in NESTED_CARGO_ENV_REMOVED {
+        command.env_remove(var);
+    }
+    for (var, _) in std::env::vars_os() {
+        let Some(name) = var.to_str() else { continue };
+        if NESTED_CARGO_ENV_PREFIXES_REMOVED
+            .iter()
+            .any(|prefix| name.starts_with(prefix))
+        {
+            command.env_remove(&var);
+        }
+    }
+}
 
 /// `cargo` at the workspace root: the toolchain rust-toolchain.toml pins.
 pub(crate) fn cargo() -> Command {
@@ -338,9 +363,7 @@ pub(crate) fn cargo() -> Command {
 pub(crate) fn nested(program: impl AsRef<OsStr>) -> Command {
     let mut command = Command::new(program);
     command.current_dir(workspace_root());
-    for var in NESTED_CARGO_ENV_REMOVED {
-        command.env_remove(var);
-    }
+    remove_outer_cargo_env(&mut command);
     command
 }
 
