@@ -4,11 +4,12 @@
 //! (`target/<profile>/deps/<test>` -> `target/<profile>/rayfence`). `$RAYFENCE_BIN`
 //! overrides it.
 //!
-//! The nested build is `cargo test --no-run` over the packages `cargo xtask test`
-//! tests: the same units with the same features, so under `cargo xtask test` (where
-//! the agent's own integration tests already made cargo build the binary) it compiles
-//! nothing. A narrower `cargo build -p rayfence-agent` unifies features differently
-//! and rebuilt kube, hyper and the agent a second time: minutes and gigabytes.
+//! `cargo xtask test` runs the whole suite with `$RAYFENCE_BIN` set to the binary its
+//! own `cargo test --workspace` built (the agent's integration tests make cargo build
+//! it, with the suite's features): a nested `cargo build -p rayfence-agent` unifies
+//! features differently and rebuilt kube, hyper and the agent a second time, minutes
+//! and gigabytes. Run on its own (`cargo test -p rayfence-tests --test ...`), a test
+//! builds just the agent's binary.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -17,8 +18,7 @@ use anyhow::Result;
 
 /// The environment kept for the nested build: what cargo gives a test (`CARGO_*`,
 /// build-script variables) would make it fingerprint differently and rebuild every
-/// dependency.
-/// What is kept changes the build the way it changed the outer one.
+/// dependency. What is kept changes the build the way it changed the outer one.
 const KEPT_ENV: [&str; 10] = [
     "PATH",
     "HOME",
@@ -30,16 +30,6 @@ const KEPT_ENV: [&str; 10] = [
     "CARGO_INCREMENTAL",
     "CARGO_BUILD_JOBS",
     "RUSTFLAGS",
-];
-
-/// The outer test run's package selection (`cargo xtask test`'s).
-const TEST_RUN_PACKAGES: [&str; 6] = [
-    "--workspace",
-    "--exclude",
-    "rayfence-ebpf",
-    "--exclude",
-    "xtask",
-    "--no-run",
 ];
 
 pub fn rayfence_bin() -> Result<PathBuf> {
@@ -62,8 +52,7 @@ fn build() -> std::result::Result<PathBuf, String> {
                 .iter()
                 .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
         )
-        .arg("test")
-        .args(TEST_RUN_PACKAGES)
+        .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
         .current_dir(workspace)
         .status()
         .map_err(|e| format!("running cargo build: {e}"))?;

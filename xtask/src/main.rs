@@ -174,9 +174,17 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     // filter or flag for the workspace's tests may not apply to them.
     say("running xtask's own tests");
     run(cargo().args(["test", "--package", "xtask"]))?;
-    check_free_disk(&target_dir()?, FRESH_TEST_BUILD_GIB);
+    let target = target_dir()?;
+    check_free_disk(&target, FRESH_TEST_BUILD_GIB);
     say("running the tests");
-    run(cargo()
+    let mut command = cargo();
+    // The end-to-end tests run the agent's binary. The whole suite builds it (the
+    // agent's integration tests need it) with the suite's features, so they take
+    // that one; with target flags it may not be built, and they build their own.
+    if !cargo_args.iter().any(|arg| arg.starts_with('-')) {
+        command.env("RAYFENCE_BIN", target.join("debug").join("rayfence"));
+    }
+    run(command
         // A one-off build gains nothing from incremental caches: they cost disk and time.
         .env(
             "CARGO_INCREMENTAL",
