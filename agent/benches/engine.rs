@@ -1,6 +1,8 @@
 //! Policy engine benchmark (`cargo xtask bench engine`): full compile of 1,000
 //! RayClusters with 10,000 pods across 200 namespaces, single-change incremental
-//! updates with p50/p99, resulting table sizes and peak memory.
+//! updates with p50/p99, resulting table sizes and peak memory; then one RayCluster
+//! with 1,000 to 10,000 rules of its own (a compile that grows faster than its rules
+//! shows there, not among many small policies).
 //!
 //! Plain `harness = false` binary: no extra dependencies, prints one row per result.
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -427,7 +429,82 @@ fn incremental(engine: &mut Engine, all_local: bool) {
     });
 }
 
+/// Rule counts of the single large RayCluster.
+const LARGE_RULES: [usize; 4] = [1_000, 2_500, 5_000, 10_000];
+
+/// One RayCluster whose head admits `rules` ingress rules: even ones an ipBlock /24,
+/// odd ones a namespace + pod selector; `extra` adds (`Some(true)`) or drops
+/// (`Some(false)`) one more rule, for an edit of one rule.
+fn large_cluster(rules: usize, port: u16) -> RayCluster {
+    let mut yaml = String::from(
+        "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: big, namespace: team-000}\n\
+         spec:\n  networkPolicy:\n    mode: DenyAll\n    head:\n      ingressRules:\n",
+    );
+    for r in 0..rules {
+        if r % 2 == 0 {
+            yaml.push_str(&format!(
+                "      - from: [{{ipBlock: {{cidr: 172.{}.{}.0/24}}}}]\n        ports: [{{port: {port}}}]\n",
+                16 + r / 256 % 16,
+                r % 256
+            ));
+        } else {
+            yaml.push_str(&format!(
+                "      - from: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, podSelector: {{matchLabels: {{app: a{r}}}}}}}]\n        ports: [{{port: 8265}}]\n",
+                ns_name(r % NAMESPACES)
+            ));
+        }
+    }
+    serde_norway::from_str(&yaml).expect("large cluster yaml")
+}
+
+fn time_diff(engine: &mut Engine, change: impl FnOnce(&mut Engine)) -> Duration {
+    let start = Instant::now();
+    change(engine);
+    std::hint::black_box(engine.take_diff());
+    start.elapsed()
+}
+
+fn single_large_cluster() {
+    println!(
+        "one RayCluster with N head ingress rules (half ipBlock /24, half namespace+pod selectors), 10,000 pods"
+    );
+    let base = input(true);
+    for rules in LARGE_RULES {
+        let mut engine = compile(&base);
+        engine.take_diff();
+        let (cluster, grown, shrunk) = (
+            large_cluster(rules, 8080),
+            large_cluster(rules + 1, 8080),
+            large_cluster(rules, 8080),
+        );
+        let base_live = LIVE.load(Ordering::Relaxed);
+        PEAK.store(base_live, Ordering::Relaxed);
+        let compile_time = time_diff(&mut engine, |e| e.upsert_raycluster(&cluster));
+        let peak = PEAK.load(Ordering::Relaxed) - base_live;
+        let grant = time_diff(&mut engine, |e| e.upsert_raycluster(&grown));
+        let revoke = time_diff(&mut engine, |e| e.upsert_raycluster(&shrunk));
+        let port_edit = time_diff(&mut engine, |e| {
+            e.upsert_raycluster(&large_cluster(rules, 9090))
+        });
+        let t = engine.tables();
+        println!(
+            "  N={rules:<6} add {:>9.1} ms | one rule added {:>9.1} ms | one rule removed {:>9.1} ms | every port changed {:>9.1} ms | cidrs {:>6} | policy rows {:>7} | peak {:>7.1} MiB",
+            compile_time.as_secs_f64() * 1e3,
+            grant.as_secs_f64() * 1e3,
+            revoke.as_secs_f64() * 1e3,
+            port_edit.as_secs_f64() * 1e3,
+            t.cidrs.len(),
+            t.policy.len(),
+            mib(peak),
+        );
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--large-only") {
+        single_large_cluster();
+        return;
+    }
     println!(
         "rayfence policy engine: {CLUSTERS} RayClusters, {} pods, {NAMESPACES} namespaces, {CLUSTERS} head Services",
         CLUSTERS * PODS_PER_CLUSTER
@@ -437,4 +514,6 @@ fn main() {
     drop(engine);
     let mut engine = report_full("1 node (all pods local)", true);
     incremental(&mut engine, true);
+    drop(engine);
+    single_large_cluster();
 }

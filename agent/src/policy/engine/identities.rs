@@ -144,6 +144,20 @@ impl Engine {
         self.dirty.nets.push(net);
     }
 
+    /// The identities of the prefixes inside `cidr` (itself included): a range of the
+    /// sorted prefixes (by address, then length), not a scan of all of them.
+    pub(super) fn prefixes_within(&self, cidr: IpNet) -> impl Iterator<Item = IdentityId> + '_ {
+        let cidr = cidr.trunc();
+        let bounds = IpNet::new(cidr.network(), 0)
+            .ok()
+            .zip(IpNet::new(cidr.broadcast(), cidr.max_prefix_len()).ok());
+        bounds
+            .into_iter()
+            .flat_map(move |(first, last)| self.prefixes.range(first..=last))
+            .filter(move |(net, _)| cidr.contains(*net))
+            .map(|(_, (id, _))| *id)
+    }
+
     pub(super) fn remove_prefix(&mut self, net: IpNet) {
         let Some((id, refs)) = self.prefixes.get_mut(&net) else {
             return;

@@ -112,14 +112,7 @@ impl Engine {
                             },
                         }
                     }
-                    Peer::Block(b) => {
-                        ids.extend(
-                            self.prefixes
-                                .iter()
-                                .filter(|(net, _)| b.cidr.contains(*net))
-                                .map(|(_, (id, _))| *id),
-                        );
-                    }
+                    Peer::Block(b) => ids.extend(self.prefixes_within(b.cidr)),
                     Peer::ServiceBackends { namespace, name } => {
                         let service = (namespace.clone(), name.clone());
                         for slice in self.slices_by_service.get(&service).into_iter().flatten() {

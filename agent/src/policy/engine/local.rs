@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use super::identities::PodIdentity;
 use super::index::{IndexKey, index_keys};
 use super::pods::PodState;
+use super::rule_index::{RuleIndex, RulePos};
 use super::{Engine, NamedPort, ObjectKey, unlink};
 use crate::policy::problem::{Problem, Severity};
 use crate::policy::raycluster::{LABEL_CLUSTER, LABEL_GROUP, LABEL_NODE_TYPE};
@@ -37,6 +38,15 @@ impl PolicySpec {
             .map(|r| (Direction::Ingress, r))
             .chain(self.egress.iter().map(|r| (Direction::Egress, r)))
     }
+
+    /// The rule at `pos` in [`PolicySpec::rules`].
+    pub(super) fn rule_at(&self, pos: RulePos) -> Option<(Direction, &Arc<Rule>)> {
+        let pos = pos as usize;
+        match pos.checked_sub(self.ingress.len()) {
+            None => self.ingress.get(pos).map(|r| (Direction::Ingress, r)),
+            Some(egress) => self.egress.get(egress).map(|r| (Direction::Egress, r)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -47,6 +57,8 @@ pub(super) struct PolicyState {
     pub(super) rows: HashMap<IdentityId, Vec<PolicyEntry>>,
     pub(super) prefixes: Vec<IpNet>,
     pub(super) keys: Vec<IndexKey>,
+    /// Which of `spec`'s rules can select a given peer.
+    pub(super) rule_index: RuleIndex,
 }
 
 #[derive(Debug)]
@@ -253,6 +265,7 @@ impl Engine {
         for key in &keys {
             self.index.entry(key.clone()).or_default().insert(id);
         }
+        let rule_index = RuleIndex::new(&spec);
         let spec = Arc::new(spec);
         self.policy_ids.insert(spec.clone(), id);
         self.policies.insert(
@@ -263,6 +276,7 @@ impl Engine {
                 rows: HashMap::new(),
                 prefixes,
                 keys,
+                rule_index,
             },
         );
         new_policies.insert(id);

@@ -13,6 +13,7 @@
 //!   map to in the output;
 //! - `local`: local endpoints, their policy specs and the hash-consed policy ids;
 //! - `index`: which policies and identities a change can touch;
+//! - `rule_index`: which of one policy's rules can select a given peer identity;
 //! - `rows`: the rows a rule gives a peer identity, and writing them to the output;
 //! - `services` also owns the post-DNAT rows of Service and node-port identities;
 //! - `explain`: why a flow gets its verdict.
@@ -31,6 +32,7 @@ mod node_ports;
 pub use node_ports::NodePortOwner;
 mod pods;
 mod rows;
+mod rule_index;
 mod services;
 
 use std::borrow::Borrow;

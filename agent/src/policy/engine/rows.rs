@@ -140,7 +140,13 @@ impl Engine {
         else {
             return out;
         };
-        for (direction, rule) in state.spec.rules() {
+        let positions = match &rule_peer {
+            RulePeer::Pod(identity) => state
+                .rule_index
+                .for_pod(identity, &self.ns_labels(&identity.key.namespace)),
+            RulePeer::Prefix(net) => state.rule_index.for_prefix(net),
+        };
+        for (direction, rule) in positions.into_iter().filter_map(|p| state.spec.rule_at(p)) {
             if self.rule_selects(rule, &rule_peer) {
                 push_rule_rows(
                     &mut out,
