@@ -432,9 +432,9 @@ fn incremental(engine: &mut Engine, all_local: bool) {
 /// Rule counts of the single large RayCluster.
 const LARGE_RULES: [usize; 4] = [1_000, 2_500, 5_000, 10_000];
 
-/// One RayCluster whose head admits `rules` ingress rules: even ones an ipBlock /24,
-/// odd ones a namespace + pod selector; `extra` adds (`Some(true)`) or drops
-/// (`Some(false)`) one more rule, for an edit of one rule.
+/// One RayCluster (`team-000/big`, a local head) whose head admits `rules` ingress
+/// rules on `port`: even ones a distinct ipBlock /24, odd ones the `cpu` workers of
+/// one namespace (each such rule gives rows to that namespace's 5 identities).
 fn large_cluster(rules: usize, port: u16) -> RayCluster {
     let mut yaml = String::from(
         "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: big, namespace: team-000}\n\
@@ -443,13 +443,13 @@ fn large_cluster(rules: usize, port: u16) -> RayCluster {
     for r in 0..rules {
         if r % 2 == 0 {
             yaml.push_str(&format!(
-                "      - from: [{{ipBlock: {{cidr: 172.{}.{}.0/24}}}}]\n        ports: [{{port: {port}}}]\n",
-                16 + r / 256 % 16,
+                "      - from: [{{ipBlock: {{cidr: 10.{}.{}.0/24}}}}]\n        ports: [{{port: {port}}}]\n",
+                r / 256,
                 r % 256
             ));
         } else {
             yaml.push_str(&format!(
-                "      - from: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, podSelector: {{matchLabels: {{app: a{r}}}}}}}]\n        ports: [{{port: 8265}}]\n",
+                "      - from: [{{namespaceSelector: {{matchLabels: {{kubernetes.io/metadata.name: {}}}}}, podSelector: {{matchLabels: {{ray.io/group: cpu}}}}}}]\n        ports: [{{port: {port}}}]\n",
                 ns_name(r % NAMESPACES)
             ));
         }
@@ -468,7 +468,18 @@ fn single_large_cluster() {
     println!(
         "one RayCluster with N head ingress rules (half ipBlock /24, half namespace+pod selectors), 10,000 pods"
     );
-    let base = input(true);
+    let mut base = input(true);
+    let mut head = pod(0, "node-0", "");
+    head.metadata.name = Some("big-head".into());
+    head.metadata.uid = Some("uid-big-head".into());
+    let labels = head.metadata.labels.get_or_insert_default();
+    labels.insert("ray.io/cluster".into(), "big".into());
+    let status = head.status.get_or_insert_default();
+    status.pod_ip = Some("10.250.0.1".into());
+    status.pod_ips = Some(vec![PodIP {
+        ip: "10.250.0.1".into(),
+    }]);
+    base.pods.push(head);
     for rules in LARGE_RULES {
         let mut engine = compile(&base);
         engine.take_diff();

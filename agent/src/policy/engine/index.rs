@@ -7,6 +7,8 @@
 
 use std::collections::BTreeSet;
 
+use ipnet::IpNet;
+
 use super::local::PolicySpec;
 use super::{Engine, NAMESPACE_NAME_LABEL, ObjectKey};
 use crate::policy::rule::{NamespaceMatch, Peer};
@@ -24,8 +26,9 @@ pub(super) enum IndexKey {
     NsName(String),
     /// A pod peer that can match any identity.
     Unindexed,
-    /// Any ipBlock peer.
-    Blocks,
+    /// An ipBlock peer with this cidr (found from a prefix through its supernets: a new
+    /// prefix touches the policies whose blocks contain it, not every one with a block).
+    Block(IpNet),
     /// A `ServiceBackends` peer.
     Service(ObjectKey),
     /// A namespace selector that looks at this label key (for namespace relabels: a
@@ -59,7 +62,7 @@ pub(super) fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
                         }),
                     }
                 }
-                Peer::Block(_) => keys.push(IndexKey::Blocks),
+                Peer::Block(b) => keys.push(IndexKey::Block(b.cidr.trunc())),
                 Peer::ServiceBackends { namespace, name } => {
                     keys.push(IndexKey::Service((namespace.clone(), name.clone())));
                 }
@@ -154,8 +157,12 @@ impl Engine {
                     }
                 }
             }
-        } else if self.prefix_by_id.contains_key(&id) {
-            add(IndexKey::Blocks);
+        } else if let Some(net) = self.prefix_by_id.get(&id) {
+            for len in 0..=net.prefix_len() {
+                if let Ok(supernet) = IpNet::new(net.addr(), len) {
+                    add(IndexKey::Block(supernet.trunc()));
+                }
+            }
         }
     }
 }

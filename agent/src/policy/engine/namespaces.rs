@@ -5,6 +5,7 @@
 //! [`super::Dirty`] for `flush`), or mark policies whose namespace selectors do not
 //! flip.
 
+use std::borrow::Cow;
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::core::v1::Namespace;
@@ -17,10 +18,17 @@ use crate::tables::{IdentityId, PolicyId};
 
 impl Engine {
     pub(super) fn ns_labels(&self, namespace: &str) -> Labels {
-        self.namespaces.get(namespace).cloned().unwrap_or_else(|| {
+        self.ns_labels_ref(namespace).into_owned()
+    }
+
+    /// [`Engine::ns_labels`] without copying a known namespace's labels: rows ask for
+    /// them once per rule they check.
+    pub(super) fn ns_labels_ref(&self, namespace: &str) -> Cow<'_, Labels> {
+        match self.namespaces.get(namespace) {
+            Some(labels) => Cow::Borrowed(labels),
             // Unknown namespace: the API server's automatic label is still known.
-            [(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())].into()
-        })
+            None => Cow::Owned([(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())].into()),
+        }
     }
 
     pub fn upsert_namespace(&mut self, ns: &Namespace) {

@@ -84,7 +84,7 @@ impl Engine {
                 let ns_ok = match namespaces {
                     NamespaceMatch::Names(names) => names.contains(ns),
                     NamespaceMatch::Selector(s) => {
-                        s.is_everything() || s.matches(&self.ns_labels(ns))
+                        s.is_everything() || s.matches(&self.ns_labels_ref(ns))
                     }
                 };
                 ns_ok && pods.matches(&identity.key.labels)
@@ -143,7 +143,7 @@ impl Engine {
         let positions = match &rule_peer {
             RulePeer::Pod(identity) => state
                 .rule_index
-                .for_pod(identity, &self.ns_labels(&identity.key.namespace)),
+                .for_pod(identity, &self.ns_labels_ref(&identity.key.namespace)),
             RulePeer::Prefix(net) => state.rule_index.for_prefix(net),
         };
         for (direction, rule) in positions.into_iter().filter_map(|p| state.spec.rule_at(p)) {
