@@ -310,6 +310,24 @@ impl Datapath {
             .collect()
     }
 
+    /// Holds exactly `held` fail-closed (drop all but node and link-control traffic,
+    /// whatever their policy says), writing the endpoints whose state changes. To
+    /// hold a RayCluster that lost its room: hold, then apply the tables without its
+    /// rows; to release it: apply its rows, then release.
+    pub fn hold(&mut self, held: BTreeSet<EndpointId>) -> Result<(), DatapathError> {
+        let changed: Vec<EndpointId> = self.held.symmetric_difference(&held).copied().collect();
+        self.held = held;
+        for endpoint in changed {
+            self.write_endpoint(endpoint)?;
+        }
+        Ok(())
+    }
+
+    /// Endpoints held fail-closed by [`Self::hold`].
+    pub fn held(&self) -> &BTreeSet<EndpointId> {
+        &self.held
+    }
+
     /// The endpoint entry the datapath currently sees for a host veth.
     pub fn tc_endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>, DatapathError> {
         const MAP: &str = map_names::ENDPOINTS_TC;
