@@ -706,4 +706,99 @@ mod tests {
         assert_eq!(a.admitted, BTreeSet::from([tenant("ns", "z")]));
         assert!(a.held.contains_key(&tenant("ns", "a")));
     }
+
+    /// With the real engine: leaving a held cluster's prefixes and rows out gives
+    /// every admitted pod exactly the verdicts the full tables give it.
+    #[test]
+    fn holding_a_cluster_changes_no_verdict_of_an_admitted_one() {
+        use crate::policy::{Engine, Settings};
+        use crate::tables::protocol;
+        use serde_json::json;
+
+        let mut engine = Engine::new(Settings::new(
+            "node-a",
+            vec!["192.168.0.10".parse().unwrap()],
+        ));
+        let pod = |name: &str, cluster: &str, ip: &str| {
+            serde_json::from_value::<k8s_openapi::api::core::v1::Pod>(json!({
+                "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}"),
+                    "labels": {"ray.io/cluster": cluster, "ray.io/node-type": "head",
+                               "ray.io/group": "headgroup"}},
+                "spec": {"nodeName": "node-a", "containers": [{"name": "c"}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}}))
+            .unwrap()
+        };
+        let cluster = |name: &str, policy: serde_json::Value| {
+            serde_json::from_value::<crate::crd::RayCluster>(json!({
+                "apiVersion": "ray.io/v1", "kind": "RayCluster",
+                "metadata": {"name": name, "namespace": "ns"},
+                "spec": {"networkPolicy": policy}}))
+            .unwrap()
+        };
+        let nets = excepts(40);
+        let mut big_except: Vec<String> =
+            nets.iter().map(|n| n.replace("10.0.", "10.2.")).collect();
+        big_except.push("10.1.2.0/24".into());
+        engine.upsert_pod(&pod("wide-head", "wide", "10.244.0.11"));
+        engine.upsert_pod(&pod("big-head", "big", "10.244.0.12"));
+        engine.upsert_raycluster(&cluster("wide", json!({"mode": "DenyAll", "head": {
+            "egressRules": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}]}],
+            "ingressRules": [{"from": [{"ipBlock": {"cidr": "10.2.0.0/16"}}]}]}})));
+        engine.upsert_raycluster(&cluster("big", json!({"mode": "DenyAll", "head": {
+            "egressRules": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": big_except}}]}],
+            "ingressRules": [{"from": [{"ipBlock": {"cidr": "10.1.0.0/16", "except": ["10.1.3.0/24"]}}]}]}})));
+        let desired = engine.tables().clone();
+        let tenants: BTreeMap<EndpointId, Tenant> = engine
+            .endpoints()
+            .map(|m| (m.id, (m.namespace, m.cluster.unwrap())))
+            .collect();
+        let prefixes: HashMap<PolicyId, &[IpNet]> = engine.policy_prefixes().collect();
+        let admission = admit(&Request {
+            desired: &desired,
+            programmed: &Tables::default(),
+            tenants: &tenants,
+            prefixes: &prefixes,
+            incumbents: Some(&BTreeSet::from([tenant("ns", "wide")])),
+            capacity: Capacity {
+                cidrs: 10,
+                policy: 1000,
+            },
+        });
+        assert_eq!(admission.admitted, BTreeSet::from([tenant("ns", "wide")]));
+        assert!(admission.held.contains_key(&tenant("ns", "big")));
+        let reduced = admission.tables.expect("filtered");
+        assert!(reduced.cidrs.len() <= 10 && reduced.cidrs.len() < desired.cidrs.len());
+        let wide = engine.endpoint_id("ns", "wide-head").unwrap();
+        let big = engine.endpoint_id("ns", "big-head").unwrap();
+        let big_policy = desired.endpoints[&big].policy_id;
+        assert!(reduced.policy.iter().all(|r| r.policy_id != big_policy));
+        // Inside big's excepts and next to them, inside wide's except and big's
+        // /24 in it, elsewhere in 10/8, outside it.
+        let peers = [
+            "10.2.0.0",
+            "10.2.0.39",
+            "10.2.0.40",
+            "10.2.7.1",
+            "10.1.2.3",
+            "10.1.3.4",
+            "10.1.0.1",
+            "10.3.0.1",
+            "10.244.0.12",
+            "11.0.0.1",
+        ];
+        let mut verdicts = BTreeSet::new();
+        for peer in peers {
+            let peer: std::net::IpAddr = peer.parse().unwrap();
+            for direction in [Direction::Ingress, Direction::Egress] {
+                let full = desired.allows(wide, direction, peer, protocol::TCP, 80);
+                assert_eq!(
+                    reduced.allows(wide, direction, peer, protocol::TCP, 80),
+                    full,
+                    "{direction:?} {peer}"
+                );
+                verdicts.insert(full);
+            }
+        }
+        assert_eq!(verdicts.len(), 2, "both verdicts are exercised");
+    }
 }
