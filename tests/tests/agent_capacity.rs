@@ -169,7 +169,7 @@ fn an_oversized_raycluster_is_held_fail_closed_and_reported_while_the_other_keep
     std::fs::write(&kubeconfig, server.kubeconfig_yaml())?;
 
     let bpffs = Bpffs::new();
-    let agent = Agent::start(&AgentOptions {
+    let options = AgentOptions {
         node: topo.node(0),
         node_name: NODE,
         manifests: Path::new("/nonexistent"),
@@ -177,7 +177,8 @@ fn an_oversized_raycluster_is_held_fail_closed_and_reported_while_the_other_keep
         cgroup_root: node.kubelet.root.path(),
         kubeconfig: Some(&kubeconfig),
         extra_args: &[],
-    })?;
+    };
+    let mut agent = Agent::start(&options)?;
     agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
     agent.wait_log(&["endpoint attached", "/b-worker"], Duration::from_secs(10))?;
     agent.wait_log(&["endpoint attached", "/a-worker"], Duration::from_secs(10))?;
@@ -316,6 +317,37 @@ fn an_oversized_raycluster_is_held_fail_closed_and_reported_while_the_other_keep
         b_worker.tcp_connect(v4(b_head), 8000, SHORT),
         Outcome::Timeout
     );
+
+    // A restart while big is held loses nothing: while no agent runs and while the
+    // new one compiles and adopts the pinned state, alpha passes and big stays shut;
+    // the new agent holds big again, with alpha's incumbent entries kept first.
+    let alpha_traffic = Continuous::start(a_worker.prober(), v4(a_head), 8000);
+    let big_traffic = Continuous::start(b_worker.prober(), v4(b_head), 8000);
+    agent.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    agent = Agent::start(&options)?;
+    let (ready, _) = agent.wait_ready(topo.node(0), Duration::from_secs(120))?;
+    agent.wait_log(
+        &["RayCluster does not fit", "/big", "RF_CIDR_V1"],
+        Duration::from_secs(5),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (attempts, failures) = alpha_traffic.finish();
+    let (big_attempts, big_failures) = big_traffic.finish();
+    println!(
+        "restart while big is held: ready after {ready:?}; alpha {attempts} connections, \
+         {failures} failed; big {big_attempts} connections, {} passed",
+        big_attempts - big_failures
+    );
+    ensure!(
+        attempts > 5 && failures == 0,
+        "alpha: {failures} of {attempts} failed"
+    );
+    ensure!(
+        big_attempts > 2 && big_failures == big_attempts,
+        "big passed while held"
+    );
+    ensure!(status(&agent, &node)?.held.len() == 1);
 
     // Shrunk, big fits again and is enforced as written.
     server.apply(&raycluster(ns, "big", big_policy(10)));
