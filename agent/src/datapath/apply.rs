@@ -8,6 +8,9 @@
 //! concerns (every isolated endpoint for an identity or CIDR) become fail-closed and
 //! the error names the map and the count. What did not fit is retried once after
 //! the removals (which may have made room) and fail-closed lifted if it fits then.
+//! The runtime admits RayClusters before it applies (`runtime::capacity`), so this
+//! is the last line, for what belongs to no RayCluster; a RayCluster that does not
+//! fit is held fail-closed by [`Datapath::hold`] and its entries never reach here.
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
