@@ -120,7 +120,24 @@ pub struct StatusReport {
     /// their traffic is theirs, not the node's.
     #[serde(default)]
     pub host_network_pods: Vec<String>,
+    /// RayClusters whose policy does not fit the datapath's maps: their pods are
+    /// held fail-closed while the other RayClusters keep their policy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldRayCluster>,
     pub endpoints: Vec<EndpointStatus>,
+}
+
+/// A RayCluster held fail-closed for lack of room in a datapath map.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldRayCluster {
+    pub namespace: String,
+    pub name: String,
+    /// The map its entries do not fit (`RF_CIDR_V1`, `RF_POLICY_V1`).
+    pub map: String,
+    /// New entries it needs there.
+    pub needed: usize,
+    /// Entries free for it.
+    pub free: usize,
 }
 
 /// One local pod.

@@ -711,7 +711,11 @@ fn explain_and_status_say_fail_closed_when_the_policy_does_not_fit_and_the_datap
         extra_args: &["--max-policy", "2"],
     })?;
     agent.wait_log(&["endpoint attached", "/head"], Duration::from_secs(20))?;
-    agent.wait_log(&["applying the policy failed"], Duration::from_secs(10))?;
+    // Admission holds the cluster before anything is written (runtime/capacity.rs).
+    agent.wait_log(
+        &["RayCluster does not fit", "/rc", "RF_POLICY_V1"],
+        Duration::from_secs(10),
+    )?;
 
     // The engine alone would allow worker -> head (same RayCluster); the datapath
     // drops it, and explain says so, and why.

@@ -35,6 +35,13 @@ pub fn status(report: &StatusReport, wide: bool) -> String {
             report.host_network_pods.join(", ")
         );
     }
+    for held in &report.held {
+        let _ = writeln!(
+            out,
+            "RayCluster {}/{} held fail-closed: needs {} entries in map {}, {} free (the other RayClusters keep their policy)",
+            held.namespace, held.name, held.needed, held.map, held.free
+        );
+    }
     if report.endpoints.is_empty() {
         return out;
     }
@@ -256,6 +263,7 @@ mod tests {
             problems: 0,
             node_trust: String::new(),
             host_network_pods: Vec::new(),
+            held: Vec::new(),
             endpoints: vec![
                 endpoint("alpha-head-8x2kq", "attached", None),
                 endpoint("w", "pending", Some("no cgroup yet")),
@@ -307,5 +315,25 @@ mod tests {
             "hostNetwork pods (their traffic is theirs, not the node's): monitoring/node-exporter"
         );
         assert!(lines[3].starts_with("POD "), "{text}");
+    }
+
+    #[test]
+    fn status_names_a_held_raycluster_with_its_numbers() {
+        let mut report = report();
+        report.held = vec![crate::api::HeldRayCluster {
+            namespace: "team-b".into(),
+            name: "big".into(),
+            map: "RF_CIDR_V1".into(),
+            needed: 17001,
+            free: 1003,
+        }];
+        let text = status(&report, false);
+        assert_eq!(
+            text.lines().nth(1),
+            Some(
+                "RayCluster team-b/big held fail-closed: needs 17001 entries in map RF_CIDR_V1, 1003 free (the other RayClusters keep their policy)"
+            ),
+            "{text}"
+        );
     }
 }

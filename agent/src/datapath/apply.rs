@@ -8,6 +8,9 @@
 //! concerns (every isolated endpoint for an identity or CIDR) become fail-closed and
 //! the error names the map and the count. What did not fit is retried once after
 //! the removals (which may have made room) and fail-closed lifted if it fits then.
+//! The runtime admits RayClusters before it applies (`runtime::capacity`), so this
+//! is the last line, for what belongs to no RayCluster; a RayCluster that does not
+//! fit is held fail-closed by [`Datapath::hold`] and its entries never reach here.
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
@@ -308,6 +311,24 @@ impl Datapath {
                         .is_some_and(|policy| policies.contains(&policy.policy_id))
             })
             .collect()
+    }
+
+    /// Holds exactly `held` fail-closed (drop all but node and link-control traffic,
+    /// whatever their policy says), writing the endpoints whose state changes. To
+    /// hold a RayCluster that lost its room: hold, then apply the tables without its
+    /// rows; to release it: apply its rows, then release.
+    pub fn hold(&mut self, held: BTreeSet<EndpointId>) -> Result<(), DatapathError> {
+        let changed: Vec<EndpointId> = self.held.symmetric_difference(&held).copied().collect();
+        self.held = held;
+        for endpoint in changed {
+            self.write_endpoint(endpoint)?;
+        }
+        Ok(())
+    }
+
+    /// Endpoints held fail-closed by [`Self::hold`].
+    pub fn held(&self) -> &BTreeSet<EndpointId> {
+        &self.held
     }
 
     /// The endpoint entry the datapath currently sees for a host veth.

@@ -181,7 +181,7 @@ impl Datapath {
         match self.mirror.endpoints.get(&endpoint) {
             Some(policy) => {
                 let mut flags = codec::flags(policy);
-                if self.forced_fail_closed.contains(&endpoint) {
+                if self.forced_fail_closed.contains(&endpoint) || self.held.contains(&endpoint) {
                     flags |= endpoint_flags::FAIL_CLOSED;
                 }
                 EndpointInfo {

@@ -204,6 +204,7 @@ impl Datapath {
             attachments: BTreeMap::new(),
             generations: BTreeMap::new(),
             forced_fail_closed: BTreeSet::new(),
+            held: BTreeSet::new(),
             owned_links: BTreeMap::new(),
         };
         datapath.write_config(options.events_per_second)?;

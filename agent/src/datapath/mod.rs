@@ -56,6 +56,9 @@ pub struct Datapath {
     generations: BTreeMap<EndpointId, u32>,
     /// Endpoints whose policy did not fit the maps.
     forced_fail_closed: BTreeSet<EndpointId>,
+    /// Endpoints the agent holds fail-closed (their RayCluster's policy was not
+    /// admitted for lack of room; see [`Datapath::hold`]).
+    held: BTreeSet<EndpointId>,
     /// Links held by this process when nothing is pinned; dropping one detaches it.
     owned_links: BTreeMap<String, OwnedLink>,
     /// How forwarded traffic from a node address is told apart from the node's own.

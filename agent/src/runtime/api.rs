@@ -10,7 +10,7 @@ use rayfence_common::Verdict;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EndpointState, Runtime};
-use crate::api::{EndpointStatus, ExplainQuery, ExplainReport, StatusReport};
+use crate::api::{EndpointStatus, ExplainQuery, ExplainReport, HeldRayCluster, StatusReport};
 use crate::explain::{ExplainError, combine, endpoint_labels, explain_flow};
 use crate::tables::EndpointId;
 
@@ -91,7 +91,17 @@ impl Runtime {
             let Some(id) = self.engine.endpoint_id(namespace, pod) else {
                 continue;
             };
-            if self.datapath.fail_closed().contains(&id) && side.verdict != "not-enforced" {
+            if let Some(((rc_namespace, rc), refusal)) = self.held_for(id)
+                && side.verdict != "not-enforced"
+            {
+                side.verdict = "denied".into();
+                side.because = format!(
+                    "{namespace}/{pod} is fail-closed: RayCluster {rc_namespace}/{rc} does not fit the datapath's maps ({})",
+                    refusal.describe()
+                );
+                side.rules.clear();
+                changed = true;
+            } else if self.datapath.fail_closed().contains(&id) && side.verdict != "not-enforced" {
                 side.verdict = "denied".into();
                 side.because = format!(
                     "{namespace}/{pod} is fail-closed: its policy did not fit the datapath's maps (see rayfence_map_entries)"
@@ -114,6 +124,19 @@ impl Runtime {
         if changed {
             report.verdict = combine(&report.sides);
         }
+    }
+
+    /// The held RayCluster an endpoint belongs to, if it is held.
+    fn held_for(
+        &self,
+        id: EndpointId,
+    ) -> Option<(&super::capacity::Tenant, &super::capacity::Refusal)> {
+        if !self.datapath.held().contains(&id) {
+            return None;
+        }
+        let meta = self.engine.endpoint_meta(id)?;
+        let cluster = meta.cluster?;
+        self.held.get_key_value(&(meta.namespace, cluster))
     }
 
     fn status_report(&self) -> StatusReport {
@@ -153,7 +176,9 @@ impl Runtime {
                     }
                     None => ("none", "pending", None),
                 };
-                let mode = if self.datapath.fail_closed().contains(&meta.id) {
+                let mode = if self.datapath.fail_closed().contains(&meta.id)
+                    || self.datapath.held().contains(&meta.id)
+                {
                     "fail-closed"
                 } else if meta.policy.audit {
                     "audit"
@@ -188,6 +213,17 @@ impl Runtime {
             problems: self.reported.len(),
             node_trust: self.datapath.node_trust().describe(),
             host_network_pods: self.host_network_pods.keys().cloned().collect(),
+            held: self
+                .held
+                .iter()
+                .map(|((namespace, name), refusal)| HeldRayCluster {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    map: refusal.map.to_owned(),
+                    needed: refusal.needed,
+                    free: refusal.free,
+                })
+                .collect(),
             endpoints,
         }
     }

@@ -13,6 +13,11 @@
 //! what the adopted maps hold (a diff, never a flush), and endpoints whose links
 //! survived are re-registered on their existing links (no detach/attach gap).
 //!
+//! Capacity ([`capacity`]): when a change would not fit the CIDR or policy map, the
+//! RayClusters whose entries do not fit are held fail-closed (reported as a
+//! Problem, in `rayfence status` and `rayfence_raycluster_capacity_held`) and the
+//! others are programmed as usual.
+//!
 //! Observability: the loop also answers operator queries ([`api`]) and names,
 //! limits and publishes the datapath's flow events ([`flows`]) between turns.
 //!
@@ -22,6 +27,7 @@
 //! and is logged, counted and retried as a full apply on the next turn; a silent or
 //! unreachable source keeps the last state enforced.
 pub mod api;
+pub mod capacity;
 mod counters;
 mod endpoints;
 pub mod flows;
@@ -33,13 +39,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
+use rayfence_common::map_names;
 use tokio::sync::mpsc;
 
 use crate::datapath::{AsyncEventStream, Datapath, DatapathError, DatapathOptions};
 use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
 use crate::policy::{Engine, Kind, Problem, Settings};
 use crate::serve::Health;
-use crate::serve::metrics::{KindLabel, StatusLabel, VerdictLabel};
+use crate::serve::metrics::{CapacityLabels, KindLabel, StatusLabel, VerdictLabel};
 use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
 use crate::tables::IdentityId;
 
@@ -131,6 +138,12 @@ pub struct Runtime {
     /// Local hostNetwork pods (`namespace/name`) programmed into `RF_NODECG`: their
     /// cgroup id and identity.
     host_network_pods: BTreeMap<String, (u64, IdentityId)>,
+    /// Room in the CIDR and policy maps for tables (as the kernel created them).
+    capacity: capacity::Capacity,
+    /// RayClusters admitted by the last programming (`None` before the first).
+    admitted: Option<BTreeSet<capacity::Tenant>>,
+    /// RayClusters held fail-closed for lack of room, and why.
+    held: BTreeMap<capacity::Tenant, capacity::Refusal>,
 }
 
 impl Runtime {
@@ -159,7 +172,11 @@ impl Runtime {
             "pod discovery ready"
         );
         let engine = Engine::new(config.settings.clone());
+        let capacity = map_room(&datapath, &config.datapath.capacities);
         Ok(Self {
+            capacity,
+            admitted: None,
+            held: BTreeMap::new(),
             engine,
             datapath,
             locator: Arc::new(locator),
@@ -472,19 +489,7 @@ impl Runtime {
                     .await,
             )
         };
-        let result = if self.needs_full_apply {
-            // First programming (or after an error): the engine's whole tables against
-            // what the maps hold. Never a flush.
-            let _ = self.engine.take_diff();
-            self.datapath.apply(self.engine.tables())
-        } else {
-            let diff = self.engine.take_diff();
-            if diff.is_empty() {
-                Ok(())
-            } else {
-                self.datapath.apply_diff(&diff)
-            }
-        };
+        let result = self.apply_tables();
         let applied = match result {
             Ok(()) => {
                 self.needs_full_apply = false;
@@ -522,6 +527,142 @@ impl Runtime {
         }
     }
 
+    /// The engine's tables to the maps: the diff when it fits and nothing is held,
+    /// else what admission lets in (a full apply against what the maps hold, never a
+    /// flush).
+    fn apply_tables(&mut self) -> Result<(), DatapathError> {
+        if !self.needs_full_apply && self.held.is_empty() {
+            let diff = self.engine.take_diff();
+            if capacity::diff_fits(self.datapath.tables(), &diff, self.capacity) {
+                self.admitted = Some(self.endpoint_tenants().into_values().collect());
+                return if diff.is_empty() {
+                    Ok(())
+                } else {
+                    self.datapath.apply_diff(&diff)
+                };
+            }
+        } else {
+            let _ = self.engine.take_diff();
+        }
+        // Twice at most: a cluster refused only for the entries the maps still held
+        // (the peak of replacing them) fits once the first apply removed them.
+        let mut result = Ok(());
+        for _ in 0..2 {
+            let before = (
+                self.datapath.tables().cidrs.len(),
+                self.datapath.tables().policy.len(),
+            );
+            result = self.admit_and_apply();
+            let after = (
+                self.datapath.tables().cidrs.len(),
+                self.datapath.tables().policy.len(),
+            );
+            if result.is_err()
+                || self.held.is_empty()
+                || (after.0 >= before.0 && after.1 >= before.1)
+            {
+                break;
+            }
+        }
+        result
+    }
+
+    fn admit_and_apply(&mut self) -> Result<(), DatapathError> {
+        let tenants = self.endpoint_tenants();
+        let prefixes: std::collections::HashMap<_, _> = self.engine.policy_prefixes().collect();
+        let admission = capacity::admit(&capacity::Request {
+            desired: self.engine.tables(),
+            programmed: self.datapath.tables(),
+            tenants: &tenants,
+            prefixes: &prefixes,
+            incumbents: self.admitted.as_ref(),
+            capacity: self.capacity,
+        });
+        // Newly held pods go fail-closed before their rows go; released ones stay
+        // held until their rows are in.
+        let holding = self.datapath.held() | &admission.held_endpoints;
+        self.datapath.hold(holding)?;
+        let applied = match &admission.tables {
+            Some(tables) => self.datapath.apply(tables),
+            None => self.datapath.apply(self.engine.tables()),
+        };
+        if applied.is_ok() {
+            self.datapath.hold(admission.held_endpoints.clone())?;
+        }
+        for (tenant, refusal) in &admission.held {
+            if self.held.get(tenant) != Some(refusal) {
+                tracing::warn!(raycluster = %format!("{}/{}", tenant.0, tenant.1),
+                    map = refusal.map, needed = refusal.needed, free = refusal.free,
+                    pods = admission.held_endpoints.iter().filter(|e| tenants.get(e) == Some(tenant)).count(),
+                    "RayCluster does not fit the datapath's maps; its pods are held fail-closed, the other RayClusters keep their policy");
+            }
+        }
+        for tenant in self.held.keys() {
+            if !admission.held.contains_key(tenant) {
+                tracing::info!(raycluster = %format!("{}/{}", tenant.0, tenant.1),
+                    admitted = admission.admitted.contains(tenant),
+                    "RayCluster no longer held for lack of room");
+            }
+        }
+        self.publish_held(&admission.held);
+        self.held = admission.held;
+        self.admitted = Some(admission.admitted);
+        applied
+    }
+
+    /// `rayfence_raycluster_capacity_held`: entries needed, per held RayCluster.
+    fn publish_held(&self, held: &BTreeMap<capacity::Tenant, capacity::Refusal>) {
+        let family = &self.health.metrics.capacity_held;
+        let label = |tenant: &capacity::Tenant, refusal: &capacity::Refusal| CapacityLabels {
+            namespace: tenant.0.clone(),
+            raycluster: tenant.1.clone(),
+            map: map_label(refusal.map).to_owned(),
+        };
+        for (tenant, refusal) in &self.held {
+            if held.get(tenant).map(|r| r.map) != Some(refusal.map) {
+                family.remove(&label(tenant, refusal));
+            }
+        }
+        for (tenant, refusal) in held {
+            family
+                .get_or_create(&label(tenant, refusal))
+                .set(i64::try_from(refusal.needed).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// The RayCluster each local endpoint's policy comes from: pods with a role in
+    /// a RayCluster the engine knows. Others (plain pods, NetworkPolicy-only) are
+    /// no RayCluster's and always admitted.
+    fn endpoint_tenants(&self) -> BTreeMap<crate::tables::EndpointId, capacity::Tenant> {
+        let clusters: BTreeSet<(String, String)> =
+            self.engine.keys(Kind::RayCluster).into_iter().collect();
+        self.engine
+            .endpoints()
+            .filter_map(|meta| {
+                meta.role.as_ref()?;
+                let tenant = (meta.namespace, meta.cluster?);
+                clusters.contains(&tenant).then_some((meta.id, tenant))
+            })
+            .collect()
+    }
+
+    /// Problems for the RayClusters held for lack of room (Events, log, metric).
+    fn capacity_problems(&self) -> Vec<Problem> {
+        self.held
+            .iter()
+            .map(|((namespace, name), refusal)| Problem {
+                object: crate::policy::ObjectRef::new("RayCluster", namespace, name),
+                field: format!("datapath map {}", refusal.map),
+                value: refusal.describe(),
+                message: "the RayCluster's policy does not fit the node's datapath maps: \
+                          its pods are held fail-closed (only node traffic passes) until it \
+                          fits; the other RayClusters keep their policy"
+                    .to_owned(),
+                severity: crate::policy::Severity::Warning,
+            })
+            .collect()
+    }
+
     fn update_node_addresses(&mut self) {
         let mut addresses: Vec<IpAddr> = self
             .config
@@ -541,7 +682,8 @@ impl Runtime {
 
     /// Logs and hands on each problem not reported before.
     fn report_problems(&mut self) {
-        let current: BTreeSet<Problem> = self.engine.problems().into_iter().collect();
+        let mut current: BTreeSet<Problem> = self.engine.problems().into_iter().collect();
+        current.extend(self.capacity_problems());
         for problem in current.difference(&self.reported) {
             tracing::warn!(
                 object = %problem.object,
@@ -660,6 +802,29 @@ impl Runtime {
             )
             .await;
     }
+}
+
+/// Room for tables in the CIDR and policy maps: their capacity in the kernel (an
+/// adopted pin keeps the size it was created with), the flags' when unreadable.
+fn map_room(datapath: &Datapath, configured: &crate::datapath::Capacities) -> capacity::Capacity {
+    let size = |map, fallback: u32| {
+        let size = datapath.map_capacity(map).unwrap_or(fallback);
+        usize::try_from(size).unwrap_or(usize::MAX)
+    };
+    capacity::Capacity {
+        // The IPv4 barrier prefix the datapath inserts at load takes one entry.
+        cidrs: size(map_names::CIDRS, configured.cidrs).saturating_sub(1),
+        policy: size(map_names::POLICY, configured.policy),
+    }
+}
+
+/// The short label of a map in the metrics (`rayfence_map_entries`).
+fn map_label(map: &str) -> &'static str {
+    crate::datapath::observe::FILL_MAPS
+        .iter()
+        .find(|(_, name)| *name == map)
+        .map(|(label, _)| *label)
+        .unwrap_or("other")
 }
 
 async fn next_query(queries: &mut Option<mpsc::Receiver<api::Query>>) -> Option<api::Query> {

@@ -65,6 +65,15 @@ pub struct MapLabel {
     pub map: String,
 }
 
+/// A RayCluster held fail-closed for lack of room in a datapath map.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CapacityLabels {
+    pub namespace: String,
+    pub raycluster: String,
+    /// The map its entries do not fit (a [`MapLabel`] name).
+    pub map: String,
+}
+
 /// Handles into the registry (each is a cheap `Arc` clone).
 pub struct Metrics {
     pub registry: Registry,
@@ -85,6 +94,8 @@ pub struct Metrics {
     pub allowed_flows: Family<DropLabels, Counter>,
     pub map_entries: Family<MapLabel, Gauge>,
     pub map_capacity: Family<MapLabel, Gauge>,
+    /// Entries each held RayCluster needs and does not get; no series when none is held.
+    pub capacity_held: Family<CapacityLabels, Gauge>,
     /// Flow events the datapath did not deliver (over its rate limit, ring full).
     pub flow_events_lost: Counter,
     /// Flow events logged, by verdict (driven by the flow-event logger).
@@ -195,6 +206,12 @@ impl Metrics {
             "Capacity (max entries) of each datapath map",
             map_capacity.clone(),
         );
+        let capacity_held = Family::<CapacityLabels, Gauge>::default();
+        registry.register(
+            "rayfence_raycluster_capacity_held",
+            "Entries a RayCluster's policy needs in a full datapath map; its pods are held fail-closed meanwhile",
+            capacity_held.clone(),
+        );
         let flow_events_lost = Counter::default();
         registry.register(
             "rayfence_flow_events_lost",
@@ -226,6 +243,7 @@ impl Metrics {
             allowed_flows,
             map_entries,
             map_capacity,
+            capacity_held,
             flow_events_lost,
             flow_events,
             flow_events_suppressed,

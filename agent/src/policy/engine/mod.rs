@@ -361,6 +361,14 @@ impl Engine {
         self.flush();
     }
 
+    /// The ipBlock prefixes each policy's rules name (cidrs and excepts), so the
+    /// runtime can tell which policies need which `cidrs` entries.
+    pub fn policy_prefixes(&self) -> impl Iterator<Item = (PolicyId, &[IpNet])> + '_ {
+        self.policies
+            .iter()
+            .map(|(id, state)| (*id, state.prefixes.as_slice()))
+    }
+
     /// Sizes of what the engine holds, for metrics.
     pub fn stats(&self) -> Stats {
         Stats {
