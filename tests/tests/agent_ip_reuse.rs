@@ -268,11 +268,7 @@ fn a_reused_ip_gets_no_trust_while_the_old_pod_object_lingers() -> Result<()> {
         Duration::from_secs(5),
     )?;
     std::thread::sleep(Duration::from_millis(1500));
-    ensure!(
-        !agent.log_text().contains("also claimed by"),
-        "a conflict with a pod whose sandbox is gone:\n{}",
-        agent.log_text()
-    );
+    let conflict = agent.log_text().contains("also claimed by");
     // Phase 3: the old Pod object is deleted at last; the address is the newcomer's.
     remove_file(&manifests.dir, "worker.yaml")?;
     agent.wait_log(
@@ -302,6 +298,10 @@ fn a_reused_ip_gets_no_trust_while_the_old_pod_object_lingers() -> Result<()> {
         through.is_empty(),
         "{} of {attempts} probes from the reused address reached the dashboard: {through:?}\n{log}",
         through.len()
+    );
+    ensure!(
+        !conflict,
+        "a conflict with a pod whose sandbox is known gone:\n{log}"
     );
     // Still isolated afterwards, and the new pod's network still fine.
     for ip in head_ips {
