@@ -574,3 +574,64 @@ fn detach(datapath: &mut Datapath, id: EndpointId, pod: &str, health: &Health) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::discovery::{CgroupFoundBy, HostInterface, HowFound, PodCgroupInfo};
+
+    fn location(hook: Hook, interface: Option<(u32, HowFound)>, running: bool) -> Location {
+        Location {
+            cgroup: Some(PodCgroupInfo {
+                path: PathBuf::from("/sys/fs/cgroup/kubepods/podu1"),
+                relative: PathBuf::from("/kubepods/podu1"),
+                id: 7,
+                level: 2,
+                found_by: CgroupFoundBy::Search,
+            }),
+            host_interface: interface.map(|(ifindex, via)| HostInterface {
+                ifindex,
+                name: format!("veth{ifindex}"),
+                via,
+            }),
+            hook,
+            running,
+            misses: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_gone_veth_comes_back_only_as_a_new_veth_of_the_pods_own_namespace() {
+        let went = SandboxMark::Interface {
+            ifindex: 6,
+            name: "veth6".into(),
+        };
+        // The old sandbox's processes outlive its veth: cgroup only, not back.
+        assert!(!is_new_sandbox(&went, &location(Hook::Cgroup, None, true)));
+        // A veth found by the pod's IP may be the pod that got the address.
+        for via in [HowFound::RouteToVeth, HowFound::BridgeFdb] {
+            assert!(!is_new_sandbox(
+                &went,
+                &location(Hook::Tc, Some((8, via)), true)
+            ));
+        }
+        // The same veth again is not a new sandbox.
+        assert!(!is_new_sandbox(
+            &went,
+            &location(Hook::Tc, Some((6, HowFound::PodNetns)), true)
+        ));
+        assert!(is_new_sandbox(
+            &went,
+            &location(Hook::Tc, Some((8, HowFound::PodNetns)), true)
+        ));
+    }
+
+    #[test]
+    fn a_gone_pod_cgroup_comes_back_only_with_processes() {
+        let went = SandboxMark::Cgroup(PathBuf::from("/sys/fs/cgroup/kubepods/podu1"));
+        assert!(!is_new_sandbox(&went, &location(Hook::Cgroup, None, false)));
+        assert!(is_new_sandbox(&went, &location(Hook::Cgroup, None, true)));
+    }
+}
