@@ -30,11 +30,14 @@ const SHORT: Duration = Duration::from_millis(300);
 /// The prober's cadence, as in the report that found this.
 const EVERY: Duration = Duration::from_millis(20);
 
+/// Probes sent, and when and to which address each success went.
+type Tally = (u32, Vec<(Duration, IpAddr)>);
+
 /// Probes `addr:port` over TCP every [`EVERY`] until stopped, alternating between
 /// the two addresses; counts attempts and records the successes.
 struct Continuous {
     stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<(u32, Vec<(Duration, IpAddr)>)>>,
+    handle: Option<JoinHandle<Tally>>,
 }
 
 impl Continuous {
@@ -62,7 +65,7 @@ impl Continuous {
         }
     }
 
-    fn finish(mut self) -> (u32, Vec<(Duration, IpAddr)>) {
+    fn finish(mut self) -> Tally {
         self.stop.store(true, Ordering::Relaxed);
         self.handle
             .take()
