@@ -12,8 +12,9 @@
 //! hooked on its cgroup, its pod cgroup) still exists; when it is gone the pod is
 //! detached, pending again, and the engine is told ([`crate::policy::Engine::set_sandbox_gone`])
 //! so its address stops carrying its identity at once. It counts as back only when a
-//! sandbox of that very pod is found (its own cgroup, by UID, with processes), never
-//! by its IP alone, which may be the new pod's.
+//! new sandbox of that very pod is found (`is_new_sandbox`: a new veth in its own
+//! processes' namespace, or its cgroup back with processes), never by its IP alone,
+//! which may lead to the pod that got the address.
 //!
 //! Must not: detach anything it cannot account for while a wanted pod is still
 //! unlocated (a leftover link from a previous run may be that pod's only
@@ -97,10 +98,10 @@ impl Endpoints {
             .any(|(_, s)| matches!(s, EndpointState::Pending { .. }))
     }
 
-    /// Pods still to find, or cgroup-attached pods whose veth may yet appear: the
-    /// runtime keeps syncing on link events and its timer while this holds.
-    /// Pods hooked on their cgroup count too: no event says when a cgroup goes,
-    /// so their sandboxes are checked on the timer.
+    /// Pods still to find, cgroup-attached pods whose veth may yet appear, or pods
+    /// hooked on their cgroup at all (no event says when a cgroup goes, so their
+    /// sandboxes are checked on the timer): the runtime keeps syncing on its timer
+    /// while this holds.
     pub fn needs_attention(&self) -> bool {
         self.has_pending()
             || self
