@@ -174,6 +174,27 @@ impl NewPod {
     }
 }
 
+/// Seconds since midnight UTC of a log line's RFC 3339 timestamp
+/// (`2026-12-04T17:05:27.917216Z ...`).
+fn log_time_of_day(line: &str) -> Option<f64> {
+    let time = line.split_whitespace().next()?.split('T').nth(1)?;
+    let mut parts = time.trim_end_matches('Z').split(':');
+    let (h, m, s): (f64, f64, f64) = (
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+        parts.next()?.parse().ok()?,
+    );
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Seconds since midnight UTC now.
+fn time_of_day() -> f64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    since_epoch.as_secs_f64() % 86_400.0
+}
+
 fn remove_file(dir: &Path, name: &str) -> Result<()> {
     std::fs::remove_file(dir.join(name)).with_context(|| format!("removing {name}"))
 }
@@ -241,6 +262,7 @@ fn a_reused_ip_gets_no_trust_while_the_old_pod_object_lingers() -> Result<()> {
     // The kubelet stops the worker: the CNI deletes its veth, its processes and
     // cgroups go. Its Pod object stays (worker.yaml is untouched).
     let removed = Instant::now();
+    let removed_at = time_of_day();
     topo.node(0).netns.ip(&["link", "del", &worker.host_if])?;
     remove_sandbox(worker_sandbox)?;
     // At once a new pod gets the worker's addresses, and knocks from the first
@@ -286,11 +308,20 @@ fn a_reused_ip_gets_no_trust_while_the_old_pod_object_lingers() -> Result<()> {
         "{attempts} probes at ~{EVERY:?}, {} through: {through:?}",
         through.len()
     );
+    let gone_line = log
+        .lines()
+        .find(|l| l.contains("the pod's sandbox is gone") && l.contains(&format!("{ns}/worker")));
     ensure!(
-        log.lines().any(|l| l.contains("the pod's sandbox is gone")
-            && l.contains(&format!("{ns}/worker"))),
+        gone_line.is_some(),
         "no word of the worker's sandbox going:\n{log}"
     );
+    if let Some(at) = gone_line.and_then(log_time_of_day) {
+        // Includes the `ip link del` process itself.
+        println!(
+            "sandbox seen gone {:.1} ms after `ip link del` started",
+            (at - removed_at) * 1e3
+        );
+    }
     // Its old processes outliving its veth are not a new sandbox.
     ensure!(
         !log.contains("a new sandbox of the pod is up"),
