@@ -918,6 +918,21 @@ fn role_json(r: &RoleT) -> Value {
     json!({"ingressRules": rules_json(&r.ingress, Direction::Ingress), "egressRules": rules_json(&r.egress, Direction::Egress)})
 }
 
+/// `spec.networkPolicy` of `rc`.
+fn cluster_block(c: &ClusterT) -> Value {
+    let mode = ["DenyAll", "DenyAllIngress", "DenyAllEgress"][c.mode];
+    let mut block = json!({
+        "mode": mode,
+        "head": role_json(&c.head), "worker": role_json(&c.worker),
+    });
+    if let Some(g) = &c.group_g {
+        let mut entry = role_json(g);
+        entry["groupName"] = json!("g");
+        block["workerGroups"] = json!([entry]);
+    }
+    block
+}
+
 fn apply(e: &mut Engine, w: &mut World, op: &Op) {
     match op {
         Op::Ns(n, env) => {
@@ -1001,18 +1016,8 @@ fn apply(e: &mut Engine, w: &mut World, op: &Op) {
             match c {
                 None => e.remove_raycluster("n0", "rc"),
                 Some(c) => {
-                    let mode = ["DenyAll", "DenyAllIngress", "DenyAllEgress"][c.mode];
-                    let mut block = json!({
-                        "mode": mode,
-                        "head": role_json(&c.head), "worker": role_json(&c.worker),
-                    });
-                    if let Some(g) = &c.group_g {
-                        let mut entry = role_json(g);
-                        entry["groupName"] = json!("g");
-                        block["workerGroups"] = json!([entry]);
-                    }
                     let obj = json!({"apiVersion": "ray.io/v1", "kind": "RayCluster",
-                        "metadata": {"name": "rc", "namespace": "n0"}, "spec": {"networkPolicy": block}});
+                        "metadata": {"name": "rc", "namespace": "n0"}, "spec": {"networkPolicy": cluster_block(c)}});
                     e.upsert_raycluster(&serde_json::from_value(obj).unwrap());
                 }
             }
@@ -1460,5 +1465,202 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+// ------------------------------------------------ unknown fields never widen a rule
+
+/// Names no part of a rule has, some of them one typo away from one that does.
+const TYPOS: [&str; 7] = [
+    "frm",
+    "matchLabel",
+    "nested",
+    "podSelectr",
+    "excpt",
+    "protocl",
+    "x-future",
+];
+
+/// Every object inside the rules of `block` where a field could be written, as
+/// `(JSON pointer of the object, JSON pointer of its rule, field path of the object)`:
+/// each rule, peer, pod and namespace selector, `matchExpressions` entry, ipBlock and
+/// port.
+fn field_positions(block: &Value) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut roles = vec![("/head".to_owned(), ".head".to_owned())];
+    roles.push(("/worker".to_owned(), ".worker".to_owned()));
+    if block.get("workerGroups").is_some() {
+        roles.push(("/workerGroups/0".to_owned(), ".workerGroups[0]".to_owned()));
+    }
+    for (role_ptr, role_path) in roles {
+        for (list, peers_key) in [("ingressRules", "from"), ("egressRules", "to")] {
+            let rules = block
+                .pointer(&format!("{role_ptr}/{list}"))
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            for (r, rule) in rules.iter().enumerate() {
+                let rule_ptr = format!("{role_ptr}/{list}/{r}");
+                let rule_path = format!("{role_path}.{list}[{r}]");
+                let mut at = |ptr: String, path: String| out.push((ptr, rule_ptr.clone(), path));
+                at(rule_ptr.clone(), rule_path.clone());
+                for (i, peer) in rule
+                    .get(peers_key)
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    let ptr = format!("{rule_ptr}/{peers_key}/{i}");
+                    let path = format!("{rule_path}.{peers_key}[{i}]");
+                    at(ptr.clone(), path.clone());
+                    for key in ["podSelector", "namespaceSelector", "ipBlock"] {
+                        let Some(part) = peer.get(key) else { continue };
+                        at(format!("{ptr}/{key}"), format!("{path}.{key}"));
+                        for (e, _) in part
+                            .get("matchExpressions")
+                            .and_then(Value::as_array)
+                            .into_iter()
+                            .flatten()
+                            .enumerate()
+                        {
+                            at(
+                                format!("{ptr}/{key}/matchExpressions/{e}"),
+                                format!("{path}.{key}.matchExpressions[{e}]"),
+                            );
+                        }
+                    }
+                }
+                for (i, _) in rule
+                    .get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                {
+                    at(
+                        format!("{rule_ptr}/ports/{i}"),
+                        format!("{rule_path}.ports[{i}]"),
+                    );
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The RayCluster `rc` with `block`, as `spec.networkPolicy` or as the annotation.
+fn cluster_object(block: &Value, annotation: bool) -> rayfence::crd::RayCluster {
+    let obj = if annotation {
+        json!({"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": "rc", "namespace": "n0",
+                         "annotations": {"rayfence.io/network-policy": block.to_string()}},
+            "spec": {}})
+    } else {
+        json!({"apiVersion": "ray.io/v1", "kind": "RayCluster",
+            "metadata": {"name": "rc", "namespace": "n0"}, "spec": {"networkPolicy": block}})
+    };
+    serde_json::from_value(obj).unwrap()
+}
+
+/// Every sampled verdict of every local pod, by pod name.
+fn verdicts(
+    e: &Engine,
+    w: &World,
+) -> BTreeMap<(String, Direction, IpAddr, &'static str, u16), bool> {
+    let mut peers: Vec<IpAddr> = (0..POD_SLOTS)
+        .flat_map(|s| [slot_ip(s).parse().unwrap(), slot_ip6(s).parse().unwrap()])
+        .collect();
+    peers.extend(EXTERNAL.iter().map(|p| p.parse::<IpAddr>().unwrap()));
+    peers.extend((0..SERVICE_SLOTS).map(|s| service_ip(s).parse::<IpAddr>().unwrap()));
+    peers.push(node_ip());
+    peers.push(OTHER_NODE_IP.parse().unwrap());
+    peers.push("2001:db8::1".parse().unwrap());
+    let mut out = BTreeMap::new();
+    for (slot, p) in w.pods.iter().enumerate() {
+        let Some(p) = p else { continue };
+        let name = format!("p{slot}");
+        let Some(id) = e.endpoint_id(NAMESPACES[p.ns], &name) else {
+            continue;
+        };
+        for dir in Direction::ALL {
+            for peer in &peers {
+                for proto in PROTOS {
+                    for port in PROBE_PORTS {
+                        let allowed = e.tables().allows(id, dir, *peer, proto_num(proto), port);
+                        out.insert((name.clone(), dir, *peer, proto, port), allowed);
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, max_shrink_iters: 2000, ..ProptestConfig::default() })]
+
+    /// SEMANTICS section 6, issue 17: a field its type does not have, anywhere in a
+    /// rule (the rule, a peer, a selector or one of its expressions, an ipBlock, a
+    /// port), makes that rule allow nothing and is reported with its path; it never
+    /// makes anything wider, from the spec field or the annotation.
+    #[test]
+    fn an_unknown_field_anywhere_in_a_rule_never_widens_it(
+        mut w in world(),
+        c in cluster_t(),
+        position in any::<prop::sample::Index>(),
+        typo in prop::sample::select(TYPOS.to_vec()),
+        value in prop_oneof![
+            Just(json!({"matchLabels": {"app": "x"}})),
+            Just(json!([{"podSelector": {}}])),
+            Just(json!("10.0.0.0/8")),
+            Just(json!(null)),
+        ],
+        annotation in any::<bool>(),
+    ) {
+        let block = cluster_block(&c);
+        let positions = field_positions(&block);
+        prop_assume!(!positions.is_empty());
+        let (object_ptr, rule_ptr, path) = position.get(&positions).clone();
+
+        let mut typoed = block.clone();
+        typoed.pointer_mut(&object_ptr).unwrap()[typo] = value;
+        // The reading the typo must get: the same cluster without that rule.
+        let mut without = block.clone();
+        let (list_ptr, index) = rule_ptr.rsplit_once('/').unwrap();
+        without
+            .pointer_mut(list_ptr)
+            .and_then(Value::as_array_mut)
+            .unwrap()
+            .remove(index.parse().unwrap());
+
+        w.cluster = None;
+        let mut engines = Vec::new();
+        for b in [&block, &typoed, &without] {
+            let mut e = full(&w);
+            e.upsert_raycluster(&cluster_object(b, annotation));
+            engines.push(e);
+        }
+        let (clean, with_typo, dropped) = (
+            verdicts(&engines[0], &w),
+            verdicts(&engines[1], &w),
+            verdicts(&engines[2], &w),
+        );
+        for (flow, allowed) in &with_typo {
+            prop_assert!(!allowed || clean[flow], "{} at {}: {:?} is wider", typo, path, flow);
+        }
+        prop_assert_eq!(&with_typo, &dropped, "{} at {}", typo, path);
+
+        let prefix = if annotation {
+            "metadata.annotations[rayfence.io/network-policy]"
+        } else {
+            "spec.networkPolicy"
+        };
+        let want = format!("{prefix}{path}.{typo}");
+        let problems = engines[1].problems();
+        prop_assert!(
+            problems.iter().any(|p| p.field == want && p.message.contains("allows nothing")),
+            "no problem names {}: {:?}", want, problems
+        );
     }
 }

@@ -3014,3 +3014,158 @@ fn egress_to_a_port_a_host_network_pod_declares_needs_a_rule_that_selects_it() {
     ));
     assert!(egress(&e, "team-a", "training-head", NODE_IP, "TCP", 9100));
 }
+
+// ------------------------------------------- issue 17: who an address belongs to
+
+#[test]
+fn a_local_pods_address_stops_carrying_its_identity_when_its_sandbox_is_gone() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let worker = "10.0.0.2";
+    assert!(ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    // The kubelet removed the worker's sandbox; its Pod object lingers. Whoever
+    // gets the address next is not the worker.
+    assert!(e.set_sandbox_gone("team-a", "training-cpu", "uid-team-a-training-cpu", true));
+    assert!(!ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    assert_eq!(e.tables().addresses.get(&worker.parse().unwrap()), None);
+    // It stays an endpoint, and a status update of the same pod keeps the reading.
+    assert!(e.endpoint_id("team-a", "training-cpu").is_some());
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-cpu",
+        "training",
+        "worker",
+        "cpu",
+        worker,
+    ));
+    assert!(!ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    // Another UID is another pod: nothing changes for it.
+    assert!(!e.set_sandbox_gone("team-a", "training-cpu", "some-other-uid", false));
+    // A new sandbox of the same pod: trusted again.
+    assert!(e.set_sandbox_gone("team-a", "training-cpu", "uid-team-a-training-cpu", false));
+    assert!(ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    assert!(!e.set_sandbox_gone("team-a", "training-cpu", "uid-team-a-training-cpu", false));
+}
+
+#[test]
+fn an_address_two_pods_claim_carries_neither_and_both_are_reported() {
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let worker = "10.0.0.2";
+    // A remote outsider reports the worker's address while the worker's Pod lingers.
+    e.upsert_pod(&pod(
+        "team-b",
+        "outsider",
+        &[("app", "x")],
+        worker,
+        "node-b",
+        &[],
+    ));
+    assert!(!ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    let problems: Vec<_> = e
+        .problems()
+        .into_iter()
+        .filter(|p| p.field == "status.podIPs")
+        .collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.value == worker && p.severity == Severity::Warning)
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.object == ObjectRef::new("Pod", "team-b", "outsider")
+                && p.message.contains("Pod team-a/training-cpu"))
+    );
+    // The old Pod object goes: the address is the outsider's, no longer a member's.
+    e.remove_pod("team-a", "training-cpu");
+    assert!(!ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    assert!(e.problems().iter().all(|p| p.field != "status.podIPs"));
+    // A new worker that got the address is trusted once it alone claims it.
+    e.remove_pod("team-b", "outsider");
+    e.upsert_pod(&ray_pod(
+        "team-a",
+        "training-cpu-2",
+        "training",
+        "worker",
+        "cpu",
+        worker,
+    ));
+    assert!(ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+}
+
+#[test]
+fn a_pod_being_deleted_with_every_container_terminated_holds_no_address() {
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus};
+    let mut e = scene(settings());
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    let worker = "10.0.0.2";
+    let status = |terminated: bool| ContainerStatus {
+        name: "c".into(),
+        state: Some(ContainerState {
+            terminated: terminated.then(|| ContainerStateTerminated {
+                exit_code: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut p = ray_pod(
+        "team-a",
+        "training-cpu",
+        "training",
+        "worker",
+        "cpu",
+        worker,
+    );
+    // Terminated but not being deleted: a restart in progress, still the pod's.
+    p.status.as_mut().unwrap().container_statuses = Some(vec![status(true)]);
+    e.upsert_pod(&p);
+    assert!(ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    // Being deleted, one container still running: still the pod's.
+    p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        Default::default(),
+    ));
+    p.status.as_mut().unwrap().container_statuses = Some(vec![status(true), status(false)]);
+    e.upsert_pod(&p);
+    assert!(ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    // Being deleted, every container terminated: the sandbox goes next.
+    p.status.as_mut().unwrap().container_statuses = Some(vec![status(true), status(true)]);
+    e.upsert_pod(&p);
+    assert!(!ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+    assert!(e.endpoint_id("team-a", "training-cpu").is_some());
+    // Failed, or no address at all: nothing to trust either.
+    for (phase, ip) in [(Some("Failed"), Some(worker)), (Some("Running"), None)] {
+        let mut p = ray_pod(
+            "team-a",
+            "training-cpu",
+            "training",
+            "worker",
+            "cpu",
+            worker,
+        );
+        let st = p.status.as_mut().unwrap();
+        st.phase = phase.map(str::to_owned);
+        if ip.is_none() {
+            st.pod_ip = None;
+            st.pod_ips = None;
+        }
+        e.upsert_pod(&ray_pod(
+            "team-a",
+            "training-cpu",
+            "training",
+            "worker",
+            "cpu",
+            worker,
+        ));
+        assert!(ingress(&e, "team-a", "training-head", worker, "TCP", 8265));
+        e.upsert_pod(&p);
+        assert!(
+            !ingress(&e, "team-a", "training-head", worker, "TCP", 8265),
+            "{phase:?} {ip:?}"
+        );
+    }
+}

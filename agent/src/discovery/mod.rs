@@ -137,6 +137,10 @@ pub struct Location {
     pub cgroup: Option<PodCgroupInfo>,
     pub host_interface: Option<HostInterface>,
     pub hook: Hook,
+    /// The pod's own cgroup (found by its UID) has processes: a sandbox of this very
+    /// pod is up. An interface found by the pod's IP alone does not prove that: the
+    /// IP may already be another pod's.
+    pub running: bool,
     /// The methods that found nothing before the answer (for logs).
     pub misses: Vec<(HowFound, Miss)>,
 }
@@ -307,6 +311,7 @@ impl Locator {
         };
         if pod.host_network {
             return Ok(Location {
+                running: running(cgroup.as_ref()),
                 cgroup,
                 host_interface: None,
                 hook: Hook::None(NoHookReason::HostNetwork),
@@ -323,6 +328,7 @@ impl Locator {
                 }
                 Err(Miss::HostNetworkNamespace) => {
                     return Ok(Location {
+                        running: running(cgroup.as_ref()),
                         cgroup,
                         host_interface: None,
                         hook: Hook::None(NoHookReason::SharesHostNetns),
@@ -353,12 +359,68 @@ impl Locator {
             "located pod"
         );
         Ok(Location {
+            running: running(cgroup.as_ref()),
             cgroup,
             host_interface,
             hook,
             misses,
         })
     }
+
+    /// For each mark, whether what it names is gone from the kernel: the sandbox it
+    /// belonged to was torn down. A mark that cannot be checked (the link dump
+    /// failed) counts as present: only evidence removes trust, never a failed look.
+    pub fn sandboxes_gone(&self, marks: &[SandboxMark]) -> Vec<bool> {
+        let wants_links = marks
+            .iter()
+            .any(|m| matches!(m, SandboxMark::Interface { .. }));
+        let links: Option<std::collections::HashMap<u32, String>> = if wants_links {
+            match self.host.rtnl().and_then(|mut rtnl| rtnl.links()) {
+                Ok(links) => Some(
+                    links
+                        .iter()
+                        .map(|l| {
+                            let facts = netlink::LinkFacts::from_message(l);
+                            (facts.ifindex, facts.name)
+                        })
+                        .collect(),
+                ),
+                Err(error) => {
+                    tracing::debug!(%error, "listing host links to check sandboxes");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        marks
+            .iter()
+            .map(|mark| match mark {
+                // By index and name: a new link could in principle reuse the index.
+                SandboxMark::Interface { ifindex, name } => links
+                    .as_ref()
+                    .is_some_and(|links| links.get(ifindex) != Some(name)),
+                // The kubelet removes the pod cgroup with the pod; rmdir is final.
+                SandboxMark::Cgroup(path) => {
+                    matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound)
+                }
+            })
+            .collect()
+    }
+}
+
+/// What an attached pod's sandbox is known by in the kernel: its host veth, or (for
+/// a pod hooked on its cgroup) its pod cgroup. When it disappears, the kubelet has
+/// torn the sandbox down, whatever the API server still says about the Pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxMark {
+    Interface { ifindex: u32, name: String },
+    Cgroup(PathBuf),
+}
+
+/// Whether the pod's own cgroup has processes.
+fn running(cgroup: Option<&PodCgroupInfo>) -> bool {
+    cgroup.is_some_and(|c| !cgroup::pids_below(&c.path).is_empty())
 }
 
 #[cfg(test)]

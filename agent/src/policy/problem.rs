@@ -5,6 +5,8 @@
 //! where the problem is found.
 use std::fmt;
 
+use serde_json::Value;
+
 /// The object a problem is about.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectRef {
@@ -81,6 +83,31 @@ impl Invalid {
             value: value.into(),
             message: message.into(),
         }
+    }
+
+    /// The first key of the JSON object `value` (at path `field`) that is not in
+    /// `known`, as an invalid input that makes the holding rule allow nothing. `None`
+    /// when every key is known or `value` is not an object (its type is reported
+    /// where it is deserialised).
+    ///
+    /// The `networking.k8s.io/v1` types drop unknown keys when deserialised, so a typo
+    /// would vanish: `{"frm": [...]}` would read as "from anyone" and
+    /// `namespaceSelector: {matchLabel: ...}` as "every namespace". This is checked
+    /// on the raw value before that happens.
+    pub fn unknown_field(field: &str, value: &Value, known: &[&str]) -> Option<Self> {
+        let Value::Object(map) = value else {
+            return None;
+        };
+        map.iter()
+            .find(|(key, _)| !known.contains(&key.as_str()))
+            .map(|(key, value)| {
+                let expected = known.join(", ");
+                Self::new(
+                    format!("{field}.{key}"),
+                    value.to_string(),
+                    format!("unknown field (expected one of {expected}); the rule allows nothing"),
+                )
+            })
     }
 
     pub fn at(self, object: &ObjectRef, severity: Severity) -> Problem {

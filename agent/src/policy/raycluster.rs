@@ -166,6 +166,11 @@ impl Ctx<'_> {
         let mut rules = Vec::new();
         for (index, item) in items.iter().enumerate() {
             let field = format!("{field}[{index}]");
+            // Before deserialising, which would drop the field and widen the rule.
+            if let Some(invalid) = super::rule::unknown_field(&field, direction, item) {
+                self.warn(invalid);
+                continue;
+            }
             let origin = RuleOrigin::User {
                 role: role.clone(),
                 direction,
@@ -651,9 +656,9 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_ignored_and_one_bad_rule_does_not_fail_the_rest() {
+    fn unknown_block_fields_are_ignored_and_one_bad_rule_does_not_fail_the_rest() {
         let parsed = parse(&cluster(
-            "metadata: {name: c, namespace: n}\nspec:\n  unknownField: 1\n  networkPolicy:\n    mode: DenyAll\n    futureKnob: true\n    head:\n      ingressRules:\n      - {ports: [{port: 80}], futureField: x}\n      - {ports: [{port: true}]}\n      - {from: [{podSelector: {}}]}\n",
+            "metadata: {name: c, namespace: n}\nspec:\n  unknownField: 1\n  networkPolicy:\n    mode: DenyAll\n    futureKnob: true\n    head:\n      ingressRules:\n      - {ports: [{port: 80}]}\n      - {ports: [{port: true}]}\n      - {from: [{podSelector: {}}]}\n",
         ));
         let Declared::Valid(policy) = &parsed.declared else {
             panic!("{:?}", parsed.declared);
@@ -672,6 +677,74 @@ mod tests {
                 index: 2
             }
         );
+    }
+
+    /// Issue 17: typos in the annotation widened rules (`frm` read as "from anyone",
+    /// `matchLabel` as every namespace) without a word.
+    #[test]
+    fn a_rule_with_an_unknown_field_allows_nothing_and_is_reported() {
+        let annotation = r#"{"head": {"ingressRules": [
+            {"frm": [{"podSelector": {"matchLabels": {"app": "a"}}}]},
+            {"from": [{"namespaceSelector": {"matchLabel": {"team": "t"}}}]},
+            {"from": [{"namespaceSelector": {"nested": {"matchLabels": {"team": "t"}}}}]},
+            {"from": [{"podSelector": {"matchLabels": {"app": "ok"}}}], "ports": [{"port": 80}]}
+        ]}, "worker": {"egressRules": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "exept": ["10.1.0.0/16"]}}]}]}}"#;
+        let yaml = format!(
+            "metadata:\n  name: c\n  namespace: n\n  annotations:\n    {ANNOTATION}: '{}'\nspec: {{}}\n",
+            annotation.replace('\n', " ")
+        );
+        let spec_yaml = format!(
+            "metadata: {{name: c, namespace: n}}\nspec:\n  networkPolicy: {}\n",
+            annotation.replace('\n', " ")
+        );
+        for (text, prefix) in [
+            (yaml, format!("metadata.annotations[{ANNOTATION}]")),
+            (spec_yaml, "spec.networkPolicy".to_owned()),
+        ] {
+            let parsed = parse(&cluster(&text));
+            let Declared::Valid(policy) = &parsed.declared else {
+                panic!("{:?}", parsed.declared);
+            };
+            // Only the rule without a typo survives; the worker's only rule is gone.
+            assert_eq!(policy.head.ingress.len(), 1);
+            assert_eq!(
+                policy.head.ingress[0].origin,
+                RuleOrigin::User {
+                    role: Role::Head,
+                    direction: Direction::Ingress,
+                    index: 3
+                }
+            );
+            assert!(policy.worker.egress.is_empty());
+            let fields: Vec<_> = parsed
+                .problems
+                .iter()
+                .map(|p| {
+                    (
+                        p.field.strip_prefix(&prefix).unwrap_or(&p.field),
+                        p.severity,
+                    )
+                })
+                .collect();
+            assert_eq!(
+                fields,
+                [
+                    (".head.ingressRules[0].frm", Severity::Warning),
+                    (
+                        ".head.ingressRules[1].from[0].namespaceSelector.matchLabel",
+                        Severity::Warning
+                    ),
+                    (
+                        ".head.ingressRules[2].from[0].namespaceSelector.nested",
+                        Severity::Warning
+                    ),
+                    (
+                        ".worker.egressRules[0].to[0].ipBlock.exept",
+                        Severity::Warning
+                    ),
+                ]
+            );
+        }
     }
 
     #[test]

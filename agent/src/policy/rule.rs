@@ -11,9 +11,10 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
 
 use super::problem::{Invalid, ObjectRef};
-use super::selector::Selector;
+use super::selector::{self, Selector};
 use crate::tables::{Direction, protocol};
 
 /// Which namespaces a pod peer may be in.
@@ -296,6 +297,55 @@ fn parse_port(field: &str, port: &NetworkPolicyPort) -> Result<PortSpec, Invalid
         }
     };
     Ok(PortSpec { protocol, port })
+}
+
+/// The fields of a `NetworkPolicyPeer`.
+pub const PEER_FIELDS: &[&str] = &["podSelector", "namespaceSelector", "ipBlock"];
+/// The fields of an `IPBlock`.
+pub const IP_BLOCK_FIELDS: &[&str] = &["cidr", "except"];
+/// The fields of a `NetworkPolicyPort`.
+pub const PORT_FIELDS: &[&str] = &["protocol", "port", "endPort"];
+
+/// The first field of the raw rule `value` (at path `field`) that its
+/// `networking.k8s.io/v1` type does not have, at any depth: the rule, its peers, their
+/// selectors and `ipBlock`, its ports. A rule with one is invalid and allows nothing
+/// (SEMANTICS section 6): deserialised, the field would vanish and the rule could
+/// only get wider (`frm` reads as "from anyone", `namespaceSelector: {matchLabel:
+/// ...}` as "every namespace"). An ingress rule's `to` (or an egress rule's `from`)
+/// is unknown too. Values of the wrong type are left to deserialisation.
+pub fn unknown_field(field: &str, direction: Direction, value: &Value) -> Option<Invalid> {
+    let peers_key = match direction {
+        Direction::Ingress => "from",
+        Direction::Egress => "to",
+    };
+    if let Some(invalid) = Invalid::unknown_field(field, value, &[peers_key, "ports"]) {
+        return Some(invalid);
+    }
+    let items = |key: &str| match value.get(key) {
+        Some(Value::Array(items)) => items.as_slice(),
+        _ => &[],
+    };
+    for (i, peer) in items(peers_key).iter().enumerate() {
+        let f = format!("{field}.{peers_key}[{i}]");
+        let found = Invalid::unknown_field(&f, peer, PEER_FIELDS)
+            .or_else(|| {
+                ["podSelector", "namespaceSelector"].iter().find_map(|key| {
+                    peer.get(key)
+                        .and_then(|s| selector::unknown_field(&format!("{f}.{key}"), s))
+                })
+            })
+            .or_else(|| {
+                peer.get("ipBlock").and_then(|b| {
+                    Invalid::unknown_field(&format!("{f}.ipBlock"), b, IP_BLOCK_FIELDS)
+                })
+            });
+        if found.is_some() {
+            return found;
+        }
+    }
+    items("ports").iter().enumerate().find_map(|(i, port)| {
+        Invalid::unknown_field(&format!("{field}.ports[{i}]"), port, PORT_FIELDS)
+    })
 }
 
 /// What [`parse_rule`] also has to say about a valid rule.
@@ -594,6 +644,93 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.field, "spec.ingress[0].from[0]");
+    }
+
+    #[test]
+    fn unknown_fields_name_their_full_path_at_every_depth() {
+        use serde_json::json;
+        for (direction, rule, path, value) in [
+            (
+                Direction::Ingress,
+                json!({"frm": [{"podSelector": {}}]}),
+                "r.frm",
+                r#"[{"podSelector":{}}]"#,
+            ),
+            (
+                Direction::Ingress,
+                json!({"to": [{"podSelector": {}}]}),
+                "r.to",
+                r#"[{"podSelector":{}}]"#,
+            ),
+            (Direction::Egress, json!({"from": []}), "r.from", "[]"),
+            (
+                Direction::Ingress,
+                json!({"from": [{"podSelector": {}}, {"namespaceSelector": {"matchLabel": {"a": "b"}}}]}),
+                "r.from[1].namespaceSelector.matchLabel",
+                r#"{"a":"b"}"#,
+            ),
+            (
+                Direction::Ingress,
+                json!({"from": [{"namespaceSelector": {"nested": {"matchLabels": {"a": "b"}}}}]}),
+                "r.from[0].namespaceSelector.nested",
+                r#"{"matchLabels":{"a":"b"}}"#,
+            ),
+            (
+                Direction::Egress,
+                json!({"to": [{"podSelector": {"matchExpressions": [{"key": "a", "operator": "In", "value": ["x"]}]}}]}),
+                "r.to[0].podSelector.matchExpressions[0].value",
+                r#"["x"]"#,
+            ),
+            (
+                Direction::Egress,
+                json!({"to": [{"podSelectr": {"matchLabels": {"a": "b"}}}]}),
+                "r.to[0].podSelectr",
+                r#"{"matchLabels":{"a":"b"}}"#,
+            ),
+            (
+                Direction::Egress,
+                json!({"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "excpt": ["10.1.0.0/16"]}}]}),
+                "r.to[0].ipBlock.excpt",
+                r#"["10.1.0.0/16"]"#,
+            ),
+            (
+                Direction::Ingress,
+                json!({"ports": [{"port": 80}, {"prot": "UDP"}]}),
+                "r.ports[1].prot",
+                r#""UDP""#,
+            ),
+        ] {
+            let invalid = unknown_field("r", direction, &rule).unwrap();
+            assert_eq!(
+                (invalid.field.as_str(), invalid.value.as_str()),
+                (path, value),
+                "{rule}"
+            );
+            assert!(invalid.message.contains("allows nothing"), "{invalid:?}");
+        }
+    }
+
+    #[test]
+    fn known_fields_and_label_keys_are_not_unknown() {
+        let rule = serde_json::json!({
+            "from": [
+                {"podSelector": {"matchLabels": {"frm": "x", "nested": "y"},
+                                 "matchExpressions": [{"key": "a", "operator": "In", "values": ["b"]}]},
+                 "namespaceSelector": {}},
+                {"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}},
+                {"podSelector": null}
+            ],
+            "ports": [{"protocol": "TCP", "port": 80, "endPort": 90}]
+        });
+        assert_eq!(unknown_field("r", Direction::Ingress, &rule), None);
+        // Wrong types are for deserialisation to report.
+        for rule in [
+            serde_json::json!("nope"),
+            serde_json::json!({"from": {"podSelector": {}}}),
+            serde_json::json!({"ports": [7]}),
+        ] {
+            assert_eq!(unknown_field("r", Direction::Ingress, &rule), None);
+        }
     }
 
     #[test]

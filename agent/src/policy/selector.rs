@@ -6,6 +6,32 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use serde_json::Value;
+
+use super::problem::Invalid;
+
+/// The fields of a `LabelSelector`.
+pub const SELECTOR_FIELDS: &[&str] = &["matchLabels", "matchExpressions"];
+/// The fields of one `matchExpressions` entry.
+pub const EXPRESSION_FIELDS: &[&str] = &["key", "operator", "values"];
+
+/// The first field of the raw label selector `value` (at path `field`) that
+/// `LabelSelector` does not have, including inside its `matchExpressions` entries.
+/// `matchLabels` keys are labels, so any key is valid there.
+pub fn unknown_field(field: &str, value: &Value) -> Option<Invalid> {
+    Invalid::unknown_field(field, value, SELECTOR_FIELDS).or_else(|| {
+        let Some(Value::Array(expressions)) = value.get("matchExpressions") else {
+            return None;
+        };
+        expressions.iter().enumerate().find_map(|(i, e)| {
+            Invalid::unknown_field(
+                &format!("{field}.matchExpressions[{i}]"),
+                e,
+                EXPRESSION_FIELDS,
+            )
+        })
+    })
+}
 
 /// Labels as Kubernetes stores them.
 pub type Labels = BTreeMap<String, String>;

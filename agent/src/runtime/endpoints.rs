@@ -6,6 +6,16 @@
 //! creates the cgroup first) gets TC as well when a link event shows the veth: the
 //! cgroup hook does not see what the kernel answers for the pod (pings, resets).
 //!
+//! A sandbox can go before its Pod object does (the kubelet removes the veth and the
+//! cgroup, then reports, then the object is deleted), and its IP can be handed to a
+//! new pod meanwhile. So every pass checks that each attached pod's host veth (or,
+//! hooked on its cgroup, its pod cgroup) still exists; when it is gone the pod is
+//! detached, pending again, and the engine is told ([`crate::policy::Engine::set_sandbox_gone`])
+//! so its address stops carrying its identity at once. It counts as back only when a
+//! new sandbox of that very pod is found (`is_new_sandbox`: a new veth in its own
+//! processes' namespace, or its cgroup back with processes), never by its IP alone,
+//! which may lead to the pod that got the address.
+//!
 //! Must not: detach anything it cannot account for while a wanted pod is still
 //! unlocated (a leftover link from a previous run may be that pod's only
 //! protection), nor decide policy.
@@ -14,7 +24,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::datapath::{Datapath, DatapathError, Interface};
-use crate::discovery::{Hook, Location, Locator, PodRef};
+use crate::discovery::{Hook, Location, Locator, PodRef, SandboxMark};
+use crate::policy::Engine;
 use crate::serve::Health;
 use crate::serve::metrics::EndpointLabels;
 use crate::tables::EndpointId;
@@ -68,6 +79,11 @@ pub struct Endpoints {
     states: BTreeMap<EndpointId, (String, EndpointState)>,
     /// Cgroup-attached pods, and when: candidates for TC while in the window.
     cgroup_since: BTreeMap<EndpointId, Instant>,
+    /// What each attached pod's sandbox is known by.
+    marks: BTreeMap<EndpointId, SandboxMark>,
+    /// Pods whose sandbox was seen gone, with their UID and what went: their address
+    /// carries no identity until a new sandbox of that same pod is found.
+    gone: BTreeMap<EndpointId, (String, SandboxMark)>,
 }
 
 impl Endpoints {
@@ -82,14 +98,80 @@ impl Endpoints {
             .any(|(_, s)| matches!(s, EndpointState::Pending { .. }))
     }
 
-    /// Pods still to find, or cgroup-attached pods whose veth may yet appear: the
-    /// runtime keeps syncing on link events and its timer while this holds.
+    /// Pods still to find, cgroup-attached pods whose veth may yet appear, or pods
+    /// hooked on their cgroup at all (no event says when a cgroup goes, so their
+    /// sandboxes are checked on the timer): the runtime keeps syncing on its timer
+    /// while this holds.
     pub fn needs_attention(&self) -> bool {
         self.has_pending()
             || self
                 .cgroup_since
                 .values()
                 .any(|since| since.elapsed() < TC_UPGRADE_WINDOW)
+            || self
+                .marks
+                .values()
+                .any(|m| matches!(m, SandboxMark::Cgroup(_)))
+    }
+
+    /// Attached pods whose sandbox has disappeared (on a blocking thread).
+    async fn vanished(&self, locator: &Arc<Locator>, health: &Health) -> Vec<EndpointId> {
+        if self.marks.is_empty() {
+            return Vec::new();
+        }
+        let (ids, marks): (Vec<EndpointId>, Vec<SandboxMark>) =
+            self.marks.iter().map(|(id, m)| (*id, m.clone())).unzip();
+        let locator = locator.clone();
+        match tokio::task::spawn_blocking(move || locator.sandboxes_gone(&marks)).await {
+            Ok(gone) => ids
+                .into_iter()
+                .zip(gone)
+                .filter_map(|(id, gone)| gone.then_some(id))
+                .collect(),
+            Err(error) => {
+                health.metrics.error("locate");
+                tracing::error!(%error, "the sandbox check failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The sandbox of `d` is gone: detach it, make it pending, and take its
+    /// address's trust away. Whether the engine changed.
+    fn sandbox_gone(
+        &mut self,
+        d: &Desired,
+        engine: &mut Engine,
+        datapath: &mut Datapath,
+        health: &Health,
+    ) -> bool {
+        let pod = format!("{}/{}", d.pod.namespace, d.pod.name);
+        let mark = self.marks.remove(&d.id);
+        self.cgroup_since.remove(&d.id);
+        detach(datapath, d.id, &pod, health);
+        let Some(mark) = mark else {
+            return false;
+        };
+        let what = match &mark {
+            SandboxMark::Interface { name, .. } => format!("host veth {name}"),
+            SandboxMark::Cgroup(path) => format!("cgroup {}", path.display()),
+        };
+        tracing::warn!(
+            pod = %pod, endpoint = d.id, gone = %what, ips = %crate::logging::list(&d.pod.ips),
+            "the pod's sandbox is gone while its Pod object remains: its addresses no longer carry its identity"
+        );
+        self.states.insert(
+            d.id,
+            (
+                pod,
+                EndpointState::Pending {
+                    since: Instant::now(),
+                    last_error: format!("its sandbox is gone ({what} removed)"),
+                },
+            ),
+        );
+        self.gone.insert(d.id, (d.pod.uid.clone(), mark));
+        engine.set_sandbox_gone(&d.pod.namespace, &d.pod.name, &d.pod.uid, true)
     }
 
     /// Attached, or known not to need a hook.
@@ -162,16 +244,32 @@ impl Endpoints {
     /// triggered this pass was seen (for the attach latency). `prelocated`: what
     /// [`Self::locate`] found just before (the first programming locates before it
     /// applies, so re-registering adopted endpoints follows the apply at once).
+    /// Tells `engine` which sandboxes went or came back; whether that changed it
+    /// (the caller then programs the datapath again).
+    #[expect(clippy::too_many_arguments, reason = "the runtime's parts it works on")]
     pub async fn sync(
         &mut self,
         desired: Vec<Desired>,
+        engine: &mut Engine,
         datapath: &mut Datapath,
         locator: &Arc<Locator>,
         health: &Health,
         link_at: Option<Instant>,
         prelocated: Option<Located>,
-    ) {
+    ) -> bool {
         let wanted: BTreeSet<EndpointId> = desired.iter().map(|d| d.id).collect();
+        let mut engine_changed = false;
+        // A gone sandbox is remembered for that pod only (same name, new UID: a new pod).
+        self.gone
+            .retain(|id, (uid, _)| desired.iter().any(|d| d.id == *id && d.pod.uid == *uid));
+        self.marks.retain(|id, _| wanted.contains(id));
+
+        // Sandboxes that went away: before anything else, so no pass leaves the
+        // address trusted.
+        let vanished = self.vanished(locator, health).await;
+        for d in desired.iter().filter(|d| vanished.contains(&d.id)) {
+            engine_changed |= self.sandbox_gone(d, engine, datapath, health);
+        }
 
         // Gone from the engine: detach.
         let gone: Vec<EndpointId> = self
@@ -182,6 +280,7 @@ impl Endpoints {
             .collect();
         for id in gone {
             self.cgroup_since.remove(&id);
+            self.marks.remove(&id);
             if let Some((pod, state)) = self.states.remove(&id) {
                 detach(datapath, id, &pod, health);
                 let was = state.labels();
@@ -200,7 +299,34 @@ impl Endpoints {
             }
         };
         for (d, found) in located {
-            if !wanted.contains(&d.id) {
+            if !wanted.contains(&d.id) || vanished.contains(&d.id) {
+                continue;
+            }
+            if let Some((_, went)) = self.gone.get(&d.id) {
+                match found {
+                    Ok(location) if is_new_sandbox(went, &location) => {
+                        self.attach(datapath, d.clone(), Ok(location), health, link_at);
+                        if self.is_settled(d.id) {
+                            self.gone.remove(&d.id);
+                            tracing::info!(pod = %format!("{}/{}", d.pod.namespace, d.pod.name),
+                                endpoint = d.id, "a new sandbox of the pod is up: its addresses are its own again");
+                            engine_changed |= engine.set_sandbox_gone(
+                                &d.pod.namespace,
+                                &d.pod.name,
+                                &d.pod.uid,
+                                false,
+                            );
+                        }
+                    }
+                    _ => {
+                        if let Some((_, EndpointState::Pending { last_error, .. })) =
+                            self.states.get_mut(&d.id)
+                        {
+                            "its sandbox is gone; no new sandbox of this pod yet"
+                                .clone_into(last_error);
+                        }
+                    }
+                }
                 continue;
             }
             if self.may_gain_tc(d.id, after_link_event) {
@@ -246,6 +372,7 @@ impl Endpoints {
                 .get_or_create(&EndpointLabels { hook, state })
                 .set(n);
         }
+        engine_changed
     }
 
     /// A cgroup-attached pod whose host veth has appeared gets TC too; anything else
@@ -267,6 +394,13 @@ impl Endpoints {
         match datapath.attach_tc(d.id, Interface::Index(interface.ifindex)) {
             Ok(ifindex) => {
                 self.cgroup_since.remove(&d.id);
+                self.marks.insert(
+                    d.id,
+                    SandboxMark::Interface {
+                        ifindex,
+                        name: interface.name.clone(),
+                    },
+                );
                 tracing::info!(
                     pod = %pod, endpoint = d.id, hook = "tc", interface = %interface.name, ifindex,
                     "host veth appeared: TC attached beside the cgroup hook"
@@ -380,6 +514,20 @@ impl Endpoints {
                 if matches!(state, EndpointState::Cgroup { .. }) {
                     self.cgroup_since.insert(d.id, Instant::now());
                 }
+                let mark = match (&state, &location.cgroup) {
+                    (EndpointState::Tc { ifindex, interface }, _) => Some(SandboxMark::Interface {
+                        ifindex: *ifindex,
+                        name: interface.clone(),
+                    }),
+                    (EndpointState::Cgroup { .. }, Some(cgroup)) => {
+                        Some(SandboxMark::Cgroup(cgroup.path.clone()))
+                    }
+                    _ => None,
+                };
+                match mark {
+                    Some(mark) => self.marks.insert(d.id, mark),
+                    None => self.marks.remove(&d.id),
+                };
                 self.states.insert(d.id, (pod, state));
             }
             Err(error) => {
@@ -400,6 +548,24 @@ impl Endpoints {
     }
 }
 
+/// Whether `location` is a new sandbox of the pod whose sandbox part `went` is
+/// gone. Never by its IP alone (the route or bridge methods): the address may be the
+/// pod's that got it next. For a pod on a veth: a different veth, found through the
+/// network namespace of the pod's own processes (during teardown the old sandbox's
+/// processes outlive its veth, in a namespace with none). For a pod hooked on its
+/// cgroup: its pod cgroup back, with processes.
+fn is_new_sandbox(went: &SandboxMark, location: &Location) -> bool {
+    match went {
+        SandboxMark::Interface { ifindex, .. } => {
+            location.hook == Hook::Tc
+                && location.host_interface.as_ref().is_some_and(|i| {
+                    i.via == crate::discovery::HowFound::PodNetns && i.ifindex != *ifindex
+                })
+        }
+        SandboxMark::Cgroup(_) => location.hook == Hook::Cgroup && location.running,
+    }
+}
+
 fn detach(datapath: &mut Datapath, id: EndpointId, pod: &str, health: &Health) {
     match datapath.detach(id) {
         Ok(()) | Err(DatapathError::NotAttached { .. }) => {}
@@ -407,5 +573,66 @@ fn detach(datapath: &mut Datapath, id: EndpointId, pod: &str, health: &Health) {
             health.metrics.error("detach");
             tracing::error!(pod = %pod, endpoint = id, %error, "detaching failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::discovery::{CgroupFoundBy, HostInterface, HowFound, PodCgroupInfo};
+
+    fn location(hook: Hook, interface: Option<(u32, HowFound)>, running: bool) -> Location {
+        Location {
+            cgroup: Some(PodCgroupInfo {
+                path: PathBuf::from("/sys/fs/cgroup/kubepods/podu1"),
+                relative: PathBuf::from("/kubepods/podu1"),
+                id: 7,
+                level: 2,
+                found_by: CgroupFoundBy::Search,
+            }),
+            host_interface: interface.map(|(ifindex, via)| HostInterface {
+                ifindex,
+                name: format!("veth{ifindex}"),
+                via,
+            }),
+            hook,
+            running,
+            misses: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_gone_veth_comes_back_only_as_a_new_veth_of_the_pods_own_namespace() {
+        let went = SandboxMark::Interface {
+            ifindex: 6,
+            name: "veth6".into(),
+        };
+        // The old sandbox's processes outlive its veth: cgroup only, not back.
+        assert!(!is_new_sandbox(&went, &location(Hook::Cgroup, None, true)));
+        // A veth found by the pod's IP may be the pod that got the address.
+        for via in [HowFound::RouteToVeth, HowFound::BridgeFdb] {
+            assert!(!is_new_sandbox(
+                &went,
+                &location(Hook::Tc, Some((8, via)), true)
+            ));
+        }
+        // The same veth again is not a new sandbox.
+        assert!(!is_new_sandbox(
+            &went,
+            &location(Hook::Tc, Some((6, HowFound::PodNetns)), true)
+        ));
+        assert!(is_new_sandbox(
+            &went,
+            &location(Hook::Tc, Some((8, HowFound::PodNetns)), true)
+        ));
+    }
+
+    #[test]
+    fn a_gone_pod_cgroup_comes_back_only_with_processes() {
+        let went = SandboxMark::Cgroup(PathBuf::from("/sys/fs/cgroup/kubepods/podu1"));
+        assert!(!is_new_sandbox(&went, &location(Hook::Cgroup, None, false)));
+        assert!(is_new_sandbox(&went, &location(Hook::Cgroup, None, true)));
     }
 }

@@ -262,7 +262,7 @@ impl Runtime {
                 link = links.recv(), if links_open => match link {
                     Some(at) => {
                         while links.try_recv().is_ok() {}
-                        if self.programmed && self.endpoints.needs_attention() {
+                        if self.programmed {
                             self.sync_endpoints(Some(at), None).await;
                         }
                     }
@@ -791,9 +791,11 @@ impl Runtime {
         prelocated: Option<endpoints::Located>,
     ) {
         let desired = self.desired_endpoints();
-        self.endpoints
+        let sandboxes_changed = self
+            .endpoints
             .sync(
                 desired,
+                &mut self.engine,
                 &mut self.datapath,
                 &self.locator,
                 &self.health,
@@ -801,6 +803,10 @@ impl Runtime {
                 prelocated,
             )
             .await;
+        // A sandbox went (or came back): its address's trust follows now.
+        if sandboxes_changed {
+            Box::pin(self.program(None)).await;
+        }
     }
 }
 
@@ -861,7 +867,8 @@ pub fn spawn_link_watcher() -> mpsc::UnboundedReceiver<Instant> {
                 };
                 loop {
                     match watcher.next_event(Duration::from_secs(1)) {
-                        Ok(Some(crate::discovery::LinkEvent::Removed(_))) | Ok(None) => {}
+                        Ok(None) => {}
+                        // Removals too: a pod's veth going is its sandbox going.
                         Ok(Some(_)) => {
                             if tx.send(Instant::now()).is_err() {
                                 return;

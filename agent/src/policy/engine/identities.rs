@@ -106,10 +106,13 @@ impl Engine {
         if let Some(svc) = self.cluster_ips.get(&ip) {
             return self.services.get(svc).map(|s| s.identity);
         }
-        self.addr_pods
-            .get(&ip)?
-            .iter()
-            .find_map(|key| self.pods.get(key)?.identity)
+        // Two pods claiming one address (a reused IP while the old Pod object
+        // lingers): neither is trusted there, rather than guessing.
+        let mut claimants = self.addr_pods.get(&ip)?.iter();
+        match (claimants.next(), claimants.next()) {
+            (Some(key), None) => self.pods.get(key)?.identity,
+            _ => None,
+        }
     }
 
     pub(super) fn refresh_address(&mut self, ip: IpAddr) {

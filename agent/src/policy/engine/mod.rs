@@ -186,6 +186,8 @@ pub struct Engine {
     namespaces: HashMap<String, Labels>,
     pods: HashMap<ObjectKey, PodState>,
     addr_pods: HashMap<IpAddr, BTreeSet<ObjectKey>>,
+    /// Addresses more than one pod claims: they map to no pod identity.
+    addr_conflicts: BTreeSet<IpAddr>,
     identity_keys: HashMap<IdentityKey, IdentityId>,
     pod_identities: HashMap<IdentityId, PodIdentity>,
     ids_by_ns: HashMap<String, BTreeSet<IdentityId>>,
@@ -253,6 +255,7 @@ impl Engine {
             namespaces: HashMap::new(),
             pods: HashMap::new(),
             addr_pods: HashMap::new(),
+            addr_conflicts: BTreeSet::new(),
             identity_keys: HashMap::new(),
             pod_identities: HashMap::new(),
             ids_by_ns: HashMap::new(),
@@ -321,6 +324,7 @@ impl Engine {
         }
         all.extend(self.egress_named_port_problems());
         all.extend(self.node_port_problems());
+        all.extend(self.address_conflict_problems());
         all.into_iter().collect()
     }
 

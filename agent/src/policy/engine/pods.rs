@@ -10,6 +10,15 @@
 //! by an ipBlock on its node's address, since nothing tells it from the rest of that
 //! node.
 //!
+//! An address carries a pod's identity only while the evidence says the pod holds
+//! it (issue 17: an IP reused while the old Pod object lingers must not keep the old
+//! pod's trust). It does not when the Pod is terminal (`Succeeded`, `Failed`), lists
+//! no IP, has every container terminated while being deleted (the kubelet is tearing
+//! its sandbox down), or is a local pod whose sandbox the runtime saw go away
+//! ([`Engine::set_sandbox_gone`]); and an address two pods claim carries neither's
+//! (a warning names both). The pod keeps its labels and identity for selectors, and
+//! a local one stays an endpoint: only its address stops vouching for it.
+//!
 //! Must not: allocate identities or compute rows itself (`identities`, `node_ports`
 //! and `flush` do), treat terminal pods as selectable peers, or index a hostNetwork
 //! pod's addresses.
@@ -18,11 +27,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 
 use super::identities::IdentityKey;
 use super::node_ports::{Claimant, HostPort};
 use super::{Engine, NamedPort, ObjectKey, key_of, unlink};
+use crate::policy::problem::{ObjectRef, Problem, Severity};
 use crate::policy::raycluster::LABEL_CLUSTER;
 use crate::policy::rule::parse_protocol;
 use crate::policy::selector::Labels;
@@ -46,6 +56,11 @@ pub(super) struct PodState {
     /// Present iff `host_ports` is not empty.
     pub(super) host_port_identity: Option<IdentityId>,
     pub(super) identity: Option<IdentityId>,
+    /// Every container terminated while the Pod is being deleted: its sandbox is
+    /// going, and its address with it.
+    pub(super) stopped: bool,
+    /// A local pod whose sandbox (host veth, cgroup) the runtime saw disappear.
+    pub(super) sandbox_gone: bool,
 }
 
 impl PodState {
@@ -56,8 +71,26 @@ impl PodState {
 
     /// The addresses that map to its identity in the address index.
     fn indexed_ips(&self) -> &[IpAddr] {
-        if self.host_network { &[] } else { &self.ips }
+        if self.host_network || self.stopped || self.sandbox_gone {
+            &[]
+        } else {
+            &self.ips
+        }
     }
+}
+
+/// Whether the Pod's status says its containers are done and it is on its way out:
+/// being deleted, and every container (init containers aside) terminated. The
+/// kubelet reports this before it removes the sandbox and long before the object
+/// goes. Without a deletion it is a restart in progress: the sandbox and its address
+/// stay the pod's.
+fn stopped(pod: &Pod, status: &PodStatus) -> bool {
+    let statuses = status.container_statuses.as_deref().unwrap_or_default();
+    pod.metadata.deletion_timestamp.is_some()
+        && !statuses.is_empty()
+        && statuses
+            .iter()
+            .all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
 }
 
 /// What a pod's container ports declare.
@@ -166,6 +199,9 @@ impl Engine {
         }
         ips.sort();
         ips.dedup();
+        let stopped = stopped(pod, &status);
+        // Same pod (same UID): what the runtime saw of its sandbox still holds.
+        let sandbox_gone = local && self.pods.get(&key).is_some_and(|old| old.sandbox_gone);
         let declared = declared_ports(&spec);
         let listen_ports = if local && host_network {
             declared.listen
@@ -222,6 +258,8 @@ impl Engine {
                 host_ports,
                 host_port_identity,
                 identity: new_identity,
+                stopped,
+                sandbox_gone,
             },
         );
         let (old_ips, old_identity, was_local, was_listening) = match old {
@@ -274,6 +312,54 @@ impl Engine {
             self.dirty.endpoints.insert(key);
         }
         self.flush();
+    }
+
+    /// The runtime saw the sandbox of local pod `namespace/name` (UID `uid`) go away
+    /// (`gone`), or a new one of that same pod appear. While it is gone, the pod's
+    /// addresses carry no identity: the IP may already be another pod's (the kubelet
+    /// deletes the Pod object well after the sandbox). Whether anything changed; a
+    /// different UID (a new pod of that name) changes nothing.
+    pub fn set_sandbox_gone(&mut self, namespace: &str, name: &str, uid: &str, gone: bool) -> bool {
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(pod) = self.pods.get_mut(&key) else {
+            return false;
+        };
+        if pod.uid != uid || !pod.local || pod.sandbox_gone == gone {
+            return false;
+        }
+        let old_ips = pod.indexed_ips().to_vec();
+        pod.sandbox_gone = gone;
+        let new_ips = pod.indexed_ips().to_vec();
+        let identity = pod.identity;
+        self.ips_changed(&key, &old_ips, &new_ips, false, [identity, identity]);
+        self.flush();
+        true
+    }
+
+    /// A warning per pod claiming an address another pod claims too.
+    pub(super) fn address_conflict_problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        for ip in &self.addr_conflicts {
+            let claimants: Vec<&ObjectKey> = self.addr_pods.get(ip).into_iter().flatten().collect();
+            for key in &claimants {
+                let others: Vec<String> = claimants
+                    .iter()
+                    .filter(|other| *other != key)
+                    .map(|(ns, name)| format!("Pod {ns}/{name}"))
+                    .collect();
+                out.push(Problem {
+                    object: ObjectRef::new("Pod", &key.0, &key.1),
+                    field: "status.podIPs".to_owned(),
+                    value: ip.to_string(),
+                    message: format!(
+                        "address also claimed by {}; it carries neither pod's identity until only one claims it",
+                        others.join(" and ")
+                    ),
+                    severity: Severity::Warning,
+                });
+            }
+        }
+        out
     }
 
     pub fn remove_pod(&mut self, namespace: &str, name: &str) {
@@ -354,6 +440,13 @@ impl Engine {
         }
         for ip in new {
             self.addr_pods.entry(*ip).or_default().insert(key.clone());
+        }
+        for ip in old.iter().chain(new) {
+            if self.addr_pods.get(ip).is_some_and(|pods| pods.len() > 1) {
+                self.addr_conflicts.insert(*ip);
+            } else {
+                self.addr_conflicts.remove(ip);
+            }
         }
         let changed = identity_changed || old != new;
         let mut host_ports = BTreeSet::new();
