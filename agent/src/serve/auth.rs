@@ -145,6 +145,10 @@ pub struct AuthConfig {
     pub cache_entries: usize,
     /// Each review call gives up (503) after this long.
     pub timeout: Duration,
+    /// Reviews waiting on the API server at once; a request that needs one more
+    /// is refused (503) at once. The API client is the sources' too: a flood of
+    /// unknown tokens must not queue work on it.
+    pub max_reviews: usize,
 }
 
 impl Default for AuthConfig {
@@ -158,6 +162,8 @@ impl Default for AuthConfig {
             denied_ttl: Duration::from_secs(10),
             cache_entries: 1024,
             timeout: Duration::from_secs(5),
+            // Cached decisions need none: a few scrapers' first requests a minute.
+            max_reviews: 4,
         }
     }
 }
@@ -187,6 +193,10 @@ pub enum Refusal {
     /// 503: the check could not be made (the request is not allowed).
     #[error("cannot check the credentials: {reason}")]
     Unavailable { reason: String },
+    /// 503: [`AuthConfig::max_reviews`] checks already wait on the API server;
+    /// the request is refused at once rather than queued.
+    #[error("too many credential checks in flight")]
+    Busy,
 }
 
 impl Refusal {
@@ -194,7 +204,7 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Refusal::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unavailable { .. } | Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -204,7 +214,9 @@ impl Refusal {
         let body = match self {
             Refusal::Unauthenticated { .. } => "Unauthorized\n".to_owned(),
             Refusal::Forbidden { .. } => format!("Forbidden: {self}\n"),
-            Refusal::Unavailable { .. } => "cannot check the credentials now\n".to_owned(),
+            Refusal::Unavailable { .. } | Refusal::Busy => {
+                "cannot check the credentials now\n".to_owned()
+            }
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.status();
@@ -222,15 +234,18 @@ pub struct Authorizer {
     client: kube::Client,
     config: AuthConfig,
     cache: Mutex<Cache>,
+    reviews: tokio::sync::Semaphore,
 }
 
 impl Authorizer {
     pub fn new(client: kube::Client, config: AuthConfig) -> Self {
         let cache = Cache::new(config.cache_entries);
+        let reviews = tokio::sync::Semaphore::new(config.max_reviews);
         Self {
             client,
             config,
             cache: Mutex::new(cache),
+            reviews,
         }
     }
 
@@ -259,6 +274,11 @@ impl Authorizer {
                 Refusal::Unavailable { reason } => {
                     tracing::warn!(%method, path, reason, "refused: the credentials could not be checked")
                 }
+                // Counted (rayfence_http_requests_shed_total); a line each would
+                // let a flood fill the log.
+                Refusal::Busy => {
+                    tracing::debug!(%method, path, "refused: too many checks in flight")
+                }
             }
         }
         result
@@ -276,13 +296,16 @@ impl Authorizer {
         if let Some(decision) = self.cache().get(&key, Instant::now()) {
             return decision;
         }
+        let Ok(_slot) = self.reviews.try_acquire() else {
+            return Err(Refusal::Busy);
+        };
         let decision = self.review(token, &ask).await;
         let ttl = match &decision {
             Ok(_) => Some(self.config.allowed_ttl),
             Err(Refusal::Unauthenticated { .. } | Refusal::Forbidden { .. }) => {
                 Some(self.config.denied_ttl)
             }
-            Err(Refusal::Unavailable { .. }) => None,
+            Err(Refusal::Unavailable { .. } | Refusal::Busy) => None,
         };
         if let Some(ttl) = ttl {
             self.cache()
