@@ -430,3 +430,77 @@ fn a_pod_flooding_the_listener_starves_neither_enforcement_nor_the_probes() -> R
     );
     Ok(())
 }
+
+/// Sends `request` on a fresh connection to the agent (inside the node namespace)
+/// and reads until the server closes or `wait` passes: (status line, whether the
+/// server closed the connection, how long that took).
+fn exchange(
+    node: &rayfence_tests::Node,
+    request: Vec<u8>,
+    wait: Duration,
+) -> Result<(String, bool, Duration)> {
+    node.netns.run(move || -> Result<_> {
+        let mut stream = TcpStream::connect(("127.0.0.1", PORT))?;
+        stream.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let t0 = Instant::now();
+        stream.write_all(&request)?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        let closed = loop {
+            match stream.read(&mut buf) {
+                Ok(0) => break true,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+                Err(_) if t0.elapsed() < wait => {}
+                Err(_) => break false,
+            }
+        };
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let status = text.lines().next().unwrap_or_default().to_owned();
+        Ok((status, closed, t0.elapsed()))
+    })?
+}
+
+#[test]
+fn oversized_heads_bodies_and_idle_connections_are_cut_before_any_route() -> Result<()> {
+    let sim = SimNode::new(&["p"], 760)?;
+    let node = sim.topo.node(0);
+    let manifests = Manifests::new()?;
+    manifests.write(
+        "00-base.yaml",
+        &[namespace(&sim.ns), node_object(NODE, node)],
+    )?;
+    let bpffs = Bpffs::new();
+    let agent = sim.start_agent(NODE, &manifests.dir, &bpffs, &[])?;
+
+    // A head over 16 KiB: 431, closed.
+    let big = format!(
+        "GET /metrics HTTP/1.1\r\nHost: rayfence\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20 * 1024)
+    );
+    let (status, closed, _) = exchange(node, big.into_bytes(), Duration::from_secs(2))?;
+    ensure!(status.contains(" 431 "), "oversized head: {status:?}");
+    ensure!(closed, "the connection stayed open after a 431");
+
+    // A body, which no route reads: 413, closed, before anything else.
+    let post =
+        b"POST /metrics HTTP/1.1\r\nHost: rayfence\r\nContent-Length: 5\r\n\r\nhello".to_vec();
+    let (status, closed, _) = exchange(node, post, Duration::from_secs(2))?;
+    ensure!(status.contains(" 413 "), "a request body: {status:?}");
+    ensure!(closed, "the connection stayed open after a 413");
+
+    // A kept-alive connection left idle is closed after the header timeout.
+    let get = b"GET /healthz HTTP/1.1\r\nHost: rayfence\r\n\r\n".to_vec();
+    let (status, closed, took) = exchange(node, get, HEADER_TIMEOUT + Duration::from_secs(3))?;
+    ensure!(status.contains(" 200 "), "/healthz: {status:?}");
+    ensure!(closed, "an idle connection was kept past {took:?}");
+    ensure!(
+        took >= HEADER_TIMEOUT - Duration::from_millis(200)
+            && took < HEADER_TIMEOUT + Duration::from_secs(1),
+        "the idle connection closed after {took:?}"
+    );
+    // The agent still serves.
+    let (code, _) = agent.http_get(node, "/readyz")?;
+    ensure!(code == 200, "/readyz answered {code}");
+    Ok(())
+}
