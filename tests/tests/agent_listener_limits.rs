@@ -504,3 +504,123 @@ fn oversized_heads_bodies_and_idle_connections_are_cut_before_any_route() -> Res
     ensure!(code == 200, "/readyz answered {code}");
     Ok(())
 }
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) and its closing paren.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
+    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
+}
+
+fn set_nofile(pid: u32, soft: u64) -> Result<u64> {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the limit into `old`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            std::ptr::null(),
+            &mut old,
+        )
+    };
+    ensure!(rc == 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: old.rlim_max,
+    };
+    // SAFETY: sets the agent's limit from `new`.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &new,
+            std::ptr::null_mut(),
+        )
+    };
+    ensure!(rc == 0, "prlimit: {}", std::io::Error::last_os_error());
+    Ok(old.rlim_cur)
+}
+
+#[test]
+fn out_of_descriptors_the_listener_pauses_instead_of_spinning_and_recovers() -> Result<()> {
+    let sim = SimNode::new(&["p"], 780)?;
+    let node = sim.topo.node(0);
+    let manifests = Manifests::new()?;
+    manifests.write(
+        "00-base.yaml",
+        &[namespace(&sim.ns), node_object(NODE, node)],
+    )?;
+    let bpffs = Bpffs::new();
+    let agent = sim.start_agent(NODE, &manifests.dir, &bpffs, &[])?;
+    let pid = agent.pid();
+
+    // No descriptor left: every accept fails with EMFILE while the connections
+    // wait, complete, in the kernel's queue.
+    let open_fds = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64;
+    let saved = set_nofile(pid, open_fds)?;
+    let waiting: Vec<TcpStream> = node.netns.run(|| {
+        (0..4)
+            .filter_map(|_| TcpStream::connect(("127.0.0.1", PORT)).ok())
+            .collect()
+    })?;
+    ensure!(
+        waiting.len() == 4,
+        "the kernel completed {} handshakes",
+        waiting.len()
+    );
+    let ticks0 = cpu_ticks(pid)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks = cpu_ticks(pid)? - ticks0;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let busy = ticks as f64 / hz / t0.elapsed().as_secs_f64();
+    let warnings = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("accepting an HTTP connection failed"))
+        .count();
+    set_nofile(pid, saved)?;
+    println!("out of descriptors for 3 s: CPU {busy:.3} of one core, {warnings} warnings");
+    // A spinning accept loop would take a whole core.
+    ensure!(
+        busy < 0.2,
+        "the agent used {busy:.3} of a core while out of descriptors"
+    );
+    ensure!(
+        warnings == 1,
+        "{warnings} warnings in 3 s (one per 10 s is the limit)"
+    );
+
+    // Descriptors back: the waiting connections are served, the listener lives.
+    let mut served = 0;
+    for mut stream in waiting {
+        stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: rayfence\r\nConnection: close\r\n\r\n")?;
+        let mut reply = String::new();
+        let _ = stream.read_to_string(&mut reply);
+        if reply.starts_with("HTTP/1.1 200") {
+            served += 1;
+        }
+    }
+    ensure!(served == 4, "{served} of the 4 waiting connections served");
+    let metrics = socket_get(&agent.socket, "/metrics")?;
+    let errors = metric_sum(
+        &metrics,
+        "rayfence_http_accept_errors_total",
+        &[("listener", "metrics")],
+    );
+    ensure!(errors >= 2.0, "{errors} accept errors counted");
+    ensure!(
+        errors <= 3.0 * 10.0 + 2.0,
+        "{errors} accept errors: more than one per pause"
+    );
+    Ok(())
+}
