@@ -22,6 +22,9 @@
 //! [`AuthConfig::allowed_ttl`], refused (401/403) for [`AuthConfig::denied_ttl`];
 //! a failed review (503) is never cached.
 //!
+//! Refusals are logged (never the token) at most 100 lines per 10 s; the next line
+//! says how many were left out.
+//!
 //! Must not: allow a request it could not check, change anything in the cluster
 //! (it only creates reviews, which the API server does not store), or put a token,
 //! an IP or a request path into a metric label.
@@ -42,6 +45,44 @@ use kube::api::{Api, PostParams};
 
 /// A request path is cut to this many bytes in logs (it comes from the client).
 const LOG_PATH_MAX: usize = 128;
+
+/// Refusal log lines per [`REFUSAL_WINDOW`]; the rest are counted and the count
+/// goes with the next line logged, so a client hammering the listener cannot
+/// flood the log (10 lines a second at most), while a misconfigured scraper or an
+/// operator trying tokens by hand sees every refusal.
+const REFUSAL_LINES: u32 = 100;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// What is left of the refusal lines' budget in the current window.
+struct LogBudget {
+    start: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be logged.
+    fn take(&mut self, now: Instant) -> Option<u64> {
+        if now.duration_since(self.start) >= REFUSAL_WINDOW {
+            self.start = now;
+            self.used = 0;
+        }
+        if self.used >= REFUSAL_LINES {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
 
 /// The resource a SubjectAccessReview asks about instead of the request path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -235,6 +276,7 @@ pub struct Authorizer {
     config: AuthConfig,
     cache: Mutex<Cache>,
     reviews: tokio::sync::Semaphore,
+    log_budget: Mutex<LogBudget>,
 }
 
 impl Authorizer {
@@ -246,6 +288,7 @@ impl Authorizer {
             config,
             cache: Mutex::new(cache),
             reviews,
+            log_budget: Mutex::new(LogBudget::new()),
         }
     }
 
@@ -264,21 +307,30 @@ impl Authorizer {
         let result = self.decide(method, path, headers).await;
         if let Err(refusal) = &result {
             let path = truncate(path, LOG_PATH_MAX);
+            // Counted (rayfence_http_requests_shed_total); never a line each.
+            if matches!(refusal, Refusal::Busy) {
+                tracing::debug!(%method, path, "refused: too many checks in flight");
+                return result;
+            }
+            let budget = self
+                .log_budget
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(Instant::now());
+            let Some(suppressed) = budget else {
+                return result;
+            };
             match refusal {
                 Refusal::Unauthenticated { reason } => {
-                    tracing::info!(%method, path, reason, "refused: not authenticated")
+                    tracing::info!(%method, path, reason, suppressed, "refused: not authenticated")
                 }
                 Refusal::Forbidden { user, .. } => {
-                    tracing::info!(%method, path, user, reason = "not allowed", "refused: forbidden")
+                    tracing::info!(%method, path, user, reason = "not allowed", suppressed, "refused: forbidden")
                 }
                 Refusal::Unavailable { reason } => {
-                    tracing::warn!(%method, path, reason, "refused: the credentials could not be checked")
+                    tracing::warn!(%method, path, reason, suppressed, "refused: the credentials could not be checked")
                 }
-                // Counted (rayfence_http_requests_shed_total); a line each would
-                // let a flood fill the log.
-                Refusal::Busy => {
-                    tracing::debug!(%method, path, "refused: too many checks in flight")
-                }
+                Refusal::Busy => {}
             }
         }
         result
@@ -765,6 +817,20 @@ mod tests {
             )
         );
         assert!(!k.windows(6).any(|w| w == b"secret"));
+    }
+
+    #[test]
+    fn refusal_lines_are_limited_per_window_and_the_rest_counted() {
+        let mut budget = LogBudget::new();
+        let t0 = budget.start;
+        for _ in 0..REFUSAL_LINES {
+            assert_eq!(budget.take(t0), Some(0));
+        }
+        assert_eq!(budget.take(t0), None);
+        assert_eq!(budget.take(t0 + Duration::from_secs(1)), None);
+        // A new window: the next line carries what was left out.
+        assert_eq!(budget.take(t0 + REFUSAL_WINDOW), Some(2));
+        assert_eq!(budget.take(t0 + REFUSAL_WINDOW), Some(0));
     }
 
     #[test]

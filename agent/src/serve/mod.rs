@@ -8,6 +8,15 @@
 //! With `--metrics-auth`, every path of the TCP listener but the two probes first
 //! passes [`auth::Authorizer::check`] (the socket is root-only and needs no token);
 //! with `--metrics-tls-cert`, TCP connections are TLS only ([`tls`]).
+//! `--health-addr` adds a plain listener for the two probes only (loopback in the
+//! DaemonSet, where no pod reaches).
+//!
+//! Every TCP listener is bounded ([`limits`]): connection caps in all and per
+//! source (checked at accept, before anything is read), a header timeout that also
+//! closes idle connections, a head size limit, no request bodies, a write stall
+//! limit ([`stall`]); a refused request closes its connection; only a few
+//! credential checks and loop queries wait at once. The socket is root-only and
+//! has no caps.
 //!
 //! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
 //! runtime writes, and asks the reconcile loop for status and explanations.
