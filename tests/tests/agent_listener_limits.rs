@@ -499,6 +499,12 @@ fn oversized_heads_bodies_and_idle_connections_are_cut_before_any_route() -> Res
             && took < HEADER_TIMEOUT + Duration::from_secs(1),
         "the idle connection closed after {took:?}"
     );
+    // A response being streamed is not a head being read: a follow stream
+    // outlives the header timeout.
+    let follow = b"GET /v1/flows?follow=true HTTP/1.1\r\nHost: rayfence\r\n\r\n".to_vec();
+    let (status, closed, took) = exchange(node, follow, HEADER_TIMEOUT + Duration::from_secs(2))?;
+    ensure!(status.contains(" 200 "), "/v1/flows: {status:?}");
+    ensure!(!closed, "the follow stream was cut after {took:?}");
     // The agent still serves.
     let (code, _) = agent.http_get(node, "/readyz")?;
     ensure!(code == 200, "/readyz answered {code}");

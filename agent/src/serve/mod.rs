@@ -392,8 +392,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder.timer(hyper_util::rt::TokioTimer::new());
+        // No timer: no header timeout either (root only, as before).
+        let builder = hyper::server::conn::http1::Builder::new();
         serve_http(builder, stream, context).await;
     });
 }
