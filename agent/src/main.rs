@@ -994,4 +994,71 @@ mod tests {
             "{help}"
         );
     }
+
+    fn agent_args(extra: &[&str]) -> AgentArgs {
+        let mut argv = vec!["rayfence", "agent", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Command::Agent(args),
+            }) => *args,
+            other => panic!("{extra:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_bind_address_replaces_the_host_and_a_covered_health_address_is_not_bound_twice() {
+        let addrs = |extra: &[&str]| listener_addresses(&agent_args(extra));
+        let health = "127.0.0.1:9402".parse().ok();
+        // The DaemonSet: the node's address, probes on loopback.
+        assert_eq!(
+            addrs(&[
+                "--metrics-addr",
+                "0.0.0.0:9402",
+                "--metrics-bind-address",
+                "10.0.0.5",
+                "--health-addr",
+                "127.0.0.1:9402"
+            ]),
+            ("10.0.0.5:9402".parse().expect("addr"), health)
+        );
+        // Every address, or the same one, already serves the probes.
+        for metrics in ["0.0.0.0:9402", "[::]:9402", "127.0.0.1:9402"] {
+            let (_, h) = addrs(&["--metrics-addr", metrics, "--health-addr", "127.0.0.1:9402"]);
+            assert_eq!(h, None, "{metrics}");
+        }
+        // Another port: both.
+        let (_, h) = addrs(&[
+            "--metrics-addr",
+            "0.0.0.0:9402",
+            "--health-addr",
+            "127.0.0.1:9403",
+        ]);
+        assert_eq!(h, "127.0.0.1:9403".parse().ok());
+        // IPv4 everywhere does not take IPv6 loopback.
+        let (_, h) = addrs(&[
+            "--metrics-addr",
+            "0.0.0.0:9402",
+            "--health-addr",
+            "[::1]:9402",
+        ]);
+        assert_eq!(h, "[::1]:9402".parse().ok());
+    }
+
+    #[test]
+    fn listener_limits_default_sanely_and_zero_is_refused_naming_the_flag() {
+        let limits = listener_limits(&agent_args(&[])).expect("defaults");
+        assert_eq!(limits, Limits::default());
+        for (flag, name) in [
+            ("--metrics-max-connections", "--metrics-max-connections"),
+            (
+                "--metrics-max-connections-per-source",
+                "--metrics-max-connections-per-source",
+            ),
+            ("--metrics-header-timeout", "--metrics-header-timeout"),
+        ] {
+            let error = listener_limits(&agent_args(&[flag, "0"])).expect_err(flag);
+            assert!(error.to_string().contains(name), "{error}");
+        }
+    }
 }
