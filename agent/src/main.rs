@@ -801,15 +801,20 @@ async fn agent(
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
     let (metrics_addr, health_addr) = listener_addresses(&args);
-    let bound = rayfence::serve::spawn(
-        metrics_addr,
-        served.clone(),
-        authorizer,
-        tls,
-        listener_limits.clone(),
-    )
-    .await
-    .context("--metrics-addr")?;
+    // The TCP listeners run on a thread of their own: whatever a client makes
+    // them do, the reconcile loop's worker threads never run it.
+    let http = http_runtime()?;
+    let bound = http
+        .spawn(rayfence::serve::spawn(
+            metrics_addr,
+            served.clone(),
+            authorizer,
+            tls,
+            listener_limits.clone(),
+        ))
+        .await
+        .context("the HTTP thread stopped")?
+        .context("--metrics-addr")?;
     tracing::info!(
         addr = %bound,
         scheme,
@@ -820,8 +825,14 @@ async fn agent(
         "serving /metrics, /healthz, /readyz, /v1/"
     );
     if let Some(addr) = health_addr {
-        let bound = rayfence::serve::spawn_health(addr, served.clone(), listener_limits)
+        let bound = http
+            .spawn(rayfence::serve::spawn_health(
+                addr,
+                served.clone(),
+                listener_limits,
+            ))
             .await
+            .context("the HTTP thread stopped")?
             .context("--health-addr")?;
         tracing::info!(addr = %bound, "serving /healthz, /readyz");
     }
@@ -880,6 +891,21 @@ async fn agent(
     let links = rayfence::runtime::spawn_link_watcher();
     runtime.run(rx, links, shutdown_signal()).await;
     Ok(())
+}
+
+/// A single-threaded runtime on its own thread (`rf-http`) for the TCP listeners;
+/// it lives as long as the process.
+fn http_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("rf-http".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .context("starting the HTTP thread")?;
+    Ok(handle)
 }
 
 /// `--kubeconfig PATH`, else in-cluster config or $KUBECONFIG (`Config::infer`).
