@@ -137,10 +137,13 @@ const UNAUTHENTICATED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 /// dropped.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
-/// Operator queries (`/v1/status`, `/v1/explain`) one listener may have waiting on
-/// the reconcile loop at once; more are answered 503 at once, so no client can
-/// queue work in front of the loop's own.
+/// Operator queries (`/v1/status`, `/v1/explain`) one TCP listener may have
+/// waiting on the reconcile loop at once, so no client can queue work in front of
+/// the loop's own; a query waits up to [`LOOP_QUERY_WAIT`] for a slot (its
+/// connection is all it holds meanwhile, and connections are capped), then gets
+/// 503. The root-only socket has no such bound.
 const LOOP_QUERIES: usize = 4;
+const LOOP_QUERY_WAIT: Duration = Duration::from_secs(5);
 
 /// After a failed `accept(2)` for lack of a resource (descriptors, memory), the
 /// listener waits this long before the next: it never spins.
@@ -161,8 +164,8 @@ struct Context {
     served: Served,
     auth: Option<Arc<auth::Authorizer>>,
     routes: Routes,
-    /// Slots for operator queries waiting on the reconcile loop.
-    queries: Arc<tokio::sync::Semaphore>,
+    /// Slots for operator queries waiting on the reconcile loop (TCP only).
+    queries: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Context {
@@ -171,7 +174,17 @@ impl Context {
             served,
             auth,
             routes,
-            queries: Arc::new(tokio::sync::Semaphore::new(LOOP_QUERIES)),
+            queries: Some(Arc::new(tokio::sync::Semaphore::new(LOOP_QUERIES))),
+        }
+    }
+
+    /// The root-only socket's: every route, no token, no bound on queries.
+    fn local(served: Served) -> Self {
+        Self {
+            served,
+            auth: None,
+            routes: Routes::All,
+            queries: None,
         }
     }
 }
@@ -323,7 +336,7 @@ pub async fn spawn_socket(path: &Path, served: Served) -> Result<SocketGuard, Se
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    let context = Context::new(served, None, Routes::All);
+    let context = Context::local(served);
     let inode = std::fs::metadata(path).map(|m| {
         use std::os::unix::fs::MetadataExt as _;
         m.ino()
@@ -468,10 +481,14 @@ async fn handle<B>(req: &Request<B>, context: &Context) -> Response<Body> {
     let path = req.uri().path();
     if path.starts_with("/v1/") {
         // Status and explain wait on the reconcile loop: only a few at once.
-        let _slot = if matches!(path, "/v1/status" | "/v1/explain") {
-            match context.queries.try_acquire() {
-                Ok(slot) => Some(slot),
-                Err(_) => {
+        let queries = context
+            .queries
+            .as_ref()
+            .filter(|_| matches!(path, "/v1/status" | "/v1/explain"));
+        let _slot = if let Some(queries) = queries {
+            match tokio::time::timeout(LOOP_QUERY_WAIT, queries.acquire()).await {
+                Ok(Ok(slot)) => Some(slot),
+                _ => {
                     health.metrics.shed("queries-busy");
                     return text(
                         StatusCode::SERVICE_UNAVAILABLE,
