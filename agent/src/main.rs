@@ -30,6 +30,7 @@ use rayfence::runtime::api::QueryClient;
 use rayfence::runtime::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
 use rayfence::runtime::{Runtime, RuntimeConfig};
 use rayfence::serve::auth::{AuthConfig, Authorizer, ResourceAttributes};
+use rayfence::serve::limits::{self, Limits};
 use rayfence::serve::tls::TlsFiles;
 use rayfence::serve::{Health, OperatorApi, Served};
 use rayfence::source::ObjectKind;
@@ -261,7 +262,7 @@ struct AgentArgs {
         default_value = "/proc"
     )]
     host_proc: PathBuf,
-    /// Serve /metrics, /healthz and /readyz here.
+    /// Serve /metrics, /healthz, /readyz and the operator API (/v1/) here.
     #[arg(
         long,
         value_name = "ADDR",
@@ -269,6 +270,46 @@ struct AgentArgs {
         default_value = "127.0.0.1:9402"
     )]
     metrics_addr: SocketAddr,
+    /// Bind --metrics-addr's port on this address instead of --metrics-addr's
+    /// host: where the scrapers reach the node, never every address. The
+    /// DaemonSet sets it to the node's own address (downward API status.hostIP).
+    #[arg(long, value_name = "IP", env = "RAYFENCE_METRICS_BIND_ADDRESS")]
+    metrics_bind_address: Option<IpAddr>,
+    /// Also serve /healthz and /readyz (only those, no token) here, with caps of
+    /// its own: the kubelet's probes on loopback stay answered while the metrics
+    /// listener is full. Not opened when --metrics-addr already covers it.
+    #[arg(long, value_name = "ADDR", env = "RAYFENCE_HEALTH_ADDR")]
+    health_addr: Option<SocketAddr>,
+    /// At most this many connections open at once on --metrics-addr (and as many
+    /// on --health-addr); one more is reset as soon as it is accepted and counted
+    /// in rayfence_http_connections_refused_total. Must fit in RLIMIT_NOFILE
+    /// (raised to its hard limit at start) with 1024 descriptors to spare.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RAYFENCE_METRICS_MAX_CONNECTIONS",
+        default_value_t = 256
+    )]
+    metrics_max_connections: usize,
+    /// At most this many connections open at once from one source address.
+    #[arg(
+        long,
+        value_name = "N",
+        env = "RAYFENCE_METRICS_MAX_CONNECTIONS_PER_SOURCE",
+        default_value_t = 16
+    )]
+    metrics_max_connections_per_source: usize,
+    /// A request's head (request line and headers, at most 16 KiB) must arrive
+    /// within this many seconds of the connection opening or of the previous
+    /// response; idle kept-alive connections close after it too. A response
+    /// the client stops reading for 30 s ends the connection.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        env = "RAYFENCE_METRICS_HEADER_TIMEOUT",
+        default_value_t = 5
+    )]
+    metrics_header_timeout: u64,
     /// Require a bearer token on every path but /healthz and /readyz, checked with
     /// TokenReview and SubjectAccessReview (as kube-rbac-proxy does): 401 without a
     /// valid token, 403 when not allowed, 503 when the API server cannot be asked.
@@ -502,6 +543,36 @@ fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> 
         .block_on(future)
 }
 
+/// The listeners' limits from their flags, checked.
+fn listener_limits(args: &AgentArgs) -> anyhow::Result<Limits> {
+    let limits = Limits {
+        max_connections: args.metrics_max_connections,
+        max_per_source: args.metrics_max_connections_per_source,
+        header_timeout: Duration::from_secs(args.metrics_header_timeout),
+        ..Limits::default()
+    };
+    limits.check()?;
+    Ok(limits)
+}
+
+/// Where the metrics listener binds (`--metrics-bind-address` replaces the host of
+/// `--metrics-addr`), and the health listener's address unless the metrics
+/// listener already serves it (the same address and port, or every address).
+fn listener_addresses(args: &AgentArgs) -> (SocketAddr, Option<SocketAddr>) {
+    let mut metrics = args.metrics_addr;
+    if let Some(ip) = args.metrics_bind_address {
+        metrics.set_ip(ip);
+    }
+    let health = args.health_addr.filter(|health| {
+        let covered = health.port() == metrics.port()
+            && (metrics.ip() == health.ip()
+                // [::] takes IPv4 too (IPV6_V6ONLY is off by default).
+                || (metrics.ip().is_unspecified() && (metrics.is_ipv6() || health.is_ipv4())));
+        !covered
+    });
+    (metrics, health)
+}
+
 /// `--metrics-auth` and its flags, checked: `None` when auth is off.
 fn metrics_auth_config(args: &AgentArgs) -> anyhow::Result<Option<AuthConfig>> {
     let resource = match args.metrics_auth_resource_attributes.as_deref() {
@@ -527,8 +598,9 @@ fn metrics_auth_config(args: &AgentArgs) -> anyhow::Result<Option<AuthConfig>> {
                 "--metrics-auth-audience and --metrics-auth-resource-attributes have no effect without --metrics-auth"
             );
         }
-        if !args.metrics_addr.ip().is_loopback() {
-            tracing::warn!(addr = %args.metrics_addr, "serving /metrics without authentication on a non-loopback address (see --metrics-auth)");
+        let (addr, _) = listener_addresses(args);
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "serving /metrics without authentication on a non-loopback address (see --metrics-auth)");
         }
         return Ok(None);
     }
@@ -685,6 +757,15 @@ async fn agent(
     // Say what is missing before anything half-starts (the error names each
     // capability and what it is for).
     rayfence::capabilities::check_for_agent()?;
+    // Descriptors first: the listeners' caps must leave room for enforcement.
+    let nofile = limits::raise_nofile();
+    let listener_limits = listener_limits(&args)?;
+    let (_, health_addr) = listener_addresses(&args);
+    limits::check_headroom(
+        &listener_limits,
+        1 + usize::from(health_addr.is_some()),
+        nofile,
+    )?;
     let health = Arc::new(Health::new());
     let hub = Arc::new(FlowHub::default());
     let (queries, query_rx) = QueryClient::channel();
@@ -719,10 +800,42 @@ async fn agent(
         _ => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let bound = rayfence::serve::spawn(args.metrics_addr, served.clone(), authorizer, tls)
+    let (metrics_addr, health_addr) = listener_addresses(&args);
+    // The TCP listeners run on a thread of their own: whatever a client makes
+    // them do, the reconcile loop's worker threads never run it.
+    let http = http_runtime()?;
+    let bound = http
+        .spawn(rayfence::serve::spawn(
+            metrics_addr,
+            served.clone(),
+            authorizer,
+            tls,
+            listener_limits.clone(),
+        ))
         .await
+        .context("the HTTP thread stopped")?
         .context("--metrics-addr")?;
-    tracing::info!(addr = %bound, scheme, "serving /metrics, /healthz, /readyz, /v1/");
+    tracing::info!(
+        addr = %bound,
+        scheme,
+        max_connections = listener_limits.max_connections,
+        max_per_source = listener_limits.max_per_source,
+        header_timeout_s = listener_limits.header_timeout.as_secs(),
+        nofile,
+        "serving /metrics, /healthz, /readyz, /v1/"
+    );
+    if let Some(addr) = health_addr {
+        let bound = http
+            .spawn(rayfence::serve::spawn_health(
+                addr,
+                served.clone(),
+                listener_limits,
+            ))
+            .await
+            .context("the HTTP thread stopped")?
+            .context("--health-addr")?;
+        tracing::info!(addr = %bound, "serving /healthz, /readyz");
+    }
     // Enforcement matters more than the commands' socket: without it the agent
     // still runs (and says why).
     let _socket = match rayfence::serve::spawn_socket(&args.api_socket, served).await {
@@ -778,6 +891,21 @@ async fn agent(
     let links = rayfence::runtime::spawn_link_watcher();
     runtime.run(rx, links, shutdown_signal()).await;
     Ok(())
+}
+
+/// A single-threaded runtime on its own thread (`rf-http`) for the TCP listeners;
+/// it lives as long as the process.
+fn http_runtime() -> anyhow::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the HTTP runtime")?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name("rf-http".into())
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))
+        .context("starting the HTTP thread")?;
+    Ok(handle)
 }
 
 /// `--kubeconfig PATH`, else in-cluster config or $KUBECONFIG (`Config::infer`).
@@ -891,5 +1019,72 @@ mod tests {
             help.contains("--output") && !help.contains("--json"),
             "{help}"
         );
+    }
+
+    fn agent_args(extra: &[&str]) -> AgentArgs {
+        let mut argv = vec!["rayfence", "agent", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv) {
+            Ok(Cli {
+                command: Command::Agent(args),
+            }) => *args,
+            other => panic!("{extra:?}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_bind_address_replaces_the_host_and_a_covered_health_address_is_not_bound_twice() {
+        let addrs = |extra: &[&str]| listener_addresses(&agent_args(extra));
+        let health = "127.0.0.1:9402".parse().ok();
+        // The DaemonSet: the node's address, probes on loopback.
+        assert_eq!(
+            addrs(&[
+                "--metrics-addr",
+                "0.0.0.0:9402",
+                "--metrics-bind-address",
+                "10.0.0.5",
+                "--health-addr",
+                "127.0.0.1:9402"
+            ]),
+            ("10.0.0.5:9402".parse().expect("addr"), health)
+        );
+        // Every address, or the same one, already serves the probes.
+        for metrics in ["0.0.0.0:9402", "[::]:9402", "127.0.0.1:9402"] {
+            let (_, h) = addrs(&["--metrics-addr", metrics, "--health-addr", "127.0.0.1:9402"]);
+            assert_eq!(h, None, "{metrics}");
+        }
+        // Another port: both.
+        let (_, h) = addrs(&[
+            "--metrics-addr",
+            "0.0.0.0:9402",
+            "--health-addr",
+            "127.0.0.1:9403",
+        ]);
+        assert_eq!(h, "127.0.0.1:9403".parse().ok());
+        // IPv4 everywhere does not take IPv6 loopback.
+        let (_, h) = addrs(&[
+            "--metrics-addr",
+            "0.0.0.0:9402",
+            "--health-addr",
+            "[::1]:9402",
+        ]);
+        assert_eq!(h, "[::1]:9402".parse().ok());
+    }
+
+    #[test]
+    fn listener_limits_default_sanely_and_zero_is_refused_naming_the_flag() {
+        let limits = listener_limits(&agent_args(&[])).expect("defaults");
+        assert_eq!(limits, Limits::default());
+        for (flag, name) in [
+            ("--metrics-max-connections", "--metrics-max-connections"),
+            (
+                "--metrics-max-connections-per-source",
+                "--metrics-max-connections-per-source",
+            ),
+            ("--metrics-header-timeout", "--metrics-header-timeout"),
+        ] {
+            let error = listener_limits(&agent_args(&[flag, "0"])).expect_err(flag);
+            assert!(error.to_string().contains(name), "{error}");
+        }
     }
 }

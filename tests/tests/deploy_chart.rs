@@ -213,6 +213,7 @@ fn chart_metrics_auth_values_set_the_flags_and_the_review_rules() -> Result<()> 
     let off = render(
         &[
             ("metrics.auth.enabled", json!(false)),
+            ("metrics.bindNodeAddress", json!(false)),
             ("metrics.host", json!("127.0.0.1")),
         ],
         "rayfence-system",
@@ -220,6 +221,7 @@ fn chart_metrics_auth_values_set_the_flags_and_the_review_rules() -> Result<()> 
     let env = agent_environment(&off, find(&off, "DaemonSet", "rayfence-agent"));
     assert_eq!(env["RAYFENCE_METRICS_AUTH"], "false");
     assert_eq!(env["RAYFENCE_METRICS_ADDR"], "127.0.0.1:9402");
+    assert!(!env.contains_key("RAYFENCE_METRICS_BIND_ADDRESS"));
     assert!(!env.contains_key("RAYFENCE_METRICS_AUTH_RESOURCE_ATTRIBUTES"));
     assert!(
         review_rules(&off).is_empty(),

@@ -96,29 +96,29 @@ fn agent_runs_on_every_node_as_node_critical_with_host_namespaces() -> Result<()
 }
 
 #[test]
-fn probes_hit_readyz_and_healthz_on_the_metrics_address() -> Result<()> {
+fn probes_hit_readyz_and_healthz_on_the_loopback_health_address() -> Result<()> {
     for dir in AGENT_KUSTOMIZATIONS {
         let docs = kustomize(dir)?;
         let ds = agent_ds(&docs);
         let c = agent_container(ds);
-        let addr: std::net::SocketAddr = agent_environment(&docs, ds)["RAYFENCE_METRICS_ADDR"]
+        let addr: std::net::SocketAddr = agent_environment(&docs, ds)["RAYFENCE_HEALTH_ADDR"]
             .parse()
-            .expect("RAYFENCE_METRICS_ADDR is host:port");
+            .expect("RAYFENCE_HEALTH_ADDR is host:port");
+        // The kubelet (host network) reaches the agent's loopback; pods do not.
+        assert!(addr.ip().is_loopback(), "{dir}: {addr}");
         for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
             let get = &c[probe]["httpGet"];
             assert_eq!(get["path"], path, "{dir} {probe}");
             assert_eq!(get["port"], addr.port(), "{dir} {probe}");
-            if addr.ip().is_loopback() {
-                // The kubelet (host network) reaches the agent's loopback.
-                assert_eq!(get["host"], addr.ip().to_string(), "{dir} {probe}");
-            }
+            assert_eq!(get["host"], addr.ip().to_string(), "{dir} {probe}");
         }
     }
     Ok(())
 }
 
-/// Metrics reachable by Prometheus (the node's addresses: host network) only
-/// behind --metrics-auth with an audience; never an open endpoint off loopback.
+/// Metrics reachable by Prometheus on the node's own address (host network: the
+/// pod IP), not every address, only behind --metrics-auth with an audience;
+/// never an open endpoint off loopback.
 #[test]
 fn metrics_listen_for_prometheus_only_behind_auth_with_an_audience() -> Result<()> {
     for dir in AGENT_KUSTOMIZATIONS {
@@ -126,8 +126,20 @@ fn metrics_listen_for_prometheus_only_behind_auth_with_an_audience() -> Result<(
         let ds = agent_ds(&docs);
         let env = agent_environment(&docs, ds);
         let addr: std::net::SocketAddr = env["RAYFENCE_METRICS_ADDR"].parse()?;
-        assert!(
-            addr.ip().is_unspecified(),
+        assert_eq!(
+            env.get("RAYFENCE_METRICS_BIND_ADDRESS").map(String::as_str),
+            Some("<downward API>"),
+            "{dir}: the listener binds the node's address, not {addr}"
+        );
+        let bind = agent_container(ds)["env"]
+            .as_array()
+            .expect("env")
+            .iter()
+            .find(|e| e["name"] == "RAYFENCE_METRICS_BIND_ADDRESS")
+            .expect("RAYFENCE_METRICS_BIND_ADDRESS");
+        assert_eq!(
+            bind["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.hostIP",
             "{dir}: Prometheus scrapes <node IP>:{}",
             addr.port()
         );
@@ -245,6 +257,8 @@ fn the_agent_accepts_every_rendered_configuration() -> Result<()> {
         let ds = agent_ds(&docs);
         let mut env = agent_environment(&docs, ds);
         env.insert("NODE_NAME".into(), "node-a".into());
+        // What the downward API gives: status.hostIP.
+        env.insert("RAYFENCE_METRICS_BIND_ADDRESS".into(), "10.0.0.1".into());
         env.insert("RAYFENCE_MANIFESTS".into(), "/nonexistent/rayfence".into());
         let out = Command::new(rayfence_bin()?)
             .args(agent_args(ds))

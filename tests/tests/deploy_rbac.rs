@@ -326,6 +326,9 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
     let mut env = agent_environment(&docs, ds);
     env.insert("NODE_NAME".into(), "rbac-node".into());
     env.insert("RAYFENCE_METRICS_ADDR".into(), "127.0.0.1:0".into());
+    // status.hostIP's stand-in, and no fixed port on this machine's loopback.
+    env.insert("RAYFENCE_METRICS_BIND_ADDRESS".into(), "127.0.0.1".into());
+    env.insert("RAYFENCE_HEALTH_ADDR".into(), "127.0.0.1:0".into());
     env.insert("RUST_LOG".into(), "info".into());
     assert_eq!(env["RAYFENCE_ENFORCE_NETWORKPOLICIES"], enforce.to_string());
     let mut args = Vec::new();

@@ -202,6 +202,18 @@ pub fn offline_engine(dir: &Path, settings: Settings) -> anyhow::Result<Engine> 
             errors.len()
         );
     }
+    // The same reading the agent applies, said the way the agent's log does.
+    for c in manifests.conflicts() {
+        let files: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
+        note(&format!(
+            "note: {} {}/{} is in more than one file ({}): {}",
+            c.kind,
+            c.key.namespace,
+            c.key.name,
+            files.join(", "),
+            c.reading.describe()
+        ));
+    }
     let node = settings.node_name.clone();
     let mut engine = Engine::new(settings);
     let listing = manifests.listing();

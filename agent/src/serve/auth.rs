@@ -22,6 +22,9 @@
 //! [`AuthConfig::allowed_ttl`], refused (401/403) for [`AuthConfig::denied_ttl`];
 //! a failed review (503) is never cached.
 //!
+//! Refusals are logged (never the token) at most 100 lines per 10 s; the next line
+//! says how many were left out.
+//!
 //! Must not: allow a request it could not check, change anything in the cluster
 //! (it only creates reviews, which the API server does not store), or put a token,
 //! an IP or a request path into a metric label.
@@ -42,6 +45,44 @@ use kube::api::{Api, PostParams};
 
 /// A request path is cut to this many bytes in logs (it comes from the client).
 const LOG_PATH_MAX: usize = 128;
+
+/// Refusal log lines per [`REFUSAL_WINDOW`]; the rest are counted and the count
+/// goes with the next line logged, so a client hammering the listener cannot
+/// flood the log (10 lines a second at most), while a misconfigured scraper or an
+/// operator trying tokens by hand sees every refusal.
+const REFUSAL_LINES: u32 = 100;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+
+/// What is left of the refusal lines' budget in the current window.
+struct LogBudget {
+    start: Instant,
+    used: u32,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(lines suppressed since the last one)` when a line may be logged.
+    fn take(&mut self, now: Instant) -> Option<u64> {
+        if now.duration_since(self.start) >= REFUSAL_WINDOW {
+            self.start = now;
+            self.used = 0;
+        }
+        if self.used >= REFUSAL_LINES {
+            self.suppressed += 1;
+            return None;
+        }
+        self.used += 1;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
 
 /// The resource a SubjectAccessReview asks about instead of the request path.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -145,6 +186,10 @@ pub struct AuthConfig {
     pub cache_entries: usize,
     /// Each review call gives up (503) after this long.
     pub timeout: Duration,
+    /// Reviews waiting on the API server at once; a request that needs one more
+    /// is refused (503) at once. The API client is the sources' too: a flood of
+    /// unknown tokens must not queue work on it.
+    pub max_reviews: usize,
 }
 
 impl Default for AuthConfig {
@@ -158,6 +203,8 @@ impl Default for AuthConfig {
             denied_ttl: Duration::from_secs(10),
             cache_entries: 1024,
             timeout: Duration::from_secs(5),
+            // Cached decisions need none: a few scrapers' first requests a minute.
+            max_reviews: 4,
         }
     }
 }
@@ -187,6 +234,10 @@ pub enum Refusal {
     /// 503: the check could not be made (the request is not allowed).
     #[error("cannot check the credentials: {reason}")]
     Unavailable { reason: String },
+    /// 503: [`AuthConfig::max_reviews`] checks already wait on the API server;
+    /// the request is refused at once rather than queued.
+    #[error("too many credential checks in flight")]
+    Busy,
 }
 
 impl Refusal {
@@ -194,7 +245,7 @@ impl Refusal {
         match self {
             Refusal::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
             Refusal::Forbidden { .. } => StatusCode::FORBIDDEN,
-            Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::Unavailable { .. } | Refusal::Busy => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -204,7 +255,9 @@ impl Refusal {
         let body = match self {
             Refusal::Unauthenticated { .. } => "Unauthorized\n".to_owned(),
             Refusal::Forbidden { .. } => format!("Forbidden: {self}\n"),
-            Refusal::Unavailable { .. } => "cannot check the credentials now\n".to_owned(),
+            Refusal::Unavailable { .. } | Refusal::Busy => {
+                "cannot check the credentials now\n".to_owned()
+            }
         };
         let mut response = Response::new(Full::new(Bytes::from(body)));
         *response.status_mut() = self.status();
@@ -222,15 +275,20 @@ pub struct Authorizer {
     client: kube::Client,
     config: AuthConfig,
     cache: Mutex<Cache>,
+    reviews: tokio::sync::Semaphore,
+    log_budget: Mutex<LogBudget>,
 }
 
 impl Authorizer {
     pub fn new(client: kube::Client, config: AuthConfig) -> Self {
         let cache = Cache::new(config.cache_entries);
+        let reviews = tokio::sync::Semaphore::new(config.max_reviews);
         Self {
             client,
             config,
             cache: Mutex::new(cache),
+            reviews,
+            log_budget: Mutex::new(LogBudget::new()),
         }
     }
 
@@ -249,16 +307,30 @@ impl Authorizer {
         let result = self.decide(method, path, headers).await;
         if let Err(refusal) = &result {
             let path = truncate(path, LOG_PATH_MAX);
+            // Counted (rayfence_http_requests_shed_total); never a line each.
+            if matches!(refusal, Refusal::Busy) {
+                tracing::debug!(%method, path, "refused: too many checks in flight");
+                return result;
+            }
+            let budget = self
+                .log_budget
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(Instant::now());
+            let Some(suppressed) = budget else {
+                return result;
+            };
             match refusal {
                 Refusal::Unauthenticated { reason } => {
-                    tracing::info!(%method, path, reason, "refused: not authenticated")
+                    tracing::info!(%method, path, reason, suppressed, "refused: not authenticated")
                 }
                 Refusal::Forbidden { user, .. } => {
-                    tracing::info!(%method, path, user, reason = "not allowed", "refused: forbidden")
+                    tracing::info!(%method, path, user, reason = "not allowed", suppressed, "refused: forbidden")
                 }
                 Refusal::Unavailable { reason } => {
-                    tracing::warn!(%method, path, reason, "refused: the credentials could not be checked")
+                    tracing::warn!(%method, path, reason, suppressed, "refused: the credentials could not be checked")
                 }
+                Refusal::Busy => {}
             }
         }
         result
@@ -276,13 +348,16 @@ impl Authorizer {
         if let Some(decision) = self.cache().get(&key, Instant::now()) {
             return decision;
         }
+        let Ok(_slot) = self.reviews.try_acquire() else {
+            return Err(Refusal::Busy);
+        };
         let decision = self.review(token, &ask).await;
         let ttl = match &decision {
             Ok(_) => Some(self.config.allowed_ttl),
             Err(Refusal::Unauthenticated { .. } | Refusal::Forbidden { .. }) => {
                 Some(self.config.denied_ttl)
             }
-            Err(Refusal::Unavailable { .. }) => None,
+            Err(Refusal::Unavailable { .. } | Refusal::Busy) => None,
         };
         if let Some(ttl) = ttl {
             self.cache()
@@ -742,6 +817,20 @@ mod tests {
             )
         );
         assert!(!k.windows(6).any(|w| w == b"secret"));
+    }
+
+    #[test]
+    fn refusal_lines_are_limited_per_window_and_the_rest_counted() {
+        let mut budget = LogBudget::new();
+        let t0 = budget.start;
+        for _ in 0..REFUSAL_LINES {
+            assert_eq!(budget.take(t0), Some(0));
+        }
+        assert_eq!(budget.take(t0), None);
+        assert_eq!(budget.take(t0 + Duration::from_secs(1)), None);
+        // A new window: the next line carries what was left out.
+        assert_eq!(budget.take(t0 + REFUSAL_WINDOW), Some(2));
+        assert_eq!(budget.take(t0 + REFUSAL_WINDOW), Some(0));
     }
 
     #[test]

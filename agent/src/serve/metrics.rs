@@ -74,6 +74,25 @@ pub struct CapacityLabels {
     pub map: String,
 }
 
+/// Which HTTP listener: `metrics` (`--metrics-addr`), `health` (`--health-addr`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub listener: String,
+    /// `global-limit`, `per-source-limit`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShedLabels {
+    /// `request-body`, `reviews-busy`, `queries-busy`.
+    pub reason: String,
+}
+
 /// Handles into the registry (each is a cheap `Arc` clone).
 pub struct Metrics {
     pub registry: Registry,
@@ -105,6 +124,14 @@ pub struct Metrics {
     /// The Kubernetes source restarting a kind's watch.
     pub watch_restarts: Family<KindLabel, Counter>,
     pub attach_latency: Histogram,
+    /// Connections open on each HTTP listener.
+    pub http_connections: Family<ListenerLabels, Gauge>,
+    /// Connections closed as soon as accepted: a connection cap was reached.
+    pub http_connections_refused: Family<RefusedLabels, Counter>,
+    /// `accept(2)` failures (EMFILE, ENFILE, ENOMEM, ...), each followed by a pause.
+    pub http_accept_errors: Family<ListenerLabels, Counter>,
+    /// Requests answered without being served (a body, too many checks in flight).
+    pub http_requests_shed: Family<ShedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -236,8 +263,36 @@ impl Metrics {
             "Kubernetes watches restarted after an error (relist after 410 Gone, reconnect), by kind",
             watch_restarts.clone(),
         );
+        let http_connections = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "rayfence_http_connections",
+            "Connections open on each HTTP listener",
+            http_connections.clone(),
+        );
+        let http_connections_refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "rayfence_http_connections_refused",
+            "Connections closed as soon as accepted because a connection cap was reached, by listener and cap",
+            http_connections_refused.clone(),
+        );
+        let http_accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            "rayfence_http_accept_errors",
+            "Failed accepts on each HTTP listener (out of file descriptors or memory), each followed by a pause",
+            http_accept_errors.clone(),
+        );
+        let http_requests_shed = Family::<ShedLabels, Counter>::default();
+        registry.register(
+            "rayfence_http_requests_shed",
+            "Requests answered without being served: a request body (none is read), or too many credential checks or loop queries in flight",
+            http_requests_shed.clone(),
+        );
         Self {
             registry,
+            http_connections,
+            http_connections_refused,
+            http_accept_errors,
+            http_requests_shed,
             would_drops,
             would_drop_bytes,
             allowed_flows,
@@ -259,6 +314,14 @@ impl Metrics {
             drop_bytes,
             attach_latency,
         }
+    }
+
+    pub fn shed(&self, reason: &str) {
+        self.http_requests_shed
+            .get_or_create(&ShedLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn error(&self, stage: &str) {

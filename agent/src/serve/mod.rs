@@ -8,11 +8,22 @@
 //! With `--metrics-auth`, every path of the TCP listener but the two probes first
 //! passes [`auth::Authorizer::check`] (the socket is root-only and needs no token);
 //! with `--metrics-tls-cert`, TCP connections are TLS only ([`tls`]).
+//! `--health-addr` adds a plain listener for the two probes only (loopback in the
+//! DaemonSet, where no pod reaches).
+//!
+//! Every TCP listener is bounded ([`limits`]): connection caps in all and per
+//! source (checked at accept, before anything is read), a header timeout that also
+//! closes idle connections, a head size limit, no request bodies, a write stall
+//! limit ([`stall`]); a refused request closes its connection; only a few
+//! credential checks and loop queries wait at once. The socket is root-only and
+//! has no caps.
 //!
 //! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
 //! runtime writes, and asks the reconcile loop for status and explanations.
 pub mod auth;
+pub mod limits;
 pub mod metrics;
+mod stall;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -84,8 +95,9 @@ impl Health {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("binding --metrics-addr {addr}")]
+    #[error("binding {flag} {addr}")]
     Bind {
+        flag: &'static str,
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
@@ -125,49 +137,177 @@ const UNAUTHENTICATED_PATHS: [&str; 2] = ["/healthz", "/readyz"];
 /// dropped.
 const TLS_HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// Operator queries (`/v1/status`, `/v1/explain`) one TCP listener may have
+/// waiting on the reconcile loop at once, so no client can queue work in front of
+/// the loop's own; a query waits up to [`LOOP_QUERY_WAIT`] for a slot (its
+/// connection is all it holds meanwhile, and connections are capped), then gets
+/// 503. The root-only socket has no such bound.
+const LOOP_QUERIES: usize = 4;
+const LOOP_QUERY_WAIT: Duration = Duration::from_secs(5);
+
+/// After a failed `accept(2)` for lack of a resource (descriptors, memory), the
+/// listener waits this long before the next: it never spins.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Which routes a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Routes {
+    /// Everything: metrics, probes, the operator API.
+    All,
+    /// `/healthz` and `/readyz` only (`--health-addr`).
+    Probes,
+}
+
+/// What every connection of one listener shares.
+#[derive(Clone)]
+struct Context {
+    served: Served,
+    auth: Option<Arc<auth::Authorizer>>,
+    routes: Routes,
+    /// Slots for operator queries waiting on the reconcile loop (TCP only).
+    queries: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl Context {
+    fn new(served: Served, auth: Option<Arc<auth::Authorizer>>, routes: Routes) -> Self {
+        Self {
+            served,
+            auth,
+            routes,
+            queries: Some(Arc::new(tokio::sync::Semaphore::new(LOOP_QUERIES))),
+        }
+    }
+
+    /// The root-only socket's: every route, no token, no bound on queries.
+    fn local(served: Served) -> Self {
+        Self {
+            served,
+            auth: None,
+            routes: Routes::All,
+            queries: None,
+        }
+    }
+}
+
 /// Binds `addr` now (so a bad flag fails fast) and serves in a background task.
 /// Returns the bound address (port 0 picks one). With `auth`, every request but
 /// the probes must pass it before it is routed; with `tls`, every connection
-/// starts with a TLS handshake.
+/// starts with a TLS handshake. `limits` bound what clients may hold.
 pub async fn spawn(
     addr: SocketAddr,
     served: Served,
     auth: Option<Arc<auth::Authorizer>>,
     tls: Option<Arc<tls::TlsFiles>>,
+    limits: limits::Limits,
 ) -> Result<SocketAddr, ServeError> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listener = bind(addr, "--metrics-addr").await?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Bind {
+        flag: "--metrics-addr",
+        addr,
+        source,
+    })?;
+    let admission = limits::Admission::new(limits, "metrics", &served.health.metrics);
+    let context = Context::new(served, auth, Routes::All);
+    tokio::spawn(accept_loop(listener, "metrics", admission, context, tls));
+    Ok(bound)
+}
+
+/// `--health-addr`: `/healthz` and `/readyz` only, plain HTTP, no token, with caps
+/// of its own, so a flood of the metrics listener never fails the kubelet's
+/// probes (loopback: pods cannot reach it).
+pub async fn spawn_health(
+    addr: SocketAddr,
+    served: Served,
+    limits: limits::Limits,
+) -> Result<SocketAddr, ServeError> {
+    let listener = bind(addr, "--health-addr").await?;
+    let bound = listener.local_addr().map_err(|source| ServeError::Bind {
+        flag: "--health-addr",
+        addr,
+        source,
+    })?;
+    let admission = limits::Admission::new(limits, "health", &served.health.metrics);
+    let context = Context::new(served, None, Routes::Probes);
+    tokio::spawn(accept_loop(listener, "health", admission, context, None));
+    Ok(bound)
+}
+
+async fn bind(addr: SocketAddr, flag: &'static str) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| ServeError::Bind { addr, source })?;
-    tokio::spawn(async move {
-        loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "accepting an HTTP connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+        .map_err(|source| ServeError::Bind { flag, addr, source })
+}
+
+/// Accepts until the process ends: a failed accept is counted and paused on (or,
+/// for an error of that one connection, skipped), never the end of the listener.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+    admission: Arc<limits::Admission>,
+    context: Context,
+    tls: Option<Arc<tls::TlsFiles>>,
+) {
+    let metrics = &context.served.health.metrics;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                use std::io::ErrorKind;
+                // The peer gave up before we accepted: nothing to wait for.
+                if matches!(
+                    error.kind(),
+                    ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::Interrupted
+                ) {
                     continue;
                 }
-            };
-            let (served, auth) = (served.clone(), auth.clone());
-            let Some(tls) = tls.as_ref().map(|t| t.acceptor()) else {
-                serve_connection(stream, served, auth);
-                continue;
-            };
-            tokio::spawn(async move {
-                match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, served, auth),
-                    Ok(Err(error)) => {
-                        tracing::debug!(%error, "TLS handshake on the metrics listener");
-                    }
-                    Err(_) => tracing::debug!("TLS handshake on the metrics listener timed out"),
+                metrics
+                    .http_accept_errors
+                    .get_or_create(&metrics::ListenerLabels {
+                        listener: name.to_owned(),
+                    })
+                    .inc();
+                // Once in a while: under EMFILE this would be ten lines a second.
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    tracing::warn!(%error, listener = name, "accepting an HTTP connection failed; pausing this listener briefly");
+                    last_warning = Some(Instant::now());
                 }
-            });
-        }
-    });
-    Ok(bound)
+                tokio::time::sleep(ACCEPT_PAUSE).await;
+                continue;
+            }
+        };
+        let permit = match admission.admit(peer.ip()) {
+            Ok(permit) => permit,
+            Err(reason) => {
+                // A reset, not a FIN: no TIME_WAIT or unread data kept for it.
+                let _ = stream.set_zero_linger();
+                drop(stream);
+                tracing::trace!(
+                    listener = name,
+                    reason = reason.label(),
+                    "connection refused at accept"
+                );
+                continue;
+            }
+        };
+        let limits = admission.limits().clone();
+        let context = context.clone();
+        let Some(tls) = tls.as_ref().map(|t| t.acceptor()) else {
+            serve_connection(stream, context, limits, permit);
+            continue;
+        };
+        tokio::spawn(async move {
+            match tokio::time::timeout(TLS_HANDSHAKE, tls.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(stream, context, limits, permit),
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "TLS handshake on the metrics listener");
+                }
+                Err(_) => tracing::debug!("TLS handshake on the metrics listener timed out"),
+            }
+        });
+    }
 }
 
 /// The local socket: created mode 0600 (root only, like the agent), its directory
@@ -196,6 +336,7 @@ pub async fn spawn_socket(path: &Path, served: Served) -> Result<SocketGuard, Se
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    let context = Context::local(served);
     let inode = std::fs::metadata(path).map(|m| {
         use std::os::unix::fs::MetadataExt as _;
         m.ino()
@@ -203,8 +344,8 @@ pub async fn spawn_socket(path: &Path, served: Served) -> Result<SocketGuard, Se
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
-                // Root only (mode 0600): no token asked.
-                Ok((stream, _)) => serve_connection(stream, served.clone(), None),
+                // Root only (mode 0600): no token asked, no caps.
+                Ok((stream, _)) => serve_local(stream, context.clone()),
                 Err(error) => {
                     tracing::warn!(%error, "accepting on the API socket");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -236,47 +377,128 @@ impl Drop for SocketGuard {
     }
 }
 
-fn serve_connection<S>(stream: S, served: Served, auth: Option<Arc<auth::Authorizer>>)
+/// A TCP connection, under its listener's limits; `permit` holds its slot until
+/// the connection ends.
+fn serve_connection<S>(stream: S, context: Context, limits: limits::Limits, permit: limits::Permit)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let service = hyper::service::service_fn(move |mut req: Request<_>| {
-            let (served, auth) = (served.clone(), auth.clone());
-            async move {
-                // Before routing, so every route is covered. Who asked goes in the
-                // request's extensions (`auth::Subject`).
-                if let Some(auth) = auth
-                    && !UNAUTHENTICATED_PATHS.contains(&req.uri().path())
-                {
-                    match auth
-                        .check(req.method(), req.uri().path(), req.headers())
-                        .await
-                    {
-                        Ok(subject) => {
-                            req.extensions_mut().insert(subject);
-                        }
-                        Err(refusal) => {
-                            return Ok::<_, Infallible>(refusal.response().map(BodyExt::boxed));
-                        }
-                    }
-                }
-                Ok::<_, Infallible>(handle(&req, &served).await)
-            }
-        });
-        if let Err(error) = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service)
-            .await
-        {
-            tracing::debug!(%error, "HTTP connection");
-        }
+        let _permit = permit;
+        let stream = stall::WriteStall::new(stream, limits.write_stall);
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(limits.header_timeout)
+            .max_buf_size(limits.max_header_bytes.max(MIN_BUF))
+            .max_headers(limits.max_headers);
+        serve_http(builder, stream, context).await;
     });
 }
 
-async fn handle<B>(req: &Request<B>, served: &Served) -> Response<Body> {
+/// hyper's smallest read buffer.
+const MIN_BUF: usize = 8192;
+
+/// A connection on the root-only socket.
+fn serve_local<S>(stream: S, context: Context)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        // No timer: no header timeout either (root only, as before).
+        let builder = hyper::server::conn::http1::Builder::new();
+        serve_http(builder, stream, context).await;
+    });
+}
+
+async fn serve_http<S>(builder: hyper::server::conn::http1::Builder, stream: S, context: Context)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |mut req: Request<hyper::body::Incoming>| {
+        let context = context.clone();
+        async move {
+            use hyper::body::Body as _;
+            let metrics = &context.served.health.metrics;
+            // No route reads a body: one announced is refused before anything
+            // else, and the connection closed (its bytes are never read).
+            if !req.body().is_end_stream() {
+                metrics.shed("request-body");
+                return Ok::<_, Infallible>(closing(text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "no request body is accepted\n",
+                )));
+            }
+            if context.routes == Routes::Probes
+                && !UNAUTHENTICATED_PATHS.contains(&req.uri().path())
+            {
+                return Ok(closing(text(StatusCode::NOT_FOUND, "not found\n")));
+            }
+            // Before routing, so every route is covered. Who asked goes in the
+            // request's extensions (`auth::Subject`).
+            if let Some(auth) = &context.auth
+                && !UNAUTHENTICATED_PATHS.contains(&req.uri().path())
+            {
+                match auth
+                    .check(req.method(), req.uri().path(), req.headers())
+                    .await
+                {
+                    Ok(subject) => {
+                        req.extensions_mut().insert(subject);
+                    }
+                    Err(refusal) => {
+                        if matches!(refusal, auth::Refusal::Busy) {
+                            metrics.shed("reviews-busy");
+                        }
+                        // A refused client does not keep its connection.
+                        return Ok(closing(refusal.response().map(BodyExt::boxed)));
+                    }
+                }
+            }
+            Ok(handle(&req, &context).await)
+        }
+    });
+    if let Err(error) = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        tracing::debug!(%error, "HTTP connection");
+    }
+}
+
+/// `Connection: close`: hyper closes the connection after this response.
+fn closing(mut response: Response<Body>) -> Response<Body> {
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    response
+}
+
+async fn handle<B>(req: &Request<B>, context: &Context) -> Response<Body> {
+    let served = &context.served;
     let health = &served.health;
     let path = req.uri().path();
     if path.starts_with("/v1/") {
+        // Status and explain wait on the reconcile loop: only a few at once.
+        let queries = context
+            .queries
+            .as_ref()
+            .filter(|_| matches!(path, "/v1/status" | "/v1/explain"));
+        let _slot = if let Some(queries) = queries {
+            match tokio::time::timeout(LOOP_QUERY_WAIT, queries.acquire()).await {
+                Ok(Ok(slot)) => Some(slot),
+                _ => {
+                    health.metrics.shed("queries-busy");
+                    return text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many operator queries in flight; try again\n",
+                    );
+                }
+            }
+        } else {
+            None
+        };
         return match &served.api {
             Some(api) => operator_api(req, api).await,
             None => text(StatusCode::NOT_FOUND, "the operator API is not served\n"),

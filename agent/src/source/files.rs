@@ -14,10 +14,15 @@
 //! Either way a rescan also runs every [`FilesConfig::resync`], for what no notice
 //! reports (the directory itself replaced, network filesystems).
 //!
-//! Must not: loosen anything on bad input. A file that fails to parse (any document)
-//! is reported with its path and document index and keeps its last good objects; an
-//! unreadable directory is reported as [`SourceStatus::Unreachable`] and changes
-//! nothing. Must not decide policy or touch the datapath.
+//! Must not: loosen anything on bad input. A file that fails to parse (any document,
+//! a `kind` or `apiVersion` that is missing or not a string included) is reported
+//! with its path and document index and keeps its last good objects; an object it
+//! names that was listed before stays listed as it was, even when its other file is
+//! gone. The same object (kind, namespace, name) in two files is a conflict: it is
+//! reported naming every file, and listed as the version listed before the conflict
+//! appeared, else in its strictest reading ([`strictest`]). An unreadable directory
+//! is reported as [`SourceStatus::Unreachable`] and changes nothing. Must not
+//! decide policy or touch the datapath.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
@@ -94,10 +99,64 @@ pub enum FilesError {
         path: PathBuf,
         document: usize,
         kind: String,
+        namespace: String,
         name: String,
         #[source]
         source: serde_json::Error,
     },
+    /// `kind` or `apiVersion` missing, not a string, or a version of a kind the
+    /// agent reads in another version: what the document is cannot be told.
+    #[error(
+        "{path}: document {document} ({}): {field} {value}",
+        object_name(namespace, name)
+    )]
+    Unreadable {
+        path: PathBuf,
+        document: usize,
+        /// `kind` or `apiVersion`.
+        field: &'static str,
+        /// What was found, for the message (`missing`, `5`, `"ray.io/v2": ...`).
+        value: String,
+        namespace: String,
+        name: String,
+    },
+}
+
+fn object_name(namespace: &str, name: &str) -> String {
+    match (namespace.is_empty(), name.is_empty()) {
+        (_, true) => "no metadata.name".to_owned(),
+        (true, false) => name.to_owned(),
+        (false, false) => format!("{namespace}/{name}"),
+    }
+}
+
+impl FilesError {
+    /// The object an unreadable document names: its kind where that much was
+    /// read, its namespace and name. `None` when the document names nothing.
+    fn names(&self) -> Option<(Option<ObjectKind>, ObjectKey)> {
+        let (kind, namespace, name) = match self {
+            FilesError::Object {
+                kind,
+                namespace,
+                name,
+                ..
+            } => (kind_by_name(kind), namespace, name),
+            FilesError::Unreadable {
+                namespace, name, ..
+            } => (None, namespace, name),
+            _ => return None,
+        };
+        if name.is_empty() {
+            return None;
+        }
+        Some((
+            kind,
+            ObjectKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            },
+        ))
+    }
 }
 
 fn at_line(line: Option<usize>) -> String {
@@ -112,12 +171,68 @@ struct Stamp {
     mtime: Option<SystemTime>,
 }
 
+type Id = (ObjectKind, ObjectKey);
+
 /// The parsed state of the directory.
 #[derive(Default)]
 pub struct Manifests {
     stamps: BTreeMap<PathBuf, Stamp>,
     /// Last good objects of each file.
     good: BTreeMap<PathBuf, Vec<Object>>,
+    /// Objects named by documents that could not be read, per file (of its
+    /// current version).
+    unreadable: BTreeMap<PathBuf, Vec<(Option<ObjectKind>, ObjectKey)>>,
+    /// The last listing: the version of each object in force.
+    listed: BTreeMap<Id, Object>,
+    /// Objects with more than one copy, as of the last listing.
+    conflicts: Vec<Conflict>,
+    /// Objects kept from the last listing only because an unreadable document
+    /// names them.
+    kept: Vec<Kept>,
+}
+
+/// One object in more than one file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conflict {
+    pub kind: ObjectKind,
+    pub key: ObjectKey,
+    /// Every file with a copy, in name order.
+    pub files: Vec<PathBuf>,
+    pub reading: Reading,
+}
+
+/// Which version of a conflicting object is listed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reading {
+    /// The version listed before the conflict appeared.
+    Previous,
+    /// None was listed before and every copy is the same: that one.
+    Identical,
+    /// None was listed before: [`strictest`] of the copies.
+    Strictest,
+    /// None was listed before and the kind has no reading stricter than every
+    /// copy (a Pod's labels select it into allows as well as into isolation):
+    /// not listed, as before the conflict.
+    LeftOut,
+}
+
+impl Reading {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Reading::Previous => "the version in force before the conflict is kept",
+            Reading::Identical => "none was in force and the copies are identical: read as written",
+            Reading::Strictest => "none was in force: the strictest reading applies",
+            Reading::LeftOut => "none was in force and none is stricter than every copy: left out",
+        }
+    }
+}
+
+/// An object kept as last listed because an unreadable document names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Kept {
+    pub kind: ObjectKind,
+    pub key: ObjectKey,
+    pub file: PathBuf,
 }
 
 impl Manifests {
@@ -156,6 +271,7 @@ impl Manifests {
         }
         let mut errors = Vec::new();
         self.good.retain(|path, _| now.contains_key(path));
+        self.unreadable.retain(|path, _| now.contains_key(path));
         for (path, stamp) in &now {
             if self.stamps.get(path) == Some(stamp) {
                 continue;
@@ -163,29 +279,180 @@ impl Manifests {
             match read_file(path) {
                 Ok(objects) => {
                     self.good.insert(path.clone(), objects);
+                    self.unreadable.remove(path);
                 }
-                Err(error) => errors.push(error),
+                Err(error) => {
+                    let named = error.names().into_iter().collect();
+                    self.unreadable.insert(path.clone(), named);
+                    errors.push(error);
+                }
             }
         }
         self.stamps = now;
+        self.relist();
         Ok(Some(errors))
     }
 
-    /// The complete listing of every kind (later files win on duplicate keys).
-    pub fn listing(&self) -> BTreeMap<ObjectKind, Vec<Object>> {
-        let mut by_key: BTreeMap<(ObjectKind, ObjectKey), Object> = BTreeMap::new();
-        for objects in self.good.values() {
+    /// Recomputes the listing from every file's last good objects: conflicts
+    /// resolved, objects named by unreadable documents kept.
+    fn relist(&mut self) {
+        let mut copies: BTreeMap<Id, Vec<(&PathBuf, &Object)>> = BTreeMap::new();
+        for (path, objects) in &self.good {
             for object in objects {
-                by_key.insert((object.kind(), object.key()), object.clone());
+                copies
+                    .entry((object.kind(), object.key()))
+                    .or_default()
+                    .push((path, object));
             }
         }
+        let mut listed: BTreeMap<Id, Object> = BTreeMap::new();
+        let mut conflicts = Vec::new();
+        for (id, list) in copies {
+            let mut files: Vec<PathBuf> = list.iter().map(|(p, _)| (*p).clone()).collect();
+            files.dedup();
+            let first = list[0].1;
+            if list.len() == 1 {
+                listed.insert(id, first.clone());
+                continue;
+            }
+            let objects: Vec<&Object> = list.iter().map(|(_, o)| *o).collect();
+            // The version in force wins even over identical copies: editing both
+            // copies the same way does not make a duplicate any less a conflict.
+            let (reading, object) = if let Some(previous) = self.listed.get(&id) {
+                (Reading::Previous, Some(previous.clone()))
+            } else if objects.iter().all(|o| *o == first) {
+                (Reading::Identical, Some(first.clone()))
+            } else {
+                match strictest(&objects) {
+                    Some(object) => (Reading::Strictest, Some(object)),
+                    None => (Reading::LeftOut, None),
+                }
+            };
+            conflicts.push(Conflict {
+                kind: id.0,
+                key: id.1.clone(),
+                files,
+                reading,
+            });
+            if let Some(object) = object {
+                listed.insert(id, object);
+            }
+        }
+        let mut kept = Vec::new();
+        for (file, named) in &self.unreadable {
+            for (kind, key) in named {
+                for (id, previous) in &self.listed {
+                    let matches = &id.1 == key && kind.is_none_or(|k| k == id.0);
+                    if matches && !listed.contains_key(id) {
+                        listed.insert(id.clone(), previous.clone());
+                        kept.push(Kept {
+                            kind: id.0,
+                            key: id.1.clone(),
+                            file: file.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        self.listed = listed;
+        self.conflicts = conflicts;
+        self.kept = kept;
+    }
+
+    /// The complete listing of every kind.
+    pub fn listing(&self) -> BTreeMap<ObjectKind, Vec<Object>> {
         let mut listing: BTreeMap<ObjectKind, Vec<Object>> =
             ObjectKind::ALL.iter().map(|k| (*k, Vec::new())).collect();
-        for ((kind, _), object) in by_key {
-            listing.entry(kind).or_default().push(object);
+        for ((kind, _), object) in &self.listed {
+            listing.entry(*kind).or_default().push(object.clone());
         }
         listing
     }
+
+    /// Objects in more than one file, as of the last rescan that changed anything.
+    pub fn conflicts(&self) -> &[Conflict] {
+        &self.conflicts
+    }
+
+    /// Objects kept only because an unreadable document names them.
+    pub fn kept(&self) -> &[Kept] {
+        &self.kept
+    }
+}
+
+/// The reading of conflicting copies that no copy is stricter than, for the kinds
+/// that have one:
+/// - RayCluster: isolated both ways with no rule of its own (`mode: DenyAll`, the
+///   base flows only), no audit, no RayJob owner: every copy allows at least that;
+/// - NetworkPolicy: the pods every copy selects (all of the namespace's when the
+///   copies' selectors differ), isolated in every direction any copy isolates,
+///   with no rule.
+///
+/// Other kinds: `None`.
+pub fn strictest(copies: &[&Object]) -> Option<Object> {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let first = copies.first()?;
+    let key = first.key();
+    let metadata = ObjectMeta {
+        name: Some(key.name),
+        namespace: (!key.namespace.is_empty()).then_some(key.namespace),
+        ..ObjectMeta::default()
+    };
+    match first {
+        Object::RayCluster(_) => Some(Object::RayCluster(Box::new(crate::crd::RayCluster {
+            metadata,
+            spec: crate::crd::RayClusterSpec {
+                network_policy: Some(serde_json::json!({"mode": "DenyAll"})),
+                ..Default::default()
+            },
+        }))),
+        Object::NetworkPolicy(_) => {
+            use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+            let specs: Vec<NetworkPolicySpec> = copies
+                .iter()
+                .map(|o| match o {
+                    Object::NetworkPolicy(p) => p.spec.clone().unwrap_or_default(),
+                    _ => NetworkPolicySpec::default(),
+                })
+                .collect();
+            let selector = &specs[0].pod_selector;
+            let pod_selector = if specs.iter().all(|s| &s.pod_selector == selector) {
+                selector.clone()
+            } else {
+                Some(Default::default())
+            };
+            // A policy without policyTypes isolates ingress, and egress when it
+            // has egress rules (the API server's defaulting).
+            let mut types = vec!["Ingress".to_owned()];
+            let egress = specs.iter().any(|s| match &s.policy_types {
+                Some(types) => types.iter().any(|t| t == "Egress"),
+                None => s.egress.is_some(),
+            });
+            if egress {
+                types.push("Egress".to_owned());
+            }
+            Some(Object::NetworkPolicy(Box::new(NetworkPolicy {
+                metadata,
+                spec: Some(NetworkPolicySpec {
+                    pod_selector,
+                    policy_types: Some(types),
+                    ingress: None,
+                    egress: None,
+                }),
+            })))
+        }
+        _ => None,
+    }
+}
+
+/// The kind the agent reads by that `kind`, whatever the apiVersion.
+fn kind_by_name(kind: &str) -> Option<ObjectKind> {
+    ObjectKind::ALL.into_iter().find(|k| k.to_string() == kind)
+}
+
+/// The API group of an apiVersion ("" for the core group's `v1`).
+fn group(api_version: &str) -> &str {
+    api_version.rsplit_once('/').map_or("", |(g, _)| g)
 }
 
 fn is_manifest(path: &Path) -> bool {
@@ -229,6 +496,7 @@ pub fn parse_documents(path: &Path, text: &str) -> Result<Vec<Object>, FilesErro
             path: path.to_owned(),
             document,
             kind: String::new(),
+            namespace: String::new(),
             name: String::new(),
             source,
         })?;
@@ -243,16 +511,31 @@ fn collect(
     value: serde_json::Value,
     out: &mut Vec<Object>,
 ) -> Result<(), FilesError> {
-    let api_version = value
-        .get("apiVersion")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_owned();
-    let kind = value
-        .get("kind")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_owned();
+    let text = |pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let (namespace, name) = (text("/metadata/namespace"), text("/metadata/name"));
+    let unreadable = |field: &'static str, found: String| FilesError::Unreadable {
+        path: path.to_owned(),
+        document,
+        field,
+        value: found,
+        namespace: namespace.clone(),
+        name: name.clone(),
+    };
+    // Without both as strings the document cannot be told from one the agent
+    // reads: it is not skipped as another kind (that would drop what it was).
+    let field = |field: &'static str| match value.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        None | Some(serde_json::Value::Null) => Err(unreadable(field, "missing".to_owned())),
+        Some(other) => Err(unreadable(field, format!("{other} is not a string"))),
+    };
+    let api_version = field("apiVersion")?;
+    let kind = field("kind")?;
     if kind == "List" || kind.ends_with("List") && value.get("items").is_some() {
         if let Some(serde_json::Value::Array(items)) = value.get("items") {
             for item in items {
@@ -261,19 +544,24 @@ fn collect(
         }
         return Ok(());
     }
+    if let Some(expected) = kind_by_name(&kind).map(ObjectKind::api_version)
+        && api_version != expected
+        && group(&api_version) == group(expected)
+    {
+        return Err(unreadable(
+            "apiVersion",
+            format!("{api_version:?}: {kind} is read as {expected}"),
+        ));
+    }
     let Some(object_kind) = ObjectKind::from_manifest_kind(&api_version, &kind) else {
         tracing::debug!(path = %path.display(), document, %api_version, %kind, "ignoring a kind the agent does not read");
         return Ok(());
     };
-    let name = value
-        .pointer("/metadata/name")
-        .and_then(|v| v.as_str())
-        .unwrap_or_default()
-        .to_owned();
     let error = |source| FilesError::Object {
         path: path.to_owned(),
         document,
         kind: kind.clone(),
+        namespace: namespace.clone(),
         name: name.clone(),
         source,
     };
@@ -308,6 +596,7 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
                 for error in &errors {
                     tracing::warn!(error = %error, source = error_source(error), "manifest not read; its objects keep their last good state");
                 }
+                report(&manifests);
                 for (kind, objects) in manifests.listing() {
                     if tx
                         .blocking_send(SourceEvent::Resync(kind, objects))
@@ -398,6 +687,31 @@ fn watch(
             tracing::warn!(dir = %config.dir.display(), %error, resync_ms = config.resync.as_millis(), "no watch on the manifests directory; rescanning it periodically");
             None
         }
+    }
+}
+
+/// A line per conflicting object (naming every file) and per object kept for an
+/// unreadable copy.
+fn report(manifests: &Manifests) {
+    for c in manifests.conflicts() {
+        let files: Vec<String> = c.files.iter().map(|f| f.display().to_string()).collect();
+        tracing::warn!(
+            kind = %c.kind,
+            namespace = %c.key.namespace,
+            name = %c.key.name,
+            files = %files.join(", "),
+            reading = c.reading.describe(),
+            "conflicting copies of one object in the manifests: keep one"
+        );
+    }
+    for k in manifests.kept() {
+        tracing::warn!(
+            kind = %k.kind,
+            namespace = %k.key.namespace,
+            name = %k.key.name,
+            file = %k.file.display(),
+            "an unreadable copy names this object: its last good version stays in force"
+        );
     }
 }
 
@@ -594,5 +908,253 @@ mod tests {
         m.rescan(&dir).expect("scan").expect("changed");
         assert!(m.listing()[&ObjectKind::Namespace].is_empty());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn raycluster(name: &str, policy: &str) -> String {
+        format!(
+            "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {{name: {name}, namespace: ray}}\nspec:\n  networkPolicy: {policy}\n"
+        )
+    }
+
+    /// The listed RayCluster `name`'s `spec.networkPolicy`, if listed.
+    fn policy_of(m: &Manifests, name: &str) -> Option<serde_json::Value> {
+        m.listing()[&ObjectKind::RayCluster]
+            .iter()
+            .find_map(|o| match o {
+                Object::RayCluster(rc) if rc.metadata.name.as_deref() == Some(name) => {
+                    Some(rc.spec.network_policy.clone().unwrap_or_default())
+                }
+                _ => None,
+            })
+    }
+
+    const CLOSED: &str = "{mode: DenyAll}";
+    const OPEN: &str =
+        "{mode: DenyAllIngress, head: {ingressRules: [{}]}, worker: {ingressRules: [{}]}}";
+
+    fn scan(m: &mut Manifests, dir: &Path) -> Vec<FilesError> {
+        m.rescan(dir).expect("scan").expect("changed")
+    }
+
+    #[test]
+    fn a_second_copy_keeps_the_version_in_force_whichever_file_sorts_last() {
+        for (first, second) in [("00-a.yaml", "zz-b.yaml"), ("zz-b.yaml", "00-a.yaml")] {
+            let dir = Dir::new(&format!("conflict-{first}"));
+            let mut m = Manifests::default();
+            std::fs::write(dir.0.join(first), raycluster("rc", CLOSED)).expect("w");
+            scan(&mut m, &dir.0);
+            let closed = policy_of(&m, "rc").expect("listed");
+            assert_eq!(closed["mode"], "DenyAll");
+
+            // An open copy appears in the other file: reported, never applied.
+            std::fs::write(dir.0.join(second), raycluster("rc", OPEN)).expect("w");
+            scan(&mut m, &dir.0);
+            assert_eq!(policy_of(&m, "rc"), Some(closed.clone()), "{second}");
+            let conflicts = m.conflicts();
+            assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+            assert_eq!(conflicts[0].reading, Reading::Previous);
+            let mut files = vec![dir.0.join(first), dir.0.join(second)];
+            files.sort();
+            assert_eq!(conflicts[0].files, files);
+
+            // Editing either copy while the conflict lasts changes nothing, even
+            // when both then say the same.
+            std::fs::write(dir.0.join(first), raycluster("rc", OPEN)).expect("w");
+            scan(&mut m, &dir.0);
+            assert_eq!(policy_of(&m, "rc"), Some(closed.clone()));
+
+            // Removing one copy resolves it: the other is read as written.
+            std::fs::remove_file(dir.0.join(first)).expect("rm");
+            scan(&mut m, &dir.0);
+            assert!(m.conflicts().is_empty());
+            assert_eq!(
+                policy_of(&m, "rc").expect("listed")["mode"],
+                "DenyAllIngress"
+            );
+        }
+    }
+
+    #[test]
+    fn copies_that_conflict_from_the_start_read_as_deny_all_without_rules() {
+        let dir = Dir::new("conflict-start");
+        std::fs::write(
+            dir.0.join("a.yaml"),
+            "apiVersion: ray.io/v1\nkind: RayCluster\nmetadata: {name: rc, namespace: ray, annotations: {rayfence.io/audit: \"true\"}}\nspec: {networkPolicy: {mode: DenyAllEgress}}\n",
+        )
+        .expect("w");
+        std::fs::write(dir.0.join("b.yaml"), raycluster("rc", OPEN)).expect("w");
+        let mut m = Manifests::default();
+        scan(&mut m, &dir.0);
+        assert_eq!(m.conflicts()[0].reading, Reading::Strictest);
+        let listing = m.listing();
+        let Some(Object::RayCluster(rc)) = listing[&ObjectKind::RayCluster].first() else {
+            panic!("listed: {listing:?}");
+        };
+        assert_eq!(
+            rc.spec.network_policy,
+            Some(serde_json::json!({"mode": "DenyAll"}))
+        );
+        assert!(rc.metadata.annotations.is_none(), "no audit: {rc:?}");
+        assert_eq!(rc.metadata.namespace.as_deref(), Some("ray"));
+    }
+
+    #[test]
+    fn identical_copies_are_reported_and_read_as_written() {
+        let dir = Dir::new("conflict-same");
+        std::fs::write(dir.0.join("a.yaml"), raycluster("rc", OPEN)).expect("w");
+        std::fs::write(dir.0.join("b.yaml"), raycluster("rc", OPEN)).expect("w");
+        let mut m = Manifests::default();
+        scan(&mut m, &dir.0);
+        assert_eq!(m.conflicts()[0].reading, Reading::Identical);
+        assert_eq!(
+            policy_of(&m, "rc").expect("listed")["mode"],
+            "DenyAllIngress"
+        );
+    }
+
+    #[test]
+    fn conflicting_network_policies_isolate_what_any_copy_does_with_no_rule() {
+        let dir = Dir::new("conflict-netpol");
+        let netpol = |selector: &str, extra: &str| {
+            format!(
+                "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: ray}}\nspec:\n  podSelector: {selector}\n{extra}"
+            )
+        };
+        std::fs::write(
+            dir.0.join("a.yaml"),
+            netpol("{matchLabels: {a: b}}", "  ingress: [{}]\n"),
+        )
+        .expect("w");
+        std::fs::write(
+            dir.0.join("b.yaml"),
+            netpol(
+                "{matchLabels: {a: b}}",
+                "  policyTypes: [Egress]\n  egress: [{}]\n",
+            ),
+        )
+        .expect("w");
+        let mut m = Manifests::default();
+        scan(&mut m, &dir.0);
+        let listing = m.listing();
+        let Some(Object::NetworkPolicy(np)) = listing[&ObjectKind::NetworkPolicy].first() else {
+            panic!("listed: {listing:?}");
+        };
+        let spec = np.spec.clone().expect("spec");
+        assert_eq!(
+            spec.policy_types,
+            Some(vec!["Ingress".to_owned(), "Egress".to_owned()])
+        );
+        assert!(spec.ingress.is_none() && spec.egress.is_none());
+        assert_eq!(
+            spec.pod_selector.expect("selector").match_labels,
+            Some([("a".to_owned(), "b".to_owned())].into_iter().collect())
+        );
+        // Different selectors: every pod of the namespace.
+        std::fs::write(dir.0.join("b.yaml"), netpol("{matchLabels: {c: d}}", "")).expect("w");
+        let mut fresh = Manifests::default();
+        scan(&mut fresh, &dir.0);
+        let listing = fresh.listing();
+        let Some(Object::NetworkPolicy(np)) = listing[&ObjectKind::NetworkPolicy].first() else {
+            panic!("listed: {listing:?}");
+        };
+        assert_eq!(
+            np.spec.clone().expect("spec").pod_selector,
+            Some(Default::default())
+        );
+    }
+
+    #[test]
+    fn a_conflicting_pod_keeps_its_previous_version_or_stays_unlisted() {
+        let dir = Dir::new("conflict-pod");
+        let pod = |label: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p, namespace: ray, labels: {{x: {label}}}}}\n"
+            )
+        };
+        std::fs::write(dir.0.join("a.yaml"), pod("one")).expect("w");
+        std::fs::write(dir.0.join("b.yaml"), pod("two")).expect("w");
+        let mut m = Manifests::default();
+        scan(&mut m, &dir.0);
+        assert_eq!(m.conflicts()[0].reading, Reading::LeftOut);
+        assert!(m.listing()[&ObjectKind::Pod].is_empty());
+        std::fs::remove_file(dir.0.join("b.yaml")).expect("rm");
+        scan(&mut m, &dir.0);
+        assert_eq!(m.listing()[&ObjectKind::Pod].len(), 1);
+        std::fs::write(dir.0.join("b.yaml"), pod("two")).expect("w");
+        scan(&mut m, &dir.0);
+        let listing = m.listing();
+        let Some(Object::Pod(p)) = listing[&ObjectKind::Pod].first() else {
+            panic!("{listing:?}");
+        };
+        assert_eq!(p.metadata.labels.as_ref().expect("labels")["x"], "one");
+    }
+
+    #[test]
+    fn a_kind_or_api_version_that_is_not_a_string_keeps_the_object_in_force() {
+        for (i, (field, broken)) in [
+            ("kind", "apiVersion: ray.io/v1\nkind: 5\n"),
+            ("kind", "apiVersion: ray.io/v1\nkind: [RayCluster]\n"),
+            ("kind", "apiVersion: ray.io/v1\n"),
+            ("apiVersion", "apiVersion: {a: b}\nkind: RayCluster\n"),
+            ("apiVersion", "apiVersion: ray.io/v2\nkind: RayCluster\n"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let dir = Dir::new(&format!("unreadable-{i}"));
+            let file = dir.0.join("zz-rc.yaml");
+            std::fs::write(&file, raycluster("rc", CLOSED)).expect("w");
+            let mut m = Manifests::default();
+            scan(&mut m, &dir.0);
+            let text = format!(
+                "{broken}metadata: {{name: rc, namespace: ray}}\nspec: {{networkPolicy: {OPEN}}}\n"
+            );
+            std::fs::write(&file, &text).expect("w");
+            let errors = scan(&mut m, &dir.0);
+            assert_eq!(errors.len(), 1, "{broken}");
+            let message = errors[0].to_string();
+            assert!(
+                message.contains("zz-rc.yaml")
+                    && message.contains(field)
+                    && message.contains("ray/rc"),
+                "{message}"
+            );
+            assert_eq!(
+                policy_of(&m, "rc").expect("kept")["mode"],
+                "DenyAll",
+                "{broken}"
+            );
+
+            // The same copy moved to a new file while the good one goes: still kept.
+            std::fs::remove_file(&file).expect("rm");
+            std::fs::write(dir.0.join("00-moved.yaml"), &text).expect("w");
+            scan(&mut m, &dir.0);
+            assert_eq!(
+                policy_of(&m, "rc").expect("kept")["mode"],
+                "DenyAll",
+                "{broken}"
+            );
+            assert_eq!(m.kept().len(), 1);
+            assert_eq!(m.kept()[0].file, dir.0.join("00-moved.yaml"));
+
+            // Fixed: read as written.
+            std::fs::write(dir.0.join("00-moved.yaml"), raycluster("rc", OPEN)).expect("w");
+            scan(&mut m, &dir.0);
+            assert_eq!(
+                policy_of(&m, "rc").expect("listed")["mode"],
+                "DenyAllIngress"
+            );
+            assert!(m.kept().is_empty());
+        }
+    }
+
+    #[test]
+    fn other_kinds_and_other_groups_are_still_ignored() {
+        let objects = parse(
+            "apiVersion: serving.knative.dev/v1\nkind: Service\nmetadata: {name: s}\n---\n\
+             apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n",
+        )
+        .expect("parses");
+        assert!(objects.is_empty());
     }
 }

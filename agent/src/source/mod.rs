@@ -60,6 +60,18 @@ impl ObjectKind {
         })
     }
 
+    /// The apiVersion the agent reads the kind in.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            ObjectKind::RayCluster => "ray.io/v1",
+            ObjectKind::Pod | ObjectKind::Namespace | ObjectKind::Service | ObjectKind::Node => {
+                "v1"
+            }
+            ObjectKind::EndpointSlice => "discovery.k8s.io/v1",
+            ObjectKind::NetworkPolicy => "networking.k8s.io/v1",
+        }
+    }
+
     /// The `kind` field of a manifest.
     pub fn from_manifest_kind(api_version: &str, kind: &str) -> Option<Self> {
         Some(match (api_version, kind) {
@@ -76,7 +88,7 @@ impl ObjectKind {
 }
 
 /// One object of a kind the agent reads.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     RayCluster(Box<RayCluster>),
     Pod(Box<Pod>),
