@@ -26,6 +26,40 @@ pub struct ParsedNetpol {
     pub problems: Vec<Problem>,
 }
 
+/// Set by the manifests source on a NetworkPolicy whose rules have fields their
+/// `networking.k8s.io/v1` type does not have (the API server rejects or prunes those;
+/// a file is read into the type, which would drop them and widen the rule): a JSON
+/// list of `{"field", "value", "message"}`. The rules they are in allow nothing. Set by
+/// hand it can only take rules away.
+pub const UNKNOWN_RULE_FIELDS_ANNOTATION: &str = "rayfence.io/unknown-rule-fields";
+
+/// The unknown fields [`UNKNOWN_RULE_FIELDS_ANNOTATION`] lists (none if unreadable).
+fn unknown_rule_fields(policy: &NetworkPolicy) -> Vec<Invalid> {
+    #[derive(serde::Deserialize)]
+    struct Field {
+        field: String,
+        value: String,
+        message: String,
+    }
+    policy
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(UNKNOWN_RULE_FIELDS_ANNOTATION))
+        .and_then(|text| serde_json::from_str::<Vec<Field>>(text).ok())
+        .into_iter()
+        .flatten()
+        .map(|f| Invalid::new(f.field, f.value, f.message))
+        .collect()
+}
+
+/// Whether `field` lies inside the rule at path `rule` (`spec.ingress[0]`).
+fn inside(field: &str, rule: &str) -> bool {
+    field
+        .strip_prefix(rule)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
 pub fn parse(policy: &NetworkPolicy) -> ParsedNetpol {
     let namespace = policy.metadata.namespace.clone().unwrap_or_default();
     let name = policy.metadata.name.clone().unwrap_or_default();
@@ -67,6 +101,7 @@ pub fn parse(policy: &NetworkPolicy) -> ParsedNetpol {
             );
         }
     }
+    let unknown = unknown_rule_fields(policy);
     let mut collect = |direction: Direction, items: Vec<(Option<&[_]>, Option<&[_]>)>| {
         let mut rules = Vec::new();
         let key = match direction {
@@ -79,15 +114,12 @@ pub fn parse(policy: &NetworkPolicy) -> ParsedNetpol {
                 direction,
                 index,
             };
-            match parse_rule(
-                origin,
-                &object,
-                &format!("spec.{key}[{index}]"),
-                direction,
-                peers,
-                ports,
-                &namespace,
-            ) {
+            let field = format!("spec.{key}[{index}]");
+            if let Some(invalid) = unknown.iter().find(|u| inside(&u.field, &field)) {
+                problems.push(invalid.clone().at(&object, Severity::Warning));
+                continue;
+            }
+            match parse_rule(origin, &object, &field, direction, peers, ports, &namespace) {
                 Ok(parsed) => {
                     problems.extend(
                         parsed

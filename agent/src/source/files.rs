@@ -33,6 +33,8 @@ use notify::{EventKind, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
 use super::{Object, ObjectKey, ObjectKind, SourceEvent, SourceStatus};
+use crate::policy::{netpol, rule};
+use crate::tables::Direction;
 
 /// Where and how to look.
 #[derive(Clone, Debug)]
@@ -573,13 +575,58 @@ fn collect(
         ObjectKind::EndpointSlice => {
             Object::EndpointSlice(serde_json::from_value(value).map_err(error)?)
         }
-        ObjectKind::NetworkPolicy => {
-            Object::NetworkPolicy(serde_json::from_value(value).map_err(error)?)
-        }
+        ObjectKind::NetworkPolicy => Object::NetworkPolicy(
+            serde_json::from_value(mark_unknown_rule_fields(value)).map_err(error)?,
+        ),
         ObjectKind::Node => Object::Node(serde_json::from_value(value).map_err(error)?),
     };
     out.push(object);
     Ok(())
+}
+
+/// A NetworkPolicy document with its rules' unknown fields listed in
+/// [`netpol::UNKNOWN_RULE_FIELDS_ANNOTATION`]: read into its type they would vanish
+/// and the rule would get wider (`podSelector: {matchLabel: ...}` selects every pod).
+/// The API server never hands out such an object; a file can.
+fn mark_unknown_rule_fields(mut value: serde_json::Value) -> serde_json::Value {
+    let mut unknown = Vec::new();
+    for (key, direction) in [
+        ("ingress", Direction::Ingress),
+        ("egress", Direction::Egress),
+    ] {
+        let rules = value
+            .pointer(&format!("/spec/{key}"))
+            .and_then(|r| r.as_array());
+        for (i, rule) in rules.into_iter().flatten().enumerate() {
+            if let Some(invalid) = rule::unknown_field(&format!("spec.{key}[{i}]"), direction, rule)
+            {
+                unknown.push(serde_json::json!({
+                    "field": invalid.field,
+                    "value": invalid.value,
+                    "message": invalid.message,
+                }));
+            }
+        }
+    }
+    if unknown.is_empty() {
+        return value;
+    }
+    let text = serde_json::Value::Array(unknown).to_string();
+    if let Some(metadata) = value.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+        let annotations = metadata
+            .entry("annotations")
+            .or_insert_with(|| serde_json::json!({}));
+        if annotations.is_null() {
+            *annotations = serde_json::json!({});
+        }
+        if let Some(annotations) = annotations.as_object_mut() {
+            annotations.insert(
+                netpol::UNKNOWN_RULE_FIELDS_ANNOTATION.to_owned(),
+                serde_json::Value::String(text),
+            );
+        }
+    }
+    value
 }
 
 /// Watches `config.dir` until `tx` closes. Blocking: run it on its own thread.
@@ -1009,6 +1056,41 @@ mod tests {
         assert_eq!(
             policy_of(&m, "rc").expect("listed")["mode"],
             "DenyAllIngress"
+        );
+    }
+
+    /// Read into its type, `matchLabel` would vanish and the rule would admit every pod
+    /// of the namespace: the rule allows nothing and the field is named instead.
+    #[test]
+    fn a_network_policy_rule_with_an_unknown_field_allows_nothing() {
+        let dir = Dir::new("netpol-unknown");
+        std::fs::write(
+            dir.0.join("np.yaml"),
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np, namespace: ray, annotations: null}\n\
+             spec:\n  podSelector: {}\n  ingress:\n  - from: [{podSelector: {matchLabel: {app: x}}}]\n  \
+             - from: [{podSelector: {matchLabels: {app: y}}}]\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, excpt: [10.1.0.0/16]}}]\n",
+        )
+        .expect("w");
+        let mut m = Manifests::default();
+        scan(&mut m, &dir.0);
+        let listing = m.listing();
+        let Some(Object::NetworkPolicy(np)) = listing[&ObjectKind::NetworkPolicy].first() else {
+            panic!("listed: {listing:?}");
+        };
+        let parsed = netpol::parse(np);
+        assert!(parsed.isolate_ingress && parsed.isolate_egress);
+        assert_eq!(parsed.ingress.len(), 1, "only the rule without a typo");
+        assert!(
+            parsed.egress.is_empty(),
+            "the ipBlock with a typo allows nothing"
+        );
+        let fields: Vec<&str> = parsed.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.ingress[0].from[0].podSelector.matchLabel",
+                "spec.egress[0].to[0].ipBlock.excpt"
+            ]
         );
     }
 
