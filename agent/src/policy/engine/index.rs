@@ -11,7 +11,7 @@ use ipnet::IpNet;
 
 use super::local::PolicySpec;
 use super::{Engine, NAMESPACE_NAME_LABEL, ObjectKey};
-use crate::policy::rule::{NamespaceMatch, Peer};
+use crate::policy::rule::{NamespaceMatch, Peer, Rule};
 use crate::tables::{IdentityId, PolicyId};
 
 /// How a policy's peers are found from a changed identity or namespace, so a change
@@ -77,11 +77,19 @@ pub(super) fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
 impl Engine {
     /// Identities a new policy may have rows for.
     pub(super) fn candidates(&self, policy: PolicyId) -> BTreeSet<IdentityId> {
+        match self.policies.get(&policy) {
+            Some(state) => self.candidates_of(state.spec.rules().map(|(_, rule)| &**rule)),
+            None => BTreeSet::new(),
+        }
+    }
+
+    /// Identities one of `rules` may select.
+    pub(super) fn candidates_of<'r>(
+        &self,
+        rules: impl IntoIterator<Item = &'r Rule>,
+    ) -> BTreeSet<IdentityId> {
         let mut ids = BTreeSet::new();
-        let Some(state) = self.policies.get(&policy) else {
-            return ids;
-        };
-        for (_, rule) in state.spec.rules() {
+        for rule in rules {
             for peer in &rule.peers {
                 match peer {
                     Peer::Pods { namespaces, pods } => {
