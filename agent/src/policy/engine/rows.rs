@@ -16,7 +16,7 @@ use crate::policy::rule::{NamespaceMatch, Peer, PortMatch, Rule, RuleOrigin};
 use crate::tables::{Direction, IdentityId, PolicyEntry, PolicyId};
 
 /// A peer identity that rules can give rows to.
-enum RulePeer<'a> {
+pub(super) enum RulePeer<'a> {
     Pod(&'a PodIdentity),
     Prefix(&'a IpNet),
 }
@@ -112,7 +112,7 @@ impl Engine {
 
     /// `peer` as rules see it: a pod identity or a CIDR identity's prefix (Service and
     /// host identities get no rows from rules).
-    fn rule_peer(&self, peer: IdentityId) -> Option<RulePeer<'_>> {
+    pub(super) fn rule_peer(&self, peer: IdentityId) -> Option<RulePeer<'_>> {
         if let Some(identity) = self.pod_identities.get(&peer) {
             Some(RulePeer::Pod(identity))
         } else {
@@ -121,7 +121,7 @@ impl Engine {
     }
 
     /// Whether one of `rule`'s peers selects `peer`.
-    fn rule_selects(&self, rule: &Rule, peer: &RulePeer<'_>) -> bool {
+    pub(super) fn rule_selects(&self, rule: &Rule, peer: &RulePeer<'_>) -> bool {
         match peer {
             RulePeer::Pod(identity) => rule
                 .peers
