@@ -188,8 +188,15 @@ impl Engine {
             audit,
         };
         let endpoint_policy = value(0);
-        let respecced = match self.endpoints.get(key) {
-            Some(ep) => self.respec_policy(ep.policy, spec),
+        let current = self.endpoints.get(key).map(|ep| ep.policy);
+        // Most refreshes find the spec unchanged (its rules are the same `Arc`s, so
+        // this is cheap): nothing to intern, hash or release.
+        let unchanged = current
+            .and_then(|id| self.policies.get(&id))
+            .is_some_and(|state| *state.spec == spec);
+        let respecced = match current {
+            Some(id) if unchanged => Ok(id),
+            Some(id) => self.respec_policy(id, spec),
             None => Err(spec),
         };
         // In place, the endpoint keeps its reference; interned, it took a new one.
