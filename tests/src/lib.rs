@@ -48,6 +48,7 @@
 //! firewall: every link is created directly inside namespaces this crate made.
 
 pub mod agent_bin;
+pub mod background;
 pub mod bpffs;
 pub mod cgroup;
 pub mod demo;

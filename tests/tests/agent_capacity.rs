@@ -11,14 +11,13 @@ mod agent_common;
 
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Context, Result, ensure};
 use rayfence::api::{ExplainReport, StatusReport};
+use rayfence_tests::background::Background;
 use rayfence_tests::{Outcome, Prober};
 use serde_json::{Value, json};
 
@@ -37,48 +36,18 @@ fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Res
 }
 
 /// TCP connects to `addr:port` in a loop until stopped: (attempts, failures).
-struct Continuous {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<(u32, u32)>>,
-}
-
-impl Continuous {
-    fn start(prober: Prober, addr: IpAddr, port: u16) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let (mut attempts, mut failures) = (0u32, 0u32);
-            while !flag.load(Ordering::Relaxed) {
-                attempts += 1;
-                if prober.tcp_connect(addr, port, Duration::from_millis(500)) != Outcome::Ok {
-                    failures += 1;
-                }
-                std::thread::sleep(Duration::from_millis(10));
+fn continuous(prober: Prober, addr: IpAddr, port: u16) -> Background<(u32, u32)> {
+    Background::start(move |flag| {
+        let (mut attempts, mut failures) = (0u32, 0u32);
+        while !flag.load(Ordering::Relaxed) {
+            attempts += 1;
+            if prober.tcp_connect(addr, port, Duration::from_millis(500)) != Outcome::Ok {
+                failures += 1;
             }
-            (attempts, failures)
-        });
-        Continuous {
-            stop,
-            handle: Some(handle),
+            std::thread::sleep(Duration::from_millis(10));
         }
-    }
-
-    fn finish(mut self) -> (u32, u32) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Continuous {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+        (attempts, failures)
+    })
 }
 
 /// The big cluster's policy: its workers may reach 10.0.0.0/8 except `excepts`
@@ -198,7 +167,7 @@ fn an_oversized_raycluster_is_held_fail_closed_and_reported_while_the_other_keep
 
     // "big" grows past the CIDR map while alpha's intra-cluster traffic is probed
     // without a pause: not one connection of alpha's may fail.
-    let alpha_traffic = Continuous::start(a_worker.prober(), v4(a_head), 8000);
+    let alpha_traffic = continuous(a_worker.prober(), v4(a_head), 8000);
     server.apply(&raycluster(ns, "big", big_policy(EXCEPTS)));
     let held_after = agent
         .wait_log(
@@ -321,8 +290,8 @@ fn an_oversized_raycluster_is_held_fail_closed_and_reported_while_the_other_keep
     // A restart while big is held loses nothing: while no agent runs and while the
     // new one compiles and adopts the pinned state, alpha passes and big stays shut;
     // the new agent holds big again, with alpha's incumbent entries kept first.
-    let alpha_traffic = Continuous::start(a_worker.prober(), v4(a_head), 8000);
-    let big_traffic = Continuous::start(b_worker.prober(), v4(b_head), 8000);
+    let alpha_traffic = continuous(a_worker.prober(), v4(a_head), 8000);
+    let big_traffic = continuous(b_worker.prober(), v4(b_head), 8000);
     agent.kill();
     std::thread::sleep(Duration::from_millis(300));
     agent = Agent::start(&options)?;

@@ -14,13 +14,12 @@ mod agent_common;
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Context, Result, ensure};
+use rayfence_tests::background::Background;
 use rayfence_tests::{Layout, Netns, Outcome, Prober, Server, Topology};
 use serde_json::json;
 
@@ -35,52 +34,22 @@ type Tally = (u32, Vec<(Duration, IpAddr)>);
 
 /// Probes `addr:port` over TCP every [`EVERY`] until stopped, alternating between
 /// the two addresses; counts attempts and records the successes.
-struct Continuous {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<Tally>>,
-}
-
-impl Continuous {
-    fn start(prober: Prober, addrs: [IpAddr; 2], port: u16) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let t0 = Instant::now();
-            let (mut attempts, mut through) = (0u32, Vec::new());
-            let mut next = t0;
-            while !flag.load(Ordering::Relaxed) {
-                let addr = addrs[attempts as usize % 2];
-                attempts += 1;
-                if prober.tcp_connect(addr, port, EVERY) == Outcome::Ok {
-                    through.push((t0.elapsed(), addr));
-                }
-                next += EVERY;
-                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+fn continuous(prober: Prober, addrs: [IpAddr; 2], port: u16) -> Background<Tally> {
+    Background::start(move |flag| {
+        let t0 = Instant::now();
+        let (mut attempts, mut through) = (0u32, Vec::new());
+        let mut next = t0;
+        while !flag.load(Ordering::Relaxed) {
+            let addr = addrs[attempts as usize % 2];
+            attempts += 1;
+            if prober.tcp_connect(addr, port, EVERY) == Outcome::Ok {
+                through.push((t0.elapsed(), addr));
             }
-            (attempts, through)
-        });
-        Continuous {
-            stop,
-            handle: Some(handle),
+            next += EVERY;
+            std::thread::sleep(next.saturating_duration_since(Instant::now()));
         }
-    }
-
-    fn finish(mut self) -> Tally {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Continuous {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+        (attempts, through)
+    })
 }
 
 /// A pod's sandbox as the kubelet tears it down: processes killed, then its
@@ -268,7 +237,7 @@ fn a_reused_ip_gets_no_trust_while_the_old_pod_object_lingers() -> Result<()> {
     // At once a new pod gets the worker's addresses, and knocks from the first
     // moment its network is up.
     let new_pod = NewPod::create(&topo, &kubelet, &new_uid, worker.ips())?;
-    let probing = Continuous::start(new_pod.prober(), head_ips, DASHBOARD);
+    let probing = continuous(new_pod.prober(), head_ips, DASHBOARD);
     println!(
         "new pod probing {:?} after the veth went",
         removed.elapsed()

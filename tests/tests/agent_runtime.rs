@@ -8,13 +8,12 @@
 mod agent_common;
 
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Result, ensure};
+use rayfence_tests::background::Background;
 use rayfence_tests::probe::wait_outcome;
 use rayfence_tests::{Layout, Outcome, Prober, Topology};
 use serde_json::json;
@@ -23,49 +22,18 @@ const NODE: &str = "node-a";
 const SHORT: Duration = Duration::from_millis(300);
 
 /// Probes `addr:port` over TCP in a loop until stopped; counts successes.
-struct Continuous {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<(u32, Vec<Duration>)>>,
-}
-
-impl Continuous {
-    fn start(prober: Prober, addr: IpAddr, port: u16) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let t0 = Instant::now();
-        let handle = std::thread::spawn(move || {
-            let (mut attempts, mut successes) = (0u32, Vec::new());
-            while !flag.load(Ordering::Relaxed) {
-                attempts += 1;
-                if prober.tcp_connect(addr, port, Duration::from_millis(50)) == Outcome::Ok {
-                    successes.push(t0.elapsed());
-                }
+fn continuous(prober: Prober, addr: IpAddr, port: u16) -> Background<(u32, Vec<Duration>)> {
+    let t0 = Instant::now();
+    Background::start(move |flag| {
+        let (mut attempts, mut successes) = (0u32, Vec::new());
+        while !flag.load(Ordering::Relaxed) {
+            attempts += 1;
+            if prober.tcp_connect(addr, port, Duration::from_millis(50)) == Outcome::Ok {
+                successes.push(t0.elapsed());
             }
-            (attempts, successes)
-        });
-        Continuous {
-            stop,
-            handle: Some(handle),
         }
-    }
-
-    /// (attempts, times of the successes since start)
-    fn finish(mut self) -> (u32, Vec<Duration>) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Continuous {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+        (attempts, successes)
+    })
 }
 
 /// (topology pod name, UID, labels)
@@ -312,7 +280,7 @@ fn agent_protects_a_pod_whose_veth_appears_after_it_started() -> Result<()> {
     agent.wait_log(&["pending", &format!("{ns}/late")], Duration::from_secs(5))?;
 
     // The outsider knocks continuously from before the pod exists.
-    let knocking = Continuous::start(topo.pod("outsider").prober(), late_ip4, 8000);
+    let knocking = continuous(topo.pod("outsider").prober(), late_ip4, 8000);
     // Kubelet order: pod cgroup, then the sandbox's network (veth), then containers.
     let ctr = kubelet.pod_cgroup(&uids[2])?;
     let created = Instant::now();
@@ -410,7 +378,7 @@ fn agent_restart_keeps_connections_and_denials() -> Result<()> {
     first.wait_ready(topo.node(0), Duration::from_secs(20))?;
     let mut held = worker.tcp_hold(v4(head), 8000, SHORT)?;
     ensure!(held.roundtrip(), "held connection before the restart");
-    let knocking = Continuous::start(outsider.prober(), v4(head), 8000);
+    let knocking = continuous(outsider.prober(), v4(head), 8000);
 
     first.kill();
     std::thread::sleep(Duration::from_millis(300));

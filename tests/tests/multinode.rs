@@ -32,6 +32,7 @@ use agent_common::{
 };
 use anyhow::{Context, Result, ensure};
 use rayfence::source::kube::MAX_BACKOFF;
+use rayfence_tests::background::Background;
 use rayfence_tests::fake_api::FakeApiServer;
 use rayfence_tests::node_nat::{Endpoint, NodePortService, TrafficPolicy};
 use rayfence_tests::probe::wait_outcome;
@@ -148,51 +149,20 @@ struct NodeRig {
 }
 
 /// A flow probed over and over (new TCP connections) until finished.
-struct Steady {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<(u32, u32)>>,
-}
-
-impl Steady {
-    fn start(from: &Pod, to: &Pod) -> Self {
-        let prober = from.prober();
-        let addr = v4(to);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let (mut attempts, mut failures) = (0, 0);
-            while !flag.load(Ordering::Relaxed) {
-                attempts += 1;
-                if prober.tcp_connect(addr, PORT, SHORT) != Outcome::Ok {
-                    failures += 1;
-                }
-                std::thread::sleep(Duration::from_millis(20));
+fn steady(from: &Pod, to: &Pod) -> Background<(u32, u32)> {
+    let prober = from.prober();
+    let addr = v4(to);
+    Background::start(move |flag| {
+        let (mut attempts, mut failures) = (0, 0);
+        while !flag.load(Ordering::Relaxed) {
+            attempts += 1;
+            if prober.tcp_connect(addr, PORT, SHORT) != Outcome::Ok {
+                failures += 1;
             }
-            (attempts, failures)
-        });
-        Self {
-            stop,
-            handle: Some(handle),
+            std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// (attempts, failures)
-    fn finish(mut self) -> (u32, u32) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.handle
-            .take()
-            .and_then(|h| h.join().ok())
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Steady {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
+        (attempts, failures)
+    })
 }
 
 /// One agent per node, each with its own relay to the fake API server, bpffs and
@@ -469,7 +439,7 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
 
     // API outage: enforcement stays as it was on every node, and intra-cluster
     // traffic never stops, through the outage and the relist after it.
-    let steady = Steady::start(worker2, head);
+    let steady = steady(worker2, head);
     server.set_available(false);
     let outage = Instant::now();
     std::thread::sleep(Duration::from_secs(3));
