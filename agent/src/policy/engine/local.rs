@@ -296,6 +296,8 @@ impl Engine {
         let new_id = super::ids::pick(super::ids::stable_hash("policy", &spec), 1, |taken| {
             policies.contains_key(&taken)
         });
+        // Still there: checked above, and prefixes going only purge rows. Taken out
+        // only now, so that purge could reach this policy's rows for them.
         let Some(mut state) = self.policies.remove(&id) else {
             return Err(spec);
         };
