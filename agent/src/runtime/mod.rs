@@ -171,7 +171,16 @@ impl Runtime {
             cgroup_mount = %locator.cgroup2_mount().mount_point.display(),
             "pod discovery ready"
         );
-        let engine = Engine::new(config.settings.clone());
+        let mut engine = Engine::new(config.settings.clone());
+        // Each endpoint gets back the policy id the pinned maps show for it: the first
+        // apply after a restart is a diff that renumbers nothing.
+        engine.adopt_policy_ids(
+            datapath
+                .tables()
+                .endpoints
+                .iter()
+                .map(|(endpoint, policy)| (*endpoint, policy.policy_id)),
+        );
         let capacity = map_room(&datapath, &config.datapath.capacities);
         Ok(Self {
             capacity,
@@ -489,6 +498,11 @@ impl Runtime {
                     .await,
             )
         };
+        if !self.programmed {
+            // Before the first apply: policies take back the ids the pinned maps have.
+            let moved = self.engine.take_pinned_policy_ids();
+            tracing::debug!(moved, "policies given their pinned ids");
+        }
         let result = self.apply_tables();
         let applied = match result {
             Ok(()) => {

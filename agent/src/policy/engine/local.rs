@@ -2,6 +2,15 @@
 //! give it, hash-consing of equal specs into one policy id, and the policies' lifetime
 //! (index keys, ipBlock prefixes, rows) by reference count.
 //!
+//! Policy ids: a new policy takes the id its content derives ([`super::ids`]); an
+//! edit of a policy only one endpoint uses keeps its id and changes only the rows of
+//! the rules that changed (a one-rule edit of a 10,000-rule RayCluster writes one
+//! rule's rows to the kernel, not 10,000). So an id is not always its content's, and
+//! two orders of arrival may number policies differently: after a restart the agent
+//! gives each policy back the id the pinned maps show for its endpoints
+//! ([`AdoptedPolicyIds`]), which keeps "a restart renumbers nothing" and never puts
+//! a pinned id's rows behind an endpoint that now has another policy.
+//!
 //! Must not: compute rows (a new policy's rows are computed by `flush`), or reuse a
 //! policy or endpoint id.
 
@@ -46,6 +55,131 @@ impl PolicySpec {
             None => self.ingress.get(pos).map(|r| (Direction::Ingress, r)),
             Some(egress) => self.egress.get(egress).map(|r| (Direction::Egress, r)),
         }
+    }
+}
+
+/// Policy ids the pinned maps gave endpoints before a restart (see the module docs).
+/// Until the first full program, these ids are reserved: a new policy never takes
+/// one, and [`Engine::take_pinned_policy_ids`] moves each policy to the id its
+/// endpoints had when that cannot put another pod's rows behind a pinned entry.
+#[derive(Debug, Default)]
+pub(super) struct AdoptedPolicyIds {
+    by_endpoint: HashMap<EndpointId, PolicyId>,
+    /// Which pinned endpoints point at each id.
+    users: HashMap<PolicyId, Vec<EndpointId>>,
+}
+
+impl Engine {
+    /// What the pinned maps hold after a restart: each endpoint's policy id. Call
+    /// before the first compile, and [`Engine::take_pinned_policy_ids`] before that
+    /// compile is applied.
+    pub fn adopt_policy_ids(&mut self, pinned: impl IntoIterator<Item = (EndpointId, PolicyId)>) {
+        let mut adopted = AdoptedPolicyIds::default();
+        for (endpoint, policy) in pinned {
+            adopted.by_endpoint.insert(endpoint, policy);
+            adopted.users.entry(policy).or_default().push(endpoint);
+        }
+        self.adopted = adopted;
+    }
+
+    /// Gives each policy back the id the pinned maps show for its endpoints, so the
+    /// first apply after a restart renumbers nothing, then forgets them. A policy
+    /// moves to pinned id `p` only when every endpoint it has pointed at `p` and
+    /// every endpoint still here that pointed at `p` has it (else `p`'s rows would
+    /// be another pod's policy behind that endpoint's pinned entry until the apply
+    /// re-points it). Userspace only: rows move between ids in the engine, and
+    /// the apply that follows finds them where the maps have them. Returns how many
+    /// policies moved.
+    pub fn take_pinned_policy_ids(&mut self) -> usize {
+        let adopted = std::mem::take(&mut self.adopted);
+        if adopted.by_endpoint.is_empty() {
+            return 0;
+        }
+        let mut users: HashMap<PolicyId, Vec<EndpointId>> = HashMap::new();
+        for ep in self.endpoints.values() {
+            users.entry(ep.policy).or_default().push(ep.id);
+        }
+        let mut moved = 0;
+        // A move can free the id another policy wants: repeat until nothing moves.
+        loop {
+            let mut progress = false;
+            let mut candidates: Vec<(PolicyId, PolicyId)> = Vec::new();
+            for (policy, endpoints) in &users {
+                let mut hints = endpoints.iter().map(|ep| adopted.by_endpoint.get(ep));
+                let Some(Some(&pinned)) = hints.next() else {
+                    continue;
+                };
+                if pinned == *policy || !hints.all(|h| h == Some(&pinned)) {
+                    continue;
+                }
+                let pinned_users = adopted.users.get(&pinned).map(Vec::as_slice).unwrap_or(&[]);
+                let all_here_agree = pinned_users
+                    .iter()
+                    .all(|ep| !self.endpoint_keys.contains_key(ep) || endpoints.contains(ep));
+                if all_here_agree {
+                    candidates.push((*policy, pinned));
+                }
+            }
+            candidates.sort_unstable();
+            for (from, to) in candidates {
+                if self.policies.contains_key(&to) || !self.policies.contains_key(&from) {
+                    continue;
+                }
+                self.move_policy(from, to);
+                if let Some(endpoints) = users.remove(&from) {
+                    users.insert(to, endpoints);
+                }
+                moved += 1;
+                progress = true;
+            }
+            if !progress {
+                return moved;
+            }
+        }
+    }
+
+    /// Renumbers policy `from` as `to` (free): its rows, index entries and endpoints.
+    fn move_policy(&mut self, from: PolicyId, to: PolicyId) {
+        let Some(mut state) = self.policies.remove(&from) else {
+            return;
+        };
+        for key in &state.keys {
+            unlink(&mut self.index, key, &from);
+            self.index.entry(key.clone()).or_default().insert(to);
+        }
+        for (peer, rows) in state.rows.iter_mut() {
+            unlink(&mut self.row_owners, peer, &from);
+            self.row_owners.entry(*peer).or_default().insert(to);
+            for row in rows.iter_mut() {
+                self.out.remove_row(*row);
+                row.policy_id = to;
+                self.out.add_row(*row);
+            }
+            rows.sort();
+        }
+        self.policy_ids.insert(state.spec.clone(), to);
+        self.policies.insert(to, state);
+        for ep in self.endpoints.values_mut().filter(|ep| ep.policy == from) {
+            ep.policy = to;
+            if let Some(value) = self.out.tables.endpoints.get(&ep.id).copied() {
+                self.out.set_endpoint(
+                    ep.id,
+                    Some(EndpointPolicy {
+                        policy_id: to,
+                        ..value
+                    }),
+                );
+            }
+        }
+    }
+
+    /// The id for a new policy: its content's, past ids in use and pinned ids not
+    /// yet given back ([`AdoptedPolicyIds`]).
+    fn new_policy_id(&self, spec: &PolicySpec) -> PolicyId {
+        let (policies, adopted) = (&self.policies, &self.adopted);
+        super::ids::pick(super::ids::stable_hash("policy", spec), 1, |id| {
+            policies.contains_key(&id) || adopted.users.contains_key(&id)
+        })
     }
 }
 
@@ -196,35 +330,38 @@ impl Engine {
             .is_some_and(|state| *state.spec == spec);
         let respecced = match current {
             Some(id) if unchanged => Ok(id),
-            Some(id) => self.respec_policy(id, spec),
+            Some(id) => self.respec_policy(id, spec, new_policies),
             None => Err(spec),
         };
-        // In place, the endpoint keeps its reference; interned, it took a new one.
-        let (policy, in_place) = match respecced {
-            Ok(id) => (id, true),
-            Err(spec) => (self.intern_policy(spec, new_policies), false),
-        };
-        let id = match self.endpoints.get_mut(key) {
-            Some(ep) => {
-                let old = std::mem::replace(&mut ep.policy, policy);
-                ep.cluster = cluster;
-                ep.role = role;
-                ep.problems = problems;
-                let id = ep.id;
-                if !in_place {
-                    self.release_policy(old);
-                }
-                id
-            }
+        // From the UID: the pod keeps its id across agent restarts.
+        let id = match self.endpoints.get(key) {
+            Some(ep) => ep.id,
             None => {
-                // From the UID: the pod keeps its id across agent restarts.
                 let seed = if uid.is_empty() {
                     super::ids::stable_hash("endpoint-name", key)
                 } else {
                     super::ids::stable_hash("endpoint", uid.as_str())
                 };
                 let taken = &self.endpoint_keys;
-                let id = super::ids::pick(seed, 1, |id| taken.contains_key(&id));
+                super::ids::pick(seed, 1, |id| taken.contains_key(&id))
+            }
+        };
+        // In place, the endpoint keeps its reference; interned, it took a new one.
+        let (policy, in_place) = match respecced {
+            Ok(policy) => (policy, true),
+            Err(spec) => (self.intern_policy(spec, new_policies), false),
+        };
+        match self.endpoints.get_mut(key) {
+            Some(ep) => {
+                let old = std::mem::replace(&mut ep.policy, policy);
+                ep.cluster = cluster;
+                ep.role = role;
+                ep.problems = problems;
+                if !in_place {
+                    self.release_policy(old);
+                }
+            }
+            None => {
                 self.endpoints.insert(
                     key.clone(),
                     LocalEndpoint {
@@ -237,9 +374,8 @@ impl Engine {
                     },
                 );
                 self.endpoint_keys.insert(id, key.clone());
-                id
             }
-        };
+        }
         self.out.set_endpoint(
             id,
             Some(EndpointPolicy {
@@ -250,27 +386,34 @@ impl Engine {
     }
 
     /// Gives policy `id` the spec `spec` in place, when only this endpoint uses it and
-    /// the two differ in rules alone: `flush` then recomputes the rows of the peers the
-    /// added and removed rules can select, not of every peer (a one-rule edit of a
-    /// 10,000-rule RayCluster costs about one rule's matching). The policy takes the
-    /// id its new content derives, as a fresh compile would, and its other rows move
-    /// to it unchanged. Returns the id, or hands `spec` back for
-    /// [`Engine::intern_policy`].
-    fn respec_policy(&mut self, id: PolicyId, spec: PolicySpec) -> Result<PolicyId, PolicySpec> {
+    /// no other policy has that spec: `flush` then recomputes the rows of the peers the
+    /// added and removed rules can select (every peer when more than rules changed),
+    /// and the policy keeps its
+    /// id, so its other rows stay as they are in the kernel too (a one-rule edit of a
+    /// 10,000-rule RayCluster costs about one rule's matching and one rule's map
+    /// writes). Returns the id, or hands `spec` back for [`Engine::intern_policy`].
+    fn respec_policy(
+        &mut self,
+        id: PolicyId,
+        spec: PolicySpec,
+        new_policies: &mut BTreeSet<PolicyId>,
+    ) -> Result<PolicyId, PolicySpec> {
         let Some(state) = self.policies.get(&id) else {
             return Err(spec);
         };
         let old = state.spec.clone();
-        if state.refs != 1
-            || old.isolate_ingress != spec.isolate_ingress
-            || old.isolate_egress != spec.isolate_egress
-            || old.local_ports != spec.local_ports
-            || self.policy_ids.contains_key(&spec)
-        {
+        if state.refs != 1 || self.policy_ids.contains_key(&spec) {
             return Err(spec);
         }
-        let changed = changed_rules(&old, &spec);
-        let peers = self.candidates_of(changed.iter().map(|rule| &**rule));
+        let rules_only = old.isolate_ingress == spec.isolate_ingress
+            && old.isolate_egress == spec.isolate_egress
+            && old.local_ports == spec.local_ports;
+        let peers = if rules_only {
+            let changed = changed_rules(&old, &spec);
+            self.candidates_of(changed.iter().map(|rule| &**rule))
+        } else {
+            BTreeSet::new()
+        };
         let prefixes = spec_prefixes(&spec);
         let keys = index_keys(&spec);
         let (old_keys, old_prefixes) = (state.keys.clone(), state.prefixes.clone());
@@ -290,40 +433,35 @@ impl Engine {
         for key in &old_keys {
             unlink(&mut self.index, key, &id);
         }
-        // The id follows the content, as a fresh compile (or the next restart) would
-        // give it: the unchanged rows move to it as they are, without being computed.
-        let policies = &self.policies;
-        let new_id = super::ids::pick(super::ids::stable_hash("policy", &spec), 1, |taken| {
-            policies.contains_key(&taken)
-        });
-        // Still there: checked above, and prefixes going only purge rows. Taken out
-        // only now, so that purge could reach this policy's rows for them.
-        let Some(mut state) = self.policies.remove(&id) else {
+        for key in &keys {
+            self.index.entry(key.clone()).or_default().insert(id);
+        }
+        // Still there: checked above, and prefixes going only purge rows.
+        let Some(state) = self.policies.get_mut(&id) else {
             return Err(spec);
         };
-        for key in &keys {
-            self.index.entry(key.clone()).or_default().insert(new_id);
-        }
-        for (peer, rows) in state.rows.iter_mut() {
-            unlink(&mut self.row_owners, peer, &id);
-            self.row_owners.entry(*peer).or_default().insert(new_id);
-            for row in rows.iter_mut() {
-                self.out.remove_row(*row);
-                row.policy_id = new_id;
-                self.out.add_row(*row);
-            }
-            rows.sort();
-        }
         state.rule_index = RuleIndex::new(&spec);
         let spec = Arc::new(spec);
         self.policy_ids.remove(&old);
-        self.policy_ids.insert(spec.clone(), new_id);
+        self.policy_ids.insert(spec.clone(), id);
         state.spec = spec;
         state.keys = keys;
         state.prefixes = prefixes;
-        self.policies.insert(new_id, state);
-        self.dirty.pairs.entry(new_id).or_default().extend(peers);
-        Ok(new_id)
+        if rules_only {
+            self.dirty.pairs.entry(id).or_default().extend(peers);
+        } else {
+            // Isolation or the pod's named ports changed: any row may differ. The
+            // rows are computed afresh, as for a new policy; in the diff, only what
+            // differs reaches the maps.
+            for (peer, rows) in std::mem::take(&mut state.rows) {
+                unlink(&mut self.row_owners, &peer, &id);
+                for row in rows {
+                    self.out.remove_row(row);
+                }
+            }
+            new_policies.insert(id);
+        }
+        Ok(id)
     }
 
     fn intern_policy(
@@ -337,10 +475,7 @@ impl Engine {
             }
             return *id;
         }
-        let policies = &self.policies;
-        let id = super::ids::pick(super::ids::stable_hash("policy", &spec), 1, |id| {
-            policies.contains_key(&id)
-        });
+        let id = self.new_policy_id(&spec);
         let prefixes = spec_prefixes(&spec);
         for net in &prefixes {
             self.add_prefix(*net);

@@ -206,6 +206,9 @@ pub struct Engine {
     endpoint_keys: BTreeMap<EndpointId, ObjectKey>,
     policy_ids: HashMap<Arc<PolicySpec>, PolicyId>,
     policies: BTreeMap<PolicyId, PolicyState>,
+    /// The policy ids pinned maps gave endpoints before a restart, until the first
+    /// full program has re-pointed every endpoint ([`Engine::adopt_policy_ids`]).
+    adopted: local::AdoptedPolicyIds,
     out: Output,
     dirty: Dirty,
     index: HashMap<IndexKey, BTreeSet<PolicyId>>,
@@ -274,6 +277,7 @@ impl Engine {
             endpoint_keys: BTreeMap::new(),
             policy_ids: HashMap::new(),
             policies: BTreeMap::new(),
+            adopted: local::AdoptedPolicyIds::default(),
             out: Output::default(),
             dirty: Dirty::default(),
             index: HashMap::new(),
