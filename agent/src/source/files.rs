@@ -23,7 +23,7 @@
 //! appeared, else in its strictest reading ([`strictest`]). An unreadable directory
 //! is reported as [`SourceStatus::Unreachable`] and changes nothing. Must not
 //! decide policy or touch the datapath.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime};
@@ -191,6 +191,9 @@ pub struct Manifests {
     /// Objects kept from the last listing only because an unreadable document
     /// names them.
     kept: Vec<Kept>,
+    /// What the last listing changed against the one before: the events that say
+    /// it ([`Manifests::take_changes`]).
+    changes: Vec<SourceEvent>,
 }
 
 /// One object in more than one file.
@@ -298,6 +301,11 @@ impl Manifests {
     /// Recomputes the listing from every file's last good objects: conflicts
     /// resolved, objects named by unreadable documents kept.
     fn relist(&mut self) {
+        // The previous listing's objects are reused where they did not change: a
+        // rescan clones only what a changed file changed.
+        let mut previous = std::mem::take(&mut self.listed);
+        let previous_ids: Vec<Id> = previous.keys().cloned().collect();
+        let mut reused: BTreeSet<Id> = BTreeSet::new();
         let mut copies: BTreeMap<Id, Vec<(&PathBuf, &Object)>> = BTreeMap::new();
         for (path, objects) in &self.good {
             for object in objects {
@@ -314,13 +322,20 @@ impl Manifests {
             files.dedup();
             let first = list[0].1;
             if list.len() == 1 {
-                listed.insert(id, first.clone());
+                let object = match previous.remove(&id) {
+                    Some(old) if old == *first => {
+                        reused.insert(id.clone());
+                        old
+                    }
+                    _ => first.clone(),
+                };
+                listed.insert(id, object);
                 continue;
             }
             let objects: Vec<&Object> = list.iter().map(|(_, o)| *o).collect();
             // The version in force wins even over identical copies: editing both
             // copies the same way does not make a duplicate any less a conflict.
-            let (reading, object) = if let Some(previous) = self.listed.get(&id) {
+            let (reading, object) = if let Some(previous) = previous.get(&id) {
                 (Reading::Previous, Some(previous.clone()))
             } else if objects.iter().all(|o| *o == first) {
                 (Reading::Identical, Some(first.clone()))
@@ -343,7 +358,7 @@ impl Manifests {
         let mut kept = Vec::new();
         for (file, named) in &self.unreadable {
             for (kind, key) in named {
-                for (id, previous) in &self.listed {
+                for (id, previous) in &previous {
                     let matches = &id.1 == key && kind.is_none_or(|k| k == id.0);
                     if matches && !listed.contains_key(id) {
                         listed.insert(id.clone(), previous.clone());
@@ -356,9 +371,28 @@ impl Manifests {
                 }
             }
         }
+        let mut changes = Vec::new();
+        for (id, object) in &listed {
+            if !reused.contains(id) && previous.get(id) != Some(object) {
+                changes.push(SourceEvent::Apply(object.clone()));
+            }
+        }
+        for id in previous_ids {
+            if !listed.contains_key(&id) {
+                changes.push(SourceEvent::Delete(id.0, id.1));
+            }
+        }
         self.listed = listed;
         self.conflicts = conflicts;
         self.kept = kept;
+        self.changes = changes;
+    }
+
+    /// What the last rescan changed, as events: an `Apply` for each object new or
+    /// changed, a `Delete` for each one gone. After a complete listing was sent, these
+    /// say the same as the next listing would, at the cost of what changed.
+    pub fn take_changes(&mut self) -> Vec<SourceEvent> {
+        std::mem::take(&mut self.changes)
     }
 
     /// The complete listing of every kind.
@@ -636,6 +670,7 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
     let mut _watcher = watch(&config, notice_tx.clone());
     let mut manifests = Manifests::default();
     let mut unreachable = false;
+    let mut listed = false;
     loop {
         match manifests.rescan(&config.dir) {
             Ok(None) => {}
@@ -644,11 +679,21 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
                     tracing::warn!(error = %error, source = error_source(error), "manifest not read; its objects keep their last good state");
                 }
                 report(&manifests);
-                for (kind, objects) in manifests.listing() {
-                    if tx
-                        .blocking_send(SourceEvent::Resync(kind, objects))
-                        .is_err()
-                    {
+                // A complete listing first (what readiness waits for) and whenever
+                // the directory was unreadable; after that, only what changed.
+                let changes = manifests.take_changes();
+                let events: Vec<SourceEvent> = if listed && !unreachable {
+                    changes
+                } else {
+                    manifests
+                        .listing()
+                        .into_iter()
+                        .map(|(kind, objects)| SourceEvent::Resync(kind, objects))
+                        .collect()
+                };
+                listed = true;
+                for event in events {
+                    if tx.blocking_send(event).is_err() {
                         return;
                     }
                 }
@@ -853,7 +898,8 @@ mod tests {
     }
 
     /// Runs the watcher on `dir` with a resync far beyond the test, so only a
-    /// notice can make it see a change; returns the namespaces of each listing.
+    /// notice can make it see a change; returns the namespaces after each rescan
+    /// that changed anything (the first listing, then the changes applied to it).
     fn watched(dir: &Path, watch: WatchMode) -> impl FnMut(Duration) -> Option<Vec<String>> {
         let (tx, mut rx) = mpsc::channel(64);
         let config = FilesConfig {
@@ -867,16 +913,27 @@ mod tests {
             .enable_time()
             .build()
             .expect("runtime");
+        let mut names = BTreeSet::new();
         move |timeout| {
             runtime.block_on(async {
+                let mut changed = false;
                 loop {
                     match tokio::time::timeout(timeout, rx.recv()).await {
                         Ok(Some(SourceEvent::Resync(ObjectKind::Namespace, objects))) => {
-                            let names = objects
-                                .iter()
-                                .map(|o| o.key().name.clone())
-                                .collect::<Vec<_>>();
-                            return Some(names);
+                            names = objects.iter().map(|o| o.key().name.clone()).collect();
+                            changed = true;
+                        }
+                        Ok(Some(SourceEvent::Apply(object))) => {
+                            names.insert(object.key().name.clone());
+                            changed = true;
+                        }
+                        Ok(Some(SourceEvent::Delete(_, key))) => {
+                            names.remove(&key.name);
+                            changed = true;
+                        }
+                        // Every rescan that changed anything ends with its status.
+                        Ok(Some(SourceEvent::Status(_))) if changed => {
+                            return Some(names.iter().cloned().collect());
                         }
                         Ok(Some(_)) => continue,
                         Ok(None) | Err(_) => return None,
@@ -921,6 +978,45 @@ mod tests {
         // Reading a file changes nothing: no new listing.
         let _ = std::fs::read_to_string(dir.0.join("b.yaml"));
         assert_eq!(next(Duration::from_millis(500)), None);
+    }
+
+    #[test]
+    fn a_rescan_after_an_edit_reports_only_what_changed() {
+        let dir = Dir::new("changes");
+        let mut m = Manifests::default();
+        std::fs::write(dir.0.join("a.yaml"), namespace("a")).expect("write");
+        std::fs::write(
+            dir.0.join("b.yaml"),
+            format!("{}---\n{}", namespace("b1"), namespace("b2")),
+        )
+        .expect("write");
+        m.rescan(&dir.0).expect("rescan");
+        assert_eq!(
+            m.take_changes().len(),
+            3,
+            "the first listing: every object is new"
+        );
+        // b.yaml edited (another length: mtimes are coarse): b1 unchanged, b2 gone,
+        // b33 new; a.yaml untouched.
+        std::fs::write(
+            dir.0.join("b.yaml"),
+            format!("{}---\n{}", namespace("b1"), namespace("b33")),
+        )
+        .expect("write");
+        m.rescan(&dir.0).expect("rescan");
+        let said: Vec<String> = m
+            .take_changes()
+            .iter()
+            .map(|event| match event {
+                SourceEvent::Apply(object) => format!("apply {}", object.key().name),
+                SourceEvent::Delete(kind, key) => format!("delete {kind:?} {}", key.name),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(said, ["apply b33", "delete Namespace b2"]);
+        // Nothing changed: nothing to say.
+        m.rescan(&dir.0).expect("rescan");
+        assert!(m.take_changes().is_empty());
     }
 
     #[test]
