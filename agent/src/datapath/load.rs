@@ -19,6 +19,48 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ra
 pub(crate) const TC_PROGRAMS: [&str; 3] = ["tc_ingress", "tc_egress", "tc_floor"];
 pub(crate) const CGROUP_PROGRAMS: [&str; 2] = ["cgroup_skb_ingress", "cgroup_skb_egress"];
 
+/// Loads every program (the verifier checks each one: most of the agent's start-up)
+/// on a thread of its own, so they are checked side by side on as many cores.
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), DatapathError> {
+    let all = || TC_PROGRAMS.iter().chain(&CGROUP_PROGRAMS).copied();
+    let wanted: Vec<(&'static str, &mut aya::programs::Program)> = ebpf
+        .programs_mut()
+        .filter_map(|(name, program)| all().find(|known| *known == name).map(|n| (n, program)))
+        .collect();
+    if let Some(missing) = all().find(|name| !wanted.iter().any(|(found, _)| found == name)) {
+        return Err(DatapathError::MissingProgram { program: missing });
+    }
+    std::thread::scope(|scope| {
+        let loads: Vec<_> = wanted
+            .into_iter()
+            .map(|(name, program)| scope.spawn(move || load_program(name, program)))
+            .collect();
+        // A panic in a load is a bug: let it surface as one.
+        loads.into_iter().try_for_each(|load| {
+            load.join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    })
+}
+
+fn load_program(
+    name: &'static str,
+    program: &mut aya::programs::Program,
+) -> Result<(), DatapathError> {
+    let loaded = if TC_PROGRAMS.contains(&name) {
+        let program: &mut SchedClassifier = program
+            .try_into()
+            .map_err(|_| DatapathError::MissingProgram { program: name })?;
+        program.load()
+    } else {
+        let program: &mut CgroupSkb = program
+            .try_into()
+            .map_err(|_| DatapathError::MissingProgram { program: name })?;
+        program.load()
+    };
+    loaded.map_err(|source| DatapathError::program(name, source))
+}
+
 /// Map sizes, fixed at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
@@ -173,24 +215,7 @@ impl Datapath {
                 pin_dir: options.bpffs_dir.clone(),
                 source: Box::new(source),
             })?;
-        for name in TC_PROGRAMS {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .and_then(|program| program.try_into().ok())
-                .ok_or(DatapathError::MissingProgram { program: name })?;
-            program
-                .load()
-                .map_err(|source| DatapathError::program(name, source))?;
-        }
-        for name in CGROUP_PROGRAMS {
-            let program: &mut CgroupSkb = ebpf
-                .program_mut(name)
-                .and_then(|program| program.try_into().ok())
-                .ok_or(DatapathError::MissingProgram { program: name })?;
-            program
-                .load()
-                .map_err(|source| DatapathError::program(name, source))?;
-        }
+        load_programs(&mut ebpf)?;
         let mut datapath = Self {
             ebpf,
             node_trust: match conntrack {
