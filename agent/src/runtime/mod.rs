@@ -536,6 +536,7 @@ impl Runtime {
                 rows = self.datapath.tables().policy.len(),
                 "first full sync programmed; ready"
             );
+            release_freed_memory();
         } else {
             tracing::debug!(latency_ms = elapsed.as_secs_f64() * 1e3, "programmed");
         }
@@ -903,4 +904,15 @@ pub fn spawn_link_watcher() -> mpsc::UnboundedReceiver<Instant> {
         tracing::warn!(%error, "no link watcher; new pods are found by the retry timer only");
     }
     rx
+}
+
+/// Hands the heap freed after the first full sync (parsed listings, the first
+/// compile's scratch) back to the kernel: glibc keeps it otherwise, and the agent's
+/// resident size would stay at its start-up peak for its whole life.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages of the allocator to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

@@ -504,13 +504,16 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-/// Every object of a kind the agent reads in one file.
+/// Every object of a kind the agent reads in one file, trimmed to what the engine
+/// reads (as the Kubernetes source trims what it watches).
 pub fn read_file(path: &Path) -> Result<Vec<Object>, FilesError> {
     let text = std::fs::read_to_string(path).map_err(|source| FilesError::Read {
         path: path.to_owned(),
         source,
     })?;
-    parse_documents(path, &text)
+    let mut objects = parse_documents(path, &text)?;
+    objects.iter_mut().for_each(super::trim::trim);
+    Ok(objects)
 }
 
 /// Every object of a kind the agent reads in `text` (YAML, multi-document, or JSON).

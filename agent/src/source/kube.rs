@@ -36,12 +36,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{
-    Container, Namespace, Node, NodeSpec, NodeStatus, Pod, PodSpec, PodStatus, Service,
-};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::utils::Backoff;
 use kube::runtime::watcher::{self, Event};
@@ -50,6 +47,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinSet;
 
+use super::trim::{
+    trim_endpointslice, trim_namespace, trim_networkpolicy, trim_node, trim_pod, trim_raycluster,
+    trim_service,
+};
 use super::{Object, ObjectKey, ObjectKind, SourceEvent, SourceStatus};
 use crate::crd::RayCluster;
 
@@ -60,10 +61,6 @@ const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The longest a watcher waits between attempts while the API server fails.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(8);
-
-/// The kubectl annotation that holds a whole copy of the object: never read, often
-/// the biggest field.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// What the Kubernetes source watches.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -495,103 +492,9 @@ fn status_code(error: &watcher::Error) -> Option<u16> {
     }
 }
 
-/// Metadata every kind keeps: identity, labels, and (where asked) annotations; never
-/// `managedFields` or the last-applied copy.
-fn trim_meta(meta: &mut ObjectMeta, keep_annotations: bool) {
-    meta.managed_fields = None;
-    if keep_annotations {
-        if let Some(a) = meta.annotations.as_mut() {
-            a.remove(LAST_APPLIED);
-        }
-    } else {
-        meta.annotations = None;
-    }
-}
-
-/// RayCluster: annotations stay (`rayfence.io/network-policy`), ownerReferences stay
-/// (RayJob submitters); of `headGroupSpec` only `rayStartParams` is read.
-fn trim_raycluster(rc: &mut RayCluster) {
-    trim_meta(&mut rc.metadata, true);
-    if let Some(head) = rc.spec.head_group_spec.as_mut() {
-        let params = head.get("rayStartParams").cloned();
-        let mut kept = serde_json::Map::new();
-        if let Some(params) = params {
-            kept.insert("rayStartParams".to_owned(), params);
-        }
-        *head = serde_json::Value::Object(kept);
-    }
-}
-
-/// Pod: labels, uid, node, host network, container ports (named ports), phase,
-/// IPs and QoS class (the cgroup path). Everything else goes: images, env, volumes,
-/// probes and statuses are most of a pod's size.
-fn trim_pod(pod: &mut Pod) {
-    trim_meta(&mut pod.metadata, false);
-    pod.metadata.owner_references = None;
-    if let Some(spec) = pod.spec.take() {
-        let ports_only = |c: Container| Container {
-            name: c.name,
-            ports: c.ports,
-            ..Container::default()
-        };
-        pod.spec = Some(PodSpec {
-            node_name: spec.node_name,
-            host_network: spec.host_network,
-            containers: spec.containers.into_iter().map(ports_only).collect(),
-            init_containers: spec
-                .init_containers
-                .map(|cs| cs.into_iter().map(ports_only).collect()),
-            ..PodSpec::default()
-        });
-    }
-    if let Some(status) = pod.status.take() {
-        pod.status = Some(PodStatus {
-            phase: status.phase,
-            pod_ip: status.pod_ip,
-            pod_ips: status.pod_ips,
-            host_ip: status.host_ip,
-            host_ips: status.host_ips,
-            qos_class: status.qos_class,
-            ..PodStatus::default()
-        });
-    }
-}
-
-fn trim_namespace(ns: &mut Namespace) {
-    trim_meta(&mut ns.metadata, false);
-    ns.status = None;
-}
-
-fn trim_service(svc: &mut Service) {
-    trim_meta(&mut svc.metadata, false);
-    svc.status = None;
-}
-
-fn trim_endpointslice(slice: &mut EndpointSlice) {
-    trim_meta(&mut slice.metadata, false);
-}
-
-fn trim_networkpolicy(np: &mut NetworkPolicy) {
-    trim_meta(&mut np.metadata, false);
-}
-
-/// Node: only its addresses (and pod CIDRs) are read; `status.images` alone can be
-/// tens of kilobytes.
-fn trim_node(node: &mut Node) {
-    trim_meta(&mut node.metadata, false);
-    node.spec = node.spec.take().map(|s| NodeSpec {
-        pod_cidr: s.pod_cidr,
-        pod_cidrs: s.pod_cidrs,
-        ..NodeSpec::default()
-    });
-    node.status = node.status.take().map(|s| NodeStatus {
-        addresses: s.addresses,
-        ..NodeStatus::default()
-    });
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::trim::LAST_APPLIED;
     use super::*;
     use serde_json::json;
 

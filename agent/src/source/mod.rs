@@ -8,6 +8,7 @@
 pub mod events;
 pub mod files;
 pub mod kube;
+pub mod trim;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
