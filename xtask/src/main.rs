@@ -119,6 +119,8 @@ enum Benchmark {
     Datapath,
     /// Policy compile and single-change cost at 1,000 RayClusters.
     Engine,
+    /// The real agent on a simulated node: ready time, edit -> enforced, RSS, CPU.
+    Scale,
 }
 
 impl Benchmark {
@@ -126,6 +128,7 @@ impl Benchmark {
         match self {
             Benchmark::Datapath => "datapath",
             Benchmark::Engine => "engine",
+            Benchmark::Scale => "scale",
         }
     }
 }
@@ -203,16 +206,36 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
 }
 
 fn bench(name: Benchmark, cargo_args: &[String], bench_args: &[String]) -> Result<()> {
-    if name == Benchmark::Datapath {
-        require_root("the datapath benchmark loads eBPF programs")?;
+    match name {
+        Benchmark::Datapath => require_root("the datapath benchmark loads eBPF programs")?,
+        Benchmark::Scale => require_root("the scale benchmark runs the agent on a simulated node")?,
+        Benchmark::Engine => {}
     }
     setup::ensure_all()?;
-    let name = name.name();
-    say(&format!("running benchmark {name}"));
-    run(cargo()
-        .args(["bench", "-p", "rayfence-agent", "--bench", name])
-        .args(cargo_args)
-        .args(after_separator(bench_args)))
+    let mut command = cargo();
+    if name == Benchmark::Scale {
+        // The agent it measures is the release binary, built here: a benchmark does
+        // not make cargo build another package's binaries.
+        say("building the agent (rayfence, release)");
+        run(cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "rayfence-agent",
+            "--bin",
+            "rayfence",
+        ]))?;
+        command
+            .env(
+                "RAYFENCE_BIN",
+                target_dir()?.join("release").join("rayfence"),
+            )
+            .args(["bench", "-p", "rayfence-tests", "--bench", "scale"]);
+    } else {
+        command.args(["bench", "-p", "rayfence-agent", "--bench", name.name()]);
+    }
+    say(&format!("running benchmark {}", name.name()));
+    run(command.args(cargo_args).args(after_separator(bench_args)))
 }
 
 fn demo(args: &[String]) -> Result<()> {
