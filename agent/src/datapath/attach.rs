@@ -170,6 +170,26 @@ fn update_link(link_fd: RawFd, prog_fd: RawFd) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The program a pinned link (by its name under the links directory) runs: the
+/// TCX link of a host veth or the cgroup_skb link of a pod cgroup, by hook.
+/// `None`: not a link this agent pins (a clsact marker, or unknown).
+pub(crate) fn link_program(name: &str) -> Option<&'static str> {
+    let (kind, rest) = name.split_once('_')?;
+    let (id, hook) = rest.rsplit_once('_')?;
+    id.parse::<u64>().ok()?;
+    match kind {
+        "tc" => TC_HOOKS
+            .iter()
+            .find(|(_, _, h)| *h == hook)
+            .map(|(p, _, _)| *p),
+        "cg" => CGROUP_HOOKS
+            .iter()
+            .find(|(_, _, h)| *h == hook)
+            .map(|(p, _, _)| *p),
+        _ => None,
+    }
+}
+
 fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
 }
@@ -413,6 +433,43 @@ impl Datapath {
             .as_raw_fd();
         update_link(link.as_raw_fd(), prog_fd)
             .map_err(|e| DatapathError::io("replacing the program of", &path, e))
+    }
+
+    /// Points every pinned link at this agent's program for its hook
+    /// (BPF_LINK_UPDATE: the hook is never empty), so that from here on every
+    /// pinned link runs code that uses this agent's maps. Returns how many.
+    ///
+    /// `strict` (the maps were just replaced): any link that cannot be swapped is an
+    /// error. Otherwise a link that cannot be is left as it is and logged: it runs
+    /// an earlier agent's programs on the same pinned maps, and is swapped again
+    /// when its endpoint is attached.
+    pub(crate) fn swap_pinned_links(&self, strict: bool) -> Result<usize, DatapathError> {
+        let Some(dir) = &self.pin_dir else {
+            return Ok(0);
+        };
+        let links = paths::links_dir(dir);
+        if !links.exists() {
+            return Ok(0);
+        }
+        let entries =
+            std::fs::read_dir(&links).map_err(|e| DatapathError::io("listing", &links, e))?;
+        let mut swapped = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| DatapathError::io("listing", &links, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(program) = link_program(&name) else {
+                // clsact markers: netlink filters have no link to update.
+                continue;
+            };
+            match self.adopt_link(&name, program) {
+                Ok(()) => swapped += 1,
+                Err(error) if !strict => {
+                    tracing::warn!(link = %name, %error, "could not swap the program of a pinned link");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(swapped)
     }
 
     fn keep_link(&mut self, name: String, link: FdLink) -> Result<(), DatapathError> {
