@@ -248,8 +248,12 @@ impl Datapath {
                 links,
                 "swapped the programs on the pinned links to the new maps"
             );
-        } else {
-            // Every pinned link runs this agent's programs from here on.
+        } else if migration.as_ref().is_some_and(|p| p.all_kept()) {
+            // Every pinned link runs this agent's programs on the pinned maps from
+            // here on (a link may still run those of an attempt that stopped after
+            // swapping, on maps that were never committed). Not when a map was just
+            // created empty: there, each link is swapped when its endpoint is
+            // attached, after its entry is written (attach.rs), never before.
             datapath.swap_pinned_links(false)?;
         }
         datapath.write_config(options.events_per_second)?;

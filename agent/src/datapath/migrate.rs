@@ -10,17 +10,17 @@
 //!
 //! The order, and what a crash after each step leaves:
 //! 1. [`prepare`]: plan and check (a shrink that does not fit is refused here);
-//!    stale `<name>.new` pins of an interrupted attempt are removed. Nothing that
+//!    stale `<name>-new` pins of an interrupted attempt are removed. Nothing that
 //!    enforces has changed.
-//! 2. the loader creates the new maps pinned at `<name>.new`, the programs are
+//! 2. the loader creates the new maps pinned at `<name>-new`, the programs are
 //!    loaded against them, [`Prepared::copy`] fills them from the old maps. The old
-//!    programs still run on the old maps; the next start removes the `.new` pins.
+//!    programs still run on the old maps; the next start removes the `-new` pins.
 //! 3. the programs are swapped on every pinned link (`BPF_LINK_UPDATE`: the hook is
 //!    never empty). A link runs either the old programs on the old maps or the new
 //!    ones on complete copies; both enforce the same policy. The old pins are still
 //!    the names, so the next start migrates again from them.
 //! 4. [`Prepared::commit`]: entries the old programs wrote between 2 and 3 (a new
-//!    connection) are copied across, each `<name>.new` is renamed over `<name>` (one
+//!    connection) are copied across, each `<name>-new` is renamed over `<name>` (one
 //!    atomic rename per map), and the old names of a layout change are unpinned.
 //!    A crash between two renames leaves some maps committed (adopted as they are by
 //!    the next start) and the rest migrated again from their old pins.
@@ -48,8 +48,9 @@ mod map_type {
     pub const RINGBUF: u32 = 27;
 }
 
-/// Suffix of a new map pinned beside the one it replaces until it is committed.
-pub const NEW_SUFFIX: &str = ".new";
+/// Suffix of a new map pinned beside the one it replaces until it is committed
+/// (bpffs refuses names with a dot).
+pub const NEW_SUFFIX: &str = "-new";
 
 /// A map as the kernel creates it: what must match for a pinned map to be reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -290,7 +291,7 @@ pub fn wanted(
     Ok(specs)
 }
 
-/// The maps pinned under `maps_dir`, by name (`.new` pins left aside).
+/// The maps pinned under `maps_dir`, by name (`-new` pins left aside).
 pub fn pinned(maps_dir: &Path) -> Result<BTreeMap<String, MapSpec>, MigrateError> {
     let mut found = BTreeMap::new();
     if !maps_dir.exists() {
@@ -456,7 +457,7 @@ pub struct Prepared {
 }
 
 /// Step 1: plans the migration of the maps under `dir` to what `object` creates,
-/// checks that it fits and that every link can be swapped, and removes the `.new`
+/// checks that it fits and that every link can be swapped, and removes the `-new`
 /// pins of an interrupted attempt. Changes nothing that enforces.
 pub fn prepare(
     dir: &Path,
@@ -580,6 +581,11 @@ impl Prepared {
 
     pub fn migrates(&self) -> bool {
         self.plan.migrates()
+    }
+
+    /// Every map was pinned and is reused as it is.
+    pub fn all_kept(&self) -> bool {
+        self.plan.maps.iter().all(|(_, step)| *step == Step::Keep)
     }
 
     /// Step 2: fills the new maps from the old ones.
