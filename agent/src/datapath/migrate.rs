@@ -92,6 +92,9 @@ impl MapSpec {
     }
 }
 
+/// An entry as the map syscalls move it: key bytes, value bytes.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// How entries of a pinned map in an older layout become entries of this agent's
 /// map: one per map and old layout, written when a layout changes (the map gets a
 /// new versioned name, `RF_X_V1` to `RF_X_V2`).
@@ -108,7 +111,7 @@ pub struct Conversion {
     /// One entry in the old layout to one in the new (per-CPU values: every CPU's
     /// value, each padded to 8 bytes). `None`: it cannot be carried, and the
     /// migration is refused with nothing changed.
-    pub convert: fn(key: &[u8], value: &[u8]) -> Option<(Vec<u8>, Vec<u8>)>,
+    pub convert: fn(key: &[u8], value: &[u8]) -> Option<Entry>,
 }
 
 impl std::fmt::Debug for Conversion {
