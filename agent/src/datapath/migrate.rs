@@ -227,9 +227,10 @@ pub enum MigrateError {
         failed: u64,
     },
     #[error(
-        "{count} clsact filters (kernels without TCX) are attached under {dir}: their programs \
-         cannot be swapped in place, so the pinned maps cannot be replaced; nothing was changed \
-         (keep the map sizes, or run `rayfence cleanup` and start again)"
+        "{count} clsact filters (kernels without TCX) under {dir} cannot have their programs \
+         replaced from here (made by an older agent, which did not record the filter, or in \
+         another network namespace), so the pinned maps cannot be replaced; nothing was \
+         changed (keep the map sizes, or run `rayfence cleanup` and start again)"
     )]
     Clsact { dir: PathBuf, count: usize },
     #[error(
@@ -526,7 +527,9 @@ fn check_links(links_dir: &Path) -> Result<(), MigrateError> {
         let entry = entry.map_err(|e| io_error("listing", links_dir, e))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("nl_") {
-            clsact += 1;
+            if !super::attach::clsact_swappable(&entry.path()) {
+                clsact += 1;
+            }
         } else if super::attach::link_program(&name).is_none() {
             return Err(MigrateError::UnknownLink { path: entry.path() });
         }
