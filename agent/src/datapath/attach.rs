@@ -655,3 +655,40 @@ impl Datapath {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_pinned_link_name_maps_to_the_program_of_its_hook() {
+        let tc = paths::tc_link_name(7, "ingress");
+        assert_eq!(link_program(&tc), Some("tc_ingress"));
+        assert_eq!(
+            link_program(&paths::tc_link_name(7, "egress")),
+            Some("tc_egress")
+        );
+        let cg = paths::cgroup_link_name(123_456_789, "egress");
+        assert_eq!(link_program(&cg), Some("cgroup_skb_egress"));
+        // clsact markers and anything else are not links.
+        assert_eq!(
+            link_program(&paths::clsact_marker_name(1, 7, "ingress")),
+            None
+        );
+        assert_eq!(link_program("tc_x_ingress"), None);
+        assert_eq!(link_program("tc_7_sideways"), None);
+        assert_eq!(link_program("guard_7_ingress"), None);
+    }
+
+    #[test]
+    fn a_clsact_marker_names_its_namespace_interface_and_hook() {
+        let name = paths::clsact_marker_name(4_026_531_840, 12, "egress");
+        assert_eq!(
+            parse_marker(&name),
+            Some((4_026_531_840, 12, "tc_egress", TcAttachType::Egress))
+        );
+        assert_eq!(parse_marker("nl_1_2"), None);
+        assert_eq!(parse_marker("nl_x_2_ingress"), None);
+        assert_eq!(filter_id_name(49152, 1), "prio_49152_handle_1");
+    }
+}

@@ -232,13 +232,17 @@ impl Datapath {
         };
         if let Some(prepared) = migration.as_ref().filter(|p| p.migrates()) {
             // The order is migrate.rs's: copy, swap every link, then commit.
+            let t0 = std::time::Instant::now();
             let copied = prepared
                 .copy()
                 .map_err(|e| DatapathError::Migrate(Box::new(e)))?;
+            let t1 = std::time::Instant::now();
             let links = datapath.swap_pinned_links(true)?;
+            let t2 = std::time::Instant::now();
             let caught_up = prepared
                 .commit()
                 .map_err(|e| DatapathError::Migrate(Box::new(e)))?;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
             for (map, stats) in &copied {
                 let late = caught_up.get(map).map_or(0, |c| c.entries);
                 tracing::info!(map = %map, entries = stats.entries, late_entries = late,
@@ -246,6 +250,9 @@ impl Datapath {
             }
             tracing::info!(
                 links,
+                copy_ms = ms(t1 - t0),
+                swap_ms = ms(t2 - t1),
+                commit_ms = ms(t2.elapsed()),
                 "swapped the programs on the pinned links to the new maps"
             );
         } else if migration.as_ref().is_some_and(|p| p.all_kept()) {
