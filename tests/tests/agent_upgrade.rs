@@ -158,7 +158,11 @@ impl Lab {
 
     /// The conntrack entries pinned now.
     fn conntrack(&self) -> Result<std::collections::HashMap<CtKey, CtValue>> {
-        let path = paths::map(&self.bpffs.path, map_names::CONNTRACK);
+        Self::conntrack_at(&self.bpffs.path)
+    }
+
+    fn conntrack_at(dir: &Path) -> Result<std::collections::HashMap<CtKey, CtValue>> {
+        let path = paths::map(dir, map_names::CONNTRACK);
         let map = Map::LruHashMap(MapData::from_pin(&path)?);
         let map: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(map)?;
         Ok(map.iter().collect::<Result<_, _>>()?)
@@ -217,6 +221,34 @@ impl Lab {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// How long an agent took from planning the migration to swapping the links, from
+/// its log's timestamps (`2026-12-04T17:05:27.917216Z ...`).
+fn switch_time(log: &str) -> Option<Duration> {
+    let seconds = |needle: &str| -> Option<f64> {
+        let line = log.lines().find(|l| l.contains(needle))?;
+        let time = line.split_whitespace().next()?.split('T').nth(1)?;
+        let mut parts = time.trim_end_matches('Z').split(':');
+        let (h, m, s): (f64, f64, f64) = (
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+        );
+        Some(h * 3600.0 + m * 60.0 + s)
+    };
+    let (from, to) = (
+        seconds("migrating pinned map")?,
+        seconds("swapped the programs")?,
+    );
+    Some(Duration::from_secs_f64((to - from).max(0.0)))
+}
+
+fn swap_line(log: &str) -> String {
+    log.lines()
+        .find(|l| l.contains("swapped the programs"))
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// Larger than every default.
@@ -304,6 +336,8 @@ fn a_resize_keeps_a_held_connection_and_never_lets_the_outsider_through() -> Res
     );
     lab.conntrack_kept(&conntrack)?;
     let drops_second = lab.drops_above(&second, drops_first)?;
+    let grow = switch_time(&second.log_text());
+    println!("{}", swap_line(&second.log_text()));
     assert_eq!(worker.tcp_connect(lab.head(), 8000, SHORT), Outcome::Ok);
     lab.edits_take_effect()?;
     let mut second = second;
@@ -319,6 +353,8 @@ fn a_resize_keeps_a_held_connection_and_never_lets_the_outsider_through() -> Res
     );
     lab.conntrack_kept(&conntrack)?;
     let drops_third = lab.drops_above(&third, drops_second)?;
+    let shrink = switch_time(&third.log_text());
+    println!("{}", swap_line(&third.log_text()));
     assert_eq!(worker.tcp_connect(lab.head(), 8000, SHORT), Outcome::Ok);
     lab.edits_take_effect()?;
     let mut third = third;
@@ -355,7 +391,8 @@ fn a_resize_keeps_a_held_connection_and_never_lets_the_outsider_through() -> Res
     let (out_trips, out_failures, out_held) = out.finish();
     println!(
         "resize: outsider attempts {attempts}, through {}; held round trips {trips} and {out_trips}, failed {} and {}; \
-         drops {drops_first} -> {drops_second} -> {drops_third} -> {drops_fourth}",
+         drops {drops_first} -> {drops_second} -> {drops_third} -> {drops_fourth}; \
+         plan to swap: larger {grow:?}, smaller {shrink:?}",
         through.len(),
         failures.len(),
         out_failures.len()
@@ -550,6 +587,83 @@ fn an_older_layout_under_an_older_name_is_converted_without_a_window() -> Result
     assert_eq!(
         outsider.tcp_connect(lab.head(), 8000, SHORT),
         Outcome::Timeout
+    );
+    Ok(())
+}
+
+/// The cost of a migration with full maps: 60,000 policy rows and 200,000
+/// conntrack entries carried into maps twice as large. Measured against a load
+/// that adopts the same maps as they are; bounded loosely (a debug build, two
+/// shared CPUs), the point is the figure.
+#[test]
+fn full_maps_migrate_in_bounded_time() -> Result<()> {
+    use rayfence::datapath::Capacities;
+    use rayfence::tables::{PolicyEntry, Tables};
+    use rayfence_common::Direction;
+
+    let bpffs = Bpffs::new();
+    let options = |caps: Capacities| DatapathOptions {
+        bpffs_dir: Some(bpffs.path.clone()),
+        capacities: caps,
+        ..DatapathOptions::default()
+    };
+    let small = Capacities::default();
+    let large = Capacities {
+        policy: small.policy * 2,
+        conntrack: small.conntrack * 2,
+        ..small
+    };
+    let mut datapath = Datapath::load(&options(small))?;
+    let mut tables = Tables::default();
+    for identity in 0..30_000u32 {
+        for direction in Direction::ALL {
+            tables
+                .policy
+                .insert(PolicyEntry::any(7, direction, 1000 + identity));
+        }
+    }
+    datapath.apply(&tables)?;
+    drop(datapath);
+    {
+        let path = paths::map(&bpffs.path, map_names::CONNTRACK);
+        let map = Map::LruHashMap(MapData::from_pin(&path)?);
+        let mut ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(map)?;
+        for i in 0..200_000u32 {
+            let key = CtKey {
+                endpoint_id: i / 1000,
+                local_port: (i % 1000) as u16,
+                peer_port: 9000,
+                protocol: 6,
+                ..CtKey::default()
+            };
+            ct.insert(&key, &CtValue::default(), 0)?;
+        }
+    }
+    let t0 = Instant::now();
+    drop(Datapath::load(&options(small))?);
+    let adopt = t0.elapsed();
+    let t0 = Instant::now();
+    let datapath = Datapath::load(&options(large))?;
+    let migrate = t0.elapsed();
+    ensure!(
+        datapath.tables().policy.len() == 60_000,
+        "policy rows carried"
+    );
+    drop(datapath);
+    let ct = Lab::conntrack_at(&bpffs.path)?;
+    ensure!(
+        ct.len() >= 200_000,
+        "conntrack entries carried: {}",
+        ct.len()
+    );
+    println!(
+        "full maps: load adopting them {adopt:?}, load migrating them (60,000 policy rows, \
+         {} conntrack entries) {migrate:?}",
+        ct.len()
+    );
+    ensure!(
+        migrate < adopt + Duration::from_secs(30),
+        "migration took {migrate:?}"
     );
     Ok(())
 }
