@@ -230,6 +230,10 @@ impl Datapath {
             held: BTreeSet::new(),
             owned_links: BTreeMap::new(),
         };
+        // Before any swap: new programs must never see a configuration or a CIDR
+        // map without them.
+        datapath.write_config(options.events_per_second)?;
+        datapath.insert_v4_barrier()?;
         if let Some(prepared) = migration.as_ref().filter(|p| p.migrates()) {
             // The order is migrate.rs's: copy, swap every link, then commit.
             let t0 = std::time::Instant::now();
@@ -263,8 +267,6 @@ impl Datapath {
             // attached, after its entry is written (attach.rs), never before.
             datapath.swap_pinned_links(false)?;
         }
-        datapath.write_config(options.events_per_second)?;
-        datapath.insert_v4_barrier()?;
         datapath.adopt_maps()?;
         Ok(datapath)
     }
