@@ -369,6 +369,13 @@ fn a_resize_keeps_a_held_connection_and_never_lets_the_outsider_through() -> Res
             && refused.contains("room for 1024"),
         "refusal does not name the map and the numbers:\n{refused}"
     );
+    println!(
+        "refused: {}",
+        refused
+            .lines()
+            .find(|l| l.starts_with("Error"))
+            .unwrap_or_default()
+    );
     ensure!(
         lab.max_entries(map_names::POLICY)? == 1024,
         "pins untouched"
