@@ -295,21 +295,18 @@ pub fn wanted(
     Ok(specs)
 }
 
-/// The maps pinned under `maps_dir`, by name (`-new` pins left aside).
-pub fn pinned(maps_dir: &Path) -> Result<BTreeMap<String, MapSpec>, MigrateError> {
+/// Which of the maps named `names` are pinned under `maps_dir`, and as what.
+/// Nothing else there is read: it is not this agent's to judge.
+pub fn pinned<'n>(
+    maps_dir: &Path,
+    names: impl IntoIterator<Item = &'n str>,
+) -> Result<BTreeMap<String, MapSpec>, MigrateError> {
     let mut found = BTreeMap::new();
-    if !maps_dir.exists() {
-        return Ok(found);
-    }
-    let entries = std::fs::read_dir(maps_dir).map_err(|e| io_error("listing", maps_dir, e))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| io_error("listing", maps_dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.ends_with(NEW_SUFFIX) {
-            continue;
+    for name in names {
+        let path = maps_dir.join(name);
+        if path.exists() {
+            found.insert(name.to_owned(), spec_of(&path)?);
         }
-        let path = entry.path();
-        found.insert(name, spec_of(&path)?);
     }
     Ok(found)
 }
@@ -472,7 +469,11 @@ pub fn prepare(
     let maps_dir = paths::maps_dir(dir);
     remove_new_pins(&maps_dir)?;
     let wanted = wanted(object, max_entries)?;
-    let pinned = pinned(&maps_dir)?;
+    let names = wanted
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .chain(conversions.iter().map(|c| c.from));
+    let pinned = pinned(&maps_dir, names)?;
     let plan = plan(&wanted, &pinned, conversions)?;
     let mut evictions = Vec::new();
     if plan.migrates() {
