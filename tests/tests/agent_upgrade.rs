@@ -674,3 +674,96 @@ fn full_maps_migrate_in_bounded_time() -> Result<()> {
     );
     Ok(())
 }
+
+/// SIGKILLed at every point of a migration (the kills are spread over the whole
+/// window from start to ready, sizes alternating), the node keeps enforcing: each
+/// kill leaves either the old maps and programs or the new ones, and the next
+/// agent converges from there.
+#[test]
+fn a_migration_killed_at_any_point_leaves_enforcement_working() -> Result<()> {
+    let (lab, _echo) = Lab::new(241)?;
+    let topo = &lab.node.topo;
+    let (worker, outsider, head) = (topo.pod("worker"), topo.pod("outsider"), topo.pod("head"));
+    let mut first = lab.start(&[])?;
+    let outside = knocking(outsider.prober(), lab.head(), 8000);
+    let inside = holding(worker.tcp_hold(lab.head(), 8000, SHORT)?);
+    let out = holding(head.tcp_hold(v4(outsider), 9000, SHORT)?);
+    let drops = lab.drops_above(&first, 0.0)?;
+    first.kill();
+
+    // When a migration swaps the programs here, from the agent's start.
+    let t0 = Instant::now();
+    let mut timed = lab.start(LARGER)?;
+    timed.wait_log(&["swapped the programs"], Duration::from_secs(20))?;
+    let swap_at = t0.elapsed();
+    timed.kill();
+    // Kills from well before the swap to just after it, each round migrating from
+    // whatever the pins hold to the other size.
+    let mut kills = Vec::new();
+    for round in 0..16u32 {
+        let larger = lab.max_entries(map_names::POLICY)? != 65536;
+        let args = if larger { &[][..] } else { LARGER };
+        let mut agent = Agent::start(&AgentOptions {
+            node: topo.node(0),
+            node_name: NODE,
+            manifests: &lab.manifests.dir,
+            bpffs: &lab.bpffs.path,
+            cgroup_root: lab.node.kubelet.root.path(),
+            kubeconfig: None,
+            extra_args: args,
+        })?;
+        let delay = swap_at * (6 + round) / 16;
+        std::thread::sleep(delay);
+        agent.kill();
+        let log = agent.log_text();
+        let reached = [
+            ("migrating pinned map", "planned"),
+            ("swapped the programs", "committed"),
+            ("first full sync programmed", "ready"),
+        ]
+        .iter()
+        .filter(|(needle, _)| log.contains(needle))
+        .map(|(_, step)| *step)
+        .next_back()
+        .unwrap_or("loading");
+        kills.push(format!("{}ms:{reached}", delay.as_millis()));
+    }
+
+    let last = lab.start(&[])?;
+    lab.drops_above(&last, drops)?;
+    lab.edits_take_effect()?;
+    ensure!(
+        lab.max_entries(map_names::POLICY)? == 65536,
+        "back to the default size"
+    );
+    ensure!(
+        kills.iter().any(|k| k.ends_with(":planned"))
+            && kills
+                .iter()
+                .any(|k| k.ends_with(":committed") || k.ends_with(":ready")),
+        "the kills did not cover the migration: {kills:?}"
+    );
+    let (attempts, through) = outside.finish();
+    let (trips, failures, held) = inside.finish();
+    let (out_trips, out_failures, out_held) = out.finish();
+    println!(
+        "killed during migrations (swap {swap_at:?} after start) at {kills:?}; outsider attempts \
+         {attempts}, through {}; held round trips {trips} and {out_trips}, failed {} and {}",
+        through.len(),
+        failures.len(),
+        out_failures.len()
+    );
+    ensure!(
+        through.is_empty(),
+        "the outsider got through at {through:?}"
+    );
+    ensure!(
+        failures.is_empty() && out_failures.is_empty(),
+        "held connections failed: {failures:?} {out_failures:?}"
+    );
+    ensure!(
+        held.context("held")?.roundtrip() && out_held.context("held out")?.roundtrip(),
+        "held connections at the end"
+    );
+    Ok(())
+}
