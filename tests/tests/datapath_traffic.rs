@@ -910,3 +910,126 @@ fn clsact_fallback_enforces_outlives_the_agent_and_is_cleaned_up() -> Result<()>
     assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
     Ok(())
 }
+
+#[test]
+fn clsact_resize_replaces_the_filters_programs_in_place() -> Result<()> {
+    use rayfence_tests::background::Background;
+    use std::sync::atomic::Ordering;
+
+    let mut scenario = Scenario::new(Layout::Routed, HookKind::Clsact)?;
+    let (head, worker, other) = (
+        scenario.topo.pod("head"),
+        scenario.topo.pod("worker"),
+        scenario.topo.pod("other"),
+    );
+    let node = scenario.topo.node(0);
+    let _head_tcp = head.serve_tcp(6379)?;
+    let _worker_tcp = worker.serve_tcp(7000)?;
+    let mut held = worker.tcp_hold(head.ip4.into(), 6379, OK)?;
+    assert!(held.roundtrip());
+    let (prober, target) = (other.prober(), IpAddr::from(worker.ip4));
+    let knocking = Background::start(move |flag| {
+        let (mut attempts, mut through) = (0u32, 0u32);
+        while !flag.load(Ordering::Relaxed) {
+            attempts += 1;
+            if prober.tcp_connect(target, 7000, Duration::from_millis(20)) == Outcome::Ok {
+                through += 1;
+            }
+        }
+        (attempts, through)
+    });
+    let filters = |hook: &str| {
+        node.netns
+            .exec(&["tc", "filter", "show", "dev", &worker.host_if, hook])
+    };
+    // (filter "pref/handle", program id) per hook.
+    let filter_ids = |shown: &str| -> Vec<String> {
+        shown
+            .lines()
+            .filter(|l| l.contains(" handle "))
+            .filter_map(|l| {
+                let field = |name: &str| {
+                    l.split_whitespace()
+                        .skip_while(|w| *w != name)
+                        .nth(1)
+                        .map(str::to_owned)
+                };
+                Some(format!("{}/{}", field("pref")?, field("handle")?))
+            })
+            .collect()
+    };
+    let program_id = |shown: &str| -> Option<String> {
+        shown
+            .split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .map(str::to_owned)
+    };
+    let mut programs_before = Vec::new();
+    for hook in ["ingress", "egress"] {
+        let shown = filters(hook)?;
+        let ids = filter_ids(&shown);
+        assert_eq!(ids.len(), 1, "{shown}");
+        programs_before.push((ids[0].clone(), program_id(&shown)));
+    }
+    drop(scenario.datapath.take());
+
+    // A larger agent, in the namespace the filters were attached in.
+    let mut options = options_for(&scenario.bpffs.0, HookKind::Clsact);
+    options.capacities.policy *= 4;
+    options.capacities.conntrack *= 4;
+    options.capacities.endpoints *= 4;
+    let mut datapath = node.netns.run(move || Datapath::load(&options))??;
+    for (hook, before) in ["ingress", "egress"].into_iter().zip(&programs_before) {
+        let shown = filters(hook)?;
+        assert_eq!(
+            shown.matches(&format!("name tc_{hook}")).count(),
+            1,
+            "one filter per hook, kept: {shown}"
+        );
+        assert_eq!(
+            filter_ids(&shown),
+            vec![before.0.clone()],
+            "the same filter (priority, handle): {shown}"
+        );
+        assert_ne!(
+            program_id(&shown),
+            before.1,
+            "the filter's program was replaced: {shown}"
+        );
+    }
+    assert!(held.roundtrip(), "held connection after the resize");
+    let (attempts, through) = knocking.finish();
+    assert_eq!(
+        through, 0,
+        "the denied peer got through ({attempts} attempts)"
+    );
+    assert!(attempts > 5, "too few attempts: {attempts}");
+
+    // The filters run programs on the new maps: what this agent writes applies.
+    let mut open = tables(&scenario.topo);
+    open.policy.extend(PolicyEntry::for_port_range(
+        POLICY,
+        Direction::Ingress,
+        OTHER_ID,
+        protocol::TCP,
+        7000,
+        7000,
+    ));
+    datapath.apply(&open)?;
+    assert_eq!(other.tcp_connect(worker.ip4.into(), 7000, OK), Outcome::Ok);
+    datapath.apply(&tables(&scenario.topo))?;
+    assert_eq!(
+        other.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP),
+        Outcome::Timeout
+    );
+    assert!(held.roundtrip(), "held connection at the end");
+    // Cleanup finds the filters through their markers, as before.
+    drop(datapath);
+    let dir = scenario.bpffs.0.clone();
+    let report = node
+        .netns
+        .run(move || rayfence::datapath::cleanup(&dir))??;
+    assert_eq!(report.links, 2);
+    Ok(())
+}

@@ -68,6 +68,56 @@ pub(crate) fn current_netns() -> Result<u64, DatapathError> {
         .map_err(|e| DatapathError::io("reading", path, e))
 }
 
+/// A clsact filter's marker: (network namespace, ifindex, program, hook).
+type Marker = (u64, u32, &'static str, TcAttachType);
+
+fn parse_marker(name: &str) -> Option<Marker> {
+    let fields: Vec<&str> = name.split('_').collect();
+    match fields.as_slice() {
+        ["nl", netns, ifindex, hook] => {
+            let (program, attach_type, _) = TC_HOOKS.iter().find(|(_, _, h)| h == hook)?;
+            Some((
+                netns.parse().ok()?,
+                ifindex.parse().ok()?,
+                program,
+                *attach_type,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Inside a marker: the filter's priority and handle, which replacing its program
+/// in place needs (netlink filters are named by them, not by an fd).
+fn filter_id_name(priority: u16, handle: u32) -> String {
+    format!("prio_{priority}_handle_{handle}")
+}
+
+/// The filter's priority and handle recorded in a marker (markers of older agents
+/// have none).
+pub(crate) fn marker_filter_id(marker: &Path) -> Option<(u16, u32)> {
+    std::fs::read_dir(marker).ok()?.find_map(|entry| {
+        let name = entry.ok()?.file_name().to_string_lossy().into_owned();
+        match name.split('_').collect::<Vec<_>>().as_slice() {
+            ["prio", priority, "handle", handle] => {
+                Some((priority.parse().ok()?, handle.parse().ok()?))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// Whether a clsact marker's filter can have its program replaced from here: it
+/// records its filter and belongs to this network namespace.
+pub(crate) fn clsact_swappable(marker: &Path) -> bool {
+    let name = marker
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    parse_marker(&name).is_some_and(|(netns, ..)| current_netns().is_ok_and(|n| n == netns))
+        && marker_filter_id(marker).is_some()
+}
+
 /// Removes the clsact filter a marker stands for, then the marker. Only from
 /// inside the marker's network namespace: an ifindex means nothing elsewhere.
 pub(crate) fn detach_clsact(marker: &Path) -> Result<(), DatapathError> {
@@ -75,16 +125,7 @@ pub(crate) fn detach_clsact(marker: &Path) -> Result<(), DatapathError> {
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let fields: Vec<&str> = name.split('_').collect();
-    let parsed = match fields.as_slice() {
-        ["nl", netns, ifindex, hook] => netns
-            .parse::<u64>()
-            .ok()
-            .zip(ifindex.parse::<u32>().ok())
-            .zip(TC_HOOKS.iter().find(|(_, _, h)| h == hook)),
-        _ => None,
-    };
-    let Some(((netns, ifindex), (program, attach_type, _))) = parsed else {
+    let Some((netns, ifindex, program, attach_type)) = parse_marker(&name) else {
         return Err(DatapathError::io(
             "parsing",
             marker,
@@ -97,12 +138,12 @@ pub(crate) fn detach_clsact(marker: &Path) -> Result<(), DatapathError> {
             netns,
         });
     }
-    match tc::qdisc_detach_program(ifindex, (*attach_type).into(), program) {
+    match tc::qdisc_detach_program(ifindex, attach_type.into(), program) {
         Ok(()) => {}
         // The interface or the filter is gone already.
         Err(error) => tracing::debug!(%error, marker = %marker.display(), "clsact filter"),
     }
-    std::fs::remove_dir(marker).map_err(|e| DatapathError::io("removing", marker, e))
+    std::fs::remove_dir_all(marker).map_err(|e| DatapathError::io("removing", marker, e))
 }
 
 /// `BPF_OBJ_GET`: an fd for a pinned object (aya's link types do not lend theirs).
@@ -168,6 +209,26 @@ fn update_link(link_fd: RawFd, prog_fd: RawFd) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The program a pinned link (by its name under the links directory) runs: the
+/// TCX link of a host veth or the cgroup_skb link of a pod cgroup, by hook.
+/// `None`: not a link this agent pins (a clsact marker, or unknown).
+pub(crate) fn link_program(name: &str) -> Option<&'static str> {
+    let (kind, rest) = name.split_once('_')?;
+    let (id, hook) = rest.rsplit_once('_')?;
+    id.parse::<u64>().ok()?;
+    match kind {
+        "tc" => TC_HOOKS
+            .iter()
+            .find(|(_, _, h)| *h == hook)
+            .map(|(p, _, _)| *p),
+        "cg" => CGROUP_HOOKS
+            .iter()
+            .find(|(_, _, h)| *h == hook)
+            .map(|(p, _, _)| *p),
+        _ => None,
+    }
 }
 
 fn tcx_supported() -> bool {
@@ -336,6 +397,15 @@ impl Datapath {
                 let marker = paths::links_dir(dir).join(&name);
                 std::fs::create_dir(&marker)
                     .map_err(|e| DatapathError::io("creating", &marker, e))?;
+                let priority = link
+                    .priority()
+                    .map_err(|e| DatapathError::program(program, e))?;
+                let handle = u32::from(
+                    link.handle()
+                        .map_err(|e| DatapathError::program(program, e))?,
+                );
+                let id = marker.join(filter_id_name(priority, handle));
+                std::fs::create_dir(&id).map_err(|e| DatapathError::io("creating", &id, e))?;
                 // The filter must outlive this process: do not let the link's Drop
                 // detach it.
                 std::mem::forget(link);
@@ -415,6 +485,97 @@ impl Datapath {
             .map_err(|e| DatapathError::io("replacing the program of", &path, e))
     }
 
+    /// Points every pinned link at this agent's program for its hook
+    /// (BPF_LINK_UPDATE: the hook is never empty), so that from here on every
+    /// pinned link runs code that uses this agent's maps. Returns how many.
+    ///
+    /// `strict` (the maps were just replaced): any link that cannot be swapped is an
+    /// error. Otherwise a link that cannot be is left as it is and logged: it runs
+    /// an earlier agent's programs on the same pinned maps, and is swapped again
+    /// when its endpoint is attached.
+    pub(crate) fn swap_pinned_links(&mut self, strict: bool) -> Result<usize, DatapathError> {
+        let Some(dir) = self.pin_dir.clone() else {
+            return Ok(0);
+        };
+        let links = paths::links_dir(&dir);
+        if !links.exists() {
+            return Ok(0);
+        }
+        let entries =
+            std::fs::read_dir(&links).map_err(|e| DatapathError::io("listing", &links, e))?;
+        let mut swapped = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| DatapathError::io("listing", &links, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let result = match link_program(&name) {
+                Some(program) => self.adopt_link(&name, program),
+                None if name.starts_with("nl_") => {
+                    if !strict && !clsact_swappable(&entry.path()) {
+                        // Another namespace's filter, or one an older agent made.
+                        continue;
+                    }
+                    self.replace_filter(&entry.path())
+                }
+                None => continue,
+            };
+            match result {
+                Ok(()) => swapped += 1,
+                Err(error) if !strict => {
+                    tracing::warn!(link = %name, %error, "could not swap the program of a pinned link");
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Ok(swapped)
+    }
+
+    /// Replaces the program of a clsact filter in place: a netlink request for the
+    /// same priority and handle without NLM_F_EXCL makes cls_bpf swap the program
+    /// of the existing filter (the filter is never absent).
+    fn replace_filter(&mut self, marker: &Path) -> Result<(), DatapathError> {
+        let name = marker
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let invalid = || {
+            DatapathError::io(
+                "reading",
+                marker,
+                std::io::Error::from(std::io::ErrorKind::InvalidData),
+            )
+        };
+        let (netns, ifindex, program, attach_type) = parse_marker(&name).ok_or_else(invalid)?;
+        if netns != current_netns()? {
+            return Err(DatapathError::WrongNamespace {
+                path: marker.to_owned(),
+                netns,
+            });
+        }
+        let (priority, handle) = marker_filter_id(marker).ok_or_else(invalid)?;
+        let existing = tc::SchedClassifierLink::attached(
+            aya::programs::NetworkInterface::Index(ifindex),
+            attach_type.into(),
+            priority,
+            handle.into(),
+            None,
+        )
+        .map_err(|e| DatapathError::io("finding the filter of", marker, e))?;
+        let prog: &mut SchedClassifier = self
+            .ebpf_mut()
+            .program_mut(program)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { program })?;
+        let id = prog
+            .attach_to_link(existing)
+            .map_err(|e| DatapathError::program(program, e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| DatapathError::program(program, e))?;
+        // The filter must outlive this process.
+        std::mem::forget(link);
+        Ok(())
+    }
+
     fn keep_link(&mut self, name: String, link: FdLink) -> Result<(), DatapathError> {
         match &self.pin_dir {
             Some(dir) => {
@@ -492,5 +653,42 @@ impl Datapath {
         }
         self.forget_counters(endpoint)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_pinned_link_name_maps_to_the_program_of_its_hook() {
+        let tc = paths::tc_link_name(7, "ingress");
+        assert_eq!(link_program(&tc), Some("tc_ingress"));
+        assert_eq!(
+            link_program(&paths::tc_link_name(7, "egress")),
+            Some("tc_egress")
+        );
+        let cg = paths::cgroup_link_name(123_456_789, "egress");
+        assert_eq!(link_program(&cg), Some("cgroup_skb_egress"));
+        // clsact markers and anything else are not links.
+        assert_eq!(
+            link_program(&paths::clsact_marker_name(1, 7, "ingress")),
+            None
+        );
+        assert_eq!(link_program("tc_x_ingress"), None);
+        assert_eq!(link_program("tc_7_sideways"), None);
+        assert_eq!(link_program("guard_7_ingress"), None);
+    }
+
+    #[test]
+    fn a_clsact_marker_names_its_namespace_interface_and_hook() {
+        let name = paths::clsact_marker_name(4_026_531_840, 12, "egress");
+        assert_eq!(
+            parse_marker(&name),
+            Some((4_026_531_840, 12, "tc_egress", TcAttachType::Egress))
+        );
+        assert_eq!(parse_marker("nl_1_2"), None);
+        assert_eq!(parse_marker("nl_x_2_ingress"), None);
+        assert_eq!(filter_id_name(49152, 1), "prio_49152_handle_1");
     }
 }

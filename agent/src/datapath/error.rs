@@ -71,6 +71,9 @@ pub enum DatapathError {
     },
     #[error("endpoint {endpoint} is not attached")]
     NotAttached { endpoint: EndpointId },
+    /// Replacing pinned maps (a resize or an upgrade) was refused or failed.
+    #[error("replacing the pinned maps")]
+    Migrate(#[source] Box<super::migrate::MigrateError>),
     #[error(
         "the eBPF object has no conntrack placeholder calls to rewrite (built from another source?)"
     )]

@@ -10,7 +10,7 @@ use aya::programs::{CgroupSkb, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use rayfence_common::{Addr, EndpointInfo, NodePortKey, PolicyKey, PolicyValue, map_names};
 
-use super::{Attachments, Datapath, DatapathError, NodeTrust, bpffs, codec, paths};
+use super::{Attachments, Datapath, DatapathError, NodeTrust, bpffs, codec, migrate, paths};
 use crate::tables::Tables;
 
 /// The compiled programs (built by agent/build.rs).
@@ -103,6 +103,24 @@ impl Capacities {
         (self.conntrack / 16).max(1024)
     }
 
+    /// Each sized map's `max_entries`, as the loader sets them.
+    pub fn max_entries(&self) -> [(&'static str, u32); 12] {
+        [
+            (map_names::ENDPOINTS_TC, self.endpoints),
+            (map_names::ENDPOINTS_CGROUP, self.endpoints),
+            (map_names::IDENTITIES, self.identities),
+            (map_names::CIDRS, self.cidrs),
+            (map_names::POLICY, self.policy),
+            (map_names::CONNTRACK, self.conntrack),
+            (map_names::FRAGMENTS, self.fragments),
+            (map_names::COUNTERS, self.counters),
+            (map_names::EVENTS, self.events_bytes),
+            (map_names::NODE_PORTS, self.node_ports()),
+            (map_names::NODE_CGROUPS, self.endpoints),
+            (map_names::NODE_FLOWS, self.node_flows()),
+        ]
+    }
+
     /// Small maps for tests and benchmarks that load many private instances.
     pub fn small() -> Self {
         Self {
@@ -164,23 +182,24 @@ impl DatapathOptions {
 }
 
 impl Datapath {
-    /// Loads the programs (the verifier checks all of them here) and the maps.
+    /// Loads the programs (the verifier checks all of them here) and the maps,
+    /// replacing pinned maps that no longer match (see [`super::migrate`]).
     pub fn load(options: &DatapathOptions) -> Result<Self, DatapathError> {
+        Self::load_with(options, migrate::CONVERSIONS)
+    }
+
+    /// [`Self::load`] with the conversions between map layouts given (the
+    /// release's are [`migrate::CONVERSIONS`]).
+    pub fn load_with(
+        options: &DatapathOptions,
+        conversions: &'static [migrate::Conversion],
+    ) -> Result<Self, DatapathError> {
         let caps = options.capacities;
+        let max_entries = caps.max_entries();
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::ENDPOINTS_TC, caps.endpoints)
-            .map_max_entries(map_names::ENDPOINTS_CGROUP, caps.endpoints)
-            .map_max_entries(map_names::IDENTITIES, caps.identities)
-            .map_max_entries(map_names::CIDRS, caps.cidrs)
-            .map_max_entries(map_names::POLICY, caps.policy)
-            .map_max_entries(map_names::CONNTRACK, caps.conntrack)
-            .map_max_entries(map_names::FRAGMENTS, caps.fragments)
-            .map_max_entries(map_names::COUNTERS, caps.counters)
-            .map_max_entries(map_names::EVENTS, caps.events_bytes)
-            .map_max_entries(map_names::NODE_PORTS, caps.node_ports())
-            .map_max_entries(map_names::NODE_CGROUPS, caps.endpoints)
-            .map_max_entries(map_names::NODE_FLOWS, caps.node_flows());
+        for (name, max) in max_entries {
+            loader.map_max_entries(name, max);
+        }
         // Who is behind a node address needs the kernel's conntrack (SEMANTICS 5a).
         let conntrack = super::kfuncs::find();
         let object = match &conntrack {
@@ -199,15 +218,19 @@ impl Datapath {
                 Aligned::copy_of(OBJECT)
             }
         };
+        let mut migration = None;
         if let Some(dir) = &options.bpffs_dir {
             bpffs::ensure_mounted(dir)?;
             for sub in [paths::maps_dir(dir), paths::links_dir(dir)] {
                 std::fs::create_dir_all(&sub)
                     .map_err(|source| DatapathError::io("creating", &sub, source))?;
             }
+            let prepared = migrate::prepare(dir, object.bytes(), &max_entries, conversions)
+                .map_err(|e| DatapathError::Migrate(Box::new(e)))?;
             for name in map_names::ALL {
-                loader.map_pin_path(name, paths::map(dir, name));
+                loader.map_pin_path(name, prepared.pin_path(name));
             }
+            migration = Some(prepared);
         }
         let mut ebpf = loader
             .load(object.bytes())
@@ -232,8 +255,43 @@ impl Datapath {
             held: BTreeSet::new(),
             owned_links: BTreeMap::new(),
         };
+        // Before any swap: new programs must never see a configuration or a CIDR
+        // map without them.
         datapath.write_config(options.events_per_second)?;
         datapath.insert_v4_barrier()?;
+        if let Some(prepared) = migration.as_ref().filter(|p| p.migrates()) {
+            // The order is migrate.rs's: copy, swap every link, then commit.
+            let t0 = std::time::Instant::now();
+            let copied = prepared
+                .copy()
+                .map_err(|e| DatapathError::Migrate(Box::new(e)))?;
+            let t1 = std::time::Instant::now();
+            let links = datapath.swap_pinned_links(true)?;
+            let t2 = std::time::Instant::now();
+            let caught_up = prepared
+                .commit()
+                .map_err(|e| DatapathError::Migrate(Box::new(e)))?;
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+            for (map, stats) in &copied {
+                let late = caught_up.get(map).map_or(0, |c| c.entries);
+                tracing::info!(map = %map, entries = stats.entries, late_entries = late,
+                    "carried a pinned map's entries into its replacement");
+            }
+            tracing::info!(
+                links,
+                copy_ms = ms(t1 - t0),
+                swap_ms = ms(t2 - t1),
+                commit_ms = ms(t2.elapsed()),
+                "swapped the programs on the pinned links to the new maps"
+            );
+        } else if migration.as_ref().is_some_and(|p| p.all_kept()) {
+            // Every pinned link runs this agent's programs on the pinned maps from
+            // here on (a link may still run those of an attempt that stopped after
+            // swapping, on maps that were never committed). Not when a map was just
+            // created empty: there, each link is swapped when its endpoint is
+            // attached, after its entry is written (attach.rs), never before.
+            datapath.swap_pinned_links(false)?;
+        }
         datapath.adopt_maps()?;
         Ok(datapath)
     }

@@ -7,6 +7,8 @@
 //!   missing).
 //! - [`load`]: load the object, size and pin (or adopt) the maps, rebuild the
 //!   userspace mirror from what the maps hold.
+//! - [`migrate`]: a resize or an upgrade of the pinned maps: new maps beside the
+//!   old, state carried across, programs swapped on their links, then the pins.
 //! - [`attach`]: TCX (clsact before Linux 6.6) on a pod's host veth, cgroup_skb on
 //!   its cgroup; links pinned so enforcement outlives the agent.
 //! - [`apply`]: tables and diffs to maps, in an order that never opens a gap.
@@ -24,6 +26,7 @@ mod codec;
 pub mod error;
 pub mod kfuncs;
 pub mod load;
+pub mod migrate;
 pub mod node;
 pub mod observe;
 pub mod paths;

@@ -5,6 +5,7 @@
 //! <dir>/links/tc_<ifindex>_<dir>     TCX links on a pod's host veth
 //! <dir>/links/cg_<cgroup id>_<dir>   cgroup_skb links on a pod's cgroup
 //! <dir>/links/nl_<netns>_<ifindex>_<dir>/  marker of a clsact filter (no TCX)
+//!   prio_<priority>_handle_<handle>/  inside it: which filter (to replace its program)
 //! ```
 use std::path::{Path, PathBuf};
 
