@@ -138,7 +138,9 @@ impl Datapath {
             .map_max_entries(map_names::EVENTS, caps.events_bytes)
             .map_max_entries(map_names::NODE_PORTS, caps.node_ports())
             .map_max_entries(map_names::NODE_CGROUPS, caps.endpoints)
-            .map_max_entries(map_names::NODE_FLOWS, caps.node_flows());
+            .map_max_entries(map_names::NODE_FLOWS, caps.node_flows())
+            .map_max_entries(map_names::GUARDED_NAMESPACES, caps.endpoints)
+            .map_max_entries(map_names::GUARDS, caps.endpoints);
         // Who is behind a node address needs the kernel's conntrack (SEMANTICS 5a).
         let conntrack = super::kfuncs::find();
         let object = match &conntrack {
@@ -159,7 +161,11 @@ impl Datapath {
         };
         if let Some(dir) = &options.bpffs_dir {
             bpffs::ensure_mounted(dir)?;
-            for sub in [paths::maps_dir(dir), paths::links_dir(dir)] {
+            for sub in [
+                paths::maps_dir(dir),
+                paths::links_dir(dir),
+                paths::progs_dir(dir),
+            ] {
                 std::fs::create_dir_all(&sub)
                     .map_err(|source| DatapathError::io("creating", &sub, source))?;
             }
@@ -181,6 +187,9 @@ impl Datapath {
             program
                 .load()
                 .map_err(|source| DatapathError::program(name, source))?;
+        }
+        if let Some(dir) = &options.bpffs_dir {
+            pin_tc_programs(&mut ebpf, dir)?;
         }
         for name in CGROUP_PROGRAMS {
             let program: &mut CgroupSkb = ebpf
@@ -206,6 +215,7 @@ impl Datapath {
             forced_fail_closed: BTreeSet::new(),
             held: BTreeSet::new(),
             owned_links: BTreeMap::new(),
+            guard_waits: Vec::new(),
         };
         datapath.write_config(options.events_per_second)?;
         datapath.insert_v4_barrier()?;
@@ -307,6 +317,11 @@ impl Datapath {
                 HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
             for item in map.iter() {
                 let (ifindex, info) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                // The CNI plugin's guard on a pod not programmed yet: not ours to
+                // adopt (nor to detach as a leftover).
+                if info.flags & rayfence_common::endpoint_flags::GUARD != 0 {
+                    continue;
+                }
                 record(&info);
                 attachments
                     .entry(info.endpoint_id)
@@ -359,6 +374,32 @@ impl Datapath {
         &mut self.ebpf
     }
 }
+/// Pins this agent's TC programs for the CNI plugin, replacing an earlier agent's in
+/// one step (pinned under a temporary name, then renamed over the old pin), so a
+/// plugin running meanwhile always finds one.
+fn pin_tc_programs(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<(), DatapathError> {
+    for name in ["tc_ingress", "tc_egress"] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { program: name })?;
+        let target = paths::prog(dir, name);
+        // bpffs refuses names with a dot.
+        let staging = paths::progs_dir(dir).join(format!("new_{name}"));
+        if staging.exists() {
+            std::fs::remove_file(&staging)
+                .map_err(|e| DatapathError::io("removing", &staging, e))?;
+        }
+        program.pin(&staging).map_err(|e| DatapathError::Pin {
+            path: staging.clone(),
+            source: Box::new(e),
+        })?;
+        std::fs::rename(&staging, &target)
+            .map_err(|e| DatapathError::io("renaming into place", &target, e))?;
+    }
+    Ok(())
+}
+
 /// An object copied to 8-byte aligned memory, as the ELF parser wants it.
 struct Aligned {
     words: Vec<u64>,
