@@ -358,6 +358,18 @@ fn netns_inode() -> Result<u64, GuardError> {
     })
 }
 
+/// Who holds the veth `ifindex`: `None` (nobody), `Some(true)` (a guard),
+/// `Some(false)` (the agent's own entry).
+pub fn entry_state(root: &Path, ifindex: u32) -> Result<Option<bool>, GuardError> {
+    let path = paths::map(root, map_names::ENDPOINTS_TC);
+    let entries: HashMap<MapData, u32, EndpointInfo> = open_hash(root, map_names::ENDPOINTS_TC)?;
+    match entries.get(&ifindex, 0) {
+        Ok(info) => Ok(Some(info.flags & endpoint_flags::GUARD != 0)),
+        Err(e) if missing(&e) => Ok(None),
+        Err(e) => Err(map_error(&path)(e)),
+    }
+}
+
 /// A guard as the agent sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Guard {
