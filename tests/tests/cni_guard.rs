@@ -453,6 +453,82 @@ fn a_sandbox_up_before_its_pod_object_is_closed_until_the_object_arrives() -> Re
     let (p50, n) = histogram_quantile(&metrics, "rayfence_guard_wait_seconds", 0.5);
     println!("guard wait: {n} pods, p50 <= {p50:?} s");
     ensure!(n >= 1.0, "no guard wait observed: {metrics}");
+
+    // A non-Ray pod of the guarded namespace is held only until the agent knows it:
+    // then it is open, as without rayfence (the agent's entry, which isolates
+    // nothing, replaced the guard).
+    let plain_uid = uid(84);
+    let plain_ctr = lab.node.kubelet.pod_cgroup(&plain_uid)?;
+    lab.node.topo.add_pod(0, "plain")?;
+    let (ok, printed) = cni(
+        "ADD",
+        lab.node.topo.node(0),
+        lab.node.topo.pod("plain"),
+        &lab.node.ns,
+        &lab.bpffs.path,
+    )?;
+    ensure!(ok, "ADD of the plain pod failed: {printed}");
+    let plain = lab.node.topo.pod("plain");
+    let _plain_tcp = plain.prober_in(&plain_ctr).serve_tcp(PORT)?;
+    ensure!(guard::entry_state(&lab.bpffs.path, plain.host_ifindex)? == Some(true));
+    server.apply(&pod_object(
+        &lab.node.ns,
+        plain,
+        &plain_uid,
+        NODE,
+        &[("app", "web")],
+    ));
+    let outsider = lab.node.topo.pod("outsider");
+    let t = eventually("the plain pod is released", Duration::from_secs(3), || {
+        outsider.tcp_connect(v4(plain), PORT, Duration::from_millis(50)) == Outcome::Ok
+    })
+    .with_context(|| lab.agent.log_text())?;
+    println!("non-Ray pod of a guarded namespace: released {t:?} after its Pod object arrived");
+    let state = guard::entry_state(&lab.bpffs.path, plain.host_ifindex)?;
+    ensure!(state != Some(true), "still a guard: {state:?}");
+
+    // A pod that should be guarded and cannot be (no veth to be found) fails the
+    // ADD with a CNI error naming it, never passes open.
+    let ghost = lab.node.topo.add_pod(0, "ghost")?.name.clone();
+    let ghost = lab.node.topo.pod(&ghost);
+    let bin = rayfence_cni_bin()?;
+    let output = lab
+        .node
+        .topo
+        .node(0)
+        .netns
+        .cmd(bin.to_str().context("utf-8 path")?)
+        .env("CNI_COMMAND", "ADD")
+        .env("CNI_CONTAINERID", "ctr-ghost")
+        .env("CNI_NETNS", "/nonexistent/netns")
+        .env("CNI_IFNAME", "eth0")
+        .env(
+            "CNI_ARGS",
+            format!("K8S_POD_NAMESPACE={};K8S_POD_NAME=ghost", lab.node.ns),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            let config = json!({"cniVersion": "1.0.0", "name": "k8s", "type": "rayfence-cni",
+                "bpffs": lab.bpffs.path, "prevResult": {"cniVersion": "1.0.0",
+                "interfaces": [{"name": "no-such-veth"}], "ips": []}});
+            child
+                .stdin
+                .take()
+                .map(|mut s| s.write_all(config.to_string().as_bytes()))
+                .transpose()?;
+            child.wait_with_output()
+        })?;
+    ensure!(!output.status.success(), "an unguardable ADD succeeded");
+    let error: Value = serde_json::from_slice(&output.stdout)?;
+    ensure!(error["code"] == 11, "{error}");
+    ensure!(
+        error["msg"].as_str().is_some_and(|m| m.contains("ghost")),
+        "{error}"
+    );
+    ensure!(guard::entry_state(&lab.bpffs.path, ghost.host_ifindex)?.is_none());
     Ok(())
 }
 
