@@ -471,7 +471,9 @@ fn add(invocation: &Invocation, conf: &NetConf) -> Result<String, CniError> {
 }
 
 fn del(invocation: &Invocation, conf: &NetConf) -> Result<(), CniError> {
-    if state(conf)? == PinnedState::Absent {
+    // Only the guard maps are needed: a DEL must not fail (and hold up the pod's
+    // removal) for want of anything else.
+    if !guard::guard_maps_pinned(&conf.bpffs) {
         return Ok(());
     }
     // Best effort: a veth already gone has nothing left to clear here (its links

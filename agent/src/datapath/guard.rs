@@ -141,6 +141,13 @@ pub fn pinned_state(root: &Path) -> Result<PinnedState, GuardError> {
     Ok(PinnedState::Present)
 }
 
+/// Whether the maps a guard lives in are pinned (all [`unguard`] needs).
+pub fn guard_maps_pinned(root: &Path) -> bool {
+    [map_names::ENDPOINTS_TC, map_names::GUARDS]
+        .iter()
+        .all(|m| paths::map(root, m).exists())
+}
+
 /// Whether new pods in `namespace` are to be guarded (`RF_GUARDNS` lists it).
 pub fn namespace_guarded(root: &Path, namespace: &str) -> Result<bool, GuardError> {
     let Some(key) = GuardNsKey::new(namespace) else {
