@@ -208,3 +208,31 @@ fn guarded_namespaces_follow_what_the_agent_sets() {
         );
     });
 }
+
+#[test]
+fn a_guarded_pod_may_query_the_dns_it_is_given_and_get_the_answers() {
+    const DNS: &str = "10.96.0.10";
+    in_own_netns(|| {
+        let pins = Pins::new();
+        let mut dp = Datapath::load(&options(&pins.0)).expect("load (root needed)");
+        dp.apply(&tables()).expect("apply");
+        dp.set_guard_dns(&[ip(DNS)].into(), false).expect("dns");
+        guard::guard(&pins.0, 1, "ray", "worker-1").expect("guard");
+        // A query and its answer, UDP and TCP.
+        assert!(send(&dp, &udp(POD, 40000, DNS, 53)));
+        assert!(receive(&dp, &udp(DNS, 53, POD, 40000)));
+        assert!(send(&dp, &tcp(POD, 40001, DNS, 53)));
+        // Nothing else: another port, another address, an unasked answer.
+        assert!(!send(&dp, &udp(POD, 40000, DNS, 54)));
+        assert!(!send(&dp, &udp(POD, 40000, STRANGER, 53)));
+        assert!(!receive(&dp, &udp(DNS, 53, POD, 40002)));
+        assert!(!receive(&dp, &udp(DNS, 5353, POD, 40000)));
+        // Taken off the list: no new query passes.
+        dp.set_guard_dns(&Default::default(), false).expect("dns");
+        assert!(!send(&dp, &udp(POD, 40003, DNS, 53)));
+        // Port 53 anywhere.
+        dp.set_guard_dns(&Default::default(), true).expect("dns");
+        assert!(send(&dp, &udp(POD, 40004, STRANGER, 53)));
+        assert!(!send(&dp, &udp(POD, 40004, STRANGER, 80)));
+    });
+}

@@ -3198,3 +3198,21 @@ fn guarded_namespaces_are_those_with_a_raycluster_or_the_guard_label() {
     e.remove_raycluster("plain-rc", "unisolated");
     assert_eq!(e.guarded_namespaces().get("plain-rc"), None);
 }
+
+/// What a guarded pod may query on port 53 follows `--dns-mode`: the DNS Service's
+/// ClusterIP and endpoints, any address, or nothing.
+#[test]
+fn the_guards_dns_is_the_dns_base_flows() {
+    let e = scene(settings());
+    let (addresses, any) = e.guard_dns();
+    let expected: Vec<std::net::IpAddr> =
+        vec!["10.3.0.10".parse().unwrap(), "10.96.0.10".parse().unwrap()];
+    assert_eq!(addresses.into_iter().collect::<Vec<_>>(), expected);
+    assert!(!any);
+    let mut anywhere = settings();
+    anywhere.dns = DnsMode::Anywhere;
+    assert_eq!(scene(anywhere).guard_dns(), (Default::default(), true));
+    let mut off = settings();
+    off.dns = DnsMode::Off;
+    assert_eq!(scene(off).guard_dns(), (Default::default(), false));
+}

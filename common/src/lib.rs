@@ -37,9 +37,12 @@ pub mod map_names {
     /// Host veth ifindex -> which pod the plugin guarded there and since when
     /// ([`super::GuardRecord`]). Read by the agent only; no program looks at it.
     pub const GUARDS: &str = "RF_GUARD_V1";
+    /// Addresses a guarded pod may query on port 53 (the DNS Service's ClusterIPs and
+    /// endpoints), or [`super::GUARD_DNS_ANY`] for any address.
+    pub const GUARD_DNS: &str = "RF_GUARDDNS_V1";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         ENDPOINTS_TC,
         ENDPOINTS_CGROUP,
         IDENTITIES,
@@ -56,6 +59,7 @@ pub mod map_names {
         NODE_FLOWS,
         GUARDED_NAMESPACES,
         GUARDS,
+        GUARD_DNS,
     ];
 }
 
@@ -103,6 +107,10 @@ pub mod endpoint_flags {
 /// Endpoint id of every guard entry (see [`endpoint_flags::GUARD`]). The agent
 /// allocates its ids below `2^31`, so this one is never a pod's.
 pub const GUARD_ENDPOINT_ID: u32 = u32::MAX;
+
+/// The `RF_GUARDDNS` key that lets guarded pods query port 53 on any address (the
+/// agent's `--dns-mode anywhere`).
+pub const GUARD_DNS_ANY: Addr = [0; 16];
 
 /// The longest Kubernetes namespace name (a DNS label).
 pub const NAMESPACE_MAX: usize = 63;

@@ -78,6 +78,10 @@ pub static GUARDED_NAMESPACES: HashMap<GuardNsKey, u32> = HashMap::with_max_entr
 #[map(name = "RF_GUARD_V1")]
 pub static GUARDS: HashMap<u32, GuardRecord> = HashMap::with_max_entries(1024, 0);
 
+/// DNS addresses a guarded pod may query on port 53 (all zeros: any address).
+#[map(name = "RF_GUARDDNS_V1")]
+pub static GUARD_DNS: HashMap<Addr, u8> = HashMap::with_max_entries(256, 0);
+
 /// Per-CPU room for the kernel conntrack lookup (`node`); never pinned, never read
 /// by the agent.
 #[map(name = "RF_CT_SCRATCH")]

@@ -454,6 +454,36 @@ impl Datapath {
         Ok(())
     }
 
+    /// Makes `RF_GUARDDNS` hold exactly the DNS addresses guarded pods may query
+    /// (`any`: the all-zero key, port 53 anywhere): additions first.
+    pub fn set_guard_dns(
+        &mut self,
+        addresses: &std::collections::BTreeSet<std::net::IpAddr>,
+        any: bool,
+    ) -> Result<(), super::DatapathError> {
+        const MAP: &str = map_names::GUARD_DNS;
+        let mut wanted: std::collections::BTreeSet<rayfence_common::Addr> =
+            addresses.iter().map(|ip| super::codec::addr(*ip)).collect();
+        if any {
+            wanted.insert(rayfence_common::GUARD_DNS_ANY);
+        }
+        let mut map: HashMap<&mut MapData, rayfence_common::Addr, u8> =
+            HashMap::try_from(self.map_mut(MAP)?).map_err(|e| super::DatapathError::map(MAP, e))?;
+        let present: Vec<rayfence_common::Addr> = map.keys().filter_map(Result::ok).collect();
+        for addr in &wanted {
+            if !present.contains(addr) {
+                map.insert(addr, &1, 0)
+                    .map_err(|e| super::DatapathError::map(MAP, e))?;
+            }
+        }
+        for addr in present {
+            if !wanted.contains(&addr) {
+                let _ = map.remove(&addr);
+            }
+        }
+        Ok(())
+    }
+
     /// The guards under the pin directory (none without one).
     pub fn guards(&self) -> Result<Vec<Guard>, GuardError> {
         match &self.pin_dir {

@@ -1,6 +1,7 @@
 //! The agent's side of the CNI guard (see [`crate::datapath::guard`]): keeps
 //! `RF_GUARDNS` equal to the namespaces to guard (those holding a RayCluster, and
-//! those labelled `rayfence.io/guard: "true"`), and accounts for every guard the
+//! those labelled `rayfence.io/guard: "true"`) and `RF_GUARDDNS` equal to the DNS
+//! addresses a guarded pod may query (the DNS base flow's), and accounts for every guard the
 //! plugin wrote: taken over (the endpoint lifecycle attached the pod: its own entry
 //! replaced the guard in one write), pending (the agent has not programmed the pod
 //! yet: counted in `rayfence_endpoints_guarded`, listed in `rayfence status`), or
@@ -33,6 +34,8 @@ pub struct PendingGuard {
 pub struct Guards {
     /// What `RF_GUARDNS` was last set to by this agent.
     namespaces: Option<BTreeMap<String, u32>>,
+    /// What `RF_GUARDDNS` was last set to: addresses, and port 53 anywhere.
+    dns: Option<(BTreeSet<std::net::IpAddr>, bool)>,
     pending: Vec<PendingGuard>,
     /// Pods whose pending guard was logged already.
     logged: BTreeSet<(String, String)>,
@@ -79,6 +82,22 @@ impl Guards {
                     Err(error) => {
                         health.metrics.error("guard");
                         tracing::error!(%error, "writing the guarded namespaces failed; retrying");
+                    }
+                }
+            }
+        }
+        if synced {
+            let dns = engine.guard_dns();
+            if self.dns.as_ref() != Some(&dns) {
+                match datapath.set_guard_dns(&dns.0, dns.1) {
+                    Ok(()) => {
+                        tracing::info!(addresses = %crate::logging::list(&dns.0), anywhere = dns.1,
+                            "DNS a pod under the CNI guard may query (port 53)");
+                        self.dns = Some(dns);
+                    }
+                    Err(error) => {
+                        health.metrics.error("guard");
+                        tracing::error!(%error, "writing the guard's DNS addresses failed; retrying");
                     }
                 }
             }
