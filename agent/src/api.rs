@@ -124,7 +124,25 @@ pub struct StatusReport {
     /// held fail-closed while the other RayClusters keep their policy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<HeldRayCluster>,
+    /// Namespaces whose new pods the CNI plugin guards until the agent programs
+    /// them (they hold a RayCluster, or carry `rayfence.io/guard: "true"`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guarded_namespaces: Vec<String>,
+    /// Pods the CNI plugin holds closed that the agent has not programmed yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guarded: Vec<GuardedPod>,
     pub endpoints: Vec<EndpointStatus>,
+}
+
+/// A pod held by the CNI guard: only its node reaches it, it reaches only its node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuardedPod {
+    pub namespace: String,
+    pub pod: String,
+    /// Host veth ifindex.
+    pub ifindex: u32,
+    /// How long it has been held, in milliseconds.
+    pub waited_ms: u64,
 }
 
 /// A RayCluster held fail-closed for lack of room in a datapath map.

@@ -46,6 +46,9 @@ pub enum ExplainError {
     },
     #[error("--from and --to have no address family in common ({from} and {to})")]
     NoCommonFamily { from: String, to: String },
+    /// The pod has no Pod object at the agent yet, but the CNI plugin holds it.
+    #[error("pod {pod} is not known to the agent yet: denied, {because}")]
+    Guarded { pod: String, because: String },
 }
 
 /// One end as the user wrote it.

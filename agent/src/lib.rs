@@ -13,11 +13,13 @@
 //!   HTTP and the local socket.
 //! - [`api`]: the operator API's wire types (status, explain, flow events).
 //! - [`explain`]: a flow's verdict on each side and the rules that decide it.
+//! - [`cni`]: the chained CNI plugin that guards new pods until they are programmed.
 //! - [`cli`]: the operator commands' client side (`status`, `explain`, `flows`).
 //! - [`logging`]: the agent's log (text or JSON lines on stdout, flow events included).
 pub mod api;
 pub mod capabilities;
 pub mod cli;
+pub mod cni;
 pub mod crd;
 pub mod datapath;
 pub mod discovery;

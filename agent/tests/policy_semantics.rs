@@ -3169,3 +3169,50 @@ fn a_pod_being_deleted_with_every_container_terminated_holds_no_address() {
         );
     }
 }
+
+/// The CNI guard's scope: namespaces holding a RayCluster (any, isolated or not) and
+/// namespaces labelled `rayfence.io/guard: "true"`, nothing else.
+#[test]
+fn guarded_namespaces_are_those_with_a_raycluster_or_the_guard_label() {
+    use rayfence_common::guard_reasons::{LABEL, RAYCLUSTER};
+    let mut e = scene(settings());
+    e.upsert_namespace(&namespace("labelled", &[("rayfence.io/guard", "true")]));
+    e.upsert_namespace(&namespace("off", &[("rayfence.io/guard", "false")]));
+    e.upsert_raycluster(&rc(
+        "team-a",
+        "training",
+        "  networkPolicy: {mode: DenyAll}",
+    ));
+    e.upsert_raycluster(&rc("plain-rc", "unisolated", "  rayVersion: '2.9'"));
+    let guarded = e.guarded_namespaces();
+    assert_eq!(guarded.get("team-a"), Some(&RAYCLUSTER), "{guarded:?}");
+    assert_eq!(guarded.get("labelled"), Some(&LABEL));
+    assert_eq!(guarded.get("plain-rc"), Some(&RAYCLUSTER));
+    assert_eq!(guarded.get("off"), None);
+    assert_eq!(guarded.get("monitoring"), None);
+    e.upsert_namespace(&namespace("team-a", &[("rayfence.io/guard", "true")]));
+    assert_eq!(
+        e.guarded_namespaces().get("team-a"),
+        Some(&(RAYCLUSTER | LABEL))
+    );
+    e.remove_raycluster("plain-rc", "unisolated");
+    assert_eq!(e.guarded_namespaces().get("plain-rc"), None);
+}
+
+/// What a guarded pod may query on port 53 follows `--dns-mode`: the DNS Service's
+/// ClusterIP and endpoints, any address, or nothing.
+#[test]
+fn the_guards_dns_is_the_dns_base_flows() {
+    let e = scene(settings());
+    let (addresses, any) = e.guard_dns();
+    let expected: Vec<std::net::IpAddr> =
+        vec!["10.3.0.10".parse().unwrap(), "10.96.0.10".parse().unwrap()];
+    assert_eq!(addresses.into_iter().collect::<Vec<_>>(), expected);
+    assert!(!any);
+    let mut anywhere = settings();
+    anywhere.dns = DnsMode::Anywhere;
+    assert_eq!(scene(anywhere).guard_dns(), (Default::default(), true));
+    let mut off = settings();
+    off.dns = DnsMode::Off;
+    assert_eq!(scene(off).guard_dns(), (Default::default(), false));
+}

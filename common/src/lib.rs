@@ -31,9 +31,18 @@ pub mod map_names {
     pub const NODE_PORTS: &str = "RF_NODEPORT_V1";
     pub const NODE_CGROUPS: &str = "RF_NODECG_V1";
     pub const NODE_FLOWS: &str = "RF_NODEFLOW_V1";
+    /// Namespaces whose new pods the CNI plugin guards ([`super::GuardNsKey`]).
+    /// Read by the plugin only; no program looks at it.
+    pub const GUARDED_NAMESPACES: &str = "RF_GUARDNS_V1";
+    /// Host veth ifindex -> which pod the plugin guarded there and since when
+    /// ([`super::GuardRecord`]). Read by the agent only; no program looks at it.
+    pub const GUARDS: &str = "RF_GUARD_V1";
+    /// Addresses a guarded pod may query on port 53 (the DNS Service's ClusterIPs and
+    /// endpoints), or [`super::GUARD_DNS_ANY`] for any address.
+    pub const GUARD_DNS: &str = "RF_GUARDDNS_V1";
 
     /// Every map, in the order the agent pins them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 17] = [
         ENDPOINTS_TC,
         ENDPOINTS_CGROUP,
         IDENTITIES,
@@ -48,6 +57,9 @@ pub mod map_names {
         NODE_PORTS,
         NODE_CGROUPS,
         NODE_FLOWS,
+        GUARDED_NAMESPACES,
+        GUARDS,
+        GUARD_DNS,
     ];
 }
 
@@ -84,6 +96,100 @@ pub mod endpoint_flags {
     /// The endpoint's policy is not (fully) programmed, e.g. a new pod or a policy
     /// that did not fit the maps: drop everything but link control and node traffic.
     pub const FAIL_CLOSED: u32 = 1 << 3;
+    /// Written by the CNI plugin (always with [`FAIL_CLOSED`] and both isolation
+    /// bits, endpoint id [`super::GUARD_ENDPOINT_ID`]) for a pod the agent has not
+    /// programmed yet. The datapath treats it as any fail-closed endpoint; the bit
+    /// tells the agent the entry is not one of its own, so it never takes it for a
+    /// leftover of a previous run. The agent's own write replaces it.
+    pub const GUARD: u32 = 1 << 4;
+}
+
+/// Endpoint id of every guard entry (see [`endpoint_flags::GUARD`]). The agent
+/// allocates its ids below `2^31`, so this one is never a pod's.
+pub const GUARD_ENDPOINT_ID: u32 = u32::MAX;
+
+/// The `RF_GUARDDNS` key that lets guarded pods query port 53 on any address (the
+/// agent's `--dns-mode anywhere`).
+pub const GUARD_DNS_ANY: Addr = [0; 16];
+
+/// The longest Kubernetes namespace name (a DNS label).
+pub const NAMESPACE_MAX: usize = 63;
+/// The longest Kubernetes pod name (a DNS subdomain).
+pub const POD_NAME_MAX: usize = 253;
+
+/// Key of `RF_GUARDNS`: a namespace name, NUL-padded. Names are at most 63 bytes,
+/// so the key is the name itself, never a hash that two names could share.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuardNsKey {
+    pub name: [u8; 64],
+}
+
+impl GuardNsKey {
+    /// `None` for a name no namespace can have (empty or too long).
+    pub fn new(namespace: &str) -> Option<Self> {
+        let bytes = namespace.as_bytes();
+        if bytes.is_empty() || bytes.len() > NAMESPACE_MAX {
+            return None;
+        }
+        let mut name = [0u8; 64];
+        name[..bytes.len()].copy_from_slice(bytes);
+        Some(Self { name })
+    }
+
+    /// The name, if it is UTF-8.
+    pub fn as_str(&self) -> Option<&str> {
+        let len = self.name.iter().position(|b| *b == 0).unwrap_or(64);
+        core::str::from_utf8(&self.name[..len]).ok()
+    }
+}
+
+/// Bits of a `RF_GUARDNS` value: why the namespace is guarded.
+pub mod guard_reasons {
+    /// It holds a RayCluster.
+    pub const RAYCLUSTER: u32 = 1 << 0;
+    /// It carries the label `rayfence.io/guard: "true"`.
+    pub const LABEL: u32 = 1 << 1;
+}
+
+/// Value of `RF_GUARD`: the pod the plugin guarded on a host veth.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GuardRecord {
+    /// When the guard was first written, Unix milliseconds.
+    pub since_unix_ms: u64,
+    /// NUL-padded.
+    pub namespace: [u8; 64],
+    /// NUL-padded.
+    pub name: [u8; 256],
+}
+
+impl GuardRecord {
+    /// `None` when a name is too long to be Kubernetes'.
+    pub fn new(namespace: &str, name: &str, since_unix_ms: u64) -> Option<Self> {
+        let ns = GuardNsKey::new(namespace)?;
+        let bytes = name.as_bytes();
+        if bytes.is_empty() || bytes.len() > POD_NAME_MAX {
+            return None;
+        }
+        let mut padded = [0u8; 256];
+        padded[..bytes.len()].copy_from_slice(bytes);
+        Some(Self {
+            since_unix_ms,
+            namespace: ns.name,
+            name: padded,
+        })
+    }
+
+    pub fn namespace(&self) -> Option<&str> {
+        let len = self.namespace.iter().position(|b| *b == 0).unwrap_or(64);
+        core::str::from_utf8(&self.namespace[..len]).ok()
+    }
+
+    pub fn name(&self) -> Option<&str> {
+        let len = self.name.iter().position(|b| *b == 0).unwrap_or(256);
+        core::str::from_utf8(&self.name[..len]).ok()
+    }
 }
 
 /// What the datapath knows about a local endpoint (a pod's host veth or its cgroup).
@@ -473,6 +579,8 @@ mod pod_impls {
     unsafe impl aya::Pod for NodePortKey {}
     unsafe impl aya::Pod for FragValue {}
     unsafe impl aya::Pod for EventBudget {}
+    unsafe impl aya::Pod for GuardNsKey {}
+    unsafe impl aya::Pod for GuardRecord {}
 }
 
 #[cfg(test)]
@@ -507,6 +615,23 @@ mod tests {
         assert_eq!(offset_of!(NodePortKey, port), 2);
         assert_eq!(size_of::<EventBudget>(), 24);
         assert_eq!(offset_of!(EventBudget, lost), 16);
+        assert_eq!(size_of::<GuardNsKey>(), 64);
+        assert_eq!(size_of::<GuardRecord>(), 328);
+        assert_eq!(offset_of!(GuardRecord, namespace), 8);
+        assert_eq!(offset_of!(GuardRecord, name), 72);
+    }
+
+    #[test]
+    fn guard_names_round_trip_and_bound() {
+        let key = GuardNsKey::new("ray-team").unwrap();
+        assert_eq!(key.as_str(), Some("ray-team"));
+        assert!(GuardNsKey::new("").is_none());
+        assert!(GuardNsKey::new(&"a".repeat(64)).is_none());
+        assert!(GuardNsKey::new(&"a".repeat(63)).is_some());
+        let record = GuardRecord::new("ns", &"p".repeat(253), 7).unwrap();
+        assert_eq!(record.namespace(), Some("ns"));
+        assert_eq!(record.name().map(|n| n.len()), Some(253));
+        assert!(GuardRecord::new("ns", &"p".repeat(254), 7).is_none());
     }
 
     #[test]

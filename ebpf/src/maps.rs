@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use rayfence_common::{
     Addr, CounterKey, CounterValue, CtKey, CtValue, DatapathConfig, EndpointInfo, EventBudget,
-    FragKey, FragValue, NodePortKey, PolicyKey, PolicyValue,
+    FragKey, FragValue, GuardNsKey, GuardRecord, NodePortKey, PolicyKey, PolicyValue,
 };
 
 /// Host veth ifindex -> endpoint.
@@ -66,6 +66,21 @@ pub static NODE_CGROUPS: HashMap<u64, u32> = HashMap::with_max_entries(1024, 0);
 /// the node, so its re-checks read the answer here.
 #[map(name = "RF_NODEFLOW_V1")]
 pub static NODE_FLOWS: LruHashMap<CtKey, u32> = LruHashMap::with_max_entries(1024, 0);
+
+/// Namespaces whose new pods the CNI plugin guards. No program reads it: it is
+/// declared here so that it is created, sized and pinned with the others, and so
+/// outlives the agent with them.
+#[map(name = "RF_GUARDNS_V1")]
+pub static GUARDED_NAMESPACES: HashMap<GuardNsKey, u32> = HashMap::with_max_entries(1024, 0);
+
+/// Host veth ifindex -> the pod the CNI plugin guarded there (for the agent only;
+/// the datapath decides on the `RF_EP_TC` entry).
+#[map(name = "RF_GUARD_V1")]
+pub static GUARDS: HashMap<u32, GuardRecord> = HashMap::with_max_entries(1024, 0);
+
+/// DNS addresses a guarded pod may query on port 53 (all zeros: any address).
+#[map(name = "RF_GUARDDNS_V1")]
+pub static GUARD_DNS: HashMap<Addr, u8> = HashMap::with_max_entries(256, 0);
 
 /// Per-CPU room for the kernel conntrack lookup (`node`); never pinned, never read
 /// by the agent.

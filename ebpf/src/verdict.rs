@@ -1,5 +1,5 @@
 //! The decision, the same for every hook, top to bottom: link control, fail-closed
-//! (node traffic excepted), related ICMP errors, conntrack (with the generation
+//! (node traffic excepted, and a CNI guard's DNS), related ICMP errors, conntrack (with the generation
 //! re-check that makes revocation work), then node traffic and policy for new
 //! flows. An established packet costs the endpoint lookup, the parse and one
 //! conntrack lookup, and no counter work; every drop is counted and sampled, every
@@ -32,7 +32,7 @@ use rayfence_common::{
 use crate::{
     conntrack, identity as ident, maps, metrics,
     node::{self, NodePeer},
-    parse::{self, Class, Flow, IPPROTO_TCP, Layer, Packet, Skb, tcp_flags},
+    parse::{self, Class, Flow, IPPROTO_TCP, IPPROTO_UDP, Layer, Packet, Skb, tcp_flags},
     policy,
 };
 
@@ -236,11 +236,15 @@ fn decide_flow(this: &Current, key: &CtKey, new_flow: &NewFlow) -> bool {
 }
 
 /// Only the node itself (its host processes: kubelet probes) passes a fail-closed
-/// endpoint. No conntrack here, so each packet asks; fail-closed is transient.
+/// endpoint. No conntrack here, so each packet asks; fail-closed is transient. A
+/// CNI guard (`GUARD`) also passes its pod's DNS queries and their replies.
 #[inline(never)]
 fn fail_closed(this: &Current, flow: &Flow) -> bool {
     let key = conntrack::key(this.endpoint.endpoint_id, this.direction, flow);
     if let NodePeer::Node = peer(this.skb, this.layer, &key, this.direction, this.direction) {
+        return true;
+    }
+    if this.endpoint.flags & endpoint_flags::GUARD != 0 && guard_dns(this, &key) {
         return true;
     }
     deny(
@@ -250,6 +254,40 @@ fn fail_closed(this: &Current, flow: &Flow) -> bool {
         &key,
         Reason::FailClosed,
     )
+}
+
+/// A guarded pod's DNS: a query (UDP or TCP to port 53 of an `RF_GUARDDNS` address,
+/// or of any address when the map holds the all-zero key) opens a conntrack entry
+/// under the guard's endpoint id; a packet towards the pod passes only on such an
+/// entry. Two map lookups at most.
+#[inline(never)]
+fn guard_dns(this: &Current, key: &CtKey) -> bool {
+    match this.direction {
+        Direction::Egress => {
+            if key.peer_port != 53 || (key.protocol != IPPROTO_TCP && key.protocol != IPPROTO_UDP) {
+                return false;
+            }
+            // SAFETY: plain data, only checked for presence.
+            let listed = unsafe {
+                maps::GUARD_DNS.get(&key.peer).is_some()
+                    || maps::GUARD_DNS
+                        .get(&rayfence_common::GUARD_DNS_ANY)
+                        .is_some()
+            };
+            if listed {
+                conntrack::create(key, this.endpoint.generation, Direction::Egress, 0);
+            }
+            listed
+        }
+        Direction::Ingress => match conntrack::lookup(key) {
+            Some(entry) => {
+                // SAFETY: a live LRU value; a concurrent eviction leaves it readable.
+                let origin = unsafe { (*entry).origin };
+                origin == Direction::Egress as u8
+            }
+            None => false,
+        },
+    }
 }
 
 /// Denies a new flow as `no-policy`; the event names who is behind a node address

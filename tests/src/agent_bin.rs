@@ -9,7 +9,11 @@
 //! it, with the suite's features): a nested `cargo build -p rayfence-agent` unifies
 //! features differently and rebuilt kube, hyper and the agent a second time, minutes
 //! and gigabytes. Run on its own (`cargo test -p rayfence-tests --test ...`), a test
-//! builds just the agent's binary.
+//! builds just the agent's binaries.
+//!
+//! The CNI plugin (`rayfence-cni`) comes the same way: `$RAYFENCE_CNI_BIN`, else the
+//! `rayfence-cni` next to `$RAYFENCE_BIN` (cargo builds every binary of the agent
+//! crate for its integration tests), else the nested build, which builds both.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -34,13 +38,38 @@ const KEPT_ENV: [&str; 10] = [
 
 pub fn rayfence_bin() -> Result<PathBuf> {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(build).clone().map_err(anyhow::Error::msg)
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("RAYFENCE_BIN") {
+            return Ok(PathBuf::from(path));
+        }
+        build("rayfence")
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
 }
 
-fn build() -> std::result::Result<PathBuf, String> {
-    if let Some(path) = std::env::var_os("RAYFENCE_BIN") {
-        return Ok(PathBuf::from(path));
-    }
+/// The chained CNI plugin, `rayfence-cni`.
+pub fn rayfence_cni_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("RAYFENCE_CNI_BIN") {
+            return Ok(PathBuf::from(path));
+        }
+        if let Some(agent) = std::env::var_os("RAYFENCE_BIN") {
+            let sibling = Path::new(&agent).with_file_name("rayfence-cni");
+            if sibling.is_file() {
+                return Ok(sibling);
+            }
+        }
+        build("rayfence-cni")
+    })
+    .clone()
+    .map_err(anyhow::Error::msg)
+}
+
+/// Builds both binaries (one nested build whichever is asked first) and returns
+/// `name`'s path.
+fn build(name: &str) -> std::result::Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -52,18 +81,26 @@ fn build() -> std::result::Result<PathBuf, String> {
                 .iter()
                 .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
         )
-        .args(["build", "-p", "rayfence-agent", "--bin", "rayfence"])
+        .args([
+            "build",
+            "-p",
+            "rayfence-agent",
+            "--bin",
+            "rayfence",
+            "--bin",
+            "rayfence-cni",
+        ])
         .current_dir(workspace)
         .status()
         .map_err(|e| format!("running cargo build: {e}"))?;
     if !status.success() {
-        return Err(format!("cargo build of the rayfence binary: {status}"));
+        return Err(format!("cargo build of the rayfence binaries: {status}"));
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|d| d.join("rayfence"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| format!("no rayfence binary near {}", exe.display()))
+        .ok_or_else(|| format!("no {name} binary near {}", exe.display()))
 }

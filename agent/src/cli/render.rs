@@ -42,6 +42,22 @@ pub fn status(report: &StatusReport, wide: bool) -> String {
             held.namespace, held.name, held.needed, held.map, held.free
         );
     }
+    if !report.guarded_namespaces.is_empty() {
+        let _ = writeln!(
+            out,
+            "CNI guard: new pods in {} are closed until programmed",
+            report.guarded_namespaces.join(", ")
+        );
+    }
+    for pod in &report.guarded {
+        let _ = writeln!(
+            out,
+            "pending: {}/{} held by the CNI guard for {:.1}s (only its node reaches it; not programmed yet)",
+            pod.namespace,
+            pod.pod,
+            pod.waited_ms as f64 / 1e3
+        );
+    }
     if report.endpoints.is_empty() {
         return out;
     }
@@ -264,6 +280,8 @@ mod tests {
             node_trust: String::new(),
             host_network_pods: Vec::new(),
             held: Vec::new(),
+            guarded_namespaces: Vec::new(),
+            guarded: Vec::new(),
             endpoints: vec![
                 endpoint("alpha-head-8x2kq", "attached", None),
                 endpoint("w", "pending", Some("no cgroup yet")),
@@ -315,6 +333,28 @@ mod tests {
             "hostNetwork pods (their traffic is theirs, not the node's): monitoring/node-exporter"
         );
         assert!(lines[3].starts_with("POD "), "{text}");
+    }
+
+    #[test]
+    fn status_lists_guarded_namespaces_and_pending_guarded_pods() {
+        let mut report = report();
+        report.guarded_namespaces = vec!["team-a".into(), "team-b".into()];
+        report.guarded = vec![crate::api::GuardedPod {
+            namespace: "team-a".into(),
+            pod: "alpha-worker-x".into(),
+            ifindex: 12,
+            waited_ms: 2500,
+        }];
+        let text = status(&report, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1],
+            "CNI guard: new pods in team-a, team-b are closed until programmed"
+        );
+        assert_eq!(
+            lines[2],
+            "pending: team-a/alpha-worker-x held by the CNI guard for 2.5s (only its node reaches it; not programmed yet)"
+        );
     }
 
     #[test]

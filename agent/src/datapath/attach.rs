@@ -338,7 +338,16 @@ impl Datapath {
         interface: Interface<'_>,
     ) -> Result<u32, DatapathError> {
         let ifindex = interface.ifindex()?;
+        // Over a CNI guard, this one write is the switch to the pod's own policy.
         self.register_tc(endpoint, ifindex)?;
+        if let Some(waited_ms) = self.took_over_guard(ifindex) {
+            tracing::info!(
+                endpoint,
+                ifindex,
+                waited_ms,
+                "took over the CNI guard of the veth"
+            );
+        }
         let tcx = match self.tc_backend {
             TcBackend::Auto => tcx_supported(),
             TcBackend::Tcx => true,

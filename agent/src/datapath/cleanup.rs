@@ -46,7 +46,11 @@ pub fn cleanup(dir: &Path) -> Result<CleanupReport, DatapathError> {
         std::fs::remove_file(&path).map_err(|e| DatapathError::io("removing", &path, e))?;
         report.maps += 1;
     }
-    for sub in [links, maps] {
+    let progs = paths::progs_dir(dir);
+    for path in entries(&progs)? {
+        std::fs::remove_file(&path).map_err(|e| DatapathError::io("removing", &path, e))?;
+    }
+    for sub in [links, maps, progs] {
         if sub.exists() {
             std::fs::remove_dir(&sub).map_err(|e| DatapathError::io("removing", &sub, e))?;
         }

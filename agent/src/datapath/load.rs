@@ -104,7 +104,7 @@ impl Capacities {
     }
 
     /// Each sized map's `max_entries`, as the loader sets them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 12] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 14] {
         [
             (map_names::ENDPOINTS_TC, self.endpoints),
             (map_names::ENDPOINTS_CGROUP, self.endpoints),
@@ -118,6 +118,8 @@ impl Capacities {
             (map_names::NODE_PORTS, self.node_ports()),
             (map_names::NODE_CGROUPS, self.endpoints),
             (map_names::NODE_FLOWS, self.node_flows()),
+            (map_names::GUARDED_NAMESPACES, self.endpoints),
+            (map_names::GUARDS, self.endpoints),
         ]
     }
 
@@ -221,7 +223,11 @@ impl Datapath {
         let mut migration = None;
         if let Some(dir) = &options.bpffs_dir {
             bpffs::ensure_mounted(dir)?;
-            for sub in [paths::maps_dir(dir), paths::links_dir(dir)] {
+            for sub in [
+                paths::maps_dir(dir),
+                paths::links_dir(dir),
+                paths::progs_dir(dir),
+            ] {
                 std::fs::create_dir_all(&sub)
                     .map_err(|source| DatapathError::io("creating", &sub, source))?;
             }
@@ -239,6 +245,9 @@ impl Datapath {
                 source: Box::new(source),
             })?;
         load_programs(&mut ebpf)?;
+        if let Some(dir) = &options.bpffs_dir {
+            pin_tc_programs(&mut ebpf, dir)?;
+        }
         let mut datapath = Self {
             ebpf,
             node_trust: match conntrack {
@@ -254,6 +263,7 @@ impl Datapath {
             forced_fail_closed: BTreeSet::new(),
             held: BTreeSet::new(),
             owned_links: BTreeMap::new(),
+            guard_waits: Vec::new(),
         };
         // Before any swap: new programs must never see a configuration or a CIDR
         // map without them.
@@ -390,6 +400,11 @@ impl Datapath {
                 HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
             for item in map.iter() {
                 let (ifindex, info) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                // The CNI plugin's guard on a pod not programmed yet: not ours to
+                // adopt (nor to detach as a leftover).
+                if info.flags & rayfence_common::endpoint_flags::GUARD != 0 {
+                    continue;
+                }
                 record(&info);
                 attachments
                     .entry(info.endpoint_id)
@@ -442,6 +457,32 @@ impl Datapath {
         &mut self.ebpf
     }
 }
+/// Pins this agent's TC programs for the CNI plugin, replacing an earlier agent's in
+/// one step (pinned under a temporary name, then renamed over the old pin), so a
+/// plugin running meanwhile always finds one.
+fn pin_tc_programs(ebpf: &mut Ebpf, dir: &std::path::Path) -> Result<(), DatapathError> {
+    for name in ["tc_ingress", "tc_egress"] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .and_then(|program| program.try_into().ok())
+            .ok_or(DatapathError::MissingProgram { program: name })?;
+        let target = paths::prog(dir, name);
+        // bpffs refuses names with a dot.
+        let staging = paths::progs_dir(dir).join(format!("new_{name}"));
+        if staging.exists() {
+            std::fs::remove_file(&staging)
+                .map_err(|e| DatapathError::io("removing", &staging, e))?;
+        }
+        program.pin(&staging).map_err(|e| DatapathError::Pin {
+            path: staging.clone(),
+            source: Box::new(e),
+        })?;
+        std::fs::rename(&staging, &target)
+            .map_err(|e| DatapathError::io("renaming into place", &target, e))?;
+    }
+    Ok(())
+}
+
 /// An object copied to 8-byte aligned memory, as the ELF parser wants it.
 struct Aligned {
     words: Vec<u64>,

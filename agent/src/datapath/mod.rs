@@ -11,6 +11,8 @@
 //!   old, state carried across, programs swapped on their links, then the pins.
 //! - [`attach`]: TCX (clsact before Linux 6.6) on a pod's host veth, cgroup_skb on
 //!   its cgroup; links pinned so enforcement outlives the agent.
+//! - [`guard`]: the CNI plugin's hold on pods not programmed yet (written by the
+//!   plugin through the pins, taken over or released by the agent).
 //! - [`apply`]: tables and diffs to maps, in an order that never opens a gap.
 //! - [`node`]: who is behind a node address: the pod cgroups a node socket may sit
 //!   in, and what the kernel offers ([`kfuncs`]: its conntrack) to tell NATed
@@ -24,6 +26,7 @@ pub mod bpffs;
 pub mod cleanup;
 mod codec;
 pub mod error;
+pub mod guard;
 pub mod kfuncs;
 pub mod load;
 pub mod migrate;
@@ -68,6 +71,8 @@ pub struct Datapath {
     node_trust: NodeTrust,
     /// What `RF_NODECG` holds: cgroup id -> hostNetwork pod identity or `OTHER_POD`.
     node_cgroups: BTreeMap<u64, u32>,
+    /// How long (ms) each guard the agent took over had held its pod, not yet read.
+    guard_waits: Vec<u64>,
 }
 
 /// Where one endpoint is attached.

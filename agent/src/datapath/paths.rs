@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! <dir>/maps/RF_*_V1                 maps (adopted by a restarted agent)
+//! <dir>/progs/tc_ingress, tc_egress  the running agent's TC programs, for the CNI
+//!                                    plugin to attach to a new pod's veth
 //! <dir>/links/tc_<ifindex>_<dir>     TCX links on a pod's host veth
 //! <dir>/links/cg_<cgroup id>_<dir>   cgroup_skb links on a pod's cgroup
 //! <dir>/links/nl_<netns>_<ifindex>_<dir>/  marker of a clsact filter (no TCX)
@@ -19,6 +21,15 @@ pub fn maps_dir(root: &Path) -> PathBuf {
 
 pub fn map(root: &Path, name: &str) -> PathBuf {
     maps_dir(root).join(name)
+}
+
+pub fn progs_dir(root: &Path) -> PathBuf {
+    root.join("progs")
+}
+
+/// A pinned program (`tc_ingress` or `tc_egress`).
+pub fn prog(root: &Path, name: &str) -> PathBuf {
+    progs_dir(root).join(name)
 }
 
 pub fn links_dir(root: &Path) -> PathBuf {

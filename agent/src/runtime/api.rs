@@ -10,7 +10,9 @@ use rayfence_common::Verdict;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{EndpointState, Runtime};
-use crate::api::{EndpointStatus, ExplainQuery, ExplainReport, HeldRayCluster, StatusReport};
+use crate::api::{
+    EndpointStatus, ExplainQuery, ExplainReport, GuardedPod, HeldRayCluster, StatusReport,
+};
 use crate::explain::{ExplainError, combine, endpoint_labels, explain_flow};
 use crate::tables::EndpointId;
 
@@ -69,11 +71,12 @@ impl Runtime {
                 let _ = reply.send(self.status_report());
             }
             Query::Explain(query, reply) => {
-                let answer =
-                    explain_flow(&self.engine, &query.from, &query.to).map(|mut report| {
+                let answer = explain_flow(&self.engine, &query.from, &query.to)
+                    .map(|mut report| {
                         self.as_enforced(&mut report);
                         report
-                    });
+                    })
+                    .or_else(|error| self.explain_guarded(&query, error));
                 let _ = reply.send(answer);
             }
         }
@@ -88,6 +91,13 @@ impl Runtime {
             let Some((namespace, pod)) = side.pod.as_deref().and_then(|p| p.split_once('/')) else {
                 continue;
             };
+            if let Some(guard) = self.guards.is_pending(namespace, pod) {
+                side.verdict = "denied".into();
+                side.because = guarded_because(namespace, pod, guard.waited_ms);
+                side.rules.clear();
+                changed = true;
+                continue;
+            }
             let Some(id) = self.engine.endpoint_id(namespace, pod) else {
                 continue;
             };
@@ -124,6 +134,36 @@ impl Runtime {
         if changed {
             report.verdict = combine(&report.sides);
         }
+    }
+
+    /// A flow the engine cannot explain because an end is a pod it does not know
+    /// yet, while the CNI guard holds that pod: denied on that side, and said so.
+    fn explain_guarded(
+        &self,
+        query: &ExplainQuery,
+        error: ExplainError,
+    ) -> Result<ExplainReport, ExplainError> {
+        if !matches!(
+            error,
+            ExplainError::UnknownPod { .. } | ExplainError::NoAddress { .. }
+        ) {
+            return Err(error);
+        }
+        let guarded = |end: &str| {
+            let (namespace, pod) = end.split_once('/')?;
+            let pod = pod.split([':', '/']).next().unwrap_or(pod);
+            self.guards
+                .is_pending(namespace, pod)
+                .map(|g| (namespace.to_owned(), pod.to_owned(), g.waited_ms))
+        };
+        let (namespace, pod, waited_ms) = match (guarded(&query.from), guarded(&query.to)) {
+            (Some(end), _) | (None, Some(end)) => end,
+            (None, None) => return Err(error),
+        };
+        Err(ExplainError::Guarded {
+            pod: format!("{namespace}/{pod}"),
+            because: guarded_because(&namespace, &pod, waited_ms),
+        })
     }
 
     /// The held RayCluster an endpoint belongs to, if it is held.
@@ -171,6 +211,14 @@ impl Runtime {
                     Some(EndpointState::NotEnforced { reason }) => {
                         ("none", "not-enforced", Some(reason.clone()))
                     }
+                    _ if self.guards.is_pending(&meta.namespace, &meta.pod).is_some() => (
+                        "tc",
+                        "guarded",
+                        Some(
+                            "held by the CNI guard until programmed: only its node reaches it"
+                                .into(),
+                        ),
+                    ),
                     Some(EndpointState::Pending { last_error, .. }) => {
                         ("none", "pending", Some(last_error.clone()))
                     }
@@ -206,6 +254,22 @@ impl Runtime {
             .collect();
         endpoints.sort_by(|a, b| (&a.namespace, &a.pod).cmp(&(&b.namespace, &b.pod)));
         StatusReport {
+            guarded_namespaces: self
+                .guards
+                .namespaces()
+                .map(|n| n.keys().cloned().collect())
+                .unwrap_or_default(),
+            guarded: self
+                .guards
+                .pending()
+                .iter()
+                .map(|g| GuardedPod {
+                    namespace: g.namespace.clone(),
+                    pod: g.pod.clone(),
+                    ifindex: g.ifindex,
+                    waited_ms: g.waited_ms,
+                })
+                .collect(),
             node: self.config.settings.node_name.clone(),
             ready: self.health.is_ready(),
             source: self.source_status.clone(),
@@ -227,4 +291,12 @@ impl Runtime {
             endpoints,
         }
     }
+}
+
+fn guarded_because(namespace: &str, pod: &str, waited_ms: u64) -> String {
+    format!(
+        "{namespace}/{pod} is held by the CNI guard ({:.1}s so far): the agent has not \
+         programmed it yet, so only its node reaches it and it reaches only its node",
+        waited_ms as f64 / 1e3
+    )
 }

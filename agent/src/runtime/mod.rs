@@ -31,6 +31,7 @@ pub mod capacity;
 mod counters;
 mod endpoints;
 pub mod flows;
+pub mod guards;
 mod node;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -144,6 +145,8 @@ pub struct Runtime {
     admitted: Option<BTreeSet<capacity::Tenant>>,
     /// RayClusters held fail-closed for lack of room, and why.
     held: BTreeMap<capacity::Tenant, capacity::Refusal>,
+    /// The CNI plugin's guards and the namespaces it guards.
+    guards: guards::Guards,
 }
 
 impl Runtime {
@@ -186,6 +189,7 @@ impl Runtime {
             capacity,
             admitted: None,
             held: BTreeMap::new(),
+            guards: guards::Guards::default(),
             engine,
             datapath,
             locator: Arc::new(locator),
@@ -293,11 +297,15 @@ impl Runtime {
                 },
                 // Not before the first programming: until then endpoint ids have
                 // no names (see counters.rs on restarts).
-                _ = counters.tick(), if self.programmed => self.counters.publish(
-                    &self.datapath,
-                    self.engine.endpoints(),
-                    &self.health.metrics,
-                ),
+                _ = counters.tick(), if self.programmed => {
+                    self.counters.publish(
+                        &self.datapath,
+                        self.engine.endpoints(),
+                        &self.health.metrics,
+                    );
+                    // Guards the plugin wrote since the last pass.
+                    self.sync_guards();
+                }
                 query = next_query(&mut queries), if queries.is_some() => match query {
                     Some(query) => self.answer(query),
                     None => queries = None,
@@ -818,10 +826,25 @@ impl Runtime {
                 prelocated,
             )
             .await;
+        self.sync_guards();
         // A sandbox went (or came back): its address's trust follows now.
         if sandboxes_changed {
             Box::pin(self.program(None)).await;
         }
+    }
+}
+
+impl Runtime {
+    fn sync_guards(&mut self) {
+        let known: BTreeSet<(String, String)> = self.pods.keys().cloned().collect();
+        let synced = self.all_synced();
+        self.guards.sync(
+            &self.engine,
+            &known,
+            &mut self.datapath,
+            &self.health,
+            synced,
+        );
     }
 }
 

@@ -124,6 +124,10 @@ pub struct Metrics {
     /// The Kubernetes source restarting a kind's watch.
     pub watch_restarts: Family<KindLabel, Counter>,
     pub attach_latency: Histogram,
+    /// Pods the CNI plugin holds closed that the agent has not programmed yet.
+    pub endpoints_guarded: Gauge,
+    /// How long each pod the agent took over from the CNI guard had waited.
+    pub guard_wait: Histogram,
     /// Connections open on each HTTP listener.
     pub http_connections: Family<ListenerLabels, Gauge>,
     /// Connections closed as soon as accepted: a connection cap was reached.
@@ -263,6 +267,18 @@ impl Metrics {
             "Kubernetes watches restarted after an error (relist after 410 Gone, reconnect), by kind",
             watch_restarts.clone(),
         );
+        let endpoints_guarded = Gauge::default();
+        registry.register(
+            "rayfence_endpoints_guarded",
+            "Pods the CNI plugin holds closed (only their node reaches them) that the agent has not programmed yet",
+            endpoints_guarded.clone(),
+        );
+        let guard_wait = Histogram::new(exponential_buckets(0.001, 2.0, 20));
+        registry.register(
+            "rayfence_guard_wait_seconds",
+            "From the CNI plugin guarding a pod to the agent programming its policy",
+            guard_wait.clone(),
+        );
         let http_connections = Family::<ListenerLabels, Gauge>::default();
         registry.register(
             "rayfence_http_connections",
@@ -289,6 +305,8 @@ impl Metrics {
         );
         Self {
             registry,
+            endpoints_guarded,
+            guard_wait,
             http_connections,
             http_connections_refused,
             http_accept_errors,

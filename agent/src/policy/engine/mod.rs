@@ -29,6 +29,7 @@ mod index;
 mod local;
 mod namespaces;
 mod node_ports;
+pub use namespaces::GUARD_LABEL;
 pub use node_ports::NodePortOwner;
 mod pods;
 mod rows;

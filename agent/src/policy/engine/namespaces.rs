@@ -16,7 +16,28 @@ use crate::policy::rule::{NamespaceMatch, Peer};
 use crate::policy::selector::Labels;
 use crate::tables::{IdentityId, PolicyId};
 
+/// The namespace label that asks for new pods to be guarded by the CNI plugin until
+/// the agent has programmed them, even before the namespace holds a RayCluster.
+pub const GUARD_LABEL: &str = "rayfence.io/guard";
+
 impl Engine {
+    /// Namespaces whose new pods the CNI plugin guards, with why
+    /// ([`rayfence_common::guard_reasons`]): those holding a RayCluster, and those
+    /// labelled `rayfence.io/guard: "true"`.
+    pub fn guarded_namespaces(&self) -> std::collections::BTreeMap<String, u32> {
+        use rayfence_common::guard_reasons;
+        let mut out = std::collections::BTreeMap::new();
+        for (namespace, _) in self.clusters.keys() {
+            *out.entry(namespace.clone()).or_insert(0) |= guard_reasons::RAYCLUSTER;
+        }
+        for (namespace, labels) in &self.namespaces {
+            if labels.get(GUARD_LABEL).map(String::as_str) == Some("true") {
+                *out.entry(namespace.clone()).or_insert(0) |= guard_reasons::LABEL;
+            }
+        }
+        out
+    }
+
     pub(super) fn ns_labels(&self, namespace: &str) -> Labels {
         self.ns_labels_ref(namespace).into_owned()
     }

@@ -279,6 +279,27 @@ impl Engine {
         }
     }
 
+    /// What a pod under the CNI guard may query on port 53: the DNS Service's
+    /// ClusterIPs and endpoint addresses (`--dns-mode service`), any address
+    /// (`anywhere`: the flag), or nothing (`off`).
+    pub fn guard_dns(&self) -> (std::collections::BTreeSet<IpAddr>, bool) {
+        let mut addresses = std::collections::BTreeSet::new();
+        if matches!(self.settings.dns, crate::policy::DnsMode::Anywhere) {
+            return (addresses, true);
+        }
+        if let Some(service) = &self.dns_service {
+            if let Some(state) = self.services.get(service) {
+                addresses.extend(state.cluster_ips.iter().copied());
+            }
+            for slice in self.slices_by_service.get(service).into_iter().flatten() {
+                if let Some(slice) = self.slices.get(&(service.0.clone(), slice.clone())) {
+                    addresses.extend(slice.addresses.iter().copied());
+                }
+            }
+        }
+        (addresses, false)
+    }
+
     pub(super) fn is_dns_backend(&self, ips: &[IpAddr]) -> bool {
         self.dns_service.as_ref().is_some_and(|svc| {
             ips.iter().any(|ip| {
