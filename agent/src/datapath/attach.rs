@@ -89,7 +89,7 @@ fn parse_marker(name: &str) -> Option<Marker> {
 
 /// Inside a marker: the filter's priority and handle, which replacing its program
 /// in place needs (netlink filters are named by them, not by an fd).
-fn filter_id_name(priority: u16, handle: u32) -> String {
+pub(crate) fn filter_id_name(priority: u16, handle: u32) -> String {
     format!("prio_{priority}_handle_{handle}")
 }
 

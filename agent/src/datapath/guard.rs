@@ -296,6 +296,18 @@ fn link(root: &Path, ifindex: u32) -> Result<(), GuardError> {
                 path: pin.clone(),
                 source,
             })?;
+            // The filter's priority and handle, as the agent records them: what a
+            // map migration needs to swap this filter's program in place.
+            let (priority, handle) = link
+                .priority()
+                .and_then(|priority| Ok((priority, u32::from(link.handle()?))))
+                .map_err(link_error)?;
+            let id = pin.join(super::attach::filter_id_name(priority, handle));
+            std::fs::create_dir(&id).map_err(|source| GuardError::Io {
+                action: "creating",
+                path: id,
+                source,
+            })?;
             // The filter must outlive this process.
             std::mem::forget(link);
         }
