@@ -14,10 +14,12 @@
 //! - [`api`]: the operator API's wire types (status, explain, flow events).
 //! - [`explain`]: a flow's verdict on each side and the rules that decide it.
 //! - [`cli`]: the operator commands' client side (`status`, `explain`, `flows`).
+//! - [`cni`]: the chained CNI plugin and its installation into the node's CNI config.
 //! - [`logging`]: the agent's log (text or JSON lines on stdout, flow events included).
 pub mod api;
 pub mod capabilities;
 pub mod cli;
+pub mod cni;
 pub mod crd;
 pub mod datapath;
 pub mod discovery;

@@ -1,0 +1,3 @@
+//! The chained CNI plugin `rayfence-cni`: how it is installed into and removed from
+//! a node's CNI configuration ([`install`]).
+pub mod install;
