@@ -41,9 +41,12 @@ pub const DEFAULT_BIN_DIR: &str = "/opt/cni/bin";
 /// How often [`spawn_keeper`] looks again without being told (a missed or
 /// overflowed inotify event, a conf dir that did not exist yet).
 pub const RECHECK: Duration = Duration::from_secs(10);
-/// After a change in the conf dir, how long the keeper lets the writer finish:
-/// flannel and k3s write their file in place, not by rename.
-const SETTLE: Duration = Duration::from_millis(100);
+/// After a change in the conf dir, how long the keeper lets a burst of events
+/// (truncate, write, close) pass before it reads. Short: until it has rewritten
+/// the file, new pods are not guarded. A file read half-written (flannel and k3s
+/// write theirs in place) does not parse and is left alone; its close brings
+/// another event.
+const SETTLE: Duration = Duration::from_millis(10);
 /// The extensions libcni reads, in its `ConfFiles` order.
 const EXTENSIONS: [&str; 3] = ["conf", "conflist", "json"];
 
@@ -1135,7 +1138,7 @@ mod tests {
         install(&node.config("/sys/fs/bpf/rayfence")).expect("install");
         fs::write(node.bin.join("portmap"), b"portmap").expect("portmap");
         let report = uninstall(&node.conf, &node.bin).expect("uninstall");
-        assert_eq!(report.conf_files, [file.clone()]);
+        assert_eq!(report.conf_files, std::slice::from_ref(&file));
         assert!(report.binary_removed);
         let expected: serde_json::Value = serde_json::from_str(K3S_FLANNEL).expect("json");
         let now: serde_json::Value =
