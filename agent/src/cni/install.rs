@@ -530,7 +530,8 @@ fn parse(path: &Path, text: &str) -> Result<Json, InstallError> {
 }
 
 /// Writes `doc` to `path` through a temp file in the same directory renamed over
-/// it, with the owner and mode of `like` (the file it replaces). The temp name
+/// it, with the mode (and, where allowed, the owner) of `like`, the file it
+/// replaces. The temp name
 /// ends in `.tmp` and starts with a dot: no runtime reads it as a configuration.
 fn write_atomically(path: &Path, doc: &Json, like: &Path) -> Result<(), InstallError> {
     let write_error = |source| InstallError::Write {
@@ -552,7 +553,15 @@ fn write_atomically(path: &Path, doc: &Json, like: &Path) -> Result<(), InstallE
             .mode(0o600)
             .open(&tmp)?;
         file.write_all(&text)?;
-        std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid()))?;
+        let mine = file.metadata()?;
+        if (mine.uid(), mine.gid()) != (meta.uid(), meta.gid()) {
+            // Giving a file away needs CAP_CHOWN, which the agent does not have:
+            // where it fails the file stays the agent's (uid 0, as CNI files are).
+            match std::os::unix::fs::fchown(&file, Some(meta.uid()), Some(meta.gid())) {
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {}
+                other => other?,
+            }
+        }
         file.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
