@@ -13,8 +13,9 @@
 //!   HTTP and the local socket.
 //! - [`api`]: the operator API's wire types (status, explain, flow events).
 //! - [`explain`]: a flow's verdict on each side and the rules that decide it.
-//! - [`cni`]: the chained CNI plugin that guards new pods until they are programmed.
 //! - [`cli`]: the operator commands' client side (`status`, `explain`, `flows`).
+//! - [`cni`]: the chained CNI plugin that guards new pods until they are programmed,
+//!   and its installation into the node's CNI config.
 //! - [`logging`]: the agent's log (text or JSON lines on stdout, flow events included).
 pub mod api;
 pub mod capabilities;

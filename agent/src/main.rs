@@ -1,5 +1,5 @@
 //! The `rayfence` binary: the node agent (`rayfence agent`) and its operator
-//! commands (`rayfence status`, `explain`, `flows`, `cleanup`).
+//! commands (`rayfence status`, `explain`, `flows`, `cleanup`, `cni`).
 //!
 //! Parses every flag once (each has an environment variable too) and fails fast
 //! with a message that names the flag; then wires sources, runtime and HTTP.
@@ -21,6 +21,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Args, CommandFactory as _, Parser, Subcommand, ValueEnum};
 use rayfence::cli::{self, DEFAULT_API_SOCKET, Output};
+use rayfence::cni::install::{self as cni_install, DEFAULT_BIN_DIR, DEFAULT_CONF_DIR};
 use rayfence::datapath::{self, Capacities, DatapathOptions, paths::DEFAULT_BPFFS_DIR};
 use rayfence::discovery::LocatorConfig;
 use rayfence::logging::{LogConfig, LogFormat, LogLevel};
@@ -105,7 +106,13 @@ enum Command {
         /// The agent's bpffs directory.
         #[arg(long, value_name = "DIR", env = "RAYFENCE_BPFFS", default_value = DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
+        /// Also remove the rayfence-cni plugin (entry and binary) from these.
+        #[command(flatten)]
+        cni: CniDirsArgs,
     },
+    /// Install or remove the chained CNI plugin rayfence-cni on this node.
+    #[command(subcommand)]
+    Cni(CniCommand),
     /// Print a shell completion script: `source <(rayfence completion bash)`.
     Completion {
         /// The shell to complete for.
@@ -119,6 +126,59 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum CniCommand {
+    /// Copy rayfence-cni into the bin dir and chain it as the last plugin of the
+    /// node's first CNI configuration. A second run changes nothing.
+    Install {
+        /// The node's CNI configuration directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_CONF_DIR)]
+        cni_conf_dir: PathBuf,
+        /// The node's CNI plugin directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BIN_DIR)]
+        cni_bin_dir: PathBuf,
+        /// The agent's bpffs directory as the host sees it (the plugin runs there).
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+        /// The plugin to copy (default: rayfence-cni next to this executable).
+        #[arg(long, value_name = "PATH")]
+        plugin_binary: Option<PathBuf>,
+    },
+    /// Remove the rayfence-cni entries and binary (nothing else). A second run
+    /// changes nothing.
+    Uninstall {
+        /// The node's CNI configuration directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_CONF_DIR)]
+        cni_conf_dir: PathBuf,
+        /// The node's CNI plugin directory.
+        #[arg(long, value_name = "DIR", default_value = DEFAULT_BIN_DIR)]
+        cni_bin_dir: PathBuf,
+    },
+}
+
+/// Where the node's CNI configuration and plugins are, for the agent and cleanup.
+#[derive(Args, Debug)]
+struct CniDirsArgs {
+    /// The node's CNI configuration directory. The agent chains rayfence-cni into
+    /// its first configuration once the datapath is pinned, keeps it there and
+    /// leaves it when it exits; cleanup removes it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RAYFENCE_CNI_CONF_DIR",
+        requires = "cni_bin_dir"
+    )]
+    cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin directory, where rayfence-cni is copied.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RAYFENCE_CNI_BIN_DIR",
+        requires = "cni_conf_dir"
+    )]
+    cni_bin_dir: Option<PathBuf>,
 }
 
 /// `-o` (and `--json`, kept for scripts written before `-o`).
@@ -404,6 +464,15 @@ struct AgentArgs {
     /// Flow event ring buffer size in bytes (a power of two, page multiple).
     #[arg(long, value_name = "BYTES", env = "RAYFENCE_EVENTS_BYTES")]
     events_bytes: Option<u32>,
+    #[command(flatten)]
+    cni: CniDirsArgs,
+    /// The bpffs directory as the host sees it, written into the CNI plugin's
+    /// entry (default: --bpffs; differs when the host's bpffs is mounted elsewhere).
+    #[arg(long, value_name = "DIR", env = "RAYFENCE_CNI_BPFFS")]
+    cni_bpffs: Option<PathBuf>,
+    /// The CNI plugin to copy (default: rayfence-cni next to this executable).
+    #[arg(long, value_name = "PATH", env = "RAYFENCE_CNI_PLUGIN_BINARY")]
+    cni_plugin_binary: Option<PathBuf>,
     /// Log format, on stdout: text (colour only on a terminal and without NO_COLOR)
     /// or JSON lines.
     #[arg(long, value_enum, env = "RAYFENCE_LOG_FORMAT", default_value = "text")]
@@ -430,7 +499,13 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Cleanup { bpffs } => {
+        Command::Cleanup { bpffs, cni } => {
+            // The entry first: no new pod is handed to a plugin whose state is
+            // about to go.
+            if let (Some(conf), Some(bin)) = (&cni.cni_conf_dir, &cni.cni_bin_dir) {
+                let report = cni_install::uninstall(conf, bin)?;
+                cli::out(&format!("{report}\n"))?;
+            }
             let report = datapath::cleanup(&bpffs)
                 .with_context(|| format!("cleaning up {}", bpffs.display()))?;
             cli::out(&format!(
@@ -439,6 +514,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 report.maps,
                 bpffs.display()
             ))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cni(CniCommand::Install {
+            cni_conf_dir,
+            cni_bin_dir,
+            bpffs,
+            plugin_binary,
+        }) => {
+            let report = cni_install::install(&cni_install::InstallConfig {
+                conf_dir: cni_conf_dir,
+                bin_dir: cni_bin_dir,
+                bpffs,
+                plugin_binary: match plugin_binary {
+                    Some(path) => path,
+                    None => cni_install::default_plugin_binary()?,
+                },
+            })?;
+            cli::out(&format!("{report}\n"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cni(CniCommand::Uninstall {
+            cni_conf_dir,
+            cni_bin_dir,
+        }) => {
+            let report = cni_install::uninstall(&cni_conf_dir, &cni_bin_dir)?;
+            cli::out(&format!("{report}\n"))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { agent, output } => {
@@ -888,6 +989,19 @@ async fn agent(
         .context("starting the agent")?
         .with_observability(query_rx, FlowEvents::new(flow_config, hub))
         .context("starting the agent")?;
+    // Only now: the plugin needs the pinned state it is pointed at.
+    if let (Some(conf_dir), Some(bin_dir)) = (args.cni.cni_conf_dir, args.cni.cni_bin_dir) {
+        cni_install::spawn_keeper(cni_install::InstallConfig {
+            conf_dir,
+            bin_dir,
+            bpffs: args.cni_bpffs.unwrap_or(args.bpffs),
+            plugin_binary: match args.cni_plugin_binary {
+                Some(path) => path,
+                None => cni_install::default_plugin_binary()?,
+            },
+        })
+        .context("--cni-plugin-binary")?;
+    }
     let links = rayfence::runtime::spawn_link_watcher();
     runtime.run(rx, links, shutdown_signal()).await;
     Ok(())

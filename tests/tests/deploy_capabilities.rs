@@ -6,7 +6,9 @@
 //! kernel accepts in their place) it must fail to load its programs.
 //!
 //! And `rayfence cleanup` with the cleanup DaemonSet's capabilities removes the
-//! pins an agent left. Needs root and util-linux `setpriv`; mounts bpffs at
+//! pins an agent left. The CNI plugin's installation needs no capability more
+//! (uid 0 owns the CNI directories; nothing overrides file permissions): the
+//! agent installs it, and the cleanup removes it, with exactly those sets. Needs root and util-linux `setpriv`; mounts bpffs at
 //! /sys/fs/bpf when the machine has none (the DaemonSet gets the host's).
 mod deploy_common;
 
@@ -62,7 +64,7 @@ fn free_port() -> Result<u16> {
         .port())
 }
 
-fn start(caps: &[String], tag: &str) -> Result<(Started, u16)> {
+fn start(caps: &[String], tag: &str, extra: &[String]) -> Result<(Started, u16)> {
     let tag = format!("rf-deploy-caps-{}-{tag}", std::process::id());
     let manifests = std::env::temp_dir().join(&tag);
     std::fs::create_dir_all(&manifests)?;
@@ -92,6 +94,7 @@ fn start(caps: &[String], tag: &str) -> Result<(Started, u16)> {
         .arg("--bpffs")
         .arg(&bpffs)
         .arg(format!("--metrics-addr=127.0.0.1:{port}"))
+        .args(extra)
         .env_clear()
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
@@ -129,7 +132,7 @@ fn ready(port: u16) -> bool {
 #[test]
 fn the_agent_becomes_ready_with_exactly_the_daemonsets_capabilities() -> Result<()> {
     let caps = daemonset_caps()?;
-    let (mut agent, port) = start(&caps, "exact")?;
+    let (mut agent, port) = start(&caps, "exact", &[])?;
     let t0 = Instant::now();
     while !ready(port) {
         let exited = agent.child.try_wait()?;
@@ -159,7 +162,7 @@ fn without_perfmon_or_net_admin_the_agent_refuses_to_start_naming_it() -> Result
             .filter(|c| *c != drop && *c != "+sys_admin")
             .cloned()
             .collect();
-        let (mut agent, port) = start(&fewer, drop.trim_start_matches('+'))?;
+        let (mut agent, port) = start(&fewer, drop.trim_start_matches('+'), &[])?;
         let status = loop {
             if let Some(status) = agent.child.try_wait()? {
                 break status;
@@ -182,7 +185,7 @@ fn without_perfmon_or_net_admin_the_agent_refuses_to_start_naming_it() -> Result
 /// container's capabilities removes every pin.
 #[test]
 fn cleanup_with_the_cleanup_daemonsets_capabilities_removes_every_pin() -> Result<()> {
-    let (mut agent, port) = start(&daemonset_caps()?, "cleanup")?;
+    let (mut agent, port) = start(&daemonset_caps()?, "cleanup", &[])?;
     let t0 = Instant::now();
     while !ready(port) {
         anyhow::ensure!(
@@ -196,15 +199,7 @@ fn cleanup_with_the_cleanup_daemonsets_capabilities_removes_every_pin() -> Resul
     agent.child.wait()?;
     assert!(agent.bpffs.is_dir(), "pins outlive the agent");
 
-    let docs = kustomize("deploy/cleanup")?;
-    let ds = find(&docs, "DaemonSet", "rayfence-cleanup");
-    let caps: Vec<String> = ds["spec"]["template"]["spec"]["initContainers"][0]["securityContext"]
-        ["capabilities"]["add"]
-        .as_array()
-        .context("add")?
-        .iter()
-        .map(|c| format!("+{}", c.as_str().unwrap_or_default().to_lowercase()))
-        .collect();
+    let caps = cleanup_caps()?;
     let out = Command::new("setpriv")
         .args([
             "--reuid=0",
@@ -232,5 +227,91 @@ fn cleanup_with_the_cleanup_daemonsets_capabilities_removes_every_pin() -> Resul
         !agent.bpffs.exists(),
         "everything under the bpffs dir removed"
     );
+    Ok(())
+}
+
+/// The cleanup init container's added capabilities, as setpriv names them.
+fn cleanup_caps() -> Result<Vec<String>> {
+    let docs = kustomize("deploy/cleanup")?;
+    let ds = find(&docs, "DaemonSet", "rayfence-cleanup");
+    Ok(
+        cleanup_container(ds)["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .context("add")?
+            .iter()
+            .map(|c| format!("+{}", c.as_str().unwrap_or_default().to_lowercase()))
+            .collect(),
+    )
+}
+
+/// The agent with the DaemonSet's capabilities installs the CNI plugin into a
+/// node's root-owned CNI directories (temp ones here), and `rayfence cleanup`
+/// with the cleanup's capabilities removes it.
+#[test]
+fn the_cni_plugin_installs_and_cleans_up_with_exactly_the_granted_capabilities() -> Result<()> {
+    let root = std::env::temp_dir().join(format!("rf-deploy-caps-cni-{}", std::process::id()));
+    struct Remove(PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _remove = Remove(root.clone());
+    let (conf, bin) = (root.join("net.d"), root.join("bin"));
+    std::fs::create_dir_all(&conf)?;
+    std::fs::create_dir_all(&bin)?;
+    let conflist = conf.join("10-flannel.conflist");
+    std::fs::write(
+        &conflist,
+        r#"{"name": "cbr0", "cniVersion": "1.0.0", "plugins": [{"type": "flannel"}]}"#,
+    )?;
+    let plugin = root.join("plugin");
+    std::fs::write(&plugin, "plugin")?;
+    let dirs = vec![
+        format!("--cni-conf-dir={}", conf.display()),
+        format!("--cni-bin-dir={}", bin.display()),
+    ];
+    let mut extra = dirs.clone();
+    extra.push(format!("--cni-plugin-binary={}", plugin.display()));
+    let (mut agent, _) = start(&daemonset_caps()?, "cni", &extra)?;
+    let installed = || std::fs::read_to_string(&conflist).unwrap_or_default();
+    let t0 = Instant::now();
+    while !installed().contains("rayfence-cni") {
+        anyhow::ensure!(
+            agent.child.try_wait()?.is_none() && t0.elapsed() < Duration::from_secs(20),
+            "not installed:\n{}",
+            std::fs::read_to_string(&agent.log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(installed().contains(&agent.bpffs.display().to_string()));
+    assert!(bin.join("rayfence-cni").is_file());
+    agent.child.kill()?;
+    agent.child.wait()?;
+
+    let caps = cleanup_caps()?;
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid=0",
+            "--inh-caps=-all",
+            "--bounding-set",
+            &format!("-all,{}", caps.join(",")),
+            "--",
+        ])
+        .arg(rayfence_bin()?)
+        .arg("cleanup")
+        .arg("--bpffs")
+        .arg(&agent.bpffs)
+        .args(&dirs)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "cleanup with {caps:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!installed().contains("rayfence-cni"), "{}", installed());
+    assert!(installed().contains("flannel"));
+    assert!(!bin.join("rayfence-cni").exists());
+    assert!(!agent.bpffs.exists());
     Ok(())
 }

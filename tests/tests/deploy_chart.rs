@@ -61,7 +61,13 @@ fn overrides_cases() -> Vec<(&'static str, Vec<(&'static str, Value)>)> {
             "deploy/overlays/audit",
             vec![("settings.audit", json!(true))],
         ),
-        ("deploy/overlays/k3s-flannel", vec![]),
+        (
+            "deploy/overlays/k3s-flannel",
+            vec![
+                ("cni.confDir", json!(K3S_CNI_DIRS.0)),
+                ("cni.binDir", json!(K3S_CNI_DIRS.1)),
+            ],
+        ),
         (
             "deploy/overlays/networkpolicies",
             vec![("settings.enforceNetworkPolicies", json!(true))],
@@ -98,6 +104,10 @@ fn comparable_pod(ds: &Value) -> Value {
     let pod = &mut spec["template"]["spec"];
     if pod["nodeSelector"] == json!({}) {
         pod.as_object_mut().unwrap().remove("nodeSelector");
+    }
+    // Kustomize's patches put the volumes they touch first; the order means nothing.
+    if let Some(volumes) = pod["volumes"].as_array_mut() {
+        volumes.sort_by_key(|v| v["name"].as_str().unwrap_or_default().to_owned());
     }
     for c in pod["containers"].as_array_mut().unwrap() {
         let c = c.as_object_mut().unwrap();
@@ -228,6 +238,43 @@ fn chart_metrics_auth_values_set_the_flags_and_the_review_rules() -> Result<()> 
         "no review rules without auth"
     );
     for doc in on.iter().chain(&off) {
+        check_typed(doc)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn chart_cni_values_set_the_host_dirs_and_disabled_renders_no_cni_at_all() -> Result<()> {
+    let docs = render(
+        &[
+            ("cni.confDir", json!("/host/net.d")),
+            ("cni.binDir", json!("/host/bin")),
+            ("hostPaths.bpffs", json!("/host/bpf")),
+        ],
+        "rayfence-system",
+    )?;
+    let ds = find(&docs, "DaemonSet", "rayfence-agent");
+    let c = agent_container(ds);
+    let args = agent_args(ds);
+    let host = |flag: &str| host_path_of(ds, c, flag_value(&args, flag).expect(flag));
+    assert_eq!(host("--cni-conf-dir").as_deref(), Some("/host/net.d"));
+    assert_eq!(host("--cni-bin-dir").as_deref(), Some("/host/bin"));
+    assert_eq!(
+        flag_value(&args, "--cni-bpffs").map(str::to_owned),
+        host("--bpffs")
+    );
+    assert_eq!(flag_value(&args, "--cni-bpffs"), Some("/host/bpf/rayfence"));
+
+    let off = render(&[("cni.enabled", json!(false))], "rayfence-system")?;
+    let ds = find(&off, "DaemonSet", "rayfence-agent");
+    assert!(
+        !agent_args(ds).iter().any(|a| a.starts_with("--cni-")),
+        "{:?}",
+        agent_args(ds)
+    );
+    let text = serde_json::to_string(ds)?;
+    assert!(!text.contains("cni"), "no CNI mount or volume: {text}");
+    for doc in docs.iter().chain(&off) {
         check_typed(doc)?;
     }
     Ok(())

@@ -164,7 +164,7 @@ fn metrics_listen_for_prometheus_only_behind_auth_with_an_audience() -> Result<(
 }
 
 #[test]
-fn host_mounts_are_bpffs_and_a_read_only_cgroup2_only() -> Result<()> {
+fn host_mounts_are_bpffs_a_read_only_cgroup2_and_the_cni_dirs_only() -> Result<()> {
     for dir in KUSTOMIZATIONS {
         let docs = kustomize(dir)?;
         for ds in docs.iter().filter(|d| d["kind"] == "DaemonSet") {
@@ -181,7 +181,14 @@ fn host_mounts_are_bpffs_and_a_read_only_cgroup2_only() -> Result<()> {
                     Some((v["name"].as_str().unwrap().to_owned(), path.to_owned()))
                 })
                 .collect();
-            let allowed = ["/sys/fs/bpf", "/sys/fs/cgroup"];
+            let allowed = [
+                "/sys/fs/bpf",
+                "/sys/fs/cgroup",
+                CNI_DIRS.0,
+                CNI_DIRS.1,
+                K3S_CNI_DIRS.0,
+                K3S_CNI_DIRS.1,
+            ];
             for path in host_paths.values() {
                 assert!(allowed.contains(&path.as_str()), "{dir}: host path {path}");
             }
@@ -274,6 +281,82 @@ fn the_agent_accepts_every_rendered_configuration() -> Result<()> {
     Ok(())
 }
 
+/// The agent's CNI flags name the host's CNI directories through their mounts
+/// (the overlay's own on k3s), writable, created when missing; the plugin's entry
+/// names the pin directory as the host sees it.
+#[test]
+fn the_agent_installs_the_cni_plugin_into_the_hosts_cni_dirs() -> Result<()> {
+    for dir in AGENT_KUSTOMIZATIONS {
+        let docs = kustomize(dir)?;
+        let ds = agent_ds(&docs);
+        let c = agent_container(ds);
+        let args = agent_args(ds);
+        let (conf, bin) = if dir.contains("k3s") {
+            K3S_CNI_DIRS
+        } else {
+            CNI_DIRS
+        };
+        let host = |flag: &str| {
+            let path = flag_value(&args, flag).unwrap_or_else(|| panic!("{dir}: no {flag}"));
+            host_path_of(ds, c, path).unwrap_or_else(|| panic!("{dir}: {flag} is not mounted"))
+        };
+        assert_eq!(host("--cni-conf-dir"), conf, "{dir}");
+        assert_eq!(host("--cni-bin-dir"), bin, "{dir}");
+        assert_eq!(
+            flag_value(&args, "--cni-bpffs").map(str::to_owned),
+            Some(host("--bpffs")),
+            "{dir}: the plugin runs on the host"
+        );
+        for name in ["cni-conf", "cni-bin"] {
+            let mount = c["volumeMounts"]
+                .as_array()
+                .expect("mounts")
+                .iter()
+                .find(|m| m["name"] == name)
+                .expect("mount");
+            assert_ne!(mount["readOnly"], true, "{dir}: {name} is written");
+            let volume = ds["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .expect("volumes")
+                .iter()
+                .find(|v| v["name"] == name)
+                .expect("volume");
+            assert_eq!(volume["hostPath"]["type"], "DirectoryOrCreate", "{dir}");
+        }
+    }
+    Ok(())
+}
+
+/// The cleanup that goes with each agent rendering removes the plugin from the
+/// same host directories (and the pins from the same bpffs).
+#[test]
+fn each_cleanup_removes_the_cni_plugin_from_its_agents_dirs() -> Result<()> {
+    for (agent_dir, cleanup_dir, (conf, bin)) in CLEANUPS {
+        let agent_docs = kustomize(agent_dir)?;
+        let agent = agent_ds(&agent_docs);
+        let agent_args = agent_args(agent);
+        let docs = kustomize(cleanup_dir)?;
+        let ds = find(&docs, "DaemonSet", "rayfence-cleanup");
+        let init = cleanup_container(ds);
+        let args = container_args(init);
+        assert_eq!(args[0], "cleanup", "{cleanup_dir}");
+        let host = |flag: &str| {
+            let path = flag_value(&args, flag).unwrap_or_else(|| panic!("{cleanup_dir}: {flag}"));
+            host_path_of(ds, init, path).unwrap_or_else(|| panic!("{cleanup_dir}: {flag}"))
+        };
+        let agent_host = |flag: &str| {
+            let path = flag_value(&agent_args, flag).expect("agent flag");
+            host_path_of(agent, agent_container(agent), path).expect("agent mount")
+        };
+        assert_eq!(host("--cni-conf-dir"), conf, "{cleanup_dir}");
+        assert_eq!(host("--cni-bin-dir"), bin, "{cleanup_dir}");
+        for flag in ["--cni-conf-dir", "--cni-bin-dir", "--bpffs"] {
+            assert_eq!(host(flag), agent_host(flag), "{cleanup_dir} {flag}");
+        }
+    }
+    Ok(())
+}
+
 /// (overlay, settings it changes, RBAC rules it adds).
 type OverlayCase = (
     &'static str,
@@ -286,6 +369,19 @@ fn overlays_change_only_what_they_are_for() -> Result<()> {
     let base = kustomize("deploy/base")?;
     let base_env = agent_environment(&base, agent_ds(&base));
     let base_rules = rule_triples(find(&base, "ClusterRole", "rayfence-agent"));
+    let host_paths = |ds: &Value| -> BTreeMap<String, String> {
+        ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| {
+                Some((
+                    v["name"].as_str()?.to_owned(),
+                    v["hostPath"]["path"].as_str()?.to_owned(),
+                ))
+            })
+            .collect()
+    };
     let cases: [OverlayCase; 3] = [
         ("deploy/overlays/audit", &[("RAYFENCE_AUDIT", "true")], &[]),
         (
@@ -331,6 +427,13 @@ fn overlays_change_only_what_they_are_for() -> Result<()> {
             agent_args(agent_ds(&base)),
             "{dir}"
         );
+        // Only k3s moves host directories: its CNI ones.
+        let mut expected_paths = host_paths(agent_ds(&base));
+        if dir.contains("k3s") {
+            expected_paths.insert("cni-conf".into(), K3S_CNI_DIRS.0.into());
+            expected_paths.insert("cni-bin".into(), K3S_CNI_DIRS.1.into());
+        }
+        assert_eq!(host_paths(agent_ds(&docs)), expected_paths, "{dir}");
     }
     Ok(())
 }

@@ -337,6 +337,8 @@ fn check_live(dir: &str, enforce: bool) -> Result<()> {
             Some("--bpffs") => args.push(format!("--bpffs={}", bpffs.display())),
             // Found in this machine's mountinfo instead.
             Some("--cgroup-root") => {}
+            // The node's CNI directories: not this machine's, and not about the API.
+            Some(flag) if flag.starts_with("--cni-") => {}
             _ => args.push(arg),
         }
     }

@@ -22,12 +22,31 @@ pub fn workspace() -> PathBuf {
 }
 
 /// Every kustomization under deploy/ a user applies, relative to the root.
-pub const KUSTOMIZATIONS: [&str; 5] = [
+pub const KUSTOMIZATIONS: [&str; 6] = [
     "deploy/base",
     "deploy/overlays/audit",
     "deploy/overlays/k3s-flannel",
     "deploy/overlays/networkpolicies",
     "deploy/cleanup",
+    "deploy/overlays/k3s-flannel/cleanup",
+];
+
+/// The host's CNI directories (configuration, plugins): the containerd and CRI-O
+/// defaults, and k3s's own.
+pub const CNI_DIRS: (&str, &str) = ("/etc/cni/net.d", "/opt/cni/bin");
+pub const K3S_CNI_DIRS: (&str, &str) = (
+    "/var/lib/rancher/k3s/agent/etc/cni/net.d",
+    "/var/lib/rancher/k3s/data/cni",
+);
+
+/// (agent kustomization, the cleanup that goes with it, its CNI dirs).
+pub const CLEANUPS: [(&str, &str, (&str, &str)); 2] = [
+    ("deploy/base", "deploy/cleanup", CNI_DIRS),
+    (
+        "deploy/overlays/k3s-flannel",
+        "deploy/overlays/k3s-flannel/cleanup",
+        K3S_CNI_DIRS,
+    ),
 ];
 
 /// The agent's kustomizations (all but the cleanup).
@@ -125,6 +144,47 @@ pub fn agent_environment(docs: &[Value], ds: &Value) -> std::collections::BTreeM
 /// The agent container's args.
 pub fn agent_args(ds: &Value) -> Vec<String> {
     agent_container(ds)["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_owned())
+        .collect()
+}
+
+/// The value of `--flag=value` in `args`.
+pub fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .find_map(|a| a.strip_prefix(flag)?.strip_prefix('='))
+}
+
+/// The host path a container path of `container` in DaemonSet `ds` is: through
+/// the hostPath volume mounted at (a parent of) it. `None` when no hostPath
+/// volume holds it.
+pub fn host_path_of(ds: &Value, container: &Value, path: &str) -> Option<String> {
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array()?;
+    container["volumeMounts"]
+        .as_array()?
+        .iter()
+        .filter_map(|m| {
+            let mount = m["mountPath"].as_str()?;
+            let rest = path.strip_prefix(mount)?;
+            (rest.is_empty() || rest.starts_with('/')).then_some((m, rest))
+        })
+        .max_by_key(|(m, _)| m["mountPath"].as_str().map_or(0, str::len))
+        .and_then(|(m, rest)| {
+            let volume = volumes.iter().find(|v| v["name"] == m["name"])?;
+            Some(format!("{}{rest}", volume["hostPath"]["path"].as_str()?))
+        })
+}
+
+/// The cleanup DaemonSet's init container (the one that runs `rayfence cleanup`).
+pub fn cleanup_container(ds: &Value) -> &Value {
+    &ds["spec"]["template"]["spec"]["initContainers"][0]
+}
+
+/// A container's args.
+pub fn container_args(container: &Value) -> Vec<String> {
+    container["args"]
         .as_array()
         .expect("args")
         .iter()
