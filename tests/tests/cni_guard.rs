@@ -2,7 +2,8 @@
 //! a chained plugin (in the node's namespace, CNI_* in the environment, the network
 //! configuration with a `prevResult` on stdin) right after the pod's veth is made,
 //! with an outsider knocking on the new pod continuously, while the agent is
-//! SIGKILLed, SIGSTOPped, or does not know the Pod object yet. In each: no outsider
+//! SIGKILLed, SIGSTOPped, replaced by one with other map sizes, or does not know the
+//! Pod object yet. In each: no outsider
 //! packet reaches the pod once the plugin has returned, the node (as the kubelet)
 //! reaches it, and within a second of the agent being back (or the Pod object
 //! arriving) it has its real policy. A pod of a namespace that is not guarded is
@@ -176,9 +177,13 @@ impl Lab {
     }
 
     fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_with(&[])
+    }
+
+    fn start_agent_with(&mut self, args: &[&str]) -> Result<()> {
         self.agent = self
             .node
-            .start_agent(NODE, &self.manifests.dir, &self.bpffs, &[])?;
+            .start_agent(NODE, &self.manifests.dir, &self.bpffs, args)?;
         Ok(())
     }
 
@@ -550,6 +555,33 @@ fn a_restart_with_the_same_map_sizes_keeps_the_guard() -> Result<()> {
     lab.write_worker(&worker_uid)?;
     let took = lab.real_policy_within_a_second(arrived)?;
     println!("restarted agent: real policy {took:?} after the Pod object arrived");
+    std::thread::sleep(Duration::from_millis(300));
+    ensure_no_outsider_reached(&probes.finish(), returned)?;
+    Ok(())
+}
+
+#[test]
+fn an_upgrade_that_resizes_the_maps_keeps_the_guard() -> Result<()> {
+    let mut lab = Lab::new(101)?;
+    let worker_uid = uid(103);
+    let outsider = lab.node.topo.pod("outsider").prober();
+    let probes = knock(outsider, "10.244.0.12".parse()?);
+    // Guarded while the agent is down; the next agent has other map sizes (an
+    // upgrade that changes a default, or a resize), so it migrates the pinned maps
+    // the guard lives in, still without the Pod object.
+    lab.agent.kill();
+    let (_worker_procs, returned) = lab.create_worker(&worker_uid)?;
+    lab.assert_guarded()?;
+    lab.start_agent_with(&["--max-endpoints", "8192", "--max-policy", "131072"])?;
+    lab.agent
+        .wait_log(&["RF_EP_TC_V1", "max_entries=8192"], Duration::from_secs(5))
+        .context("the new agent migrated the endpoint map")?;
+    std::thread::sleep(Duration::from_millis(500));
+    lab.assert_guarded()?;
+    let arrived = Instant::now();
+    lab.write_worker(&worker_uid)?;
+    let took = lab.real_policy_within_a_second(arrived)?;
+    println!("resized agent: real policy {took:?} after the Pod object arrived");
     std::thread::sleep(Duration::from_millis(300));
     ensure_no_outsider_reached(&probes.finish(), returned)?;
     Ok(())
