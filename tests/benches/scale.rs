@@ -581,6 +581,37 @@ fn idle(rows: &mut Rows, source: Source, pods: usize, clusters: usize) -> Result
         &format!("{shape}: idle CPU (% of a core)"),
         idle_cpu,
     );
+    if let Feed::Kubernetes { server, .. } = &feed {
+        // What this agent cost the API server: its requests, and the size of what
+        // a Pod list (or one pod's watch event) carries for objects of this shape.
+        let requests = server.requests();
+        let lists = requests
+            .iter()
+            .filter(|r| !r.is_watch() && r.method == "GET")
+            .count();
+        let watches = requests.iter().filter(|r| r.is_watch()).count();
+        let pod_list = serde_json::to_vec(&server.objects("v1", "Pod"))?.len();
+        let api = |figure: &str| format!("{shape}: API {figure}");
+        rows.add(
+            "idle",
+            pods,
+            &api("GET requests (lists, probes) to ready"),
+            lists as f64,
+        );
+        rows.add("idle", pods, &api("watches"), watches as f64);
+        rows.add(
+            "idle",
+            pods,
+            &api("Pod list (MiB)"),
+            pod_list as f64 / 1048576.0,
+        );
+        rows.add(
+            "idle",
+            pods,
+            &api("bytes per pod"),
+            pod_list as f64 / pods as f64,
+        );
+    }
     keep_log(&agent, &format!("idle-{}-{pods}", source.name()));
     agent.kill();
     Ok(())
