@@ -12,7 +12,8 @@
 //! One row per (scenario, N, figure) with the range over the runs. Needs root (the
 //! simulated node is network namespaces, the agent loads eBPF). Arguments after
 //! `--`: `--only large|idle`, `--runs K` (default 3), `--sizes a,b,c` (large: rule
-//! counts; idle: pod counts, with one RayCluster per 10 pods... see `IDLE_SHAPES`).
+//! counts; idle: pod counts, in as many RayClusters as `IDLE_SHAPES` gives them, else
+//! one per 10 pods).
 #[path = "../tests/agent_common/mod.rs"]
 mod agent_common;
 
@@ -142,7 +143,13 @@ fn main() -> Result<()> {
     }
     if o.only.as_deref() != Some("large") {
         let shapes: Vec<(usize, usize)> = match &o.sizes {
-            Some(pods) if o.only.is_some() => pods.iter().map(|&p| (p, p / 10)).collect(),
+            Some(pods) if o.only.is_some() => pods
+                .iter()
+                .map(|&p| {
+                    let known = IDLE_SHAPES.iter().find(|(pods, _)| *pods == p);
+                    known.copied().unwrap_or((p, p / 10))
+                })
+                .collect(),
             _ => IDLE_SHAPES.to_vec(),
         };
         for source in [Source::Manifests, Source::Kubernetes] {
@@ -216,7 +223,16 @@ impl Feed {
             bpffs: &bpffs.path,
             cgroup_root: node.kubelet.root.path(),
             kubeconfig: kubeconfig.as_deref(),
-            extra_args: &["--max-policy", "262144", "--max-cidrs", "65536"],
+            // Every pod address of the cluster is an identity-map entry: 150,000 pods
+            // do not fit the default 65,536.
+            extra_args: &[
+                "--max-policy",
+                "262144",
+                "--max-cidrs",
+                "65536",
+                "--max-identities",
+                "262144",
+            ],
         })
     }
 }
