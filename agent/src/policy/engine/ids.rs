@@ -1,9 +1,13 @@
 //! Content-derived ids: endpoint ids from the pod UID, identities from what they
 //! stand for (pod identity key, CIDR prefix, Service, a Service's node ports, a pod's
-//! host ports, a port claimed twice), policy ids from the compiled policy. The same cluster state gives the same tables whatever order the objects
-//! arrived in, so an agent that restarts (or is upgraded) and adopts pinned maps
-//! renumbers nothing: no pinned endpoint entry ever points at another pod's policy,
-//! not even between the first apply and re-registering the endpoints.
+//! host ports, a port claimed twice), a new policy's id from its compiled content.
+//! The same cluster state gives the same endpoints and identities whatever order the
+//! objects arrived in, so an agent that restarts (or is upgraded) and adopts pinned
+//! maps renumbers none of them. Policy ids follow content only when created (an
+//! in-place edit keeps its id: `local.rs`); a restart gets them back from the pinned
+//! endpoints instead, with the same result: no pinned endpoint entry ever points at
+//! another pod's policy, not even between the first apply and re-registering the
+//! endpoints.
 //!
 //! Must not: use a hasher seeded per process (std's `RandomState`), or one whose
 //! output may change between Rust releases (`DefaultHasher`).
