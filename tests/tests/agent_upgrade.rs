@@ -64,6 +64,51 @@ fn holding(mut held: HeldConnection) -> Background<Held> {
     })
 }
 
+/// Stops the background probers and judges the switch they ran through, printed as
+/// `label`: the outsider never got through, no round trip on either held
+/// connection failed, and there were enough of each to show it. Hands back both
+/// held connections (in, and out: conntrack only), still open.
+fn probes_held(
+    label: &str,
+    outside: Background<(u32, Vec<Duration>)>,
+    inside: Background<Held>,
+    out: Background<Held>,
+) -> Result<(HeldConnection, HeldConnection)> {
+    let (attempts, through) = outside.finish();
+    let (trips, failures, held) = inside.finish();
+    let (out_trips, out_failures, out_held) = out.finish();
+    println!(
+        "{label}: outsider attempts {attempts}, through {}; held round trips {trips} and \
+         {out_trips}, failed {} and {}",
+        through.len(),
+        failures.len(),
+        out_failures.len()
+    );
+    ensure!(
+        through.is_empty(),
+        "the outsider got through at {through:?}"
+    );
+    ensure!(
+        failures.is_empty(),
+        "the held connection failed: {failures:?}"
+    );
+    ensure!(
+        out_failures.is_empty(),
+        "the held connection out (conntrack only) failed: {out_failures:?}"
+    );
+    ensure!(
+        attempts > 20 && trips > 20 && out_trips > 20,
+        "too few probes to show anything"
+    );
+    let (mut held, mut out_held) = (
+        held.context("held connection")?,
+        out_held.context("held connection out")?,
+    );
+    ensure!(held.roundtrip(), "held connection at the end");
+    ensure!(out_held.roundtrip(), "held connection out at the end");
+    Ok((held, out_held))
+}
+
 /// The RayCluster's policy: DenyAll, but the head may reach the outsider's port
 /// 9000: the replies of such a connection pass only on its conntrack entry (the
 /// head's ingress is isolated), so a connection held there shows that
@@ -393,39 +438,11 @@ fn a_resize_keeps_a_held_connection_and_never_lets_the_outsider_through() -> Res
     lab.edits_take_effect()?;
     std::thread::sleep(Duration::from_millis(300));
 
-    let (attempts, through) = outside.finish();
-    let (trips, failures, held) = inside.finish();
-    let (out_trips, out_failures, out_held) = out.finish();
     println!(
-        "resize: outsider attempts {attempts}, through {}; held round trips {trips} and {out_trips}, failed {} and {}; \
-         drops {drops_first} -> {drops_second} -> {drops_third} -> {drops_fourth}; \
-         plan to swap: larger {grow:?}, smaller {shrink:?}",
-        through.len(),
-        failures.len(),
-        out_failures.len()
+        "resize: drops {drops_first} -> {drops_second} -> {drops_third} -> {drops_fourth}; \
+         plan to swap: larger {grow:?}, smaller {shrink:?}"
     );
-    ensure!(
-        through.is_empty(),
-        "the outsider got through at {through:?}"
-    );
-    ensure!(
-        failures.is_empty(),
-        "the held connection failed: {failures:?}"
-    );
-    ensure!(
-        out_failures.is_empty() && out_trips > 20,
-        "the held connection out (conntrack only) failed: {out_failures:?}"
-    );
-    ensure!(
-        out_held.context("held connection out")?.roundtrip(),
-        "held connection out at the end"
-    );
-    ensure!(
-        attempts > 20 && trips > 20,
-        "too few probes to show anything"
-    );
-    let mut held = held.context("held connection")?;
-    ensure!(held.roundtrip(), "held connection at the end");
+    let (_held, _out_held) = probes_held("resize", outside, inside, out)?;
     ensure!(idle.roundtrip(), "idle connection at the end");
     assert_eq!(
         outsider.tcp_connect(lab.head(), 8000, SHORT),
@@ -560,37 +577,7 @@ fn an_older_layout_under_an_older_name_is_converted_without_a_window() -> Result
         second.log_text()
     );
     lab.edits_take_effect()?;
-    let (attempts, through) = outside.finish();
-    let (trips, failures, held) = inside.finish();
-    let (out_trips, out_failures, out_held) = out.finish();
-    println!(
-        "layout: outsider attempts {attempts}, through {}; held round trips {trips} and {out_trips}, failed {} and {}",
-        through.len(),
-        failures.len(),
-        out_failures.len()
-    );
-    ensure!(
-        through.is_empty(),
-        "the outsider got through at {through:?}"
-    );
-    ensure!(
-        failures.is_empty(),
-        "the held connection failed: {failures:?}"
-    );
-    ensure!(
-        out_failures.is_empty() && out_trips > 20,
-        "the held connection out (conntrack only) failed: {out_failures:?}"
-    );
-    ensure!(
-        out_held.context("held connection out")?.roundtrip(),
-        "held connection out at the end"
-    );
-    ensure!(
-        attempts > 20 && trips > 20,
-        "too few probes to show anything"
-    );
-    let mut held = held.context("held connection")?;
-    ensure!(held.roundtrip(), "held connection at the end");
+    let (_held, _out_held) = probes_held("layout", outside, inside, out)?;
     assert_eq!(
         outsider.tcp_connect(lab.head(), 8000, SHORT),
         Outcome::Timeout
@@ -743,27 +730,7 @@ fn a_migration_killed_at_any_point_leaves_enforcement_working() -> Result<()> {
                 .any(|k| k.ends_with(":committed") || k.ends_with(":ready")),
         "the kills did not cover the migration: {kills:?}"
     );
-    let (attempts, through) = outside.finish();
-    let (trips, failures, held) = inside.finish();
-    let (out_trips, out_failures, out_held) = out.finish();
-    println!(
-        "killed during migrations (swap {swap_at:?} after start) at {kills:?}; outsider attempts \
-         {attempts}, through {}; held round trips {trips} and {out_trips}, failed {} and {}",
-        through.len(),
-        failures.len(),
-        out_failures.len()
-    );
-    ensure!(
-        through.is_empty(),
-        "the outsider got through at {through:?}"
-    );
-    ensure!(
-        failures.is_empty() && out_failures.is_empty(),
-        "held connections failed: {failures:?} {out_failures:?}"
-    );
-    ensure!(
-        held.context("held")?.roundtrip() && out_held.context("held out")?.roundtrip(),
-        "held connections at the end"
-    );
+    println!("killed during migrations (swap {swap_at:?} after start) at {kills:?}");
+    probes_held("kills", outside, inside, out)?;
     Ok(())
 }

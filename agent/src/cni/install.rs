@@ -349,18 +349,9 @@ fn keep(config: &InstallConfig) {
 /// An inotify watch on `dir` that sends `()` on every change; `None` when it
 /// cannot be had (the recheck still runs).
 fn watch(dir: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
-    use notify::event::{AccessKind, AccessMode};
-    use notify::{EventKind, RecursiveMode, Watcher as _};
+    use notify::{RecursiveMode, Watcher as _};
     let handler = move |event: notify::Result<notify::Event>| {
-        let change = match event {
-            Ok(event) => match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
-                _ => true,
-            },
-            Err(_) => true,
-        };
-        if change {
+        if crate::source::files::changes_something(&event) {
             let _ = tx.send(());
         }
     };

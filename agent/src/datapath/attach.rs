@@ -93,6 +93,21 @@ pub(crate) fn filter_id_name(priority: u16, handle: u32) -> String {
     format!("prio_{priority}_handle_{handle}")
 }
 
+/// How a TC program goes on a hook: a TCX link, or a clsact filter before Linux 6.6.
+pub(crate) fn tc_attach(tcx: bool, attach_type: TcAttachType) -> TcAttach {
+    if tcx {
+        TcAttach::Tcx {
+            attach_type,
+            order: LinkOrder::default(),
+        }
+    } else {
+        TcAttach::Netlink {
+            parent: attach_type.into(),
+            options: tc::NlOptions::default(),
+        }
+    }
+}
+
 /// The filter's priority and handle recorded in a marker (markers of older agents
 /// have none).
 pub(crate) fn marker_filter_id(marker: &Path) -> Option<(u16, u32)> {
@@ -379,17 +394,7 @@ impl Datapath {
                 .program_mut(program)
                 .and_then(|p| p.try_into().ok())
                 .ok_or(DatapathError::MissingProgram { program })?;
-            let attach = if tcx {
-                TcAttach::Tcx {
-                    attach_type,
-                    order: LinkOrder::default(),
-                }
-            } else {
-                TcAttach::Netlink {
-                    parent: attach_type.into(),
-                    options: tc::NlOptions::default(),
-                }
-            };
+            let attach = tc_attach(tcx, attach_type);
             let id = prog
                 .attach(ifindex, attach)
                 .map_err(|e| DatapathError::program(program, e))?;

@@ -22,7 +22,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use aya::programs::links::{FdLink, PinnedLink};
-use aya::programs::{LinkOrder, SchedClassifier, TcAttach, TcAttachType, tc};
+use aya::programs::{SchedClassifier, TcAttachType, tc};
 use rayfence_common::{
     EndpointInfo, GUARD_ENDPOINT_ID, GuardNsKey, GuardRecord, endpoint_flags, map_names,
 };
@@ -255,17 +255,7 @@ fn link(root: &Path, ifindex: u32) -> Result<(), GuardError> {
             path: prog_path.clone(),
             source: Box::new(e),
         })?;
-        let attach = if tcx {
-            TcAttach::Tcx {
-                attach_type,
-                order: LinkOrder::default(),
-            }
-        } else {
-            TcAttach::Netlink {
-                parent: attach_type.into(),
-                options: tc::NlOptions::default(),
-            }
-        };
+        let attach = super::attach::tc_attach(tcx, attach_type);
         let link_error = |e| GuardError::Link {
             program,
             ifindex,

@@ -740,6 +740,20 @@ pub fn run_blocking(config: FilesConfig, tx: mpsc::Sender<SourceEvent>) {
     }
 }
 
+/// Whether a watcher's event may mean a file changed: opening and reading (a
+/// rescan's own, too) change nothing, a closed write does, and an error from the
+/// watcher is taken as a change, to be sure.
+pub fn changes_something(event: &notify::Result<notify::Event>) -> bool {
+    match event {
+        Ok(event) => match event.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+            EventKind::Access(_) => false,
+            _ => true,
+        },
+        Err(_) => true,
+    }
+}
+
 /// A watcher that sends `()` on every change in `config.dir`: inotify when it can
 /// be had (unless `config.watch` says poll), else the poll watcher; `None` (with
 /// a warning) when neither works, leaving the periodic rescan.
@@ -748,17 +762,7 @@ fn watch(
     notices: std_mpsc::Sender<()>,
 ) -> Option<Box<dyn notify::Watcher + Send>> {
     let handler = move |event: notify::Result<notify::Event>| {
-        // Opening and reading (the rescan's own, too) change nothing; a closed
-        // write does. An error from the watcher: rescan to be sure.
-        let change = match event {
-            Ok(event) => match event.kind {
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-                EventKind::Access(_) => false,
-                _ => true,
-            },
-            Err(_) => true,
-        };
-        if change {
+        if changes_something(&event) {
             let _ = notices.send(());
         }
     };
