@@ -11,7 +11,8 @@
 //!
 //! One row per (scenario, N, figure) with the range over the runs. Needs root (the
 //! simulated node is network namespaces, the agent loads eBPF). Arguments after
-//! `--`: `--only large|idle`, `--runs K` (default 3), `--sizes a,b,c` (large: rule
+//! `--`: `--only large|idle`, `--source manifests|kubernetes` (default both), `--runs K`
+//! (default 3), `--sizes a,b,c` (large: rule
 //! counts; idle: pod counts, in as many RayClusters as `IDLE_SHAPES` gives them, else
 //! one per 10 pods).
 #[path = "../tests/agent_common/mod.rs"]
@@ -96,6 +97,7 @@ struct Options {
     only: Option<String>,
     runs: usize,
     sizes: Option<Vec<usize>>,
+    sources: Vec<Source>,
 }
 
 fn options() -> Result<Options> {
@@ -103,6 +105,7 @@ fn options() -> Result<Options> {
         only: None,
         runs: 3,
         sizes: None,
+        sources: vec![Source::Manifests, Source::Kubernetes],
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -118,9 +121,18 @@ fn options() -> Result<Options> {
                         .with_context(|| format!("--sizes {list}"))?,
                 );
             }
+            "--source" => {
+                o.sources = match args.next().as_deref() {
+                    Some("manifests") => vec![Source::Manifests],
+                    Some("kubernetes") => vec![Source::Kubernetes],
+                    other => bail!("--source needs manifests or kubernetes, not {other:?}"),
+                }
+            }
             // cargo bench passes --bench; nothing else is ours.
             "--bench" => {}
-            other => bail!("unknown argument {other} (--only large|idle, --runs K, --sizes a,b)"),
+            other => bail!(
+                "unknown argument {other} (--only large|idle, --runs K, --sizes a,b, --source S)"
+            ),
         }
     }
     Ok(o)
@@ -134,7 +146,7 @@ fn main() -> Result<()> {
     let mut rows = Rows::default();
     if o.only.as_deref() != Some("idle") {
         let sizes = o.sizes.clone().unwrap_or(LARGE_RULES.to_vec());
-        for source in [Source::Manifests, Source::Kubernetes] {
+        for &source in &o.sources {
             for &n in &sizes {
                 println!("large: {} N={n}", source.name());
                 large(&mut rows, source, n, o.runs)?;
@@ -152,7 +164,7 @@ fn main() -> Result<()> {
                 .collect(),
             _ => IDLE_SHAPES.to_vec(),
         };
-        for source in [Source::Manifests, Source::Kubernetes] {
+        for &source in &o.sources {
             for &(pods, clusters) in &shapes {
                 println!(
                     "idle: {} {pods} pods / {clusters} RayClusters",

@@ -74,6 +74,13 @@ fn build(name: &str) -> std::result::Result<PathBuf, String> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .ok_or("no workspace dir")?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    // A benchmark (target/release/deps/...) measures the release binaries: build
+    // those, or it would find a stale release binary next to it.
+    let release = exe
+        .ancestors()
+        .nth(2)
+        .is_some_and(|profile| profile.file_name() == Some("release".as_ref()));
     let status = Command::new(cargo)
         .env_clear()
         .envs(
@@ -90,13 +97,13 @@ fn build(name: &str) -> std::result::Result<PathBuf, String> {
             "--bin",
             "rayfence-cni",
         ])
+        .args(release.then_some("--release"))
         .current_dir(workspace)
         .status()
         .map_err(|e| format!("running cargo build: {e}"))?;
     if !status.success() {
         return Err(format!("cargo build of the rayfence binaries: {status}"));
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     exe.ancestors()
         .skip(1)
         .take(2)

@@ -23,8 +23,9 @@
 //! appeared, else in its strictest reading ([`strictest`]). An unreadable directory
 //! is reported as [`SourceStatus::Unreachable`] and changes nothing. Must not
 //! decide policy or touch the datapath.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, SystemTime};
 
@@ -179,13 +180,13 @@ type Id = (ObjectKind, ObjectKey);
 #[derive(Default)]
 pub struct Manifests {
     stamps: BTreeMap<PathBuf, Stamp>,
-    /// Last good objects of each file.
-    good: BTreeMap<PathBuf, Vec<Object>>,
+    /// Last good objects of each file (shared with `listed`: one copy each).
+    good: BTreeMap<PathBuf, Vec<Arc<Object>>>,
     /// Objects named by documents that could not be read, per file (of its
     /// current version).
     unreadable: BTreeMap<PathBuf, Vec<(Option<ObjectKind>, ObjectKey)>>,
     /// The last listing: the version of each object in force.
-    listed: BTreeMap<Id, Object>,
+    listed: BTreeMap<Id, Arc<Object>>,
     /// Objects with more than one copy, as of the last listing.
     conflicts: Vec<Conflict>,
     /// Objects kept from the last listing only because an unreadable document
@@ -283,7 +284,8 @@ impl Manifests {
             }
             match read_file(path) {
                 Ok(objects) => {
-                    self.good.insert(path.clone(), objects);
+                    self.good
+                        .insert(path.clone(), objects.into_iter().map(Arc::new).collect());
                     self.unreadable.remove(path);
                 }
                 Err(error) => {
@@ -301,12 +303,8 @@ impl Manifests {
     /// Recomputes the listing from every file's last good objects: conflicts
     /// resolved, objects named by unreadable documents kept.
     fn relist(&mut self) {
-        // The previous listing's objects are reused where they did not change: a
-        // rescan clones only what a changed file changed.
-        let mut previous = std::mem::take(&mut self.listed);
-        let previous_ids: Vec<Id> = previous.keys().cloned().collect();
-        let mut reused: BTreeSet<Id> = BTreeSet::new();
-        let mut copies: BTreeMap<Id, Vec<(&PathBuf, &Object)>> = BTreeMap::new();
+        let previous = std::mem::take(&mut self.listed);
+        let mut copies: BTreeMap<Id, Vec<(&PathBuf, &Arc<Object>)>> = BTreeMap::new();
         for (path, objects) in &self.good {
             for object in objects {
                 copies
@@ -315,33 +313,26 @@ impl Manifests {
                     .push((path, object));
             }
         }
-        let mut listed: BTreeMap<Id, Object> = BTreeMap::new();
+        let mut listed: BTreeMap<Id, Arc<Object>> = BTreeMap::new();
         let mut conflicts = Vec::new();
         for (id, list) in copies {
             let mut files: Vec<PathBuf> = list.iter().map(|(p, _)| (*p).clone()).collect();
             files.dedup();
             let first = list[0].1;
             if list.len() == 1 {
-                let object = match previous.remove(&id) {
-                    Some(old) if old == *first => {
-                        reused.insert(id.clone());
-                        old
-                    }
-                    _ => first.clone(),
-                };
-                listed.insert(id, object);
+                listed.insert(id, Arc::clone(first));
                 continue;
             }
-            let objects: Vec<&Object> = list.iter().map(|(_, o)| *o).collect();
+            let objects: Vec<&Object> = list.iter().map(|(_, o)| o.as_ref()).collect();
             // The version in force wins even over identical copies: editing both
             // copies the same way does not make a duplicate any less a conflict.
             let (reading, object) = if let Some(previous) = previous.get(&id) {
-                (Reading::Previous, Some(previous.clone()))
-            } else if objects.iter().all(|o| *o == first) {
-                (Reading::Identical, Some(first.clone()))
+                (Reading::Previous, Some(Arc::clone(previous)))
+            } else if objects.iter().all(|o| *o == first.as_ref()) {
+                (Reading::Identical, Some(Arc::clone(first)))
             } else {
                 match strictest(&objects) {
-                    Some(object) => (Reading::Strictest, Some(object)),
+                    Some(object) => (Reading::Strictest, Some(Arc::new(object))),
                     None => (Reading::LeftOut, None),
                 }
             };
@@ -361,7 +352,7 @@ impl Manifests {
                 for (id, previous) in &previous {
                     let matches = &id.1 == key && kind.is_none_or(|k| k == id.0);
                     if matches && !listed.contains_key(id) {
-                        listed.insert(id.clone(), previous.clone());
+                        listed.insert(id.clone(), Arc::clone(previous));
                         kept.push(Kept {
                             kind: id.0,
                             key: id.1.clone(),
@@ -371,15 +362,20 @@ impl Manifests {
                 }
             }
         }
+        // What changed: an object of a file that was not re-read is the very same
+        // `Arc`; one re-read is compared by content.
         let mut changes = Vec::new();
         for (id, object) in &listed {
-            if !reused.contains(id) && previous.get(id) != Some(object) {
-                changes.push(SourceEvent::Apply(object.clone()));
+            let same = previous
+                .get(id)
+                .is_some_and(|old| Arc::ptr_eq(old, object) || **old == **object);
+            if !same {
+                changes.push(SourceEvent::Apply(Object::clone(object)));
             }
         }
-        for id in previous_ids {
-            if !listed.contains_key(&id) {
-                changes.push(SourceEvent::Delete(id.0, id.1));
+        for id in previous.keys() {
+            if !listed.contains_key(id) {
+                changes.push(SourceEvent::Delete(id.0, id.1.clone()));
             }
         }
         self.listed = listed;
@@ -400,7 +396,10 @@ impl Manifests {
         let mut listing: BTreeMap<ObjectKind, Vec<Object>> =
             ObjectKind::ALL.iter().map(|k| (*k, Vec::new())).collect();
         for ((kind, _), object) in &self.listed {
-            listing.entry(*kind).or_default().push(object.clone());
+            listing
+                .entry(*kind)
+                .or_default()
+                .push(Object::clone(object));
         }
         listing
     }
@@ -920,7 +919,7 @@ mod tests {
             .enable_time()
             .build()
             .expect("runtime");
-        let mut names = BTreeSet::new();
+        let mut names = std::collections::BTreeSet::new();
         move |timeout| {
             runtime.block_on(async {
                 let mut changed = false;
