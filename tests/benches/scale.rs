@@ -405,6 +405,7 @@ fn large(rows: &mut Rows, source: Source, rules: usize, runs: usize) -> Result<(
             bail!("the held connection failed before the edit");
         }
         // Revoke: rule 0 removed; new connections and the held one must stop.
+        let before = programmed(&agent, &node)?;
         let t0 = Instant::now();
         feed.put("big.yaml", std::slice::from_ref(&revoked))?;
         let revoke_new = until_new_connection(&client, head, false, t0)?;
@@ -430,10 +431,24 @@ fn large(rows: &mut Rows, source: Source, rules: usize, runs: usize) -> Result<(
             ms(revoke_held),
         );
         drop(held);
+        let after = programmed(&agent, &node)?;
         // Grant: rule 0 back.
         let t0 = Instant::now();
         feed.put("big.yaml", std::slice::from_ref(&granted))?;
         let grant_new = until_new_connection(&client, head, true, t0)?;
+        let after_grant = programmed(&agent, &node)?;
+        for ((count0, sum0), (count1, sum1), what) in
+            [(before, after, "revoke"), (after, after_grant, "grant")]
+        {
+            if count1 > count0 {
+                rows.add(
+                    "large",
+                    rules,
+                    &format!("{} {what}: agent's own programming (ms)", source.name()),
+                    (sum1 - sum0) / (count1 - count0) * 1e3,
+                );
+            }
+        }
         rows.add(
             "large",
             rules,
@@ -461,6 +476,18 @@ fn keep_log(agent: &Agent, label: &str) {
             eprintln!("keeping {}: {e}", to.display());
         }
     }
+}
+
+/// The agent's own programming so far: (count, seconds) of
+/// `rayfence_programming_latency_seconds`, from a change reaching the runtime to the
+/// maps written (what the agent adds to an edit, its sources' reading aside).
+fn programmed(agent: &Agent, node: &SimNode) -> Result<(f64, f64)> {
+    let (_, text) = agent.http_get(node.topo.node(0), "/metrics")?;
+    let name = "rayfence_programming_latency_seconds";
+    Ok((
+        agent_common::metric_sum(&text, &format!("{name}_count"), &[]),
+        agent_common::metric_sum(&text, &format!("{name}_sum"), &[]),
+    ))
 }
 
 fn ms(d: Duration) -> f64 {
