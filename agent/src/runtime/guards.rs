@@ -59,10 +59,10 @@ impl Guards {
     }
 
     /// One pass; `synced`: every kind had its first full sync.
-    pub fn sync(
+    pub fn sync<V>(
         &mut self,
         engine: &Engine,
-        known_pods: &BTreeSet<(String, String)>,
+        known_pods: &BTreeMap<(String, String), V>,
         datapath: &mut Datapath,
         health: &Health,
         synced: bool,
@@ -151,11 +151,11 @@ impl Guards {
         self.pending = pending;
     }
 
-    fn verdict(
+    fn verdict<V>(
         &self,
         guard: &Guard,
         engine: &Engine,
-        known_pods: &BTreeSet<(String, String)>,
+        known_pods: &BTreeMap<(String, String), V>,
         synced: bool,
     ) -> Keep {
         if !guard.holding {
@@ -172,7 +172,7 @@ impl Guards {
             return Keep::Pending;
         }
         let key = (guard.namespace.clone(), guard.pod.clone());
-        if known_pods.contains(&key) {
+        if known_pods.contains_key(&key) {
             return Keep::Release("the pod is not one rayfence isolates");
         }
         let guarded = self
