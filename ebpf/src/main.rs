@@ -1,113 +1,17 @@
 //! rayfence's eBPF programs. Thin entry points per hook and direction; the decision
-//! logic lives in the modules (`parse`, `endpoint`, `identity`, `policy`,
-//! `conntrack`, `verdict`, `metrics`).
+//! logic lives in the modules of [`kernel`], which exist only for the BPF target.
 //!
 //! Direction is always the pod's: TC ingress on the pod's host-side veth sees what
 //! the pod sends (pod egress), TC egress what it receives (pod ingress). cgroup_skb
 //! hooks sit on the pod's own sockets, so their direction is the pod's directly.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-// Hand-written kfunc calls (see `node`).
+// Hand-written kfunc calls (see `kernel::node`).
 #![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
+// The programs and their library: the BPF target only.
 #[cfg(target_arch = "bpf")]
-mod conntrack;
-#[cfg(target_arch = "bpf")]
-mod endpoint;
-#[cfg(target_arch = "bpf")]
-mod identity;
-#[cfg(target_arch = "bpf")]
-mod maps;
-#[cfg(target_arch = "bpf")]
-mod metrics;
-#[cfg(target_arch = "bpf")]
-mod node;
-#[cfg(target_arch = "bpf")]
-mod parse;
-#[cfg(target_arch = "bpf")]
-mod policy;
-#[cfg(target_arch = "bpf")]
-mod verdict;
-
-#[cfg(target_arch = "bpf")]
-mod programs {
-    use aya_ebpf::{
-        EbpfContext as _,
-        bindings::{TC_ACT_OK, TC_ACT_SHOT},
-        macros::{cgroup_skb, classifier},
-        programs::{SkBuffContext, TcContext},
-    };
-    use rayfence_common::Direction;
-
-    use crate::{
-        endpoint,
-        parse::{Layer, Skb},
-        verdict,
-    };
-
-    /// cgroup_skb return values.
-    const CG_PASS: i32 = 1;
-    const CG_DROP: i32 = 0;
-
-    /// The packet is not ours to judge (no endpoint for this interface or cgroup).
-    struct NotOurs;
-
-    /// On the pod's host veth, ingress: packets the pod sends.
-    #[classifier]
-    pub fn tc_ingress(ctx: TcContext) -> i32 {
-        try_tc(&ctx, Direction::Egress).unwrap_or(TC_ACT_OK)
-    }
-
-    /// On the pod's host veth, egress: packets to the pod.
-    #[classifier]
-    pub fn tc_egress(ctx: TcContext) -> i32 {
-        try_tc(&ctx, Direction::Ingress).unwrap_or(TC_ACT_OK)
-    }
-
-    #[cgroup_skb(ingress)]
-    pub fn cgroup_skb_ingress(ctx: SkBuffContext) -> i32 {
-        try_cgroup(&ctx, Direction::Ingress).unwrap_or(CG_PASS)
-    }
-
-    #[cgroup_skb(egress)]
-    pub fn cgroup_skb_egress(ctx: SkBuffContext) -> i32 {
-        try_cgroup(&ctx, Direction::Egress).unwrap_or(CG_PASS)
-    }
-
-    /// Passes everything and touches nothing: the benchmark's floor (the cost of the
-    /// hook and of BPF_PROG_TEST_RUN itself). Never attached by the agent.
-    #[classifier]
-    pub fn tc_floor(_ctx: TcContext) -> i32 {
-        TC_ACT_OK
-    }
-
-    #[inline(always)]
-    fn try_tc(ctx: &TcContext, direction: Direction) -> Result<i32, NotOurs> {
-        let skb = Skb::new(ctx.as_ptr().cast());
-        let endpoint = endpoint::by_ifindex(&skb).ok_or(NotOurs)?;
-        Ok(if verdict::decide(skb, Layer::L2, &endpoint, direction) {
-            TC_ACT_OK
-        } else {
-            TC_ACT_SHOT
-        })
-    }
-
-    #[inline(always)]
-    fn try_cgroup(ctx: &SkBuffContext, direction: Direction) -> Result<i32, NotOurs> {
-        let skb = Skb::new(ctx.as_ptr().cast());
-        let endpoint = endpoint::by_cgroup(&skb).ok_or(NotOurs)?;
-        Ok(if verdict::decide(skb, Layer::L3, &endpoint, direction) {
-            CG_PASS
-        } else {
-            CG_DROP
-        })
-    }
-
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo) -> ! {
-        loop {}
-    }
-}
+mod kernel;
 
 // On the host the crate is an empty binary, so `cargo build --workspace` works.
 #[cfg(not(target_arch = "bpf"))]

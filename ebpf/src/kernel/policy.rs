@@ -4,7 +4,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use rayfence_common::{Addr, Direction, PolicyKey, identity::NONE};
 
-use crate::{identity, maps};
+use crate::kernel::{identity, maps};
 
 #[inline(always)]
 fn lookup(policy_id: u32, identity: u32, direction: Direction, protocol: u8, port: u16) -> bool {

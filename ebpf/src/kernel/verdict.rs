@@ -25,12 +25,12 @@
 //! The BPF stack is 512 bytes for the whole call chain, so the bulky steps are
 //! separate (non-inlined) functions that take pointers, not copies.
 use rayfence_common::{
-    Addr, CtKey, CtValue, Direction, EndpointInfo, FragKey, FragValue, Reason, Verdict, ct_flags,
-    endpoint_flags, identity,
+    Addr, CtKey, CtValue, Direction, EndpointInfo, Reason, Verdict, ct_flags, endpoint_flags,
+    identity,
 };
 
-use crate::{
-    conntrack, identity as ident, maps, metrics,
+use crate::kernel::{
+    conntrack, identity as ident, ipfrag, maps, metrics,
     node::{self, NodePeer},
     parse::{self, Class, Flow, IPPROTO_TCP, IPPROTO_UDP, Layer, Packet, Skb, tcp_flags},
     policy,
@@ -111,7 +111,7 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
         }
         Class::LaterFragment => {
             let id = packet.fragment_id;
-            if !fill_fragment_ports(endpoint.endpoint_id, id, &mut packet.flow) && enforced {
+            if !ipfrag::fill_ports(endpoint.endpoint_id, id, &mut packet.flow) && enforced {
                 return deny_flow(
                     skb,
                     endpoint,
@@ -126,7 +126,7 @@ pub fn decide(skb: Skb, layer: Layer, endpoint: &EndpointInfo, direction: Direct
     let key = conntrack::key(endpoint.endpoint_id, direction, &packet.flow);
     let pass = decide_flow(&this, &key, &new_flow);
     if pass && packet.is_first_fragment {
-        remember_fragment(endpoint.endpoint_id, packet.fragment_id, &packet.flow);
+        ipfrag::remember(endpoint.endpoint_id, packet.fragment_id, &packet.flow);
     }
     pass
 }
@@ -486,43 +486,4 @@ fn deny_unparsed(skb: Skb, endpoint: &EndpointInfo, direction: Direction, reason
         ..CtKey::default()
     };
     deny(skb, endpoint, direction, &key, reason)
-}
-
-/// Ports of a later fragment from its first fragment; `false` if unknown.
-#[inline(never)]
-fn fill_fragment_ports(endpoint_id: u32, id: u32, flow: &mut Flow) -> bool {
-    let key = FragKey {
-        endpoint_id,
-        id,
-        protocol: flow.protocol,
-        _pad: [0; 3],
-        src: flow.src,
-        dst: flow.dst,
-    };
-    // SAFETY: plain data, copied out.
-    match unsafe { maps::FRAGMENTS.get(&key) } {
-        Some(ports) => {
-            flow.src_port = ports.src_port;
-            flow.dst_port = ports.dst_port;
-            true
-        }
-        None => false,
-    }
-}
-
-#[inline(never)]
-fn remember_fragment(endpoint_id: u32, id: u32, flow: &Flow) {
-    let key = FragKey {
-        endpoint_id,
-        id,
-        protocol: flow.protocol,
-        _pad: [0; 3],
-        src: flow.src,
-        dst: flow.dst,
-    };
-    let ports = FragValue {
-        src_port: flow.src_port,
-        dst_port: flow.dst_port,
-    };
-    let _ = maps::FRAGMENTS.insert(&key, &ports, 0);
 }

@@ -3,7 +3,7 @@
 use aya_ebpf::maps::lpm_trie::Key;
 use rayfence_common::Addr;
 
-use crate::maps;
+use crate::kernel::maps;
 
 #[inline(always)]
 pub fn exact(addr: &Addr) -> Option<u32> {

@@ -9,7 +9,7 @@
 use aya_ebpf::{bindings::BPF_ANY, helpers::bpf_ktime_get_ns};
 use rayfence_common::{CtKey, CtValue, Direction};
 
-use crate::{maps, parse::Flow};
+use crate::kernel::{maps, parse::Flow};
 
 /// The flow of `flow` (a packet travelling in `direction`) as the endpoint sees it.
 #[inline(always)]

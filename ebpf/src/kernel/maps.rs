@@ -2,7 +2,6 @@
 //! literals because the `map` attribute needs one); sizes here are defaults that the
 //! agent overrides at load time. Nothing here is pinned by the program: the agent
 //! decides where (or whether) maps are pinned.
-use crate::node::CtScratch;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -81,8 +80,3 @@ pub static GUARDS: HashMap<u32, GuardRecord> = HashMap::with_max_entries(1024, 0
 /// DNS addresses a guarded pod may query on port 53 (all zeros: any address).
 #[map(name = "RF_GUARDDNS_V1")]
 pub static GUARD_DNS: HashMap<Addr, u8> = HashMap::with_max_entries(256, 0);
-
-/// Per-CPU room for the kernel conntrack lookup (`node`); never pinned, never read
-/// by the agent.
-#[map(name = "RF_CT_SCRATCH")]
-pub static CT_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);

@@ -4,7 +4,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use rayfence_common::{CounterKey, CounterValue, CtKey, Direction, FlowEvent, Reason, Verdict};
 
-use crate::maps;
+use crate::kernel::maps;
 
 const WINDOW_NS: u64 = 1_000_000_000;
 

@@ -34,10 +34,12 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
     },
     helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id},
+    macros::map,
+    maps::PerCpuArray,
 };
 use rayfence_common::{Addr, CtKey, Direction, NodePortKey, identity};
 
-use crate::{
+use crate::kernel::{
     endpoint::MAX_CGROUP_DEPTH,
     identity as ident, maps,
     parse::{IPPROTO_TCP, IPPROTO_UDP, Skb},
@@ -66,11 +68,16 @@ pub struct CtOpts {
 /// on the stack: this runs at the bottom of the deepest call chain, and the BPF
 /// stack is 512 bytes for all of it.
 #[repr(C)]
-pub struct CtScratch {
+struct CtScratch {
     tuple: bpf_sock_tuple,
     opts: CtOpts,
     original: [u8; 16],
 }
+
+/// Per-CPU room for the kernel conntrack lookup; never pinned, never read by the
+/// agent. Declared here, beside its only user, so `maps` depends on nothing.
+#[map(name = "RF_CT_SCRATCH")]
+static CT_SCRATCH: PerCpuArray<CtScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// Opaque `struct nf_conn`.
 #[repr(C)]
@@ -262,7 +269,7 @@ fn nat_original_source(skb: Skb, key: &CtKey) -> Option<Addr> {
     if offset == 0 {
         return None;
     }
-    let scratch = maps::CT_SCRATCH.get_ptr_mut(0)?;
+    let scratch = CT_SCRATCH.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot, used by nothing else while this program runs.
     let scratch = unsafe { &mut *scratch };
     let size = sock_tuple(key, &mut scratch.tuple)?;

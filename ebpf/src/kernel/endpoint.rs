@@ -4,7 +4,7 @@
 use aya_ebpf::helpers::{bpf_skb_ancestor_cgroup_id, bpf_skb_cgroup_id};
 use rayfence_common::EndpointInfo;
 
-use crate::{maps, parse::Skb};
+use crate::kernel::{maps, parse::Skb};
 
 /// Cgroup levels walked when the socket's own cgroup is not registered (containers
 /// live in cgroups below the pod's; kubelet nests pods 3-4 levels deep).
