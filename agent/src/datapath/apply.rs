@@ -16,10 +16,10 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use aya::maps::{HashMap, LpmTrie, MapError, lpm_trie::Key};
-use rayfence_common::{Addr, EndpointInfo, NodePortKey, PolicyKey, PolicyValue, map_names};
+use aya::maps::{MapError, lpm_trie::Key};
+use rayfence_common::{EndpointInfo, PolicyValue, map_names};
 
-use super::{Datapath, DatapathError, codec};
+use super::{Datapath, DatapathError, codec, maps};
 use crate::tables::{EndpointId, IdentityId, NodePort, PolicyEntry, Tables, TablesDiff};
 
 /// What did not fit, by map.
@@ -157,59 +157,51 @@ impl Datapath {
         } = wanted;
         let mut failures = Failures::default();
         {
-            const MAP: &str = map_names::IDENTITIES;
-            let mut map: HashMap<_, Addr, u32> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::identities(&mut self.ebpf)?;
             let mut done = Vec::new();
             for (ip, identity) in addresses {
                 match map.insert(&codec::addr(ip), &identity, 0) {
                     Ok(()) => done.push((ip, identity)),
                     Err(error) if is_full(&error) => failures.addresses.push((ip, identity)),
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                    Err(error) => return Err(map.fail(error)),
                 }
             }
             self.mirror.addresses.extend(done);
         }
         {
-            const MAP: &str = map_names::CIDRS;
-            let mut map: LpmTrie<_, Addr, u32> =
-                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::cidrs(&mut self.ebpf)?;
             let mut done = Vec::new();
             for (net, identity) in cidrs {
                 let (len, addr) = codec::prefix(net);
                 match map.insert(&Key::new(len, addr), &identity, 0) {
                     Ok(()) => done.push((net, identity)),
                     Err(error) if is_full(&error) => failures.cidrs.push((net, identity)),
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                    Err(error) => return Err(map.fail(error)),
                 }
             }
             self.mirror.cidrs.extend(done);
         }
         {
-            const MAP: &str = map_names::POLICY;
-            let mut map: LpmTrie<_, PolicyKey, PolicyValue> =
-                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::policy(&mut self.ebpf)?;
             let mut done = Vec::new();
             for row in rows {
                 let (len, key) = codec::policy_key(&row);
                 match map.insert(&Key::new(len, key), &PolicyValue { cookie: 0 }, 0) {
                     Ok(()) => done.push(row),
                     Err(error) if is_full(&error) => failures.rows.push(row),
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                    Err(error) => return Err(map.fail(error)),
                 }
             }
             self.mirror.policy.extend(done);
         }
         {
-            const MAP: &str = map_names::NODE_PORTS;
-            let mut map: HashMap<_, NodePortKey, u32> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::node_ports(&mut self.ebpf)?;
             let mut done = Vec::new();
             for (port, identity) in node_ports {
                 match map.insert(&codec::node_port_key(&port), &identity, 0) {
                     Ok(()) => done.push((port, identity)),
                     Err(error) if is_full(&error) => failures.node_ports.push((port, identity)),
-                    Err(error) => return Err(DatapathError::map(MAP, error)),
+                    Err(error) => return Err(map.fail(error)),
                 }
             }
             self.mirror.node_ports.extend(done);
@@ -239,46 +231,38 @@ impl Datapath {
 
     fn remove(&mut self, diff: &TablesDiff) -> Result<(), DatapathError> {
         {
-            const MAP: &str = map_names::NODE_PORTS;
-            let mut map: HashMap<_, NodePortKey, u32> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::node_ports(&mut self.ebpf)?;
             for port in &diff.node_ports_remove {
-                remove_ok(map.remove(&codec::node_port_key(port)), MAP)?;
+                remove_ok(map.remove(&codec::node_port_key(port)), map.name())?;
             }
             for port in &diff.node_ports_remove {
                 self.mirror.node_ports.remove(port);
             }
         }
         {
-            const MAP: &str = map_names::POLICY;
-            let mut map: LpmTrie<_, PolicyKey, PolicyValue> =
-                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::policy(&mut self.ebpf)?;
             for row in &diff.policy_remove {
                 let (len, key) = codec::policy_key(row);
-                remove_ok(map.remove(&Key::new(len, key)), MAP)?;
+                remove_ok(map.remove(&Key::new(len, key)), map.name())?;
             }
             for row in &diff.policy_remove {
                 self.mirror.policy.remove(row);
             }
         }
         {
-            const MAP: &str = map_names::IDENTITIES;
-            let mut map: HashMap<_, Addr, u32> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::identities(&mut self.ebpf)?;
             for ip in &diff.addresses_remove {
-                remove_ok(map.remove(&codec::addr(*ip)), MAP)?;
+                remove_ok(map.remove(&codec::addr(*ip)), map.name())?;
             }
             for ip in &diff.addresses_remove {
                 self.mirror.addresses.remove(ip);
             }
         }
         {
-            const MAP: &str = map_names::CIDRS;
-            let mut map: LpmTrie<_, Addr, u32> =
-                LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::cidrs(&mut self.ebpf)?;
             for net in &diff.cidrs_remove {
                 let (len, addr) = codec::prefix(*net);
-                remove_ok(map.remove(&Key::new(len, addr)), MAP)?;
+                remove_ok(map.remove(&Key::new(len, addr)), map.name())?;
             }
             for net in &diff.cidrs_remove {
                 self.mirror.cidrs.remove(net);
@@ -333,13 +317,11 @@ impl Datapath {
 
     /// The endpoint entry the datapath currently sees for a host veth.
     pub fn tc_endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>, DatapathError> {
-        const MAP: &str = map_names::ENDPOINTS_TC;
-        let map: HashMap<_, u32, EndpointInfo> =
-            HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let map = maps::endpoints_tc(&self.ebpf)?;
         match map.get(&ifindex, 0) {
             Ok(info) => Ok(Some(info)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(error) => Err(DatapathError::map(MAP, error)),
+            Err(error) => Err(map.fail(error)),
         }
     }
 }

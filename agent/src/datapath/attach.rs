@@ -8,16 +8,15 @@ use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-use aya::maps::HashMap;
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{
     CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, LinkOrder, SchedClassifier, TcAttach,
     TcAttachType, tc,
 };
 use aya::util::KernelVersion;
-use rayfence_common::{EndpointInfo, endpoint_flags, map_names};
+use rayfence_common::{EndpointInfo, endpoint_flags};
 
-use super::{Attachments, Datapath, DatapathError, OwnedLink, TcBackend, codec, paths};
+use super::{Attachments, Datapath, DatapathError, OwnedLink, TcBackend, codec, maps, paths};
 use crate::tables::EndpointId;
 
 /// A network interface in the calling thread's network namespace.
@@ -287,21 +286,15 @@ impl Datapath {
         };
         let info = self.endpoint_info(endpoint);
         if !attachments.ifindexes.is_empty() {
-            const MAP: &str = map_names::ENDPOINTS_TC;
-            let mut map: HashMap<_, u32, EndpointInfo> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::endpoints_tc(&mut self.ebpf)?;
             for ifindex in &attachments.ifindexes {
-                map.insert(ifindex, &info, 0)
-                    .map_err(|e| DatapathError::map(MAP, e))?;
+                map.insert(ifindex, &info, 0).map_err(map.error())?;
             }
         }
         if !attachments.cgroups.is_empty() {
-            const MAP: &str = map_names::ENDPOINTS_CGROUP;
-            let mut map: HashMap<_, u64, EndpointInfo> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::endpoints_cgroup(&mut self.ebpf)?;
             for cgroup in &attachments.cgroups {
-                map.insert(cgroup, &info, 0)
-                    .map_err(|e| DatapathError::map(MAP, e))?;
+                map.insert(cgroup, &info, 0).map_err(map.error())?;
             }
         }
         Ok(())
@@ -650,17 +643,13 @@ impl Datapath {
             }
         }
         if !attachments.ifindexes.is_empty() {
-            const MAP: &str = map_names::ENDPOINTS_TC;
-            let mut map: HashMap<_, u32, EndpointInfo> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::endpoints_tc(&mut self.ebpf)?;
             for ifindex in &attachments.ifindexes {
                 let _ = map.remove(ifindex);
             }
         }
         if !attachments.cgroups.is_empty() {
-            const MAP: &str = map_names::ENDPOINTS_CGROUP;
-            let mut map: HashMap<_, u64, EndpointInfo> =
-                HashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let mut map = maps::endpoints_cgroup(&mut self.ebpf)?;
             for cgroup in &attachments.cgroups {
                 let _ = map.remove(cgroup);
             }

@@ -27,7 +27,7 @@ use rayfence_common::{
     EndpointInfo, GUARD_ENDPOINT_ID, GuardNsKey, GuardRecord, endpoint_flags, map_names,
 };
 
-use super::{Datapath, paths};
+use super::{Datapath, maps, paths};
 
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const NOEXIST: u64 = 1;
@@ -463,19 +463,16 @@ impl Datapath {
         addresses: &std::collections::BTreeSet<std::net::IpAddr>,
         any: bool,
     ) -> Result<(), super::DatapathError> {
-        const MAP: &str = map_names::GUARD_DNS;
         let mut wanted: std::collections::BTreeSet<rayfence_common::Addr> =
             addresses.iter().map(|ip| super::codec::addr(*ip)).collect();
         if any {
             wanted.insert(rayfence_common::GUARD_DNS_ANY);
         }
-        let mut map: HashMap<&mut MapData, rayfence_common::Addr, u8> =
-            HashMap::try_from(self.map_mut(MAP)?).map_err(|e| super::DatapathError::map(MAP, e))?;
+        let mut map = maps::guard_dns(&mut self.ebpf)?;
         let present: Vec<rayfence_common::Addr> = map.keys().filter_map(Result::ok).collect();
         for addr in &wanted {
             if !present.contains(addr) {
-                map.insert(addr, &1, 0)
-                    .map_err(|e| super::DatapathError::map(MAP, e))?;
+                map.insert(addr, &1, 0).map_err(map.error())?;
             }
         }
         for addr in present {

@@ -1,5 +1,5 @@
 //! The kernel's conntrack, for the datapath's "who is behind a node address"
-//! (SEMANTICS 5a, `ebpf/src/node.rs`): the BTF ids of the conntrack kfuncs
+//! (SEMANTICS 5a, `ebpf/src/kernel/node.rs`): the BTF ids of the conntrack kfuncs
 //! (`bpf_skb_ct_lookup`, `bpf_ct_release`, Linux 6.0+) and where `struct nf_conn`
 //! keeps the original source address, both read from the running kernel's BTF
 //! (`/sys/kernel/btf/vmlinux`), and the rewrite of the object's placeholder calls
@@ -14,7 +14,7 @@
 //! Must not: write anything, or guess an offset the BTF does not state.
 use std::path::Path;
 
-/// The placeholder call immediates in the eBPF object (`ebpf/src/node.rs`).
+/// The placeholder call immediates in the eBPF object (`ebpf/src/kernel/node.rs`).
 const PLACEHOLDER_CT_LOOKUP: u32 = 0x5246_4301;
 const PLACEHOLDER_CT_RELEASE: u32 = 0x5246_4302;
 

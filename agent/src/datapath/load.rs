@@ -5,12 +5,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use aya::maps::{Array, HashMap, LpmTrie, MapData, lpm_trie::Key};
+use aya::maps::lpm_trie::Key;
 use aya::programs::{CgroupSkb, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
-use rayfence_common::{Addr, EndpointInfo, NodePortKey, PolicyKey, PolicyValue, map_names};
+use rayfence_common::{EndpointInfo, map_names};
 
-use super::{Attachments, Datapath, DatapathError, NodeTrust, bpffs, codec, migrate, paths};
+use super::{Attachments, Datapath, DatapathError, NodeTrust, bpffs, codec, maps, migrate, paths};
 use crate::tables::Tables;
 
 /// The compiled programs (built by agent/build.rs).
@@ -307,26 +307,20 @@ impl Datapath {
     }
 
     fn write_config(&mut self, events_per_second: u32) -> Result<(), DatapathError> {
-        const MAP: &str = map_names::CONFIG;
-        let mut config: Array<&mut MapData, rayfence_common::DatapathConfig> =
-            Array::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let mut config = maps::config(&mut self.ebpf)?;
         let value = rayfence_common::DatapathConfig {
             events_per_second,
             flags: 0,
         };
-        config
-            .set(0, &value, 0)
-            .map_err(|e| DatapathError::map(MAP, e))
+        config.set(0, &value, 0).map_err(config.error())
     }
 
     fn insert_v4_barrier(&mut self) -> Result<(), DatapathError> {
-        const MAP: &str = map_names::CIDRS;
-        let mut cidrs: LpmTrie<&mut MapData, Addr, u32> =
-            LpmTrie::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let mut cidrs = maps::cidrs(&mut self.ebpf)?;
         let (len, addr) = codec::v4_barrier();
         cidrs
             .insert(&Key::new(len, addr), &rayfence_common::identity::NONE, 0)
-            .map_err(|e| DatapathError::map(MAP, e))
+            .map_err(cidrs.error())
     }
 
     /// Rebuilds the mirror and the attachments from the maps (empty when fresh).
@@ -335,21 +329,17 @@ impl Datapath {
         let mut attachments: BTreeMap<_, Attachments> = BTreeMap::new();
         let mut generations = BTreeMap::new();
         {
-            const MAP: &str = map_names::IDENTITIES;
-            let map: HashMap<&MapData, Addr, u32> =
-                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::identities(&self.ebpf)?;
             for item in map.iter() {
-                let (addr, identity) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (addr, identity) = item.map_err(map.error())?;
                 tables.addresses.insert(codec::ip(addr), identity);
             }
         }
         {
-            const MAP: &str = map_names::CIDRS;
-            let map: LpmTrie<&MapData, Addr, u32> =
-                LpmTrie::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::cidrs(&self.ebpf)?;
             let barrier = codec::v4_barrier();
             for item in map.iter() {
-                let (key, identity) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (key, identity) = item.map_err(map.error())?;
                 if (key.prefix_len(), key.data()) == barrier {
                     continue;
                 }
@@ -359,32 +349,26 @@ impl Datapath {
             }
         }
         {
-            const MAP: &str = map_names::POLICY;
-            let map: LpmTrie<&MapData, PolicyKey, PolicyValue> =
-                LpmTrie::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::policy(&self.ebpf)?;
             for item in map.iter() {
-                let (key, _) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (key, _) = item.map_err(map.error())?;
                 if let Some(row) = codec::policy_row(key.prefix_len(), &key.data()) {
                     tables.policy.insert(row);
                 }
             }
         }
         {
-            const MAP: &str = map_names::NODE_PORTS;
-            let map: HashMap<&MapData, NodePortKey, u32> =
-                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::node_ports(&self.ebpf)?;
             for item in map.iter() {
-                let (key, identity) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (key, identity) = item.map_err(map.error())?;
                 tables.node_ports.insert(codec::node_port(&key), identity);
             }
         }
         let mut node_cgroups = BTreeMap::new();
         {
-            const MAP: &str = map_names::NODE_CGROUPS;
-            let map: HashMap<&MapData, u64, u32> =
-                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::node_cgroups(&self.ebpf)?;
             for item in map.iter() {
-                let (cgroup, class) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (cgroup, class) = item.map_err(map.error())?;
                 node_cgroups.insert(cgroup, class);
             }
         }
@@ -395,11 +379,9 @@ impl Datapath {
             }
         };
         {
-            const MAP: &str = map_names::ENDPOINTS_TC;
-            let map: HashMap<&MapData, u32, EndpointInfo> =
-                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::endpoints_tc(&self.ebpf)?;
             for item in map.iter() {
-                let (ifindex, info) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (ifindex, info) = item.map_err(map.error())?;
                 // The CNI plugin's guard on a pod not programmed yet: not ours to
                 // adopt (nor to detach as a leftover).
                 if info.flags & rayfence_common::endpoint_flags::GUARD != 0 {
@@ -414,11 +396,9 @@ impl Datapath {
             }
         }
         {
-            const MAP: &str = map_names::ENDPOINTS_CGROUP;
-            let map: HashMap<&MapData, u64, EndpointInfo> =
-                HashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+            let map = maps::endpoints_cgroup(&self.ebpf)?;
             for item in map.iter() {
-                let (cgroup, info) = item.map_err(|e| DatapathError::map(MAP, e))?;
+                let (cgroup, info) = item.map_err(map.error())?;
                 record(&info);
                 attachments
                     .entry(info.endpoint_id)
@@ -437,15 +417,6 @@ impl Datapath {
     pub(crate) fn map(&self, name: &'static str) -> Result<&aya::maps::Map, DatapathError> {
         self.ebpf
             .map(name)
-            .ok_or(DatapathError::MissingMap { map: name })
-    }
-
-    pub(crate) fn map_mut(
-        &mut self,
-        name: &'static str,
-    ) -> Result<&mut aya::maps::Map, DatapathError> {
-        self.ebpf
-            .map_mut(name)
             .ok_or(DatapathError::MissingMap { map: name })
     }
 

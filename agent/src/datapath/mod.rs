@@ -17,6 +17,7 @@
 //! - [`node`]: who is behind a node address: the pod cgroups a node socket may sit
 //!   in, and what the kernel offers ([`kfuncs`]: its conntrack) to tell NATed
 //!   traffic from the node's own (SEMANTICS 5a).
+//! - [`maps`]: one typed accessor per map, naming the map in its errors.
 //! - [`observe`]: counters and flow events.
 //! - [`testrun`]: BPF_PROG_TEST_RUN, for the tests and the benchmark.
 //! - [`cleanup`]: remove everything pinned or attached.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod guard;
 pub mod kfuncs;
 pub mod load;
+mod maps;
 pub mod migrate;
 pub mod node;
 pub mod observe;

@@ -8,10 +8,7 @@
 //! (the runtime and discovery do); it only mirrors what it is given into the map.
 use std::collections::BTreeMap;
 
-use aya::maps::HashMap;
-use rayfence_common::map_names;
-
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, maps};
 
 /// How the datapath tells traffic the node forwards (NodePort, hostPort, any
 /// masquerade) from what the node's own processes send.
@@ -50,17 +47,10 @@ impl Datapath {
     /// or `identity::OTHER_POD`): new and changed entries first, then removals, so a
     /// pod cgroup is never briefly a host process's.
     pub fn set_node_cgroups(&mut self, desired: &BTreeMap<u64, u32>) -> Result<(), DatapathError> {
-        const MAP: &str = map_names::NODE_CGROUPS;
-        let mut map: HashMap<_, u64, u32> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP)
-                .ok_or(DatapathError::MissingMap { map: MAP })?,
-        )
-        .map_err(|e| DatapathError::map(MAP, e))?;
+        let mut map = maps::node_cgroups(&mut self.ebpf)?;
         for (cgroup, class) in desired {
             if self.node_cgroups.get(cgroup) != Some(class) {
-                map.insert(cgroup, class, 0)
-                    .map_err(|e| DatapathError::map(MAP, e))?;
+                map.insert(cgroup, class, 0).map_err(map.error())?;
                 self.node_cgroups.insert(*cgroup, *class);
             }
         }
@@ -73,7 +63,7 @@ impl Datapath {
         for cgroup in gone {
             match map.remove(&cgroup) {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(error) => return Err(DatapathError::map(MAP, error)),
+                Err(error) => return Err(map.fail(error)),
             }
             self.node_cgroups.remove(&cgroup);
         }

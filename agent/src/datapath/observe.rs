@@ -10,25 +10,23 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 
 use aya::Pod;
-use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, PerCpuHashMap, RingBuf};
 use rayfence_common::{
-    Addr, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventBudget, FlowEvent, FragKey,
-    FragValue, PolicyKey, PolicyValue, map_names,
+    Addr, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, FragKey, FragValue,
+    PolicyKey, PolicyValue, map_names,
 };
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, maps};
 
 /// Counter rows, summed over CPUs.
 pub type Counters = BTreeMap<CounterKey, CounterValue>;
 
 impl Datapath {
     pub fn counters(&self) -> Result<Counters, DatapathError> {
-        const MAP: &str = map_names::COUNTERS;
-        let map: PerCpuHashMap<_, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let map = maps::counters(&self.ebpf)?;
         let mut counters = Counters::new();
         for item in map.iter() {
-            let (key, values) = item.map_err(|e| DatapathError::map(MAP, e))?;
+            let (key, values) = item.map_err(map.error())?;
             let total = counters.entry(key).or_default();
             for value in values.iter() {
                 total.packets += value.packets;
@@ -41,9 +39,7 @@ impl Datapath {
     /// Removes the counter rows of an endpoint that is gone, so churn does not
     /// fill the map.
     pub(crate) fn forget_counters(&mut self, endpoint: u32) -> Result<(), DatapathError> {
-        const MAP: &str = map_names::COUNTERS;
-        let mut map: PerCpuHashMap<_, CounterKey, CounterValue> =
-            PerCpuHashMap::try_from(self.map_mut(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
+        let mut map = maps::counters(&mut self.ebpf)?;
         let keys: Vec<CounterKey> = map
             .keys()
             .filter_map(Result::ok)
@@ -57,10 +53,8 @@ impl Datapath {
 
     /// Flow events not delivered (over the per-CPU budget or ring full), ever.
     pub fn lost_events(&self) -> Result<u64, DatapathError> {
-        const MAP: &str = map_names::EVENT_BUDGET;
-        let map: PerCpuArray<_, EventBudget> =
-            PerCpuArray::try_from(self.map(MAP)?).map_err(|e| DatapathError::map(MAP, e))?;
-        let values = map.get(&0, 0).map_err(|e| DatapathError::map(MAP, e))?;
+        let map = maps::event_budget(&self.ebpf)?;
+        let values = map.get(&0, 0).map_err(map.error())?;
         Ok(values.iter().map(|budget| budget.lost).sum())
     }
 
