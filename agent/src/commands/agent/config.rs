@@ -3,7 +3,7 @@
 //! the HTTP listeners' addresses and limits, and `--metrics-auth`.
 //!
 //! Errors name the flag they are about. Must not: start anything (that is
-//! [`super::run`]).
+//! [`super::run`](mod@super::run)).
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;

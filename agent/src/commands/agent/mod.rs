@@ -1,6 +1,6 @@
 //! `rayfence agent`: the node agent. Its flags ([`args`]), their checking into the
 //! agent's configuration ([`config`]), and the start that wires sources, runtime
-//! and HTTP listeners together ([`run`]).
+//! and HTTP listeners together ([`run`](mod@run)).
 //!
 //! Must not: hold agent logic (that is `rayfence::runtime`).
 mod args;
