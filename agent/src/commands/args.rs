@@ -1,0 +1,197 @@
+//! Argument groups more than one command takes: the output format, how the
+//! operator commands reach the agent, the policy flags (the agent and offline
+//! `explain`) and the node's CNI directories (the agent and `cleanup`).
+//!
+//! Must not: hold a flag only one command has (that goes in the command's file).
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Args, ValueEnum};
+use rayfence::cli::{self, DEFAULT_API_SOCKET, Output};
+use rayfence::policy::selector::Selector;
+use rayfence::policy::{DnsMode, Settings};
+
+/// `-o` (and `--json`, kept for scripts written before `-o`).
+#[derive(Args, Debug)]
+pub(super) struct OutputArgs {
+    /// Output format: table, wide (every field in a column), json or yaml.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: Output,
+    /// The same as -o json.
+    #[arg(long, hide = true, conflicts_with = "output")]
+    json: bool,
+}
+
+impl OutputArgs {
+    pub(super) fn format(&self) -> Output {
+        if self.json { Output::Json } else { self.output }
+    }
+}
+
+/// How the commands reach the agent.
+#[derive(Args, Debug)]
+pub(super) struct AgentConnection {
+    /// The agent's local socket.
+    #[arg(long, value_name = "PATH", env = "RAYFENCE_API_SOCKET", default_value = DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+    /// Ask the agent over HTTP instead (its --metrics-addr), e.g. http://10.0.0.5:9402.
+    #[arg(long, value_name = "URL")]
+    agent: Option<String>,
+    /// Bearer token for --agent (when the agent runs with --metrics-auth).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+}
+
+impl AgentConnection {
+    pub(super) fn address(&self) -> anyhow::Result<cli::AgentAddress> {
+        cli::agent_address(
+            self.agent.as_deref(),
+            &self.socket,
+            self.token_file.as_deref(),
+        )
+    }
+}
+
+/// Flags that change what the policy allows; shared by the agent and offline explain.
+#[derive(Args, Debug)]
+pub(super) struct PolicyArgs {
+    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
+    #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
+    dns_mode: DnsModeArg,
+    /// The cluster DNS Service, NAMESPACE/NAME.
+    #[arg(
+        long,
+        value_name = "NS/NAME",
+        env = "RAYFENCE_DNS_SERVICE",
+        default_value = "kube-system/kube-dns"
+    )]
+    dns_service: String,
+    /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
+    #[arg(
+        long,
+        value_name = "NS",
+        env = "RAYFENCE_OPERATOR_NAMESPACE",
+        value_delimiter = ','
+    )]
+    operator_namespace: Vec<String>,
+    /// Labels of the KubeRay operator pods, k=v[,k=v].
+    #[arg(long, value_name = "K=V[,K=V]", env = "RAYFENCE_OPERATOR_SELECTOR")]
+    operator_selector: Option<String>,
+    /// Also enforce plain networking.k8s.io/v1 NetworkPolicies.
+    #[arg(long, env = "RAYFENCE_ENFORCE_NETWORKPOLICIES")]
+    pub(super) enforce_networkpolicies: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum DnsModeArg {
+    /// To the pods behind --dns-service, port 53.
+    Service,
+    /// To port 53 anywhere.
+    Anywhere,
+    /// No DNS base flow: rules must allow it.
+    Off,
+}
+
+impl PolicyArgs {
+    /// The settings the policy flags give, for node `node_name`.
+    pub(super) fn settings(&self, node_name: &str) -> anyhow::Result<Settings> {
+        let mut settings = Settings::new(node_name.to_owned(), Vec::new());
+        settings.dns = match self.dns_mode {
+            DnsModeArg::Anywhere => DnsMode::Anywhere,
+            DnsModeArg::Off => DnsMode::Off,
+            DnsModeArg::Service => {
+                let Some((namespace, name)) = self.dns_service.split_once('/') else {
+                    bail!(
+                        "--dns-service {:?}: expected NAMESPACE/NAME",
+                        self.dns_service
+                    );
+                };
+                if namespace.is_empty() || name.is_empty() || name.contains('/') {
+                    bail!(
+                        "--dns-service {:?}: expected NAMESPACE/NAME",
+                        self.dns_service
+                    );
+                }
+                DnsMode::Service {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                }
+            }
+        };
+        if !self.operator_namespace.is_empty() {
+            settings.operator_namespaces = self.operator_namespace.clone();
+        }
+        if let Some(selector) = &self.operator_selector {
+            let mut pairs = Vec::new();
+            for pair in selector.split(',') {
+                match pair.split_once('=') {
+                    Some((k, v)) if !k.trim().is_empty() => pairs.push((k.trim(), v.trim())),
+                    _ => bail!("--operator-selector {selector:?}: expected key=value[,key=value]"),
+                }
+            }
+            settings.operator_selector = Selector::from_labels(pairs);
+        }
+        settings.enforce_networkpolicies = self.enforce_networkpolicies;
+        Ok(settings)
+    }
+}
+
+/// Where the node's CNI configuration and plugins are, for the agent and cleanup.
+#[derive(Args, Debug)]
+pub(super) struct CniDirsArgs {
+    /// The node's CNI configuration directory. The agent chains rayfence-cni into
+    /// its first configuration once the datapath is pinned, keeps it there and
+    /// leaves it when it exits; cleanup removes it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RAYFENCE_CNI_CONF_DIR",
+        requires = "cni_bin_dir"
+    )]
+    pub(super) cni_conf_dir: Option<PathBuf>,
+    /// The node's CNI plugin directory, where rayfence-cni is copied.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "RAYFENCE_CNI_BIN_DIR",
+        requires = "cni_conf_dir"
+    )]
+    pub(super) cni_bin_dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory as _, Parser as _};
+
+    use super::*;
+    use crate::commands::{Cli, Command};
+
+    #[test]
+    fn json_is_a_hidden_alias_of_output_json_and_conflicts_with_o() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let Ok(Cli {
+            command: Command::Status(status),
+        }) = parse(&["rayfence", "status", "--json"])
+        else {
+            panic!("status --json parses");
+        };
+        assert_eq!(status.output.format(), Output::Json);
+        let Ok(Cli {
+            command: Command::Status(status),
+        }) = parse(&["rayfence", "status"])
+        else {
+            panic!("status parses");
+        };
+        assert_eq!(status.output.format(), Output::Table);
+        assert!(parse(&["rayfence", "status", "--json", "-o", "yaml"]).is_err());
+        let help = Cli::command()
+            .find_subcommand_mut("status")
+            .expect("status")
+            .render_help()
+            .to_string();
+        assert!(
+            help.contains("--output") && !help.contains("--json"),
+            "{help}"
+        );
+    }
+}
