@@ -18,14 +18,21 @@ const LLVM_MAJOR: &str = "22";
 /// Debian packages: LLVM for bpf-linker; iproute2 and iptables for the network
 /// namespace tests and the demo (kube-proxy-like DNAT).
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "iptables"];
+/// The metrics tests check the agent's `/metrics` and the shipped alert rules with
+/// Prometheus's own checker. Debian ships it inside the `prometheus` package, whose
+/// installation would also start a Prometheus server: only the one binary is taken
+/// out of the package, into [`PROMTOOL`].
+const PROMTOOL_PACKAGE: &str = "prometheus";
+pub const PROMTOOL: &str = "/usr/local/bin/promtool";
 
 pub fn ensure_all() -> Result<()> {
     let host = ensure_host_toolchain()?;
     ensure_toolchain(EBPF_TOOLCHAIN, &["rust-src"])?;
     ensure_apt_packages()?;
     ensure_bpf_linker()?;
+    ensure_promtool()?;
     say(&format!(
-        "prerequisites in place: Rust {host} (rust-toolchain.toml), {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}",
+        "prerequisites in place: Rust {host} (rust-toolchain.toml), {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}, promtool",
         APT_PACKAGES.join(", ")
     ));
     Ok(())
@@ -180,5 +187,49 @@ fn ensure_bpf_linker() -> Result<()> {
         ])
         // bpf-linker's build finds LLVM through llvm-config on PATH or LLVM_PREFIX.
         .env("LLVM_PREFIX", format!("/usr/lib/llvm-{LLVM_MAJOR}")))?;
+    Ok(())
+}
+
+fn ensure_promtool() -> Result<()> {
+    if output(PROMTOOL, &["--version"]).is_some() {
+        return Ok(());
+    }
+    if !crate::is_root() {
+        bail!(
+            "promtool is missing; run as root to take it from Debian's `{PROMTOOL_PACKAGE}` package"
+        );
+    }
+    say(&format!(
+        "taking promtool out of Debian's `{PROMTOOL_PACKAGE}` package (not installing the server)"
+    ));
+    let scratch = std::env::temp_dir().join(format!("rayfence-promtool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let taken = (|| -> Result<()> {
+        // `apt-get download` writes as the unprivileged `_apt` user: let it.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&scratch, std::fs::Permissions::from_mode(0o777))?;
+        let download = || {
+            run(Command::new("apt-get")
+                .args(["download", "-q", PROMTOOL_PACKAGE])
+                .current_dir(&scratch))
+        };
+        if download().is_err() {
+            run(Command::new("apt-get").arg("update").arg("-q"))?;
+            download()?;
+        }
+        let deb = std::fs::read_dir(&scratch)?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
+            .context("apt-get download left no .deb")?;
+        let tree = scratch.join("tree");
+        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
+        std::fs::copy(tree.join("usr/bin/promtool"), PROMTOOL)
+            .with_context(|| format!("copying promtool to {PROMTOOL}"))?;
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    taken?;
+    output(PROMTOOL, &["--version"]).context("the promtool taken from the package does not run")?;
     Ok(())
 }
