@@ -25,18 +25,19 @@ use rayfence::cni::install::{self as cni_install, DEFAULT_BIN_DIR, DEFAULT_CONF_
 use rayfence::datapath::{self, Capacities, DatapathOptions, paths::DEFAULT_BPFFS_DIR};
 use rayfence::discovery::LocatorConfig;
 use rayfence::logging::{LogConfig, LogFormat, LogLevel};
+use rayfence::operator::events::{EventReporterConfig, KubeEventReporter};
+use rayfence::operator::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
+use rayfence::operator::health::Health;
+use rayfence::operator::query::QueryClient;
 use rayfence::policy::selector::Selector;
 use rayfence::policy::{DnsMode, Settings};
-use rayfence::runtime::api::QueryClient;
-use rayfence::runtime::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
 use rayfence::runtime::{Runtime, RuntimeConfig};
 use rayfence::serve::auth::{AuthConfig, Authorizer, ResourceAttributes};
 use rayfence::serve::limits::{self, Limits};
 use rayfence::serve::tls::TlsFiles;
-use rayfence::serve::{Health, OperatorApi, Served};
+use rayfence::serve::{OperatorApi, Served};
 use rayfence::source::ObjectKind;
 use rayfence::source::ProblemReporter;
-use rayfence::source::events::{EventReporterConfig, KubeEventReporter};
 use rayfence::source::files::{self, FilesConfig};
 use rayfence::source::kube::{self as kube_source, KubeSourceConfig};
 
@@ -571,7 +572,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             output,
         } => {
             let address = agent.address()?;
-            let filter = rayfence::api::FlowFilter {
+            let filter = rayfence::operator::wire::FlowFilter {
                 verdict: verdict.as_deref().map(cli::parse_verdict).transpose()?,
                 namespace,
                 raycluster,

@@ -38,9 +38,9 @@ use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict, map_
 
 use crate::datapath::Datapath;
 use crate::datapath::observe::{FILL_MAPS, count_pinned};
+use crate::operator::metrics::{DropLabels, MapLabel, Metrics};
 use crate::policy::Role;
 use crate::policy::engine::EndpointMeta;
-use crate::serve::metrics::{DropLabels, MapLabel, Metrics};
 
 /// The pause after a count of conntrack and fragments in the kernel, as a multiple
 /// of the time the count took (100: at most 1% of one core).
@@ -380,7 +380,7 @@ impl CounterPublisher {
                             .set(i64::try_from(n).unwrap_or(i64::MAX));
                     }
                     Err(error) => {
-                        let stage = crate::serve::metrics::StageLabel {
+                        let stage = crate::operator::metrics::StageLabel {
                             stage: "counters".to_owned(),
                         };
                         errors.get_or_create(&stage).inc();

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use crate::datapath::{Datapath, DatapathError, Interface};
 use crate::discovery::{Hook, Location, Locator, PodRef, SandboxMark};
+use crate::operator::health::Health;
+use crate::operator::metrics::EndpointLabels;
 use crate::policy::Engine;
-use crate::serve::Health;
-use crate::serve::metrics::EndpointLabels;
 use crate::tables::EndpointId;
 
 /// A pod the engine wants enforced.

@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::datapath::Datapath;
 use crate::datapath::guard::{Guard, waited_ms};
 use crate::discovery::netlink::Rtnl;
+use crate::operator::health::Health;
 use crate::policy::Engine;
-use crate::serve::Health;
 
 /// A pod the plugin holds that the agent has not programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]

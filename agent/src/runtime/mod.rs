@@ -18,19 +18,20 @@
 //! Problem, in `rayfence status` and `rayfence_raycluster_capacity_held`) and the
 //! others are programmed as usual.
 //!
-//! Observability: the loop also answers operator queries ([`api`]) and names,
-//! limits and publishes the datapath's flow events ([`flows`]) between turns.
+//! Observability: between turns the loop answers operator queries ([`answers`],
+//! asked through [`crate::operator::query`]) and hands the datapath's flow events to
+//! [`crate::operator::flows`], which names, limits and publishes them. It says what
+//! happened to [`crate::operator::metrics`] and [`Health`]; it never serves them.
 //!
 //! Must not: parse manifests or talk to the API server (sources do), translate
 //! policy (the engine does), use aya (the datapath does), or open the gate on error:
 //! an apply error leaves the affected endpoints fail-closed (the datapath's doing)
 //! and is logged, counted and retried as a full apply on the next turn; a silent or
 //! unreachable source keeps the last state enforced.
-pub mod api;
+mod answers;
 pub mod capacity;
 mod counters;
 mod endpoints;
-pub mod flows;
 pub mod guards;
 mod node;
 
@@ -45,9 +46,11 @@ use tokio::sync::mpsc;
 
 use crate::datapath::{AsyncEventStream, Datapath, DatapathError, DatapathOptions};
 use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
+use crate::operator::flows;
+use crate::operator::health::Health;
+use crate::operator::metrics::{CapacityLabels, KindLabel, StatusLabel, VerdictLabel};
+use crate::operator::query::Query;
 use crate::policy::{Engine, Kind, Problem, Settings};
-use crate::serve::Health;
-use crate::serve::metrics::{CapacityLabels, KindLabel, StatusLabel, VerdictLabel};
 use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
 use crate::tables::IdentityId;
 
@@ -133,7 +136,7 @@ pub struct Runtime {
     /// The source's last status (`connected`, `unreachable`, `kind-missing`).
     source_status: String,
     /// Operator queries, when the API is served.
-    queries: Option<mpsc::Receiver<api::Query>>,
+    queries: Option<mpsc::Receiver<Query>>,
     /// Flow events: the datapath's stream and what names and publishes them.
     flow_events: Option<(AsyncEventStream, flows::FlowEvents)>,
     /// Local hostNetwork pods (`namespace/name`) programmed into `RF_NODECG`: their
@@ -217,7 +220,7 @@ impl Runtime {
     /// a test of the loop alone may not).
     pub fn with_observability(
         mut self,
-        queries: mpsc::Receiver<api::Query>,
+        queries: mpsc::Receiver<Query>,
         flow_events: flows::FlowEvents,
     ) -> Result<Self, RuntimeError> {
         let stream = self
@@ -872,7 +875,7 @@ fn map_label(map: &str) -> &'static str {
         .unwrap_or("other")
 }
 
-async fn next_query(queries: &mut Option<mpsc::Receiver<api::Query>>) -> Option<api::Query> {
+async fn next_query(queries: &mut Option<mpsc::Receiver<Query>>) -> Option<Query> {
     match queries {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

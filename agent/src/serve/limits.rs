@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
-use super::metrics::{ListenerLabels, Metrics, RefusedLabels};
+use crate::operator::metrics::{ListenerLabels, Metrics, RefusedLabels};
 
 /// Descriptors kept for everything but the listeners' connections: netlink and
 /// inotify sockets, bpf maps, programs and links, pod namespaces and cgroups opened
