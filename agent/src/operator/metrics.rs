@@ -1,9 +1,16 @@
-//! The agent's Prometheus metrics: one registry, typed handles for the runtime.
+//! The agent's Prometheus metrics: one registry, and one method per thing that
+//! happened (`metrics.pod_attached(..)`, `metrics.failed(Stage::Apply)`,
+//! `metrics.request_shed(..)`): callers say what happened, this module picks the
+//! series and builds the labels. The server only encodes ([`Metrics::encode`]).
 //!
 //! Must not: take an unbounded label value (never an IP, a port, a pod name or a
 //! UID); label values are kinds, hooks, states, reasons, map names, namespaces,
-//! RayCluster names and worker group names. Series of pods that are gone are removed
-//! by their publisher (`runtime::counters`), so no family grows without bound.
+//! RayCluster names and worker group names, and the fixed ones are `&'static str`.
+//! Series of pods that are gone are removed by their publisher
+//! (`runtime::counters`, through [`Metrics::datapath_series_gone`]), so no family
+//! grows without bound.
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -11,29 +18,32 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::wire::FlowVerdict;
+use crate::source::ObjectKind;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabel {
-    pub kind: String,
+struct KindLabel {
+    kind: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StageLabel {
-    /// `apply`, `locate`, `attach`, `detach`, `counters`, `manifest`.
-    pub stage: String,
+struct StageLabel {
+    /// A [`Stage`].
+    stage: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabels {
+struct EndpointLabels {
     /// `tc`, `cgroup`, `none`.
-    pub hook: String,
+    hook: String,
     /// `attached`, `pending`, `not-enforced`.
-    pub state: String,
+    state: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StatusLabel {
+struct StatusLabel {
     /// `connected`, `unreachable`, `kind-missing`.
-    pub status: String,
+    status: String,
 }
 
 /// Labels of the datapath's counters (drops, would-drops, allowed new flows).
@@ -54,88 +64,90 @@ pub struct DropLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct VerdictLabel {
+struct VerdictLabel {
     /// `dropped`, `audit`.
-    pub verdict: String,
+    verdict: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MapLabel {
+struct MapLabel {
     /// A short stable name per datapath map (`policy`, `conntrack`, ...).
-    pub map: String,
+    map: String,
 }
 
 /// A RayCluster held fail-closed for lack of room in a datapath map.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CapacityLabels {
-    pub namespace: String,
-    pub raycluster: String,
+struct CapacityLabels {
+    namespace: String,
+    raycluster: String,
     /// The map its entries do not fit (a [`MapLabel`] name).
-    pub map: String,
+    map: String,
 }
 
 /// Which HTTP listener: `metrics` (`--metrics-addr`), `health` (`--health-addr`).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerLabels {
-    pub listener: String,
+struct ListenerLabels {
+    listener: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusedLabels {
-    pub listener: String,
+struct RefusedLabels {
+    listener: String,
     /// `global-limit`, `per-source-limit`.
-    pub reason: String,
+    reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ShedLabels {
+struct ShedLabels {
     /// `request-body`, `reviews-busy`, `queries-busy`.
-    pub reason: String,
+    reason: String,
 }
 
-/// Handles into the registry (each is a cheap `Arc` clone).
+/// Handles into the registry; a clone is cheap and feeds the same series (for a
+/// thread that reports from off the loop).
+#[derive(Clone)]
 pub struct Metrics {
-    pub registry: Registry,
+    registry: Arc<Registry>,
     /// Seconds from a change arriving at the runtime to the datapath holding it.
-    pub programming_latency: Histogram,
-    pub syncs: Family<KindLabel, Counter>,
-    pub sync_errors: Family<StageLabel, Counter>,
-    pub programmings: Counter,
-    pub endpoints: Family<EndpointLabels, Gauge>,
-    pub source_status: Family<StatusLabel, Gauge>,
-    pub problems: Gauge,
-    pub drops: Family<DropLabels, Counter>,
-    pub drop_bytes: Family<DropLabels, Counter>,
+    programming_latency: Histogram,
+    syncs: Family<KindLabel, Counter>,
+    sync_errors: Family<StageLabel, Counter>,
+    programmings: Counter,
+    endpoints: Family<EndpointLabels, Gauge>,
+    source_status: Family<StatusLabel, Gauge>,
+    problems: Gauge,
+    drops: Family<DropLabels, Counter>,
+    drop_bytes: Family<DropLabels, Counter>,
     /// Packets an audit-mode endpoint would have dropped (passed, counted).
-    pub would_drops: Family<DropLabels, Counter>,
-    pub would_drop_bytes: Family<DropLabels, Counter>,
+    would_drops: Family<DropLabels, Counter>,
+    would_drop_bytes: Family<DropLabels, Counter>,
     /// New flows allowed (one per flow, not per packet).
-    pub allowed_flows: Family<DropLabels, Counter>,
-    pub map_entries: Family<MapLabel, Gauge>,
-    pub map_capacity: Family<MapLabel, Gauge>,
+    allowed_flows: Family<DropLabels, Counter>,
+    map_entries: Family<MapLabel, Gauge>,
+    map_capacity: Family<MapLabel, Gauge>,
     /// Entries each held RayCluster needs and does not get; no series when none is held.
-    pub capacity_held: Family<CapacityLabels, Gauge>,
+    capacity_held: Family<CapacityLabels, Gauge>,
     /// Flow events the datapath did not deliver (over its rate limit, ring full).
-    pub flow_events_lost: Counter,
+    flow_events_lost: Counter,
     /// Flow events logged, by verdict (driven by the flow-event logger).
-    pub flow_events: Family<VerdictLabel, Counter>,
+    flow_events: Family<VerdictLabel, Counter>,
     /// Flow events received but not logged (driven by the flow-event logger).
-    pub flow_events_suppressed: Counter,
+    flow_events_suppressed: Counter,
     /// The Kubernetes source restarting a kind's watch.
-    pub watch_restarts: Family<KindLabel, Counter>,
-    pub attach_latency: Histogram,
+    watch_restarts: Family<KindLabel, Counter>,
+    attach_latency: Histogram,
     /// Pods the CNI plugin holds closed that the agent has not programmed yet.
-    pub endpoints_guarded: Gauge,
+    endpoints_guarded: Gauge,
     /// How long each pod the agent took over from the CNI guard had waited.
-    pub guard_wait: Histogram,
+    guard_wait: Histogram,
     /// Connections open on each HTTP listener.
-    pub http_connections: Family<ListenerLabels, Gauge>,
+    http_connections: Family<ListenerLabels, Gauge>,
     /// Connections closed as soon as accepted: a connection cap was reached.
-    pub http_connections_refused: Family<RefusedLabels, Counter>,
+    http_connections_refused: Family<RefusedLabels, Counter>,
     /// `accept(2)` failures (EMFILE, ENFILE, ENOMEM, ...), each followed by a pause.
-    pub http_accept_errors: Family<ListenerLabels, Counter>,
+    http_accept_errors: Family<ListenerLabels, Counter>,
     /// Requests answered without being served (a body, too many checks in flight).
-    pub http_requests_shed: Family<ShedLabels, Counter>,
+    http_requests_shed: Family<ShedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -304,7 +316,7 @@ impl Metrics {
             http_requests_shed.clone(),
         );
         Self {
-            registry,
+            registry: Arc::new(registry),
             endpoints_guarded,
             guard_wait,
             http_connections,
@@ -334,18 +346,206 @@ impl Metrics {
         }
     }
 
-    pub fn shed(&self, reason: &str) {
-        self.http_requests_shed
-            .get_or_create(&ShedLabels {
-                reason: reason.to_owned(),
+    // The reconcile loop and the sources.
+
+    /// A complete listing (resync) of `kind` was applied.
+    pub fn resynced(&self, kind: ObjectKind) {
+        self.syncs.get_or_create(&KindLabel::of(kind)).inc();
+    }
+
+    /// The Kubernetes source restarted its watch of `kind`.
+    pub fn watch_restarted(&self, kind: ObjectKind) {
+        self.watch_restarts
+            .get_or_create(&KindLabel::of(kind))
+            .inc();
+    }
+
+    /// The source is now `status` (one of [`SOURCE_STATUSES`]): 1 for it, 0 for
+    /// the others.
+    pub fn source_became(&self, status: &'static str) {
+        for s in SOURCE_STATUSES {
+            self.source_status
+                .get_or_create(&StatusLabel {
+                    status: s.to_owned(),
+                })
+                .set(i64::from(s == status));
+        }
+    }
+
+    /// Something failed while programming, at `stage`.
+    pub fn failed(&self, stage: Stage) {
+        self.sync_errors
+            .get_or_create(&StageLabel {
+                stage: stage.as_str().to_owned(),
             })
             .inc();
     }
 
-    pub fn error(&self, stage: &str) {
-        self.sync_errors
-            .get_or_create(&StageLabel {
-                stage: stage.to_owned(),
+    /// A batch of changes was programmed, `seconds` after the first of them arrived.
+    pub fn programmed(&self, seconds: f64) {
+        self.programming_latency.observe(seconds);
+        self.programmings.inc();
+    }
+
+    /// The input objects now have `count` problems.
+    pub fn problems_found(&self, count: usize) {
+        self.problems.set(count as i64);
+    }
+
+    /// RayCluster `namespace/raycluster` is held fail-closed: it needs `needed`
+    /// entries in `map` (a [`crate::datapath::observe::FILL_MAPS`] label).
+    pub fn raycluster_held(
+        &self,
+        namespace: &str,
+        raycluster: &str,
+        map: &'static str,
+        needed: usize,
+    ) {
+        self.capacity_held
+            .get_or_create(&CapacityLabels::of(namespace, raycluster, map))
+            .set(i64::try_from(needed).unwrap_or(i64::MAX));
+    }
+
+    /// RayCluster `namespace/raycluster` is no longer held for lack of room in `map`.
+    pub fn raycluster_released(&self, namespace: &str, raycluster: &str, map: &'static str) {
+        self.capacity_held
+            .remove(&CapacityLabels::of(namespace, raycluster, map));
+    }
+
+    // Endpoints and the CNI guard.
+
+    /// `count` local pods are now at `hook` (`tc`, `cgroup`, `none`) in `state`
+    /// (`attached`, `pending`, `not-enforced`).
+    pub fn endpoints_in_state(&self, hook: &'static str, state: &'static str, count: usize) {
+        self.endpoints
+            .get_or_create(&EndpointLabels {
+                hook: hook.to_owned(),
+                state: state.to_owned(),
+            })
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// A pod's hook was attached, `seconds` after its link event or pod change.
+    pub fn pod_attached(&self, seconds: f64) {
+        self.attach_latency.observe(seconds);
+    }
+
+    /// The agent took over a pod the CNI guard had held for `waited_ms`.
+    pub fn guard_taken_over(&self, waited_ms: u64) {
+        self.guard_wait.observe(waited_ms as f64 / 1e3);
+    }
+
+    /// The CNI guard now holds `count` pods the agent has not programmed.
+    pub fn pods_guarded(&self, count: usize) {
+        self.endpoints_guarded
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    // The datapath's counters, maps and flow events.
+
+    /// A datapath counter row grew by `packets` (and `bytes`) since it was last
+    /// published.
+    pub fn datapath_counted(
+        &self,
+        series: CounterSeries,
+        labels: &DropLabels,
+        packets: u64,
+        bytes: u64,
+    ) {
+        match series {
+            CounterSeries::Drop => {
+                self.drops.get_or_create(labels).inc_by(packets);
+                self.drop_bytes.get_or_create(labels).inc_by(bytes);
+            }
+            CounterSeries::WouldDrop => {
+                self.would_drops.get_or_create(labels).inc_by(packets);
+                self.would_drop_bytes.get_or_create(labels).inc_by(bytes);
+            }
+            CounterSeries::AllowedFlow => {
+                self.allowed_flows.get_or_create(labels).inc_by(packets);
+            }
+        }
+    }
+
+    /// No local endpoint carries `labels` any more: its series go.
+    pub fn datapath_series_gone(&self, series: CounterSeries, labels: &DropLabels) {
+        match series {
+            CounterSeries::Drop => {
+                self.drops.remove(labels);
+                self.drop_bytes.remove(labels);
+            }
+            CounterSeries::WouldDrop => {
+                self.would_drops.remove(labels);
+                self.would_drop_bytes.remove(labels);
+            }
+            CounterSeries::AllowedFlow => {
+                self.allowed_flows.remove(labels);
+            }
+        }
+    }
+
+    /// The datapath's map labelled `map` holds `entries`.
+    pub fn map_counted(&self, map: &'static str, entries: u64) {
+        self.map_entries
+            .get_or_create(&MapLabel::of(map))
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+    }
+
+    /// The datapath's map labelled `map` holds at most `capacity` entries.
+    pub fn map_capacity_read(&self, map: &'static str, capacity: u32) {
+        self.map_capacity
+            .get_or_create(&MapLabel::of(map))
+            .set(i64::from(capacity));
+    }
+
+    /// The datapath did not deliver `count` more flow events.
+    pub fn flow_events_lost(&self, count: u64) {
+        self.flow_events_lost.inc_by(count);
+    }
+
+    /// A flow event was logged.
+    pub fn flow_event_logged(&self, verdict: FlowVerdict) {
+        self.flow_events
+            .get_or_create(&VerdictLabel {
+                verdict: verdict.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// A flow event was received and not logged (its pod's rate limit).
+    pub fn flow_event_suppressed(&self) {
+        self.flow_events_suppressed.inc();
+    }
+
+    // The HTTP listeners.
+
+    /// The handles of one HTTP listener (`metrics`, `health`); its open-connections
+    /// series exists from now on.
+    pub fn listener(&self, listener: &'static str) -> ListenerMetrics {
+        let open = self
+            .http_connections
+            .get_or_create(&ListenerLabels::of(listener))
+            .clone();
+        ListenerMetrics {
+            listener,
+            open,
+            refused: self.http_connections_refused.clone(),
+        }
+    }
+
+    /// `accept(2)` failed on `listener` for lack of a resource.
+    pub fn accept_failed(&self, listener: &'static str) {
+        self.http_accept_errors
+            .get_or_create(&ListenerLabels::of(listener))
+            .inc();
+    }
+
+    /// A request was answered without being served, for `reason`
+    /// (`request-body`, `reviews-busy`, `queries-busy`).
+    pub fn request_shed(&self, reason: &'static str) {
+        self.http_requests_shed
+            .get_or_create(&ShedLabels {
+                reason: reason.to_owned(),
             })
             .inc();
     }
@@ -357,5 +557,110 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// One HTTP listener's connection series, held by its admission control.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    listener: &'static str,
+    open: Gauge,
+    refused: Family<RefusedLabels, Counter>,
+}
+
+impl ListenerMetrics {
+    /// The listener now has `count` connections open.
+    pub fn connections_open(&self, count: usize) {
+        self.open.set(count as i64);
+    }
+
+    /// A connection was closed as soon as accepted: `reason` (`global-limit`,
+    /// `per-source-limit`) was reached.
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels {
+                listener: self.listener.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
+
+/// The source's statuses (`rayfence_source_status`): one is 1, the others 0.
+pub const SOURCE_STATUSES: [&str; 3] = ["connected", "unreachable", "kind-missing"];
+
+/// Where programming failed (`rayfence_sync_errors_total{stage}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Applying the tables to the datapath.
+    Apply,
+    /// Finding a pod in the kernel.
+    Locate,
+    Attach,
+    Detach,
+    /// Reading the datapath's counters and map fill.
+    Counters,
+    /// Keeping the CNI guard's maps.
+    Guard,
+    /// Programming the node's hostNetwork pod cgroups.
+    NodeCgroups,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Apply => "apply",
+            Self::Locate => "locate",
+            Self::Attach => "attach",
+            Self::Detach => "detach",
+            Self::Counters => "counters",
+            Self::Guard => "guard",
+            Self::NodeCgroups => "node-cgroups",
+        }
+    }
+}
+
+/// Which families a datapath counter row feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum CounterSeries {
+    /// `rayfence_drops_total` and `rayfence_drop_bytes_total`.
+    Drop,
+    /// `rayfence_would_drops_total` and `rayfence_would_drop_bytes_total`.
+    WouldDrop,
+    /// `rayfence_allowed_flows_total` (packets only: one per new flow).
+    AllowedFlow,
+}
+
+impl KindLabel {
+    fn of(kind: ObjectKind) -> Self {
+        Self {
+            kind: format!("{kind:?}"),
+        }
+    }
+}
+
+impl MapLabel {
+    fn of(map: &'static str) -> Self {
+        Self {
+            map: map.to_owned(),
+        }
+    }
+}
+
+impl ListenerLabels {
+    fn of(listener: &'static str) -> Self {
+        Self {
+            listener: listener.to_owned(),
+        }
+    }
+}
+
+impl CapacityLabels {
+    fn of(namespace: &str, raycluster: &str, map: &'static str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            raycluster: raycluster.to_owned(),
+            map: map.to_owned(),
+        }
     }
 }

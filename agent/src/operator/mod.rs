@@ -14,8 +14,8 @@
 //! - the server (`serve`) encodes the answer as JSON; the commands
 //!   (`cli::render`) print it for a person.
 //!
-//! Beside it: [`metrics`] (one registry, its families and labels),
-//! [`health`] (liveness and readiness for the probes),
+//! Beside it: [`metrics`] (one registry; callers say what happened, it picks the
+//! series and labels), [`health`] (liveness and readiness for the probes),
 //! [`flows`] (the datapath's flow events named, limited, logged, and kept for
 //! `/v1/flows`), [`events`] (bad input posted as Kubernetes Events).
 //!

@@ -220,12 +220,7 @@ async fn accept_loop(
                 ) {
                     continue;
                 }
-                metrics
-                    .http_accept_errors
-                    .get_or_create(&crate::operator::metrics::ListenerLabels {
-                        listener: name.to_owned(),
-                    })
-                    .inc();
+                metrics.accept_failed(name);
                 // Once in a while: under EMFILE this would be ten lines a second.
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     tracing::warn!(%error, listener = name, "accepting an HTTP connection failed; pausing this listener briefly");
@@ -380,7 +375,7 @@ where
             // No route reads a body: one announced is refused before anything
             // else, and the connection closed (its bytes are never read).
             if !req.body().is_end_stream() {
-                metrics.shed("request-body");
+                metrics.request_shed("request-body");
                 return Ok::<_, Infallible>(closing(text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "no request body is accepted\n",
@@ -405,7 +400,7 @@ where
                     }
                     Err(refusal) => {
                         if matches!(refusal, auth::Refusal::Busy) {
-                            metrics.shed("reviews-busy");
+                            metrics.request_shed("reviews-busy");
                         }
                         // A refused client does not keep its connection.
                         return Ok(closing(refusal.response().map(BodyExt::boxed)));
@@ -446,7 +441,7 @@ async fn handle<B>(req: &Request<B>, context: &Context) -> Response<Body> {
             match tokio::time::timeout(LOOP_QUERY_WAIT, queries.acquire()).await {
                 Ok(Ok(slot)) => Some(slot),
                 _ => {
-                    health.metrics.shed("queries-busy");
+                    health.metrics.request_shed("queries-busy");
                     return text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many operator queries in flight; try again\n",
