@@ -664,3 +664,53 @@ impl CapacityLabels {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What callers say becomes the series and labels dashboards and tests read.
+    #[test]
+    fn each_event_lands_on_its_series_with_its_labels() {
+        let metrics = Metrics::new();
+        metrics.resynced(ObjectKind::Pod);
+        metrics.failed(Stage::NodeCgroups);
+        metrics.source_became("unreachable");
+        metrics.endpoints_in_state("tc", "attached", 3);
+        metrics.raycluster_held("ray", "rc", "policy", 7);
+        metrics.flow_event_logged(FlowVerdict::Audit);
+        metrics.request_shed("queries-busy");
+        let labels = DropLabels {
+            direction: "ingress".into(),
+            reason: "no-policy".into(),
+            namespace: "ray".into(),
+            raycluster: "rc".into(),
+            role: "worker".into(),
+            group: "small".into(),
+        };
+        metrics.datapath_counted(CounterSeries::Drop, &labels, 2, 168);
+        let text = metrics.encode();
+        for line in [
+            "rayfence_syncs_total{kind=\"Pod\"} 1",
+            "rayfence_sync_errors_total{stage=\"node-cgroups\"} 1",
+            "rayfence_source_status{status=\"unreachable\"} 1",
+            "rayfence_source_status{status=\"connected\"} 0",
+            "rayfence_endpoints{hook=\"tc\",state=\"attached\"} 3",
+            "rayfence_raycluster_capacity_held{namespace=\"ray\",raycluster=\"rc\",map=\"policy\"} 7",
+            "rayfence_flow_events_total{verdict=\"audit\"} 1",
+            "rayfence_http_requests_shed_total{reason=\"queries-busy\"} 1",
+            "rayfence_drops_total{direction=\"ingress\",reason=\"no-policy\",namespace=\"ray\",raycluster=\"rc\",role=\"worker\",group=\"small\"} 2",
+            "rayfence_drop_bytes_total{direction=\"ingress\",reason=\"no-policy\",namespace=\"ray\",raycluster=\"rc\",role=\"worker\",group=\"small\"} 168",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        metrics.raycluster_released("ray", "rc", "policy");
+        metrics.datapath_series_gone(CounterSeries::Drop, &labels);
+        let text = metrics.encode();
+        assert!(
+            !text.contains("rayfence_raycluster_capacity_held{"),
+            "{text}"
+        );
+        assert!(!text.contains("rayfence_drops_total{"), "{text}");
+    }
+}
