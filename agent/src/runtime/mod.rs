@@ -18,7 +18,7 @@
 //! Problem, in `rayfence status` and `rayfence_raycluster_capacity_held`) and the
 //! others are programmed as usual.
 //!
-//! Observability: between turns the loop answers operator queries ([`answers`],
+//! Observability: between turns the loop answers operator queries (`answers`,
 //! asked through [`crate::operator::query`]) and hands the datapath's flow events to
 //! [`crate::operator::flows`], which names, limits and publishes them. It says what
 //! happened to [`crate::operator::metrics`] and [`Health`]; it never serves them.
