@@ -1,5 +1,5 @@
 //! The agent's log: one stream on stdout, every line in one format, the flow events
-//! ([`crate::runtime::flows`]) included.
+//! ([`crate::operator::flows`]) included.
 //!
 //! - `--log-format json`: one JSON object per line, the same envelope for every
 //!   line: `timestamp` (RFC 3339, UTC), `level`, `target`, `message`, then the

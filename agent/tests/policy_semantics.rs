@@ -2245,8 +2245,8 @@ fn scene_with_exposed_head() -> Engine {
     e
 }
 
-fn explain(e: &Engine, from: &str, to: &str) -> rayfence::api::ExplainReport {
-    rayfence::explain::explain_flow(e, from, to).unwrap()
+fn explain(e: &Engine, from: &str, to: &str) -> rayfence::operator::wire::ExplainReport {
+    rayfence::operator::explain::explain_flow(e, from, to).unwrap()
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Context, Result, ensure};
-use rayfence::api::{ExplainReport, StatusReport};
+use rayfence::operator::wire::{ExplainReport, StatusReport};
 use rayfence_tests::background::Background;
 use rayfence_tests::{Outcome, Prober};
 use serde_json::{Value, json};

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use agent_common::*;
 use anyhow::{Context as _, Result, ensure};
-use rayfence::api::{EndpointStatus, ExplainReport, FlowRecord, FlowVerdict, StatusReport};
+use rayfence::operator::wire::{
+    EndpointStatus, ExplainReport, FlowRecord, FlowVerdict, StatusReport,
+};
 use rayfence_tests::{Outcome, Topology};
 use serde_json::Value;
 

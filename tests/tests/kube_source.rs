@@ -1,5 +1,5 @@
 //! The agent's Kubernetes source (`rayfence::source::kube`) and Event reporter
-//! (`rayfence::source::events`) against the fake API server over real HTTP: what
+//! (`rayfence::operator::events`) against the fake API server over real HTTP: what
 //! the runtime receives on the initial sync, on live changes, on a relist, during an
 //! outage and while the RayCluster CRD is missing; and which Events bad input posts.
 
@@ -7,8 +7,8 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rayfence::operator::events::{EventReporterConfig, KubeEventReporter, REPORTING_CONTROLLER};
 use rayfence::policy::{ObjectRef, Problem, Severity};
-use rayfence::source::events::{EventReporterConfig, KubeEventReporter, REPORTING_CONTROLLER};
 use rayfence::source::kube::{KubeSourceConfig, run};
 use rayfence::source::{ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
 use rayfence_tests::fake_api::{FakeApiServer, eventually};

@@ -9,7 +9,7 @@
 //! a reader that goes away (`| head`) ends the command quietly instead of a panic:
 //! [`stdout_closed`] tells such an error apart.
 //!
-//! Must not: compute a verdict itself (the engine does, through [`crate::explain`]),
+//! Must not: compute a verdict itself (the engine does, through [`crate::operator::explain`]),
 //! or change anything in the agent.
 mod client;
 mod render;
@@ -22,7 +22,7 @@ use anyhow::{Context as _, bail};
 pub use client::AgentAddress;
 use client::get;
 
-use crate::api::{ExplainReport, FlowFilter, FlowRecord, FlowVerdict, StatusReport};
+use crate::operator::wire::{ExplainReport, FlowFilter, FlowRecord, FlowVerdict, StatusReport};
 use crate::policy::{Engine, Settings};
 use crate::source::files::Manifests;
 use crate::source::{Object, ObjectKind};
@@ -170,7 +170,7 @@ pub fn explain_offline(
             problem.message
         ));
     }
-    let report = crate::explain::explain_flow(&engine, from, to)?;
+    let report = crate::operator::explain::explain_flow(&engine, from, to)?;
     print_explanation(&report, output)?;
     Ok(report)
 }

@@ -4,7 +4,7 @@ use std::fmt::Write as _;
 
 use comfy_table::{Table, presets::NOTHING};
 
-use crate::api::{EndpointStatus, ExplainReport, FlowEnd, FlowRecord, StatusReport};
+use crate::operator::wire::{EndpointStatus, ExplainReport, FlowEnd, FlowRecord, StatusReport};
 
 pub fn status(report: &StatusReport, wide: bool) -> String {
     let mut out = String::new();
@@ -339,7 +339,7 @@ mod tests {
     fn status_lists_guarded_namespaces_and_pending_guarded_pods() {
         let mut report = report();
         report.guarded_namespaces = vec!["team-a".into(), "team-b".into()];
-        report.guarded = vec![crate::api::GuardedPod {
+        report.guarded = vec![crate::operator::wire::GuardedPod {
             namespace: "team-a".into(),
             pod: "alpha-worker-x".into(),
             ifindex: 12,
@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn status_names_a_held_raycluster_with_its_numbers() {
         let mut report = report();
-        report.held = vec![crate::api::HeldRayCluster {
+        report.held = vec![crate::operator::wire::HeldRayCluster {
             namespace: "team-b".into(),
             name: "big".into(),
             map: "RF_CIDR_V1".into(),

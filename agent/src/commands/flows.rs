@@ -5,8 +5,8 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use rayfence::api::FlowFilter;
 use rayfence::cli;
+use rayfence::operator::wire::FlowFilter;
 
 use super::args::{AgentConnection, OutputArgs};
 

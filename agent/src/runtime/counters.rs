@@ -38,33 +38,21 @@ use rayfence_common::{CounterKey, CounterValue, Direction, Reason, Verdict, map_
 
 use crate::datapath::Datapath;
 use crate::datapath::observe::{FILL_MAPS, count_pinned};
+use crate::operator::metrics::{CounterSeries, DropLabels, Metrics, Stage};
 use crate::policy::Role;
 use crate::policy::engine::EndpointMeta;
-use crate::serve::metrics::{DropLabels, MapLabel, Metrics};
 
 /// The pause after a count of conntrack and fragments in the kernel, as a multiple
 /// of the time the count took (100: at most 1% of one core).
 pub const KERNEL_COUNT_SPACING: u32 = 100;
 
-/// Which family a counter row feeds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Series {
-    /// `rayfence_drops_total` and `rayfence_drop_bytes_total`.
-    Drop,
-    /// `rayfence_would_drops_total` and `rayfence_would_drop_bytes_total`.
-    WouldDrop,
-    /// `rayfence_allowed_flows_total` (packets only: one per new flow).
-    AllowedFlow,
-}
-
-impl Series {
-    fn of(verdict: u8) -> Option<Self> {
-        Some(match Verdict::from_u8(verdict)? {
-            Verdict::Drop => Series::Drop,
-            Verdict::Audit => Series::WouldDrop,
-            Verdict::Allow => Series::AllowedFlow,
-        })
-    }
+/// Which families a counter row of `verdict` feeds.
+fn series_of(verdict: u8) -> Option<CounterSeries> {
+    Some(match Verdict::from_u8(verdict)? {
+        Verdict::Drop => CounterSeries::Drop,
+        Verdict::Audit => CounterSeries::WouldDrop,
+        Verdict::Allow => CounterSeries::AllowedFlow,
+    })
 }
 
 /// The pod part of a counter row's labels.
@@ -124,7 +112,7 @@ impl Owner {
 /// What one publication adds to one series.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Increment {
-    pub series: Series,
+    pub series: CounterSeries,
     pub labels: DropLabels,
     pub packets: u64,
     pub bytes: u64,
@@ -152,7 +140,7 @@ pub(super) fn deltas(
         if packets == 0 && bytes == 0 {
             continue;
         }
-        let (Some(series), Some(owner)) = (Series::of(key.verdict), owner(key.endpoint_id)) else {
+        let (Some(series), Some(owner)) = (series_of(key.verdict), owner(key.endpoint_id)) else {
             continue;
         };
         out.push(Increment {
@@ -168,9 +156,9 @@ pub(super) fn deltas(
 
 /// The published series no live endpoint owns.
 pub(super) fn stale(
-    published: &BTreeSet<(Series, DropLabels)>,
+    published: &BTreeSet<(CounterSeries, DropLabels)>,
     live: &BTreeSet<Owner>,
-) -> Vec<(Series, DropLabels)> {
+) -> Vec<(CounterSeries, DropLabels)> {
     published
         .iter()
         .filter(|(_, labels)| !live.contains(&Owner::of_labels(labels)))
@@ -183,7 +171,7 @@ pub(super) struct CounterPublisher {
     /// Counter rows as last published.
     seen: BTreeMap<CounterKey, CounterValue>,
     /// Every label set created, so gone ones can be removed.
-    published: BTreeSet<(Series, DropLabels)>,
+    published: BTreeSet<(CounterSeries, DropLabels)>,
     lost_seen: u64,
     capacities: BTreeMap<&'static str, u32>,
     /// When conntrack and fragments may be counted again; `None` while a count
@@ -216,55 +204,19 @@ impl CounterPublisher {
         match datapath.counters() {
             Ok(counters) => {
                 for inc in deltas(&mut self.seen, &counters, |id| owners.get(&id).cloned()) {
-                    match inc.series {
-                        Series::Drop => {
-                            metrics.drops.get_or_create(&inc.labels).inc_by(inc.packets);
-                            metrics
-                                .drop_bytes
-                                .get_or_create(&inc.labels)
-                                .inc_by(inc.bytes);
-                        }
-                        Series::WouldDrop => {
-                            metrics
-                                .would_drops
-                                .get_or_create(&inc.labels)
-                                .inc_by(inc.packets);
-                            metrics
-                                .would_drop_bytes
-                                .get_or_create(&inc.labels)
-                                .inc_by(inc.bytes);
-                        }
-                        Series::AllowedFlow => {
-                            metrics
-                                .allowed_flows
-                                .get_or_create(&inc.labels)
-                                .inc_by(inc.packets);
-                        }
-                    }
+                    metrics.datapath_counted(inc.series, &inc.labels, inc.packets, inc.bytes);
                     self.published.insert((inc.series, inc.labels));
                 }
-                self.set_entries(metrics, "counters", counters.len() as u64);
+                metrics.map_counted("counters", counters.len() as u64);
             }
             Err(error) => {
-                metrics.error("counters");
+                metrics.failed(Stage::Counters);
                 tracing::warn!(%error, "reading the datapath counters");
             }
         }
         let live: BTreeSet<Owner> = owners.into_values().collect();
         for (series, labels) in stale(&self.published, &live) {
-            match series {
-                Series::Drop => {
-                    metrics.drops.remove(&labels);
-                    metrics.drop_bytes.remove(&labels);
-                }
-                Series::WouldDrop => {
-                    metrics.would_drops.remove(&labels);
-                    metrics.would_drop_bytes.remove(&labels);
-                }
-                Series::AllowedFlow => {
-                    metrics.allowed_flows.remove(&labels);
-                }
-            }
+            metrics.datapath_series_gone(series, &labels);
             tracing::debug!(?series, ?labels, "series of a gone endpoint removed");
             self.published.remove(&(series, labels));
         }
@@ -280,11 +232,11 @@ impl CounterPublisher {
                 } else {
                     lost
                 };
-                metrics.flow_events_lost.inc_by(delta);
+                metrics.flow_events_lost(delta);
                 self.lost_seen = lost;
             }
             Err(error) => {
-                metrics.error("counters");
+                metrics.failed(Stage::Counters);
                 tracing::warn!(%error, "reading the lost flow events");
             }
         }
@@ -300,15 +252,10 @@ impl CounterPublisher {
                 match datapath.map_capacity(map) {
                     Ok(capacity) => {
                         self.capacities.insert(map, capacity);
-                        metrics
-                            .map_capacity
-                            .get_or_create(&MapLabel {
-                                map: label.to_owned(),
-                            })
-                            .set(i64::from(capacity));
+                        metrics.map_capacity_read(label, capacity);
                     }
                     Err(error) => {
-                        metrics.error("counters");
+                        metrics.failed(Stage::Counters);
                         tracing::warn!(%error, map, "reading a map's capacity");
                     }
                 }
@@ -325,14 +272,14 @@ impl CounterPublisher {
                 None if count_kernel => match datapath.count_entries(map) {
                     Ok(n) => n,
                     Err(error) => {
-                        metrics.error("counters");
+                        metrics.failed(Stage::Counters);
                         tracing::warn!(%error, map, "counting a map's entries");
                         continue;
                     }
                 },
                 None => continue,
             };
-            self.set_entries(metrics, label, entries);
+            metrics.map_counted(label, entries);
         }
         match datapath.pin_dir() {
             Some(dir) if count_kernel => {
@@ -365,25 +312,15 @@ impl CounterPublisher {
         maps: Vec<(&'static str, &'static str)>,
         metrics: &Metrics,
     ) {
-        let (entries, errors) = (metrics.map_entries.clone(), metrics.sync_errors.clone());
+        let metrics = metrics.clone();
         let next = self.kernel_next.clone();
         let count = move || {
             let started = Instant::now();
             for (label, map) in maps {
                 match count_pinned(&dir, map) {
-                    Ok(n) => {
-                        let label = MapLabel {
-                            map: label.to_owned(),
-                        };
-                        entries
-                            .get_or_create(&label)
-                            .set(i64::try_from(n).unwrap_or(i64::MAX));
-                    }
+                    Ok(n) => metrics.map_counted(label, n),
                     Err(error) => {
-                        let stage = crate::serve::metrics::StageLabel {
-                            stage: "counters".to_owned(),
-                        };
-                        errors.get_or_create(&stage).inc();
+                        metrics.failed(Stage::Counters);
                         tracing::warn!(%error, map, "counting a map's entries");
                     }
                 }
@@ -394,15 +331,6 @@ impl CounterPublisher {
             Ok(handle) => drop(handle.spawn_blocking(count)),
             Err(_) => count(),
         }
-    }
-
-    fn set_entries(&self, metrics: &Metrics, label: &str, entries: u64) {
-        metrics
-            .map_entries
-            .get_or_create(&MapLabel {
-                map: label.to_owned(),
-            })
-            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 }
 
@@ -454,7 +382,7 @@ mod tests {
         let out = deltas(&mut seen, &current, head);
         assert_eq!(out.len(), 1);
         assert_eq!((out[0].packets, out[0].bytes), (5, 420));
-        assert_eq!(out[0].series, Series::Drop);
+        assert_eq!(out[0].series, CounterSeries::Drop);
         assert_eq!(out[0].labels.reason, "no-policy");
         assert_eq!(out[0].labels.role, "head");
         assert_eq!(out[0].labels.direction, "ingress");
@@ -485,12 +413,15 @@ mod tests {
             (key(7, Verdict::Audit, Reason::NoPolicy), value(1, 84)),
             (key(7, Verdict::Allow, Reason::PolicyAllow), value(2, 120)),
         ]);
-        let series: Vec<Series> = deltas(&mut seen, &current, head)
+        let series: Vec<CounterSeries> = deltas(&mut seen, &current, head)
             .into_iter()
             .map(|i| i.series)
             .collect();
         // Rows in key order: Allow (0) before Audit (2).
-        assert_eq!(series, [Series::AllowedFlow, Series::WouldDrop]);
+        assert_eq!(
+            series,
+            [CounterSeries::AllowedFlow, CounterSeries::WouldDrop]
+        );
     }
 
     #[test]
@@ -525,17 +456,17 @@ mod tests {
             group: group.into(),
         };
         let published = BTreeSet::from([
-            (Series::Drop, labels("rc", "small")),
-            (Series::AllowedFlow, labels("rc", "old-name")),
-            (Series::Drop, labels("gone", "small")),
+            (CounterSeries::Drop, labels("rc", "small")),
+            (CounterSeries::AllowedFlow, labels("rc", "old-name")),
+            (CounterSeries::Drop, labels("gone", "small")),
         ]);
         let live = BTreeSet::from([owner("ray", "rc", "worker", "small")]);
         let stale = stale(&published, &live);
         assert_eq!(
             stale,
             [
-                (Series::Drop, labels("gone", "small")),
-                (Series::AllowedFlow, labels("rc", "old-name")),
+                (CounterSeries::Drop, labels("gone", "small")),
+                (CounterSeries::AllowedFlow, labels("rc", "old-name")),
             ]
         );
     }

@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 use crate::datapath::{Datapath, DatapathError, Interface};
 use crate::discovery::{Hook, Location, Locator, PodRef, SandboxMark};
+use crate::operator::health::Health;
+use crate::operator::metrics::Stage;
 use crate::policy::Engine;
-use crate::serve::Health;
-use crate::serve::metrics::EndpointLabels;
 use crate::tables::EndpointId;
 
 /// A pod the engine wants enforced.
@@ -54,16 +54,13 @@ pub enum EndpointState {
 }
 
 impl EndpointState {
-    fn labels(&self) -> EndpointLabels {
-        let (hook, state) = match self {
+    /// Its hook and state, as `rayfence_endpoints` counts them.
+    fn hook_and_state(&self) -> (&'static str, &'static str) {
+        match self {
             Self::Tc { .. } => ("tc", "attached"),
             Self::Cgroup { .. } => ("cgroup", "attached"),
             Self::NotEnforced { .. } => ("none", "not-enforced"),
             Self::Pending { .. } => ("none", "pending"),
-        };
-        EndpointLabels {
-            hook: hook.to_owned(),
-            state: state.to_owned(),
         }
     }
 }
@@ -129,7 +126,7 @@ impl Endpoints {
                 .filter_map(|(id, gone)| gone.then_some(id))
                 .collect(),
             Err(error) => {
-                health.metrics.error("locate");
+                health.metrics.failed(Stage::Locate);
                 tracing::error!(%error, "the sandbox check failed");
                 Vec::new()
             }
@@ -233,7 +230,7 @@ impl Endpoints {
         match located {
             Ok(located) => located,
             Err(error) => {
-                health.metrics.error("locate");
+                health.metrics.failed(Stage::Locate);
                 tracing::error!(%error, "the locate task failed");
                 Vec::new()
             }
@@ -283,8 +280,8 @@ impl Endpoints {
             self.marks.remove(&id);
             if let Some((pod, state)) = self.states.remove(&id) {
                 detach(datapath, id, &pod, health);
-                let was = state.labels();
-                tracing::info!(pod = %pod, endpoint = id, hook = %was.hook, was = %was.state, "endpoint removed");
+                let (hook, was) = state.hook_and_state();
+                tracing::info!(pod = %pod, endpoint = id, hook = %hook, was = %was, "endpoint removed");
             }
         }
 
@@ -352,25 +349,20 @@ impl Endpoints {
             }
         }
 
-        let mut counts: BTreeMap<(String, String), i64> = BTreeMap::new();
+        let mut counts: BTreeMap<(&'static str, &'static str), usize> = BTreeMap::new();
         for labels in [
             ("tc", "attached"),
             ("cgroup", "attached"),
             ("none", "not-enforced"),
             ("none", "pending"),
         ] {
-            counts.insert((labels.0.to_owned(), labels.1.to_owned()), 0);
+            counts.insert(labels, 0);
         }
         for (_, state) in self.states.values() {
-            let l = state.labels();
-            *counts.entry((l.hook, l.state)).or_default() += 1;
+            *counts.entry(state.hook_and_state()).or_default() += 1;
         }
         for ((hook, state), n) in counts {
-            health
-                .metrics
-                .endpoints
-                .get_or_create(&EndpointLabels { hook, state })
-                .set(n);
+            health.metrics.endpoints_in_state(hook, state, n);
         }
         engine_changed
     }
@@ -417,7 +409,7 @@ impl Endpoints {
                 );
             }
             Err(error) => {
-                health.metrics.error("attach");
+                health.metrics.failed(Stage::Attach);
                 tracing::warn!(pod = %pod, endpoint = d.id, %error, "adding TC failed; the cgroup hook stays");
             }
         }
@@ -489,7 +481,7 @@ impl Endpoints {
                 if let (Some(ms), EndpointState::Tc { .. } | EndpointState::Cgroup { .. }) =
                     (latency_ms, &state)
                 {
-                    health.metrics.attach_latency.observe(ms / 1e3);
+                    health.metrics.pod_attached(ms / 1e3);
                 }
                 match &state {
                     EndpointState::Tc { ifindex, interface } => tracing::info!(
@@ -531,7 +523,7 @@ impl Endpoints {
                 self.states.insert(d.id, (pod, state));
             }
             Err(error) => {
-                health.metrics.error("attach");
+                health.metrics.failed(Stage::Attach);
                 tracing::error!(pod = %pod, endpoint = d.id, %error, "attaching failed; retrying");
                 self.states.insert(
                     d.id,
@@ -570,7 +562,7 @@ fn detach(datapath: &mut Datapath, id: EndpointId, pod: &str, health: &Health) {
     match datapath.detach(id) {
         Ok(()) | Err(DatapathError::NotAttached { .. }) => {}
         Err(error) => {
-            health.metrics.error("detach");
+            health.metrics.failed(Stage::Detach);
             tracing::error!(pod = %pod, endpoint = id, %error, "detaching failed");
         }
     }

@@ -17,8 +17,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::datapath::Datapath;
 use crate::datapath::guard::{Guard, waited_ms};
 use crate::discovery::netlink::Rtnl;
+use crate::operator::health::Health;
+use crate::operator::metrics::Stage;
 use crate::policy::Engine;
-use crate::serve::Health;
 
 /// A pod the plugin holds that the agent has not programmed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,7 +69,7 @@ impl Guards {
         synced: bool,
     ) {
         for waited in datapath.take_guard_waits() {
-            health.metrics.guard_wait.observe(waited as f64 / 1e3);
+            health.metrics.guard_taken_over(waited);
         }
         if synced {
             let wanted = engine.guarded_namespaces();
@@ -80,7 +81,7 @@ impl Guards {
                         self.namespaces = Some(wanted);
                     }
                     Err(error) => {
-                        health.metrics.error("guard");
+                        health.metrics.failed(Stage::Guard);
                         tracing::error!(%error, "writing the guarded namespaces failed; retrying");
                     }
                 }
@@ -96,7 +97,7 @@ impl Guards {
                         self.dns = Some(dns);
                     }
                     Err(error) => {
-                        health.metrics.error("guard");
+                        health.metrics.failed(Stage::Guard);
                         tracing::error!(%error, "writing the guard's DNS addresses failed; retrying");
                     }
                 }
@@ -105,7 +106,7 @@ impl Guards {
         let guards = match datapath.guards() {
             Ok(guards) => guards,
             Err(error) => {
-                health.metrics.error("guard");
+                health.metrics.failed(Stage::Guard);
                 tracing::warn!(%error, "reading the CNI guards failed; retrying");
                 return;
             }
@@ -127,7 +128,7 @@ impl Guards {
                         }
                     }
                     Err(error) => {
-                        health.metrics.error("guard");
+                        health.metrics.failed(Stage::Guard);
                         tracing::warn!(pod = %format!("{}/{}", guard.namespace, guard.pod),
                             %error, "releasing the CNI guard failed; retrying");
                     }
@@ -144,10 +145,7 @@ impl Guards {
         }
         self.logged
             .retain(|(ns, pod)| pending.iter().any(|g| &g.namespace == ns && &g.pod == pod));
-        health
-            .metrics
-            .endpoints_guarded
-            .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+        health.metrics.pods_guarded(pending.len());
         self.pending = pending;
     }
 

@@ -18,19 +18,20 @@
 //! Problem, in `rayfence status` and `rayfence_raycluster_capacity_held`) and the
 //! others are programmed as usual.
 //!
-//! Observability: the loop also answers operator queries ([`api`]) and names,
-//! limits and publishes the datapath's flow events ([`flows`]) between turns.
+//! Observability: between turns the loop answers operator queries (`answers`,
+//! asked through [`crate::operator::query`]) and hands the datapath's flow events to
+//! [`crate::operator::flows`], which names, limits and publishes them. It says what
+//! happened to [`crate::operator::metrics`] and [`Health`]; it never serves them.
 //!
 //! Must not: parse manifests or talk to the API server (sources do), translate
 //! policy (the engine does), use aya (the datapath does), or open the gate on error:
 //! an apply error leaves the affected endpoints fail-closed (the datapath's doing)
 //! and is logged, counted and retried as a full apply on the next turn; a silent or
 //! unreachable source keeps the last state enforced.
-pub mod api;
+mod answers;
 pub mod capacity;
 mod counters;
 mod endpoints;
-pub mod flows;
 pub mod guards;
 mod node;
 
@@ -45,9 +46,11 @@ use tokio::sync::mpsc;
 
 use crate::datapath::{AsyncEventStream, Datapath, DatapathError, DatapathOptions};
 use crate::discovery::{DiscoveryError, Locator, LocatorConfig};
+use crate::operator::flows;
+use crate::operator::health::Health;
+use crate::operator::metrics::Stage;
+use crate::operator::query::Query;
 use crate::policy::{Engine, Kind, Problem, Settings};
-use crate::serve::Health;
-use crate::serve::metrics::{CapacityLabels, KindLabel, StatusLabel, VerdictLabel};
 use crate::source::{Object, ObjectKey, ObjectKind, ProblemReporter, SourceEvent, SourceStatus};
 use crate::tables::IdentityId;
 
@@ -133,7 +136,7 @@ pub struct Runtime {
     /// The source's last status (`connected`, `unreachable`, `kind-missing`).
     source_status: String,
     /// Operator queries, when the API is served.
-    queries: Option<mpsc::Receiver<api::Query>>,
+    queries: Option<mpsc::Receiver<Query>>,
     /// Flow events: the datapath's stream and what names and publishes them.
     flow_events: Option<(AsyncEventStream, flows::FlowEvents)>,
     /// Local hostNetwork pods (`namespace/name`) programmed into `RF_NODECG`: their
@@ -217,7 +220,7 @@ impl Runtime {
     /// a test of the loop alone may not).
     pub fn with_observability(
         mut self,
-        queries: mpsc::Receiver<api::Query>,
+        queries: mpsc::Receiver<Query>,
         flow_events: flows::FlowEvents,
     ) -> Result<Self, RuntimeError> {
         let stream = self
@@ -417,13 +420,7 @@ impl Runtime {
                 }
             }
         }
-        self.health
-            .metrics
-            .syncs
-            .get_or_create(&KindLabel {
-                kind: format!("{kind:?}"),
-            })
-            .inc();
+        self.health.metrics.resynced(kind);
         if self.synced.insert(kind) {
             tracing::info!(kind = %kind, objects = objects.len(), "first full sync of a kind");
         }
@@ -432,13 +429,7 @@ impl Runtime {
     fn status(&mut self, status: &SourceStatus) {
         let label = match status {
             SourceStatus::WatchRestarted { kind } => {
-                self.health
-                    .metrics
-                    .watch_restarts
-                    .get_or_create(&KindLabel {
-                        kind: format!("{kind:?}"),
-                    })
-                    .inc();
+                self.health.metrics.watch_restarted(*kind);
                 return;
             }
             SourceStatus::Connected => "connected",
@@ -452,29 +443,14 @@ impl Runtime {
             }
         };
         self.source_status = label.to_owned();
-        for s in ["connected", "unreachable", "kind-missing"] {
-            self.health
-                .metrics
-                .source_status
-                .get_or_create(&StatusLabel {
-                    status: s.to_owned(),
-                })
-                .set(i64::from(s == label));
-        }
+        self.health.metrics.source_became(label);
     }
 
     fn count_flow_event(&self, handled: flows::Handled) {
         let metrics = &self.health.metrics;
         match handled {
-            flows::Handled::Published(verdict) => {
-                let label = VerdictLabel {
-                    verdict: verdict.as_str().to_owned(),
-                };
-                metrics.flow_events.get_or_create(&label).inc();
-            }
-            flows::Handled::Suppressed => {
-                metrics.flow_events_suppressed.inc();
-            }
+            flows::Handled::Published(verdict) => metrics.flow_event_logged(verdict),
+            flows::Handled::Suppressed => metrics.flow_event_suppressed(),
             flows::Handled::Ignored => {}
         }
     }
@@ -518,7 +494,7 @@ impl Runtime {
                 true
             }
             Err(error) => {
-                self.health.metrics.error("apply");
+                self.health.metrics.failed(Stage::Apply);
                 tracing::error!(%error, source = std::error::Error::source(&error).map(tracing::field::display),
                     fail_closed = %crate::logging::list(self.datapath.fail_closed()),
                     "applying the policy failed; affected endpoints stay fail-closed, retrying");
@@ -530,11 +506,7 @@ impl Runtime {
         self.sync_endpoints(link_at, prelocated).await;
         self.sync_node_cgroups();
         let elapsed = started.elapsed();
-        self.health
-            .metrics
-            .programming_latency
-            .observe(elapsed.as_secs_f64());
-        self.health.metrics.programmings.inc();
+        self.health.metrics.programmed(elapsed.as_secs_f64());
         if !self.programmed && applied {
             self.programmed = true;
             self.health.set_ready();
@@ -635,21 +607,14 @@ impl Runtime {
 
     /// `rayfence_raycluster_capacity_held`: entries needed, per held RayCluster.
     fn publish_held(&self, held: &BTreeMap<capacity::Tenant, capacity::Refusal>) {
-        let family = &self.health.metrics.capacity_held;
-        let label = |tenant: &capacity::Tenant, refusal: &capacity::Refusal| CapacityLabels {
-            namespace: tenant.0.clone(),
-            raycluster: tenant.1.clone(),
-            map: map_label(refusal.map).to_owned(),
-        };
+        let metrics = &self.health.metrics;
         for (tenant, refusal) in &self.held {
             if held.get(tenant).map(|r| r.map) != Some(refusal.map) {
-                family.remove(&label(tenant, refusal));
+                metrics.raycluster_released(&tenant.0, &tenant.1, map_label(refusal.map));
             }
         }
         for (tenant, refusal) in held {
-            family
-                .get_or_create(&label(tenant, refusal))
-                .set(i64::try_from(refusal.needed).unwrap_or(i64::MAX));
+            metrics.raycluster_held(&tenant.0, &tenant.1, map_label(refusal.map), refusal.needed);
         }
     }
 
@@ -720,7 +685,7 @@ impl Runtime {
                 reporter.report(problem);
             }
         }
-        self.health.metrics.problems.set(current.len() as i64);
+        self.health.metrics.problems_found(current.len());
         self.reported = current;
     }
 
@@ -802,7 +767,7 @@ impl Runtime {
                 self.host_network_pods = pods;
             }
             Err(error) => {
-                self.health.metrics.error("node-cgroups");
+                self.health.metrics.failed(Stage::NodeCgroups);
                 tracing::error!(%error, "programming the pod cgroups of the node failed; retrying");
             }
         }
@@ -872,7 +837,7 @@ fn map_label(map: &str) -> &'static str {
         .unwrap_or("other")
 }
 
-async fn next_query(queries: &mut Option<mpsc::Receiver<api::Query>>) -> Option<api::Query> {
+async fn next_query(queries: &mut Option<mpsc::Receiver<Query>>) -> Option<Query> {
     match queries {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -14,11 +14,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-
-use super::metrics::{ListenerLabels, Metrics, RefusedLabels};
+use crate::operator::metrics::{ListenerMetrics, Metrics};
 
 /// Descriptors kept for everything but the listeners' connections: netlink and
 /// inotify sockets, bpf maps, programs and links, pod namespaces and cgroups opened
@@ -170,9 +166,7 @@ impl Refused {
 pub struct Admission {
     limits: Limits,
     open: Mutex<Open>,
-    gauge: Gauge,
-    refused: Family<RefusedLabels, Counter>,
-    listener: &'static str,
+    metrics: ListenerMetrics,
 }
 
 #[derive(Default)]
@@ -184,18 +178,10 @@ struct Open {
 impl Admission {
     /// `listener` names it in metrics (`metrics`, `health`).
     pub fn new(limits: Limits, listener: &'static str, metrics: &Metrics) -> Arc<Self> {
-        let gauge = metrics
-            .http_connections
-            .get_or_create(&ListenerLabels {
-                listener: listener.to_owned(),
-            })
-            .clone();
         Arc::new(Self {
             limits,
             open: Mutex::new(Open::default()),
-            gauge,
-            refused: metrics.http_connections_refused.clone(),
-            listener,
+            metrics: metrics.listener(listener),
         })
     }
 
@@ -218,17 +204,12 @@ impl Admission {
         };
         if let Some(reason) = refused {
             drop(open);
-            self.refused
-                .get_or_create(&RefusedLabels {
-                    listener: self.listener.to_owned(),
-                    reason: reason.label().to_owned(),
-                })
-                .inc();
+            self.metrics.connection_refused(reason.label());
             return Err(reason);
         }
         open.total += 1;
         *open.per_source.entry(source).or_insert(0) += 1;
-        self.gauge.set(open.total as i64);
+        self.metrics.connections_open(open.total);
         Ok(Permit {
             admission: self.clone(),
             source,
@@ -245,7 +226,7 @@ impl Admission {
                 open.per_source.remove(&source);
             }
         }
-        self.gauge.set(open.total as i64);
+        self.metrics.connections_open(open.total);
     }
 
     fn open(&self) -> std::sync::MutexGuard<'_, Open> {

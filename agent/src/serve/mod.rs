@@ -18,11 +18,16 @@
 //! credential checks and loop queries wait at once. The socket is root-only and
 //! has no caps.
 //!
-//! Must not: change anything. It reads [`Health`] and [`metrics::Metrics`], which the
-//! runtime writes, and asks the reconcile loop for status and explanations.
+//! HTTP only: listeners, auth, TLS, limits, routing and encoding. What it serves
+//! comes from [`crate::operator`]: it reads [`Health`] and encodes its metrics,
+//! sends operator queries down the [`QueryClient`] and encodes the
+//! [`crate::operator::wire`] answers as JSON, and streams the [`FlowHub`]'s
+//! records as NDJSON.
+//!
+//! Must not: change anything, compute an answer, or know the runtime: the runtime
+//! writes into `operator`, this reads from it.
 pub mod auth;
 pub mod limits;
-pub mod metrics;
 mod stall;
 pub mod tls;
 
@@ -30,7 +35,6 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -41,57 +45,10 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::broadcast::error::RecvError;
 
-use crate::api::{ExplainQuery, FlowFilter, FlowVerdict};
-use crate::runtime::api::QueryClient;
-use crate::runtime::flows::FlowHub;
-
-/// How long the loop may go without turning before `/healthz` fails.
-const STALL: Duration = Duration::from_secs(30);
-
-/// What the runtime reports for the probes.
-pub struct Health {
-    start: Instant,
-    ready: AtomicBool,
-    /// Milliseconds since `start` at the loop's last turn.
-    last_turn_ms: AtomicU64,
-    pub metrics: metrics::Metrics,
-}
-
-impl Default for Health {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Health {
-    pub fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            ready: AtomicBool::new(false),
-            last_turn_ms: AtomicU64::new(0),
-            metrics: metrics::Metrics::new(),
-        }
-    }
-
-    pub fn set_ready(&self) {
-        self.ready.store(true, Ordering::Release);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
-    }
-
-    /// The reconcile loop calls this on every turn.
-    pub fn turned(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_turn_ms.store(ms, Ordering::Release);
-    }
-
-    pub fn is_live(&self) -> bool {
-        let now = self.start.elapsed().as_millis() as u64;
-        now.saturating_sub(self.last_turn_ms.load(Ordering::Acquire)) < STALL.as_millis() as u64
-    }
-}
+use crate::operator::flows::FlowHub;
+use crate::operator::health::Health;
+use crate::operator::query::{LoopGone, QueryClient};
+use crate::operator::wire::{ExplainQuery, FlowFilter, FlowVerdict};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -263,12 +220,7 @@ async fn accept_loop(
                 ) {
                     continue;
                 }
-                metrics
-                    .http_accept_errors
-                    .get_or_create(&metrics::ListenerLabels {
-                        listener: name.to_owned(),
-                    })
-                    .inc();
+                metrics.accept_failed(name);
                 // Once in a while: under EMFILE this would be ten lines a second.
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     tracing::warn!(%error, listener = name, "accepting an HTTP connection failed; pausing this listener briefly");
@@ -423,7 +375,7 @@ where
             // No route reads a body: one announced is refused before anything
             // else, and the connection closed (its bytes are never read).
             if !req.body().is_end_stream() {
-                metrics.shed("request-body");
+                metrics.request_shed("request-body");
                 return Ok::<_, Infallible>(closing(text(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     "no request body is accepted\n",
@@ -448,7 +400,7 @@ where
                     }
                     Err(refusal) => {
                         if matches!(refusal, auth::Refusal::Busy) {
-                            metrics.shed("reviews-busy");
+                            metrics.request_shed("reviews-busy");
                         }
                         // A refused client does not keep its connection.
                         return Ok(closing(refusal.response().map(BodyExt::boxed)));
@@ -489,7 +441,7 @@ async fn handle<B>(req: &Request<B>, context: &Context) -> Response<Body> {
             match tokio::time::timeout(LOOP_QUERY_WAIT, queries.acquire()).await {
                 Ok(Ok(slot)) => Some(slot),
                 _ => {
-                    health.metrics.shed("queries-busy");
+                    health.metrics.request_shed("queries-busy");
                     return text(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "too many operator queries in flight; try again\n",
@@ -533,9 +485,7 @@ async fn operator_api<B>(req: &Request<B>, api: &OperatorApi) -> Response<Body> 
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone())
     };
-    let gone = |error: crate::runtime::api::LoopGone| {
-        text(StatusCode::SERVICE_UNAVAILABLE, &format!("{error}\n"))
-    };
+    let gone = |error: LoopGone| text(StatusCode::SERVICE_UNAVAILABLE, &format!("{error}\n"));
     match req.uri().path() {
         "/v1/status" => match api.queries.status().await {
             Ok(report) => json(StatusCode::OK, &report),

@@ -29,7 +29,7 @@
 //! Must not: decide policy, touch the datapath, or imply a deletion by anything but a
 //! complete listing (no synthetic deletes on errors, no empty Resync for a missing
 //! kind); talk to the API server for anything but these watches and the reachability
-//! probe (Events are `source::events`).
+//! probe (Events are `operator::events`).
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};

@@ -5,7 +5,6 @@
 //! Must not: decide policy, touch the datapath, or drop state on its own: an
 //! unreachable API server means "no news", never "everything is gone". Only a
 //! [`SourceEvent::Resync`] (a complete listing) may imply deletions.
-pub mod events;
 pub mod files;
 pub mod kube;
 pub mod trim;

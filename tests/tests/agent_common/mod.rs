@@ -449,7 +449,7 @@ impl Agent {
     /// The flow events the agent logged so far (with `--log-format json`: its lines
     /// of target `rayfence::flows`), as the API's records; `time` is the line's
     /// `timestamp`.
-    pub fn logged_flows(&self) -> Vec<rayfence::api::FlowRecord> {
+    pub fn logged_flows(&self) -> Vec<rayfence::operator::wire::FlowRecord> {
         self.log_text()
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
@@ -460,10 +460,10 @@ impl Agent {
 }
 
 /// A flow log line's flat fields back into the API's nested record.
-fn flow_record(line: &Value) -> Option<rayfence::api::FlowRecord> {
+fn flow_record(line: &Value) -> Option<rayfence::operator::wire::FlowRecord> {
     let text = |key: &str| line.get(key).and_then(Value::as_str).map(str::to_owned);
-    let end = |prefix: &str| -> Option<rayfence::api::FlowEnd> {
-        Some(rayfence::api::FlowEnd {
+    let end = |prefix: &str| -> Option<rayfence::operator::wire::FlowEnd> {
+        Some(rayfence::operator::wire::FlowEnd {
             ip: text(&format!("{prefix}_ip"))?.parse().ok()?,
             port: u16::try_from(line.get(format!("{prefix}_port"))?.as_u64()?).ok()?,
             kind: text(&format!("{prefix}_kind"))?,
@@ -473,7 +473,7 @@ fn flow_record(line: &Value) -> Option<rayfence::api::FlowRecord> {
             cidr: text(&format!("{prefix}_cidr")),
         })
     };
-    Some(rayfence::api::FlowRecord {
+    Some(rayfence::operator::wire::FlowRecord {
         time: text("timestamp")?,
         verdict: serde_json::from_value(line.get("verdict")?.clone()).ok()?,
         direction: text("direction")?,

@@ -20,10 +20,10 @@ use rayfence::source::files::{self, FilesConfig};
 use rayfence::source::kube::{self as kube_source, KubeSourceConfig};
 // The operator surface the agent wires to the runtime: health, operator queries,
 // flow events and the problems reported as Kubernetes Events.
-use rayfence::runtime::api::QueryClient;
-use rayfence::runtime::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
-use rayfence::serve::Health;
-use rayfence::source::events::{EventReporterConfig, KubeEventReporter};
+use rayfence::operator::events::{EventReporterConfig, KubeEventReporter};
+use rayfence::operator::flows::{FlowConfig, FlowEvents, FlowHub, FlowLog};
+use rayfence::operator::health::Health;
+use rayfence::operator::query::QueryClient;
 
 use super::LOG_TARGET;
 use super::args::{AgentArgs, FlowLogArg};

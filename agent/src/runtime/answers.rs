@@ -1,68 +1,23 @@
-//! Answers to the operator API (`/v1/status`, `/v1/explain`), computed inside the
-//! reconcile loop, which owns the engine and the datapath: the HTTP and socket
-//! handlers send a [`Query`] and wait for the reply, so an answer always describes
-//! one consistent state (what is programmed now), never a half-applied one.
+//! Who answers an operator query: the reconcile loop, between turns, from the
+//! engine and the datapath it owns. A [`Query`] arrives on the channel of
+//! [`crate::operator::query`]; `/v1/status` is read off the endpoints, guards and
+//! held RayClusters; `/v1/explain` is [`crate::operator::explain`]'s verdict on the
+//! engine, corrected by where the datapath stands (a pod not hooked yet, guarded,
+//! or held fail-closed). The answers are the wire types of
+//! [`crate::operator::wire`].
 //!
 //! Must not: change anything, or take long (the loop answers between turns).
 use std::collections::BTreeMap;
 
 use rayfence_common::Verdict;
-use tokio::sync::{mpsc, oneshot};
 
 use super::{EndpointState, Runtime};
-use crate::api::{
+use crate::operator::explain::{ExplainError, combine, endpoint_labels, explain_flow};
+use crate::operator::query::Query;
+use crate::operator::wire::{
     EndpointStatus, ExplainQuery, ExplainReport, GuardedPod, HeldRayCluster, StatusReport,
 };
-use crate::explain::{ExplainError, combine, endpoint_labels, explain_flow};
 use crate::tables::EndpointId;
-
-/// A question for the reconcile loop.
-pub enum Query {
-    Status(oneshot::Sender<StatusReport>),
-    Explain(
-        ExplainQuery,
-        oneshot::Sender<Result<ExplainReport, ExplainError>>,
-    ),
-}
-
-/// The handlers' end: asks the loop and waits.
-#[derive(Clone)]
-pub struct QueryClient {
-    tx: mpsc::Sender<Query>,
-}
-
-/// The loop has stopped (the agent is shutting down).
-#[derive(Debug, thiserror::Error)]
-#[error("the agent's reconcile loop is not answering")]
-pub struct LoopGone;
-
-impl QueryClient {
-    pub fn channel() -> (Self, mpsc::Receiver<Query>) {
-        let (tx, rx) = mpsc::channel(64);
-        (Self { tx }, rx)
-    }
-
-    pub async fn status(&self) -> Result<StatusReport, LoopGone> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Query::Status(reply))
-            .await
-            .map_err(|_| LoopGone)?;
-        answer.await.map_err(|_| LoopGone)
-    }
-
-    pub async fn explain(
-        &self,
-        query: ExplainQuery,
-    ) -> Result<Result<ExplainReport, ExplainError>, LoopGone> {
-        let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Query::Explain(query, reply))
-            .await
-            .map_err(|_| LoopGone)?;
-        answer.await.map_err(|_| LoopGone)
-    }
-}
 
 impl Runtime {
     pub(super) fn answer(&self, query: Query) {

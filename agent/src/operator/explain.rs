@@ -13,10 +13,15 @@
 //! `elsewhere`. Offline (`--manifests`), the CLI builds an engine in which every pod
 //! is local, so both sides are decided.
 //!
+//! In a query's story this is who explains: the loop (`runtime::answers`) or the
+//! offline command (`cli`) calls [`explain_flow`], which asks the engine one side
+//! at a time (`policy::engine::explain`) and fills in the [`super::wire`] report
+//! that the server encodes and `cli::render` prints.
+//!
 //! Must not: hold state or do I/O; every answer comes from the engine as it is.
 use std::net::IpAddr;
 
-use crate::api::{ExplainReport, ExplainSide, FlowEnd};
+use super::wire::{ExplainReport, ExplainSide, FlowEnd};
 use crate::policy::{
     AddressOwner, Engine, Explanation, NodePortOwner, ObjectRef, Role, RuleOrigin,
 };

@@ -2,7 +2,9 @@
 //! namespaces, RayCluster, CIDR) from the engine, rate-limited per local pod with a
 //! count of what was left out, logged as one line each (target
 //! [`crate::logging::FLOW_TARGET`], in the agent's log format, flat fields), and kept
-//! for `/v1/flows` ([`FlowHub`]: the recent ones, and a live feed).
+//! for `/v1/flows` ([`FlowHub`]: the recent ones, and a live feed). The reconcile
+//! loop hands each event in ([`FlowEvents::handle`]) and counts what became of it;
+//! the server reads the hub.
 //!
 //! Two limits, on purpose: the datapath's per-CPU budget bounds what crosses the ring
 //! buffer (its losses are `rayfence_flow_events_lost_total`); the per-pod limit here
@@ -23,8 +25,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rayfence_common::{Direction, FlowEvent, Reason, Verdict};
 use tokio::sync::broadcast;
 
-use crate::api::{FlowFilter, FlowRecord, FlowVerdict};
-use crate::explain::{describe, endpoint_labels, protocol_name};
+use super::explain::{describe, endpoint_labels, protocol_name};
+use super::wire::{FlowFilter, FlowRecord, FlowVerdict};
 use crate::policy::Engine;
 use crate::tables::{EndpointId, protocol};
 

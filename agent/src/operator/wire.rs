@@ -2,6 +2,11 @@
 //! answer, and what the `rayfence status|explain|flows` commands read. JSON, stable
 //! field names; a field is only ever added.
 //!
+//! The first step of a query's story: these are asked and answered over
+//! [`super::query`], filled in by the reconcile loop (`runtime::answers`) and by
+//! [`super::explain`], encoded by the server (`serve`) and printed by the commands
+//! (`cli::render`).
+//!
 //! Must not: do I/O or know how an answer is computed (the runtime and the policy
 //! engine do that); everything here is plain data.
 use std::net::IpAddr;

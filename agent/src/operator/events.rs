@@ -1,7 +1,8 @@
 //! Bad input as Kubernetes Events: [`KubeEventReporter`] posts an `events.k8s.io/v1`
 //! Event on the object a [`Problem`] names (a RayCluster, a NetworkPolicy, ...), so
 //! `kubectl describe` shows the field and the value next to the object
-//! (SEMANTICS section 6).
+//! (SEMANTICS section 6). An output: the runtime reports through the
+//! [`ProblemReporter`] port the sources define; the sources only read the cluster.
 //!
 //! - Non-blocking: [`ProblemReporter::report`] only queues; a background task looks the
 //!   object up (its uid, so the Event is attached to it, and its generation) and posts.
@@ -31,9 +32,9 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use kube::{Api, Client};
 use tokio::sync::mpsc;
 
-use super::ProblemReporter;
 use crate::policy::Problem;
 use crate::policy::problem::{ObjectRef, Severity};
+use crate::source::ProblemReporter;
 
 /// `reportingController` of every Event the agent posts.
 pub const REPORTING_CONTROLLER: &str = "rayfence.io/agent";
