@@ -2,25 +2,32 @@
 //! local policies and their rows, and updates [`Tables`] by what each change touches.
 //! The identities and policy ids it allocates are described in the [`super`] header.
 //!
-//! [`Engine`] composes parts that each own their state behind methods (private
-//! fields), so a part's type says what may change it:
-//! - `objects` ([`Objects`]): the objects as received (namespaces, pods, RayClusters,
+//! [`Engine`] composes parts that each own their state behind private fields: only a
+//! part's own methods change it, and it hands out shared references only, so a part's
+//! type says what may change it:
+//! - `objects` (`Objects`): the objects as received (namespaces, pods, RayClusters,
 //!   NetworkPolicies, Services, EndpointSlices) with their reverse indexes (namespaces
-//!   by label, pods by address, local pods by RayCluster, ClusterIPs, backends, node
-//!   port claims);
-//! - `identities` ([`Identities`]): the identity allocator: ids in use, pod
-//!   identities and their indexes, CIDR identities of the prefixes policies name, the
-//!   identities of ports several objects claim;
-//! - `policies` ([`Policies`]): the hash-consed policies with their rows, the policy
-//!   index, which policies hold rows for an identity, and pinned ids to give back;
-//! - `endpoints` ([`LocalEndpoints`]): the local endpoints and the policy each uses;
-//! - `dirty` ([`Dirty`]): what a change marked for `flush`;
-//! - the output tables and their diff ([`Output`], outside this module).
+//!   by label, pods by address and addresses two pods claim, local pods by RayCluster,
+//!   with host ports, on the host network, ClusterIPs, slices by Service, backends,
+//!   node port claims), each changed together with what it indexes;
+//! - `identities` (`Identities`): the identity allocator: ids in use, pod identities
+//!   with their members and indexes (by namespace, by label), CIDR identities of the
+//!   prefixes policies name (reference counted), and the identities of ports several
+//!   objects claim;
+//! - `policies` (`Policies`): the hash-consed policies (spec, reference count, rows
+//!   by peer identity, index keys, rule index), the policy index, which policies hold
+//!   rows for an identity, and the pinned ids to give back after a restart. The only
+//!   writer of rows, to itself and to the output;
+//! - `endpoints` (`LocalEndpoints`): the local endpoints and the policy each uses;
+//! - `dirty` (`Dirty`): what a change marked for `flush`;
+//! - `out` (`Output`, in `policy::output`): the desired tables and their diff; rows
+//!   are written by `policies`, endpoints, addresses, prefixes and node ports by the
+//!   `impl Engine` blocks below.
 //!
-//! The engine's own state is only its settings and the node's addresses. This file
-//! holds it, the read-only public API and `flush`, the driver that turns what a
-//! change marked into endpoint and row updates. The `impl Engine` blocks that
-//! coordinate the parts, one concern each:
+//! The engine's own state is its settings (with the node's addresses and the DNS
+//! Service they name), changed only in this file. This file holds it, the read-only
+//! public API and `flush`, the driver that turns what a change marked into endpoint
+//! and row updates. The `impl Engine` blocks coordinate the parts, one concern each:
 //! - `namespaces`, `pods`, `declared` (RayClusters, NetworkPolicies), `services`
 //!   (Services, EndpointSlices): the `upsert_*`/`remove_*` of each input kind;
 //! - `node_ports`: the ports the node DNATs (Service `nodePort`s, local pods'
@@ -32,7 +39,7 @@
 //! - `index`: which policies and identities a change can touch;
 //! - `rows`: the rows a rule gives a peer identity (read-only);
 //! - `services` also owns the post-DNAT rows of Service and node-port identities;
-//! - `explain`: why a flow gets its verdict.
+//! - `explain`: why a flow gets its verdict (read-only).
 //!
 //! Plain helpers, with no engine state: `spec` (a policy's spec and what follows from
 //! it alone), `rule_index` (which of one policy's rules can select a given peer),
@@ -186,8 +193,8 @@ where
 /// The policy engine. Feed it objects; read [`Engine::tables`] or take diffs.
 ///
 /// The engine composes its parts (see the module docs); each owns its state and
-/// changes it only through its methods. Only the settings and the node's addresses
-/// are the engine's own.
+/// changes it only through its methods. Only the settings (with the node's addresses
+/// and the DNS Service) are the engine's own.
 #[derive(Debug)]
 pub struct Engine {
     settings: Settings,
