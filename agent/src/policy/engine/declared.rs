@@ -26,7 +26,7 @@ impl Engine {
     pub fn upsert_raycluster(&mut self, cluster: &RayCluster) {
         let key = key_of(&cluster.metadata);
         let parsed = raycluster::parse(cluster);
-        let state = self.clusters.entry(key.clone()).or_default();
+        let mut state = self.objects.remove_cluster(&key).unwrap_or_default();
         let effective = match &parsed.declared {
             Declared::Nothing => {
                 state.last_good = None;
@@ -48,8 +48,12 @@ impl Engine {
         let audit_changed = state.audit != parsed.audit;
         state.audit = parsed.audit;
         state.parsed = Some(parsed);
-        if state.compiled != compiled || audit_changed {
+        let changed = state.compiled != compiled || audit_changed;
+        if changed {
             state.compiled = compiled;
+        }
+        self.objects.set_cluster(key.clone(), state);
+        if changed {
             self.cluster_changed(&key);
         }
         self.flush();
@@ -57,47 +61,38 @@ impl Engine {
 
     pub fn remove_raycluster(&mut self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
-        if self.clusters.remove(&key).is_some() {
+        if self.objects.remove_cluster(&key).is_some() {
             self.cluster_changed(&key);
         }
         self.flush();
     }
 
     fn cluster_changed(&mut self, key: &ObjectKey) {
-        if let Some(members) = self.local_by_cluster.get(key) {
-            self.dirty.endpoints.extend(members.iter().cloned());
-        }
+        self.dirty
+            .endpoints(self.objects.local_in_cluster(key).cloned());
     }
 
     pub fn upsert_network_policy(&mut self, policy: &NetworkPolicy) {
         let (namespace, name) = key_of(&policy.metadata);
         let parsed = Arc::new(netpol::parse(policy));
-        self.netpols
-            .entry(namespace.clone())
-            .or_default()
-            .insert(name, parsed);
+        self.objects.set_netpol(namespace.clone(), name, parsed);
         self.netpols_changed(&namespace);
     }
 
     pub fn remove_network_policy(&mut self, namespace: &str, name: &str) {
-        if let Some(map) = self.netpols.get_mut(namespace) {
-            map.remove(name);
-            if map.is_empty() {
-                self.netpols.remove(namespace);
-            }
-        }
+        self.objects.remove_netpol(namespace, name);
         self.netpols_changed(namespace);
     }
 
     fn netpols_changed(&mut self, namespace: &str) {
         if self.settings.enforce_networkpolicies {
-            let members: Vec<ObjectKey> = self
+            let members = self
                 .endpoints
-                .keys()
+                .iter()
+                .map(|(key, _)| key)
                 .filter(|k| k.0 == namespace)
-                .cloned()
-                .collect();
-            self.dirty.endpoints.extend(members);
+                .cloned();
+            self.dirty.endpoints(members);
         }
         self.flush();
     }

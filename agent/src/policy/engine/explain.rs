@@ -13,6 +13,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
+use super::pods::PodState;
 use super::{Engine, Explanation, ObjectKey};
 use crate::tables::{Direction, EndpointId, EndpointPolicy, IdentityId, NodePort, identity};
 
@@ -38,17 +39,17 @@ impl Engine {
                 .explain_node_port(endpoint, ep, direction, protocol, port)
                 .unwrap_or(Explanation::Host);
         }
-        if let Some(service) = self.cluster_ips.get(&peer) {
+        if let Some(service) = self.objects.service_at(&peer) {
             if direction == Direction::Ingress {
                 return Explanation::Denied;
             }
-            let Some(svc) = self.services.get(service) else {
+            let Some(svc) = self.objects.service(service) else {
                 return Explanation::Denied;
             };
             let allowed = self
                 .policies
-                .get(&ep.policy_id)
-                .is_some_and(|p| Self::rows_allow(p, svc.identity, direction, protocol, port));
+                .get(ep.policy_id)
+                .is_some_and(|p| p.allows(svc.identity, direction, protocol, port));
             if !allowed {
                 return Explanation::Denied;
             }
@@ -61,7 +62,7 @@ impl Engine {
         self.explain_rows(
             ep,
             direction,
-            [exact, self.longest_prefix(peer)],
+            [exact, self.identities.longest_prefix(peer)],
             protocol,
             port,
         )
@@ -91,7 +92,7 @@ impl Engine {
         {
             return answer;
         }
-        let ids = [Some(peer_identity), self.longest_prefix(peer)];
+        let ids = [Some(peer_identity), self.identities.longest_prefix(peer)];
         self.explain_rows(ep, direction, ids, protocol, port)
     }
 
@@ -135,8 +136,8 @@ impl Engine {
             .get(&NodePort { protocol, port })?;
         let allowed = self
             .policies
-            .get(&ep.policy_id)
-            .is_some_and(|p| Self::rows_allow(p, id, direction, protocol, port));
+            .get(ep.policy_id)
+            .is_some_and(|p| p.allows(id, direction, protocol, port));
         let owner = self.node_port_owner(protocol, port);
         Some(match owner {
             Some(owner) if allowed => Explanation::AllowedViaNodePort {
@@ -162,7 +163,7 @@ impl Engine {
                 let ep = self.out.tables.endpoints.get(&endpoint);
                 self.node_listeners(proto, target)
                     .filter_map(|id| {
-                        let ids = [Some(id), self.longest_prefix(ip)];
+                        let ids = [Some(id), self.identities.longest_prefix(ip)];
                         Some(self.explain_rows(ep?, Direction::Egress, ids, proto, target))
                     })
                     .collect()
@@ -247,18 +248,19 @@ impl Engine {
         if self.node_addresses.contains(&ip) {
             return AddressOwner::Node;
         }
-        if let Some(service) = self.cluster_ips.get(&ip) {
+        if let Some(service) = self.objects.service_at(&ip) {
             return AddressOwner::Service(service.clone());
         }
-        if let Some(key) = self.addr_pods.get(&ip).and_then(|keys| keys.first()) {
+        if let Some(key) = self.objects.pods_at(&ip).next() {
             return AddressOwner::Pod {
                 pod: key.clone(),
-                raycluster: self.pods.get(key).and_then(pod_cluster),
+                raycluster: self.objects.pod(key).and_then(pod_cluster),
             };
         }
         match self
+            .identities
             .longest_prefix(ip)
-            .and_then(|id| self.prefix_by_id.get(&id))
+            .and_then(|id| self.identities.prefix_of(id))
         {
             Some(net) => AddressOwner::Cidr(*net),
             None => AddressOwner::World,
@@ -267,7 +269,7 @@ impl Engine {
 
     /// A pod's addresses and whether it is scheduled here.
     pub fn pod_facts(&self, namespace: &str, name: &str) -> Option<PodFacts> {
-        let pod = self.pods.get(&(namespace.to_owned(), name.to_owned()))?;
+        let pod = self.objects.pod(&(namespace.to_owned(), name.to_owned()))?;
         Some(PodFacts {
             ips: pod.ips.clone(),
             local: pod.local,
@@ -283,7 +285,7 @@ impl Engine {
         protocol: u8,
         port: u16,
     ) -> Vec<(IpAddr, u8, u16)> {
-        let Some(svc) = self.services.get(service) else {
+        let Some(svc) = self.objects.service(service) else {
             return Vec::new();
         };
         let mut out: Vec<(IpAddr, u8, u16)> = svc
@@ -299,15 +301,13 @@ impl Engine {
 
     /// The local endpoint that owns `ip`, if any.
     pub fn endpoint_at(&self, ip: IpAddr) -> Option<EndpointId> {
-        self.addr_pods
-            .get(&ip)
-            .into_iter()
-            .flatten()
+        self.objects
+            .pods_at(&ip)
             .find_map(|key| self.endpoints.get(key).map(|ep| ep.id))
     }
 }
 
-fn pod_cluster(pod: &super::PodState) -> Option<String> {
+fn pod_cluster(pod: &PodState) -> Option<String> {
     pod.labels
         .get(crate::policy::raycluster::LABEL_CLUSTER)
         .cloned()

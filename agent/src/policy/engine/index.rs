@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 
-use super::local::PolicySpec;
+use super::spec::PolicySpec;
 use super::{Engine, NAMESPACE_NAME_LABEL, ObjectKey};
 use crate::policy::rule::{NamespaceMatch, Peer, Rule};
 use crate::tables::{IdentityId, PolicyId};
@@ -77,8 +77,8 @@ pub(super) fn index_keys(spec: &PolicySpec) -> Vec<IndexKey> {
 impl Engine {
     /// Identities a new policy may have rows for.
     pub(super) fn candidates(&self, policy: PolicyId) -> BTreeSet<IdentityId> {
-        match self.policies.get(&policy) {
-            Some(state) => self.candidates_of(state.spec.rules().map(|(_, rule)| &**rule)),
+        match self.policies.get(policy) {
+            Some(state) => self.candidates_of(state.spec().rules().map(|(_, rule)| &**rule)),
             None => BTreeSet::new(),
         }
     }
@@ -95,45 +95,43 @@ impl Engine {
                     Peer::Pods { namespaces, pods } => {
                         let by_label = pods
                             .required_pair()
-                            .map(|(k, v)| self.ids_by_label.get(&(k.to_owned(), v.to_owned())));
+                            .map(|(k, v)| self.identities.with_label(k, v));
                         match (namespaces, by_label) {
                             (_, Some(found)) => ids.extend(found.into_iter().flatten()),
                             (NamespaceMatch::Names(names), None) => {
                                 for n in names {
-                                    ids.extend(self.ids_by_ns.get(n).into_iter().flatten());
+                                    ids.extend(
+                                        self.identities.in_namespace(n).into_iter().flatten(),
+                                    );
                                 }
                             }
                             (NamespaceMatch::Selector(s), None) => match s.required_pair() {
                                 Some((k, v)) => {
                                     let mut names: BTreeSet<&str> = self
-                                        .ns_by_label
-                                        .get(&(k.to_owned(), v.to_owned()))
-                                        .into_iter()
-                                        .flatten()
+                                        .objects
+                                        .namespaces_with_label(k, v)
                                         .map(String::as_str)
                                         .collect();
                                     if k == NAMESPACE_NAME_LABEL {
                                         names.insert(v);
                                     }
                                     for n in names {
-                                        ids.extend(self.ids_by_ns.get(n).into_iter().flatten());
+                                        ids.extend(
+                                            self.identities.in_namespace(n).into_iter().flatten(),
+                                        );
                                     }
                                 }
-                                None => ids.extend(self.pod_identities.keys()),
+                                None => ids.extend(self.identities.pod_ids()),
                             },
                         }
                     }
-                    Peer::Block(b) => ids.extend(self.prefixes_within(b.cidr)),
+                    Peer::Block(b) => ids.extend(self.identities.prefixes_within(b.cidr)),
                     Peer::ServiceBackends { namespace, name } => {
                         let service = (namespace.clone(), name.clone());
-                        for slice in self.slices_by_service.get(&service).into_iter().flatten() {
-                            let Some(slice) = self.slices.get(&(namespace.clone(), slice.clone()))
-                            else {
-                                continue;
-                            };
+                        for slice in self.objects.slices_of(&service) {
                             for ip in &slice.addresses {
-                                for key in self.addr_pods.get(ip).into_iter().flatten() {
-                                    ids.extend(self.pods.get(key).and_then(|p| p.identity));
+                                for key in self.objects.pods_at(ip) {
+                                    ids.extend(self.objects.pod(key).and_then(|p| p.identity));
                                 }
                             }
                         }
@@ -146,9 +144,9 @@ impl Engine {
 
     /// Policies whose rows for `id` may change when it appears, changes or goes.
     pub(super) fn policies_for_identity(&self, id: IdentityId, out: &mut BTreeSet<PolicyId>) {
-        out.extend(self.row_owners.get(&id).into_iter().flatten());
-        let mut add = |key: IndexKey| out.extend(self.index.get(&key).into_iter().flatten());
-        if let Some(identity) = self.pod_identities.get(&id) {
+        out.extend(self.policies.row_owners(id));
+        let mut add = |key: IndexKey| out.extend(self.policies.indexed(&key));
+        if let Some(identity) = self.identities.pod(id) {
             let ns = &identity.key.namespace;
             for (k, v) in &identity.key.labels {
                 add(IndexKey::PodPair(k.clone(), v.clone()));
@@ -159,13 +157,13 @@ impl Engine {
             add(IndexKey::NsName(ns.clone()));
             add(IndexKey::Unindexed);
             for key in &identity.members {
-                for ip in self.pods.get(key).into_iter().flat_map(|p| p.ips.iter()) {
-                    for service in self.backend_ips.get(ip).into_iter().flat_map(|s| s.keys()) {
+                for ip in self.objects.pod(key).into_iter().flat_map(|p| p.ips.iter()) {
+                    for service in self.objects.backend_services(ip) {
                         add(IndexKey::Service(service.clone()));
                     }
                 }
             }
-        } else if let Some(net) = self.prefix_by_id.get(&id) {
+        } else if let Some(net) = self.identities.prefix_of(id) {
             for len in 0..=net.prefix_len() {
                 if let Ok(supernet) = IpNet::new(net.addr(), len) {
                     add(IndexKey::Block(supernet.trunc()));

@@ -1,15 +1,7 @@
-//! Local endpoints: the policy spec each local pod's RayCluster and NetworkPolicies
-//! give it, hash-consing of equal specs into one policy id, and the policies' lifetime
-//! (index keys, ipBlock prefixes, rows) by reference count.
-//!
-//! Policy ids: a new policy takes the id its content derives ([`super::ids`]); an
-//! edit of a policy only one endpoint uses keeps its id and changes only the rows of
-//! the rules that changed (a one-rule edit of a 10,000-rule RayCluster writes one
-//! rule's rows to the kernel, not 10,000). So an id is not always its content's, and
-//! two orders of arrival may number policies differently: after a restart the agent
-//! gives each policy back the id the pinned maps show for its endpoints
-//! ([`AdoptedPolicyIds`]), which keeps "a restart renumbers nothing" and never puts
-//! a pinned id's rows behind an endpoint that now has another policy.
+//! Local endpoints and their policies: the policy spec each local pod's RayCluster
+//! and NetworkPolicies give it, interning equal specs into one policy, editing a
+//! policy in place when only its endpoint uses it, releasing it, and giving policies
+//! back the ids pinned maps show after a restart (see [`super::policies`]).
 //!
 //! Must not: compute rows (a new policy's rows are computed by `flush`), or reuse a
 //! policy or endpoint id.
@@ -17,69 +9,23 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use ipnet::IpNet;
-
+use super::endpoints::LocalEndpoint;
 use super::identities::PodIdentity;
-use super::index::{IndexKey, index_keys};
 use super::pods::PodState;
-use super::rule_index::{RuleIndex, RulePos};
-use super::{Engine, NamedPort, ObjectKey, unlink};
+use super::policies::Respec;
+use super::spec::{PolicySpec, changed_rules};
+use super::{Engine, ObjectKey};
 use crate::policy::problem::{Problem, Severity};
 use crate::policy::raycluster::{LABEL_CLUSTER, LABEL_GROUP, LABEL_NODE_TYPE};
-use crate::policy::rule::{Peer, PortSpec, Role, Rule};
-use crate::tables::{Direction, EndpointId, EndpointPolicy, IdentityId, PolicyEntry, PolicyId};
-
-/// Everything that decides a local pod's rows: pods with equal specs share a policy id.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub(super) struct PolicySpec {
-    pub(super) isolate_ingress: bool,
-    pub(super) isolate_egress: bool,
-    pub(super) ingress: Vec<Arc<Rule>>,
-    pub(super) egress: Vec<Arc<Rule>>,
-    /// The local pod's named ports, only when an ingress rule names a port.
-    pub(super) local_ports: Arc<Vec<NamedPort>>,
-}
-
-impl PolicySpec {
-    pub(super) fn rules(&self) -> impl Iterator<Item = (Direction, &Arc<Rule>)> {
-        self.ingress
-            .iter()
-            .map(|r| (Direction::Ingress, r))
-            .chain(self.egress.iter().map(|r| (Direction::Egress, r)))
-    }
-
-    /// The rule at `pos` in [`PolicySpec::rules`].
-    pub(super) fn rule_at(&self, pos: RulePos) -> Option<(Direction, &Arc<Rule>)> {
-        let pos = pos as usize;
-        match pos.checked_sub(self.ingress.len()) {
-            None => self.ingress.get(pos).map(|r| (Direction::Ingress, r)),
-            Some(egress) => self.egress.get(egress).map(|r| (Direction::Egress, r)),
-        }
-    }
-}
-
-/// Policy ids the pinned maps gave endpoints before a restart (see the module docs).
-/// Until the first full program, these ids are reserved: a new policy never takes
-/// one, and [`Engine::take_pinned_policy_ids`] moves each policy to the id its
-/// endpoints had when that cannot put another pod's rows behind a pinned entry.
-#[derive(Debug, Default)]
-pub(super) struct AdoptedPolicyIds {
-    by_endpoint: HashMap<EndpointId, PolicyId>,
-    /// Which pinned endpoints point at each id.
-    users: HashMap<PolicyId, Vec<EndpointId>>,
-}
+use crate::policy::rule::{Role, Rule};
+use crate::tables::{Direction, EndpointId, EndpointPolicy, PolicyId};
 
 impl Engine {
     /// What the pinned maps hold after a restart: each endpoint's policy id. Call
     /// before the first compile, and [`Engine::take_pinned_policy_ids`] before that
     /// compile is applied.
     pub fn adopt_policy_ids(&mut self, pinned: impl IntoIterator<Item = (EndpointId, PolicyId)>) {
-        let mut adopted = AdoptedPolicyIds::default();
-        for (endpoint, policy) in pinned {
-            adopted.by_endpoint.insert(endpoint, policy);
-            adopted.users.entry(policy).or_default().push(endpoint);
-        }
-        self.adopted = adopted;
+        self.policies.adopt(pinned);
     }
 
     /// Gives each policy back the id the pinned maps show for its endpoints, so the
@@ -91,118 +37,19 @@ impl Engine {
     /// the apply that follows finds them where the maps have them. Returns how many
     /// policies moved.
     pub fn take_pinned_policy_ids(&mut self) -> usize {
-        let adopted = std::mem::take(&mut self.adopted);
-        if adopted.by_endpoint.is_empty() {
-            return 0;
-        }
         let mut users: HashMap<PolicyId, Vec<EndpointId>> = HashMap::new();
-        for ep in self.endpoints.values() {
+        for (_, ep) in self.endpoints.iter() {
             users.entry(ep.policy).or_default().push(ep.id);
         }
-        let mut moved = 0;
-        // A move can free the id another policy wants: repeat until nothing moves.
-        loop {
-            let mut progress = false;
-            let mut candidates: Vec<(PolicyId, PolicyId)> = Vec::new();
-            for (policy, endpoints) in &users {
-                let mut hints = endpoints.iter().map(|ep| adopted.by_endpoint.get(ep));
-                let Some(Some(&pinned)) = hints.next() else {
-                    continue;
-                };
-                if pinned == *policy || !hints.all(|h| h == Some(&pinned)) {
-                    continue;
-                }
-                let pinned_users = adopted.users.get(&pinned).map(Vec::as_slice).unwrap_or(&[]);
-                let all_here_agree = pinned_users
-                    .iter()
-                    .all(|ep| !self.endpoint_keys.contains_key(ep) || endpoints.contains(ep));
-                if all_here_agree {
-                    candidates.push((*policy, pinned));
-                }
-            }
-            candidates.sort_unstable();
-            for (from, to) in candidates {
-                if self.policies.contains_key(&to) || !self.policies.contains_key(&from) {
-                    continue;
-                }
-                self.move_policy(from, to);
-                if let Some(endpoints) = users.remove(&from) {
-                    users.insert(to, endpoints);
-                }
-                moved += 1;
-                progress = true;
-            }
-            if !progress {
-                return moved;
-            }
+        let endpoints = &self.endpoints;
+        let moves =
+            self.policies
+                .take_pinned(users, |ep| endpoints.key_of(ep).is_some(), &mut self.out);
+        for &(from, to) in &moves {
+            self.endpoints.repoint(from, to, &mut self.out);
         }
+        moves.len()
     }
-
-    /// Renumbers policy `from` as `to` (free): its rows, index entries and endpoints.
-    fn move_policy(&mut self, from: PolicyId, to: PolicyId) {
-        let Some(mut state) = self.policies.remove(&from) else {
-            return;
-        };
-        for key in &state.keys {
-            unlink(&mut self.index, key, &from);
-            self.index.entry(key.clone()).or_default().insert(to);
-        }
-        for (peer, rows) in state.rows.iter_mut() {
-            unlink(&mut self.row_owners, peer, &from);
-            self.row_owners.entry(*peer).or_default().insert(to);
-            for row in rows.iter_mut() {
-                self.out.remove_row(*row);
-                row.policy_id = to;
-                self.out.add_row(*row);
-            }
-            rows.sort();
-        }
-        self.policy_ids.insert(state.spec.clone(), to);
-        self.policies.insert(to, state);
-        for ep in self.endpoints.values_mut().filter(|ep| ep.policy == from) {
-            ep.policy = to;
-            if let Some(value) = self.out.tables.endpoints.get(&ep.id).copied() {
-                self.out.set_endpoint(
-                    ep.id,
-                    Some(EndpointPolicy {
-                        policy_id: to,
-                        ..value
-                    }),
-                );
-            }
-        }
-    }
-
-    /// The id for a new policy: its content's, past ids in use and pinned ids not
-    /// yet given back ([`AdoptedPolicyIds`]).
-    fn new_policy_id(&self, spec: &PolicySpec) -> PolicyId {
-        let (policies, adopted) = (&self.policies, &self.adopted);
-        super::ids::pick(super::ids::stable_hash("policy", spec), 1, |id| {
-            policies.contains_key(&id) || adopted.users.contains_key(&id)
-        })
-    }
-}
-
-#[derive(Debug)]
-pub(super) struct PolicyState {
-    pub(super) spec: Arc<PolicySpec>,
-    pub(super) refs: usize,
-    /// Rows by peer identity; sorted, never empty.
-    pub(super) rows: HashMap<IdentityId, Vec<PolicyEntry>>,
-    pub(super) prefixes: Vec<IpNet>,
-    pub(super) keys: Vec<IndexKey>,
-    /// Which of `spec`'s rules can select a given peer.
-    pub(super) rule_index: RuleIndex,
-}
-
-#[derive(Debug)]
-pub(super) struct LocalEndpoint {
-    pub(super) id: EndpointId,
-    pub(super) uid: String,
-    pub(super) policy: PolicyId,
-    pub(super) cluster: Option<String>,
-    pub(super) role: Option<Role>,
-    pub(super) problems: Vec<Problem>,
 }
 
 impl Engine {
@@ -230,7 +77,7 @@ impl Engine {
         // The pods the RayCluster's policy applies to are the pods its audit switch
         // applies to (their NetworkPolicy rows included: one mode per endpoint).
         let state = match (&cluster, &role) {
-            (Some(cluster), Some(_)) => self.clusters.get(&(key.0.clone(), cluster.clone())),
+            (Some(cluster), Some(_)) => self.objects.cluster(&(key.0.clone(), cluster.clone())),
             _ => None,
         };
         let audit = self.settings.audit || state.is_some_and(|c| c.audit);
@@ -244,12 +91,7 @@ impl Engine {
             egress.extend(rules.egress.iter().cloned());
         }
         if self.settings.enforce_networkpolicies {
-            for np in self
-                .netpols
-                .get(&key.0)
-                .into_iter()
-                .flat_map(|m| m.values())
-            {
+            for np in self.objects.netpols_in(&key.0) {
                 if !np.selector.as_ref().is_some_and(|s| s.matches(labels)) {
                     continue;
                 }
@@ -305,9 +147,8 @@ impl Engine {
         key: &ObjectKey,
         new_policies: &mut BTreeSet<PolicyId>,
     ) {
-        let Some(pod) = self.pods.get(key).filter(|p| p.is_endpoint()) else {
+        let Some(pod) = self.objects.pod(key).filter(|p| p.is_endpoint()) else {
             if let Some(ep) = self.endpoints.remove(key) {
-                self.endpoint_keys.remove(&ep.id);
                 self.out.set_endpoint(ep.id, None);
                 self.release_policy(ep.policy);
             }
@@ -326,55 +167,32 @@ impl Engine {
         // Most refreshes find the spec unchanged (its rules are the same `Arc`s, so
         // this is cheap): nothing to intern, hash or release.
         let unchanged = current
-            .and_then(|id| self.policies.get(&id))
-            .is_some_and(|state| *state.spec == spec);
+            .and_then(|id| self.policies.get(id))
+            .is_some_and(|state| *state.spec() == spec);
         let respecced = match current {
             Some(id) if unchanged => Ok(id),
             Some(id) => self.respec_policy(id, spec, new_policies),
             None => Err(spec),
         };
         // From the UID: the pod keeps its id across agent restarts.
-        let id = match self.endpoints.get(key) {
-            Some(ep) => ep.id,
-            None => {
-                let seed = if uid.is_empty() {
-                    super::ids::stable_hash("endpoint-name", key)
-                } else {
-                    super::ids::stable_hash("endpoint", uid.as_str())
-                };
-                let taken = &self.endpoint_keys;
-                super::ids::pick(seed, 1, |id| taken.contains_key(&id))
-            }
-        };
+        let id = self.endpoints.id_for(key, &uid);
         // In place, the endpoint keeps its reference; interned, it took a new one.
         let (policy, in_place) = match respecced {
             Ok(policy) => (policy, true),
             Err(spec) => (self.intern_policy(spec, new_policies), false),
         };
-        match self.endpoints.get_mut(key) {
-            Some(ep) => {
-                let old = std::mem::replace(&mut ep.policy, policy);
-                ep.cluster = cluster;
-                ep.role = role;
-                ep.problems = problems;
-                if !in_place {
-                    self.release_policy(old);
-                }
-            }
-            None => {
-                self.endpoints.insert(
-                    key.clone(),
-                    LocalEndpoint {
-                        id,
-                        uid,
-                        policy,
-                        cluster,
-                        role,
-                        problems,
-                    },
-                );
-                self.endpoint_keys.insert(id, key.clone());
-            }
+        let endpoint = LocalEndpoint {
+            id,
+            uid,
+            policy,
+            cluster,
+            role,
+            problems,
+        };
+        if let Some(old) = self.endpoints.set(key, endpoint)
+            && !in_place
+        {
+            self.release_policy(old);
         }
         self.out.set_endpoint(
             id,
@@ -388,35 +206,34 @@ impl Engine {
     /// Gives policy `id` the spec `spec` in place, when only this endpoint uses it and
     /// no other policy has that spec: `flush` then recomputes the rows of the peers the
     /// added and removed rules can select (every peer when more than rules changed),
-    /// and the policy keeps its
-    /// id, so its other rows stay as they are in the kernel too (a one-rule edit of a
-    /// 10,000-rule RayCluster costs about one rule's matching and one rule's map
-    /// writes). Returns the id, or hands `spec` back for [`Engine::intern_policy`].
+    /// and the policy keeps its id, so its other rows stay as they are in the kernel
+    /// too (a one-rule edit of a 10,000-rule RayCluster costs about one rule's
+    /// matching and one rule's map writes). Returns the id, or hands `spec` back for
+    /// [`Engine::intern_policy`].
     fn respec_policy(
         &mut self,
         id: PolicyId,
         spec: PolicySpec,
         new_policies: &mut BTreeSet<PolicyId>,
     ) -> Result<PolicyId, PolicySpec> {
-        let Some(state) = self.policies.get(&id) else {
-            return Err(spec);
-        };
-        let old = state.spec.clone();
-        if state.refs != 1 || self.policy_ids.contains_key(&spec) {
+        if !self.policies.can_respec(id, &spec) {
             return Err(spec);
         }
-        let rules_only = old.isolate_ingress == spec.isolate_ingress
-            && old.isolate_egress == spec.isolate_egress
-            && old.local_ports == spec.local_ports;
-        let peers = if rules_only {
-            let changed = changed_rules(&old, &spec);
+        let Some(old) = self.policies.get(id).map(|state| state.spec()) else {
+            return Err(spec);
+        };
+        let peers = if old.same_but_rules(&spec) {
+            let changed = changed_rules(old, &spec);
             self.candidates_of(changed.iter().map(|rule| &**rule))
         } else {
             BTreeSet::new()
         };
-        let prefixes = spec_prefixes(&spec);
-        let keys = index_keys(&spec);
-        let (old_keys, old_prefixes) = (state.keys.clone(), state.prefixes.clone());
+        let (respec, old_prefixes) = self.policies.respec(id, spec, &mut self.out)?;
+        let prefixes = self
+            .policies
+            .get(id)
+            .map(|state| state.prefixes().to_vec())
+            .unwrap_or_default();
         // New prefixes before old ones go, as everywhere: never a moment with less.
         for net in prefixes
             .iter()
@@ -430,36 +247,11 @@ impl Engine {
         {
             self.remove_prefix(*net);
         }
-        for key in &old_keys {
-            unlink(&mut self.index, key, &id);
-        }
-        for key in &keys {
-            self.index.entry(key.clone()).or_default().insert(id);
-        }
-        // Still there: checked above, and prefixes going only purge rows.
-        let Some(state) = self.policies.get_mut(&id) else {
-            return Err(spec);
-        };
-        state.rule_index = RuleIndex::new(&spec);
-        let spec = Arc::new(spec);
-        self.policy_ids.remove(&old);
-        self.policy_ids.insert(spec.clone(), id);
-        state.spec = spec;
-        state.keys = keys;
-        state.prefixes = prefixes;
-        if rules_only {
-            self.dirty.pairs.entry(id).or_default().extend(peers);
-        } else {
-            // Isolation or the pod's named ports changed: any row may differ. The
-            // rows are computed afresh, as for a new policy; in the diff, only what
-            // differs reaches the maps.
-            for (peer, rows) in std::mem::take(&mut state.rows) {
-                unlink(&mut self.row_owners, &peer, &id);
-                for row in rows {
-                    self.out.remove_row(row);
-                }
+        match respec {
+            Respec::Rules => self.dirty.pairs(id, peers),
+            Respec::Everything => {
+                new_policies.insert(id);
             }
-            new_policies.insert(id);
         }
         Ok(id)
     }
@@ -469,61 +261,23 @@ impl Engine {
         spec: PolicySpec,
         new_policies: &mut BTreeSet<PolicyId>,
     ) -> PolicyId {
-        if let Some(id) = self.policy_ids.get(&spec) {
-            if let Some(state) = self.policies.get_mut(id) {
-                state.refs += 1;
+        let (id, created) = self.policies.intern(spec);
+        if created {
+            let prefixes = self
+                .policies
+                .get(id)
+                .map(|state| state.prefixes().to_vec())
+                .unwrap_or_default();
+            for net in prefixes {
+                self.add_prefix(net);
             }
-            return *id;
+            new_policies.insert(id);
         }
-        let id = self.new_policy_id(&spec);
-        let prefixes = spec_prefixes(&spec);
-        for net in &prefixes {
-            self.add_prefix(*net);
-        }
-        let keys = index_keys(&spec);
-        for key in &keys {
-            self.index.entry(key.clone()).or_default().insert(id);
-        }
-        let rule_index = RuleIndex::new(&spec);
-        let spec = Arc::new(spec);
-        self.policy_ids.insert(spec.clone(), id);
-        self.policies.insert(
-            id,
-            PolicyState {
-                spec,
-                refs: 1,
-                rows: HashMap::new(),
-                prefixes,
-                keys,
-                rule_index,
-            },
-        );
-        new_policies.insert(id);
         id
     }
 
     fn release_policy(&mut self, id: PolicyId) {
-        let Some(state) = self.policies.get_mut(&id) else {
-            return;
-        };
-        state.refs -= 1;
-        if state.refs > 0 {
-            return;
-        }
-        let Some(state) = self.policies.remove(&id) else {
-            return;
-        };
-        self.policy_ids.remove(&state.spec);
-        for key in state.keys {
-            unlink(&mut self.index, &key, &id);
-        }
-        for (peer, rows) in state.rows {
-            unlink(&mut self.row_owners, &peer, &id);
-            for row in rows {
-                self.out.remove_row(row);
-            }
-        }
-        for net in state.prefixes {
+        for net in self.policies.release(id, &mut self.out) {
             self.remove_prefix(net);
         }
     }
@@ -534,14 +288,14 @@ impl Engine {
     pub(super) fn egress_named_port_problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        for state in self.policies.values() {
-            for rule in &state.spec.egress {
+        for (_, state) in self.policies.iter() {
+            for rule in &state.spec().egress {
                 if rule.named_ports().next().is_none() || !seen.insert(Arc::as_ptr(rule)) {
                     continue;
                 }
                 let selected: Vec<&PodIdentity> = self
-                    .pod_identities
-                    .values()
+                    .identities
+                    .pods()
                     .filter(|i| rule.peers.iter().any(|p| self.peer_matches_pod(p, i)))
                     .collect();
                 if selected.is_empty() {
@@ -568,41 +322,4 @@ impl Engine {
         }
         out
     }
-}
-
-/// The ipBlock prefixes (`cidr`s and `except`s) `spec` names, sorted, once each.
-fn spec_prefixes(spec: &PolicySpec) -> Vec<IpNet> {
-    let mut prefixes: Vec<IpNet> = spec
-        .rules()
-        .flat_map(|(_, r)| r.peers.iter())
-        .filter_map(|p| match p {
-            Peer::Block(b) => Some(b.prefixes()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
-    prefixes.sort();
-    prefixes.dedup();
-    prefixes
-}
-
-/// The rules of `old` and `new` that the other does not have, by what they allow
-/// (direction, peers, ports; not where they are written, which only explain reads).
-fn changed_rules(old: &PolicySpec, new: &PolicySpec) -> Vec<Arc<Rule>> {
-    type Effect<'a> = (Direction, &'a [Peer], &'a Option<Vec<PortSpec>>);
-    fn effect<'a>((direction, rule): (Direction, &'a Arc<Rule>)) -> Effect<'a> {
-        (direction, rule.peers.as_slice(), &rule.ports)
-    }
-    let mut counts: HashMap<Effect<'_>, isize> = HashMap::new();
-    for item in old.rules() {
-        *counts.entry(effect(item)).or_default() += 1;
-    }
-    for item in new.rules() {
-        *counts.entry(effect(item)).or_default() -= 1;
-    }
-    old.rules()
-        .chain(new.rules())
-        .filter(|&item| counts.get(&effect(item)).is_some_and(|n| *n != 0))
-        .map(|(_, rule)| rule.clone())
-        .collect()
 }

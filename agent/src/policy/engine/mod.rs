@@ -2,25 +2,55 @@
 //! local policies and their rows, and updates [`Tables`] by what each change touches.
 //! The identities and policy ids it allocates are described in the [`super`] header.
 //!
-//! This file holds the [`Engine`] state, its read-only public API and `flush`, the
-//! driver that turns what a change marked `Dirty` into endpoint and row updates.
-//! One concern per submodule:
+//! [`Engine`] composes parts that each own their state behind private fields: only a
+//! part's own methods change it, and it hands out shared references only, so a part's
+//! type says what may change it:
+//! - `objects` (`Objects`): the objects as received (namespaces, pods, RayClusters,
+//!   NetworkPolicies, Services, EndpointSlices) with their reverse indexes (namespaces
+//!   by label, pods by address and addresses two pods claim, local pods by RayCluster,
+//!   with host ports, on the host network, ClusterIPs, slices by Service, backends,
+//!   node port claims), each changed together with what it indexes;
+//! - `identities` (`Identities`): the identity allocator: ids in use, pod identities
+//!   with their members and indexes (by namespace, by label), CIDR identities of the
+//!   prefixes policies name (reference counted), and the identities of ports several
+//!   objects claim;
+//! - `policies` (`Policies`): the hash-consed policies (spec, reference count, rows
+//!   by peer identity, index keys, rule index), the policy index, which policies hold
+//!   rows for an identity, and the pinned ids to give back after a restart. The only
+//!   writer of rows, to itself and to the output;
+//! - `endpoints` (`LocalEndpoints`): the local endpoints and the policy each uses;
+//! - `dirty` (`Dirty`): what a change marked for `flush`;
+//! - `out` (`Output`, in `policy::output`): the desired tables and their diff; rows
+//!   are written by `policies`, endpoints, addresses, prefixes and node ports by the
+//!   `impl Engine` blocks below.
+//!
+//! The engine's own state is its settings (with the node's addresses and the DNS
+//! Service they name), changed only in this file. This file holds it, the read-only
+//! public API and `flush`, the driver that turns what a change marked into endpoint
+//! and row updates. The `impl Engine` blocks coordinate the parts, one concern each:
 //! - `namespaces`, `pods`, `declared` (RayClusters, NetworkPolicies), `services`
 //!   (Services, EndpointSlices): the `upsert_*`/`remove_*` of each input kind;
 //! - `node_ports`: the ports the node DNATs (Service `nodePort`s, local pods'
 //!   `hostPort`s), who claims each, and the rows of host-port identities;
-//! - `identities`: pod, CIDR and address identities, and what addresses and prefixes
-//!   map to in the output;
-//! - `local`: local endpoints, their policy specs and the hash-consed policy ids;
+//! - `addresses`: joining and leaving identities, prefixes coming and going, and
+//!   what addresses and prefixes map to in the output;
+//! - `local`: each local endpoint's policy spec, and interning, editing and releasing
+//!   its policy;
 //! - `index`: which policies and identities a change can touch;
-//! - `rule_index`: which of one policy's rules can select a given peer identity;
-//! - `rows`: the rows a rule gives a peer identity, and writing them to the output;
+//! - `rows`: the rows a rule gives a peer identity (read-only);
 //! - `services` also owns the post-DNAT rows of Service and node-port identities;
-//! - `explain`: why a flow gets its verdict.
+//! - `explain`: why a flow gets its verdict (read-only).
+//!
+//! Plain helpers, with no engine state: `spec` (a policy's spec and what follows from
+//! it alone), `rule_index` (which of one policy's rules can select a given peer),
+//! `ids` (content-derived ids).
 //!
 //! Must not: do I/O, keep a clock, or rebuild everything on a change.
 
+mod addresses;
 mod declared;
+mod dirty;
+mod endpoints;
 mod explain;
 pub use explain::{AddressOwner, PodFacts};
 mod identities;
@@ -31,35 +61,33 @@ mod namespaces;
 mod node_ports;
 pub use namespaces::GUARD_LABEL;
 pub use node_ports::NodePortOwner;
+mod objects;
 mod pods;
+mod policies;
 mod rows;
 mod rule_index;
 mod services;
+mod spec;
 
 use std::borrow::Borrow;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
-use super::netpol::ParsedNetpol;
 use super::output::Output;
 use super::problem::{ObjectRef, Problem};
 use super::rule::{Role, RuleOrigin};
-use super::selector::Labels;
 use super::settings::{DnsMode, Settings};
 use crate::tables::{
-    EndpointId, EndpointPolicy, IdentityId, NodePort, PolicyId, Tables, TablesDiff, identity,
+    EndpointId, EndpointPolicy, IdentityId, PolicyId, Tables, TablesDiff, identity,
 };
-use declared::ClusterState;
-use identities::{IdentityKey, PodIdentity};
-use index::IndexKey;
-use local::{LocalEndpoint, PolicySpec, PolicyState};
-use node_ports::Claimant;
-use pods::PodState;
-use services::{ServiceState, SliceState};
+use dirty::Dirty;
+use endpoints::LocalEndpoints;
+use identities::Identities;
+use objects::Objects;
+use policies::Policies;
 
 /// `(namespace, name)`.
 pub type ObjectKey = (String, String);
@@ -146,20 +174,6 @@ pub struct EndpointMeta {
     /// `rayfence.io/audit: "true"`). The same as `policy.audit`.
     pub audit: bool,
 }
-#[derive(Debug, Default)]
-struct Dirty {
-    endpoints: BTreeSet<ObjectKey>,
-    identities: BTreeSet<IdentityId>,
-    services: BTreeSet<ObjectKey>,
-    nets: Vec<IpNet>,
-    /// Local pods whose host-port rows may change.
-    host_ports: BTreeSet<ObjectKey>,
-    /// Pods whose DNS-backend bit may have changed.
-    rekey: BTreeSet<ObjectKey>,
-    /// Identities to recompute in one policy only (namespace relabels).
-    pairs: BTreeMap<PolicyId, BTreeSet<IdentityId>>,
-}
-
 /// Removes `value` from the set at `key` in a reverse index, and the set once it is
 /// empty, so an index never holds empty sets.
 fn unlink<K, V, Q>(index: &mut HashMap<K, BTreeSet<V>>, key: &K, value: &Q)
@@ -177,70 +191,22 @@ where
 }
 
 /// The policy engine. Feed it objects; read [`Engine::tables`] or take diffs.
+///
+/// The engine composes its parts (see the module docs); each owns its state and
+/// changes it only through its methods. Only the settings (with the node's addresses
+/// and the DNS Service) are the engine's own.
 #[derive(Debug)]
 pub struct Engine {
     settings: Settings,
     node_addresses: HashSet<IpAddr>,
-    /// Every identity in use (pod, CIDR, Service, node port): ids are derived from
-    /// content and probe past these on a collision.
-    used_identities: HashSet<IdentityId>,
-    namespaces: HashMap<String, Labels>,
-    pods: HashMap<ObjectKey, PodState>,
-    addr_pods: HashMap<IpAddr, BTreeSet<ObjectKey>>,
-    /// Addresses more than one pod claims: they map to no pod identity.
-    addr_conflicts: BTreeSet<IpAddr>,
-    identity_keys: HashMap<IdentityKey, IdentityId>,
-    pod_identities: HashMap<IdentityId, PodIdentity>,
-    ids_by_ns: HashMap<String, BTreeSet<IdentityId>>,
-    ids_by_label: HashMap<(String, String), BTreeSet<IdentityId>>,
-    prefixes: BTreeMap<IpNet, (IdentityId, usize)>,
-    prefix_by_id: HashMap<IdentityId, IpNet>,
-    prefix_lens: BTreeMap<(bool, u8), usize>,
-    clusters: HashMap<ObjectKey, ClusterState>,
-    netpols: BTreeMap<String, BTreeMap<String, Arc<ParsedNetpol>>>,
-    services: HashMap<ObjectKey, ServiceState>,
-    cluster_ips: HashMap<IpAddr, ObjectKey>,
-    slices: HashMap<ObjectKey, SliceState>,
-    slices_by_service: HashMap<ObjectKey, BTreeSet<String>>,
-    backend_ips: BTreeMap<IpAddr, BTreeMap<ObjectKey, usize>>,
-    endpoints: HashMap<ObjectKey, LocalEndpoint>,
-    endpoint_keys: BTreeMap<EndpointId, ObjectKey>,
-    policy_ids: HashMap<Arc<PolicySpec>, PolicyId>,
-    policies: BTreeMap<PolicyId, PolicyState>,
-    /// The policy ids pinned maps gave endpoints before a restart, until the first
-    /// full program has re-pointed every endpoint ([`Engine::adopt_policy_ids`]).
-    adopted: local::AdoptedPolicyIds,
-    out: Output,
-    dirty: Dirty,
-    index: HashMap<IndexKey, BTreeSet<PolicyId>>,
-    /// Which policies hold rows for an identity.
-    row_owners: HashMap<IdentityId, BTreeSet<PolicyId>>,
-    /// Local pods by (namespace, `ray.io/cluster`).
-    local_by_cluster: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
-    /// Known namespaces by label.
-    ns_by_label: HashMap<(String, String), BTreeSet<String>>,
     /// The DNS Service of `DnsMode::Service`.
     dns_service: Option<ObjectKey>,
-    /// Who claims each port the node DNATs, with the claiming fields.
-    node_port_claims: BTreeMap<NodePort, BTreeMap<Claimant, Vec<String>>>,
-    /// The ports each claimant claims.
-    claims_by: HashMap<Claimant, Vec<NodePort>>,
-    /// The identity (never given rows) of each port several objects claim.
-    conflict_identities: HashMap<NodePort, IdentityId>,
-    /// Local pods with `hostPort`s.
-    host_port_pods: BTreeSet<ObjectKey>,
-    /// hostNetwork pods on this node.
-    local_host_network: BTreeSet<ObjectKey>,
-}
-
-impl Engine {
-    /// A new identity for what `seed` hashes (see [`ids`]), marked in use.
-    fn allocate_identity(&mut self, seed: u64) -> IdentityId {
-        let used = &self.used_identities;
-        let id = ids::pick(seed, identity::FIRST_ALLOCATED, |id| used.contains(&id));
-        self.used_identities.insert(id);
-        id
-    }
+    objects: Objects,
+    identities: Identities,
+    policies: Policies,
+    endpoints: LocalEndpoints,
+    out: Output,
+    dirty: Dirty,
 }
 
 fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> ObjectKey {
@@ -255,42 +221,13 @@ impl Engine {
         let mut engine = Self {
             node_addresses: settings.node_addresses.iter().copied().collect(),
             settings,
-            used_identities: HashSet::new(),
-            namespaces: HashMap::new(),
-            pods: HashMap::new(),
-            addr_pods: HashMap::new(),
-            addr_conflicts: BTreeSet::new(),
-            identity_keys: HashMap::new(),
-            pod_identities: HashMap::new(),
-            ids_by_ns: HashMap::new(),
-            ids_by_label: HashMap::new(),
-            prefixes: BTreeMap::new(),
-            prefix_by_id: HashMap::new(),
-            prefix_lens: BTreeMap::new(),
-            clusters: HashMap::new(),
-            netpols: BTreeMap::new(),
-            services: HashMap::new(),
-            cluster_ips: HashMap::new(),
-            slices: HashMap::new(),
-            slices_by_service: HashMap::new(),
-            backend_ips: BTreeMap::new(),
-            endpoints: HashMap::new(),
-            endpoint_keys: BTreeMap::new(),
-            policy_ids: HashMap::new(),
-            policies: BTreeMap::new(),
-            adopted: local::AdoptedPolicyIds::default(),
+            dns_service: None,
+            objects: Objects::default(),
+            identities: Identities::default(),
+            policies: Policies::default(),
+            endpoints: LocalEndpoints::default(),
             out: Output::default(),
             dirty: Dirty::default(),
-            index: HashMap::new(),
-            row_owners: HashMap::new(),
-            local_by_cluster: HashMap::new(),
-            ns_by_label: HashMap::new(),
-            dns_service: None,
-            node_port_claims: BTreeMap::new(),
-            claims_by: HashMap::new(),
-            conflict_identities: HashMap::new(),
-            host_port_pods: BTreeSet::new(),
-            local_host_network: BTreeSet::new(),
         };
         if let DnsMode::Service { namespace, name } = &engine.settings.dns {
             engine.dns_service = Some((namespace.clone(), name.clone()));
@@ -318,13 +255,13 @@ impl Engine {
     /// Every current problem (invalid input and notices), sorted.
     pub fn problems(&self) -> Vec<Problem> {
         let mut all = BTreeSet::new();
-        for state in self.clusters.values() {
+        for (_, state) in self.objects.clusters() {
             all.extend(state.parsed.iter().flat_map(|p| p.problems.iter().cloned()));
         }
-        for np in self.netpols.values().flat_map(|m| m.values()) {
+        for np in self.objects.netpols() {
             all.extend(np.problems.iter().cloned());
         }
-        for ep in self.endpoints.values() {
+        for (_, ep) in self.endpoints.iter() {
             all.extend(ep.problems.iter().cloned());
         }
         all.extend(self.egress_named_port_problems());
@@ -339,19 +276,19 @@ impl Engine {
     /// node is not listed: its traffic comes from its node's address, and only an
     /// ipBlock covering that address can match it there.
     pub fn host_network_pods(&self) -> Vec<(ObjectKey, IdentityId)> {
-        self.local_host_network
-            .iter()
-            .filter_map(|key| Some((key.clone(), self.pods.get(key)?.identity?)))
+        self.objects
+            .local_host_network()
+            .filter_map(|(key, pod)| Some((key.clone(), pod.identity?)))
             .collect()
     }
 
     /// The identity of hostNetwork pod `namespace/name` if it runs on this node.
     pub fn host_network_identity(&self, namespace: &str, name: &str) -> Option<IdentityId> {
         let key = (namespace.to_owned(), name.to_owned());
-        if !self.local_host_network.contains(&key) {
+        if !self.objects.is_local_host_network(&key) {
             return None;
         }
-        self.pods.get(&key)?.identity
+        self.objects.pod(&key)?.identity
     }
 
     /// Replaces the node's own addresses (identity `HOST`), e.g. after a node IP change.
@@ -363,10 +300,9 @@ impl Engine {
             self.refresh_address(*ip);
         }
         // A backend on a node address counts as allowed: Services may change.
-        self.dirty.services.extend(self.services.keys().cloned());
+        self.dirty.services(self.objects.service_keys().cloned());
         self.dirty
-            .host_ports
-            .extend(self.host_port_pods.iter().cloned());
+            .host_ports(self.objects.host_port_pod_keys().cloned());
         self.flush();
     }
 
@@ -375,7 +311,7 @@ impl Engine {
     pub fn policy_prefixes(&self) -> impl Iterator<Item = (PolicyId, &[IpNet])> + '_ {
         self.policies
             .iter()
-            .map(|(id, state)| (*id, state.prefixes.as_slice()))
+            .map(|(id, state)| (id, state.prefixes()))
     }
 
     /// Sizes of what the engine holds, for metrics.
@@ -383,9 +319,9 @@ impl Engine {
         Stats {
             endpoints: self.endpoints.len(),
             policies: self.policies.len(),
-            pod_identities: self.pod_identities.len(),
-            prefixes: self.prefixes.len(),
-            services: self.services.len(),
+            pod_identities: self.identities.pod_count(),
+            prefixes: self.identities.prefix_count(),
+            services: self.objects.service_count(),
             addresses: self.out.tables.addresses.len(),
             cidrs: self.out.tables.cidrs.len(),
             policy_rows: self.out.tables.policy.len(),
@@ -395,24 +331,7 @@ impl Engine {
     /// The keys of every object of `kind` the engine holds, so a relist can remove
     /// what it did not see.
     pub fn keys(&self, kind: Kind) -> Vec<ObjectKey> {
-        let mut keys: Vec<ObjectKey> = match kind {
-            Kind::Namespace => self
-                .namespaces
-                .keys()
-                .map(|n| (String::new(), n.clone()))
-                .collect(),
-            Kind::Pod => self.pods.keys().cloned().collect(),
-            Kind::RayCluster => self.clusters.keys().cloned().collect(),
-            Kind::Service => self.services.keys().cloned().collect(),
-            Kind::EndpointSlice => self.slices.keys().cloned().collect(),
-            Kind::NetworkPolicy => self
-                .netpols
-                .iter()
-                .flat_map(|(ns, m)| m.keys().map(move |n| (ns.clone(), n.clone())))
-                .collect(),
-        };
-        keys.sort();
-        keys
+        self.objects.keys(kind)
     }
 
     /// The problems about one object.
@@ -432,7 +351,7 @@ impl Engine {
 
     /// Metadata of a local pod.
     pub fn endpoint_meta(&self, id: EndpointId) -> Option<EndpointMeta> {
-        let key = self.endpoint_keys.get(&id)?;
+        let key = self.endpoints.key_of(id)?;
         let ep = self.endpoints.get(key)?;
         let policy = *self.out.tables.endpoints.get(&id)?;
         Some(EndpointMeta {
@@ -449,23 +368,21 @@ impl Engine {
 
     /// Every local pod's metadata, by endpoint id.
     pub fn endpoints(&self) -> impl Iterator<Item = EndpointMeta> + '_ {
-        self.endpoint_keys
-            .keys()
-            .filter_map(|id| self.endpoint_meta(*id))
+        self.endpoints.ids().filter_map(|id| self.endpoint_meta(id))
     }
 
     /// Brings rows and endpoints up to date with everything marked dirty.
     fn flush(&mut self) {
-        for key in std::mem::take(&mut self.dirty.rekey) {
+        for key in self.dirty.take_rekey() {
             self.rekey_pod(&key);
         }
         let mut new_policies = BTreeSet::new();
-        for key in std::mem::take(&mut self.dirty.endpoints) {
+        for key in self.dirty.take_endpoints() {
             self.refresh_endpoint(&key, &mut new_policies);
         }
-        new_policies.retain(|p| self.policies.contains_key(p));
-        let mut pairs = std::mem::take(&mut self.dirty.pairs);
-        for id in std::mem::take(&mut self.dirty.identities) {
+        new_policies.retain(|p| self.policies.contains(*p));
+        let mut pairs = self.dirty.take_pairs();
+        for id in self.dirty.take_identities() {
             let mut policies = BTreeSet::new();
             self.policies_for_identity(id, &mut policies);
             for policy in policies {
@@ -474,12 +391,12 @@ impl Engine {
         }
         let mut changed = BTreeSet::new();
         for (policy, ids) in pairs {
-            if new_policies.contains(&policy) || !self.policies.contains_key(&policy) {
+            if new_policies.contains(&policy) || !self.policies.contains(policy) {
                 continue;
             }
             for id in ids {
                 let rows = self.compute_rows(policy, id);
-                if self.replace_rows(policy, id, rows) {
+                if self.policies.replace_rows(policy, id, rows, &mut self.out) {
                     changed.insert(id);
                 }
             }
@@ -487,16 +404,16 @@ impl Engine {
         for &policy in &new_policies {
             for id in self.candidates(policy) {
                 let rows = self.compute_rows(policy, id);
-                self.replace_rows(policy, id, rows);
+                self.policies.replace_rows(policy, id, rows, &mut self.out);
             }
         }
-        let mut services = std::mem::take(&mut self.dirty.services);
-        let mut host_ports = std::mem::take(&mut self.dirty.host_ports);
+        let mut services = self.dirty.take_services();
+        let mut host_ports = self.dirty.take_host_ports();
         for &id in &changed {
             self.services_behind(id, &mut services);
             self.host_ports_behind(id, &mut host_ports);
         }
-        for net in std::mem::take(&mut self.dirty.nets) {
+        for net in self.dirty.take_nets() {
             self.services_in(net, &mut services);
             self.host_ports_in(net, &mut host_ports);
         }
@@ -519,17 +436,17 @@ impl Engine {
             }
         }
         for &policy in &new_policies {
-            let Some(state) = self.policies.get(&policy) else {
+            let Some(state) = self.policies.get(policy) else {
                 continue;
             };
-            if !state.spec.isolate_egress {
+            if !state.spec().isolate_egress {
                 continue;
             }
             let mut candidates = BTreeSet::new();
             let mut host_ports = BTreeSet::new();
             // A backend on this node's address needs no row of the policy's own.
             self.services_at_node(&mut candidates);
-            for id in state.rows.keys() {
+            for id in state.rows().keys() {
                 self.services_behind(*id, &mut candidates);
                 self.host_ports_behind(*id, &mut host_ports);
             }

@@ -1,5 +1,6 @@
-//! Namespaces: their labels (with the automatic `kubernetes.io/metadata.name`), the
-//! namespace-by-label index, and the recomputation a relabel calls for.
+//! Namespaces: their labels (with the automatic `kubernetes.io/metadata.name`, kept
+//! in [`super::Objects`]), the namespaces the CNI plugin guards, and the
+//! recomputation a relabel calls for.
 //!
 //! Must not: recompute rows itself (a relabel only marks (policy, identity) pairs in
 //! [`super::Dirty`] for `flush`), or mark policies whose namespace selectors do not
@@ -11,7 +12,7 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::Namespace;
 
 use super::index::IndexKey;
-use super::{Engine, NAMESPACE_NAME_LABEL, unlink};
+use super::{Engine, NAMESPACE_NAME_LABEL};
 use crate::policy::rule::{NamespaceMatch, Peer};
 use crate::policy::selector::Labels;
 use crate::tables::{IdentityId, PolicyId};
@@ -27,10 +28,10 @@ impl Engine {
     pub fn guarded_namespaces(&self) -> std::collections::BTreeMap<String, u32> {
         use rayfence_common::guard_reasons;
         let mut out = std::collections::BTreeMap::new();
-        for (namespace, _) in self.clusters.keys() {
+        for ((namespace, _), _) in self.objects.clusters() {
             *out.entry(namespace.clone()).or_insert(0) |= guard_reasons::RAYCLUSTER;
         }
-        for (namespace, labels) in &self.namespaces {
+        for (namespace, labels) in self.objects.namespaces() {
             if labels.get(GUARD_LABEL).map(String::as_str) == Some("true") {
                 *out.entry(namespace.clone()).or_insert(0) |= guard_reasons::LABEL;
             }
@@ -45,7 +46,7 @@ impl Engine {
     /// [`Engine::ns_labels`] without copying a known namespace's labels: rows ask for
     /// them once per rule they check.
     pub(super) fn ns_labels_ref(&self, namespace: &str) -> Cow<'_, Labels> {
-        match self.namespaces.get(namespace) {
+        match self.objects.namespace(namespace) {
             Some(labels) => Cow::Borrowed(labels),
             // Unknown namespace: the API server's automatic label is still known.
             None => Cow::Owned([(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned())].into()),
@@ -58,36 +59,19 @@ impl Engine {
         labels
             .entry(NAMESPACE_NAME_LABEL.to_owned())
             .or_insert_with(|| name.clone());
-        if self.namespaces.get(&name) == Some(&labels) {
+        if self.objects.namespace(&name) == Some(&labels) {
             return;
         }
         let old = self.ns_labels(&name);
-        self.set_namespace(&name, Some(labels));
+        self.objects.set_namespace(&name, Some(labels));
         self.namespace_changed(&name, &old);
     }
 
     pub fn remove_namespace(&mut self, name: &str) {
-        if self.namespaces.contains_key(name) {
+        if self.objects.namespace(name).is_some() {
             let old = self.ns_labels(name);
-            self.set_namespace(name, None);
+            self.objects.set_namespace(name, None);
             self.namespace_changed(name, &old);
-        }
-    }
-
-    fn set_namespace(&mut self, name: &str, labels: Option<Labels>) {
-        if let Some(old) = self.namespaces.remove(name) {
-            for pair in old {
-                unlink(&mut self.ns_by_label, &pair, name);
-            }
-        }
-        if let Some(labels) = labels {
-            for pair in &labels {
-                self.ns_by_label
-                    .entry((pair.0.clone(), pair.1.clone()))
-                    .or_default()
-                    .insert(name.to_owned());
-            }
-            self.namespaces.insert(name.to_owned(), labels);
         }
     }
 
@@ -95,7 +79,7 @@ impl Engine {
     /// recompute, and only for the identities in it.
     fn namespace_changed(&mut self, name: &str, old: &Labels) {
         let new = self.ns_labels(name);
-        let Some(ids) = self.ids_by_ns.get(name).cloned() else {
+        let Some(ids) = self.identities.in_namespace(name).cloned() else {
             self.flush();
             return;
         };
@@ -105,16 +89,14 @@ impl Engine {
             .chain(new.keys())
             .filter(|k| old.get(*k) != new.get(*k));
         for key in changed {
-            if let Some(set) = self.index.get(&IndexKey::NsDepKey(key.clone())) {
-                candidates.extend(set);
-            }
+            candidates.extend(self.policies.indexed(&IndexKey::NsDepKey(key.clone())));
         }
         for policy in candidates {
-            let Some(state) = self.policies.get(&policy) else {
+            let Some(state) = self.policies.get(policy) else {
                 continue;
             };
             let mut affected: BTreeSet<IdentityId> = BTreeSet::new();
-            for peer in state.spec.rules().flat_map(|(_, r)| r.peers.iter()) {
+            for peer in state.spec().rules().flat_map(|(_, r)| r.peers.iter()) {
                 let Peer::Pods {
                     namespaces: NamespaceMatch::Selector(s),
                     pods,
@@ -128,7 +110,7 @@ impl Engine {
                 // Only identities the peer's pod selector can match are affected.
                 match pods.required_pair() {
                     Some((k, v)) => {
-                        let with_label = self.ids_by_label.get(&(k.to_owned(), v.to_owned()));
+                        let with_label = self.identities.with_label(k, v);
                         affected.extend(
                             with_label
                                 .into_iter()
@@ -140,7 +122,7 @@ impl Engine {
                 }
             }
             if !affected.is_empty() {
-                self.dirty.pairs.entry(policy).or_default().extend(affected);
+                self.dirty.pairs(policy, affected);
             }
         }
         self.flush();

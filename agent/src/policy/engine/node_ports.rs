@@ -77,40 +77,9 @@ impl Engine {
         claimant: &Claimant,
         claims: BTreeMap<NodePort, Vec<String>>,
     ) {
-        let old = self.claims_by.remove(claimant).unwrap_or_default();
-        let unchanged = old.len() == claims.len()
-            && old.iter().all(|port| {
-                self.node_port_claims
-                    .get(port)
-                    .and_then(|m| m.get(claimant))
-                    == claims.get(port)
-            });
-        if unchanged {
-            if !old.is_empty() {
-                self.claims_by.insert(claimant.clone(), old);
-            }
+        let Some(touched) = self.objects.set_node_port_claims(claimant, claims) else {
             return;
-        }
-        for port in &old {
-            if let Some(map) = self.node_port_claims.get_mut(port) {
-                map.remove(claimant);
-                if map.is_empty() {
-                    self.node_port_claims.remove(port);
-                }
-            }
-        }
-        let mut touched: BTreeSet<NodePort> = old.into_iter().collect();
-        if !claims.is_empty() {
-            self.claims_by
-                .insert(claimant.clone(), claims.keys().copied().collect());
-        }
-        for (port, fields) in claims {
-            self.node_port_claims
-                .entry(port)
-                .or_default()
-                .insert(claimant.clone(), fields);
-            touched.insert(port);
-        }
+        };
         // Its rows lose or gain ports, whatever happens to the others.
         self.mark_claimant(claimant);
         for port in touched {
@@ -122,8 +91,8 @@ impl Engine {
     /// (no rows) when several claim it, or to nothing.
     fn refresh_node_port(&mut self, port: NodePort) {
         let claimants: Vec<Claimant> = self
-            .node_port_claims
-            .get(&port)
+            .objects
+            .node_port_claims(&port)
             .map(|m| m.keys().cloned().collect())
             .unwrap_or_default();
         let single = match claimants.as_slice() {
@@ -134,20 +103,10 @@ impl Engine {
             (true, _) => None,
             (false, Some(id)) => Some(id),
             // Several claimants (or, defensively, one without an identity): fail closed.
-            (false, None) => Some(match self.conflict_identities.get(&port) {
-                Some(id) => *id,
-                None => {
-                    let id = self
-                        .allocate_identity(super::ids::stable_hash("node-port-conflict", &port));
-                    self.conflict_identities.insert(port, id);
-                    id
-                }
-            }),
+            (false, None) => Some(self.identities.node_port_conflict(port)),
         };
-        if value != self.conflict_identities.get(&port).copied()
-            && let Some(id) = self.conflict_identities.remove(&port)
-        {
-            self.purge_identity(id);
+        if let Some(id) = self.identities.drop_node_port_conflict(port, value) {
+            self.policies.purge_rows(id, &mut self.out);
         }
         // Whether each claimant owns the port alone may have flipped.
         for claimant in &claimants {
@@ -158,27 +117,23 @@ impl Engine {
 
     fn claimant_identity(&self, claimant: &Claimant) -> Option<IdentityId> {
         match claimant {
-            Claimant::Service(key) => self.services.get(key)?.node_port_identity,
-            Claimant::Pod(key) => self.pods.get(key)?.host_port_identity,
+            Claimant::Service(key) => self.objects.service(key)?.node_port_identity,
+            Claimant::Pod(key) => self.objects.pod(key)?.host_port_identity,
         }
     }
 
     fn mark_claimant(&mut self, claimant: &Claimant) {
         match claimant {
-            Claimant::Service(key) => {
-                self.dirty.services.insert(key.clone());
-            }
-            Claimant::Pod(key) => {
-                self.dirty.host_ports.insert(key.clone());
-            }
+            Claimant::Service(key) => self.dirty.service(key.clone()),
+            Claimant::Pod(key) => self.dirty.host_port(key.clone()),
         }
     }
 
     /// Whether `claimant` is the only object claiming `port` (only then does its
     /// identity get rows for it).
     pub(super) fn owns_node_port(&self, port: NodePort, claimant: &Claimant) -> bool {
-        self.node_port_claims
-            .get(&port)
+        self.objects
+            .node_port_claims(&port)
             .is_some_and(|m| m.len() == 1 && m.contains_key(claimant))
     }
 
@@ -186,7 +141,7 @@ impl Engine {
     /// others.
     pub(super) fn node_port_problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        for (port, claims) in &self.node_port_claims {
+        for (port, claims) in self.objects.all_node_port_claims() {
             if claims.len() < 2 {
                 continue;
             }
@@ -218,7 +173,7 @@ impl Engine {
     /// Rows for a local pod's host-port identity: a host port is allowed iff egress to
     /// the pod (each of its addresses) on the container port it leads to is.
     pub(super) fn refresh_host_port_rows(&mut self, policy: PolicyId, key: &ObjectKey) {
-        let Some(pod) = self.pods.get(key) else {
+        let Some(pod) = self.objects.pod(key) else {
             return;
         };
         let Some(hp) = pod.host_port_identity else {
@@ -226,8 +181,8 @@ impl Engine {
         };
         let claimant = Claimant::Pod(key.clone());
         let mut rows = Vec::new();
-        if let Some(state) = self.policies.get(&policy)
-            && state.spec.isolate_egress
+        if let Some(state) = self.policies.get(policy)
+            && state.spec().isolate_egress
         {
             let mut ports: BTreeMap<NodePort, Vec<(IpAddr, u8, u16)>> = BTreeMap::new();
             for mapping in &pod.host_ports {
@@ -257,51 +212,47 @@ impl Engine {
         }
         rows.sort();
         rows.dedup();
-        self.replace_rows(policy, hp, rows);
+        self.policies.replace_rows(policy, hp, rows, &mut self.out);
     }
 
     /// Host-port pods whose rows may follow `id`'s rows (their pod or CIDR identity).
     pub(super) fn host_ports_behind(&self, id: IdentityId, out: &mut BTreeSet<ObjectKey>) {
-        if let Some(net) = self.prefix_by_id.get(&id) {
+        if let Some(net) = self.identities.prefix_of(id) {
             self.host_ports_in(*net, out);
             return;
         }
         out.extend(
-            self.host_port_pods
-                .iter()
-                .filter(|k| self.pods.get(*k).is_some_and(|p| p.identity == Some(id)))
-                .cloned(),
+            self.objects
+                .host_port_pods()
+                .filter(|(_, p)| p.identity == Some(id))
+                .map(|(k, _)| k.clone()),
         );
     }
 
     /// Host-port pods with an address in `net`.
     pub(super) fn host_ports_in(&self, net: IpNet, out: &mut BTreeSet<ObjectKey>) {
         out.extend(
-            self.host_port_pods
-                .iter()
-                .filter(|k| {
-                    self.pods
-                        .get(*k)
-                        .is_some_and(|p| p.ips.iter().any(|ip| net.contains(ip)))
-                })
-                .cloned(),
+            self.objects
+                .host_port_pods()
+                .filter(|(_, p)| p.ips.iter().any(|ip| net.contains(ip)))
+                .map(|(k, _)| k.clone()),
         );
     }
 
     /// Host-port pods at `ip` (whose address identity may have changed).
     pub(super) fn host_ports_at(&self, ip: IpAddr, out: &mut BTreeSet<ObjectKey>) {
         out.extend(
-            self.host_port_pods
-                .iter()
-                .filter(|k| self.pods.get(*k).is_some_and(|p| p.ips.contains(&ip)))
-                .cloned(),
+            self.objects
+                .host_port_pods()
+                .filter(|(_, p)| p.ips.contains(&ip))
+                .map(|(k, _)| k.clone()),
         );
     }
 
     /// Policies whose rows for a host-port pod may change: those that hold rows for
     /// its host-port identity or for any identity of its addresses.
     pub(super) fn policies_for_host_ports(&self, key: &ObjectKey, out: &mut BTreeSet<PolicyId>) {
-        let Some(pod) = self.pods.get(key) else {
+        let Some(pod) = self.objects.pod(key) else {
             return;
         };
         let mut ids: Vec<IdentityId> = pod.host_port_identity.into_iter().collect();
@@ -311,16 +262,18 @@ impl Engine {
         }
         for ip in &pod.ips {
             ids.extend(self.out.tables.addresses.get(ip).copied());
-            ids.extend(self.longest_prefix(*ip));
+            ids.extend(self.identities.longest_prefix(*ip));
         }
         for id in ids {
-            out.extend(self.row_owners.get(&id).into_iter().flatten());
+            out.extend(self.policies.row_owners(id));
         }
     }
 
     /// Who `protocol`/`port` on this node's addresses leads to, if the node DNATs it.
     pub fn node_port_owner(&self, protocol: u8, port: u16) -> Option<NodePortOwner> {
-        let claims = self.node_port_claims.get(&NodePort { protocol, port })?;
+        let claims = self
+            .objects
+            .node_port_claims(&NodePort { protocol, port })?;
         Some(match claims.keys().collect::<Vec<_>>().as_slice() {
             [Claimant::Service(key)] => NodePortOwner::Service(key.clone()),
             [Claimant::Pod(key)] => NodePortOwner::HostPort(key.clone()),
@@ -332,11 +285,11 @@ impl Engine {
     /// target port)`, for every claimant (several only in a conflict).
     pub fn node_port_backends(&self, protocol: u8, port: u16) -> Vec<(IpAddr, u8, u16)> {
         let mut out = Vec::new();
-        let claims = self.node_port_claims.get(&NodePort { protocol, port });
+        let claims = self.objects.node_port_claims(&NodePort { protocol, port });
         for claimant in claims.into_iter().flat_map(|m| m.keys()) {
             match claimant {
                 Claimant::Service(key) => {
-                    let Some(svc) = self.services.get(key) else {
+                    let Some(svc) = self.objects.service(key) else {
                         continue;
                     };
                     for np in svc
@@ -348,7 +301,7 @@ impl Engine {
                     }
                 }
                 Claimant::Pod(key) => {
-                    let Some(pod) = self.pods.get(key) else {
+                    let Some(pod) = self.objects.pod(key) else {
                         continue;
                     };
                     for mapping in pod

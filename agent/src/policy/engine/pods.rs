@@ -1,6 +1,7 @@
 //! Pods: what the engine keeps of a pod (labels, IPs, named ports, locality, host
-//! ports), its identity membership, the address index, and which endpoints,
-//! identities, Services and host ports a pod change marks dirty.
+//! ports; stored and indexed by address in [`super::Objects`]), its identity
+//! membership, and which endpoints, identities, Services and host ports a pod change
+//! marks dirty.
 //!
 //! A hostNetwork pod (SEMANTICS 5a: not the node) is a selectable peer with a pod
 //! identity like any pod, but never an endpoint, and its addresses (its node's) never
@@ -19,9 +20,8 @@
 //! (a warning names both). The pod keeps its labels and identity for selectors, and
 //! a local one stays an endpoint: only its address stops vouching for it.
 //!
-//! Must not: allocate identities or compute rows itself (`identities`, `node_ports`
-//! and `flush` do), treat terminal pods as selectable peers, or index a hostNetwork
-//! pod's addresses.
+//! Must not: compute rows itself (`node_ports` and `flush` do), treat terminal pods
+//! as selectable peers, or index a hostNetwork pod's addresses.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -31,9 +31,8 @@ use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
 
 use super::identities::IdentityKey;
 use super::node_ports::{Claimant, HostPort};
-use super::{Engine, NamedPort, ObjectKey, key_of, unlink};
+use super::{Engine, NamedPort, ObjectKey, key_of};
 use crate::policy::problem::{ObjectRef, Problem, Severity};
-use crate::policy::raycluster::LABEL_CLUSTER;
 use crate::policy::rule::parse_protocol;
 use crate::policy::selector::Labels;
 use crate::tables::{IdentityId, NodePort};
@@ -70,7 +69,7 @@ impl PodState {
     }
 
     /// The addresses that map to its identity in the address index.
-    fn indexed_ips(&self) -> &[IpAddr] {
+    pub(super) fn indexed_ips(&self) -> &[IpAddr] {
         if self.host_network || self.stopped || self.sandbox_gone {
             &[]
         } else {
@@ -175,7 +174,7 @@ impl Engine {
             .uid
             .clone()
             .unwrap_or_else(|| format!("{}/{}", key.0, key.1));
-        if self.pods.get(&key).is_some_and(|old| old.uid != uid) {
+        if self.objects.pod(&key).is_some_and(|old| old.uid != uid) {
             // Same name, new pod: a new endpoint.
             self.remove_pod_state(&key);
             self.flush();
@@ -201,7 +200,7 @@ impl Engine {
         ips.dedup();
         let stopped = stopped(pod, &status);
         // Same pod (same UID): what the runtime saw of its sandbox still holds.
-        let sandbox_gone = local && self.pods.get(&key).is_some_and(|old| old.sandbox_gone);
+        let sandbox_gone = local && self.objects.pod(&key).is_some_and(|old| old.sandbox_gone);
         let declared = declared_ports(&spec);
         let listen_ports = if local && host_network {
             declared.listen
@@ -229,13 +228,14 @@ impl Engine {
                 &key,
             )
         });
-        let old_host_port_identity = self.pods.get(&key).and_then(|p| p.host_port_identity);
+        let old_host_port_identity = self.objects.pod(&key).and_then(|p| p.host_port_identity);
         let host_port_identity = match (host_ports.is_empty(), old_host_port_identity) {
             (true, _) => None,
             (false, Some(id)) => Some(id),
-            (false, None) => {
-                Some(self.allocate_identity(super::ids::stable_hash("pod-hostport", &key)))
-            }
+            (false, None) => Some(
+                self.identities
+                    .allocate(super::ids::stable_hash("pod-hostport", &key)),
+            ),
         };
         let mut claims: BTreeMap<NodePort, Vec<String>> = BTreeMap::new();
         for mapping in &host_ports {
@@ -245,8 +245,8 @@ impl Engine {
             };
             claims.entry(port).or_default().push(mapping.field.clone());
         }
-        let old = self.pods.insert(
-            key.clone(),
+        let old = self.objects.insert_pod(
+            &key,
             PodState {
                 uid,
                 labels,
@@ -264,7 +264,6 @@ impl Engine {
         );
         let (old_ips, old_identity, was_local, was_listening) = match old {
             Some(old) => {
-                self.unindex_local(&key, &old);
                 let was_listening = old.local && old.host_network;
                 (
                     old.indexed_ips().to_vec(),
@@ -275,15 +274,14 @@ impl Engine {
             }
             None => (Vec::new(), None, false, false),
         };
-        self.index_local(&key);
         if old_identity != new_identity
             && let Some(id) = old_identity
         {
             self.leave_identity(id, &key);
         }
         let new_ips = self
-            .pods
-            .get(&key)
+            .objects
+            .pod(&key)
             .map(|p| p.indexed_ips().to_vec())
             .unwrap_or_default();
         self.ips_changed(
@@ -297,7 +295,7 @@ impl Engine {
             // What listens on this node's addresses may have changed.
             let mut services = BTreeSet::new();
             self.services_at_node(&mut services);
-            self.dirty.services.extend(services);
+            self.dirty.services(services);
         }
         self.set_node_port_claims(&Claimant::Pod(key.clone()), claims);
         if host_port_identity.is_none()
@@ -306,10 +304,10 @@ impl Engine {
             self.purge_identity(old);
         }
         if host_port_identity.is_some() {
-            self.dirty.host_ports.insert(key.clone());
+            self.dirty.host_port(key.clone());
         }
         if local || was_local {
-            self.dirty.endpoints.insert(key);
+            self.dirty.endpoint(key);
         }
         self.flush();
     }
@@ -321,17 +319,11 @@ impl Engine {
     /// different UID (a new pod of that name) changes nothing.
     pub fn set_sandbox_gone(&mut self, namespace: &str, name: &str, uid: &str, gone: bool) -> bool {
         let key = (namespace.to_owned(), name.to_owned());
-        let Some(pod) = self.pods.get_mut(&key) else {
+        let Some(moved) = self.objects.set_sandbox_gone(&key, uid, gone) else {
             return false;
         };
-        if pod.uid != uid || !pod.local || pod.sandbox_gone == gone {
-            return false;
-        }
-        let old_ips = pod.indexed_ips().to_vec();
-        pod.sandbox_gone = gone;
-        let new_ips = pod.indexed_ips().to_vec();
-        let identity = pod.identity;
-        self.ips_changed(&key, &old_ips, &new_ips, false, [identity, identity]);
+        let identity = moved.identity;
+        self.ips_changed(&key, &moved.old, &moved.new, false, [identity, identity]);
         self.flush();
         true
     }
@@ -339,8 +331,8 @@ impl Engine {
     /// A warning per pod claiming an address another pod claims too.
     pub(super) fn address_conflict_problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        for ip in &self.addr_conflicts {
-            let claimants: Vec<&ObjectKey> = self.addr_pods.get(ip).into_iter().flatten().collect();
+        for (ip, claimants) in self.objects.address_conflicts() {
+            let claimants: Vec<&ObjectKey> = claimants.collect();
             for key in &claimants {
                 let others: Vec<String> = claimants
                     .iter()
@@ -369,10 +361,9 @@ impl Engine {
     }
 
     fn remove_pod_state(&mut self, key: &ObjectKey) {
-        let Some(old) = self.pods.remove(key) else {
+        let Some(old) = self.objects.remove_pod(key) else {
             return;
         };
-        self.unindex_local(key, &old);
         if let Some(id) = old.identity {
             self.leave_identity(id, key);
         }
@@ -380,49 +371,13 @@ impl Engine {
         if old.local && old.host_network {
             let mut services = BTreeSet::new();
             self.services_at_node(&mut services);
-            self.dirty.services.extend(services);
+            self.dirty.services(services);
         }
         self.set_node_port_claims(&Claimant::Pod(key.clone()), BTreeMap::new());
         if let Some(id) = old.host_port_identity {
             self.purge_identity(id);
         }
-        self.dirty.endpoints.insert(key.clone());
-    }
-
-    /// Indexes a pod by what makes it local: an endpoint of its RayCluster, a
-    /// hostNetwork pod of this node, a pod with host ports.
-    fn index_local(&mut self, key: &ObjectKey) {
-        let Some(pod) = self.pods.get(key) else {
-            return;
-        };
-        let cluster = pod
-            .labels
-            .get(LABEL_CLUSTER)
-            .filter(|_| pod.is_endpoint())
-            .cloned();
-        let host_network = pod.local && pod.host_network;
-        let host_ports = pod.host_port_identity.is_some();
-        if let Some(cluster) = cluster {
-            self.local_by_cluster
-                .entry((key.0.clone(), cluster))
-                .or_default()
-                .insert(key.clone());
-        }
-        if host_network {
-            self.local_host_network.insert(key.clone());
-        }
-        if host_ports {
-            self.host_port_pods.insert(key.clone());
-        }
-    }
-
-    fn unindex_local(&mut self, key: &ObjectKey, old: &PodState) {
-        if let Some(cluster) = old.labels.get(LABEL_CLUSTER).filter(|_| old.is_endpoint()) {
-            let group = (key.0.clone(), cluster.clone());
-            unlink(&mut self.local_by_cluster, &group, key);
-        }
-        self.local_host_network.remove(key);
-        self.host_port_pods.remove(key);
+        self.dirty.endpoint(key.clone());
     }
 
     fn ips_changed(
@@ -433,37 +388,23 @@ impl Engine {
         identity_changed: bool,
         identities: [Option<IdentityId>; 2],
     ) {
-        for ip in old {
-            if !new.contains(ip) {
-                unlink(&mut self.addr_pods, ip, key);
-            }
-        }
-        for ip in new {
-            self.addr_pods.entry(*ip).or_default().insert(key.clone());
-        }
-        for ip in old.iter().chain(new) {
-            if self.addr_pods.get(ip).is_some_and(|pods| pods.len() > 1) {
-                self.addr_conflicts.insert(*ip);
-            } else {
-                self.addr_conflicts.remove(ip);
-            }
-        }
+        self.objects.move_pod_addresses(key, old, new);
         let changed = identity_changed || old != new;
         let mut host_ports = BTreeSet::new();
         for ip in old.iter().chain(new) {
             self.refresh_address(*ip);
-            if changed && let Some(services) = self.backend_ips.get(ip) {
+            if !changed {
+                continue;
+            }
+            let mut services = self.objects.backend_services(ip).peekable();
+            if services.peek().is_some() {
                 // Backend of a Service: its rows, and ServiceBackends peers, may change.
-                self.dirty.services.extend(services.keys().cloned());
-                self.dirty
-                    .identities
-                    .extend(identities.into_iter().flatten());
+                self.dirty.services(services.cloned());
+                self.dirty.identities(identities.into_iter().flatten());
             }
-            if changed {
-                // A host-port pod at this address: its rows follow the address.
-                self.host_ports_at(*ip, &mut host_ports);
-            }
+            // A host-port pod at this address: its rows follow the address.
+            self.host_ports_at(*ip, &mut host_ports);
         }
-        self.dirty.host_ports.extend(host_ports);
+        self.dirty.host_ports(host_ports);
     }
 }

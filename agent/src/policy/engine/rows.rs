@@ -1,16 +1,16 @@
 //! Rows: the [`PolicyEntry`] rows a policy's rules give one peer identity (named
-//! ports resolved), and replacing a (policy, identity) row set in the output as a set
-//! difference.
+//! ports resolved), and which rules give them (for `explain`). Read-only: the rows
+//! are stored, and written to the output, by [`super::Policies::replace_rows`].
 //!
-//! Must not: decide which (policy, identity) pairs to recompute (`index` and `flush`
-//! do), or handle Service identities (`services` does).
+//! Must not: change state, decide which (policy, identity) pairs to recompute
+//! (`index` and `flush` do), or handle Service identities (`services` does).
 
 use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::identities::PodIdentity;
-use super::{Engine, NamedPort, unlink};
+use super::{Engine, NamedPort};
 use crate::policy::problem::ObjectRef;
 use crate::policy::rule::{NamespaceMatch, Peer, PortMatch, Rule, RuleOrigin};
 use crate::tables::{Direction, IdentityId, PolicyEntry, PolicyId};
@@ -97,13 +97,11 @@ impl Engine {
                 }
                 // A hostNetwork pod's addresses are its node's: not a backend peer.
                 identity.members.iter().any(|m| {
-                    self.pods.get(m).is_some_and(|p| {
+                    self.objects.pod(m).is_some_and(|p| {
                         !p.host_network
-                            && p.ips.iter().any(|ip| {
-                                self.backend_ips
-                                    .get(ip)
-                                    .is_some_and(|s| s.contains_key(&service))
-                            })
+                            && p.ips
+                                .iter()
+                                .any(|ip| self.objects.is_backend_of(ip, &service))
                     })
                 })
             }
@@ -113,10 +111,10 @@ impl Engine {
     /// `peer` as rules see it: a pod identity or a CIDR identity's prefix (Service and
     /// host identities get no rows from rules).
     pub(super) fn rule_peer(&self, peer: IdentityId) -> Option<RulePeer<'_>> {
-        if let Some(identity) = self.pod_identities.get(&peer) {
+        if let Some(identity) = self.identities.pod(peer) {
             Some(RulePeer::Pod(identity))
         } else {
-            self.prefix_by_id.get(&peer).map(RulePeer::Prefix)
+            self.identities.prefix_of(peer).map(RulePeer::Prefix)
         }
     }
 
@@ -136,17 +134,18 @@ impl Engine {
 
     pub(super) fn compute_rows(&self, policy: PolicyId, peer: IdentityId) -> Vec<PolicyEntry> {
         let mut out = Vec::new();
-        let (Some(state), Some(rule_peer)) = (self.policies.get(&policy), self.rule_peer(peer))
+        let (Some(state), Some(rule_peer)) = (self.policies.get(policy), self.rule_peer(peer))
         else {
             return out;
         };
+        let spec = state.spec();
         let positions = match &rule_peer {
             RulePeer::Pod(identity) => state
-                .rule_index
+                .rule_index()
                 .for_pod(identity, &self.ns_labels_ref(&identity.key.namespace)),
-            RulePeer::Prefix(net) => state.rule_index.for_prefix(net),
+            RulePeer::Prefix(net) => state.rule_index().for_prefix(net),
         };
-        for (direction, rule) in positions.into_iter().filter_map(|p| state.spec.rule_at(p)) {
+        for (direction, rule) in positions.into_iter().filter_map(|p| spec.rule_at(p)) {
             if self.rule_selects(rule, &rule_peer) {
                 push_rule_rows(
                     &mut out,
@@ -155,48 +154,13 @@ impl Engine {
                     peer,
                     rule,
                     rule_peer.named_ports(),
-                    &state.spec.local_ports,
+                    &spec.local_ports,
                 );
             }
         }
         out.sort();
         out.dedup();
         out
-    }
-
-    pub(super) fn replace_rows(
-        &mut self,
-        policy: PolicyId,
-        peer: IdentityId,
-        rows: Vec<PolicyEntry>,
-    ) -> bool {
-        let Some(state) = self.policies.get_mut(&policy) else {
-            return false;
-        };
-        let old = if rows.is_empty() {
-            state.rows.remove(&peer).unwrap_or_default()
-        } else {
-            state.rows.insert(peer, rows.clone()).unwrap_or_default()
-        };
-        if old == rows {
-            return false;
-        }
-        if rows.is_empty() {
-            unlink(&mut self.row_owners, &peer, &policy);
-        } else if old.is_empty() {
-            self.row_owners.entry(peer).or_default().insert(policy);
-        }
-        for row in &old {
-            if rows.binary_search(row).is_err() {
-                self.out.remove_row(*row);
-            }
-        }
-        for row in &rows {
-            if old.binary_search(row).is_err() {
-                self.out.add_row(*row);
-            }
-        }
-        true
     }
 
     /// Which rules allow a flow, for `explain`: (direction, identity) rows per rule.
@@ -206,11 +170,12 @@ impl Engine {
         peer: IdentityId,
     ) -> Vec<(RuleOrigin, Arc<ObjectRef>, Vec<PolicyEntry>)> {
         let mut out = Vec::new();
-        let (Some(state), Some(rule_peer)) = (self.policies.get(&policy), self.rule_peer(peer))
+        let (Some(state), Some(rule_peer)) = (self.policies.get(policy), self.rule_peer(peer))
         else {
             return out;
         };
-        for (direction, rule) in state.spec.rules() {
+        let spec = state.spec();
+        for (direction, rule) in spec.rules() {
             if !self.rule_selects(rule, &rule_peer) {
                 continue;
             }
@@ -222,7 +187,7 @@ impl Engine {
                 peer,
                 rule,
                 rule_peer.named_ports(),
-                &state.spec.local_ports,
+                &spec.local_ports,
             );
             if !rows.is_empty() {
                 out.push((rule.origin.clone(), rule.object.clone(), rows));

@@ -14,12 +14,9 @@ use std::collections::{BTreeSet, HashMap};
 use ipnet::IpNet;
 
 use super::identities::PodIdentity;
-use super::local::PolicySpec;
+use super::spec::{PolicySpec, RulePos};
 use crate::policy::rule::{NamespaceMatch, Peer};
 use crate::policy::selector::{Labels, Selector};
-
-/// A rule's position in [`PolicySpec::rules`] (ingress first, then egress).
-pub(super) type RulePos = u32;
 
 /// What a pod peer requires, as precisely as one lookup can say it: a required pod
 /// label together with the namespace's name or required label where the peer has
@@ -248,27 +245,27 @@ mod tests {
         assert!(
             engine
                 .policies
-                .values()
-                .any(|p| p.rule_index.scan_all.is_none()),
+                .iter()
+                .any(|(_, p)| p.rule_index().scan_all.is_none()),
             "the head's policy is indexed, not scanned"
         );
         let mut checked = 0;
-        for state in engine.policies.values() {
+        for (_, state) in engine.policies.iter() {
             let peers = engine
-                .pod_identities
-                .keys()
-                .chain(engine.prefix_by_id.keys());
-            for &peer in peers {
+                .identities
+                .pod_ids()
+                .chain(engine.identities.prefix_ids());
+            for peer in peers {
                 let Some(rule_peer) = engine.rule_peer(peer) else {
                     continue;
                 };
                 let found = match &rule_peer {
                     RulePeer::Pod(identity) => state
-                        .rule_index
+                        .rule_index()
                         .for_pod(identity, &engine.ns_labels(&identity.key.namespace)),
-                    RulePeer::Prefix(net) => state.rule_index.for_prefix(net),
+                    RulePeer::Prefix(net) => state.rule_index().for_prefix(net),
                 };
-                for (pos, (_, rule)) in (0..).zip(state.spec.rules()) {
+                for (pos, (_, rule)) in (0..).zip(state.spec().rules()) {
                     if engine.rule_selects(rule, &rule_peer) {
                         checked += 1;
                         assert!(

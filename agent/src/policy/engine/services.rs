@@ -19,8 +19,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::identities::IdentityKey;
-use super::local::PolicyState;
 use super::node_ports::Claimant;
+use super::policies::PolicyState;
 use super::{Engine, ObjectKey, key_of};
 use crate::policy::rule::parse_protocol;
 use crate::tables::{Direction, IdentityId, NodePort, PolicyEntry, PolicyId};
@@ -114,10 +114,11 @@ impl Engine {
                 })
             })
             .collect();
-        let (identity, old_ips, old_np) = match self.services.remove(&key) {
+        let (identity, old_ips, old_np) = match self.objects.remove_service(&key) {
             Some(old) => (old.identity, old.cluster_ips, old.node_port_identity),
             None => (
-                self.allocate_identity(super::ids::stable_hash("service", &key)),
+                self.identities
+                    .allocate(super::ids::stable_hash("service", &key)),
                 Vec::new(),
                 None,
             ),
@@ -125,9 +126,10 @@ impl Engine {
         let node_port_identity = match (node_ports.is_empty(), old_np) {
             (true, _) => None,
             (false, Some(id)) => Some(id),
-            (false, None) => {
-                Some(self.allocate_identity(super::ids::stable_hash("service-nodeport", &key)))
-            }
+            (false, None) => Some(
+                self.identities
+                    .allocate(super::ids::stable_hash("service-nodeport", &key)),
+            ),
         };
         let mut claims: BTreeMap<NodePort, Vec<String>> = BTreeMap::new();
         for np in &node_ports {
@@ -137,13 +139,7 @@ impl Engine {
             };
             claims.entry(port).or_default().push(np.field.clone());
         }
-        for ip in &old_ips {
-            self.cluster_ips.remove(ip);
-        }
-        for ip in &ips {
-            self.cluster_ips.insert(*ip, key.clone());
-        }
-        self.services.insert(
+        self.objects.insert_service(
             key.clone(),
             ServiceState {
                 identity,
@@ -163,15 +159,14 @@ impl Engine {
         {
             self.purge_identity(old);
         }
-        self.dirty.services.insert(key);
+        self.dirty.service(key);
         self.flush();
     }
 
     pub fn remove_service(&mut self, namespace: &str, name: &str) {
         let key = (namespace.to_owned(), name.to_owned());
-        if let Some(old) = self.services.remove(&key) {
+        if let Some(old) = self.objects.remove_service(&key) {
             for ip in &old.cluster_ips {
-                self.cluster_ips.remove(ip);
                 self.refresh_address(*ip);
                 self.refresh_cidr(host_net(*ip));
             }
@@ -212,21 +207,9 @@ impl Engine {
         addresses.dedup();
         self.remove_slice_state(&key);
         if let Some(service) = service {
-            for ip in &addresses {
-                *self
-                    .backend_ips
-                    .entry(*ip)
-                    .or_default()
-                    .entry(service.clone())
-                    .or_default() += 1;
-            }
             self.backends_moved(&addresses);
-            self.slices_by_service
-                .entry(service.clone())
-                .or_default()
-                .insert(key.1.clone());
-            self.dirty.services.insert(service.clone());
-            self.slices.insert(
+            self.dirty.service(service.clone());
+            self.objects.insert_slice(
                 key,
                 SliceState {
                     service,
@@ -244,36 +227,20 @@ impl Engine {
     }
 
     fn remove_slice_state(&mut self, key: &ObjectKey) {
-        let Some(old) = self.slices.remove(key) else {
+        let Some(old) = self.objects.remove_slice(key) else {
             return;
         };
-        for ip in &old.addresses {
-            if let Some(map) = self.backend_ips.get_mut(ip) {
-                if let Some(n) = map.get_mut(&old.service) {
-                    *n -= 1;
-                    if *n == 0 {
-                        map.remove(&old.service);
-                    }
-                }
-                if map.is_empty() {
-                    self.backend_ips.remove(ip);
-                }
-            }
-        }
-        if let Some(set) = self.slices_by_service.get_mut(&old.service) {
-            set.remove(&key.1);
-        }
         self.backends_moved(&old.addresses);
-        self.dirty.services.insert(old.service);
+        self.dirty.service(old.service);
     }
 
     /// Pods at these addresses gained or lost a Service: `ServiceBackends` peers change.
     fn backends_moved(&mut self, addresses: &[IpAddr]) {
         for ip in addresses {
-            for key in self.addr_pods.get(ip).into_iter().flatten() {
-                if let Some(id) = self.pods.get(key).and_then(|p| p.identity) {
-                    self.dirty.identities.insert(id);
-                    self.dirty.rekey.insert(key.clone());
+            for key in self.objects.pods_at(ip) {
+                if let Some(id) = self.objects.pod(key).and_then(|p| p.identity) {
+                    self.dirty.identity(id);
+                    self.dirty.rekey(key.clone());
                 }
             }
         }
@@ -288,31 +255,25 @@ impl Engine {
             return (addresses, true);
         }
         if let Some(service) = &self.dns_service {
-            if let Some(state) = self.services.get(service) {
+            if let Some(state) = self.objects.service(service) {
                 addresses.extend(state.cluster_ips.iter().copied());
             }
-            for slice in self.slices_by_service.get(service).into_iter().flatten() {
-                if let Some(slice) = self.slices.get(&(service.0.clone(), slice.clone())) {
-                    addresses.extend(slice.addresses.iter().copied());
-                }
+            for slice in self.objects.slices_of(service) {
+                addresses.extend(slice.addresses.iter().copied());
             }
         }
         (addresses, false)
     }
 
     pub(super) fn is_dns_backend(&self, ips: &[IpAddr]) -> bool {
-        self.dns_service.as_ref().is_some_and(|svc| {
-            ips.iter().any(|ip| {
-                self.backend_ips
-                    .get(ip)
-                    .is_some_and(|m| m.contains_key(svc))
-            })
-        })
+        self.dns_service
+            .as_ref()
+            .is_some_and(|svc| ips.iter().any(|ip| self.objects.is_backend_of(ip, svc)))
     }
 
     /// Moves a pod to the identity its DNS-backend bit now calls for.
     pub(super) fn rekey_pod(&mut self, key: &ObjectKey) {
-        let Some(pod) = self.pods.get(key) else {
+        let Some(pod) = self.objects.pod(key) else {
             return;
         };
         let Some(old) = pod.identity else {
@@ -321,8 +282,8 @@ impl Engine {
         // A hostNetwork pod's addresses are its node's: never a Service-backend peer.
         let dns_backend = !pod.host_network && self.is_dns_backend(&pod.ips);
         if self
-            .pod_identities
-            .get(&old)
+            .identities
+            .pod(old)
             .is_some_and(|i| i.key.dns_backend == dns_backend)
         {
             return;
@@ -335,19 +296,16 @@ impl Engine {
         };
         let ips = pod.ips.clone();
         let new = self.join_identity(new_key, key);
-        if let Some(pod) = self.pods.get_mut(key) {
-            pod.identity = Some(new);
-        }
+        self.objects.set_pod_identity(key, new);
         self.leave_identity(old, key);
         let mut host_ports = BTreeSet::new();
         for ip in ips {
             self.refresh_address(ip);
-            if let Some(services) = self.backend_ips.get(&ip) {
-                self.dirty.services.extend(services.keys().cloned());
-            }
+            self.dirty
+                .services(self.objects.backend_services(&ip).cloned());
             self.host_ports_at(ip, &mut host_ports);
         }
-        self.dirty.host_ports.extend(host_ports);
+        self.dirty.host_ports(host_ports);
     }
 
     /// `(backend address, protocol, target port)` of one service port.
@@ -357,10 +315,7 @@ impl Engine {
         port: &ServicePort,
     ) -> Vec<(IpAddr, u8, u16)> {
         let mut out = Vec::new();
-        for slice in self.slices_by_service.get(service).into_iter().flatten() {
-            let Some(slice) = self.slices.get(&(service.0.clone(), slice.clone())) else {
-                continue;
-            };
+        for slice in self.objects.slices_of(service) {
             let Some(target) = slice
                 .ports
                 .iter()
@@ -384,25 +339,11 @@ impl Engine {
             return self.node_listeners_allow(policy, ip, protocol, port);
         }
         let exact = self.out.tables.addresses.get(&ip).copied();
-        let cidr = self.longest_prefix(ip);
+        let cidr = self.identities.longest_prefix(ip);
         [exact, cidr]
             .into_iter()
             .flatten()
-            .any(|id| Self::rows_allow(policy, id, Direction::Egress, protocol, port))
-    }
-
-    /// Whether `policy` has a row for `id` that allows `protocol`/`port`.
-    pub(super) fn rows_allow(
-        policy: &PolicyState,
-        id: IdentityId,
-        direction: Direction,
-        protocol: u8,
-        port: u16,
-    ) -> bool {
-        policy.rows.get(&id).is_some_and(|rows| {
-            rows.iter()
-                .any(|r| r.direction == direction && r.matches(protocol, port))
-        })
+            .any(|id| policy.allows(id, Direction::Egress, protocol, port))
     }
 
     /// Egress to this node's address `ip` on `protocol`/`port`, landing on whatever
@@ -417,12 +358,12 @@ impl Engine {
         protocol: u8,
         port: u16,
     ) -> bool {
-        let cidr = self.longest_prefix(ip);
+        let cidr = self.identities.longest_prefix(ip);
         self.node_listeners(protocol, port).all(|listener| {
             [Some(listener), cidr]
                 .into_iter()
                 .flatten()
-                .any(|id| Self::rows_allow(policy, id, Direction::Egress, protocol, port))
+                .any(|id| policy.allows(id, Direction::Egress, protocol, port))
         })
     }
 
@@ -432,9 +373,9 @@ impl Engine {
         protocol: u8,
         port: u16,
     ) -> impl Iterator<Item = IdentityId> + '_ {
-        self.local_host_network
-            .iter()
-            .filter_map(|key| self.pods.get(key))
+        self.objects
+            .local_host_network()
+            .map(|(_, pod)| pod)
             .filter(move |pod| pod.listen_ports.contains(&(protocol, port)))
             .filter_map(|pod| pod.identity)
     }
@@ -455,15 +396,15 @@ impl Engine {
     /// port) is allowed iff every backend it can land on is allowed (fail-closed when
     /// backends disagree); a node port only while the Service alone claims it.
     pub(super) fn refresh_service_rows(&mut self, policy: PolicyId, service: &ObjectKey) {
-        let Some(svc) = self.services.get(service) else {
+        let Some(svc) = self.objects.service(service) else {
             return;
         };
         let sid = svc.identity;
         let np_id = svc.node_port_identity;
         let mut rows = Vec::new();
         let mut np_rows = Vec::new();
-        if let Some(state) = self.policies.get(&policy)
-            && state.spec.isolate_egress
+        if let Some(state) = self.policies.get(policy)
+            && state.spec().isolate_egress
         {
             for port in &svc.ports {
                 if self.all_egress_allowed(state, &self.backends(service, port)) {
@@ -505,11 +446,12 @@ impl Engine {
         }
         rows.sort();
         rows.dedup();
-        self.replace_rows(policy, sid, rows);
+        self.policies.replace_rows(policy, sid, rows, &mut self.out);
         if let Some(np_id) = np_id {
             np_rows.sort();
             np_rows.dedup();
-            self.replace_rows(policy, np_id, np_rows);
+            self.policies
+                .replace_rows(policy, np_id, np_rows, &mut self.out);
         }
     }
 
@@ -517,53 +459,31 @@ impl Engine {
     /// hostNetwork pods of this node).
     pub(super) fn services_at_node(&self, out: &mut BTreeSet<ObjectKey>) {
         for ip in &self.node_addresses {
-            out.extend(
-                self.backend_ips
-                    .get(ip)
-                    .into_iter()
-                    .flat_map(|s| s.keys().cloned()),
-            );
+            out.extend(self.objects.backend_services(ip).cloned());
         }
     }
 
     pub(super) fn services_behind(&self, id: IdentityId, out: &mut BTreeSet<ObjectKey>) {
-        if let Some(identity) = self.pod_identities.get(&id) {
+        if let Some(identity) = self.identities.pod(id) {
             if identity
                 .members
                 .iter()
-                .any(|m| self.local_host_network.contains(m))
+                .any(|m| self.objects.is_local_host_network(m))
             {
                 self.services_at_node(out);
             }
             for key in &identity.members {
-                for ip in self.pods.get(key).into_iter().flat_map(|p| p.ips.iter()) {
-                    out.extend(
-                        self.backend_ips
-                            .get(ip)
-                            .into_iter()
-                            .flat_map(|s| s.keys().cloned()),
-                    );
+                for ip in self.objects.pod(key).into_iter().flat_map(|p| p.ips.iter()) {
+                    out.extend(self.objects.backend_services(ip).cloned());
                 }
             }
-        } else if let Some(net) = self.prefix_by_id.get(&id) {
+        } else if let Some(net) = self.identities.prefix_of(id) {
             self.services_in(*net, out);
         }
     }
 
     pub(super) fn services_in(&self, net: IpNet, out: &mut BTreeSet<ObjectKey>) {
-        for (ip, services) in self.backend_ips.range(net.network()..=net.broadcast()) {
-            if net.contains(ip) {
-                out.extend(services.keys().cloned());
-            }
-        }
-        if let IpNet::V4(v4) = net {
-            // IPv4-mapped IPv6 backends match IPv4 prefixes too.
-            let lo = IpAddr::V6(v4.network().to_ipv6_mapped());
-            let hi = IpAddr::V6(v4.broadcast().to_ipv6_mapped());
-            for (_, services) in self.backend_ips.range(lo..=hi) {
-                out.extend(services.keys().cloned());
-            }
-        }
+        self.objects.services_backed_in(net, out);
     }
 
     /// Policies whose rows for `service` may change: those that hold rows for it (or
@@ -571,24 +491,21 @@ impl Engine {
     /// if every backend is); with a backend on this node's address, where the node
     /// needs no row, every egress-isolating policy.
     pub(super) fn policies_for_service(&self, service: &ObjectKey, out: &mut BTreeSet<PolicyId>) {
-        if let Some(svc) = self.services.get(service) {
+        if let Some(svc) = self.objects.service(service) {
             for id in std::iter::once(svc.identity).chain(svc.node_port_identity) {
-                out.extend(self.row_owners.get(&id).into_iter().flatten());
+                out.extend(self.policies.row_owners(id));
             }
         }
         let mut node_backend = false;
-        for slice in self.slices_by_service.get(service).into_iter().flatten() {
-            let Some(slice) = self.slices.get(&(service.0.clone(), slice.clone())) else {
-                continue;
-            };
+        for slice in self.objects.slices_of(service) {
             for ip in &slice.addresses {
                 node_backend |= self.node_addresses.contains(ip);
                 let ids = [
                     self.out.tables.addresses.get(ip).copied(),
-                    self.longest_prefix(*ip),
+                    self.identities.longest_prefix(*ip),
                 ];
                 for id in ids.into_iter().flatten() {
-                    out.extend(self.row_owners.get(&id).into_iter().flatten());
+                    out.extend(self.policies.row_owners(id));
                 }
             }
         }
@@ -596,8 +513,8 @@ impl Engine {
             out.extend(
                 self.policies
                     .iter()
-                    .filter(|(_, p)| p.spec.isolate_egress)
-                    .map(|(id, _)| *id),
+                    .filter(|(_, p)| p.spec().isolate_egress)
+                    .map(|(id, _)| id),
             );
         }
     }
