@@ -3,7 +3,7 @@
 //!
 //! Also who an address belongs to, a pod's addresses, a Service's backends and where
 //! a node port leads: what flow events and the flow-level explanation
-//! (`crate::explain`) need to name the ends of a flow.
+//! (`crate::operator::explain`) need to name the ends of a flow.
 //!
 //! Must not: change state, or reach a verdict the tables would not
 //! ([`crate::tables::Tables::allows`], and `allows_identified` for a peer known by its
