@@ -1,7 +1,7 @@
 //! deploy/ as the tests read it: renders it (kustomize through `kubectl kustomize`,
 //! the Helm chart through [`chart`]), finds objects, runs the agent's CLI. Shared by
-//! the `deploy` suite and the DaemonSet capabilities test. Must not: decide
-//! anything; the assertions live in the tests.
+//! the `deploy` and `deploy_privileged` suites. Must not: decide anything; the
+//! assertions live in the tests.
 
 pub mod chart;
 

@@ -1,8 +1,8 @@
 //! The real `rayfence` binaries end to end, root only (network namespaces, bpffs,
 //! cgroups, eBPF): the agent on simulated nodes started through the kit
 //! (`rayfence_tests::agent`: kubelet cgroup trees, bpffs and manifests directories,
-//! the fake API server, the agent's start-up and its guards), the CNI plugin, the
-//! DaemonSet's capabilities. Each test has its own topology, pins and directories,
+//! the fake API server, the agent's start-up and its guards), and the CNI plugin.
+//! Each test has its own topology, pins and directories,
 //! removed by guards on panic too, so tests run side by side.
 
 mod api;
@@ -10,7 +10,6 @@ mod audit;
 mod capacity;
 mod cni_guard;
 mod cni_install;
-mod deploy_capabilities;
 mod ip_reuse;
 mod listener_limits;
 mod manifests_conflicts;
