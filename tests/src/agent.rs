@@ -115,13 +115,39 @@ impl SimNode {
         bpffs: &Bpffs,
         extra_args: &[&str],
     ) -> Result<Agent> {
+        self.start_ready(node_name, manifests, None, bpffs, extra_args)
+    }
+
+    /// `rayfence agent --kubeconfig FILE` on this node as `node_name` (objects from
+    /// that API server: [`fake_api_in`], [`Manifests::write_kubeconfig`]), with more
+    /// flags, once `/readyz` says it is ready.
+    pub fn start_agent_on_api(
+        &self,
+        node_name: &str,
+        kubeconfig: &Path,
+        bpffs: &Bpffs,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
+        // The manifests directory is not read when a kubeconfig is given.
+        let no_manifests = Path::new("/nonexistent");
+        self.start_ready(node_name, no_manifests, Some(kubeconfig), bpffs, extra_args)
+    }
+
+    fn start_ready(
+        &self,
+        node_name: &str,
+        manifests: &Path,
+        kubeconfig: Option<&Path>,
+        bpffs: &Bpffs,
+        extra_args: &[&str],
+    ) -> Result<Agent> {
         let agent = Agent::start(&AgentOptions {
             node: self.topo.node(0),
             node_name,
             manifests,
             bpffs: &bpffs.path,
             cgroup_root: self.kubelet.root.path(),
-            kubeconfig: None,
+            kubeconfig,
             extra_args,
         })?;
         agent.wait_ready(self.topo.node(0), Duration::from_secs(20))?;

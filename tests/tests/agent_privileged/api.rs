@@ -4,7 +4,6 @@
 //!
 //! Needs root, like `runtime`.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
@@ -28,7 +27,7 @@ fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Res
 #[test]
 fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_events() -> Result<()> {
     let node = SimNode::new(&["head", "worker", "outsider"], 41)?;
-    let (topo, kubelet, ns, uids) = (&node.topo, &node.kubelet, &node.ns, &node.uids);
+    let (topo, ns, uids) = (&node.topo, &node.ns, &node.uids);
     let (head, worker, outsider) = (topo.pod("head"), topo.pod("worker"), topo.pod("outsider"));
     let _head_tcp = head.serve_tcp(8000)?;
 
@@ -56,16 +55,7 @@ fn agent_follows_the_api_server_keeps_enforcing_through_an_outage_and_posts_even
     let kubeconfig = manifests.write_kubeconfig(&server)?;
 
     let bpffs = Bpffs::new();
-    let agent = Agent::start(&AgentOptions {
-        node: topo.node(0),
-        node_name: NODE,
-        manifests: Path::new("/nonexistent"),
-        bpffs: &bpffs.path,
-        cgroup_root: kubelet.root.path(),
-        kubeconfig: Some(&kubeconfig),
-        extra_args: &[],
-    })?;
-    agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
+    let agent = node.start_agent_on_api(NODE, &kubeconfig, &bpffs, &[])?;
     assert_eq!(worker.tcp_connect(v4(head), 8000, SHORT), Outcome::Ok);
     assert_eq!(
         outsider.tcp_connect(v4(head), 8000, SHORT),

@@ -381,16 +381,7 @@ fn a_sandbox_up_before_its_pod_object_is_closed_until_the_object_arrives() -> Re
     let manifests = Manifests::new()?;
     let kubeconfig = manifests.write_kubeconfig(&server)?;
     let bpffs = Bpffs::new();
-    let agent = Agent::start(&AgentOptions {
-        node: node.topo.node(0),
-        node_name: NODE,
-        manifests: Path::new("/nonexistent"),
-        bpffs: &bpffs.path,
-        cgroup_root: node.kubelet.root.path(),
-        kubeconfig: Some(&kubeconfig),
-        extra_args: &[],
-    })?;
-    agent.wait_ready(node.topo.node(0), Duration::from_secs(20))?;
+    let agent = node.start_agent_on_api(NODE, &kubeconfig, &bpffs, &[])?;
     agent.wait_log(
         &["namespaces whose new pods the CNI plugin guards", &node.ns],
         Duration::from_secs(5),

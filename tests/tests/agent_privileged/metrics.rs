@@ -575,16 +575,7 @@ fn api_watch_restarts_are_counted_by_kind_and_the_source_stays_connected() -> Re
     let manifests = Manifests::new()?;
     let kubeconfig = manifests.write_kubeconfig(&server)?;
     let bpffs = Bpffs::new();
-    let agent = Agent::start(&AgentOptions {
-        node: topo.node(0),
-        node_name: NODE,
-        manifests: std::path::Path::new("/nonexistent"),
-        bpffs: &bpffs.path,
-        cgroup_root: node.kubelet.root.path(),
-        kubeconfig: Some(&kubeconfig),
-        extra_args: &[],
-    })?;
-    agent.wait_ready(topo.node(0), Duration::from_secs(20))?;
+    let agent = node.start_agent_on_api(NODE, &kubeconfig, &bpffs, &[])?;
     let restarts = "rayfence_watch_restarts_total";
     let body = scrape(&agent, topo.node(0))?;
     ensure!(
