@@ -726,9 +726,12 @@ impl AgentProcess {
                 IpAddr::V6(node.gateway6),
             ]),
         );
+        // The harness names a test by its path in the test binary, crate name left out.
+        let helper = concat!(module_path!(), "::first_agent_process");
+        let helper = helper.split_once("::").map_or(helper, |(_, path)| path);
         let mut child = Command::new(std::env::current_exe()?)
             .args([
-                "first_agent_process",
+                helper,
                 "--exact",
                 "--ignored",
                 "--nocapture",
