@@ -139,11 +139,13 @@ fn worker_doc(ns: &str, pod: &Pod, uid: &str) -> Value {
 /// A node with the head (programmed) and an outsider, the manifests for them and
 /// the RayCluster, and a running agent.
 struct Lab {
+    // Field order is drop order: the agent is killed first, so it does not unpin
+    // the links of pods whose manifests go while `rayfence cleanup` removes them.
+    agent: Agent,
     node: SimNode,
     manifests: Manifests,
     bpffs: Bpffs,
     docs: Vec<Value>,
-    agent: Agent,
     _head_tcp: rayfence_tests::Server,
 }
 

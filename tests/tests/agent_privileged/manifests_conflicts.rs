@@ -35,10 +35,12 @@ fn open(ns: &str) -> Value {
 }
 
 struct Lab {
+    // Field order is drop order: the agent is killed first, so it does not unpin
+    // the links of pods whose manifests go while `rayfence cleanup` removes them.
+    agent: Agent,
     sim: SimNode,
     manifests: Manifests,
     _bpffs: Bpffs,
-    agent: Agent,
     _server: rayfence_tests::Server,
 }
 
