@@ -15,20 +15,20 @@
 //! (default 3), `--sizes a,b,c` (large: rule
 //! counts; idle: pod counts, in as many RayClusters as `IDLE_SHAPES` gives them, else
 //! one per 10 pods).
-#[path = "../tests/agent_common/mod.rs"]
-mod agent_common;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use agent_common::{
-    Agent, AgentOptions, Bpffs, Manifests, SimNode, fake_api_in, head_labels, namespace,
-    node_object, pod_object, raycluster, v4,
-};
 use anyhow::{Context, Result, bail};
 use rayfence_tests::Prober;
+use rayfence_tests::agent::{
+    Agent, AgentOptions, Bpffs, Manifests, SimNode, fake_api_in, metric_sum, v4,
+};
 use rayfence_tests::fake_api::FakeApiServer;
+use rayfence_tests::objects::json::{
+    head_labels, labels, namespace, node_object, pod_object, raycluster, worker_labels,
+};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
@@ -198,7 +198,7 @@ impl Feed {
                 let (rt, server) = fake_api_in(node.topo.node(0))?;
                 server.install_crd("ray.io", "v1", "rayclusters");
                 let dir = Manifests::new()?;
-                std::fs::write(dir.dir.join("kubeconfig"), server.kubeconfig_yaml())?;
+                dir.write_kubeconfig(&server)?;
                 Feed::Kubernetes {
                     _rt: rt,
                     server,
@@ -247,15 +247,6 @@ impl Feed {
             ],
         })
     }
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Value {
-    Value::Object(
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::String((*v).to_owned())))
-            .collect(),
-    )
 }
 
 fn remote_ns(i: usize) -> String {
@@ -485,8 +476,8 @@ fn programmed(agent: &Agent, node: &SimNode) -> Result<(f64, f64)> {
     let (_, text) = agent.http_get(node.topo.node(0), "/metrics")?;
     let name = "rayfence_programming_latency_seconds";
     Ok((
-        agent_common::metric_sum(&text, &format!("{name}_count"), &[]),
-        agent_common::metric_sum(&text, &format!("{name}_sum"), &[]),
+        metric_sum(&text, &format!("{name}_count"), &[]),
+        metric_sum(&text, &format!("{name}_sum"), &[]),
     ))
 }
 
@@ -586,7 +577,7 @@ fn idle_objects(node: &SimNode, pods: usize, clusters: usize) -> Vec<Vec<Value>>
             node.topo.pod("worker"),
             &node.uids[1],
             NODE,
-            &agent_common::worker_labels("local"),
+            &worker_labels("local"),
         ),
     ]);
     files

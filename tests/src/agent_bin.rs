@@ -4,16 +4,16 @@
 //! (`target/<profile>/deps/<test>` -> `target/<profile>/rayfence`). `$RAYFENCE_BIN`
 //! overrides it.
 //!
-//! `cargo xtask test` runs the whole suite with `$RAYFENCE_BIN` set to the binary its
-//! own `cargo test --workspace` built (the agent's integration tests make cargo build
-//! it, with the suite's features): a nested `cargo build -p rayfence-agent` unifies
-//! features differently and rebuilt kube, hyper and the agent a second time, minutes
-//! and gigabytes. Run on its own (`cargo test -p rayfence-tests --test ...`), a test
+//! `cargo xtask test` runs the whole suite with `$RAYFENCE_BIN` set to the binary it
+//! built just before, in one `cargo build --bins --tests` of the workspace (so with
+//! the suite's features): a nested `cargo build -p rayfence-agent` unifies features
+//! differently and rebuilt kube, hyper and the agent a second time, minutes and
+//! gigabytes. Run on its own (`cargo test -p rayfence-tests --test ...`), a test
 //! builds just the agent's binaries.
 //!
 //! The CNI plugin (`rayfence-cni`) comes the same way: `$RAYFENCE_CNI_BIN`, else the
-//! `rayfence-cni` next to `$RAYFENCE_BIN` (cargo builds every binary of the agent
-//! crate for its integration tests), else the nested build, which builds both.
+//! `rayfence-cni` next to `$RAYFENCE_BIN` (that build makes every binary of the
+//! workspace), else the nested build, which builds both.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;

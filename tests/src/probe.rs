@@ -91,7 +91,7 @@ impl Outcome {
 pub struct ProbeBin(PathBuf);
 
 impl ProbeBin {
-    /// Use this path (in this crate's tests: `env!("CARGO_BIN_EXE_rf-probe")`).
+    /// Use this path (rf-demo's `--probe`; tests and benchmarks take [`probe_bin`]).
     pub fn at(path: impl Into<PathBuf>) -> Self {
         ProbeBin(path.into())
     }
@@ -118,6 +118,14 @@ impl ProbeBin {
     pub fn path(&self) -> &Path {
         &self.0
     }
+}
+
+/// The `rf-probe` cargo builds beside this crate's tests and benchmarks
+/// (`target/<profile>/rf-probe`): the probe binary every test and benchmark of the
+/// kit runs, found by [`ProbeBin::locate`] (so `$RF_PROBE` overrides it).
+pub fn probe_bin() -> ProbeBin {
+    ProbeBin::locate()
+        .expect("rf-probe beside the test binary (cargo builds it for this crate's tests)")
 }
 
 /// Runs `rf-probe` inside one network namespace and, optionally, one cgroup.

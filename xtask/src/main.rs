@@ -44,7 +44,8 @@ enum Task {
     /// As root because the eBPF and network namespace tests load programs and
     /// create namespaces. Runs xtask's own tests (`cargo test -p xtask`), then
     /// `cargo test --workspace` for the rest (the eBPF crate left out: the agent's
-    /// build embeds it) with the arguments given.
+    /// build embeds it) with the arguments given, after building the binaries the
+    /// end-to-end tests run.
     #[command(
         override_usage = "cargo xtask test [CARGO_TEST_ARGS]... [-- TEST_ARGS...]",
         after_help = "Examples:\n  \
@@ -179,31 +180,39 @@ fn test(cargo_args: &[String], test_args: &[String]) -> Result<()> {
     run(cargo().args(["test", "--package", "xtask"]))?;
     let target = target_dir()?;
     check_free_disk(&target, FRESH_TEST_BUILD_GIB);
-    say("running the tests");
+    // A one-off build gains nothing from incremental caches: they cost disk and time.
+    let incremental = std::env::var_os("CARGO_INCREMENTAL").unwrap_or("0".into());
     let mut command = cargo();
-    // The end-to-end tests run the agent's binary. The whole suite builds it (the
-    // agent's integration tests need it) with the suite's features, so they take
-    // that one; with target flags it may not be built, and they build their own.
+    // The end-to-end tests run the agent's binaries. Cargo builds no binary of
+    // another package for a test, so they are built here first, in the same build as
+    // the suite's tests (the same features: the test run reuses it all), and the
+    // tests take that one; with target flags the tests build their own.
     if !cargo_args.iter().any(|arg| arg.starts_with('-')) {
+        say("building the binaries and the tests");
+        run(cargo()
+            .env("CARGO_INCREMENTAL", &incremental)
+            .args(["build", "--bins", "--tests"])
+            .args(WORKSPACE_TESTED))?;
         command.env("RAYFENCE_BIN", target.join("debug").join("rayfence"));
     }
+    say("running the tests");
     run(command
-        // A one-off build gains nothing from incremental caches: they cost disk and time.
-        .env(
-            "CARGO_INCREMENTAL",
-            std::env::var_os("CARGO_INCREMENTAL").unwrap_or("0".into()),
-        )
-        .args([
-            "test",
-            "--workspace",
-            "--exclude",
-            "rayfence-ebpf",
-            "--exclude",
-            "xtask",
-        ])
+        .env("CARGO_INCREMENTAL", &incremental)
+        .arg("test")
+        .args(WORKSPACE_TESTED)
         .args(cargo_args)
         .args(after_separator(test_args)))
 }
+
+/// What `cargo xtask test` builds and tests: the workspace but the eBPF crate (the
+/// agent's build embeds it) and xtask (its own tests run apart, see [`test`]).
+const WORKSPACE_TESTED: [&str; 5] = [
+    "--workspace",
+    "--exclude",
+    "rayfence-ebpf",
+    "--exclude",
+    "xtask",
+];
 
 fn bench(name: Benchmark, cargo_args: &[String], bench_args: &[String]) -> Result<()> {
     match name {
@@ -225,15 +234,13 @@ fn bench(name: Benchmark, cargo_args: &[String], bench_args: &[String]) -> Resul
             "--bin",
             "rayfence",
         ]))?;
-        command
-            .env(
-                "RAYFENCE_BIN",
-                target_dir()?.join("release").join("rayfence"),
-            )
-            .args(["bench", "-p", "rayfence-tests", "--bench", "scale"]);
-    } else {
-        command.args(["bench", "-p", "rayfence-agent", "--bench", name.name()]);
+        command.env(
+            "RAYFENCE_BIN",
+            target_dir()?.join("release").join("rayfence"),
+        );
     }
+    // Every benchmark lives with the test kit (tests/benches/).
+    command.args(["bench", "-p", "rayfence-tests", "--bench", name.name()]);
     say(&format!("running benchmark {}", name.name()));
     run(command.args(cargo_args).args(after_separator(bench_args)))
 }

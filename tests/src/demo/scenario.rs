@@ -11,6 +11,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde_json::{Value, json};
 
+use crate::objects::json::labels;
 use crate::topology::{EXTERNAL_CLIENT4, EXTERNAL_CLIENT6};
 
 /// The simulated node's name (`spec.nodeName` of every pod, `--node-name`).
@@ -457,14 +458,6 @@ pub fn manifests(
         ("20-services.yaml".into(), yaml_docs(&services)),
         ("30-rayclusters.yaml".into(), yaml_docs(&rayclusters())),
     ]
-}
-
-fn labels(l: &[(&str, &str)]) -> Value {
-    Value::Object(
-        l.iter()
-            .map(|(k, v)| ((*k).to_owned(), Value::from(*v)))
-            .collect(),
-    )
 }
 
 /// `metadata.uid` of pod `index` of [`PODS`]; the kubelet names the pod's cgroup

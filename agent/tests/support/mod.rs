@@ -1,2 +1,0 @@
-//! Helpers shared by the agent's integration tests.
-pub mod packet;
