@@ -178,6 +178,10 @@ pub struct Bpffs {
 impl Bpffs {
     /// A fresh name under `/sys/fs/bpf`, with a bpf filesystem mounted there (the
     /// agent would mount it too, but tests read pins there themselves).
+    #[expect(
+        clippy::new_without_default,
+        reason = "each is a fresh directory under /sys/fs/bpf, not a default value"
+    )]
     pub fn new() -> Self {
         let path = PathBuf::from("/sys/fs/bpf").join(unique("test"));
         crate::bpffs::ensure_mounted(&path).expect("a bpf filesystem at /sys/fs/bpf");
