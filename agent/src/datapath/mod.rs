@@ -19,7 +19,8 @@
 //!   traffic from the node's own (SEMANTICS 5a).
 //! - [`maps`]: one typed accessor per map, naming the map in its errors.
 //! - [`observe`]: counters and flow events.
-//! - [`testrun`]: BPF_PROG_TEST_RUN, for the tests and the benchmark.
+//! - `testrun`: BPF_PROG_TEST_RUN, for the tests and the benchmark only (feature
+//!   `testrun`: the agent's own builds leave it out).
 //! - [`cleanup`]: remove everything pinned or attached.
 pub mod apply;
 pub mod attach;
@@ -35,6 +36,7 @@ pub mod migrate;
 pub mod node;
 pub mod observe;
 pub mod paths;
+#[cfg(feature = "testrun")]
 pub mod testrun;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,6 +51,7 @@ pub use error::DatapathError;
 pub use load::{Capacities, DatapathOptions, TcBackend};
 pub use node::NodeTrust;
 pub use observe::{AsyncEventStream, Counters, EventStream};
+#[cfg(feature = "testrun")]
 pub use testrun::{Hook, TestRunOutcome};
 
 use crate::tables::{EndpointId, Tables};
