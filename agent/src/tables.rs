@@ -16,7 +16,7 @@
 //!   rows, already split into LPM prefixes; presence means allowed.
 //! - `node_ports`: ports the node DNATs elsewhere on every one of its addresses (a
 //!   Service's `nodePort`, a local pod's `hostPort`) to the identity egress to a node
-//!   address on that port is decided on (SEMANTICS 5a: by the backends, as for a
+//!   address on that port is decided on (docs/semantics.md "What counts as the node": by the backends, as for a
 //!   ClusterIP). The engine gives that identity rows only where every backend is
 //!   allowed; a port two sources claim maps to an identity with no rows.
 //!
@@ -309,7 +309,7 @@ impl Tables {
     /// The verdict for a new flow whose peer the datapath knows by its socket's cgroup
     /// (`RF_NODECG`: a hostNetwork pod of this node, or [`identity::OTHER_POD`]) rather
     /// than by its address `peer` (one of the node's): `peer_identity`'s rows, or an
-    /// ipBlock's rows for `peer` (SEMANTICS 5a: a hostNetwork pod is a peer with its own
+    /// ipBlock's rows for `peer` (docs/semantics.md "What counts as the node": a hostNetwork pod is a peer with its own
     /// labels, and its node's address for ipBlocks). Egress to a port in `node_ports`
     /// is still decided on that port's identity: the node rewrites it before any
     /// socket is involved.

@@ -213,7 +213,7 @@ pub mod identity {
     /// No identity: the address is unknown.
     pub const NONE: u32 = 0;
     /// An address of the node the pod runs on. What it means depends on who is
-    /// behind it (SEMANTICS 5a): the node's own host processes are always allowed;
+    /// behind it (docs/semantics.md "What counts as the node"): the node's own host processes are always allowed;
     /// traffic the node NATs is judged by its original source, a port the node DNATs
     /// (`RF_NODEPORT`) by its backends, a hostNetwork pod by its own identity.
     pub const HOST: u32 = 1;

@@ -3,7 +3,7 @@
 //! call, the kernel's own timing), a dropped packet, a reply (conntrack hit), and
 //! the pass-through `tc_floor` classifier on the same hook as the floor.
 //!
-//! What counts as the node (SEMANTICS 5a) adds three rows at every size: `node-new`
+//! What counts as the node (docs/semantics.md "What counts as the node") adds three rows at every size: `node-new`
 //! (a new flow from a node address: the test run's packet carries a socket, of a host
 //! process, so it is classified and opened as the node's), `node-established`
 //! (that flow's later packets: the ordinary conntrack hit), and `node-port-new` (a

@@ -1,5 +1,5 @@
 //! The kernel's conntrack, for the datapath's "who is behind a node address"
-//! (SEMANTICS 5a, `ebpf/src/kernel/node.rs`): the BTF ids of the conntrack kfuncs
+//! (docs/semantics.md "What counts as the node", `ebpf/src/kernel/node.rs`): the BTF ids of the conntrack kfuncs
 //! (`bpf_skb_ct_lookup`, `bpf_ct_release`, Linux 6.0+) and where `struct nf_conn`
 //! keeps the original source address, both read from the running kernel's BTF
 //! (`/sys/kernel/btf/vmlinux`), and the rewrite of the object's placeholder calls

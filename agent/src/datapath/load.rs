@@ -202,7 +202,7 @@ impl Datapath {
         for (name, max) in max_entries {
             loader.map_max_entries(name, max);
         }
-        // Who is behind a node address needs the kernel's conntrack (SEMANTICS 5a).
+        // Who is behind a node address needs the kernel's conntrack (docs/semantics.md "What counts as the node").
         let conntrack = super::kfuncs::find();
         let object = match &conntrack {
             Ok(ct) => {

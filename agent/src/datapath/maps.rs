@@ -119,7 +119,7 @@ typed_maps! {
     cidrs: LpmTrie<Addr, u32> = map_names::CIDRS;
     /// (policy, direction, peer, port) rows.
     policy: LpmTrie<PolicyKey, PolicyValue> = map_names::POLICY;
-    /// NodePorts and hostPorts -> the identity behind them (SEMANTICS 5a).
+    /// NodePorts and hostPorts -> the identity behind them (docs/semantics.md "What counts as the node").
     node_ports: HashMap<NodePortKey, u32> = map_names::NODE_PORTS;
     /// Pod cgroups a node socket may sit in -> hostNetwork pod identity.
     node_cgroups: HashMap<u64, u32> = map_names::NODE_CGROUPS;

@@ -16,7 +16,7 @@
 //! - [`apply`]: tables and diffs to maps, in an order that never opens a gap.
 //! - [`node`]: who is behind a node address: the pod cgroups a node socket may sit
 //!   in, and what the kernel offers ([`kfuncs`]: its conntrack) to tell NATed
-//!   traffic from the node's own (SEMANTICS 5a).
+//!   traffic from the node's own (docs/semantics.md "What counts as the node").
 //! - [`maps`]: one typed accessor per map, naming the map in its errors.
 //! - [`observe`]: counters and flow events.
 //! - `testrun`: BPF_PROG_TEST_RUN, for the tests and the benchmark only (feature

@@ -1,4 +1,4 @@
-//! Who is behind a node address (SEMANTICS 5a), the userspace half: which cgroups
+//! Who is behind a node address (docs/semantics.md "What counts as the node"), the userspace half: which cgroups
 //! a node socket may sit in that are not the node (`RF_NODECG`: each local
 //! hostNetwork pod's cgroup with its identity, and the kubelet's pod cgroup roots
 //! as `identity::OTHER_POD`), and how this kernel lets the datapath tell traffic

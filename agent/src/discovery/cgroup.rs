@@ -236,7 +236,7 @@ pub fn candidate_paths(
 /// `kubepods` for cgroupfs, below each kubelet `--cgroup-root`) that exist under
 /// the mount, and the `kubepods` ancestors of `located` pod cgroups (nested
 /// kubelets put the tree elsewhere): every process below one is some pod's, never
-/// the node's own (SEMANTICS 5a).
+/// the node's own (docs/semantics.md "What counts as the node").
 pub fn pod_cgroup_roots(
     mount: &Cgroup2Mount,
     kubelet_roots: &[String],

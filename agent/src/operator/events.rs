@@ -1,7 +1,7 @@
 //! Bad input as Kubernetes Events: [`KubeEventReporter`] posts an `events.k8s.io/v1`
 //! Event on the object a [`Problem`] names (a RayCluster, a NetworkPolicy, ...), so
 //! `kubectl describe` shows the field and the value next to the object
-//! (SEMANTICS section 6). An output: the runtime reports through the
+//! (docs/semantics.md "Bad input"). An output: the runtime reports through the
 //! [`ProblemReporter`] port the sources define; the sources only read the cluster.
 //!
 //! - Non-blocking: [`ProblemReporter::report`] only queues; a background task looks the

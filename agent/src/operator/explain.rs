@@ -5,7 +5,7 @@
 //! way the datapath combines them (a flow passes only if every side lets it). Also
 //! names the ends of a flow for flow events.
 //!
-//! SEMANTICS 5a: a backend behind a node port judges the flow by its original source
+//! docs/semantics.md "What counts as the node": a backend behind a node port judges the flow by its original source
 //! (`--from`), whatever the node's SNAT makes of it; a hostNetwork pod of this node is
 //! judged by its identity ([`Engine::explain_identified`]), not as the node.
 //!

@@ -118,7 +118,7 @@ pub struct StatusReport {
     pub audit: bool,
     pub problems: usize,
     /// How this node tells the node's own traffic from what it forwards or NATs
-    /// (SEMANTICS 5a): `conntrack: ...` or `address-only: ... (why)`.
+    /// (docs/semantics.md "What counts as the node"): `conntrack: ...` or `address-only: ... (why)`.
     #[serde(default)]
     pub node_trust: String,
     /// Local hostNetwork pods (by `namespace/name`) whose cgroup the datapath knows:

@@ -24,7 +24,7 @@
 //!   address is in. A prefix keeps its identity while it exists, so a new ipBlock
 //!   adds rows and never renumbers existing entries (no revocation churn).
 //! - Service identity: one per Service, on its ClusterIPs, both as an exact address
-//!   and as a host prefix (so no ipBlock can match a ClusterIP: SEMANTICS 5 decides
+//!   and as a host prefix (so no ipBlock can match a ClusterIP: docs/semantics.md "Where the decision is made" decides
 //!   ClusterIPs after DNAT). A policy gets a row (Egress, service, protocol, service
 //!   port) iff every backend in the Service's EndpointSlices (endpoints not marked
 //!   unready, targetPort as the slice resolves it) is allowed on the target port by
@@ -44,7 +44,7 @@
 //!   to a conflict identity of its own that never gets rows, and each claim is a
 //!   Warning naming the other and the field.
 //! - Node: `Settings::node_addresses` map to `identity::HOST`: egress to them on a
-//!   port not in `Tables::node_ports` is the node (SEMANTICS 5a).
+//!   port not in `Tables::node_ports` is the node (docs/semantics.md "What counts as the node").
 //! - hostNetwork pods are not the node: each gets a pod identity like any pod
 //!   (selectable, with rows), but is never an endpoint and its addresses (its
 //!   node's) never enter `Tables::addresses`. The datapath finds the ones on this
@@ -60,7 +60,7 @@
 //!   spec; see `engine/ids.rs`), so the same cluster state gives the same tables in
 //!   any event order, and a restarted or upgraded agent renumbers nothing it adopts.
 //!
-//! # Readings where SEMANTICS is silent
+//! # Readings where docs/semantics.md is silent
 //! - Every local pod is an endpoint; pods of no isolating policy get
 //!   `isolate_* = false` (so the datapath can count them).
 //! - A worker without `ray.io/group` uses `worker` rules (still isolated).

@@ -1,5 +1,5 @@
 //! Problems found in the input: what the agent turns into Kubernetes Events and log
-//! lines (SEMANTICS section 6).
+//! lines (docs/semantics.md "Bad input").
 //!
 //! Must not: decide anything. A problem only describes; the safe reading is applied
 //! where the problem is found.

@@ -6,7 +6,7 @@
 //!
 //! Must not: look at pods or decide which pod gets which role (that is `engine`), or
 //! fail a whole cluster because one part is malformed: bad parts become [`Problem`]s
-//! and the safe reading (SEMANTICS section 6).
+//! and the safe reading (docs/semantics.md "Bad input").
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -309,7 +309,7 @@ pub const PORT_FIELDS: &[&str] = &["protocol", "port", "endPort"];
 /// The first field of the raw rule `value` (at path `field`) that its
 /// `networking.k8s.io/v1` type does not have, at any depth: the rule, its peers, their
 /// selectors and `ipBlock`, its ports. A rule with one is invalid and allows nothing
-/// (SEMANTICS section 6): deserialised, the field would vanish and the rule could
+/// (docs/semantics.md "Bad input"): deserialised, the field would vanish and the rule could
 /// only get wider (`frm` reads as "from anyone", `namespaceSelector: {matchLabel:
 /// ...}` as "every namespace"). An ingress rule's `to` (or an egress rule's `from`)
 /// is unknown too. Values of the wrong type are left to deserialisation.

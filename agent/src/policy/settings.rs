@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use super::selector::Selector;
 
-/// How the DNS base flow is expressed (SEMANTICS 3, egress 3).
+/// How the DNS base flow is expressed (docs/semantics.md "What an isolated pod may do", egress 3).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DnsMode {
     /// UDP and TCP 53 to the given Service: its ClusterIPs and its endpoint pods.

@@ -714,7 +714,7 @@ impl Runtime {
 
     /// `RF_NODECG`: the kubelet's pod cgroup roots (a socket below one is some pod's,
     /// never the node's) and each local hostNetwork pod's cgroup with its identity
-    /// (SEMANTICS 5a). A hostNetwork pod whose cgroup is not found yet stays under
+    /// (docs/semantics.md "What counts as the node"). A hostNetwork pod whose cgroup is not found yet stays under
     /// its root meanwhile: only its address, never the node.
     fn sync_node_cgroups(&mut self) {
         let mut located = Vec::new();

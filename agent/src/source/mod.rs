@@ -170,7 +170,7 @@ pub enum SourceStatus {
 }
 
 /// Where bad-input reports go besides the log: a Kubernetes Event on the object when
-/// the API source is used (SEMANTICS section 6).
+/// the API source is used (docs/semantics.md "Bad input").
 pub trait ProblemReporter: Send + Sync {
     /// Must not block: implementations queue and send in the background, and must
     /// not report the same problem of the same object over and over.

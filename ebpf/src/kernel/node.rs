@@ -1,4 +1,4 @@
-//! What counts as the node (SEMANTICS 5a): who is behind one of the node's own
+//! What counts as the node (docs/semantics.md "What counts as the node"): who is behind one of the node's own
 //! addresses, for one flow of a local pod. Asked only off the established fast
 //! path, for a new (or re-checked) flow whose peer address maps to
 //! `identity::HOST`, and only on the TC hook (the host side of the pod's veth).

@@ -1,4 +1,4 @@
-//! The expected verdicts, written BY HAND from /work/shared/SEMANTICS.md (never
+//! The expected verdicts, written BY HAND from the contract, docs/semantics.md (never
 //! computed by the policy engine: the demo checks the engine, it must not trust it).
 //!
 //! `A` allowed, `D` dropped, `-` not probed (a pod to itself, or through a
@@ -16,7 +16,10 @@
 //! free. A flow is allowed when the sender's egress AND the receiver's ingress allow
 //! it; pods of no isolated RayCluster are left alone (section 1, last points).
 //!
-//! Why each row is what it is (section numbers of SEMANTICS.md):
+//! Why each row is what it is. Section numbers name the parts of docs/semantics.md
+//! in order: 1 "Inputs", 2 "Which pods are isolated", 3 "What an isolated pod may
+//! do" (with its numbered items), 4 "Rule semantics", 5 "Where the decision is
+//! made", 5a "What counts as the node":
 //! - `node`: traffic from the node a pod runs on is always allowed (3, ingress 2),
 //!   to every Ray pod, through ClusterIPs too; nothing restricts the node itself.
 //! - `coredns`, `outsider`, `grafana`: not in any RayCluster, so no ingress item

@@ -15,7 +15,7 @@
 //!   labels in another namespace, an outsider, Prometheus and Grafana in
 //!   `monitoring`, and the head and a worker of RayClusters `alpha` (DenyAll, one
 //!   user ingress rule) and `beta` (DenyAllIngress), each serving its Ray ports;
-//! - what counts as the node (SEMANTICS 5a): alpha's head Service as a NodePort
+//! - what counts as the node (docs/semantics.md "What counts as the node"): alpha's head Service as a NodePort
 //!   (kube-proxy's NodePort chains with the masquerade mark 0x4000, in front of
 //!   the dashboard and client ports), the outsider's hostPort 18080 (the portmap
 //!   plugin's DNAT), a hostNetwork pod (`monitoring/node-exporter`: a process in its

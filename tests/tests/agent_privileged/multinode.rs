@@ -558,7 +558,7 @@ fn one_peer(what: &str, srv: &Server) -> Result<IpAddr> {
     Ok(seen[0])
 }
 
-/// NodePorts on two nodes (kube-proxy's NAT in both, SEMANTICS 5a): the head's
+/// NodePorts on two nodes (kube-proxy's NAT in both, docs/semantics.md "What counts as the node"): the head's
 /// node judges what it NATed itself by the original client (the node's conntrack),
 /// and what another node masqueraded by that node's address (an ordinary peer: its
 /// SNAT hid the client); an egress-isolated pod's own node's NodePort is decided
@@ -566,7 +566,7 @@ fn one_peer(what: &str, srv: &Server) -> Result<IpAddr> {
 /// datapath come first, then the ones it makes pass.
 ///
 /// Not asserted: an egress-isolated pod to ANOTHER node's NodePort. For its own
-/// agent that node's address is an ordinary peer (SEMANTICS 3, egress 2: only the
+/// agent that node's address is an ordinary peer (docs/semantics.md "What an isolated pod may do", egress 2: only the
 /// pod's own node), so it is dropped unless an ipBlock covers it, whatever the
 /// backend; whether 5a's "any Service's nodePort on any node address" should
 /// decide it by the backend instead is open.

@@ -1,4 +1,4 @@
-//! End to end, "what counts as the node" (SEMANTICS 5a): the real `rayfence agent`
+//! End to end, "what counts as the node" (docs/semantics.md "What counts as the node"): the real `rayfence agent`
 //! on a simulated bridged node with kube-proxy's NodePort NAT and the portmap
 //! plugin's hostPort NAT in its namespace, an external client on the underlay,
 //! hostNetwork pods (a pod cgroup in the node's namespace) and the kubelet (a host

@@ -1375,7 +1375,7 @@ fn cgroup_hooks_keep_a_revoked_flow_cut_and_read_the_syn_without_an_ethernet_hea
     );
 }
 
-// What counts as the node (SEMANTICS 5a). A TC test run's packet carries a socket
+// What counts as the node (docs/semantics.md "What counts as the node"). A TC test run's packet carries a socket
 // the kernel makes for it, in the test process's cgroup: to the datapath, a packet
 // the node itself generated. Registering that cgroup in RF_NODECG makes the same
 // packet a hostNetwork pod's.

@@ -365,7 +365,7 @@ fn enforces_tcp_udp_and_icmp(layout: Layout, hook: HookKind) -> Result<()> {
     } else {
         // Inside the pod's own namespace a node address cannot be told from what
         // the node forwards: only an address, so no rule here lets it in
-        // (SEMANTICS 5a, docs/semantics.md "What counts as the node").
+        // (docs/semantics.md "What counts as the node", docs/semantics.md "What counts as the node").
         let before = scenario.packets(Direction::Ingress, Verdict::Drop, Reason::NoPolicy);
         let probe = node.tcp_connect(worker.ip4.into(), 7000, DENIED_TCP);
         assert!(probe.is_blocked(), "{probe:?}");

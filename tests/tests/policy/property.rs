@@ -2,7 +2,7 @@
 //! reference evaluator that decides flows straight from the objects (no engine code
 //! beyond the input types), and incremental updates against a fresh full compile.
 //!
-//! The world has what SEMANTICS 5a is about too: Services with a `nodePort`, pods
+//! The world has what docs/semantics.md "What counts as the node" is about too: Services with a `nodePort`, pods
 //! with a `hostPort`, hostNetwork pods (on this node and another), and Services with
 //! a backend on this node's address.
 
@@ -1448,7 +1448,7 @@ fn kuberay_netpols(c: &ClusterT) -> Vec<Value> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
-    /// SEMANTICS: RayCluster isolation compiles to exactly what KubeRay would generate
+    /// docs/semantics.md: RayCluster isolation compiles to exactly what KubeRay would generate
     /// plus the base flows (DNS is off here; it is tested on its own).
     #[test]
     fn raycluster_equals_the_networkpolicies_kuberay_generates(mut w in world(), c in cluster_t()) {
@@ -1622,7 +1622,7 @@ fn verdicts(
 proptest! {
     #![proptest_config(ProptestConfig { cases: 128, max_shrink_iters: 2000, ..ProptestConfig::default() })]
 
-    /// SEMANTICS section 6, issue 17: a field its type does not have, anywhere in a
+    /// docs/semantics.md "Bad input", issue 17: a field its type does not have, anywhere in a
     /// rule (the rule, a peer, a selector or one of its expressions, an ipBlock, a
     /// port), makes that rule allow nothing and is reported with its path; it never
     /// makes anything wider, from the spec field or the annotation.

@@ -1,4 +1,4 @@
-//! Table tests for SEMANTICS.md sections 1-6 (5a included: node ports, host ports,
+//! Table tests for every part of docs/semantics.md (what counts as the node included: node ports, host ports,
 //! hostNetwork pods) and the example manifests, decided through `Tables::allows` (the
 //! datapath's lookup semantics) and, for a peer known by its socket,
 //! `Tables::allows_identified`.
@@ -2222,7 +2222,7 @@ fn cluster_ip_backed_by_a_host_network_pod_is_decided_by_that_pod() {
     ));
 }
 
-// --------------------------------------------------- explain, SEMANTICS 5a
+// --------------------------------------------------- explain, docs/semantics.md "What counts as the node"
 
 /// The head's dashboard exposed as NodePort 30265 (and its cpu worker's hostPort
 /// 8080 -> 80), DenyAll.
@@ -2622,7 +2622,7 @@ fn host_network_ray_pod_is_not_an_endpoint_and_its_address_stays_the_node() {
         e.tables().addresses.get(&NODE_IP.parse().unwrap()),
         Some(&identity::HOST)
     );
-    // It is a peer by its labels: a pod of the same RayCluster (SEMANTICS 5a).
+    // It is a peer by its labels: a pod of the same RayCluster (docs/semantics.md "What counts as the node").
     let id = e.host_network_identity("team-a", "hostnet").unwrap();
     assert!(allows_identified(
         &e,

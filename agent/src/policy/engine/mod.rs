@@ -272,7 +272,7 @@ impl Engine {
 
     /// The hostNetwork pods on this node with their pod identity, by `(namespace,
     /// name)`: what the datapath maps their cgroups to (`RF_NODECG`), so their traffic
-    /// is judged as theirs, not the node's (SEMANTICS 5a). A hostNetwork pod on another
+    /// is judged as theirs, not the node's (docs/semantics.md "What counts as the node"). A hostNetwork pod on another
     /// node is not listed: its traffic comes from its node's address, and only an
     /// ipBlock covering that address can match it there.
     pub fn host_network_pods(&self) -> Vec<(ObjectKey, IdentityId)> {

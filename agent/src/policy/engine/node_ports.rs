@@ -1,4 +1,4 @@
-//! Ports the node DNATs elsewhere on its own addresses (SEMANTICS 5a): a Service's
+//! Ports the node DNATs elsewhere on its own addresses (docs/semantics.md "What counts as the node"): a Service's
 //! `nodePort` (type NodePort or LoadBalancer) and a local pod's `hostPort` (the CNI
 //! portmap plugin). Who claims each port, the identity `Tables::node_ports` maps it
 //! to, two claims of one port, and the post-DNAT rows of a local pod's host-port

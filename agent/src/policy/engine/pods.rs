@@ -3,7 +3,7 @@
 //! membership, and which endpoints, identities, Services and host ports a pod change
 //! marks dirty.
 //!
-//! A hostNetwork pod (SEMANTICS 5a: not the node) is a selectable peer with a pod
+//! A hostNetwork pod (docs/semantics.md "What counts as the node": not the node) is a selectable peer with a pod
 //! identity like any pod, but never an endpoint, and its addresses (its node's) never
 //! enter the address index: this node's addresses stay `identity::HOST`, another
 //! node's stay ordinary addresses that only ipBlocks match. On this node the datapath
@@ -209,7 +209,7 @@ impl Engine {
         };
         // What reaching the node's address on a port leads to: a pod's hostPorts
         // (DNAT to its containerPort), or the ports a local hostNetwork pod declares
-        // (the pod itself, SEMANTICS 5a): both decided on the pod, with the same rows.
+        // (the pod itself, docs/semantics.md "What counts as the node"): both decided on the pod, with the same rows.
         let host_ports = match (local, host_network) {
             (true, false) => declared.host,
             (true, true) => declared.listen_fields,

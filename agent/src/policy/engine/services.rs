@@ -5,7 +5,7 @@
 //! owns is `node_ports`' business).
 //!
 //! A backend on one of this node's addresses is the node, unless a hostNetwork pod on
-//! this node declares that port (SEMANTICS 5a): then it is that pod, by its identity
+//! this node declares that port (docs/semantics.md "What counts as the node"): then it is that pod, by its identity
 //! (or an ipBlock covering the address).
 //!
 //! Must not: let an ipBlock match a ClusterIP, or allow a service port or node port
