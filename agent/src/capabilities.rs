@@ -7,7 +7,8 @@
 //! decide anything besides "present or not" (the kernel has the last word).
 //!
 //! The set is the one `deploy/base/daemonset.yaml` grants, each for the reason given
-//! in [`Capability::why`]; the two lists are kept equal by `tests/tests/deploy_*.rs`.
+//! in [`Capability::why`]; the two lists are kept equal by the deploy test suites
+//! (`tests/tests/deploy/`, `tests/tests/deploy_privileged/`).
 use std::fmt;
 use std::path::Path;
 

@@ -27,7 +27,9 @@ pub struct KubeletTree {
     // (the root's guard alone would do: it kills and removes the whole tree).
     pub container: TestCgroup,
     pub pod: TestCgroup,
-    levels: Vec<TestCgroup>,
+    /// The kubelet's slices between the root and the pod (kubepods, the QoS
+    /// class), outermost first.
+    pub levels: Vec<TestCgroup>,
     pub root: TestCgroup,
     pub uid: String,
 }

@@ -8,8 +8,10 @@
 //! And `rayfence cleanup` with the cleanup DaemonSet's capabilities removes the
 //! pins an agent left. The CNI plugin's installation needs no capability more
 //! (uid 0 owns the CNI directories; nothing overrides file permissions): the
-//! agent installs it, and the cleanup removes it, with exactly those sets. Needs root and util-linux `setpriv`; mounts bpffs at
-//! /sys/fs/bpf when the machine has none (the DaemonSet gets the host's).
+//! agent installs it, and the cleanup removes it, with exactly those sets.
+//!
+//! Needs root and util-linux `setpriv`; mounts bpffs at /sys/fs/bpf when the
+//! machine has none (the DaemonSet gets the host's).
 
 use std::io::{Read as _, Write as _};
 use std::net::TcpStream;
