@@ -75,9 +75,9 @@ impl Templates {
         let mut pieces = pieces.into_iter();
         let (nodes, end) = parse_list(&mut pieces, Some(&mut self.defines), name)?;
         match end {
-            End::Eof => {}
-            End::End => bail!("{name}: {{{{ end }}}} without if or define"),
-            End::Else(_) => bail!("{name}: {{{{ else }}}} without if"),
+            Stop::Eof => {}
+            Stop::End => bail!("{name}: {{{{ end }}}} without if or define"),
+            Stop::Else(_) => bail!("{name}: {{{{ else }}}} without if"),
         }
         self.files.insert(name.to_owned(), nodes);
         Ok(())
@@ -531,8 +531,8 @@ fn action_end(text: &str) -> Result<usize> {
     bail!("unclosed {{{{")
 }
 
-/// How a list of nodes ended.
-enum End {
+/// What ended a list of nodes.
+enum Stop {
     Eof,
     End,
     Else(Option<Pipeline>),
@@ -542,7 +542,7 @@ fn parse_list(
     pieces: &mut std::vec::IntoIter<(bool, String)>,
     mut defines: Option<&mut BTreeMap<String, Vec<Node>>>,
     file: &str,
-) -> Result<(Vec<Node>, End)> {
+) -> Result<(Vec<Node>, Stop)> {
     let mut nodes = Vec::new();
     while let Some((is_action, piece)) = pieces.next() {
         if !is_action {
@@ -556,14 +556,14 @@ fn parse_list(
         let keyword = words.next().unwrap_or_default();
         let rest = words.next().unwrap_or_default().trim();
         match keyword {
-            "end" if rest.is_empty() => return Ok((nodes, End::End)),
-            "else" if rest.is_empty() => return Ok((nodes, End::Else(None))),
+            "end" if rest.is_empty() => return Ok((nodes, Stop::End)),
+            "else" if rest.is_empty() => return Ok((nodes, Stop::Else(None))),
             "else" => {
                 let condition = rest
                     .strip_prefix("if ")
                     .ok_or_else(|| anyhow!("{}: only else if", context()))?;
                 let condition = parse_pipeline(condition).with_context(context)?;
-                return Ok((nodes, End::Else(Some(condition))));
+                return Ok((nodes, Stop::Else(Some(condition))));
             }
             "if" => {
                 let mut branches = Vec::new();
@@ -572,11 +572,11 @@ fn parse_list(
                     let (body, end) = parse_list(pieces, None, file)?;
                     branches.push((condition, body));
                     match end {
-                        End::Eof => bail!("{}: unterminated if", context()),
-                        End::End => break Vec::new(),
-                        End::Else(Some(next)) => condition = next,
-                        End::Else(None) => match parse_list(pieces, None, file)? {
-                            (otherwise, End::End) => break otherwise,
+                        Stop::Eof => bail!("{}: unterminated if", context()),
+                        Stop::End => break Vec::new(),
+                        Stop::Else(Some(next)) => condition = next,
+                        Stop::Else(None) => match parse_list(pieces, None, file)? {
+                            (otherwise, Stop::End) => break otherwise,
                             _ => bail!("{}: else without end", context()),
                         },
                     }
@@ -593,7 +593,7 @@ fn parse_list(
                 let name: String = serde_json::from_str(rest).with_context(context)?;
                 let (body, end) = parse_list(pieces, None, file)?;
                 ensure!(
-                    matches!(end, End::End),
+                    matches!(end, Stop::End),
                     "{}: unterminated define",
                     context()
                 );
@@ -609,7 +609,7 @@ fn parse_list(
             _ => nodes.push(Node::Print(parse_pipeline(&piece).with_context(context)?)),
         }
     }
-    Ok((nodes, End::Eof))
+    Ok((nodes, Stop::Eof))
 }
 
 #[derive(Debug, PartialEq)]
