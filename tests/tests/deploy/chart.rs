@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use rayfence_tests::deploy::chart::{self, render};
 use rayfence_tests::deploy::*;
 use serde_json::{Value, json};
@@ -365,6 +365,9 @@ fn the_evaluator_renders_what_helm_renders_and_rejects_what_it_does_not_know() {
     }
 }
 
+/// A `--set path=value`.
+type Override<'a> = (&'a str, Value);
+
 /// `helm install` with these values must fail, naming `field`.
 fn assert_refused(overrides: &[(&str, Value)], field: &str) {
     let err = chart::values(overrides).expect_err("the schema let it through");
@@ -573,7 +576,8 @@ fn object_names_follow_the_release() -> Result<()> {
         ]
         .into()
     };
-    let cases: [(&str, &[(&str, Value)], &str); 4] = [
+    // (release, overrides, the names' prefix)
+    let cases: [(&str, &[Override], &str); 4] = [
         ("rayfence", &[], "rayfence"),
         ("rayfence-canary", &[], "rayfence-canary"),
         ("edge", &[], "edge-rayfence"),
@@ -653,12 +657,128 @@ fn notes_say_what_was_installed_and_how_to_check_it() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn chart_metrics_tls_mounts_the_secret_and_passes_it_to_the_agent() -> Result<()> {
+    let cli = cli_surface("agent")?;
+    let with_tls = |extra: &[(&str, Value)]| -> Result<Vec<Value>> {
+        let mut overrides = vec![
+            ("metrics.tls.enabled", json!(true)),
+            ("metrics.tls.secretName", json!("rayfence-metrics-tls")),
+        ];
+        overrides.extend(extra.iter().cloned());
+        render(&overrides, "rayfence-system")
+    };
+    let docs = with_tls(&[])?;
+    let ds = find(&docs, "DaemonSet", "rayfence-agent");
+    let env = agent_environment(&docs, ds);
+    let container = agent_container(ds);
+    for (var, file) in [
+        ("RAYFENCE_METRICS_TLS_CERT", "tls.crt"),
+        ("RAYFENCE_METRICS_TLS_KEY", "tls.key"),
+    ] {
+        assert!(cli.envs.contains(var), "rayfence agent reads no {var}");
+        // The Secret's file, through its read-only mount.
+        let path = &env[var];
+        let mount = container["volumeMounts"]
+            .as_array()
+            .expect("volumeMounts")
+            .iter()
+            .find(|m| path.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap())))
+            .unwrap_or_else(|| panic!("{var}={path}: no mount holds it"));
+        assert_eq!(mount["readOnly"], true, "{var}");
+        assert_eq!(
+            *path,
+            format!("{}/{file}", mount["mountPath"].as_str().unwrap())
+        );
+        let volume = ds["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .expect("the mount's volume");
+        assert_eq!(volume["secret"]["secretName"], "rayfence-metrics-tls");
+    }
+    // The probes (127.0.0.1:port) speak TLS when they reach the metrics listener,
+    // i.e. when it covers loopback and the agent opens no plain health listener.
+    let schemes = |docs: &[Value]| -> Vec<Value> {
+        let c = agent_container(find(docs, "DaemonSet", "rayfence-agent"));
+        ["readinessProbe", "livenessProbe"]
+            .iter()
+            .map(|p| c[p]["httpGet"]["scheme"].clone())
+            .collect()
+    };
+    assert_eq!(
+        schemes(&docs),
+        vec![Value::Null; 2],
+        "node address: plain health listener"
+    );
+    let https = vec![json!("HTTPS"); 2];
+    assert_eq!(
+        schemes(&with_tls(&[("metrics.auth.enabled", json!(false))])?),
+        https
+    );
+    assert_eq!(
+        schemes(&with_tls(&[("metrics.bindNodeAddress", json!(false))])?),
+        https
+    );
+    assert_eq!(
+        schemes(&with_tls(&[
+            ("metrics.bindNodeAddress", json!(false)),
+            ("metrics.host", json!("10.0.0.1")),
+        ])?),
+        vec![Value::Null; 2]
+    );
+    for doc in &docs {
+        check_typed(doc)?;
+    }
+
+    let plain = render(&[], "rayfence-system")?;
+    let text = serde_json::to_string(find(&plain, "DaemonSet", "rayfence-agent"))?;
+    assert!(!text.contains("TLS") && !text.contains("tls"), "{text}");
+    let unnamed = render(&[("metrics.tls.enabled", json!(true))], "rayfence-system")
+        .expect_err("TLS without a Secret");
+    assert!(
+        format!("{unnamed:#}").contains("metrics.tls.secretName"),
+        "{unnamed:#}"
+    );
+    Ok(())
+}
+
+/// A self-signed certificate and its key (PEM files in a fresh directory), for
+/// the agent to load as --metrics-tls-cert / --metrics-tls-key.
+fn self_signed_pair() -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("rayfence-chart-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "1", "-subj", "/CN=rayfence", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .context("running openssl (needed for the chart's TLS case)")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((cert, key))
+}
+
 /// As manifests::the_agent_accepts_every_rendered_configuration for Kustomize:
 /// `rayfence agent` with exactly the chart's args and environment gets as far as
 /// its (missing) manifests directory, so it accepted every flag and setting.
 #[test]
 fn the_agent_accepts_the_charts_configurations() -> Result<()> {
-    let cases: [&[(&str, Value)]; 4] = [
+    let cases: [&[(&str, Value)]; 5] = [
         &[],
         &[
             ("metrics.auth.enabled", json!(false)),
@@ -681,7 +801,12 @@ fn the_agent_accepts_the_charts_configurations() -> Result<()> {
             ),
             ("cni.enabled", json!(false)),
         ],
+        &[
+            ("metrics.tls.enabled", json!(true)),
+            ("metrics.tls.secretName", json!("rayfence-metrics-tls")),
+        ],
     ];
+    let (cert, key) = self_signed_pair()?;
     for overrides in cases {
         let docs = render(overrides, "rayfence-system")?;
         let ds = find(&docs, "DaemonSet", "rayfence-agent");
@@ -689,6 +814,14 @@ fn the_agent_accepts_the_charts_configurations() -> Result<()> {
         env.insert("NODE_NAME".into(), "node-a".into());
         if env.contains_key("RAYFENCE_METRICS_BIND_ADDRESS") {
             env.insert("RAYFENCE_METRICS_BIND_ADDRESS".into(), "10.0.0.1".into());
+        }
+        // What the Secret's mount gives: a certificate and its key.
+        if env.contains_key("RAYFENCE_METRICS_TLS_CERT") {
+            env.insert(
+                "RAYFENCE_METRICS_TLS_CERT".into(),
+                cert.display().to_string(),
+            );
+            env.insert("RAYFENCE_METRICS_TLS_KEY".into(), key.display().to_string());
         }
         env.insert("RAYFENCE_MANIFESTS".into(), "/nonexistent/rayfence".into());
         let out = Command::new(rayfence_bin()?)
@@ -705,5 +838,6 @@ fn the_agent_accepts_the_charts_configurations() -> Result<()> {
             check_typed(doc)?;
         }
     }
+    std::fs::remove_dir_all(cert.parent().expect("the pair's directory"))?;
     Ok(())
 }

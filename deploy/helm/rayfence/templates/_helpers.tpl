@@ -56,3 +56,18 @@ app.kubernetes.io/version: {{ include "rayfence.version" . | trunc 63 | trimSuff
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: rayfence
 {{- end }}
+
+{{/*
+"true" when the kubelet's probes (127.0.0.1:port) reach the metrics listener,
+which then speaks TLS, rather than the agent's plain loopback health listener:
+the agent opens that one only when the metrics address does not cover
+127.0.0.1:port (the node's own address does not; 0.0.0.0 and 127.0.0.1 do).
+*/}}
+{{- define "rayfence.probesOverTls" -}}
+{{- if .Values.metrics.tls.enabled }}
+{{- if not .Values.metrics.auth.enabled }}true
+{{- else if .Values.metrics.bindNodeAddress }}
+{{- else if or (eq .Values.metrics.host "0.0.0.0") (eq .Values.metrics.host "127.0.0.1") }}true
+{{- end }}
+{{- end }}
+{{- end }}
