@@ -1,43 +1,57 @@
-//! A deliberately tiny evaluator for deploy/helm/rayfence's templates, because no
-//! helm binary is available where the tests run. It knows exactly the constructs
-//! the chart uses and rejects anything else, so a template that grows a new
-//! construct fails here rather than rendering wrongly:
-//!
-//! - `{{ .Values.a.b }}`, `{{ .Release.Namespace }}` (scalars: strings as is,
-//!   numbers and booleans as Go prints them);
-//! - `{{ X | quote }}` (a double-quoted string);
-//! - `{{ join "," .Values.list | quote }}`;
-//! - `{{- toYaml .Values.x | nindent N }}` (a newline, then the YAML indented N);
-//! - `{{- if .Values.x }}` ... `{{- end }}` (Go template truthiness; nesting ok);
-//! - `{{-` / `-}}` trim the whitespace before / after the action, as in Go.
-//!
-//! `values.yaml` is the default; [`render`] takes overrides as (dotted path, value).
-use std::path::Path;
+//! deploy/helm/rayfence installed the way helm installs it, because no helm binary
+//! is available where the tests run: values.yaml merged with the overrides, checked
+//! against values.schema.json ([`super::schema`]), then every template rendered
+//! ([`super::template`], strict: an unknown construct, function or value is an
+//! error) with `.Values`, `.Release` and `.Chart`. Must not: decide what the chart
+//! should render; the assertions live in the tests.
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use serde_json::Value;
+use serde_json::{Map, Value, json};
 
-use super::{documents, workspace};
+use super::template::{Templates, helm_numbers};
+use super::{documents, schema, workspace};
 
-pub fn chart_dir() -> std::path::PathBuf {
+/// The release name the README installs with, so the objects' names are the
+/// Kustomize base's (rayfence-agent, ...).
+pub const RELEASE: &str = "rayfence";
+
+pub fn chart_dir() -> PathBuf {
     workspace().join("deploy/helm/rayfence")
 }
 
-/// values.yaml as JSON.
-pub fn default_values() -> Result<Value> {
-    let text = std::fs::read_to_string(chart_dir().join("values.yaml"))?;
-    Ok(serde_norway::from_str(&text)?)
+fn yaml_file(name: &str) -> Result<Value> {
+    let text = std::fs::read_to_string(chart_dir().join(name)).context(name.to_owned())?;
+    serde_norway::from_str(&text).context(name.to_owned())
 }
 
-/// Every template file (name, text), sorted by name.
+/// Chart.yaml as written.
+pub fn chart_yaml() -> Result<Value> {
+    yaml_file("Chart.yaml")
+}
+
+/// values.yaml as written.
+pub fn default_values() -> Result<Value> {
+    yaml_file("values.yaml")
+}
+
+/// values.schema.json.
+pub fn values_schema() -> Result<Value> {
+    let text = std::fs::read_to_string(chart_dir().join("values.schema.json"))?;
+    serde_json::from_str(&text).context("values.schema.json")
+}
+
+/// Every file under templates/ (name, text), sorted by name: the manifests
+/// (`*.yaml`), the named templates (`_*.tpl`) and NOTES.txt.
 pub fn templates() -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     for entry in std::fs::read_dir(chart_dir().join("templates"))? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "yaml") {
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            out.push((name, std::fs::read_to_string(&path)?));
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !(name.ends_with(".yaml") || name.ends_with(".tpl") || name == "NOTES.txt") {
+            bail!("templates/{name}: neither a manifest, a named template nor NOTES.txt");
         }
+        out.push((name, std::fs::read_to_string(&path)?));
     }
     out.sort();
     Ok(out)
@@ -64,171 +78,126 @@ pub fn lookup<'a>(values: &'a Value, path: &str) -> Option<&'a Value> {
         .try_fold(values, |v, key| v.as_object()?.get(key))
 }
 
-/// Sets a dotted path (which must exist: overrides of unknown values are mistakes).
+/// Sets a dotted path as `--set path=value` does, making the maps on the way
+/// (a key values.yaml lacks is for the schema to refuse, as helm does).
 pub fn set(values: &mut Value, path: &str, new: Value) {
     let mut at = values;
     for key in path.split('.') {
+        if !at.is_object() {
+            *at = Value::Object(Map::new());
+        }
         at = at
             .as_object_mut()
-            .and_then(|o| o.get_mut(key))
-            .unwrap_or_else(|| panic!("values.yaml has no {path}"));
+            .unwrap()
+            .entry(key)
+            .or_insert(Value::Null);
     }
     *at = new;
 }
 
-/// The chart's objects with values.yaml plus `overrides`, in namespace `namespace`.
-pub fn render(overrides: &[(&str, Value)], namespace: &str) -> Result<Vec<Value>> {
+/// values.yaml with `overrides` (dotted path, value), checked against
+/// values.schema.json: an Err names every field the schema refuses.
+pub fn values(overrides: &[(&str, Value)]) -> Result<Value> {
     let mut values = default_values()?;
     for (path, value) in overrides {
         set(&mut values, path, value.clone());
     }
-    let mut docs = Vec::new();
-    for (name, text) in templates()? {
-        let out = render_text(&text, &values, namespace).with_context(|| name.clone())?;
-        docs.extend(documents(&out).with_context(|| format!("{name} rendered:\n{out}"))?);
+    // As helm reads a values file: every number a float64.
+    let values = helm_numbers(&values);
+    let refused = schema::violations(&values_schema()?, &values)?;
+    if !refused.is_empty() {
+        bail!(
+            "the values do not meet values.schema.json:\n- {}",
+            refused.join("\n- ")
+        );
     }
-    Ok(docs)
+    Ok(values)
 }
 
-/// One template's text.
-pub fn render_text(template: &str, values: &Value, namespace: &str) -> Result<String> {
-    // Split into text and actions, applying the trim markers.
-    let mut pieces: Vec<(bool, String)> = Vec::new(); // (is_action, text)
-    let mut rest = template;
-    let mut trim_next = false;
-    while let Some(open) = rest.find("{{") {
-        let mut text = rest[..open].to_owned();
-        if trim_next {
-            text = text.trim_start().to_owned();
-        }
-        let after = &rest[open + 2..];
-        let close = after.find("}}").ok_or_else(|| anyhow!("unclosed {{{{"))?;
-        let mut action = &after[..close];
-        if let Some(a) = action.strip_prefix('-') {
-            text = text.trim_end().to_owned();
-            action = a;
-        }
-        trim_next = false;
-        if let Some(a) = action.strip_suffix('-') {
-            trim_next = true;
-            action = a;
-        }
-        pieces.push((false, text));
-        pieces.push((true, action.trim().to_owned()));
-        rest = &after[close + 2..];
-    }
-    let mut tail = rest.to_owned();
-    if trim_next {
-        tail = tail.trim_start().to_owned();
-    }
-    pieces.push((false, tail));
+/// What an install shows: the objects and NOTES.txt.
+pub struct Installed {
+    pub objects: Vec<Value>,
+    pub notes: String,
+}
 
-    let mut out = String::new();
-    // The stack of enclosing `if`s: emit only when all are true.
-    let mut conditions: Vec<bool> = Vec::new();
-    for (is_action, piece) in pieces {
-        let emitting = conditions.iter().all(|c| *c);
-        if !is_action {
-            if emitting {
-                out.push_str(&piece);
-            }
+/// `helm install RELEASE deploy/helm/rayfence -n NAMESPACE --set ...` as far as
+/// the cluster sees it: the values checked, the manifests rendered.
+pub fn install(release: &str, namespace: &str, overrides: &[(&str, Value)]) -> Result<Installed> {
+    let values = values(overrides)?;
+    let dot = dot(values, release, namespace)?;
+    let mut parsed = Templates::default();
+    let files = templates()?;
+    for (name, text) in &files {
+        parsed.add(name, text)?;
+    }
+    let mut objects = Vec::new();
+    let mut notes = None;
+    for (name, _) in &files {
+        // Named templates render nothing of their own; helm skips `_*` files.
+        if name.starts_with('_') {
             continue;
         }
-        if let Some(expr) = piece.strip_prefix("if ") {
-            conditions.push(truthy(eval(expr.trim(), values, namespace)?));
-        } else if piece == "end" {
-            conditions
-                .pop()
-                .ok_or_else(|| anyhow!("{{{{ end }}}} without if"))?;
-        } else if emitting {
-            out.push_str(&pipeline(&piece, values, namespace)?);
+        let out = parsed.render(name, &dot)?;
+        if name == "NOTES.txt" {
+            notes = Some(out);
+        } else {
+            objects.extend(documents(&out).with_context(|| format!("{name} rendered:\n{out}"))?);
         }
     }
-    if !conditions.is_empty() {
-        bail!("unterminated if");
-    }
-    Ok(out)
-}
-
-fn pipeline(action: &str, values: &Value, namespace: &str) -> Result<String> {
-    let mut stages = action.split('|').map(str::trim);
-    let first = stages.next().unwrap_or_default();
-    let mut current = if let Some(arg) = first.strip_prefix("toYaml ") {
-        Value::String(
-            serde_norway::to_string(&eval(arg.trim(), values, namespace)?)?
-                .trim_end()
-                .to_owned(),
-        )
-    } else if let Some(args) = first.strip_prefix("join ") {
-        let (sep, list) = args
-            .trim()
-            .split_once(' ')
-            .ok_or_else(|| anyhow!("join SEP LIST"))?;
-        let sep: String = serde_json::from_str(sep).context("join separator")?;
-        let list = eval(list.trim(), values, namespace)?;
-        let items = list
-            .as_array()
-            .ok_or_else(|| anyhow!("join of a non-list"))?;
-        Value::String(
-            items
-                .iter()
-                .map(scalar)
-                .collect::<Result<Vec<_>>>()?
-                .join(&sep),
-        )
-    } else {
-        eval(first, values, namespace)?
-    };
-    for stage in stages {
-        current = if stage == "quote" {
-            Value::String(serde_json::to_string(&scalar(&current)?)?)
-        } else if let Some(n) = stage.strip_prefix("nindent ") {
-            let n: usize = n.trim().parse().context("nindent N")?;
-            let pad = " ".repeat(n);
-            let text = scalar(&current)?;
-            Value::String(
-                text.lines()
-                    .map(|l| format!("\n{pad}{l}"))
-                    .collect::<String>(),
-            )
-        } else {
-            bail!("unsupported template function {stage:?} (see tests/src/deploy/chart.rs)");
-        };
-    }
-    scalar(&current)
-}
-
-fn eval(expr: &str, values: &Value, namespace: &str) -> Result<Value> {
-    if expr == ".Release.Namespace" {
-        return Ok(Value::String(namespace.to_owned()));
-    }
-    let path = expr.strip_prefix(".Values.").ok_or_else(|| {
-        anyhow!("unsupported expression {expr:?} (see tests/src/deploy/chart.rs)")
-    })?;
-    lookup(values, path)
-        .cloned()
-        .ok_or_else(|| anyhow!("values.yaml has no {path}"))
-}
-
-fn scalar(v: &Value) -> Result<String> {
-    Ok(match v {
-        Value::String(s) => s.clone(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::Null => String::new(),
-        other => bail!("{other} is not a scalar (use toYaml)"),
+    Ok(Installed {
+        objects,
+        notes: notes.ok_or_else(|| anyhow!("no templates/NOTES.txt"))?,
     })
 }
 
-fn truthy(v: Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Bool(b) => b,
-        Value::Number(n) => n.as_f64() != Some(0.0),
-        Value::String(s) => !s.is_empty(),
-        Value::Array(a) => !a.is_empty(),
-        Value::Object(o) => !o.is_empty(),
-    }
+/// The chart's objects with values.yaml plus `overrides`, release [`RELEASE`] in
+/// namespace `namespace`.
+pub fn render(overrides: &[(&str, Value)], namespace: &str) -> Result<Vec<Value>> {
+    Ok(install(RELEASE, namespace, overrides)?.objects)
+}
+
+/// One template text with `.Values` = `values` (numbers as helm reads them),
+/// release [`RELEASE`] in `namespace`, and the chart's named templates.
+pub fn render_text(template: &str, values: &Value, namespace: &str) -> Result<String> {
+    let mut parsed = Templates::default();
+    parsed.add("inline", template)?;
+    parsed.render("inline", &dot(helm_numbers(values), RELEASE, namespace)?)
+}
+
+/// The root of every template: `.Values`, `.Release`, `.Chart` (Chart.yaml's keys
+/// as helm names them: `appVersion` is `.Chart.AppVersion`).
+fn dot(values: Value, release: &str, namespace: &str) -> Result<Value> {
+    let chart_yaml = chart_yaml()?;
+    let chart: Map<String, Value> = chart_yaml
+        .as_object()
+        .ok_or_else(|| anyhow!("Chart.yaml is not a map"))?
+        .iter()
+        .map(|(key, v)| {
+            let helm_key = match key.as_str() {
+                "apiVersion" => "APIVersion".to_owned(),
+                other => {
+                    let mut chars = other.chars();
+                    chars
+                        .next()
+                        .map(|first| first.to_uppercase().chain(chars).collect())
+                        .unwrap_or_default()
+                }
+            };
+            (helm_key, v.clone())
+        })
+        .collect();
+    Ok(json!({
+        "Values": values,
+        "Release": {
+            "Name": release,
+            "Namespace": namespace,
+            "Service": "Helm",
+            "IsInstall": true,
+            "IsUpgrade": false,
+            "Revision": 1,
+        },
+        "Chart": chart,
+    }))
 }
 
 /// Does `dir` hold a Helm chart at all (Chart.yaml with apiVersion v2)?

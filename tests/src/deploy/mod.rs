@@ -1,9 +1,12 @@
 //! deploy/ as the tests read it: renders it (kustomize through `kubectl kustomize`,
-//! the Helm chart through [`chart`]), finds objects, runs the agent's CLI. Shared by
+//! the Helm chart through [`chart`], which checks its values with [`schema`] and
+//! renders its templates with [`template`]), finds objects, runs the agent's CLI. Shared by
 //! the `deploy` and `deploy_privileged` suites. Must not: decide anything; the
 //! assertions live in the tests.
 
 pub mod chart;
+pub mod schema;
+pub mod template;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
