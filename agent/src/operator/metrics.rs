@@ -164,6 +164,8 @@ pub struct Metrics {
     /// Requests answered without being served (a body, too many checks in flight).
     http_requests_shed: Family<ShedLabels, Counter>,
     build_info: Family<BuildLabels, Gauge>,
+    /// 1 once the first full sync is programmed (what `/readyz` answers).
+    ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -337,9 +339,16 @@ impl Metrics {
             "1, labelled with the agent's version and commit, the node's kernel release and the hook modes in use",
             build_info.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "rayfence_ready",
+            "1 once the first full sync of every kind is programmed (what /readyz answers), 0 before",
+            ready.clone(),
+        );
         registry.register_collector(Box::new(super::process::ProcessCollector));
         Self {
             build_info,
+            ready,
             registry: Arc::new(registry),
             endpoints_guarded,
             guard_wait,
@@ -584,6 +593,11 @@ impl Metrics {
                 hook_modes: hook_modes.to_owned(),
             })
             .set(1);
+    }
+
+    /// The first full sync is programmed: the agent is ready.
+    pub fn became_ready(&self) {
+        self.ready.set(1);
     }
 
     /// Every series, in `format`.
