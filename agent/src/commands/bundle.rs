@@ -13,8 +13,8 @@
 //! how to add it.
 //!
 //! Must not: change anything on the node or in the agent (it only reads), fail the
-//! whole bundle for one part, or copy file contents beyond the CNI configuration
-//! the runtime reads (the pin directory is listed by name only).
+//! whole bundle for one part, or take more of the node than [`FILES`] lists (the
+//! pin directory by name only, of the agent's environment only its settings).
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write;
@@ -350,7 +350,14 @@ async fn collect_agent(address: &AgentAddress, bundle: &mut Bundle) -> AgentFact
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect();
-                bundle.add("agent/environment.txt", lines(&env));
+                bundle.add(
+                    "agent/environment.txt",
+                    if env.is_empty() {
+                        "none of its variables is a RAYFENCE_* or NODE_NAME\n".to_owned()
+                    } else {
+                        lines(&env)
+                    },
+                );
                 facts.cmdline = cmdline;
                 facts.environment = environment;
             }
@@ -615,7 +622,11 @@ fn collect_pins(bundle: &mut Bundle, dir: &Path) {
 }
 
 fn list_tree(dir: &Path, prefix: &Path, names: &mut Vec<String>) -> anyhow::Result<()> {
-    let here = dir.join(prefix);
+    let here = if prefix.as_os_str().is_empty() {
+        dir.to_path_buf()
+    } else {
+        dir.join(prefix)
+    };
     let mut entries: Vec<_> = std::fs::read_dir(&here)
         .with_context(|| format!("listing {}", here.display()))?
         .filter_map(Result::ok)
@@ -922,6 +933,11 @@ mod tests {
         );
         assert!(!listing.contains("secret"));
         assert_eq!(bundle.missing(), ["bpffs.txt"]);
+        let reason = &bundle.errors[0].1;
+        assert!(
+            reason.ends_with("/absent: No such file or directory (os error 2)"),
+            "{reason}"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
