@@ -13,6 +13,7 @@
 //! command itself (that is `rayfence::cli`).
 mod agent;
 mod args;
+mod bundle;
 mod cleanup;
 mod cni;
 mod completion;
@@ -55,6 +56,9 @@ enum Command {
     /// Install or remove the chained CNI plugin rayfence-cni on this node.
     #[command(subcommand)]
     Cni(cni::CniCommand),
+    /// Write a support bundle (.tar.gz) of this node's agent: status, flows,
+    /// metrics, versions, kernel, pins and CNI configuration.
+    Bundle(bundle::BundleArgs),
     /// Print a shell completion script: `source <(rayfence completion bash)`.
     Completion(completion::CompletionArgs),
     /// Print the manual page rayfence(1) (`rayfence man | man -l -`), or write one
@@ -72,6 +76,7 @@ impl Cli {
             Command::Flows(args) => flows::run(args),
             Command::Cleanup(args) => cleanup::run(args),
             Command::Cni(command) => cni::run(command),
+            Command::Bundle(args) => bundle::run(args),
             Command::Completion(args) => completion::run(args),
             Command::Man(args) => man::run(args),
         }

@@ -245,6 +245,26 @@ pub(crate) fn link_program(name: &str) -> Option<&'static str> {
     }
 }
 
+impl Datapath {
+    /// How programs attach on this node, for the operator: `tcx` or `clsact` on host
+    /// veths, and `cgroup_skb` where a pod has none.
+    pub fn hook_modes(&self) -> &'static str {
+        if self.uses_tcx() {
+            "tcx,cgroup_skb"
+        } else {
+            "clsact,cgroup_skb"
+        }
+    }
+
+    fn uses_tcx(&self) -> bool {
+        match self.tc_backend {
+            TcBackend::Auto => tcx_supported(),
+            TcBackend::Tcx => true,
+            TcBackend::Clsact => false,
+        }
+    }
+}
+
 fn tcx_supported() -> bool {
     KernelVersion::current().is_ok_and(|version| version >= KernelVersion::new(6, 6, 0))
 }
@@ -356,11 +376,7 @@ impl Datapath {
                 "took over the CNI guard of the veth"
             );
         }
-        let tcx = match self.tc_backend {
-            TcBackend::Auto => tcx_supported(),
-            TcBackend::Tcx => true,
-            TcBackend::Clsact => false,
-        };
+        let tcx = self.uses_tcx();
         if !tcx {
             // Before Linux 6.6: a clsact qdisc and netlink filters. They cannot be
             // pinned but stay attached when the agent exits; a marker directory

@@ -39,6 +39,7 @@ impl Health {
 
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
+        self.metrics.became_ready();
     }
 
     pub fn is_ready(&self) -> bool {

@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use super::exposition::Format;
 use super::wire::FlowVerdict;
 use crate::source::ObjectKind;
 
@@ -53,8 +54,9 @@ pub struct DropLabels {
     pub direction: String,
     /// A datapath reason (`no-policy`, `policy-allow`, ...).
     pub reason: String,
-    /// The local pod's namespace.
-    pub namespace: String,
+    /// The local pod's namespace (not `namespace`: a scrape through a PodMonitor
+    /// adds that label, naming the agent's own namespace).
+    pub pod_namespace: String,
     /// The pod's `ray.io/cluster`, "" for a pod of no RayCluster.
     pub raycluster: String,
     /// `head`, `worker`, or "".
@@ -78,10 +80,23 @@ struct MapLabel {
 /// A RayCluster held fail-closed for lack of room in a datapath map.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CapacityLabels {
-    namespace: String,
+    /// Not `namespace`, which a PodMonitor's scrape sets to the agent's own.
+    raycluster_namespace: String,
     raycluster: String,
     /// The map its entries do not fit (a [`MapLabel`] name).
     map: String,
+}
+
+/// What is running: `rayfence_build_info` is 1 with these labels (the usual
+/// `*_build_info` idiom, for joins and for spotting a mixed rollout).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+    commit: String,
+    /// The node's kernel release.
+    kernel: String,
+    /// How programs attach on this node: `tcx`/`clsact` for veths, `cgroup_skb`.
+    hook_modes: String,
 }
 
 /// Which HTTP listener: `metrics` (`--metrics-addr`), `health` (`--health-addr`).
@@ -148,6 +163,9 @@ pub struct Metrics {
     http_accept_errors: Family<ListenerLabels, Counter>,
     /// Requests answered without being served (a body, too many checks in flight).
     http_requests_shed: Family<ShedLabels, Counter>,
+    build_info: Family<BuildLabels, Gauge>,
+    /// 1 once the first full sync is programmed (what `/readyz` answers).
+    ready: Gauge,
 }
 
 impl Default for Metrics {
@@ -210,7 +228,7 @@ impl Metrics {
         let drops = Family::<DropLabels, Counter>::default();
         registry.register(
             "rayfence_drops",
-            "Packets dropped, by direction, reason, namespace, RayCluster, role and worker group",
+            "Packets dropped, by direction, reason, pod namespace, RayCluster, role and worker group",
             drops.clone(),
         );
         let drop_bytes = Family::<DropLabels, Counter>::default();
@@ -234,7 +252,7 @@ impl Metrics {
         let allowed_flows = Family::<DropLabels, Counter>::default();
         registry.register(
             "rayfence_allowed_flows",
-            "New flows allowed (the first packet of each), by direction, reason, namespace, RayCluster, role and group",
+            "New flows allowed (the first packet of each), by direction, reason, pod namespace, RayCluster, role and group",
             allowed_flows.clone(),
         );
         let map_entries = Family::<MapLabel, Gauge>::default();
@@ -315,7 +333,22 @@ impl Metrics {
             "Requests answered without being served: a request body (none is read), or too many credential checks or loop queries in flight",
             http_requests_shed.clone(),
         );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        registry.register(
+            "rayfence_build_info",
+            "1, labelled with the agent's version and commit, the node's kernel release and the hook modes in use",
+            build_info.clone(),
+        );
+        let ready = Gauge::default();
+        registry.register(
+            "rayfence_ready",
+            "1 once the first full sync of every kind is programmed (what /readyz answers), 0 before",
+            ready.clone(),
+        );
+        registry.register_collector(Box::new(super::process::ProcessCollector));
         Self {
+            build_info,
+            ready,
             registry: Arc::new(registry),
             endpoints_guarded,
             guard_wait,
@@ -550,13 +583,33 @@ impl Metrics {
             .inc();
     }
 
-    /// The Prometheus text format.
-    pub fn encode(&self) -> String {
+    /// The agent started on kernel `kernel`, attaching with `hook_modes`.
+    pub fn started(&self, kernel: &str, hook_modes: &str) {
+        self.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                commit: env!("RAYFENCE_COMMIT").to_owned(),
+                kernel: kernel.to_owned(),
+                hook_modes: hook_modes.to_owned(),
+            })
+            .set(1);
+    }
+
+    /// The first full sync is programmed: the agent is ready.
+    pub fn became_ready(&self) {
+        self.ready.set(1);
+    }
+
+    /// Every series, in `format`.
+    pub fn encode(&self, format: Format) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();
         }
-        out
+        match format {
+            Format::OpenMetrics => out,
+            Format::PrometheusText => super::exposition::to_prometheus_text(&out),
+        }
     }
 }
 
@@ -658,7 +711,7 @@ impl ListenerLabels {
 impl CapacityLabels {
     fn of(namespace: &str, raycluster: &str, map: &'static str) -> Self {
         Self {
-            namespace: namespace.to_owned(),
+            raycluster_namespace: namespace.to_owned(),
             raycluster: raycluster.to_owned(),
             map: map.to_owned(),
         }
@@ -683,30 +736,30 @@ mod tests {
         let labels = DropLabels {
             direction: "ingress".into(),
             reason: "no-policy".into(),
-            namespace: "ray".into(),
+            pod_namespace: "ray".into(),
             raycluster: "rc".into(),
             role: "worker".into(),
             group: "small".into(),
         };
         metrics.datapath_counted(CounterSeries::Drop, &labels, 2, 168);
-        let text = metrics.encode();
+        let text = metrics.encode(Format::OpenMetrics);
         for line in [
             "rayfence_syncs_total{kind=\"Pod\"} 1",
             "rayfence_sync_errors_total{stage=\"node-cgroups\"} 1",
             "rayfence_source_status{status=\"unreachable\"} 1",
             "rayfence_source_status{status=\"connected\"} 0",
             "rayfence_endpoints{hook=\"tc\",state=\"attached\"} 3",
-            "rayfence_raycluster_capacity_held{namespace=\"ray\",raycluster=\"rc\",map=\"policy\"} 7",
+            "rayfence_raycluster_capacity_held{raycluster_namespace=\"ray\",raycluster=\"rc\",map=\"policy\"} 7",
             "rayfence_flow_events_total{verdict=\"audit\"} 1",
             "rayfence_http_requests_shed_total{reason=\"queries-busy\"} 1",
-            "rayfence_drops_total{direction=\"ingress\",reason=\"no-policy\",namespace=\"ray\",raycluster=\"rc\",role=\"worker\",group=\"small\"} 2",
-            "rayfence_drop_bytes_total{direction=\"ingress\",reason=\"no-policy\",namespace=\"ray\",raycluster=\"rc\",role=\"worker\",group=\"small\"} 168",
+            "rayfence_drops_total{direction=\"ingress\",reason=\"no-policy\",pod_namespace=\"ray\",raycluster=\"rc\",role=\"worker\",group=\"small\"} 2",
+            "rayfence_drop_bytes_total{direction=\"ingress\",reason=\"no-policy\",pod_namespace=\"ray\",raycluster=\"rc\",role=\"worker\",group=\"small\"} 168",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
         metrics.raycluster_released("ray", "rc", "policy");
         metrics.datapath_series_gone(CounterSeries::Drop, &labels);
-        let text = metrics.encode();
+        let text = metrics.encode(Format::OpenMetrics);
         assert!(
             !text.contains("rayfence_raycluster_capacity_held{"),
             "{text}"

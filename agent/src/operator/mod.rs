@@ -15,7 +15,8 @@
 //!   (`cli::render`) print it for a person.
 //!
 //! Beside it: [`metrics`] (one registry; callers say what happened, it picks the
-//! series and labels), [`health`] (liveness and readiness for the probes),
+//! series and labels; [`exposition`] is the format a scrape asks for; `process`
+//! the standard `process_*` series), [`health`] (liveness and readiness for the probes),
 //! [`flows`] (the datapath's flow events named, limited, logged, and kept for
 //! `/v1/flows`), [`events`] (bad input posted as Kubernetes Events).
 //!
@@ -23,8 +24,10 @@
 //! server reads here; nothing here reaches back into either.
 pub mod events;
 pub mod explain;
+pub mod exposition;
 pub mod flows;
 pub mod health;
 pub mod metrics;
+mod process;
 pub mod query;
 pub mod wire;

@@ -82,7 +82,7 @@ impl Owner {
 
     fn of_labels(labels: &DropLabels) -> Self {
         Owner {
-            namespace: labels.namespace.clone(),
+            namespace: labels.pod_namespace.clone(),
             raycluster: labels.raycluster.clone(),
             role: labels.role.clone(),
             group: labels.group.clone(),
@@ -101,7 +101,7 @@ impl Owner {
                 .map(Reason::as_str)
                 .unwrap_or("unknown")
                 .to_owned(),
-            namespace: self.namespace.clone(),
+            pod_namespace: self.namespace.clone(),
             raycluster: self.raycluster.clone(),
             role: self.role.clone(),
             group: self.group.clone(),
@@ -450,7 +450,7 @@ mod tests {
         let labels = |rc: &str, group: &str| DropLabels {
             direction: "ingress".into(),
             reason: "no-policy".into(),
-            namespace: "ray".into(),
+            pod_namespace: "ray".into(),
             raycluster: rc.into(),
             role: "worker".into(),
             group: group.into(),

@@ -172,6 +172,9 @@ impl Runtime {
             node_trust = %datapath.node_trust().describe(),
             "datapath loaded"
         );
+        health
+            .metrics
+            .started(&kernel_release(), datapath.hook_modes());
         let locator = Locator::new(config.locator.clone()).map_err(RuntimeError::Discovery)?;
         tracing::info!(
             cgroup_mount = %locator.cgroup2_mount().mount_point.display(),
@@ -904,4 +907,11 @@ fn release_freed_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// The running kernel's release (`uname -r`), "unknown" if it cannot be read.
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
 }

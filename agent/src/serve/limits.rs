@@ -255,6 +255,7 @@ impl Drop for Permit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operator::exposition::Format;
 
     fn admission(max: usize, per_source: usize) -> (Arc<Admission>, Metrics) {
         let metrics = Metrics::new();
@@ -278,7 +279,7 @@ mod tests {
         let _other = a.admit(ip(2)).expect("another source");
         drop(held);
         let _again = a.admit(ip(1)).expect("slots freed on drop");
-        let text = metrics.encode();
+        let text = metrics.encode(Format::OpenMetrics);
         assert!(
             text.contains(
                 "rayfence_http_connections_refused_total{listener=\"metrics\",reason=\"per-source-limit\"} 1"
@@ -296,14 +297,14 @@ mod tests {
         assert_eq!(a.admit(ip(4)).err(), Some(Refused::Global));
         assert!(
             metrics
-                .encode()
+                .encode(Format::OpenMetrics)
                 .contains("rayfence_http_connections{listener=\"metrics\"} 3")
         );
         drop(held);
         assert_eq!(a.sources(), 0);
         assert!(
             metrics
-                .encode()
+                .encode(Format::OpenMetrics)
                 .contains("rayfence_http_connections{listener=\"metrics\"} 0")
         );
     }

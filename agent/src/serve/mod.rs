@@ -45,6 +45,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::sync::broadcast::error::RecvError;
 
+use crate::operator::exposition::Format;
 use crate::operator::flows::FlowHub;
 use crate::operator::health::Health;
 use crate::operator::query::{LoopGone, QueryClient};
@@ -457,11 +458,18 @@ async fn handle<B>(req: &Request<B>, context: &Context) -> Response<Body> {
         };
     }
     match path {
-        "/metrics" => respond(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            full(health.metrics.encode()),
-        ),
+        "/metrics" => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|value| value.to_str().ok());
+            let format = Format::from_accept(accept);
+            respond(
+                StatusCode::OK,
+                format.content_type(),
+                full(health.metrics.encode(format)),
+            )
+        }
         "/healthz" if health.is_live() => text(StatusCode::OK, "ok\n"),
         "/healthz" => text(StatusCode::SERVICE_UNAVAILABLE, "reconcile loop stalled\n"),
         "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
