@@ -92,7 +92,11 @@ fn held_metric(agent: &Agent, node: &SimNode, ns: &str) -> Result<f64> {
     Ok(metric_sum(
         &body,
         "rayfence_raycluster_capacity_held",
-        &[("namespace", ns), ("raycluster", "big"), ("map", "cidrs")],
+        &[
+            ("raycluster_namespace", ns),
+            ("raycluster", "big"),
+            ("map", "cidrs"),
+        ],
     ))
 }
 

@@ -7,6 +7,7 @@
 
 mod api;
 mod audit;
+mod bundle;
 mod capacity;
 mod cni_guard;
 mod cni_install;

@@ -42,7 +42,7 @@ fn series<'a>(
     [
         ("direction", direction),
         ("reason", reason),
-        ("namespace", ns),
+        ("pod_namespace", ns),
         ("raycluster", raycluster),
         ("role", role),
         ("group", group),

@@ -528,7 +528,7 @@ fn drops(agent: &Agent, node: &Node, ns: &str, cluster: &str, role: &str, dir: &
                 &body,
                 "rayfence_drops_total",
                 &[
-                    ("namespace", ns),
+                    ("pod_namespace", ns),
                     ("raycluster", cluster),
                     ("role", role),
                     ("direction", dir),

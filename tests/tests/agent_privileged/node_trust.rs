@@ -369,7 +369,7 @@ impl Rig {
                     &body,
                     "rayfence_drops_total",
                     &[
-                        ("namespace", &self.ns),
+                        ("pod_namespace", &self.ns),
                         ("raycluster", "rc"),
                         ("role", role),
                         ("direction", direction),

@@ -154,7 +154,7 @@ fn agent_enforces_a_raycluster_live_and_counts_drops() -> Result<()> {
                         ("raycluster", "rc"),
                         ("role", "head"),
                         ("direction", "ingress"),
-                        ("namespace", ns),
+                        ("pod_namespace", ns),
                     ],
                 )
             })

@@ -5,17 +5,16 @@
 //! to a file, to the default name and to stdout; and with no agent, the bundle is
 //! still written and `errors.txt` names the socket.
 //!
-//! Needs root for the agent, like `agent_observe`.
-mod agent_common;
-
+//! Needs root for the agent, like `observe`.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agent_common::*;
 use anyhow::{Context as _, Result, ensure};
 use rayfence::operator::wire::StatusReport;
 use rayfence_tests::Outcome;
+use rayfence_tests::agent::*;
+use rayfence_tests::objects::json::*;
 
 const NODE: &str = "node-a";
 const SHORT: Duration = Duration::from_millis(300);
