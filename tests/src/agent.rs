@@ -352,16 +352,26 @@ impl Agent {
 
     /// `GET path` on the agent's metrics address, from inside the node namespace.
     pub fn http_get(&self, node: &Node, path: &str) -> Result<(u16, String)> {
-        let path = path.to_owned();
-        let reply = node.netns.run(move || {
+        let reply = self.http_get_with(node, path, &[])?;
+        Ok((reply.code, reply.body))
+    }
+
+    /// [`Self::http_get`] with extra header lines (`"Accept: ..."`), the whole reply.
+    pub fn http_get_with(
+        &self,
+        node: &Node,
+        path: &str,
+        headers: &[String],
+    ) -> Result<crate::http::Reply> {
+        let (path, headers) = (path.to_owned(), headers.to_vec());
+        node.netns.run(move || {
             crate::http::get(
                 ([127, 0, 0, 1], METRICS_PORT).into(),
                 &path,
-                &[],
+                &headers,
                 Duration::from_secs(2),
             )
-        })??;
-        Ok((reply.code, reply.body))
+        })?
     }
 
     /// Polls `/readyz` until 200; returns when it flipped and every status seen.

@@ -5,6 +5,7 @@
 //! assertions live in the tests.
 
 pub mod chart;
+pub mod monitoring;
 pub mod schema;
 pub mod template;
 

@@ -619,3 +619,163 @@ fn api_watch_restarts_are_counted_by_kind_and_the_source_stays_connected() -> Re
     drop(server);
     Ok(())
 }
+
+/// The labels a PodMonitor's scrape sets on every series: the agent's own must not
+/// collide with them (else Prometheus renames ours `exported_*`).
+const TARGET_LABELS: [&str; 7] = [
+    "namespace",
+    "pod",
+    "container",
+    "endpoint",
+    "job",
+    "instance",
+    "node",
+];
+
+#[test]
+fn the_scrape_passes_promtool_and_has_every_series_the_alerts_and_the_dashboard_query() -> Result<()>
+{
+    use rayfence_tests::deploy::monitoring::*;
+
+    let setup = Setup::new(&[("head", head_of("rc")), ("outsider", outsider())], 131)?;
+    setup.write_clusters(&["rc"], &json!({"mode": "DenyAll"}))?;
+    let agent = setup.start(&[])?;
+    let (node, ns) = (setup.node0(), setup.ns());
+    agent.wait_ready(node, Duration::from_secs(20))?;
+    // A drop, so the drop families have a series with all their labels.
+    pings(setup.pod("outsider"), setup.pod("head"), 2, false);
+    let drops = series("ingress", "no-policy", ns, "rc", "head", "");
+    expect_value(&agent, node, "rayfence_drops_total", &drops, 2.0)?;
+
+    // A scraper that names no format (curl, promtool) gets the text format, which
+    // Prometheus's own checker accepts without a single complaint.
+    let text = agent.http_get_with(node, "/metrics", &[])?;
+    ensure!(text.code == 200, "{}", text.head);
+    ensure!(
+        text.head
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{}",
+        text.head
+    );
+    let lint = run_promtool(&["check", "metrics"], &text.body)?;
+    ensure!(
+        lint.trim().is_empty(),
+        "promtool check metrics:\n{lint}\n{}",
+        text.body
+    );
+    // Prometheus asks for OpenMetrics and gets it.
+    let open = agent.http_get_with(
+        node,
+        "/metrics",
+        &[
+            "Accept: application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+                .into(),
+        ],
+    )?;
+    ensure!(
+        open.head
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{}",
+        open.head
+    );
+    ensure!(open.body.ends_with("# EOF\n"), "{}", open.body);
+
+    // What runs, and that it is ready.
+    ensure!(
+        metric_sum(&text.body, "rayfence_ready", &[]) == 1.0,
+        "{}",
+        text.body
+    );
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    ensure!(
+        metric_sum(
+            &text.body,
+            "rayfence_build_info",
+            &[
+                ("version", env!("CARGO_PKG_VERSION")),
+                ("kernel", kernel.trim()),
+                ("hook_modes", "tcx,cgroup_skb"),
+            ],
+        ) == 1.0,
+        "{}",
+        text.body
+    );
+    for process in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        ensure!(
+            text.body
+                .lines()
+                .any(|l| l.starts_with(&format!("{process} "))),
+            "{process} missing:\n{}",
+            text.body
+        );
+    }
+
+    // No series carries a label the scrape sets itself.
+    let labels = sample_label_names(&text.body);
+    for target in TARGET_LABELS {
+        ensure!(
+            !labels.contains(target),
+            "a series is labelled {target}: {labels:?}"
+        );
+    }
+
+    // The shipped rules pass promtool, and they and the dashboard query only series
+    // this agent exports.
+    let exported = exported_names(&text.body);
+    let rule = prometheus_rule()?;
+    let spec = serde_norway::to_string(&rule["spec"])?;
+    // Not in the manifests directory: the agent reads every file there.
+    let rules_file = std::env::temp_dir().join(format!("rf-rules-{}.yaml", std::process::id()));
+    std::fs::write(&rules_file, spec)?;
+    let checked = run_promtool(
+        &["check", "rules", rules_file.to_str().context("rules path")?],
+        "",
+    );
+    let _ = std::fs::remove_file(&rules_file);
+    let checked = checked?;
+    ensure!(checked.contains("SUCCESS"), "{checked}");
+    let queries: Vec<(String, String)> = rule_exprs(&rule)
+        .into_iter()
+        .map(|e| ("PrometheusRule".to_owned(), e))
+        .chain(
+            dashboard_exprs(&dashboard()?)
+                .into_iter()
+                .map(|e| ("dashboard".to_owned(), e)),
+        )
+        .collect();
+    ensure!(queries.len() > 20, "too few queries read: {queries:?}");
+    // A family with no series yet (nothing held, no sync error, no audit) is not in
+    // the scrape; its name must then be one the agent registers, a string in its
+    // binary: a misspelt query is in neither.
+    let binary = std::fs::read(rayfence_tests::deploy::rayfence_bin()?)?;
+    let registered = |name: &str| {
+        let family = ["_total", "_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(name);
+        binary
+            .windows(family.len())
+            .any(|window| window == family.as_bytes())
+    };
+    let missing: Vec<String> = queries
+        .iter()
+        .flat_map(|(source, expr)| {
+            queried_names(expr)
+                .into_iter()
+                .filter(|name| !exported.contains(name) && !registered(name))
+                .map(move |name| format!("{source}: {name} in {expr}"))
+        })
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "queried, not exported:\n{}",
+        missing.join("\n")
+    );
+    Ok(())
+}
