@@ -6,3 +6,4 @@
 
 mod chart;
 mod manifests;
+mod monitoring;
