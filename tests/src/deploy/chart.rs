@@ -165,7 +165,7 @@ pub fn render_text(template: &str, values: &Value, namespace: &str) -> Result<St
 }
 
 /// The root of every template: `.Values`, `.Release`, `.Chart` (Chart.yaml's keys
-/// as helm names them: `appVersion` is `.Chart.AppVersion`).
+/// as helm names them: `appVersion` is `.Chart.AppVersion`), `.Files`.
 fn dot(values: Value, release: &str, namespace: &str) -> Result<Value> {
     let chart_yaml = chart_yaml()?;
     let chart: Map<String, Value> = chart_yaml
@@ -197,7 +197,27 @@ fn dot(values: Value, release: &str, namespace: &str) -> Result<Value> {
             "Revision": 1,
         },
         "Chart": chart,
+        "Files": chart_files()?,
     }))
+}
+
+/// The chart's `files/` (what `.Files.Get "files/..."` reads), by path.
+fn chart_files() -> Result<Value> {
+    let mut files = Map::new();
+    let dir = chart_dir().join("files");
+    if dir.is_dir() {
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| anyhow!("{} has no name", path.display()))?;
+            let text =
+                std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+            files.insert(format!("files/{name}"), Value::String(text));
+        }
+    }
+    Ok(Value::Object(files))
 }
 
 /// Does `dir` hold a Helm chart at all (Chart.yaml with apiVersion v2)?

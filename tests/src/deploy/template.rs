@@ -137,6 +137,22 @@ impl Templates {
             .words
             .split_first()
             .ok_or_else(|| anyhow!("empty command"))?;
+        if let Term::Field(path) = first
+            && path == &["Files", "Get"]
+        {
+            // `.Files.Get "files/x"`, the one method the chart calls: the file as it
+            // is, not a template (a missing file is an error here; helm gives "").
+            ensure!(
+                rest.len() == 1 && piped.is_none(),
+                ".Files.Get takes one path"
+            );
+            let wanted = self.term(&rest[0], dot, depth)?;
+            let wanted = string(&wanted)?;
+            return dot["Files"]
+                .get(wanted)
+                .cloned()
+                .ok_or_else(|| anyhow!("the chart has no file {wanted}"));
+        }
         let Term::Function(name) = first else {
             ensure!(
                 rest.is_empty() && piped.is_none(),

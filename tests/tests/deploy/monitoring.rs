@@ -139,3 +139,74 @@ fn the_dashboard_config_map_is_the_dashboard_file_for_grafanas_sidecar() -> Resu
     }
     Ok(())
 }
+
+#[test]
+fn the_chart_renders_the_same_monitoring_as_the_component_and_none_by_default() -> Result<()> {
+    use rayfence_tests::deploy::chart::{chart_dir, render};
+    use serde_json::json;
+
+    let none = render(&[], "rayfence-system")?;
+    for kind in ["PodMonitor", "PrometheusRule"] {
+        assert!(none.iter().all(|d| d["kind"] != kind), "{kind} by default");
+    }
+    let on = render(
+        &[
+            ("monitoring.podMonitor.enabled", json!(true)),
+            ("monitoring.prometheusRule.enabled", json!(true)),
+            ("monitoring.dashboard.enabled", json!(true)),
+        ],
+        "rayfence-system",
+    )?;
+    let docs = kustomize(OVERLAY)?;
+    // The same scrape: the chart's selector also names the release (instance).
+    let (chart_monitor, kustomize_monitor) = (only(&on, "PodMonitor"), only(&docs, "PodMonitor"));
+    assert_eq!(
+        chart_monitor["spec"]["podMetricsEndpoints"],
+        kustomize_monitor["spec"]["podMetricsEndpoints"]
+    );
+    assert_eq!(
+        chart_monitor["spec"]["namespaceSelector"],
+        kustomize_monitor["spec"]["namespaceSelector"]
+    );
+    let chart_selector = &chart_monitor["spec"]["selector"]["matchLabels"];
+    for (key, value) in kustomize_monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(&chart_selector[key], value, "{key}");
+    }
+    let chart_pod =
+        &find(&on, "DaemonSet", "rayfence-agent")["spec"]["template"]["metadata"]["labels"];
+    for (key, value) in chart_selector.as_object().expect("matchLabels") {
+        assert_eq!(&chart_pod[key], value, "the chart's agent pods carry {key}");
+    }
+    // The same rules, the same dashboard, read from the chart's own copies.
+    assert_eq!(
+        only(&on, "PrometheusRule")["spec"],
+        only(&docs, "PrometheusRule")["spec"]
+    );
+    let dashboard_of = |docs: &[Value]| -> Value {
+        let text = find(docs, "ConfigMap", "rayfence-dashboard")["data"]["rayfence.json"]
+            .as_str()
+            .expect("rayfence.json")
+            .to_owned();
+        serde_json::from_str(&text).expect("dashboard JSON")
+    };
+    assert_eq!(dashboard_of(&on), dashboard_of(&docs));
+    assert_eq!(
+        std::fs::read(chart_dir().join("files/dashboard.json"))?,
+        std::fs::read(workspace().join("deploy/components/monitoring/dashboard.json"))?,
+        "the chart's dashboard is a copy of the component's"
+    );
+    // Without metrics auth the scrape sends no token; with TLS it speaks HTTPS.
+    let plain = render(
+        &[
+            ("monitoring.podMonitor.enabled", json!(true)),
+            ("metrics.auth.enabled", json!(false)),
+        ],
+        "rayfence-system",
+    )?;
+    let endpoint = &only(&plain, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
+    assert!(endpoint.get("authorization").is_none(), "{endpoint}");
+    Ok(())
+}
