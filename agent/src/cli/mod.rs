@@ -92,6 +92,12 @@ fn note(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
+/// GET `path_and_query` from the agent, the whole answer as text; anything but 200
+/// is an error carrying the agent's words (`rayfence bundle` collects with this).
+pub async fn fetch_text(agent: &AgentAddress, path_and_query: &str) -> anyhow::Result<String> {
+    client::get(agent, path_and_query).await?.text().await
+}
+
 pub async fn status(agent: &AgentAddress, output: Output) -> anyhow::Result<()> {
     let body = get(agent, "/v1/status").await?.text().await?;
     let report: StatusReport = serde_json::from_str(&body)

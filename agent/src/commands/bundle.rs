@@ -23,10 +23,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
 use clap::Args;
-use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::TokioIo;
 use rayfence::cli::AgentAddress;
 use rayfence::cni::install::{DEFAULT_CONF_DIR, PLUGIN_TYPE};
 use rayfence::datapath::paths::DEFAULT_BPFFS_DIR;
@@ -379,72 +376,12 @@ async fn collect_agent(address: &AgentAddress, bundle: &mut Bundle) -> AgentFact
 /// GET `path` from the agent, the whole answer; anything but 200 is an error with
 /// the agent's words.
 async fn fetch(agent: &AgentAddress, path: &str) -> anyhow::Result<Vec<u8>> {
-    match tokio::time::timeout(AGENT_WAIT, fetch_now(agent, path)).await {
-        Ok(answer) => answer.with_context(|| format!("GET {path}")),
+    match tokio::time::timeout(AGENT_WAIT, rayfence::cli::fetch_text(agent, path)).await {
+        Ok(answer) => answer
+            .map(String::into_bytes)
+            .with_context(|| format!("GET {path}")),
         Err(_) => bail!("GET {path}: {agent} did not answer within {AGENT_WAIT:?}"),
     }
-}
-
-async fn fetch_now(agent: &AgentAddress, path: &str) -> anyhow::Result<Vec<u8>> {
-    let (authority, token) = match agent {
-        AgentAddress::Socket(_) => ("localhost", None),
-        AgentAddress::Http { authority, token } => (authority.as_str(), token.as_deref()),
-    };
-    let mut request = hyper::Request::get(path).header(hyper::header::HOST, authority);
-    if let Some(token) = token {
-        request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
-    }
-    let request = request
-        .body(Empty::<Bytes>::new())
-        .context("building the request")?;
-    let response = match agent {
-        AgentAddress::Socket(socket) => {
-            let stream = tokio::net::UnixStream::connect(socket)
-                .await
-                .with_context(|| {
-                    format!("connecting to {agent} (is the agent running on this node? as root?)")
-                })?;
-            send(agent, stream, request).await?
-        }
-        AgentAddress::Http { authority, .. } => {
-            let stream = tokio::net::TcpStream::connect(authority.as_str())
-                .await
-                .with_context(|| format!("connecting to {agent}"))?;
-            send(agent, stream, request).await?
-        }
-    };
-    let status = response.status();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .with_context(|| format!("reading the answer of {agent}"))?
-        .to_bytes();
-    if status != hyper::StatusCode::OK {
-        bail!(
-            "{agent} answered {status}: {}",
-            String::from_utf8_lossy(&body).trim()
-        );
-    }
-    Ok(body.to_vec())
-}
-
-async fn send<S>(
-    agent: &AgentAddress,
-    stream: S,
-    request: hyper::Request<Empty<Bytes>>,
-) -> anyhow::Result<hyper::Response<hyper::body::Incoming>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .with_context(|| format!("talking HTTP to {agent}"))?;
-    tokio::spawn(connection);
-    sender
-        .send_request(request)
-        .await
-        .with_context(|| format!("asking {agent}"))
 }
 
 /// The process that answers on `socket` (its peer credentials): its arguments, and
