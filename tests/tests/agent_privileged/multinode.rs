@@ -1,6 +1,6 @@
-//! Multi-node simulation: three "nodes" (network namespaces joined by an underlay
-//! with pod-CIDR routes), each running its own real `rayfence agent` against one fake
-//! Kubernetes API server, with the Ray pods of one RayCluster spread over all of
+//! Multi-node simulation: three "nodes" (network namespaces joined by an underlay,
+//! pod traffic routed over it or encapsulated in VXLAN), each running its own real
+//! `rayfence agent` against one fake Kubernetes API server, with the Ray pods of one RayCluster spread over all of
 //! them: intra-cluster flows across nodes pass, an outsider on another node is
 //! dropped, a RayCluster edit reaches every node (the time to enforcement on each
 //! node is printed), and an API outage keeps enforcement as it was (intra-cluster
@@ -281,6 +281,16 @@ fn measure(
 
 #[test]
 fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
+    three_nodes_enforce_one_raycluster(Transport::HostGw)
+}
+
+/// The same over flannel's vxlan backend: every flow between nodes encapsulated.
+#[test]
+fn three_nodes_over_vxlan_enforce_one_raycluster_from_one_api_server() -> Result<()> {
+    three_nodes_enforce_one_raycluster(Transport::Vxlan)
+}
+
+fn three_nodes_enforce_one_raycluster(transport: Transport) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -290,6 +300,7 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
 
     // node-0: the head; node-1: a worker and the outsider; node-2: a worker.
     let mut topo = Topology::with_pods(Layout::Bridged, probe_bin(), &["head"])?;
+    topo.set_transport(transport)?;
     let n1 = topo.add_node()?;
     topo.add_pod(n1, "worker-1")?;
     topo.add_pod(n1, "outsider")?;
@@ -519,6 +530,20 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
     );
     intra("after the outage")?;
     outsider_dropped("after the outage")?;
+    if transport == Transport::Vxlan {
+        for node in topo.nodes() {
+            let carried = vxlan_packets(node)?;
+            println!(
+                "node-{}: its VXLAN devices carried {carried} packets",
+                node.index
+            );
+            ensure!(
+                carried > 100,
+                "node-{}: {carried} packets over VXLAN",
+                node.index
+            );
+        }
+    }
     for rig in &rigs {
         alive(&rig.agent)?;
     }
