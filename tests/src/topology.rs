@@ -20,6 +20,8 @@
 //! | bridge gateway (Bridged)  | 10.244.n.1/24     | fd00:10:244:n::1/64         |
 //! | pod k on node n           | 10.244.n.(10+k)   | fd00:10:244:n::(10+k) (hex) |
 //! | underlay (multi-node, or with an external client) | 10.1.0.(n+1)/24 | fd00:10:1::(n+1)/64 |
+//! | VTEP address ([`Transport::Vxlan`]) | 10.244.n.0/32 | fd00:10:244:n::/128 |
+//! | VTEP MAC ([`Transport::Vxlan`]) | 0e:72:66:(n):00:04 | 0e:72:66:(n):00:06 |
 //! | macvlan pod k on node n   | 10.245.n.(10+k)   | fd00:10:245:n::(10+k) (hex) |
 //! | external client i         | 10.1.0.(200+i)/24 | fd00:10:1::(c8+i)/64        |
 //! | "cluster CIDR" (kube-proxy's `--cluster-cidr`) | 10.244.0.0/15 | fd00:10:244::/47 |
@@ -27,11 +29,28 @@
 //! Every topology lives in its own namespaces, so two topologies (in one test
 //! binary or in several) may use the same addresses without meeting. Interface
 //! names carry a per-topology tag (`rf<tag>p<i>` for host veths, `rf<tag>br` for the
-//! bridge) so they are unique machine-wide as well, although nothing requires that.
+//! bridge, `rf<tag>vx` / `rf<tag>v6` for the VXLAN devices) so they are unique
+//! machine-wide as well, although nothing requires that.
 //!
 //! Multi-node: [`Topology::add_node`] connects nodes through an "underlay"
 //! namespace holding a bridge; each node has a veth `ul0` on it and routes to the
-//! other nodes' pod CIDRs and host addresses via their underlay address.
+//! other nodes' host addresses (and macvlan ranges) via their underlay address.
+//! How pod traffic crosses between nodes is the [`Transport`], chosen with
+//! [`Topology::set_transport`] before the second node:
+//! - [`Transport::HostGw`] (the default; flannel's host-gw backend): a plain route
+//!   to each other node's pod CIDRs via that node's underlay address.
+//! - [`Transport::Vxlan`] (flannel's vxlan backend, k3s's default): each node has
+//!   flannel's two VXLAN devices, `rf<tag>vx` (flannel.1: VNI 1, dstport 8472,
+//!   `local` its IPv4 underlay address, nolearning, MTU 1450) and `rf<tag>v6`
+//!   (flannel-v6.1: the same over the IPv6 underlay, MTU 1430), each holding the
+//!   node's VTEP address. For every other node m it has, as flanneld programs them,
+//!   `10.244.m.0/24 via 10.244.m.0 dev rf<tag>vx onlink` (and
+//!   `fd00:10:244:m::/64 via fd00:10:244:m:: dev rf<tag>v6 onlink`), a permanent
+//!   neighbour entry from m's VTEP address to m's VTEP MAC, and an FDB entry from
+//!   that MAC to m's underlay address. Pods (and the bridge) get MTU 1430, which
+//!   fits both encapsulations, as flannel shrinks the pods' MTU. Nothing routes a
+//!   pod CIDR via the underlay, so pod traffic between nodes is always
+//!   encapsulated; external clients still route pod ranges via the node.
 //!
 //! Pieces a test adds when it needs them (each optional; see also [`crate::node_nat`]
 //! and [`crate::kubelet`]):
@@ -73,6 +92,23 @@ pub enum Layout {
     Routed,
 }
 
+/// How pod traffic travels between nodes (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Transport {
+    /// flannel's host-gw: routes via the other node's underlay address.
+    #[default]
+    HostGw,
+    /// flannel's vxlan: encapsulated over a VXLAN device per address family.
+    Vxlan,
+}
+
+/// flannel's VXLAN identifier and UDP port (the Linux kernel's, not IANA's 4789).
+pub const VXLAN_VNI: u32 = 1;
+pub const VXLAN_PORT: u16 = 8472;
+/// The pods' MTU with [`Transport::Vxlan`]: 1500 less the 70 bytes VXLAN over
+/// IPv6 adds, so neither encapsulation needs fragments or path MTU discovery.
+pub const VXLAN_POD_MTU: u32 = 1430;
+
 /// The MAC Calico gives every host-side veth.
 const ROUTED_HOST_MAC: &str = "ee:ee:ee:ee:ee:ee";
 /// The pods' IPv4 gateway in the routed layout (never assigned anywhere).
@@ -90,6 +126,12 @@ pub const CLUSTER_CIDR6: (Ipv6Addr, u8) = (Ipv6Addr::new(0xfd00, 0x10, 0x244, 0,
 /// The node side of the macvlan pods' network: its link-local address, their IPv6
 /// gateway.
 pub const MACVLAN_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// Node `n`'s VTEP MAC for address family `family` (4 or 6): locally
+/// administered, unicast, fixed so peers can be programmed without asking.
+fn vtep_mac(n: usize, family: u8) -> String {
+    format!("0e:72:66:{:02x}:00:{family:02x}", n as u8)
+}
 
 /// A node namespace.
 #[derive(Debug)]
@@ -117,6 +159,9 @@ pub struct Node {
     pub underlay6: Option<Ipv6Addr>,
     /// The node's own macvlan, once it has a macvlan pod.
     pub macvlan: Option<String>,
+    /// Its VXLAN devices (IPv4, IPv6 underlay), once a second node exists with
+    /// [`Transport::Vxlan`].
+    pub vxlan: Option<[String; 2]>,
     bin: ProbeBin,
     pods_created: usize,
     macvlan_pods_created: usize,
@@ -155,6 +200,21 @@ impl Node {
     /// The host addresses `host0` holds, as probe targets.
     pub fn ips(&self) -> [IpAddr; 2] {
         [IpAddr::V4(self.ip4), IpAddr::V6(self.ip6)]
+    }
+
+    /// Packets received and sent by interface `dev` of the node namespace
+    /// (`ip -s link`): (rx, tx).
+    pub fn link_packets(&self, dev: &str) -> Result<(u64, u64)> {
+        let out = self.netns.ip(&["-j", "-s", "link", "show", "dev", dev])?;
+        let links: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("ip -j -s link show dev {dev}: {out}"))?;
+        let stats = &links[0]["stats64"];
+        let count = |dir: &str| {
+            stats[dir]["packets"]
+                .as_u64()
+                .with_context(|| format!("no {dir} packets for {dev} in {out}"))
+        };
+        Ok((count("rx")?, count("tx")?))
     }
 
     /// Every global address of the node namespace (host, bridge, underlay): what
@@ -301,6 +361,7 @@ impl ExternalClient {
 #[derive(Debug)]
 pub struct Topology {
     pub layout: Layout,
+    transport: Transport,
     tag: String,
     bin: ProbeBin,
     // Field order is drop order: pods, then nodes, then external clients, then
@@ -319,6 +380,7 @@ impl Topology {
         let underlay_bridge = format!("rf{tag}ul");
         let mut t = Topology {
             layout,
+            transport: Transport::HostGw,
             tag,
             bin,
             pods: Vec::new(),
@@ -342,6 +404,41 @@ impl Topology {
 
     pub fn tag(&self) -> &str {
         &self.tag
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// How pod traffic will cross between nodes; only while there is one node
+    /// (the pods it has already get the transport's MTU).
+    pub fn set_transport(&mut self, transport: Transport) -> Result<()> {
+        if self.nodes.len() > 1 {
+            bail!("the transport is chosen before the second node");
+        }
+        self.transport = transport;
+        if let Some(mtu) = self.pod_mtu() {
+            let mtu = mtu.to_string();
+            for node in &self.nodes {
+                if let Some(br) = &node.bridge {
+                    node.netns.ip(&["link", "set", br, "mtu", &mtu])?;
+                }
+            }
+            for pod in self.pods.iter().filter(|p| p.wiring == Wiring::Veth) {
+                let node = &self.nodes[pod.node];
+                node.netns.ip(&["link", "set", &pod.host_if, "mtu", &mtu])?;
+                pod.netns.ip(&["link", "set", &pod.pod_if, "mtu", &mtu])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The MTU of the pods (and the bridge), if the transport shrinks it.
+    fn pod_mtu(&self) -> Option<u32> {
+        match self.transport {
+            Transport::HostGw => None,
+            Transport::Vxlan => Some(VXLAN_POD_MTU),
+        }
     }
 
     pub fn node(&self, index: usize) -> &Node {
@@ -453,6 +550,9 @@ impl Topology {
                     "mcast_snooping",
                     "0",
                 ])?;
+                if let Some(mtu) = self.pod_mtu() {
+                    netns.ip(&["link", "set", &br, "mtu", &mtu.to_string()])?;
+                }
                 netns.ip(&["addr", "add", &format!("{g4}/24"), "dev", &br])?;
                 netns.ip(&["addr", "add", &format!("{g6}/64"), "dev", &br, "nodad"])?;
                 netns.ip(&["link", "set", &br, "up"])?;
@@ -478,6 +578,7 @@ impl Topology {
             underlay4: None,
             underlay6: None,
             macvlan: None,
+            vxlan: None,
             bin: self.bin.clone(),
             pods_created: 0,
             macvlan_pods_created: 0,
@@ -492,6 +593,9 @@ impl Topology {
         for i in 0..=n {
             if self.nodes[i].underlay4.is_none() {
                 self.attach_underlay(i)?;
+            }
+            if self.transport == Transport::Vxlan && self.nodes[i].vxlan.is_none() {
+                self.add_vteps(i)?;
             }
         }
         for m in 0..n {
@@ -632,22 +736,27 @@ impl Topology {
         let via4 = t.underlay4.context("no underlay")?.to_string();
         let via6 = t.underlay6.context("no underlay")?.to_string();
         let ns = &f.netns;
-        ns.ip(&[
-            "route",
-            "add",
-            &format!("{}/{}", t.pod_cidr4.0, t.pod_cidr4.1),
-            "via",
-            &via4,
-        ])?;
+        match self.transport {
+            Transport::HostGw => {
+                ns.ip(&[
+                    "route",
+                    "add",
+                    &format!("{}/{}", t.pod_cidr4.0, t.pod_cidr4.1),
+                    "via",
+                    &via4,
+                ])?;
+                ns.ip(&[
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{}/{}", t.pod_cidr6.0, t.pod_cidr6.1),
+                    "via",
+                    &via6,
+                ])?;
+            }
+            Transport::Vxlan => self.route_through_vxlan(from, to)?,
+        }
         ns.ip(&["route", "add", &format!("{}/32", t.ip4), "via", &via4])?;
-        ns.ip(&[
-            "-6",
-            "route",
-            "add",
-            &format!("{}/{}", t.pod_cidr6.0, t.pod_cidr6.1),
-            "via",
-            &via6,
-        ])?;
         ns.ip(&[
             "-6",
             "route",
@@ -671,6 +780,126 @@ impl Topology {
             "via",
             &via6,
         ])?;
+        Ok(())
+    }
+
+    /// Node `i`'s VXLAN devices (see the module docs), bound to its underlay
+    /// addresses, each holding the node's VTEP address.
+    fn add_vteps(&mut self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let u4 = node.underlay4.context("no underlay")?;
+        let u6 = node.underlay6.context("no underlay")?;
+        let (dev4, dev6) = (format!("rf{}vx", self.tag), format!("rf{}v6", self.tag));
+        let vni = VXLAN_VNI.to_string();
+        let port = VXLAN_PORT.to_string();
+        for (dev, local, mac, vtep, mtu) in [
+            (
+                &dev4,
+                IpAddr::from(u4),
+                vtep_mac(i, 4),
+                format!("{}/32", node.pod_cidr4.0),
+                "1450",
+            ),
+            (
+                &dev6,
+                IpAddr::from(u6),
+                vtep_mac(i, 6),
+                format!("{}/128", node.pod_cidr6.0),
+                "1430",
+            ),
+        ] {
+            node.netns.ip(&[
+                "link",
+                "add",
+                dev,
+                "address",
+                &mac,
+                "mtu",
+                mtu,
+                "type",
+                "vxlan",
+                "id",
+                &vni,
+                "local",
+                &local.to_string(),
+                "dev",
+                "ul0",
+                "dstport",
+                &port,
+                "nolearning",
+            ])?;
+            node.netns
+                .ip(&["addr", "add", &vtep, "dev", dev, "nodad"])?;
+            node.netns.ip(&["link", "set", dev, "up"])?;
+        }
+        self.nodes[i].vxlan = Some([dev4, dev6]);
+        Ok(())
+    }
+
+    /// What flanneld programs in node `from` for node `to` with the vxlan backend:
+    /// per address family a route to `to`'s pod CIDR via its VTEP address (on-link
+    /// on the VXLAN device), a permanent neighbour entry for that address, and the
+    /// FDB entry that sends `to`'s VTEP MAC to its underlay address.
+    fn route_through_vxlan(&self, from: usize, to: usize) -> Result<()> {
+        let (f, t) = (&self.nodes[from], &self.nodes[to]);
+        let [dev4, dev6] = f.vxlan.as_ref().context("no VXLAN device")?;
+        let u4: IpAddr = t.underlay4.context("no underlay")?.into();
+        let u6: IpAddr = t.underlay6.context("no underlay")?.into();
+        for (family, dev, vtep, cidr, mac, underlay) in [
+            (
+                "-4",
+                dev4,
+                IpAddr::from(t.pod_cidr4.0),
+                t.pod_cidr4.1,
+                vtep_mac(to, 4),
+                u4,
+            ),
+            (
+                "-6",
+                dev6,
+                IpAddr::from(t.pod_cidr6.0),
+                t.pod_cidr6.1,
+                vtep_mac(to, 6),
+                u6,
+            ),
+        ] {
+            let vtep = vtep.to_string();
+            f.netns.ip(&[
+                family,
+                "neigh",
+                "replace",
+                &vtep,
+                "lladdr",
+                &mac,
+                "dev",
+                dev,
+                "nud",
+                "permanent",
+            ])?;
+            f.netns.ip(&[
+                family,
+                "route",
+                "add",
+                &format!("{vtep}/{cidr}"),
+                "via",
+                &vtep,
+                "dev",
+                dev,
+                "onlink",
+            ])?;
+            f.netns.exec(&[
+                "bridge",
+                "fdb",
+                "replace",
+                &mac,
+                "dev",
+                dev,
+                "dst",
+                &underlay.to_string(),
+                "self",
+                "permanent",
+            ])?;
+        }
         Ok(())
     }
 
@@ -851,6 +1080,11 @@ impl Topology {
             "netns",
             netns.name(),
         ])?;
+        if let Some(mtu) = self.pod_mtu() {
+            let mtu = mtu.to_string();
+            node_ns.ip(&["link", "set", &host_if, "mtu", &mtu])?;
+            netns.ip(&["link", "set", &pod_if, "mtu", &mtu])?;
+        }
         match layout {
             Layout::Bridged => {
                 let br = n.bridge.as_deref().context("bridged node without bridge")?;

@@ -1,6 +1,6 @@
-//! Multi-node simulation: three "nodes" (network namespaces joined by an underlay
-//! with pod-CIDR routes), each running its own real `rayfence agent` against one fake
-//! Kubernetes API server, with the Ray pods of one RayCluster spread over all of
+//! Multi-node simulation: three "nodes" (network namespaces joined by an underlay,
+//! pod traffic routed over it or encapsulated in VXLAN), each running its own real
+//! `rayfence agent` against one fake Kubernetes API server, with the Ray pods of one RayCluster spread over all of
 //! them: intra-cluster flows across nodes pass, an outsider on another node is
 //! dropped, a RayCluster edit reaches every node (the time to enforcement on each
 //! node is printed), and an API outage keeps enforcement as it was (intra-cluster
@@ -9,6 +9,13 @@
 //!
 //! And NodePorts across two nodes (kube-proxy's NAT on each, an external client on
 //! the underlay): what each node's NAT does to the source, and who is judged.
+//!
+//! And two nodes over flannel's vxlan backend (pod traffic between nodes
+//! encapsulated, see [`rayfence_tests::topology::Transport`]): the agents' programs
+//! on the pods' veths see the inner packets, so a RayCluster split over the nodes
+//! passes, an outsider on the other node is dropped and counted by the head's node,
+//! a pod that is not isolated stays reachable, and the worker's egress to it is
+//! dropped and counted by the worker's node.
 //!
 //! The fake API server listens on 127.0.0.1 of the test's namespace, which the
 //! agents (in their node namespaces) cannot reach; each node gets a small TCP relay
@@ -38,6 +45,7 @@ use rayfence_tests::objects::json::{
 };
 use rayfence_tests::probe::wait_outcome;
 use rayfence_tests::probe_bin;
+use rayfence_tests::topology::Transport;
 use rayfence_tests::{Layout, Node, Outcome, Pod, Server, Topology};
 use serde_json::{Value, json};
 
@@ -273,6 +281,16 @@ fn measure(
 
 #[test]
 fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
+    three_nodes_enforce_one_raycluster(Transport::HostGw)
+}
+
+/// The same over flannel's vxlan backend: every flow between nodes encapsulated.
+#[test]
+fn three_nodes_over_vxlan_enforce_one_raycluster_from_one_api_server() -> Result<()> {
+    three_nodes_enforce_one_raycluster(Transport::Vxlan)
+}
+
+fn three_nodes_enforce_one_raycluster(transport: Transport) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -282,6 +300,7 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
 
     // node-0: the head; node-1: a worker and the outsider; node-2: a worker.
     let mut topo = Topology::with_pods(Layout::Bridged, probe_bin(), &["head"])?;
+    topo.set_transport(transport)?;
     let n1 = topo.add_node()?;
     topo.add_pod(n1, "worker-1")?;
     topo.add_pod(n1, "outsider")?;
@@ -511,6 +530,20 @@ fn three_nodes_enforce_one_raycluster_from_one_api_server() -> Result<()> {
     );
     intra("after the outage")?;
     outsider_dropped("after the outage")?;
+    if transport == Transport::Vxlan {
+        for node in topo.nodes() {
+            let carried = vxlan_packets(node)?;
+            println!(
+                "node-{}: its VXLAN devices carried {carried} packets",
+                node.index
+            );
+            ensure!(
+                carried > 100,
+                "node-{}: {carried} packets over VXLAN",
+                node.index
+            );
+        }
+    }
     for rig in &rigs {
         alive(&rig.agent)?;
     }
@@ -850,6 +883,169 @@ fn node_ports_across_nodes_are_judged_by_the_original_client_and_the_backend() -
     std::thread::sleep(Duration::from_millis(1200));
     ensure!(
         head_in() == want_in && eg_out() == want_out,
+        "drops nobody caused"
+    );
+    for rig in &rigs {
+        alive(&rig.agent)?;
+    }
+    drop(rigs);
+    drop(rt);
+    Ok(())
+}
+
+/// Packets sent and received by `node`'s VXLAN devices, both families together.
+fn vxlan_packets(node: &Node) -> Result<u64> {
+    let devices = node.vxlan.as_ref().context("no VXLAN devices")?;
+    let mut sum = 0;
+    for dev in devices {
+        let (rx, tx) = node.link_packets(dev)?;
+        sum += rx + tx;
+    }
+    Ok(sum)
+}
+
+/// flannel's vxlan backend under two agents: the head of `rc` and a pod nobody
+/// isolates on node-0, a worker of `rc` and an outsider on node-1. Every flow
+/// between the nodes is encapsulated, and judged on the pods' veths all the same.
+#[test]
+fn two_nodes_over_vxlan_enforce_a_raycluster_split_between_them() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(FakeApiServer::start())?;
+    server.install_crd("ray.io", "v1", "rayclusters");
+
+    let mut topo = Topology::with_pods(Layout::Bridged, probe_bin(), &["head", "open"])?;
+    topo.set_transport(Transport::Vxlan)?;
+    let n1 = topo.add_node()?;
+    topo.add_pod(n1, "worker")?;
+    topo.add_pod(n1, "outsider")?;
+    let ns = format!("ray-{}", topo.tag());
+    let placement: [Placement; 4] = [
+        ("head", 0, head_labels("rc")),
+        ("open", 0, vec![("app", "open")]),
+        ("worker", n1, worker_labels("rc")),
+        ("outsider", n1, vec![("app", "outsider")]),
+    ];
+
+    server.apply(&namespace(&ns));
+    for (i, node) in topo.nodes().iter().enumerate() {
+        server.apply(&node_object(&node_name(i), node));
+    }
+    let mut kubelets: Vec<Option<Kubelet>> = Vec::new();
+    let mut sandboxes: Vec<Vec<Sandbox>> = Vec::new();
+    for _ in topo.nodes() {
+        kubelets.push(Some(Kubelet::new()?));
+        sandboxes.push(Vec::new());
+    }
+    for (n, (pod, node, labels)) in placement.iter().enumerate() {
+        let uid = uid(n as u32 + 201);
+        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
+        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
+        server.apply(&pod_object(
+            &ns,
+            topo.pod(pod),
+            &uid,
+            &node_name(*node),
+            labels,
+        ));
+    }
+    server.apply(&raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
+
+    let (node0, node1) = (topo.node(0), topo.node(n1));
+    let (head, open, worker, outsider) = (
+        topo.pod("head"),
+        topo.pod("open"),
+        topo.pod("worker"),
+        topo.pod("outsider"),
+    );
+    let _servers = [
+        head.serve_tcp(PORT)?,
+        head.serve_udp(PORT)?,
+        open.serve_tcp(PORT)?,
+        worker.serve_tcp(PORT)?,
+    ];
+    for dst in head.ips() {
+        ensure!(
+            outsider.tcp_connect(dst, PORT, SHORT) == Outcome::Ok,
+            "open before the agents: outsider -> head {dst}"
+        );
+    }
+
+    let rigs = start_agents(&topo, &server, &mut kubelets, &mut sandboxes)?;
+    for (i, rig) in rigs.iter().enumerate() {
+        let ready = rig
+            .agent
+            .wait_ready(topo.node(i), Duration::from_secs(30))?;
+        println!("node-{i}: agent ready after {ready:?}");
+    }
+    let agent0 = &rigs[0].agent;
+    let head_in = || drops(agent0, node0, &ns, "rc", "head", "ingress");
+    let mut want_in = head_in();
+    let encapsulated = [vxlan_packets(node0)?, vxlan_packets(node1)?];
+
+    // The RayCluster across the nodes: both ways, TCP v4 and v6, UDP.
+    for (from, to) in [(worker, head), (head, worker)] {
+        for dst in to.ips() {
+            ensure!(
+                from.tcp_connect(dst, PORT, SHORT) == Outcome::Ok,
+                "{} -> {} ({dst}) TCP",
+                from.name,
+                to.name
+            );
+        }
+    }
+    for dst in head.ips() {
+        ensure!(
+            worker.udp_probe(dst, PORT, SHORT) == Outcome::Ok,
+            "worker -> head ({dst}) UDP"
+        );
+    }
+    // The outsider on node-1 is dropped by node-0's agent, one SYN each.
+    let denied = Duration::from_millis(700);
+    for dst in head.ips() {
+        let o = outsider.tcp_connect(dst, PORT, denied);
+        ensure!(
+            o.is_blocked(),
+            "outsider -> head ({dst}) not dropped ({o:?})"
+        );
+        want_in += 1.0;
+    }
+    expect_drops("head ingress from node-1's outsider", want_in, head_in)?;
+    // A pod nobody isolates, on node-0: the outsider reaches it; the worker may
+    // not leave its cluster (DenyAll isolates egress too), dropped and counted by
+    // node-1's agent.
+    let agent1 = &rigs[1].agent;
+    let worker_out = || drops(agent1, node1, &ns, "rc", "worker", "egress");
+    let mut want_out = worker_out();
+    for dst in open.ips() {
+        ensure!(
+            outsider.tcp_connect(dst, PORT, SHORT) == Outcome::Ok,
+            "outsider -> open ({dst})"
+        );
+        let o = worker.tcp_connect(dst, PORT, denied);
+        ensure!(o.is_blocked(), "worker -> open ({dst}) not dropped ({o:?})");
+        want_out += 1.0;
+    }
+    expect_drops("worker egress to node-0's open pod", want_out, worker_out)?;
+    // All of it went through the VXLAN devices (an encapsulated packet counts
+    // once on each node's device).
+    for (i, node) in [node0, node1].into_iter().enumerate() {
+        let now = vxlan_packets(node)?;
+        println!(
+            "node-{i}: its VXLAN devices carried {} packets",
+            now - encapsulated[i]
+        );
+        ensure!(
+            now >= encapsulated[i] + 20,
+            "node-{i}: its VXLAN devices carried {} packets",
+            now - encapsulated[i]
+        );
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    ensure!(
+        head_in() == want_in && worker_out() == want_out,
         "drops nobody caused"
     );
     for rig in &rigs {

@@ -1,28 +1,71 @@
-//! Self-tests of the multi-node topology and of what the probes report when
-//! traffic does not get through, no eBPF.
+//! Self-tests of the multi-node topology (over host-gw routes and over VXLAN) and
+//! of what the probes report when traffic does not get through, no eBPF.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use rayfence_tests::{Layout, Outcome, Topology, probe_bin};
+use anyhow::{Context, Result, ensure};
+use rayfence_tests::topology::{Transport, VXLAN_POD_MTU};
+use rayfence_tests::{Layout, Node, Outcome, Topology, probe_bin};
 
 const T: Duration = Duration::from_secs(2);
 
-fn pods_on_two_nodes_reach_each_other(layout: Layout) -> Result<()> {
+/// Packets (rx, tx) of each VXLAN device of `node` (IPv4, IPv6 underlay).
+fn vxlan_packets(node: &Node) -> Result<[(u64, u64); 2]> {
+    let [dev4, dev6] = node.vxlan.as_ref().context("no VXLAN devices")?;
+    Ok([node.link_packets(dev4)?, node.link_packets(dev6)?])
+}
+
+fn pods_on_two_nodes_reach_each_other(layout: Layout, transport: Transport) -> Result<()> {
     let started = Instant::now();
     let mut topo = Topology::with_pods(layout, probe_bin(), &["local"])?;
+    topo.set_transport(transport)?;
     let n1 = topo.add_node()?;
     topo.add_pod(n1, "remote")?;
-    eprintln!("{layout:?} two nodes: set up in {:?}", started.elapsed());
+    eprintln!(
+        "{layout:?} over {transport:?}, two nodes: set up in {:?}",
+        started.elapsed()
+    );
     let (local, remote) = (topo.pod("local"), topo.pod("remote"));
     assert_eq!(remote.node, 1);
     let _tcp = remote.serve_tcp(6379)?;
     let _udp = remote.serve_udp(6379)?;
+    let (node0, node1) = (topo.node(0), topo.node(1));
+    let before = match transport {
+        Transport::HostGw => None,
+        Transport::Vxlan => Some([vxlan_packets(node0)?, vxlan_packets(node1)?]),
+    };
     for dst in remote.ips() {
         assert_eq!(local.tcp_connect(dst, 6379, T), Outcome::Ok, "tcp {dst}");
         assert_eq!(local.udp_probe(dst, 6379, T), Outcome::Ok, "udp {dst}");
         assert_eq!(local.ping(dst, T), Outcome::Ok, "ping {dst}");
+    }
+    if let Some(before) = before {
+        let after = [vxlan_packets(node0)?, vxlan_packets(node1)?];
+        eprintln!("VXLAN devices (rx, tx) per node and family: {before:?} -> {after:?}");
+        // Each family: at least a SYN, a datagram and an echo request one way, and
+        // their answers the other way, through each node's device.
+        for (node, (was, now)) in before.iter().zip(&after).enumerate() {
+            for (family, ((rx0, tx0), (rx1, tx1))) in
+                ["IPv4", "IPv6"].iter().zip(was.iter().zip(now))
+            {
+                ensure!(
+                    rx1 - rx0 >= 3 && tx1 - tx0 >= 3,
+                    "node-{node} {family} VXLAN device: rx {rx0} -> {rx1}, tx {tx0} -> {tx1}"
+                );
+            }
+        }
+        assert_pod_routes_use_vxlan(node0, remote.ips(), node1)?;
+        assert_pod_routes_use_vxlan(node1, local.ips(), node0)?;
+        // The pod made before the transport was chosen was shrunk too.
+        for pod in [local, remote] {
+            let link = pod.netns.ip(&["link", "show", "dev", &pod.pod_if])?;
+            ensure!(
+                link.contains(&format!(" mtu {VXLAN_POD_MTU} ")),
+                "{}: {link}",
+                pod.name
+            );
+        }
     }
     // The other node's host address, through the underlay.
     let node1 = topo.node(1);
@@ -37,14 +80,69 @@ fn pods_on_two_nodes_reach_each_other(layout: Layout) -> Result<()> {
     Ok(())
 }
 
+/// `node` reaches the pods `dsts` of node `peer` only through its VXLAN devices:
+/// flannel's on-link routes via the peer's VTEP address, none via the underlay.
+fn assert_pod_routes_use_vxlan(node: &Node, dsts: [IpAddr; 2], peer: &Node) -> Result<()> {
+    let [dev4, dev6] = node.vxlan.as_ref().context("no VXLAN devices")?;
+    let want = [
+        format!(
+            "{0}/{1} via {0} dev {dev4} ",
+            peer.pod_cidr4.0, peer.pod_cidr4.1
+        ),
+        format!(
+            "{0}/{1} via {0} dev {dev6} ",
+            peer.pod_cidr6.0, peer.pod_cidr6.1
+        ),
+    ];
+    for (family, want) in ["-4", "-6"].into_iter().zip(want) {
+        let routes = node.netns.ip(&[family, "route", "show", "table", "all"])?;
+        ensure!(
+            routes
+                .lines()
+                .any(|r| r.starts_with(&want) && r.contains(" onlink")),
+            "node-{}: no route `{want}... onlink` in\n{routes}",
+            node.index
+        );
+        ensure!(
+            !routes.lines().any(|r| r.contains("dev ul0")
+                && (r.contains(&peer.pod_cidr4.0.to_string())
+                    || r.contains(&peer.pod_cidr6.0.to_string()))),
+            "node-{}: a plain route to node-{}'s pods in\n{routes}",
+            node.index,
+            peer.index
+        );
+    }
+    for (dst, dev) in dsts.into_iter().zip([dev4, dev6]) {
+        let got = node.netns.ip(&["route", "get", &dst.to_string()])?;
+        ensure!(
+            got.contains(&format!(" dev {dev} ")),
+            "node-{}: {dst} is not routed through {dev}: {got}",
+            node.index
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn bridged_pods_on_two_nodes_reach_each_other_over_the_underlay() -> Result<()> {
-    pods_on_two_nodes_reach_each_other(Layout::Bridged)
+    pods_on_two_nodes_reach_each_other(Layout::Bridged, Transport::HostGw)
 }
 
 #[test]
 fn routed_pods_on_two_nodes_reach_each_other_over_the_underlay() -> Result<()> {
-    pods_on_two_nodes_reach_each_other(Layout::Routed)
+    pods_on_two_nodes_reach_each_other(Layout::Routed, Transport::HostGw)
+}
+
+/// flannel's vxlan backend: the same reachability, every packet encapsulated.
+#[test]
+fn bridged_pods_on_two_nodes_reach_each_other_through_vxlan() -> Result<()> {
+    pods_on_two_nodes_reach_each_other(Layout::Bridged, Transport::Vxlan)
+}
+
+/// Calico's VXLAN mode has the same shape (its own VNI, port and device name).
+#[test]
+fn routed_pods_on_two_nodes_reach_each_other_through_vxlan() -> Result<()> {
+    pods_on_two_nodes_reach_each_other(Layout::Routed, Transport::Vxlan)
 }
 
 #[test]
