@@ -175,6 +175,47 @@ fn steady(from: &Pod, to: &Pod) -> Background<(u32, u32)> {
     })
 }
 
+/// `placement` in namespace `ns`.
+fn in_namespace<'a>(ns: &'a str, placement: &[Placement<'a>]) -> Vec<NamespacedPlacement<'a>> {
+    placement
+        .iter()
+        .map(|(pod, node, labels)| (*pod, ns, *node, labels.clone()))
+        .collect()
+}
+
+/// The nodes and pods as the API server and the kubelets see them before any agent
+/// starts: each pod (uids from `first_uid`) in a sandbox of its node's kubelet tree.
+/// Each node's kubelet tree and sandboxes, for [`start_agents`].
+fn place_pods(
+    server: &FakeApiServer,
+    topo: &Topology,
+    placement: &[NamespacedPlacement],
+    first_uid: u32,
+) -> Result<(Vec<Option<Kubelet>>, Vec<Vec<Sandbox>>)> {
+    for (i, node) in topo.nodes().iter().enumerate() {
+        server.apply(&node_object(&node_name(i), node));
+    }
+    let mut kubelets = Vec::new();
+    let mut sandboxes = Vec::new();
+    for _ in topo.nodes() {
+        kubelets.push(Some(Kubelet::new()?));
+        sandboxes.push(Vec::new());
+    }
+    for (n, (pod, pod_ns, node, labels)) in placement.iter().enumerate() {
+        let uid = uid(first_uid + n as u32);
+        let kubelet: &Kubelet = kubelets[*node].as_ref().context("kubelet")?;
+        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
+        server.apply(&pod_object(
+            pod_ns,
+            topo.pod(pod),
+            &uid,
+            &node_name(*node),
+            labels,
+        ));
+    }
+    Ok((kubelets, sandboxes))
+}
+
 /// One agent per node, each with its own relay to the fake API server, bpffs and
 /// kubelet tree (and the pod sandboxes it enforces, kept alive with it).
 fn start_agents(
@@ -315,27 +356,8 @@ fn three_nodes_enforce_one_raycluster(transport: Transport) -> Result<()> {
     ];
 
     server.apply(&namespace(&ns));
-    for (i, node) in topo.nodes().iter().enumerate() {
-        server.apply(&node_object(&node_name(i), node));
-    }
-    let mut kubelets: Vec<Option<Kubelet>> = Vec::new();
-    let mut sandboxes: Vec<Vec<Sandbox>> = Vec::new();
-    for _ in topo.nodes() {
-        kubelets.push(Some(Kubelet::new()?));
-        sandboxes.push(Vec::new());
-    }
-    for (n, (pod, node, labels)) in placement.iter().enumerate() {
-        let uid = uid(n as u32 + 1);
-        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
-        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
-        server.apply(&pod_object(
-            &ns,
-            topo.pod(pod),
-            &uid,
-            &node_name(*node),
-            labels,
-        ));
-    }
+    let (mut kubelets, mut sandboxes) =
+        place_pods(&server, &topo, &in_namespace(&ns, &placement), 1)?;
     let deny_all = raycluster(&ns, "rc", json!({"mode": "DenyAll"}));
     server.apply(&deny_all);
 
@@ -709,27 +731,7 @@ fn node_ports_across_nodes_are_judged_by_the_original_client_and_the_backend() -
 
     server.apply(&namespace(&ns));
     server.apply(&namespace(&other));
-    for (i, node) in topo.nodes().iter().enumerate() {
-        server.apply(&node_object(&node_name(i), node));
-    }
-    let mut kubelets: Vec<Option<Kubelet>> = Vec::new();
-    let mut sandboxes: Vec<Vec<Sandbox>> = Vec::new();
-    for _ in topo.nodes() {
-        kubelets.push(Some(Kubelet::new()?));
-        sandboxes.push(Vec::new());
-    }
-    for (n, (pod, pod_ns, node, labels)) in placement.iter().enumerate() {
-        let uid = uid(n as u32 + 101);
-        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
-        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
-        server.apply(&pod_object(
-            pod_ns,
-            topo.pod(pod),
-            &uid,
-            &node_name(*node),
-            labels,
-        ));
-    }
+    let (mut kubelets, mut sandboxes) = place_pods(&server, &topo, &placement, 101)?;
     for svc in &services {
         for doc in svc.manifests(&node_name) {
             server.apply(&doc);
@@ -930,27 +932,8 @@ fn two_nodes_over_vxlan_enforce_a_raycluster_split_between_them() -> Result<()> 
     ];
 
     server.apply(&namespace(&ns));
-    for (i, node) in topo.nodes().iter().enumerate() {
-        server.apply(&node_object(&node_name(i), node));
-    }
-    let mut kubelets: Vec<Option<Kubelet>> = Vec::new();
-    let mut sandboxes: Vec<Vec<Sandbox>> = Vec::new();
-    for _ in topo.nodes() {
-        kubelets.push(Some(Kubelet::new()?));
-        sandboxes.push(Vec::new());
-    }
-    for (n, (pod, node, labels)) in placement.iter().enumerate() {
-        let uid = uid(n as u32 + 201);
-        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
-        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
-        server.apply(&pod_object(
-            &ns,
-            topo.pod(pod),
-            &uid,
-            &node_name(*node),
-            labels,
-        ));
-    }
+    let (mut kubelets, mut sandboxes) =
+        place_pods(&server, &topo, &in_namespace(&ns, &placement), 201)?;
     server.apply(&raycluster(&ns, "rc", json!({"mode": "DenyAll"})));
 
     let (node0, node1) = (topo.node(0), topo.node(n1));
