@@ -18,6 +18,8 @@
 //! - [`fake_api`]: `FakeApiServer`, a fake Kubernetes API server speaking real HTTP
 //!   list and watch, for the agent's kube-rs client path.
 //! - [`http`]: a plain HTTP GET with any headers, as a scraper makes it.
+//! - [`shape`]: the shapes of node the lab builds, by name (CNI wiring, kube-proxy
+//!   mode, runtime, cgroup layout, DNS), for tests and `cargo xtask demo --shape`.
 //! - [`demo`]: the demo scenario (`cargo xtask demo`, binary `rf-demo`).
 //! - [`probe`]: running the `rf-probe` binary (servers, connects, pings, held
 //!   connections) in a pod, optionally inside a cgroup.
@@ -83,6 +85,7 @@ pub mod pinned;
 pub mod policy;
 pub mod probe;
 pub mod probe_cli;
+pub mod shape;
 pub mod sweep;
 pub mod topology;
 

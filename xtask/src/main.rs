@@ -99,7 +99,9 @@ enum Task {
     /// matrix of expected vs observed verdicts. Exits non-zero when a verdict
     /// differs. As root: it creates network namespaces and loads eBPF programs.
     #[command(
-        after_help = "rf-demo's arguments: --timeout-ms N (per probe, default 1500), \
+        after_help = "rf-demo's arguments: --shape NAME (the node's shape: CNI, kube-proxy mode, \
+        runtime, cgroup layout, DNS; default flannel; --shapes lists them), \
+        --timeout-ms N (per probe, default 1500), \
         --parallel N (probes at once, default 40), --ipv4-only, \
         --no-agent (harness self-check: every expected drop must get through)"
     )]

@@ -2,7 +2,8 @@
 //! xtask demo` builds everything and runs it.
 //!
 //! ```text
-//! rf-demo --rayfence PATH [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only]
+//! rf-demo --rayfence PATH [--shape NAME] [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only]
+//! rf-demo --shapes                     the shapes --shape takes
 //! rf-demo --no-agent [--probe PATH]    harness self-check: no enforcement, so
 //!                                      every expected-dropped cell must LEAK
 //! ```
@@ -16,9 +17,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use rayfence_tests::ProbeBin;
 use rayfence_tests::demo::{self, Options, guard};
+use rayfence_tests::shape::{self, SHAPES, Shape};
 
-const USAGE: &str =
-    "usage: rf-demo (--rayfence PATH | --no-agent) [--probe PATH] [--timeout-ms N] [--parallel N]";
+const USAGE: &str = "usage: rf-demo (--rayfence PATH | --no-agent) [--shape NAME] [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only]\n       rf-demo --shapes";
 
 fn parse() -> Result<Options> {
     let mut rayfence = None;
@@ -27,6 +28,7 @@ fn parse() -> Result<Options> {
     let mut timeout = None;
     let mut parallel = None;
     let mut ipv4_only = false;
+    let mut shape = shape::DEFAULT;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = |flag: &str| args.next().with_context(|| format!("{flag} needs a value"));
@@ -34,6 +36,13 @@ fn parse() -> Result<Options> {
             "--rayfence" => rayfence = Some(PathBuf::from(value("--rayfence")?)),
             "--no-agent" => no_agent = true,
             "--ipv4-only" => ipv4_only = true,
+            "--shape" => shape = Shape::named(&value("--shape")?)?,
+            "--shapes" => {
+                for s in SHAPES {
+                    println!("{:<14} {}", s.name, s.stands_for);
+                }
+                std::process::exit(0);
+            }
             "--probe" => probe = Some(PathBuf::from(value("--probe")?)),
             "--timeout-ms" => {
                 timeout = Some(Duration::from_millis(
@@ -63,6 +72,7 @@ fn parse() -> Result<Options> {
         opts.parallel = p;
     }
     opts.ipv6 = !ipv4_only;
+    opts.shape = shape;
     Ok(opts)
 }
 
@@ -80,8 +90,8 @@ fn main() {
     }) {
         Ok(report) if report.passed() => {
             println!(
-                "\nPASS: all {} verdicts match the expected matrix, and rayfence explain gives each of them",
-                report.probed
+                "\nPASS ({}): all {} verdicts match the expected matrix, and rayfence explain gives each of them",
+                report.shape, report.probed
             );
             0
         }

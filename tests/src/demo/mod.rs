@@ -55,7 +55,8 @@ use anyhow::{Context, Result, bail};
 use crate::cgroup::TestCgroup;
 use crate::node_nat::{Endpoint, HostPort, NodePortService};
 use crate::probe::{Outcome, ProbeBin, Prober, Server};
-use crate::topology::{Layout, Topology};
+use crate::shape::{self, Shape};
+use crate::topology::Topology;
 
 use expected::Expect;
 use scenario::{
@@ -77,6 +78,9 @@ pub struct Options {
     pub ready_timeout: Duration,
     /// Also probe pod and node targets over IPv6 (the pods are dual-stack).
     pub ipv6: bool,
+    /// The node's shape (`--shape`): the matrix and its expectation are the same
+    /// on every shape.
+    pub shape: Shape,
 }
 
 impl Options {
@@ -88,6 +92,7 @@ impl Options {
             parallel: 40,
             ready_timeout: Duration::from_secs(30),
             ipv6: true,
+            shape: shape::DEFAULT,
         }
     }
 }
@@ -105,6 +110,8 @@ pub struct Report {
     pub mismatches: Vec<String>,
     /// Whether the agent ran.
     pub with_agent: bool,
+    /// The shape it ran on.
+    pub shape: &'static str,
     /// The `rayfence_drops_total` lines of `/metrics`.
     pub drop_counters: Vec<String>,
     /// Probed flows `rayfence explain` was asked about.
@@ -160,8 +167,13 @@ pub fn run(opts: &Options) -> Result<Report> {
         Some(tmp.0.clone()),
     );
 
+    let shape = opts.shape;
+    say(
+        started,
+        &format!("shape {}: {}", shape.name, shape.stands_for),
+    );
     ensure_br_netfilter()?;
-    let mut topo = Topology::new(Layout::Bridged, opts.probe.clone())?;
+    let mut topo = Topology::new(shape.layout, opts.probe.clone())?;
     for p in PODS {
         topo.add_pod(0, p.key)?;
     }
@@ -170,9 +182,12 @@ pub fn run(opts: &Options) -> Result<Report> {
     say(
         started,
         &format!(
-            "node {NODE_NAME}: netns {}, bridge {} {}/24, host0 {}; {} pods",
+            "node {NODE_NAME}: netns {}, {}, pods' gateway {}, host0 {}; {} pods",
             node.netns.name(),
-            node.bridge.as_deref().unwrap_or("?"),
+            match &node.bridge {
+                Some(bridge) => format!("bridge {bridge}"),
+                None => "a route per pod to its host veth".to_owned(),
+            },
             node.gateway4,
             node.ip4,
             PODS.len()
@@ -472,6 +487,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         observed_allowed: allowed,
         mismatches,
         with_agent: opts.rayfence.is_some(),
+        shape: shape.name,
         drop_counters,
         explained,
         explain_disagreements,

@@ -2,12 +2,14 @@
 //! every verdict must match the hand-written matrix; without it, the harness must
 //! see every flow get through, i.e. exactly the expected-dropped cells differ
 //! (which checks the probing and the comparison themselves). With the agent,
-//! `rayfence explain` must also give the datapath's verdict for every probed flow.
+//! `rayfence explain` must also give the datapath's verdict for every probed flow,
+//! on every shape of node the lab builds ([`rayfence_tests::shape::SHAPES`]).
 //! Root only.
 
 use rayfence_tests::agent_bin::rayfence_bin;
 use rayfence_tests::demo::{self, Options};
 use rayfence_tests::probe_bin;
+use rayfence_tests::shape::{self, SHAPES, Shape};
 
 #[test]
 fn without_agent_exactly_the_expected_drops_get_through() {
@@ -27,14 +29,38 @@ fn without_agent_exactly_the_expected_drops_get_through() {
 
 #[test]
 fn with_agent_every_verdict_matches_the_expected_matrix_and_explain_agrees_on_each() {
-    let report = demo::run(&Options::new(
+    every_verdict_matches_on(shape::DEFAULT.name);
+}
+
+/// The same matrix, with the agent, on every other shape the lab builds: the
+/// expectation does not change with the CNI, the kube-proxy mode, the runtime, the
+/// cgroup layout or the DNS (the README's support matrix links here).
+#[test]
+fn on_every_other_shape_every_verdict_matches_the_expected_matrix() {
+    let mut failed = Vec::new();
+    for shape in SHAPES.iter().filter(|s| **s != shape::DEFAULT) {
+        if let Err(panic) = std::panic::catch_unwind(|| every_verdict_matches_on(shape.name)) {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            failed.push(format!("shape {}: {why}", shape.name));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n\n"));
+}
+
+fn every_verdict_matches_on(shape: &str) {
+    let mut options = Options::new(
         Some(rayfence_bin().expect("the rayfence binary")),
         probe_bin(),
-    ))
-    .expect("demo");
+    );
+    options.shape = Shape::named(shape).expect("a known shape");
+    let report = demo::run(&options).expect("demo");
     assert!(
         report.passed(),
-        "{} of {} verdicts differ:\n{}\nexplain disagrees on {} of {}:\n{}",
+        "shape {shape}: {} of {} verdicts differ:\n{}\nexplain disagrees on {} of {}:\n{}",
         report.mismatches.len(),
         report.probed,
         report.mismatches.join("\n"),
@@ -44,6 +70,6 @@ fn with_agent_every_verdict_matches_the_expected_matrix_and_explain_agrees_on_ea
     );
     assert_eq!(
         report.explained, report.probed,
-        "every probed flow is explained"
+        "shape {shape}: every probed flow is explained"
     );
 }

@@ -1,0 +1,75 @@
+//! The shapes of node the lab builds, by name: which CNI wiring, which kube-proxy
+//! mode, which container runtime and cgroup driver, which cgroup mount, which DNS.
+//! A test or the demo (`cargo xtask demo --shape NAME`) says which shape it runs
+//! on; everything that differs between shapes is decided here, once, and the
+//! builders ([`crate::topology`], [`crate::node_nat`], [`crate::kubelet`]) act on it.
+//!
+//! [`SHAPES`] is the support matrix of the README: every shape in it runs the
+//! demo's connectivity matrix with the agent in `cargo xtask test`.
+//!
+//! Must not: build anything itself (it only describes), or name a shape that no
+//! test runs.
+
+use anyhow::{Result, bail};
+
+use crate::topology::Layout;
+
+/// One node shape: a named combination of the lab's choices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// What `--shape` takes.
+    pub name: &'static str,
+    /// What it stands for, in a few words (printed by the demo).
+    pub stands_for: &'static str,
+    /// How pods are wired to their node.
+    pub layout: Layout,
+}
+
+/// The default shape: flannel's host-gw on a bridge, kube-proxy in iptables mode,
+/// containerd with the cgroupfs driver's names, the hybrid cgroup mount.
+pub const DEFAULT: Shape = Shape {
+    name: "flannel",
+    stands_for: "flannel-like bridge (cni0), kube-proxy iptables mode, containerd, cgroup v2 on the hybrid mount",
+    layout: Layout::Bridged,
+};
+
+/// Every shape the lab builds.
+pub const SHAPES: &[Shape] = &[
+    DEFAULT,
+    Shape {
+        name: "calico",
+        stands_for: "Calico-like routed veths: a /32 per pod, proxy ARP, gateway 169.254.1.1, no bridge",
+        layout: Layout::Routed,
+    },
+];
+
+impl Shape {
+    /// The shape called `name`, or an error listing the known ones.
+    pub fn named(name: &str) -> Result<Shape> {
+        match SHAPES.iter().find(|s| s.name == name) {
+            Some(shape) => Ok(*shape),
+            None => bail!(
+                "--shape {name:?}: unknown shape; known: {}",
+                SHAPES.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique_and_found() {
+        for (i, shape) in SHAPES.iter().enumerate() {
+            assert_eq!(Shape::named(shape.name).unwrap(), *shape);
+            assert!(SHAPES[..i].iter().all(|s| s.name != shape.name));
+        }
+        let error = Shape::named("weave").unwrap_err().to_string();
+        assert!(
+            error.contains("\"weave\"") && error.contains("flannel"),
+            "{error}"
+        );
+    }
+}
