@@ -12,7 +12,7 @@
 
 use anyhow::{Result, bail};
 
-use crate::topology::Layout;
+use crate::topology::{Layout, Transport};
 
 /// One node shape: a named combination of the lab's choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,6 +23,8 @@ pub struct Shape {
     pub stands_for: &'static str,
     /// How pods are wired to their node.
     pub layout: Layout,
+    /// A second node, and how pod traffic crosses to it; `None`: one node.
+    pub second_node: Option<Transport>,
 }
 
 /// The default shape: flannel's host-gw on a bridge, kube-proxy in iptables mode,
@@ -31,6 +33,7 @@ pub const DEFAULT: Shape = Shape {
     name: "flannel",
     stands_for: "flannel-like bridge (cni0), kube-proxy iptables mode, containerd, cgroup v2 on the hybrid mount",
     layout: Layout::Bridged,
+    second_node: None,
 };
 
 /// Every shape the lab builds.
@@ -40,6 +43,13 @@ pub const SHAPES: &[Shape] = &[
         name: "calico",
         stands_for: "Calico-like routed veths: a /32 per pod, proxy ARP, gateway 169.254.1.1, no bridge",
         layout: Layout::Routed,
+        second_node: None,
+    },
+    Shape {
+        name: "vxlan",
+        stands_for: "flannel's VXLAN backend (k3s's default): two bridged nodes, pod traffic between them encapsulated (VNI 1, port 8472, IPv4 and IPv6)",
+        layout: Layout::Bridged,
+        second_node: Some(Transport::Vxlan),
     },
 ];
 

@@ -90,8 +90,8 @@ fn main() {
     }) {
         Ok(report) if report.passed() => {
             println!(
-                "\nPASS ({}): all {} verdicts match the expected matrix, and rayfence explain gives each of them",
-                report.shape, report.probed
+                "\nPASS: all {} verdicts match the expected matrix on shape {}, and rayfence explain gives each of them",
+                report.probed, report.shape
             );
             0
         }

@@ -32,21 +32,22 @@ use crate::names;
 #[derive(Debug, Default)]
 struct Leftovers {
     rayfence: Option<PathBuf>,
-    bpffs: Option<PathBuf>,
+    bpffs: Vec<PathBuf>,
     tempdir: Option<PathBuf>,
 }
 
 static LEFTOVERS: Mutex<Leftovers> = Mutex::new(Leftovers {
     rayfence: None,
-    bpffs: None,
+    bpffs: Vec::new(),
     tempdir: None,
 });
 
-/// Records what the signal handler must remove besides namespaces.
+/// Records what the signal handler must remove besides namespaces (one bpffs
+/// directory per agent: each call adds one).
 pub fn remember(rayfence: Option<PathBuf>, bpffs: Option<PathBuf>, tempdir: Option<PathBuf>) {
     let mut l = LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner());
     l.rayfence = rayfence.or(l.rayfence.take());
-    l.bpffs = bpffs.or(l.bpffs.take());
+    l.bpffs.extend(bpffs);
     l.tempdir = tempdir.or(l.tempdir.take());
 }
 
@@ -173,12 +174,12 @@ fn emergency_cleanup() {
         }
     }
     let l = LEFTOVERS.lock().unwrap_or_else(|e| e.into_inner());
-    if let (Some(bin), Some(bpffs)) = (&l.rayfence, &l.bpffs)
-        && bpffs.exists()
-    {
-        match super::agent::cleanup_bpffs(bin, bpffs) {
-            Ok(said) => eprintln!("rf-demo: {said}"),
-            Err(e) => eprintln!("rf-demo: {e:#}"),
+    if let Some(bin) = &l.rayfence {
+        for bpffs in l.bpffs.iter().filter(|dir| dir.exists()) {
+            match super::agent::cleanup_bpffs(bin, bpffs) {
+                Ok(said) => eprintln!("rf-demo: {said}"),
+                Err(e) => eprintln!("rf-demo: {e:#}"),
+            }
         }
     }
     if let Some(dir) = &l.tempdir {

@@ -60,8 +60,7 @@ use crate::topology::Topology;
 
 use expected::Expect;
 use scenario::{
-    Dest, EXTERNAL, HOST_NETWORK_PODS, HOST_PORTS, NODE_NAME, PODS, Proto, SERVICES, Source,
-    TARGETS,
+    Dest, EXTERNAL, HOST_NETWORK_PODS, HOST_PORTS, PODS, Proto, SERVICES, Source, TARGETS,
 };
 
 /// How to run the demo.
@@ -160,42 +159,71 @@ pub fn run(opts: &Options) -> Result<Report> {
     let run_name = crate::names::unique_name("demo");
     let tmp = TempDir(std::env::temp_dir().join(&run_name));
     std::fs::create_dir_all(&tmp.0)?;
-    let bpffs = PathBuf::from("/sys/fs/bpf").join(&run_name);
-    guard::remember(
-        opts.rayfence.clone(),
-        Some(bpffs.clone()),
-        Some(tmp.0.clone()),
-    );
-
     let shape = opts.shape;
+    let node_count = 1 + usize::from(shape.second_node.is_some());
+    // One pin directory per node's agent.
+    let bpffs: Vec<PathBuf> = (0..node_count)
+        .map(|i| match i {
+            0 => PathBuf::from("/sys/fs/bpf").join(&run_name),
+            _ => PathBuf::from("/sys/fs/bpf").join(format!("{run_name}-node{}", i + 1)),
+        })
+        .collect();
+    for dir in &bpffs {
+        guard::remember(
+            opts.rayfence.clone(),
+            Some(dir.clone()),
+            Some(tmp.0.clone()),
+        );
+    }
+
     say(
         started,
         &format!("shape {}: {}", shape.name, shape.stands_for),
     );
     ensure_br_netfilter()?;
     let mut topo = Topology::new(shape.layout, opts.probe.clone())?;
+    if let Some(transport) = shape.second_node {
+        topo.set_transport(transport)?;
+        topo.add_node()?;
+    }
     for p in PODS {
-        topo.add_pod(0, p.key)?;
+        topo.add_pod(scenario::node_of(p.key, node_count), p.key)?;
     }
     topo.add_external_client(EXTERNAL)?;
-    let node = topo.node(0);
-    say(
-        started,
-        &format!(
-            "node {NODE_NAME}: netns {}, {}, pods' gateway {}, host0 {}; {} pods",
-            node.netns.name(),
-            match &node.bridge {
-                Some(bridge) => format!("bridge {bridge}"),
-                None => "a route per pod to its host veth".to_owned(),
-            },
-            node.gateway4,
-            node.ip4,
-            PODS.len()
-        ),
-    );
-    node.netns
-        .sysctl("net.bridge.bridge-nf-call-iptables", "1")
-        .context("br_netfilter: bridged replies of DNATed flows must see conntrack")?;
+    for (i, n) in topo.nodes().iter().enumerate() {
+        let on_it: Vec<&str> = PODS
+            .iter()
+            .map(|p| p.key)
+            .filter(|k| scenario::node_of(k, node_count) == i)
+            .collect();
+        say(
+            started,
+            &format!(
+                "node {}: netns {}, {}, pods' gateway {}, host0 {}{}; {} pods{}",
+                scenario::node_name(i),
+                n.netns.name(),
+                match &n.bridge {
+                    Some(bridge) => format!("bridge {bridge}"),
+                    None => "a route per pod to its host veth".to_owned(),
+                },
+                n.gateway4,
+                n.ip4,
+                match &n.vxlan {
+                    Some([v4, v6]) => format!(", VXLAN {v4} and {v6} to the other node"),
+                    None => String::new(),
+                },
+                on_it.len(),
+                if i == 0 {
+                    String::new()
+                } else {
+                    format!(" ({})", on_it.join(", "))
+                }
+            ),
+        );
+        n.netns
+            .sysctl("net.bridge.bridge-nf-call-iptables", "1")
+            .context("br_netfilter: bridged replies of DNATed flows must see conntrack")?;
+    }
     install_dnat(&topo)?;
     install_node_nat(&topo)?;
     say(
@@ -271,13 +299,17 @@ pub fn run(opts: &Options) -> Result<Report> {
 
     let manifests = tmp.0.join("manifests");
     std::fs::create_dir_all(&manifests)?;
-    let node_addrs = scenario::NodeAddrs {
-        internal_ip: node.ip4,
-        internal_ip6: node.ip6,
-        pod_cidr: node.pod_cidr4,
-    };
+    let node_addrs: Vec<scenario::NodeAddrs> = topo
+        .nodes()
+        .iter()
+        .map(|n| scenario::NodeAddrs {
+            internal_ip: n.ip4,
+            internal_ip6: n.ip6,
+            pod_cidr: n.pod_cidr4,
+        })
+        .collect();
     let pod_ip = |k: &str| (topo.pod(k).ip4, topo.pod(k).ip6);
-    for (name, text) in scenario::manifests(node_addrs, &pod_ip) {
+    for (name, text) in scenario::manifests(&node_addrs, &pod_ip) {
         std::fs::write(manifests.join(&name), text)?;
     }
     say(
@@ -288,47 +320,51 @@ pub fn run(opts: &Options) -> Result<Report> {
         ),
     );
 
-    let mut agent = match &opts.rayfence {
-        Some(bin) => {
-            let log = tmp.0.join("agent.log");
+    // One agent per node, each knowing every object and enforcing its own pods.
+    let mut agents = Vec::new();
+    if let Some(bin) = &opts.rayfence {
+        for (i, n) in topo.nodes().iter().enumerate() {
+            let node_name = scenario::node_name(i);
+            let log = tmp.0.join(match i {
+                0 => "agent.log".to_owned(),
+                _ => format!("agent-node{}.log", i + 1),
+            });
             let mut a = agent::Agent::start(
                 bin,
-                &node.netns,
-                NODE_NAME,
+                &n.netns,
+                node_name,
                 &manifests,
-                &bpffs,
+                &bpffs[i],
                 kubelet.path(),
                 &log,
             )?;
             say(
                 started,
                 &format!(
-                    "agent started (pid {}): nsenter --net={} {} agent --node-name {NODE_NAME} --manifests {} --bpffs {} --cgroup-root {} --metrics-addr {}",
+                    "agent started (pid {}): nsenter --net={} {} agent --node-name {node_name} --manifests {} --bpffs {} --cgroup-root {} --metrics-addr {}",
                     a.pid().unwrap_or(0),
-                    node.netns.path().display(),
+                    n.netns.path().display(),
                     bin.display(),
                     manifests.display(),
-                    bpffs.display(),
+                    bpffs[i].display(),
                     kubelet.path().display(),
                     agent::METRICS_ADDR
                 ),
             );
-            let took = a.wait_ready(&node.netns, opts.ready_timeout)?;
+            let took = a.wait_ready(&n.netns, opts.ready_timeout)?;
             say(
                 started,
-                &format!("agent ready (/readyz 200) after {took:.1?}"),
+                &format!("agent on {node_name} ready (/readyz 200) after {took:.1?}"),
             );
-            Some(a)
+            agents.push(a);
         }
-        None => {
-            say(
-                started,
-                "NO AGENT (--no-agent): nothing enforces anything, every flow gets through; \
-                 this checks the harness: every expected-dropped cell must show LEAK",
-            );
-            None
-        }
-    };
+    } else {
+        say(
+            started,
+            "NO AGENT (--no-agent): nothing enforces anything, every flow gets through; \
+             this checks the harness: every expected-dropped cell must show LEAK",
+        );
+    }
 
     guard::check()?;
     let sources = scenario::sources();
@@ -403,26 +439,21 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut drop_counters = Vec::new();
     let mut explain_disagreements = Vec::new();
     let mut explained = 0;
-    if let (Some(a), Some(bin)) = (agent.as_ref(), &opts.rayfence) {
+    if let (Some(a), Some(bin)) = (agents.first(), &opts.rayfence) {
         // Each explain is a short-lived `rayfence` process: a few at a time is plenty.
         let explainers = opts.parallel.clamp(1, 8);
         let explain_start = Instant::now();
+        let sockets: Vec<&Path> = agents.iter().map(agent::Agent::socket).collect();
         let checked = explain_every_probe(
-            bin,
-            a.socket(),
-            &topo,
-            &sources,
-            &cells,
-            &observed,
-            explainers,
+            bin, &sockets, &topo, &sources, &cells, &observed, explainers,
         )?;
         explained = checked.asked;
         explain_disagreements = checked.disagreements;
         println!(
-            "\nrayfence explain (the agent's engine, over its socket) agrees with the datapath (verdict and exit status) on {} of {} probed flows ({} commands in {:.1?}, {} at a time)",
+            "\nrayfence explain (the agents' engines, over their sockets; each node's agent decides its own pods' sides) agrees with the datapath (verdict and exit status) on {} of {} probed flows ({} commands in {:.1?}, {} at a time)",
             explained - explain_disagreements.len(),
             explained,
-            explained,
+            explained * agents.len(),
             explain_start.elapsed(),
             explainers
         );
@@ -443,36 +474,42 @@ pub fn run(opts: &Options) -> Result<Report> {
             }
         }
     }
-    if let Some(a) = agent.as_mut() {
-        match agent::http_get(&node.netns, "/metrics") {
+    for (i, a) in agents.iter_mut().enumerate() {
+        let on = if node_count > 1 {
+            format!(" on {}", scenario::node_name(i))
+        } else {
+            String::new()
+        };
+        match agent::http_get(&topo.node(i).netns, "/metrics") {
             Ok((200, body)) => {
-                drop_counters = body
+                let counters: Vec<String> = body
                     .lines()
                     .filter(|l| l.starts_with("rayfence_drops_total"))
                     .map(str::to_owned)
                     .collect();
-                println!("\ndrop counters (GET /metrics | grep rayfence_drops_total):");
-                if drop_counters.is_empty() {
+                println!("\ndrop counters{on} (GET /metrics | grep rayfence_drops_total):");
+                if counters.is_empty() {
                     println!("  (none)");
                 }
-                for l in &drop_counters {
+                for l in &counters {
                     println!("  {l}");
                 }
+                drop_counters.extend(counters);
             }
             Ok((code, _)) => println!("\n/metrics answered {code}"),
             Err(e) => println!("\n/metrics: {e:#}"),
         }
         if !mismatches.is_empty() {
-            println!("\nagent log (last lines):\n{}", a.log_tail(30));
+            println!("\nagent log{on} (last lines):\n{}", a.log_tail(30));
         }
         say(
             started,
-            "stopping the agent (SIGTERM), then rayfence cleanup",
+            &format!("stopping the agent{on} (SIGTERM), then rayfence cleanup"),
         );
         let said = a.stop()?;
         say(started, &format!("agent stopped; rayfence cleanup: {said}"));
     }
-    drop(agent);
+    drop(agents);
     drop(servers);
     drop(kubelet);
     drop(topo);
@@ -501,30 +538,35 @@ struct ExplainCheck {
     example: Option<(String, String)>,
 }
 
-/// Asks the running agent (`rayfence explain --json`, the real command over the
+/// Asks the running agents (`rayfence explain --json`, the real command over an
 /// agent's socket, several at a time) to explain every probed flow and compares its
 /// verdict with what the probe saw: the engine's explanation and the kernel must
-/// agree.
+/// agree. A flow to a pod is asked of the agent on that pod's node (which decides
+/// its ingress; the `node` row is that node's address), anything else of the
+/// first node's.
 fn explain_every_probe(
     bin: &Path,
-    socket: &Path,
+    sockets: &[&Path],
     topo: &Topology,
     sources: &[&str],
     cells: &[matrix::Cell],
     observed: &[matrix::Observed],
     parallel: usize,
 ) -> Result<ExplainCheck> {
-    let node = topo.node(0);
-    // `explain` exits with its verdict: 0 allowed, 1 denied.
-    let run = |args: &[&str]| agent::command_with_status(bin, socket, args, &[0, 1]);
-    // (from, to, what the datapath did) for every probed cell.
-    let flows: Vec<(String, String, &str, bool)> = cells
+    // `explain` exits with its verdict: 0 allowed, 1 denied, 3 unknown (a side
+    // is another node's to decide).
+    let run =
+        |socket: &Path, args: &[&str]| agent::command_with_status(bin, socket, args, &[0, 1, 3]);
+    // (from, to, what the datapath did, pod to pod, which agent) for every probed cell.
+    let flows: Vec<(String, String, &str, bool, usize)> = cells
         .iter()
         .zip(observed)
         .filter(|(c, _)| c.expect != Expect::NotProbed)
         .map(|(c, o)| {
             let source = sources[c.row];
             let external = topo.external(EXTERNAL);
+            let asked = node_probing(&TARGETS[c.col], sockets.len());
+            let node = topo.node(asked);
             let from = match scenario::source(source) {
                 Some(Source::Pod(p) | Source::HostNetwork(p)) => {
                     format!("{}/{}", p.namespace, p.name)
@@ -544,7 +586,7 @@ fn explain_every_probe(
             };
             let pod_to_pod = scenario::pod(source).is_some() && TARGETS[c.col].who != source;
             let datapath = if o.allowed() { "allowed" } else { "denied" };
-            (from, to, datapath, pod_to_pod)
+            (from, to, datapath, pod_to_pod, asked)
         })
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
@@ -554,21 +596,34 @@ fn explain_every_probe(
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let Some((from, to, datapath, _)) = flows.get(i) else {
+                    let Some((from, to, datapath, ..)) = flows.get(i) else {
                         break;
                     };
-                    // The exit status must say the same as the verdict.
-                    let verdict = run(&["explain", "-o", "json", "--from", from, "--to", to])
-                        .and_then(|(status, out)| {
+                    // Each agent decides the sides on its node; the flow passes only
+                    // if no side is denied (what `kubectl rayfence explain` combines).
+                    let verdict = sockets
+                        .iter()
+                        .map(|socket| {
+                            let (status, out) = run(
+                                socket,
+                                &["explain", "-o", "json", "--from", from, "--to", to],
+                            )?;
                             let v: serde_json::Value = serde_json::from_str(&out)?;
                             let verdict = v["verdict"].as_str().unwrap_or("?").to_owned();
-                            let expected = if verdict == "allowed" { 0 } else { 1 };
+                            // The exit status must say the same as the verdict.
+                            let expected = match verdict.as_str() {
+                                "allowed" => 0,
+                                "unknown" => 3,
+                                _ => 1,
+                            };
                             anyhow::ensure!(
                                 status == expected,
                                 "verdict {verdict} but exit status {status}"
                             );
                             Ok(verdict)
-                        });
+                        })
+                        .collect::<Result<Vec<String>>>()
+                        .and_then(|verdicts| combine_nodes(&verdicts));
                     let line = match verdict {
                         Ok(v) if v == *datapath => continue,
                         Ok(v) => {
@@ -588,10 +643,10 @@ fn explain_every_probe(
     let example = flows
         .iter()
         // Preferably someone reaching for a head's dashboard: what Ray users meet first.
-        .filter(|(_, _, datapath, pod_to_pod)| *datapath == "denied" && *pod_to_pod)
+        .filter(|(_, _, datapath, pod_to_pod, _)| *datapath == "denied" && *pod_to_pod)
         .min_by_key(|(_, to, ..)| !to.ends_with(":8265/tcp"))
-        .and_then(|(from, to, ..)| {
-            let (_, text) = run(&["explain", "--from", from, "--to", to]).ok()?;
+        .and_then(|(from, to, .., asked)| {
+            let (_, text) = run(sockets[*asked], &["explain", "--from", from, "--to", to]).ok()?;
             Some((format!("rayfence explain --from {from} --to {to}"), text))
         });
     Ok(ExplainCheck {
@@ -618,9 +673,16 @@ fn ensure_br_netfilter() -> Result<()> {
     Ok(())
 }
 
-/// kube-proxy's iptables mode, reduced to what one backend per Service needs.
+/// kube-proxy's iptables mode, reduced to what one backend per Service needs, on
+/// every node (kube-proxy runs on each).
 fn install_dnat(topo: &Topology) -> Result<()> {
-    let ns = &topo.node(0).netns;
+    for node in topo.nodes() {
+        install_dnat_on(topo, &node.netns)?;
+    }
+    Ok(())
+}
+
+fn install_dnat_on(topo: &Topology, ns: &crate::Netns) -> Result<()> {
     let ipt = |args: &[&str]| -> Result<()> {
         let mut argv = vec!["iptables", "-w", "-t", "nat"];
         argv.extend_from_slice(args);
@@ -699,7 +761,9 @@ fn start_servers(topo: &Topology, ctrs: &HashMap<&str, PathBuf>) -> Result<Vec<S
             servers.push(prober.serve_tcp(*port)?);
         }
     }
-    servers.push(topo.node(0).serve_tcp(10250)?);
+    for node in topo.nodes() {
+        servers.push(node.serve_tcp(10250)?);
+    }
     Ok(servers)
 }
 
@@ -709,7 +773,8 @@ fn start_servers(topo: &Topology, ctrs: &HashMap<&str, PathBuf>) -> Result<Vec<S
 fn preflight(topo: &Topology, timeout: Duration) -> Result<()> {
     let node = topo.node(0);
     for p in PODS {
-        let o = node.ping(IpAddr::V4(topo.pod(p.key).ip4), timeout);
+        let own = topo.node(scenario::node_of(p.key, topo.nodes().len()));
+        let o = own.ping(IpAddr::V4(topo.pod(p.key).ip4), timeout);
         if o != Outcome::Ok {
             bail!("preflight: node cannot ping pod {}: {}", p.key, o.as_line());
         }
@@ -767,10 +832,16 @@ fn build_cells(
             Some(Source::External) => topo.external(EXTERNAL).prober(),
             Some(Source::Node) | None => node.prober(),
         };
+        let node_count = topo.nodes().len();
         for (col, (t, expect)) in TARGETS.iter().zip(&expects.1).enumerate() {
             if *expect == Expect::NotProbed {
                 continue;
             }
+            // The `node` row is the kubelet of the pod it probes: its own node.
+            let prober = match scenario::source(source) {
+                Some(Source::Node) | None => topo.node(node_probing(t, node_count)).prober(),
+                _ => prober.clone(),
+            };
             // The semantics never depend on the address family: an IPv6 probe of
             // a pod or the node expects what the IPv4 one does.
             let addrs: Vec<IpAddr> = match t.dest {
@@ -798,4 +869,26 @@ fn build_cells(
         }
     }
     Ok(cells)
+}
+
+/// The node whose host probes `target` in the `node` row (and whose agent
+/// explains it): a pod's own node (its kubelet); the first node for anything else.
+fn node_probing(target: &scenario::Target, node_count: usize) -> usize {
+    match target.dest {
+        Dest::Pod(key) => scenario::node_of(key, node_count),
+        _ => 0,
+    }
+}
+
+/// One verdict from the agents' answers about a flow (one per node): denied if a
+/// node denies its side, allowed if every side is allowed somewhere (`unknown`
+/// only says a side is another node's).
+fn combine_nodes(verdicts: &[String]) -> Result<String> {
+    if verdicts.iter().any(|v| v == "denied") {
+        Ok("denied".into())
+    } else if verdicts.iter().any(|v| v == "allowed") || verdicts.len() > 1 {
+        Ok("allowed".into())
+    } else {
+        bail!("the only agent says {}", verdicts.join(", "))
+    }
 }

@@ -16,6 +16,28 @@ use crate::topology::{EXTERNAL_CLIENT4, EXTERNAL_CLIENT6};
 
 /// The simulated node's name (`spec.nodeName` of every pod, `--node-name`).
 pub const NODE_NAME: &str = "rf-demo-node";
+/// The second node, on shapes that have one ([`crate::shape::Shape::second_node`]).
+pub const SECOND_NODE_NAME: &str = "rf-demo-node-2";
+/// The pods that run on the second node when there is one: RayCluster beta's
+/// worker (so beta spans the nodes) and two pods that are only sources. None of
+/// them is a NodePort backend or has a hostPort, so every expectation holds as
+/// on one node (the `node` row probes a pod from that pod's own node).
+pub const ON_SECOND_NODE: &[&str] = &["impostor", "grafana", "b-worker"];
+
+/// The index of the node pod `key` runs on: 0, or 1 for [`ON_SECOND_NODE`] when
+/// there are `nodes` = 2.
+pub fn node_of(key: &str, nodes: usize) -> usize {
+    usize::from(nodes > 1 && ON_SECOND_NODE.contains(&key))
+}
+
+/// The Node object's name of node `index`.
+pub fn node_name(index: usize) -> &'static str {
+    if index == 0 {
+        NODE_NAME
+    } else {
+        SECOND_NODE_NAME
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proto {
@@ -357,13 +379,17 @@ pub struct NodeAddrs {
 }
 
 /// The manifests the agent reads: `(file name, multi-document YAML)`.
-/// `pod_ip(key)` is what the topology gave a pod: dual-stack pods, as in a
-/// dual-stack cluster; the Services stay single-stack IPv4 (the default for a
-/// Service there), so ClusterIPs and EndpointSlices are IPv4 only.
+/// `nodes` are the nodes' addresses (one, or two on shapes with a second node,
+/// whose pods are placed by [`node_of`]). `pod_ip(key)` is what the topology gave
+/// a pod: dual-stack pods, as in a dual-stack cluster; the Services stay
+/// single-stack IPv4 (the default for a Service there), so ClusterIPs and
+/// EndpointSlices are IPv4 only.
 pub fn manifests(
-    node: NodeAddrs,
+    nodes: &[NodeAddrs],
     pod_ip: &dyn Fn(&str) -> (Ipv4Addr, Ipv6Addr),
 ) -> Vec<(String, String)> {
+    let node = nodes[0];
+    let pod_node = |key: &str| node_name(node_of(key, nodes.len()));
     let namespaces: Vec<Value> = NAMESPACES
         .iter()
         .map(|ns| {
@@ -373,23 +399,35 @@ pub fn manifests(
             })
         })
         .collect();
-    let node_obj = json!({
-        "apiVersion": "v1", "kind": "Node",
-        "metadata": {"name": NODE_NAME, "labels": {"kubernetes.io/hostname": NODE_NAME}},
-        "spec": {"podCIDR": format!("{}/{}", node.pod_cidr.0, node.pod_cidr.1)},
-        "status": {"addresses": [
-            {"type": "InternalIP", "address": node.internal_ip.to_string()},
-            {"type": "InternalIP", "address": node.internal_ip6.to_string()},
-            {"type": "Hostname", "address": NODE_NAME},
-        ]},
-    });
+    let node_objects: Vec<Value> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let name = node_name(i);
+            json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+                "spec": {"podCIDR": format!("{}/{}", node.pod_cidr.0, node.pod_cidr.1)},
+                "status": {"addresses": [
+                    {"type": "InternalIP", "address": node.internal_ip.to_string()},
+                    {"type": "InternalIP", "address": node.internal_ip6.to_string()},
+                    {"type": "Hostname", "address": name},
+                ]},
+            })
+        })
+        .collect();
     let mut pods: Vec<Value> = PODS
         .iter()
         .enumerate()
-        .map(|(i, p)| pod_manifest(i, p, pod_ip(p.key)))
+        .map(|(i, p)| pod_manifest(i, p, pod_ip(p.key), pod_node(p.key)))
         .collect();
     for (i, p) in HOST_NETWORK_PODS.iter().enumerate() {
-        let mut m = pod_manifest(PODS.len() + i, p, (node.internal_ip, node.internal_ip6));
+        let mut m = pod_manifest(
+            PODS.len() + i,
+            p,
+            (node.internal_ip, node.internal_ip6),
+            NODE_NAME,
+        );
         // Host networking: every container port is also a hostPort (the API
         // server's default), the pod's IPs are the node's.
         m["spec"]["hostNetwork"] = json!(true);
@@ -443,7 +481,7 @@ pub fn manifests(
             "endpoints": [{
                 "addresses": [pod_ip(s.backend).0.to_string()],
                 "conditions": {"ready": true, "serving": true, "terminating": false},
-                "nodeName": NODE_NAME,
+                "nodeName": pod_node(s.backend),
                 "targetRef": {"kind": "Pod", "namespace": backend.namespace, "name": backend.name},
             }],
             "ports": s.ports.iter().map(|(port, proto, name)| json!({
@@ -453,7 +491,7 @@ pub fn manifests(
     }
     vec![
         ("00-namespaces.yaml".into(), yaml_docs(&namespaces)),
-        ("01-node.yaml".into(), yaml_docs(&[node_obj])),
+        ("01-node.yaml".into(), yaml_docs(&node_objects)),
         ("10-pods.yaml".into(), yaml_docs(&pods)),
         ("20-services.yaml".into(), yaml_docs(&services)),
         ("30-rayclusters.yaml".into(), yaml_docs(&rayclusters())),
@@ -466,7 +504,12 @@ pub fn pod_uid(index: usize) -> String {
     format!("d3e00000-0000-4000-8000-{:012x}", index + 1)
 }
 
-fn pod_manifest(index: usize, p: &PodSpec, (ip, ip6): (Ipv4Addr, Ipv6Addr)) -> Value {
+fn pod_manifest(
+    index: usize,
+    p: &PodSpec,
+    (ip, ip6): (Ipv4Addr, Ipv6Addr),
+    node_name: &str,
+) -> Value {
     let container = if p.labels.iter().any(|(k, _)| *k == "ray.io/node-type") {
         "ray-node"
     } else {
@@ -481,7 +524,7 @@ fn pod_manifest(index: usize, p: &PodSpec, (ip, ip6): (Ipv4Addr, Ipv6Addr)) -> V
             "labels": labels(p.labels),
         },
         "spec": {
-            "nodeName": NODE_NAME,
+            "nodeName": node_name,
             "containers": [{
                 "name": container,
                 "image": "registry.example/demo:1",
