@@ -19,11 +19,14 @@ const LLVM_MAJOR: &str = "22";
 /// namespace tests and the demo (kube-proxy-like DNAT).
 const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "iptables"];
 /// The metrics tests check the agent's `/metrics` and the shipped alert rules with
-/// Prometheus's own checker. Debian ships it inside the `prometheus` package, whose
-/// installation would also start a Prometheus server: only the one binary is taken
-/// out of the package, into [`PROMTOOL`].
+/// Prometheus's own checker, and run the dashboard's queries on a Prometheus that
+/// scraped a real agent. Debian ships both inside the `prometheus` package, whose
+/// installation would also start a Prometheus service: only the two binaries are
+/// taken out of the package, promtool into [`PROMTOOL`] and the server, which only
+/// the tests run, into [`PROMETHEUS`] (off the PATH).
 const PROMTOOL_PACKAGE: &str = "prometheus";
 pub const PROMTOOL: &str = "/usr/local/bin/promtool";
+pub const PROMETHEUS: &str = "/usr/local/lib/rayfence/prometheus";
 
 pub fn ensure_all() -> Result<()> {
     let host = ensure_host_toolchain()?;
@@ -32,7 +35,7 @@ pub fn ensure_all() -> Result<()> {
     ensure_bpf_linker()?;
     ensure_promtool()?;
     say(&format!(
-        "prerequisites in place: Rust {host} (rust-toolchain.toml), {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}, promtool",
+        "prerequisites in place: Rust {host} (rust-toolchain.toml), {EBPF_TOOLCHAIN} + rust-src, {}, bpf-linker {BPF_LINKER_VERSION}, promtool and a Prometheus server for the tests",
         APT_PACKAGES.join(", ")
     ));
     Ok(())
@@ -191,16 +194,16 @@ fn ensure_bpf_linker() -> Result<()> {
 }
 
 fn ensure_promtool() -> Result<()> {
-    if output(PROMTOOL, &["--version"]).is_some() {
+    if output(PROMTOOL, &["--version"]).is_some() && output(PROMETHEUS, &["--version"]).is_some() {
         return Ok(());
     }
     if !crate::is_root() {
         bail!(
-            "promtool is missing; run as root to take it from Debian's `{PROMTOOL_PACKAGE}` package"
+            "promtool or the Prometheus server for the tests is missing; run as root to take them from Debian's `{PROMTOOL_PACKAGE}` package"
         );
     }
     say(&format!(
-        "taking promtool out of Debian's `{PROMTOOL_PACKAGE}` package (not installing the server)"
+        "taking promtool ({PROMTOOL}) and the Prometheus server ({PROMETHEUS}, for the tests only) out of Debian's `{PROMTOOL_PACKAGE}` package (not installing the service)"
     ));
     let scratch = std::env::temp_dir().join(format!("rayfence-promtool-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
@@ -224,12 +227,20 @@ fn ensure_promtool() -> Result<()> {
             .context("apt-get download left no .deb")?;
         let tree = scratch.join("tree");
         run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-        std::fs::copy(tree.join("usr/bin/promtool"), PROMTOOL)
-            .with_context(|| format!("copying promtool to {PROMTOOL}"))?;
+        for (binary, to) in [("promtool", PROMTOOL), ("prometheus", PROMETHEUS)] {
+            if let Some(dir) = std::path::Path::new(to).parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::copy(tree.join("usr/bin").join(binary), to)
+                .with_context(|| format!("copying {binary} to {to}"))?;
+        }
         Ok(())
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     taken?;
     output(PROMTOOL, &["--version"]).context("the promtool taken from the package does not run")?;
+    output(PROMETHEUS, &["--version"])
+        .context("the Prometheus server taken from the package does not run")?;
     Ok(())
 }

@@ -4,6 +4,9 @@
 //! ```text
 //! rf-demo --rayfence PATH [--shape NAME] [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only]
 //! rf-demo --shapes                     the shapes --shape takes
+//!
+//! --dashboard also shows the shipped Grafana dashboard's panels on the run's data
+//! (a Prometheus server scrapes the agent; `cargo xtask setup` provides it).
 //! rf-demo --no-agent [--probe PATH]    harness self-check: no enforcement, so
 //!                                      every expected-dropped cell must LEAK
 //! ```
@@ -19,7 +22,7 @@ use rayfence_tests::ProbeBin;
 use rayfence_tests::demo::{self, Options, guard};
 use rayfence_tests::shape::{self, SHAPES, Shape};
 
-const USAGE: &str = "usage: rf-demo (--rayfence PATH | --no-agent) [--shape NAME] [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only]\n       rf-demo --shapes";
+const USAGE: &str = "usage: rf-demo (--rayfence PATH | --no-agent) [--shape NAME] [--probe PATH] [--timeout-ms N] [--parallel N] [--ipv4-only] [--dashboard]\n       rf-demo --shapes";
 
 fn parse() -> Result<Options> {
     let mut rayfence = None;
@@ -28,6 +31,7 @@ fn parse() -> Result<Options> {
     let mut timeout = None;
     let mut parallel = None;
     let mut ipv4_only = false;
+    let mut dashboard = false;
     let mut shape = shape::DEFAULT;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -36,6 +40,7 @@ fn parse() -> Result<Options> {
             "--rayfence" => rayfence = Some(PathBuf::from(value("--rayfence")?)),
             "--no-agent" => no_agent = true,
             "--ipv4-only" => ipv4_only = true,
+            "--dashboard" => dashboard = true,
             "--shape" => shape = Shape::named(&value("--shape")?)?,
             "--shapes" => {
                 for s in SHAPES {
@@ -73,6 +78,7 @@ fn parse() -> Result<Options> {
     }
     opts.ipv6 = !ipv4_only;
     opts.shape = shape;
+    opts.dashboard = dashboard;
     Ok(opts)
 }
 

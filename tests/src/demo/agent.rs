@@ -209,7 +209,11 @@ pub fn cleanup_bpffs(bin: &Path, bpffs: &Path) -> Result<String> {
 /// `GET path` on the agent's metrics server, from inside the node namespace.
 /// Returns the status code and the body.
 pub fn http_get(node: &Netns, path: &str) -> Result<(u16, String)> {
-    let addr: SocketAddr = METRICS_ADDR.parse()?;
+    http_get_at(node, METRICS_ADDR.parse()?, path)
+}
+
+/// `GET path` on `addr` inside `node`'s namespace: status and body (de-chunked).
+pub fn http_get_at(node: &Netns, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let path = path.to_owned();
     node.run(move || -> Result<(u16, String)> {
         let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;

@@ -40,6 +40,7 @@
 //! `LEAK`, and the run fails.
 
 pub mod agent;
+pub mod dashboard;
 pub mod expected;
 pub mod guard;
 pub mod matrix;
@@ -80,6 +81,9 @@ pub struct Options {
     /// The node's shape (`--shape`): the matrix and its expectation are the same
     /// on every shape.
     pub shape: Shape,
+    /// Also show the shipped Grafana dashboard's panels on the run's data
+    /// (`--dashboard`: a Prometheus server scrapes the first node's agent).
+    pub dashboard: bool,
 }
 
 impl Options {
@@ -92,6 +96,7 @@ impl Options {
             ready_timeout: Duration::from_secs(30),
             ipv6: true,
             shape: shape::DEFAULT,
+            dashboard: false,
         }
     }
 }
@@ -115,6 +120,9 @@ pub struct Report {
     pub drop_counters: Vec<String>,
     /// Probed flows `rayfence explain` was asked about.
     pub explained: usize,
+    /// With `--dashboard`: how many panels were shown, and those without data.
+    pub dashboard_panels: usize,
+    pub dashboard_empty: Vec<String>,
     /// One line per probed flow whose explanation disagrees with what the
     /// datapath did (or that could not be explained).
     pub explain_disagreements: Vec<String>,
@@ -366,6 +374,27 @@ pub fn run(opts: &Options) -> Result<Report> {
         );
     }
 
+    // Scraping starts before the probes, so the panels' rates span them.
+    let scraper = match (opts.dashboard, agents.first()) {
+        (true, Some(_)) => {
+            let s = dashboard::Scraper::start(
+                &topo.node(0).netns,
+                scenario::node_name(0),
+                &tmp.0.join("prometheus"),
+            )?;
+            say(
+                started,
+                &format!(
+                    "Prometheus scraping the agent on {} every second (job rayfence-agent, as the shipped PodMonitor labels it)",
+                    scenario::node_name(0)
+                ),
+            );
+            Some(s)
+        }
+        (true, None) => bail!("--dashboard needs the agent"),
+        _ => None,
+    };
+
     guard::check()?;
     let sources = scenario::sources();
     let cells = build_cells(&topo, &ctrs, &sources, &table, opts.ipv6)?;
@@ -436,6 +465,20 @@ pub fn run(opts: &Options) -> Result<Report> {
         println!("  ... and {} more", mismatches.len() - SHOWN);
     }
 
+    let (mut dashboard_panels, mut dashboard_empty) = (0, Vec::new());
+    if let Some(scraper) = &scraper {
+        // Two more scrapes, so the last counters are in.
+        std::thread::sleep(Duration::from_secs(2));
+        let shipped = crate::deploy::monitoring::dashboard()?;
+        let rendered = dashboard::render(&shipped, scraper)?;
+        println!(
+            "\nthe Grafana dashboard (deploy/components/monitoring/dashboard.json), each panel's queries on this run's data:\n{}",
+            rendered.text
+        );
+        dashboard_panels = rendered.panels;
+        dashboard_empty = rendered.empty;
+    }
+    drop(scraper);
     let mut drop_counters = Vec::new();
     let mut explain_disagreements = Vec::new();
     let mut explained = 0;
@@ -528,6 +571,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         drop_counters,
         explained,
         explain_disagreements,
+        dashboard_panels,
+        dashboard_empty,
     })
 }
 

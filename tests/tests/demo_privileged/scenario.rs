@@ -7,7 +7,7 @@
 //! Root only.
 
 use rayfence_tests::agent_bin::rayfence_bin;
-use rayfence_tests::demo::{self, Options};
+use rayfence_tests::demo::{self, Options, Report};
 use rayfence_tests::probe_bin;
 use rayfence_tests::shape::{self, SHAPES, Shape};
 
@@ -29,7 +29,21 @@ fn without_agent_exactly_the_expected_drops_get_through() {
 
 #[test]
 fn with_agent_every_verdict_matches_the_expected_matrix_and_explain_agrees_on_each() {
-    every_verdict_matches_on(shape::DEFAULT.name);
+    let report = every_verdict_matches_on(shape::DEFAULT.name, true);
+    // The shipped dashboard on this run's data (a Prometheus server scraped the
+    // agent during the probes): every panel has series, but the audit ones (no
+    // RayCluster of the demo is in audit mode).
+    let panels = rayfence_tests::deploy::monitoring::dashboard().expect("the dashboard")["panels"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert!(panels >= 10, "{panels} panels");
+    assert_eq!(report.dashboard_panels, panels);
+    let unexpected: Vec<&String> = report
+        .dashboard_empty
+        .iter()
+        .filter(|title| !title.contains("Would-drops"))
+        .collect();
+    assert!(unexpected.is_empty(), "panels without data: {unexpected:?}");
 }
 
 /// The same matrix, with the agent, on every other shape the lab builds: the
@@ -39,7 +53,8 @@ fn with_agent_every_verdict_matches_the_expected_matrix_and_explain_agrees_on_ea
 fn on_every_other_shape_every_verdict_matches_the_expected_matrix() {
     let mut failed = Vec::new();
     for shape in SHAPES.iter().filter(|s| **s != shape::DEFAULT) {
-        if let Err(panic) = std::panic::catch_unwind(|| every_verdict_matches_on(shape.name)) {
+        if let Err(panic) = std::panic::catch_unwind(|| every_verdict_matches_on(shape.name, false))
+        {
             let why = panic
                 .downcast_ref::<String>()
                 .cloned()
@@ -51,12 +66,13 @@ fn on_every_other_shape_every_verdict_matches_the_expected_matrix() {
     assert!(failed.is_empty(), "{}", failed.join("\n\n"));
 }
 
-fn every_verdict_matches_on(shape: &str) {
+fn every_verdict_matches_on(shape: &str, dashboard: bool) -> Report {
     let mut options = Options::new(
         Some(rayfence_bin().expect("the rayfence binary")),
         probe_bin(),
     );
     options.shape = Shape::named(shape).expect("a known shape");
+    options.dashboard = dashboard;
     let report = demo::run(&options).expect("demo");
     assert!(
         report.passed(),
@@ -72,4 +88,5 @@ fn every_verdict_matches_on(shape: &str) {
         report.explained, report.probed,
         "shape {shape}: every probed flow is explained"
     );
+    report
 }
