@@ -134,6 +134,26 @@ pub fn rule_exprs(rule: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Runs the alert rules' unit tests (`prometheusrule.test.yaml` in the component)
+/// with `promtool test rules`, on the PrometheusRule's `spec` written as the
+/// `rules.yaml` they load, in a scratch directory; promtool's report.
+pub fn test_rules() -> Result<String> {
+    let scratch = std::env::temp_dir().join(crate::names::unique_name("rules"));
+    std::fs::create_dir_all(&scratch)?;
+    let tested = (|| {
+        let spec = serde_norway::to_string(&prometheus_rule()?["spec"])?;
+        std::fs::write(scratch.join("rules.yaml"), spec)?;
+        let tests = scratch.join("prometheusrule.test.yaml");
+        std::fs::copy(component("prometheusrule.test.yaml"), &tests)?;
+        run_promtool(
+            &["test", "rules", tests.to_str().context("scratch path")?],
+            "",
+        )
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    tested
+}
+
 /// The dashboard JSON shipped in the component.
 pub fn dashboard() -> Result<Value> {
     let path = component("dashboard.json");

@@ -3,12 +3,15 @@
 //! with the job and node labels the alerts and the dashboard select on, and never
 //! lets a series' own labels win over the target's; every alert says how bad it is
 //! and what to do; the dashboard ConfigMap is the dashboard file, for Grafana's
-//! sidecar. (That the rules and the dashboard query only series the agent exports,
+//! sidecar; the alerts' unit tests (`prometheusrule.test.yaml`: each alert fires on
+//! the series that should raise it, after its `for:`, with its rendered annotations,
+//! and stays silent otherwise) pass `promtool test rules`. (That the rules and the
+//! dashboard query only series the agent exports,
 //! and that promtool accepts both the scrape and the rules, is checked against a
 //! real agent in agent_privileged.)
 
 use anyhow::Result;
-use rayfence_tests::deploy::monitoring::{dashboard, dashboard_exprs, rule_exprs};
+use rayfence_tests::deploy::monitoring::{dashboard, dashboard_exprs, rule_exprs, test_rules};
 use rayfence_tests::deploy::*;
 use serde_json::Value;
 
@@ -208,5 +211,30 @@ fn the_chart_renders_the_same_monitoring_as_the_component_and_none_by_default() 
     )?;
     let endpoint = &only(&plain, "PodMonitor")["spec"]["podMetricsEndpoints"][0];
     assert!(endpoint.get("authorization").is_none(), "{endpoint}");
+    Ok(())
+}
+
+#[test]
+fn every_alert_fires_on_its_unit_test_series_and_only_there() -> Result<()> {
+    let report = test_rules()?;
+    assert!(report.contains("SUCCESS"), "{report}");
+    // Every alert of the rule has a test case.
+    let tests = std::fs::read_to_string(
+        workspace().join("deploy/components/monitoring/prometheusrule.test.yaml"),
+    )?;
+    let rule = rayfence_tests::deploy::monitoring::prometheus_rule()?;
+    for group in rule["spec"]["groups"].as_array().expect("groups") {
+        for alert in group["rules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .filter_map(|r| r["alert"].as_str())
+        {
+            assert!(
+                tests.contains(&format!("alertname: {alert}\n")),
+                "no unit test for alert {alert}"
+            );
+        }
+    }
     Ok(())
 }
