@@ -53,7 +53,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cgroup::TestCgroup;
-use crate::node_nat::{Endpoint, HostPort, NodePortService};
+use crate::node_nat::{
+    self, ClusterIpRule, Endpoint, HostPort, KubeProxyMode, NodePortService, Protocol,
+};
 use crate::probe::{Outcome, ProbeBin, Prober, Server};
 use crate::topology::{Layout, Topology};
 
@@ -181,7 +183,25 @@ pub fn run(opts: &Options) -> Result<Report> {
     node.netns
         .sysctl("net.bridge.bridge-nf-call-iptables", "1")
         .context("br_netfilter: bridged replies of DNATed flows must see conntrack")?;
-    install_dnat(&topo)?;
+    let cluster_ips: Vec<ClusterIpRule> = SERVICES
+        .iter()
+        .flat_map(|s| {
+            let backend = IpAddr::from(topo.pod(s.backend).ip4);
+            s.ports.iter().map(move |(port, proto, _)| ClusterIpRule {
+                namespace: s.namespace.to_owned(),
+                name: s.name.to_owned(),
+                cluster_ip: s.cluster_ip.into(),
+                protocol: match proto {
+                    Proto::Tcp => Protocol::Tcp,
+                    Proto::Udp => Protocol::Udp,
+                },
+                port: *port,
+                backend,
+                target_port: *port,
+            })
+        })
+        .collect();
+    node_nat::install_cluster_ips(topo.node(0), KubeProxyMode::Iptables, &cluster_ips)?;
     install_node_nat(&topo)?;
     say(
         started,
@@ -598,43 +618,6 @@ fn ensure_br_netfilter() -> Result<()> {
         .context("running modprobe br_netfilter")?;
     if !st.success() {
         bail!("modprobe br_netfilter failed: the bridged DNAT path needs it");
-    }
-    Ok(())
-}
-
-/// kube-proxy's iptables mode, reduced to what one backend per Service needs.
-fn install_dnat(topo: &Topology) -> Result<()> {
-    let ns = &topo.node(0).netns;
-    let ipt = |args: &[&str]| -> Result<()> {
-        let mut argv = vec!["iptables", "-w", "-t", "nat"];
-        argv.extend_from_slice(args);
-        ns.exec(&argv).map(drop)
-    };
-    ipt(&["-N", "RF-SERVICES"])?;
-    ipt(&["-A", "PREROUTING", "-j", "RF-SERVICES"])?;
-    ipt(&["-A", "OUTPUT", "-j", "RF-SERVICES"])?;
-    for s in SERVICES {
-        let backend = topo.pod(s.backend).ip4;
-        for (port, proto, _) in s.ports {
-            let p = match proto {
-                Proto::Tcp => "tcp",
-                Proto::Udp => "udp",
-            };
-            ipt(&[
-                "-A",
-                "RF-SERVICES",
-                "-d",
-                &format!("{}/32", s.cluster_ip),
-                "-p",
-                p,
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{backend}:{port}"),
-            ])?;
-        }
     }
     Ok(())
 }
