@@ -1020,6 +1020,28 @@ pub fn install_cluster_ips(
     }
 }
 
+/// What kube-proxy's IPVS mode does to a node's addresses: every ClusterIP bound
+/// to the dummy device `kube-ipvs0` (created if missing, left down as kube-proxy
+/// leaves it), so that the node's stack takes them as local addresses. Where the
+/// kernel has no dummy driver, a bridge without ports stands in (to the stack the
+/// same: a down device holding addresses). The lab cannot run IPVS itself (the
+/// kernel has no `IP_VS`): the DNAT stays with the node's iptables or nftables
+/// rules. Only the node's addresses change.
+pub fn bind_to_kube_ipvs0(node: &Node, cluster_ips: &[IpAddr]) -> Result<()> {
+    let ns = &node.netns;
+    if ns.ip(&["link", "show", "kube-ipvs0"]).is_err()
+        && ns
+            .ip(&["link", "add", "kube-ipvs0", "type", "dummy"])
+            .is_err()
+    {
+        ns.ip(&["link", "add", "kube-ipvs0", "type", "bridge"])?;
+    }
+    for ip in cluster_ips {
+        ns.ip(&["addr", "add", &host(*ip), "dev", "kube-ipvs0"])?;
+    }
+    Ok(())
+}
+
 // --- kube-proxy's nftables mode (the module header shows its layout) ---
 
 /// A plain ClusterIP Service's addresses, gathered from its [`ClusterIpRule`]s.

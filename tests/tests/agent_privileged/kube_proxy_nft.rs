@@ -12,7 +12,8 @@
 //!   hostPort keeps its client, the node's own processes are the node.
 //!
 //! The ClusterIP case also runs in iptables mode, so both modes are held to the
-//! same expectations. Nothing in the agent knows which mode the node runs: the
+//! same expectations, and with the ClusterIPs bound to `kube-ipvs0` as kube-proxy's
+//! IPVS mode binds them (IPVS itself cannot run here: the kernel has no `IP_VS`). Nothing in the agent knows which mode the node runs: the
 //! ClusterIP rows are compiled from the Services and EndpointSlices and decided
 //! on the pod's hook before any NAT, and what the ingress side needs of NAT it
 //! asks the kernel's conntrack, which both modes feed. Needs root.
@@ -43,6 +44,9 @@ const PORT: u16 = 8000;
 const EDIT: Duration = Duration::from_secs(10);
 
 static RIGS: AtomicU32 = AtomicU32::new(0);
+
+/// A pod of the test: topology name, Kubernetes namespace, labels.
+type PodSpec<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>);
 
 /// DenyAllEgress, with (or without) a rule for head and workers to `db` in the
 /// other namespace on [`PORT`].
@@ -115,7 +119,13 @@ fn wait_cut(what: &str, held: &mut rayfence_tests::HeldConnection) -> Result<Dur
     Ok(t0.elapsed())
 }
 
-fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(mode: KubeProxyMode) -> Result<()> {
+/// `ipvs_addresses`: the ClusterIPs are also bound to `kube-ipvs0`, as kube-proxy's
+/// IPVS mode binds them (local addresses of the node), the DNAT staying with
+/// `mode`'s rules.
+fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(
+    mode: KubeProxyMode,
+    ipvs_addresses: bool,
+) -> Result<()> {
     let rig_no = RIGS.fetch_add(1, Ordering::Relaxed);
     let uid = |n: u32| {
         format!(
@@ -135,7 +145,7 @@ fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(mode: KubeProxyMode) 
         namespace(&other),
         node_object(NODE, topo.node(0)),
     ];
-    let pods: [(&str, &str, Vec<(&str, &str)>); 4] = [
+    let pods: [PodSpec; 4] = [
         ("head", &ns, head_labels("rc")),
         ("worker", &ns, worker_labels("rc")),
         ("db", &other, vec![("app", "db")]),
@@ -174,6 +184,9 @@ fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(mode: KubeProxyMode) 
     };
     for svc in [&db_svc, &foreign_svc] {
         topo.install_node_port(svc)?;
+        if ipvs_addresses {
+            node_nat::bind_to_kube_ipvs0(topo.node(0), &svc.cluster_ips)?;
+        }
     }
     ensure!(node_nat::kube_proxy_mode(topo.node(0)) == mode);
 
@@ -308,12 +321,21 @@ fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(mode: KubeProxyMode) 
 
 #[test]
 fn nftables_mode_cluster_ip_egress_is_decided_on_the_backend_and_revoked() -> Result<()> {
-    cluster_ip_egress_is_decided_on_the_backend_and_revoked(KubeProxyMode::Nftables)
+    cluster_ip_egress_is_decided_on_the_backend_and_revoked(KubeProxyMode::Nftables, false)
 }
 
 #[test]
 fn iptables_mode_cluster_ip_egress_is_decided_on_the_backend_and_revoked() -> Result<()> {
-    cluster_ip_egress_is_decided_on_the_backend_and_revoked(KubeProxyMode::Iptables)
+    cluster_ip_egress_is_decided_on_the_backend_and_revoked(KubeProxyMode::Iptables, false)
+}
+
+/// IPVS mode, as far as this kernel allows (no `IP_VS`): its ClusterIPs are local
+/// addresses of the node, on `kube-ipvs0`. They must keep their Service's identity:
+/// were they taken for the node's own addresses, egress to any Service would be
+/// "the node".
+#[test]
+fn cluster_ips_bound_to_kube_ipvs0_are_still_decided_on_the_backend_and_revoked() -> Result<()> {
+    cluster_ip_egress_is_decided_on_the_backend_and_revoked(KubeProxyMode::Nftables, true)
 }
 
 // --- what counts as the node, in nftables mode (node_trust.rs's cases) ---

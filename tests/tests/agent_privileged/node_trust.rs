@@ -238,6 +238,10 @@ impl Rig {
             ),
         ];
         node_nat::set_kube_proxy_mode(topo.nodes(), mode)?;
+        ensure!(
+            node_nat::kube_proxy_mode(node) == mode,
+            "lab: kube-proxy mode"
+        );
         for svc in &services {
             topo.install_node_port(svc)?;
             docs.extend(svc.manifests(&|_| NODE.to_owned()));
