@@ -1598,6 +1598,19 @@ mod tests {
     }
 
     #[test]
+    fn nft_endpoint_choice_is_one_verdict_map_over_all_endpoints() {
+        let chains = vec!["endpoint-A-x".to_owned(), "endpoint-B-y".to_owned()];
+        assert_eq!(
+            nft_pick(&chains),
+            "numgen random mod 2 vmap { 0 : goto endpoint-A-x, 1 : goto endpoint-B-y }"
+        );
+        assert_eq!(
+            nft_fresh_chain("ip kube-proxy", "c"),
+            "add chain ip kube-proxy c\nflush chain ip kube-proxy c\n"
+        );
+    }
+
+    #[test]
     fn a_dual_stack_service_has_one_slice_per_family() {
         let mut svc = NodePortService::tcp("ray", "head", 8265, 30265);
         svc.cluster_ips = vec![
