@@ -1,10 +1,19 @@
-//! What a node rewrites on behalf of others: kube-proxy's NodePorts (iptables mode)
-//! and the CNI portmap plugin's hostPorts, as `iptables` and `ip6tables` rules in a
+//! What a node rewrites on behalf of others: kube-proxy's NodePorts and ClusterIPs
+//! (its iptables mode, or its nftables mode: [`KubeProxyMode`]) and the CNI portmap
+//! plugin's hostPorts, as `iptables`/`ip6tables` rules or `nft` transactions in a
 //! simulated node's network namespace, plus the Kubernetes objects that describe
 //! them (the Service and its EndpointSlices; the pod's `hostPort`), made from the
 //! same description so the rules and the objects the agent reads cannot disagree.
 //!
-//! kube-proxy (nat table, the chains and marks kube-proxy 1.28+ programs):
+//! A node's kube-proxy mode is chosen with [`set_kube_proxy_mode`] before its first
+//! Service (default: iptables) and read back from the node itself
+//! ([`kube_proxy_mode`]: nftables when its `kube-proxy` table exists), so
+//! [`crate::topology::Topology::install_node_port`] needs no argument for it.
+//! Installing a Service again re-syncs its endpoints, as kube-proxy does after an
+//! EndpointSlice edit. [`install_cluster_ips`] is the demo's plain ClusterIP DNAT in
+//! either mode.
+//!
+//! kube-proxy, iptables mode (nat table, the chains and marks kube-proxy 1.28+ programs):
 //!
 //! ```text
 //! PREROUTING, OUTPUT  -j KUBE-SERVICES
@@ -36,6 +45,52 @@
 //! the client is refused). The cluster CIDR is
 //! [`crate::topology::CLUSTER_CIDR4`] / [`crate::topology::CLUSTER_CIDR6`].
 //!
+//! kube-proxy, nftables mode: what its nftables proxier (Kubernetes 1.31+,
+//! `pkg/proxy/nftables`) writes, per family (`ip`/`ip6`, `ipv4_addr`/`ipv6_addr`), in table `kube-proxy`:
+//!
+//! ```text
+//! filter-prerouting  type filter hook prerouting priority dstnat - 10 (-110); ct state new jump firewall-check
+//! filter-input       type filter hook input priority -110;             ct state new jump endpoints-check
+//! filter-forward     type filter hook forward priority -110;           ct state new jump endpoints-check
+//! filter-output      type filter hook output priority -110;            ct state new jump endpoints-check
+//!                                                                      ct state new jump firewall-check
+//! nat-prerouting     type nat hook prerouting priority dstnat;         jump services
+//! nat-output         type nat hook output priority dstnat (-100);      jump services
+//! nat-postrouting    type nat hook postrouting priority srcnat;        jump masquerading
+//! services           ip daddr . meta l4proto . th dport vmap @service-ips
+//!                    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports
+//! endpoints-check    ip daddr . meta l4proto . th dport vmap @no-endpoint-services
+//!                    fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @no-endpoint-nodeports
+//! firewall-check     ip daddr . meta l4proto . th dport vmap @firewall-ips
+//! mark-for-masquerade mark set mark or 0x4000
+//! masquerading       mark and 0x4000 == 0 return; mark set mark xor 0x4000; masquerade fully-random
+//! reject-chain       reject
+//! service-<h>-<ns>/<name>/<proto>/<port>        (a Service port, Cluster policy)
+//!                    ip daddr <clusterIP> <proto> dport <port> ip saddr != <cluster CIDR> jump mark-for-masquerade
+//!                    numgen random mod <n> vmap { 0 : goto endpoint-..., ... }
+//! local-<h>-...      numgen random mod <n> vmap { ... }          (the node's own endpoints)
+//! external-<h>-...   Cluster: jump mark-for-masquerade; goto service-...
+//!                    Local:   ip saddr <cluster CIDR> goto service-...     (short-circuit pod traffic)
+//!                             fib saddr type local jump mark-for-masquerade
+//!                             fib saddr type local goto service-...       (the node itself)
+//!                             goto local-...                              (if it has local endpoints)
+//! endpoint-<h>-...__<ip>/<port>
+//!                    ip saddr <ip> jump mark-for-masquerade       (hairpin)
+//!                    meta l4proto <proto> dnat to <ip>:<port>
+//! service-ips        { <clusterIP> . <proto> . <port> : goto service-... }
+//! service-nodeports  { <proto> . <nodePort> : goto external-... }        (if it has endpoints)
+//! no-endpoint-services  { <clusterIP> . <proto> . <port> : goto reject-chain }   (no endpoints)
+//! no-endpoint-nodeports { <proto> . <nodePort> : goto reject-chain, or drop under
+//!                         Local without a local endpoint }
+//! ```
+//!
+//! The backend sees the same sources as in the iptables mode (the same masquerade
+//! decisions, the same mark). Where kube-proxy's two modes differ, this follows
+//! the nftables one: a Service without endpoints is rejected (`reject-chain`), and a
+//! Local NodePort on a node without a local endpoint is dropped, not refused.
+//! Hashes are 8 characters of this module's FNV hash rather than kube-proxy's
+//! base32 SHA-256: the names only need to be stable and distinct.
+//!
 //! portmap (nat table, as the plugin programs a pod's `hostPort`):
 //!
 //! ```text
@@ -57,6 +112,9 @@
 //! bridged, not routed: as on a real kube-proxy node, `br_netfilter` must be loaded
 //! and `net.bridge.bridge-nf-call-iptables` / `-ip6tables` are set to 1, inside the
 //! node's namespace only (per-namespace since Linux 5.3).
+//!
+//! The same holds for the nftables mode: br_netfilter hands bridged packets to the
+//! IP hooks, where the `ip`/`ip6 kube-proxy` tables' chains are.
 //!
 //! Must not: touch any namespace but the node's, or load anything but
 //! `br_netfilter` (and that only when a bridged node needs it and it is missing).
@@ -497,16 +555,10 @@ fn kube_proxy_base(ns: &Netns, v6: bool) -> Result<()> {
     )
 }
 
-/// kube-proxy's rules for `svc` on `node`, for every family it has.
-pub(crate) fn install_node_port(node: &Node, svc: &NodePortService) -> Result<()> {
-    if svc.cluster_ips.is_empty() {
-        bail!(
-            "Service {}/{} has no ClusterIP: its families follow its ClusterIPs",
-            svc.namespace,
-            svc.name
-        );
-    }
-    bridge_netfilter(node)?;
+/// kube-proxy's iptables rules for `svc` on `node`, for every family it has. Run
+/// again for the same Service it re-syncs its endpoints (the Service and
+/// external chains stay, the endpoint jumps are rewritten).
+fn install_node_port_iptables(node: &Node, svc: &NodePortService) -> Result<()> {
     let ns = &node.netns;
     let proto = svc.protocol.iptables();
     let port_name = format!("{}/{}:p{}", svc.namespace, svc.name, svc.port);
@@ -518,38 +570,46 @@ pub(crate) fn install_node_port(node: &Node, svc: &NodePortService) -> Result<()
             format!("KUBE-EXT-{h}"),
             format!("KUBE-SVL-{h}"),
         );
-        for chain in [&svc_chain, &ext_chain, &svl_chain] {
-            nat(ns, v6, &["-N", chain])?;
+        let fresh = !chain_exists(ns, v6, &svc_chain);
+        if fresh {
+            for chain in [&svc_chain, &ext_chain, &svl_chain] {
+                nat(ns, v6, &["-N", chain])?;
+            }
+        } else {
+            for chain in [&svc_chain, &svl_chain] {
+                nat(ns, v6, &["-F", chain])?;
+            }
         }
         let cidr = cluster_cidr(v6);
-        let node_port = svc.node_port.to_string();
         let port = svc.port.to_string();
         // ClusterIPs, ahead of the NodePorts rule (which stays last).
         for ip in svc.cluster_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
             let dst = host(*ip);
-            nat(
-                ns,
-                v6,
-                &[
-                    "-I",
-                    "KUBE-SERVICES",
-                    "1",
-                    "-d",
-                    &dst,
-                    "-p",
-                    proto,
-                    "-m",
-                    "comment",
-                    "--comment",
-                    &format!("{port_name} cluster IP"),
-                    "-m",
-                    proto,
-                    "--dport",
-                    &port,
-                    "-j",
-                    &svc_chain,
-                ],
-            )?;
+            if fresh {
+                nat(
+                    ns,
+                    v6,
+                    &[
+                        "-I",
+                        "KUBE-SERVICES",
+                        "1",
+                        "-d",
+                        &dst,
+                        "-p",
+                        proto,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &format!("{port_name} cluster IP"),
+                        "-m",
+                        proto,
+                        "--dport",
+                        &port,
+                        "-j",
+                        &svc_chain,
+                    ],
+                )?;
+            }
             nat(
                 ns,
                 v6,
@@ -572,83 +632,14 @@ pub(crate) fn install_node_port(node: &Node, svc: &NodePortService) -> Result<()
                 ],
             )?;
         }
-        nat(
-            ns,
-            v6,
-            &[
-                "-A",
-                "KUBE-NODEPORTS",
-                "-p",
-                proto,
-                "-m",
-                "comment",
-                "--comment",
+        if fresh {
+            node_port_jumps(
+                ns,
+                v6,
+                svc,
                 &port_name,
-                "-m",
-                proto,
-                "--dport",
-                &node_port,
-                "-j",
-                &ext_chain,
-            ],
-        )?;
-        match svc.external_traffic_policy {
-            TrafficPolicy::Cluster => {
-                nat(
-                    ns,
-                    v6,
-                    &[
-                        "-A",
-                        &ext_chain,
-                        "-m",
-                        "comment",
-                        "--comment",
-                        &format!("masquerade traffic for {port_name} external destinations"),
-                        "-j",
-                        "KUBE-MARK-MASQ",
-                    ],
-                )?;
-                nat(ns, v6, &["-A", &ext_chain, "-j", &svc_chain])?;
-            }
-            TrafficPolicy::Local => {
-                nat(
-                    ns,
-                    v6,
-                    &[
-                        "-A",
-                        &ext_chain,
-                        "-s",
-                        &cidr,
-                        "-m",
-                        "comment",
-                        "--comment",
-                        &format!("pod traffic for {port_name} external destinations"),
-                        "-j",
-                        &svc_chain,
-                    ],
-                )?;
-                for target in ["KUBE-MARK-MASQ", svc_chain.as_str()] {
-                    nat(
-                        ns,
-                        v6,
-                        &[
-                            "-A",
-                            &ext_chain,
-                            "-m",
-                            "comment",
-                            "--comment",
-                            &format!("LOCAL traffic for {port_name} external destinations"),
-                            "-m",
-                            "addrtype",
-                            "--src-type",
-                            "LOCAL",
-                            "-j",
-                            target,
-                        ],
-                    )?;
-                }
-                nat(ns, v6, &["-A", &ext_chain, "-j", &svl_chain])?;
-            }
+                (&ext_chain, &svc_chain, &svl_chain),
+            )?;
         }
         let endpoints = svc.endpoint_ips(v6);
         let local: Vec<(usize, IpAddr)> = endpoints
@@ -707,6 +698,734 @@ pub(crate) fn install_node_port(node: &Node, svc: &NodePortService) -> Result<()
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// The NodePort's jump and its external chain (they do not depend on the endpoints).
+fn node_port_jumps(
+    ns: &Netns,
+    v6: bool,
+    svc: &NodePortService,
+    port_name: &str,
+    (ext_chain, svc_chain, svl_chain): (&str, &str, &str),
+) -> Result<()> {
+    let proto = svc.protocol.iptables();
+    let cidr = cluster_cidr(v6);
+    let node_port = svc.node_port.to_string();
+
+    nat(
+        ns,
+        v6,
+        &[
+            "-A",
+            "KUBE-NODEPORTS",
+            "-p",
+            proto,
+            "-m",
+            "comment",
+            "--comment",
+            port_name,
+            "-m",
+            proto,
+            "--dport",
+            &node_port,
+            "-j",
+            ext_chain,
+        ],
+    )?;
+    match svc.external_traffic_policy {
+        TrafficPolicy::Cluster => {
+            nat(
+                ns,
+                v6,
+                &[
+                    "-A",
+                    ext_chain,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &format!("masquerade traffic for {port_name} external destinations"),
+                    "-j",
+                    "KUBE-MARK-MASQ",
+                ],
+            )?;
+            nat(ns, v6, &["-A", ext_chain, "-j", svc_chain])?;
+        }
+        TrafficPolicy::Local => {
+            nat(
+                ns,
+                v6,
+                &[
+                    "-A",
+                    ext_chain,
+                    "-s",
+                    &cidr,
+                    "-m",
+                    "comment",
+                    "--comment",
+                    &format!("pod traffic for {port_name} external destinations"),
+                    "-j",
+                    svc_chain,
+                ],
+            )?;
+            for target in ["KUBE-MARK-MASQ", svc_chain] {
+                nat(
+                    ns,
+                    v6,
+                    &[
+                        "-A",
+                        ext_chain,
+                        "-m",
+                        "comment",
+                        "--comment",
+                        &format!("LOCAL traffic for {port_name} external destinations"),
+                        "-m",
+                        "addrtype",
+                        "--src-type",
+                        "LOCAL",
+                        "-j",
+                        target,
+                    ],
+                )?;
+            }
+            nat(ns, v6, &["-A", ext_chain, "-j", svl_chain])?;
+        }
+    }
+    Ok(())
+}
+
+/// Which of kube-proxy's proxiers programs a node's Services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KubeProxyMode {
+    /// `--proxy-mode=iptables`: the `nat` table's `KUBE-*` chains (the default).
+    #[default]
+    Iptables,
+    /// `--proxy-mode=nftables` (Kubernetes 1.31+): tables `ip kube-proxy` and
+    /// `ip6 kube-proxy`, written with `nft -f -` transactions.
+    Nftables,
+}
+
+/// Starts kube-proxy in `mode` on each of `nodes`: its base tables and chains, as
+/// it writes them at start-up, before any Service. Later
+/// [`crate::topology::Topology::install_node_port`] calls on these nodes use that
+/// mode; a node never set is in iptables mode. A node holds one mode: setting the
+/// other one once Services are programmed is an error.
+pub fn set_kube_proxy_mode(nodes: &[Node], mode: KubeProxyMode) -> Result<()> {
+    for node in nodes {
+        bridge_netfilter(node)?;
+        let ns = &node.netns;
+        let current = kube_proxy_mode(node);
+        let has_iptables = chain_exists(ns, false, "KUBE-SERVICES");
+        match mode {
+            KubeProxyMode::Iptables if current == KubeProxyMode::Nftables => bail!(
+                "node {} already runs kube-proxy in nftables mode",
+                node.index
+            ),
+            KubeProxyMode::Nftables if has_iptables => bail!(
+                "node {} already has kube-proxy's iptables rules",
+                node.index
+            ),
+            KubeProxyMode::Iptables => {
+                for v6 in [false, true] {
+                    kube_proxy_base(ns, v6)?;
+                }
+            }
+            KubeProxyMode::Nftables => {
+                for v6 in [false, true] {
+                    nft_base(ns, v6)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The mode kube-proxy runs in on `node`: nftables when its `kube-proxy` table
+/// exists there (so a machine without `nft` is always in iptables mode).
+pub fn kube_proxy_mode(node: &Node) -> KubeProxyMode {
+    if nft_table_exists(&node.netns, false) || nft_table_exists(&node.netns, true) {
+        KubeProxyMode::Nftables
+    } else {
+        KubeProxyMode::Iptables
+    }
+}
+
+/// kube-proxy's rules for `svc` on `node`, for every family it has, in the mode
+/// kube-proxy runs in there ([`set_kube_proxy_mode`]). Run again for the same
+/// Service (after an edit of its endpoints) it re-syncs, as kube-proxy does.
+pub(crate) fn install_node_port(node: &Node, svc: &NodePortService) -> Result<()> {
+    if svc.cluster_ips.is_empty() {
+        bail!(
+            "Service {}/{} has no ClusterIP: its families follow its ClusterIPs",
+            svc.namespace,
+            svc.name
+        );
+    }
+    bridge_netfilter(node)?;
+    match kube_proxy_mode(node) {
+        KubeProxyMode::Iptables => install_node_port_iptables(node, svc),
+        KubeProxyMode::Nftables => {
+            let endpoints: Vec<(usize, IpAddr)> = svc
+                .endpoints
+                .iter()
+                .flat_map(|e| e.ips.iter().map(move |ip| (e.node, *ip)))
+                .collect();
+            nft_service(
+                node,
+                &NftService {
+                    namespace: &svc.namespace,
+                    name: &svc.name,
+                    protocol: svc.protocol,
+                    port: svc.port,
+                    target_port: svc.target_port,
+                    cluster_ips: &svc.cluster_ips,
+                    node_port: Some((svc.node_port, svc.external_traffic_policy)),
+                    endpoints: &endpoints,
+                },
+            )
+        }
+    }
+}
+
+/// A ClusterIP port DNATed to one backend (a ClusterIP Service with one endpoint,
+/// as the demo has them).
+#[derive(Debug, Clone)]
+pub struct ClusterIpRule {
+    /// The Service's namespace and name (kube-proxy names its chains after them).
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: IpAddr,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub backend: IpAddr,
+    /// Where the backend listens.
+    pub target_port: u16,
+}
+
+/// The DNAT of `rules` on `node`, from pods (prerouting) and from the node itself
+/// (output), in `mode`:
+/// - [`KubeProxyMode::Iptables`]: one chain `RF-SERVICES` in the `nat` table
+///   (jumped to from PREROUTING and OUTPUT), `-d <clusterIP> -p <proto> --dport
+///   <port> -j DNAT --to-destination <backend>:<targetPort>` per rule; no
+///   masquerade. Added ahead of any NodePort Service's ClusterIP rules.
+/// - [`KubeProxyMode::Nftables`]: kube-proxy's `service-ips` element, Service and
+///   endpoint chains (rules of one Service and protocol and port are one Service
+///   with several endpoints), starting kube-proxy there if it is not yet.
+///
+/// On a bridged node the caller loads `br_netfilter` (bridged replies of DNATed
+/// flows must see conntrack).
+pub fn install_cluster_ips(
+    node: &Node,
+    mode: KubeProxyMode,
+    rules: &[ClusterIpRule],
+) -> Result<()> {
+    let ns = &node.netns;
+    match mode {
+        KubeProxyMode::Iptables => {
+            for v6 in [false, true] {
+                let family: Vec<&ClusterIpRule> = rules
+                    .iter()
+                    .filter(|r| r.cluster_ip.is_ipv6() == v6)
+                    .collect();
+                if family.is_empty() {
+                    continue;
+                }
+                if !chain_exists(ns, v6, "RF-SERVICES") {
+                    nat(ns, v6, &["-N", "RF-SERVICES"])?;
+                    nat(ns, v6, &["-A", "PREROUTING", "-j", "RF-SERVICES"])?;
+                    nat(ns, v6, &["-A", "OUTPUT", "-j", "RF-SERVICES"])?;
+                }
+                for r in family {
+                    if r.backend.is_ipv6() != v6 {
+                        bail!(
+                            "ClusterIP rule {}/{}: backend {} is not of the ClusterIP {}'s family",
+                            r.namespace,
+                            r.name,
+                            r.backend,
+                            r.cluster_ip
+                        );
+                    }
+                    nat(
+                        ns,
+                        v6,
+                        &[
+                            "-A",
+                            "RF-SERVICES",
+                            "-d",
+                            &host(r.cluster_ip),
+                            "-p",
+                            r.protocol.iptables(),
+                            "--dport",
+                            &r.port.to_string(),
+                            "-j",
+                            "DNAT",
+                            "--to-destination",
+                            &socket(r.backend, r.target_port),
+                        ],
+                    )?;
+                }
+            }
+            Ok(())
+        }
+        KubeProxyMode::Nftables => {
+            if kube_proxy_mode(node) != KubeProxyMode::Nftables {
+                set_kube_proxy_mode(std::slice::from_ref(node), KubeProxyMode::Nftables)?;
+            }
+            // One Service per (namespace, name, protocol, port, targetPort): its
+            // ClusterIPs and its backends.
+            let mut services: Vec<(&ClusterIpRule, ServiceAddresses)> = Vec::new();
+            for r in rules {
+                let key = |k: &ClusterIpRule| {
+                    (
+                        k.namespace.clone(),
+                        k.name.clone(),
+                        k.protocol,
+                        k.port,
+                        k.target_port,
+                    )
+                };
+                let i = match services.iter().position(|(s, _)| key(s) == key(r)) {
+                    Some(i) => i,
+                    None => {
+                        services.push((r, ServiceAddresses::default()));
+                        services.len() - 1
+                    }
+                };
+                let found = &mut services[i].1;
+                if !found.cluster_ips.contains(&r.cluster_ip) {
+                    found.cluster_ips.push(r.cluster_ip);
+                }
+                if !found.endpoints.iter().any(|(_, ip)| *ip == r.backend) {
+                    found.endpoints.push((node.index, r.backend));
+                }
+            }
+            for (r, found) in &services {
+                nft_service(
+                    node,
+                    &NftService {
+                        namespace: &r.namespace,
+                        name: &r.name,
+                        protocol: r.protocol,
+                        port: r.port,
+                        target_port: r.target_port,
+                        cluster_ips: &found.cluster_ips,
+                        node_port: None,
+                        endpoints: &found.endpoints,
+                    },
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// What kube-proxy's IPVS mode does to a node's addresses: every ClusterIP bound
+/// to the dummy device `kube-ipvs0` (created if missing, left down as kube-proxy
+/// leaves it), so that the node's stack takes them as local addresses. Where the
+/// kernel has no dummy driver, a bridge without ports stands in (to the stack the
+/// same: a down device holding addresses). The lab cannot run IPVS itself (the
+/// kernel has no `IP_VS`): the DNAT stays with the node's iptables or nftables
+/// rules. Only the node's addresses change.
+pub fn bind_to_kube_ipvs0(node: &Node, cluster_ips: &[IpAddr]) -> Result<()> {
+    let ns = &node.netns;
+    if ns.ip(&["link", "show", "kube-ipvs0"]).is_err()
+        && ns
+            .ip(&["link", "add", "kube-ipvs0", "type", "dummy"])
+            .is_err()
+    {
+        ns.ip(&["link", "add", "kube-ipvs0", "type", "bridge"])?;
+    }
+    for ip in cluster_ips {
+        ns.ip(&["addr", "add", &host(*ip), "dev", "kube-ipvs0"])?;
+    }
+    Ok(())
+}
+
+// --- kube-proxy's nftables mode (the module header shows its layout) ---
+
+/// A plain ClusterIP Service's addresses, gathered from its [`ClusterIpRule`]s.
+#[derive(Default)]
+struct ServiceAddresses {
+    cluster_ips: Vec<IpAddr>,
+    /// (node index, backend address).
+    endpoints: Vec<(usize, IpAddr)>,
+}
+
+/// One Service port as the nftables writer needs it.
+struct NftService<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    protocol: Protocol,
+    port: u16,
+    target_port: u16,
+    cluster_ips: &'a [IpAddr],
+    /// The nodePort and its externalTrafficPolicy, for a NodePort Service.
+    node_port: Option<(u16, TrafficPolicy)>,
+    /// (node index, address) of every endpoint, both families.
+    endpoints: &'a [(usize, IpAddr)],
+}
+
+/// kube-proxy's masquerade mark, as its nftables proxier writes it.
+const NFT_MASQ_MARK: &str = "0x4000";
+
+fn nft_family(v6: bool) -> &'static str {
+    if v6 { "ip6" } else { "ip" }
+}
+
+fn nft_table_exists(ns: &Netns, v6: bool) -> bool {
+    ns.exec(&["nft", "list", "table", nft_family(v6), "kube-proxy"])
+        .is_ok()
+}
+
+/// `nft -f -` with `script` in the node's namespace: one transaction, all or
+/// nothing.
+fn nft_apply(ns: &Netns, script: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let mut child = ns
+        .cmd("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft (Debian package nftables; `cargo xtask setup` installs it)")?;
+    child
+        .stdin
+        .take()
+        .context("nft's stdin")?
+        .write_all(script.as_bytes())
+        .context("writing to nft")?;
+    let out = child.wait_with_output().context("waiting for nft")?;
+    if !out.status.success() {
+        bail!(
+            "nft -f - in netns {}: {}\n{script}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// kube-proxy's table, base chains, dispatch maps and masquerade chains, once per
+/// node and family.
+fn nft_base(ns: &Netns, v6: bool) -> Result<()> {
+    if nft_table_exists(ns, v6) {
+        return Ok(());
+    }
+    let fam = nft_family(v6);
+    let (addr, no_localhost) = if v6 {
+        ("ipv6_addr", "ip6 daddr != ::1")
+    } else {
+        ("ipv4_addr", "ip daddr != 127.0.0.0/8")
+    };
+    let t = format!("{fam} kube-proxy");
+    let mut s = format!("add table {t} {{ comment \"rules for kube-proxy\" ; }}\n");
+    for (chain, kind, hook, priority) in [
+        // dstnat is -100; older nft (Debian 12's 1.0.6) only names it on the
+        // prerouting hook, so the others are written as numbers.
+        ("filter-prerouting", "filter", "prerouting", "-110"),
+        ("filter-input", "filter", "input", "-110"),
+        ("filter-forward", "filter", "forward", "-110"),
+        ("filter-output", "filter", "output", "-110"),
+        ("nat-prerouting", "nat", "prerouting", "dstnat"),
+        ("nat-output", "nat", "output", "-100"),
+        ("nat-postrouting", "nat", "postrouting", "srcnat"),
+    ] {
+        s += &format!(
+            "add chain {t} {chain} {{ type {kind} hook {hook} priority {priority} ; policy accept ; }}\n"
+        );
+    }
+    for chain in [
+        "endpoints-check",
+        "firewall-check",
+        "services",
+        "masquerading",
+        "mark-for-masquerade",
+        "reject-chain",
+    ] {
+        s += &format!("add chain {t} {chain}\n");
+    }
+    for (map, key, comment) in [
+        (
+            "service-ips",
+            format!("{addr} . inet_proto . inet_service"),
+            "ClusterIP, ExternalIP and LoadBalancer IP traffic",
+        ),
+        (
+            "service-nodeports",
+            "inet_proto . inet_service".to_owned(),
+            "NodePort traffic",
+        ),
+        (
+            "no-endpoint-services",
+            format!("{addr} . inet_proto . inet_service"),
+            "vmap to drop or reject packets to services with no endpoints",
+        ),
+        (
+            "no-endpoint-nodeports",
+            "inet_proto . inet_service".to_owned(),
+            "vmap to drop or reject packets to service nodeports with no endpoints",
+        ),
+        (
+            "firewall-ips",
+            format!("{addr} . inet_proto . inet_service"),
+            "destinations that are subject to LoadBalancerSourceRanges",
+        ),
+    ] {
+        s += &format!("add map {t} {map} {{ type {key} : verdict ; comment \"{comment}\" ; }}\n");
+    }
+    for (chain, rule) in [
+        (
+            "filter-input",
+            "ct state new jump endpoints-check".to_owned(),
+        ),
+        (
+            "filter-forward",
+            "ct state new jump endpoints-check".to_owned(),
+        ),
+        (
+            "filter-output",
+            "ct state new jump endpoints-check".to_owned(),
+        ),
+        (
+            "filter-prerouting",
+            "ct state new jump firewall-check".to_owned(),
+        ),
+        (
+            "filter-output",
+            "ct state new jump firewall-check".to_owned(),
+        ),
+        ("nat-output", "jump services".to_owned()),
+        ("nat-prerouting", "jump services".to_owned()),
+        ("nat-postrouting", "jump masquerading".to_owned()),
+        (
+            "mark-for-masquerade",
+            format!("mark set mark or {NFT_MASQ_MARK}"),
+        ),
+        (
+            "masquerading",
+            format!("mark and {NFT_MASQ_MARK} == 0 return"),
+        ),
+        ("masquerading", format!("mark set mark xor {NFT_MASQ_MARK}")),
+        ("masquerading", "masquerade fully-random".to_owned()),
+        ("reject-chain", "reject".to_owned()),
+        (
+            "endpoints-check",
+            format!("{fam} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+        ),
+        (
+            "endpoints-check",
+            format!(
+                "fib daddr type local {no_localhost} meta l4proto . th dport vmap @no-endpoint-nodeports"
+            ),
+        ),
+        (
+            "firewall-check",
+            format!("{fam} daddr . meta l4proto . th dport vmap @firewall-ips"),
+        ),
+        (
+            "services",
+            format!("{fam} daddr . meta l4proto . th dport vmap @service-ips"),
+        ),
+        (
+            "services",
+            format!(
+                "fib daddr type local {no_localhost} meta l4proto . th dport vmap @service-nodeports"
+            ),
+        ),
+    ] {
+        s += &format!("add rule {t} {chain} {rule}\n");
+    }
+    nft_apply(ns, &s)
+}
+
+/// Whether `map` of the node's kube-proxy table has an element `key`.
+fn nft_element_exists(ns: &Netns, v6: bool, map: &str, key: &str) -> bool {
+    ns.exec(&[
+        "nft",
+        "get",
+        "element",
+        nft_family(v6),
+        "kube-proxy",
+        map,
+        &format!("{{ {key} }}"),
+    ])
+    .is_ok()
+}
+
+/// Transaction lines that leave `key` in `map` with `verdict` (`None`: absent),
+/// whatever it held before.
+fn nft_set_element(ns: &Netns, v6: bool, map: &str, key: &str, verdict: Option<&str>) -> String {
+    let t = format!("{} kube-proxy", nft_family(v6));
+    let mut s = String::new();
+    if nft_element_exists(ns, v6, map, key) {
+        s += &format!("delete element {t} {map} {{ {key} }}\n");
+    }
+    if let Some(verdict) = verdict {
+        s += &format!("add element {t} {map} {{ {key} : {verdict} }}\n");
+    }
+    s
+}
+
+/// `add chain` + `flush chain`: the chain exists and is empty (kube-proxy's
+/// `ensureChain`), so a re-sync rewrites it.
+fn nft_fresh_chain(t: &str, chain: &str) -> String {
+    format!("add chain {t} {chain}\nflush chain {t} {chain}\n")
+}
+
+/// `numgen random mod n vmap { 0 : goto c0, ... }`: one of `chains`, uniformly.
+fn nft_pick(chains: &[String]) -> String {
+    let arms: Vec<String> = chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{i} : goto {c}"))
+        .collect();
+    format!(
+        "numgen random mod {} vmap {{ {} }}",
+        chains.len(),
+        arms.join(", ")
+    )
+}
+
+/// kube-proxy's nftables rules for one Service port on `node`, every family it
+/// has, in one transaction per family.
+fn nft_service(node: &Node, svc: &NftService) -> Result<()> {
+    let ns = &node.netns;
+    let proto = svc.protocol.iptables();
+    let base_name = format!("{}/{}/{proto}/p{}", svc.namespace, svc.name, svc.port);
+    let base = format!("{}-{base_name}", &chain_hash(&base_name)[..8]);
+    let (svc_chain, local_chain, ext_chain) = (
+        format!("service-{base}"),
+        format!("local-{base}"),
+        format!("external-{base}"),
+    );
+    let mut families: Vec<bool> = Vec::new();
+    for ip in svc.cluster_ips {
+        if !families.contains(&ip.is_ipv6()) {
+            families.push(ip.is_ipv6());
+        }
+    }
+    for v6 in families {
+        nft_base(ns, v6)?;
+        let fam = nft_family(v6);
+        let t = format!("{fam} kube-proxy");
+        let cidr = cluster_cidr(v6);
+        let endpoints: Vec<(usize, IpAddr)> = svc
+            .endpoints
+            .iter()
+            .copied()
+            .filter(|(_, ip)| ip.is_ipv6() == v6)
+            .collect();
+        let endpoint_chain = |ip: IpAddr| {
+            let name = format!(
+                "{base_name}__{}/{}",
+                ip.to_string().replace(':', "."),
+                svc.target_port
+            );
+            format!("endpoint-{}-{name}", &chain_hash(&name)[..8])
+        };
+        let all: Vec<String> = endpoints
+            .iter()
+            .map(|(_, ip)| endpoint_chain(*ip))
+            .collect();
+        let local: Vec<String> = endpoints
+            .iter()
+            .filter(|(n, _)| *n == node.index)
+            .map(|(_, ip)| endpoint_chain(*ip))
+            .collect();
+        let has_endpoints = !all.is_empty();
+        let mut s = String::new();
+        for (_, ip) in &endpoints {
+            let chain = endpoint_chain(*ip);
+            s += &nft_fresh_chain(&t, &chain);
+            s += &format!("add rule {t} {chain} {fam} saddr {ip} jump mark-for-masquerade\n");
+            s += &format!(
+                "add rule {t} {chain} meta l4proto {proto} dnat to {}\n",
+                socket(*ip, svc.target_port)
+            );
+        }
+        if has_endpoints {
+            s += &nft_fresh_chain(&t, &svc_chain);
+        }
+        for ip in svc.cluster_ips.iter().filter(|ip| ip.is_ipv6() == v6) {
+            let key = format!("{ip} . {proto} . {}", svc.port);
+            if has_endpoints {
+                s += &format!(
+                    "add rule {t} {svc_chain} {fam} daddr {ip} {proto} dport {} {fam} saddr != {cidr} jump mark-for-masquerade\n",
+                    svc.port
+                );
+                s += &nft_set_element(ns, v6, "no-endpoint-services", &key, None);
+                s += &nft_set_element(
+                    ns,
+                    v6,
+                    "service-ips",
+                    &key,
+                    Some(&format!("goto {svc_chain}")),
+                );
+            } else {
+                s += &nft_set_element(ns, v6, "service-ips", &key, None);
+                s += &nft_set_element(
+                    ns,
+                    v6,
+                    "no-endpoint-services",
+                    &key,
+                    Some("goto reject-chain"),
+                );
+            }
+        }
+        if has_endpoints {
+            s += &format!("add rule {t} {svc_chain} {}\n", nft_pick(&all));
+        }
+        if let Some((node_port, policy)) = svc.node_port {
+            let key = format!("{proto} . {node_port}");
+            let has_external = match policy {
+                TrafficPolicy::Cluster => has_endpoints,
+                TrafficPolicy::Local => !local.is_empty(),
+            };
+            if has_endpoints {
+                s += &nft_fresh_chain(&t, &ext_chain);
+                match policy {
+                    TrafficPolicy::Cluster => {
+                        s += &format!("add rule {t} {ext_chain} jump mark-for-masquerade\n");
+                        s += &format!("add rule {t} {ext_chain} goto {svc_chain}\n");
+                    }
+                    TrafficPolicy::Local => {
+                        s += &format!(
+                            "add rule {t} {ext_chain} {fam} saddr {cidr} goto {svc_chain} comment \"short-circuit pod traffic\"\n"
+                        );
+                        s += &format!(
+                            "add rule {t} {ext_chain} fib saddr type local jump mark-for-masquerade comment \"masquerade local traffic\"\n"
+                        );
+                        s += &format!(
+                            "add rule {t} {ext_chain} fib saddr type local goto {svc_chain} comment \"short-circuit local traffic\"\n"
+                        );
+                        if has_external {
+                            s += &nft_fresh_chain(&t, &local_chain);
+                            s += &format!("add rule {t} {local_chain} {}\n", nft_pick(&local));
+                            s += &format!("add rule {t} {ext_chain} goto {local_chain}\n");
+                        }
+                    }
+                }
+                s += &nft_set_element(
+                    ns,
+                    v6,
+                    "service-nodeports",
+                    &key,
+                    Some(&format!("goto {ext_chain}")),
+                );
+            } else {
+                s += &nft_set_element(ns, v6, "service-nodeports", &key, None);
+            }
+            let filter = match (has_endpoints, has_external) {
+                (_, true) => None,
+                (true, false) => Some("drop"),
+                (false, false) => Some("goto reject-chain"),
+            };
+            s += &nft_set_element(ns, v6, "no-endpoint-nodeports", &key, filter);
+        }
+        nft_apply(ns, &s)?;
     }
     Ok(())
 }
@@ -876,6 +1595,19 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.len() <= 28, "{a}");
         assert_eq!(chain_hash("x"), chain_hash("x"));
+    }
+
+    #[test]
+    fn nft_endpoint_choice_is_one_verdict_map_over_all_endpoints() {
+        let chains = vec!["endpoint-A-x".to_owned(), "endpoint-B-y".to_owned()];
+        assert_eq!(
+            nft_pick(&chains),
+            "numgen random mod 2 vmap { 0 : goto endpoint-A-x, 1 : goto endpoint-B-y }"
+        );
+        assert_eq!(
+            nft_fresh_chain("ip kube-proxy", "c"),
+            "add chain ip kube-proxy c\nflush chain ip kube-proxy c\n"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 use anyhow::{Result, bail};
 
+use crate::node_nat::KubeProxyMode;
 use crate::topology::{Layout, Transport};
 
 /// One node shape: a named combination of the lab's choices.
@@ -25,6 +26,8 @@ pub struct Shape {
     pub layout: Layout,
     /// A second node, and how pod traffic crosses to it; `None`: one node.
     pub second_node: Option<Transport>,
+    /// How kube-proxy programs Services on every node.
+    pub kube_proxy: KubeProxyMode,
 }
 
 /// The default shape: flannel's host-gw on a bridge, kube-proxy in iptables mode,
@@ -34,6 +37,7 @@ pub const DEFAULT: Shape = Shape {
     stands_for: "flannel-like bridge (cni0), kube-proxy iptables mode, containerd, cgroup v2 on the hybrid mount",
     layout: Layout::Bridged,
     second_node: None,
+    kube_proxy: KubeProxyMode::Iptables,
 };
 
 /// Every shape the lab builds.
@@ -44,12 +48,21 @@ pub const SHAPES: &[Shape] = &[
         stands_for: "Calico-like routed veths: a /32 per pod, proxy ARP, gateway 169.254.1.1, no bridge",
         layout: Layout::Routed,
         second_node: None,
+        kube_proxy: KubeProxyMode::Iptables,
     },
     Shape {
         name: "vxlan",
         stands_for: "flannel's VXLAN backend (k3s's default): two bridged nodes, pod traffic between them encapsulated (VNI 1, port 8472, IPv4 and IPv6)",
         layout: Layout::Bridged,
         second_node: Some(Transport::Vxlan),
+        kube_proxy: KubeProxyMode::Iptables,
+    },
+    Shape {
+        name: "nftables",
+        stands_for: "kube-proxy in nftables mode (Kubernetes 1.31+): its ip/ip6 kube-proxy tables, verdict maps and chains, on the flannel-like bridge",
+        layout: Layout::Bridged,
+        second_node: None,
+        kube_proxy: KubeProxyMode::Nftables,
     },
 ];
 

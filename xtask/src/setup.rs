@@ -15,9 +15,16 @@ const HOST_COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-08-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_MAJOR: &str = "22";
-/// Debian packages: LLVM for bpf-linker; iproute2 and iptables for the network
-/// namespace tests and the demo (kube-proxy-like DNAT).
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2", "iptables"];
+/// Debian packages: LLVM for bpf-linker; iproute2, iptables and nftables (`nft`) for
+/// the network namespace tests and the demo (kube-proxy's NAT in its iptables and its
+/// nftables mode).
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    "iptables",
+    "nftables",
+];
 /// The metrics tests check the agent's `/metrics` and the shipped alert rules with
 /// Prometheus's own checker, and run the dashboard's queries on a Prometheus that
 /// scraped a real agent. Debian ships both inside the `prometheus` package, whose

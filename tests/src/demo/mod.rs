@@ -1,11 +1,14 @@
-//! The demo (`cargo xtask demo`, binary `rf-demo`): one simulated node, the agent
-//! running against manifests, every flow probed, the matrix printed.
+//! The demo (`cargo xtask demo`, binary `rf-demo`): one simulated node (two on
+//! some shapes), the agent running against manifests, every flow probed, the
+//! matrix printed.
 //!
-//! What it builds, in the node's network namespace:
-//! - a flannel-like bridged node ([`Layout::Bridged`]): pods on a bridge holding
-//!   the pod-subnet gateway, node address `10.0.0.1` on `host0`;
-//! - kube-proxy-like DNAT: iptables `nat` rules (PREROUTING for pods, OUTPUT for
-//!   the node) from each ClusterIP:port to its one backend. On a bridge the reply
+//! What it builds, in the node's network namespace, on the default shape
+//! ([`crate::shape`]; `--shape` changes the wiring, the kube-proxy mode, the runtime
+//! cgroups, the cgroup mount or the DNS, never the expected matrix):
+//! - a flannel-like bridged node ([`crate::topology::Layout::Bridged`]): pods on a
+//!   bridge holding the pod-subnet gateway, node address `10.0.0.1` on `host0`;
+//! - kube-proxy-like DNAT ([`crate::node_nat::install_cluster_ips`], iptables or
+//!   nftables mode) from each ClusterIP:port to its one backend. On a bridge the reply
 //!   of a DNATed flow between two pods of the same subnet is bridged, not routed,
 //!   so conntrack would never undo the DNAT: as on a real kube-proxy node,
 //!   `br_netfilter` is loaded and `net.bridge.bridge-nf-call-iptables=1` is set,
@@ -54,7 +57,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cgroup::TestCgroup;
-use crate::node_nat::{Endpoint, HostPort, NodePortService};
+use crate::node_nat::{self, ClusterIpRule, Endpoint, HostPort, NodePortService, Protocol};
 use crate::probe::{Outcome, ProbeBin, Prober, Server};
 use crate::shape::{self, Shape};
 use crate::topology::Topology;
@@ -232,12 +235,38 @@ pub fn run(opts: &Options) -> Result<Report> {
             .sysctl("net.bridge.bridge-nf-call-iptables", "1")
             .context("br_netfilter: bridged replies of DNATed flows must see conntrack")?;
     }
-    install_dnat(&topo)?;
+    let cluster_ips: Vec<ClusterIpRule> = SERVICES
+        .iter()
+        .flat_map(|s| {
+            let backend = IpAddr::from(topo.pod(s.backend).ip4);
+            s.ports.iter().map(move |(port, proto, _)| ClusterIpRule {
+                namespace: s.namespace.to_owned(),
+                name: s.name.to_owned(),
+                cluster_ip: s.cluster_ip.into(),
+                protocol: match proto {
+                    Proto::Tcp => Protocol::Tcp,
+                    Proto::Udp => Protocol::Udp,
+                },
+                port: *port,
+                backend,
+                target_port: *port,
+            })
+        })
+        .collect();
+    // kube-proxy runs on every node, in the shape's mode.
+    node_nat::set_kube_proxy_mode(topo.nodes(), shape.kube_proxy)?;
+    for node in topo.nodes() {
+        node_nat::install_cluster_ips(node, shape.kube_proxy, &cluster_ips)?;
+    }
     install_node_nat(&topo)?;
     say(
         started,
         &format!(
-            "kube-proxy-like DNAT (iptables nat PREROUTING+OUTPUT in the node netns): {}",
+            "kube-proxy-like ClusterIP DNAT ({} mode, on every node): {}",
+            match shape.kube_proxy {
+                node_nat::KubeProxyMode::Iptables => "iptables",
+                node_nat::KubeProxyMode::Nftables => "nftables",
+            },
             SERVICES
                 .iter()
                 .map(|s| format!("{}/{} {}", s.namespace, s.name, s.cluster_ip))
@@ -248,7 +277,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     say(
         started,
         &format!(
-            "kube-proxy-like NodePorts (KUBE-NODEPORTS, masquerade mark 0x4000) {}; portmap-like hostPorts {}; external client {} on the underlay",
+            "kube-proxy-like NodePorts (masquerade mark 0x4000) {}; portmap-like hostPorts {}; external client {} on the underlay",
             SERVICES
                 .iter()
                 .flat_map(|s| s
@@ -714,50 +743,6 @@ fn ensure_br_netfilter() -> Result<()> {
         .context("running modprobe br_netfilter")?;
     if !st.success() {
         bail!("modprobe br_netfilter failed: the bridged DNAT path needs it");
-    }
-    Ok(())
-}
-
-/// kube-proxy's iptables mode, reduced to what one backend per Service needs, on
-/// every node (kube-proxy runs on each).
-fn install_dnat(topo: &Topology) -> Result<()> {
-    for node in topo.nodes() {
-        install_dnat_on(topo, &node.netns)?;
-    }
-    Ok(())
-}
-
-fn install_dnat_on(topo: &Topology, ns: &crate::Netns) -> Result<()> {
-    let ipt = |args: &[&str]| -> Result<()> {
-        let mut argv = vec!["iptables", "-w", "-t", "nat"];
-        argv.extend_from_slice(args);
-        ns.exec(&argv).map(drop)
-    };
-    ipt(&["-N", "RF-SERVICES"])?;
-    ipt(&["-A", "PREROUTING", "-j", "RF-SERVICES"])?;
-    ipt(&["-A", "OUTPUT", "-j", "RF-SERVICES"])?;
-    for s in SERVICES {
-        let backend = topo.pod(s.backend).ip4;
-        for (port, proto, _) in s.ports {
-            let p = match proto {
-                Proto::Tcp => "tcp",
-                Proto::Udp => "udp",
-            };
-            ipt(&[
-                "-A",
-                "RF-SERVICES",
-                "-d",
-                &format!("{}/32", s.cluster_ip),
-                "-p",
-                p,
-                "--dport",
-                &port.to_string(),
-                "-j",
-                "DNAT",
-                "--to-destination",
-                &format!("{backend}:{port}"),
-            ])?;
-        }
     }
     Ok(())
 }

@@ -18,6 +18,9 @@
 //!   dropped under DenyAll unless an ipBlock covers the node; a Local NodePort keeps
 //!   the client's address and is judged by it as anywhere else.
 //!
+//! Every case takes kube-proxy's mode ([`KubeProxyMode`]): the tests here run them
+//! with its iptables mode, `kube_proxy_nft.rs` with its nftables mode.
+//!
 //! The lab is checked before the agent starts (every NAT path answers, and the
 //! head sees the node's address under externalTrafficPolicy Cluster, the client's
 //! under Local), so a failure after that is the policy's.
@@ -34,7 +37,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, ensure};
 use rayfence_tests::agent::{Agent, AgentOptions, Bpffs, Manifests, metric_sum};
 use rayfence_tests::kubelet::{CgroupDriver, HostNetworkPod, KubeletTree, QosClass};
-use rayfence_tests::node_nat::{Endpoint, HostPort, NodePortService, ServiceType, TrafficPolicy};
+use rayfence_tests::node_nat::{
+    self, Endpoint, HostPort, KubeProxyMode, NodePortService, ServiceType, TrafficPolicy,
+};
 use rayfence_tests::objects::json::{
     head_labels, namespace, node_object, pod_object, raycluster, worker_labels,
 };
@@ -65,7 +70,7 @@ const NODE_AGENT: u16 = 9101;
 const STRAY: u16 = 9102;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Hook {
+pub(crate) enum Hook {
     Tc,
     Cgroup,
 }
@@ -104,7 +109,7 @@ struct Rig {
 }
 
 impl Rig {
-    fn new(hook: Hook, driver: CgroupDriver, policy: Value) -> Result<Rig> {
+    fn new(hook: Hook, mode: KubeProxyMode, driver: CgroupDriver, policy: Value) -> Result<Rig> {
         let rig_no = RIGS.fetch_add(1, Ordering::Relaxed);
         let uid = |n: u32| {
             format!(
@@ -232,6 +237,11 @@ impl Rig {
                 4,
             ),
         ];
+        node_nat::set_kube_proxy_mode(topo.nodes(), mode)?;
+        ensure!(
+            node_nat::kube_proxy_mode(node) == mode,
+            "lab: kube-proxy mode"
+        );
         for svc in &services {
             topo.install_node_port(svc)?;
             docs.extend(svc.manifests(&|_| NODE.to_owned()));
@@ -488,8 +498,16 @@ fn host_cidrs(ips: &[IpAddr]) -> Vec<String> {
 
 // --- NodePort and LoadBalancer from outside and from pods, to a DenyAll head ---
 
-fn node_port_to_a_deny_all_head_is_dropped(hook: Hook) -> Result<()> {
-    let rig = Rig::new(hook, CgroupDriver::Cgroupfs, json!({"mode": "DenyAll"}))?;
+pub(crate) fn node_port_to_a_deny_all_head_is_dropped(
+    hook: Hook,
+    mode: KubeProxyMode,
+) -> Result<()> {
+    let rig = Rig::new(
+        hook,
+        mode,
+        CgroupDriver::Cgroupfs,
+        json!({"mode": "DenyAll"}),
+    )?;
     let (node, client, head) = (rig.node(), rig.client(), rig.pod("head"));
     let srv = Some(&rig.head_srv);
     let mut ingress = rig.tally("head", "ingress");
@@ -522,18 +540,26 @@ fn node_port_to_a_deny_all_head_is_dropped(hook: Hook) -> Result<()> {
 
 #[test]
 fn node_port_from_outside_and_from_a_pod_to_a_deny_all_head_is_dropped_tc() -> Result<()> {
-    node_port_to_a_deny_all_head_is_dropped(Hook::Tc)
+    node_port_to_a_deny_all_head_is_dropped(Hook::Tc, KubeProxyMode::Iptables)
 }
 
 #[test]
 fn node_port_from_outside_and_from_a_pod_to_a_deny_all_head_is_dropped_cgroup() -> Result<()> {
-    node_port_to_a_deny_all_head_is_dropped(Hook::Cgroup)
+    node_port_to_a_deny_all_head_is_dropped(Hook::Cgroup, KubeProxyMode::Iptables)
 }
 
 // --- an ipBlock for the external client ---
 
-fn ip_block_for_the_client_opens_the_node_port_to_it_alone(hook: Hook) -> Result<()> {
-    let rig = Rig::new(hook, CgroupDriver::Cgroupfs, json!({"mode": "DenyAll"}))?;
+pub(crate) fn ip_block_for_the_client_opens_the_node_port_to_it_alone(
+    hook: Hook,
+    mode: KubeProxyMode,
+) -> Result<()> {
+    let rig = Rig::new(
+        hook,
+        mode,
+        CgroupDriver::Cgroupfs,
+        json!({"mode": "DenyAll"}),
+    )?;
     let (node, client, stranger) = (rig.node(), rig.client(), rig.stranger());
     let srv = &rig.head_srv;
     let node_addrs = node.addresses()?;
@@ -598,19 +624,24 @@ fn ip_block_for_the_client_opens_the_node_port_to_it_alone(hook: Hook) -> Result
 
 #[test]
 fn an_ip_block_for_the_external_client_opens_the_node_port_to_it_alone_tc() -> Result<()> {
-    ip_block_for_the_client_opens_the_node_port_to_it_alone(Hook::Tc)
+    ip_block_for_the_client_opens_the_node_port_to_it_alone(Hook::Tc, KubeProxyMode::Iptables)
 }
 
 #[test]
 fn an_ip_block_for_the_external_client_opens_only_the_local_node_port_on_the_cgroup_hook()
 -> Result<()> {
-    ip_block_for_the_client_opens_the_node_port_to_it_alone(Hook::Cgroup)
+    ip_block_for_the_client_opens_the_node_port_to_it_alone(Hook::Cgroup, KubeProxyMode::Iptables)
 }
 
 // --- the kubelet ---
 
-fn kubelet_probe(hook: Hook) -> Result<()> {
-    let rig = Rig::new(hook, CgroupDriver::Cgroupfs, json!({"mode": "DenyAll"}))?;
+pub(crate) fn kubelet_probe(hook: Hook, mode: KubeProxyMode) -> Result<()> {
+    let rig = Rig::new(
+        hook,
+        mode,
+        CgroupDriver::Cgroupfs,
+        json!({"mode": "DenyAll"}),
+    )?;
     let node = rig.node();
     let mut head_in = rig.tally("head", "ingress");
     let mut worker_in = rig.tally("worker", "ingress");
@@ -668,19 +699,20 @@ fn kubelet_probe(hook: Hook) -> Result<()> {
 
 #[test]
 fn the_kubelet_probe_from_the_node_still_passes_to_head_and_workers_tc() -> Result<()> {
-    kubelet_probe(Hook::Tc)
+    kubelet_probe(Hook::Tc, KubeProxyMode::Iptables)
 }
 
 #[test]
 fn the_kubelet_probe_needs_an_ip_block_for_the_node_on_the_cgroup_hook() -> Result<()> {
-    kubelet_probe(Hook::Cgroup)
+    kubelet_probe(Hook::Cgroup, KubeProxyMode::Iptables)
 }
 
 // --- egress through the node's NodePorts and hostPorts ---
 
-fn egress_through_the_node(hook: Hook) -> Result<()> {
+pub(crate) fn egress_through_the_node(hook: Hook, mode: KubeProxyMode) -> Result<()> {
     let rig = Rig::new(
         hook,
+        mode,
         CgroupDriver::Cgroupfs,
         json!({"mode": "DenyAllEgress"}),
     )?;
@@ -797,19 +829,24 @@ fn egress_through_the_node(hook: Hook) -> Result<()> {
 #[test]
 fn an_egress_isolated_pod_reaches_through_its_node_only_what_it_may_reach_directly_tc() -> Result<()>
 {
-    egress_through_the_node(Hook::Tc)
+    egress_through_the_node(Hook::Tc, KubeProxyMode::Iptables)
 }
 
 #[test]
 fn an_egress_isolated_pod_on_the_cgroup_hook_treats_node_addresses_as_addresses_but_node_ports_as_their_backends()
 -> Result<()> {
-    egress_through_the_node(Hook::Cgroup)
+    egress_through_the_node(Hook::Cgroup, KubeProxyMode::Iptables)
 }
 
 // --- hostNetwork pods ---
 
-fn host_network_pods(hook: Hook) -> Result<()> {
-    let rig = Rig::new(hook, CgroupDriver::Systemd, json!({"mode": "DenyAll"}))?;
+pub(crate) fn host_network_pods(hook: Hook, mode: KubeProxyMode) -> Result<()> {
+    let rig = Rig::new(
+        hook,
+        mode,
+        CgroupDriver::Systemd,
+        json!({"mode": "DenyAll"}),
+    )?;
     let (node, head) = (rig.node(), rig.pod("head"));
     let (exporter, node_agent, stray) = (
         rig.hostnet("exporter"),
@@ -947,10 +984,10 @@ fn host_network_pods(hook: Hook) -> Result<()> {
 
 #[test]
 fn a_host_network_pod_is_dropped_by_a_deny_all_head_unless_a_rule_selects_it_tc() -> Result<()> {
-    host_network_pods(Hook::Tc)
+    host_network_pods(Hook::Tc, KubeProxyMode::Iptables)
 }
 
 #[test]
 fn a_host_network_pod_is_only_the_node_address_on_the_cgroup_hook() -> Result<()> {
-    host_network_pods(Hook::Cgroup)
+    host_network_pods(Hook::Cgroup, KubeProxyMode::Iptables)
 }

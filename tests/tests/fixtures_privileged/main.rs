@@ -4,6 +4,7 @@
 
 mod cgroup;
 mod cleanup;
+mod kube_proxy_nft;
 mod multinode;
 mod node_lab;
 mod topology;
