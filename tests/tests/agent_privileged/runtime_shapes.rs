@@ -61,9 +61,12 @@ fn uid(shape: u32, n: u32) -> String {
     )
 }
 
-/// The pods of the matrix: topology name, labels, QoS class (all three, so every
-/// layout of the kubelet is used).
-fn matrix_pods() -> [(&'static str, Vec<(&'static str, &'static str)>, QosClass); 4] {
+/// A pod of the matrix: topology name, labels, QoS class.
+type PodSpec = (&'static str, Vec<(&'static str, &'static str)>, QosClass);
+
+/// The pods of the matrix (all three QoS classes, so every layout of the kubelet
+/// is used).
+fn matrix_pods() -> [PodSpec; 4] {
     [
         ("head", head_labels("rc"), QosClass::Guaranteed),
         ("worker", worker_labels("rc"), QosClass::Burstable),
