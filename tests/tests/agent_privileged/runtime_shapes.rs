@@ -23,7 +23,8 @@
 //!
 //! Shapes that cannot work: the cgroupfs driver on a hybrid host keeps pod cgroups
 //! in cgroup v1 only (the agent names that at start, and names it for the macvlan
-//! pod, which stays pending); a host with cgroup v1 only (the agent refuses to
+//! pod, which stays pending; veth pods are found by the bridge after traffic and
+//! enforced on TC); a host with cgroup v1 only (the agent refuses to
 //! start, naming the v1 hierarchies). Needs root. Every shape has its own
 //! namespaces, cgroups, bpffs directory and agent, removed on drop.
 
@@ -41,7 +42,7 @@ use rayfence_tests::kubelet::{
 use rayfence_tests::objects::json::{
     head_labels, namespace, node_object, pod_object, raycluster, worker_labels,
 };
-use rayfence_tests::{Layout, Outcome, Pod, Server, Topology, probe_bin};
+use rayfence_tests::{Layout, Outcome, Pod, Prober, Server, Topology, probe_bin};
 use serde_json::{Value, json};
 
 const NODE: &str = "node-a";
@@ -258,7 +259,9 @@ fn run_probes(probes: Vec<Probe<'_>>) -> Result<()> {
     Ok(())
 }
 
-fn tcp<'a>(what: String, want_ok: bool, from: &'a Pod, to: IpAddr, port: u16) -> Probe<'a> {
+/// A TCP connection from `from` (a pod's prober: its namespace and cgroup) that
+/// must pass or be dropped.
+fn tcp(what: String, want_ok: bool, from: Prober, to: IpAddr, port: u16) -> Probe<'static> {
     let timeout = if want_ok { OK } else { DENIED };
     (
         what,
@@ -324,37 +327,26 @@ fn connectivity_matrix(
     for family in 0..2 {
         let (hip, mwip, outip) = (h.ips()[family], mw.ips()[family], out.ips()[family]);
         let v = if family == 0 { "v4" } else { "v6" };
-        probes.push(tcp(format!("worker -> head {v}"), true, w, hip, PORT));
-        probes.push(tcp(format!("mworker -> head {v}"), true, mw, hip, PORT));
-        probes.push(tcp(format!("head -> mworker {v}"), true, h, mwip, PORT));
-        probes.push(tcp(format!("outsider -> head {v}"), false, out, hip, PORT));
-        probes.push(tcp(
-            format!("outsider -> mworker {v}"),
-            false,
-            out,
-            mwip,
-            PORT,
-        ));
-        probes.push(tcp(format!("head -> outsider {v}"), false, h, outip, PORT));
-        probes.push(tcp(
-            format!("mworker -> outsider {v}"),
-            false,
-            mw,
-            outip,
-            PORT,
-        ));
-        let host = host.clone();
-        probes.push((
-            format!("node (host process) -> head {v}"),
-            true,
-            Box::new(move || host.tcp_connect(hip, PORT, OK)),
-        ));
-        let exporter = exporter.clone();
-        probes.push((
-            format!("hostNetwork exporter -> head {v}"),
-            false,
-            Box::new(move || exporter.tcp_connect(hip, PORT, DENIED)),
-        ));
+        let flows = [
+            ("worker -> head", true, w.prober(), hip, PORT),
+            ("mworker -> head", true, mw.prober(), hip, PORT),
+            ("head -> mworker", true, h.prober(), mwip, PORT),
+            ("node (host process) -> head", true, host.clone(), hip, PORT),
+            ("outsider -> head", false, out.prober(), hip, PORT),
+            ("outsider -> mworker", false, out.prober(), mwip, PORT),
+            ("head -> outsider", false, h.prober(), outip, PORT),
+            ("mworker -> outsider", false, mw.prober(), outip, PORT),
+            (
+                "hostNetwork exporter -> head",
+                false,
+                exporter.clone(),
+                hip,
+                PORT,
+            ),
+        ];
+        for (what, want_ok, from, to, port) in flows {
+            probes.push(tcp(format!("{what} {v}"), want_ok, from, to, port));
+        }
     }
     run_probes(probes)?;
 
@@ -452,7 +444,8 @@ fn crio_cgroupfs_on_a_pure_cgroup_v2_host() -> Result<()> {
 
 /// The cgroupfs driver on a hybrid host: pod cgroups in cgroup v1 only. The agent
 /// says so at start, and for the macvlan pod (which only the cgroup hook could
-/// enforce) says why it stays pending; it never claims it attached.
+/// enforce) says why it stays pending; it never claims it attached. A veth pod is
+/// found by the bridge once it had traffic, and enforced on TC.
 fn cgroupfs_on_a_hybrid_host(runtime: ContainerRuntime) -> Result<()> {
     let tree = KubeletTree::cgroupfs_on_hybrid(runtime)?;
     let kubelet_root = tree.kubelet_cgroup_root().context("a v1 kubelet root")?;
@@ -493,6 +486,42 @@ fn cgroupfs_on_a_hybrid_host(runtime: ContainerRuntime) -> Result<()> {
         "mworker was attached:\n{}",
         agent.log_text()
     );
+    // A pod with a host veth has no cgroup to be found through either; once it
+    // has had traffic the bridge's FDB finds its port, and TC enforces it.
+    let head = node.pod("head");
+    ensure!(lab.tcp_connect(head.ip4.into(), PORT, OK) == Outcome::Ok);
+    agent.wait_log(
+        &[
+            "endpoint attached",
+            &format!("{}/head ", node.ns),
+            "hook=\"tc\"",
+            "via=bridge-fdb",
+        ],
+        Duration::from_secs(15),
+    )?;
+    let head_id = endpoint_of(&agent, &node.ns, "head", "tc")?;
+    let before = counters::pinned(&node.bpffs.path)?;
+    let outsider = node.pod("outsider");
+    run_probes(vec![
+        tcp(
+            "outsider -> head".into(),
+            false,
+            outsider.prober(),
+            head.ip4.into(),
+            PORT,
+        ),
+        tcp(
+            "node -> head".into(),
+            true,
+            lab.prober(),
+            head.ip4.into(),
+            PORT,
+        ),
+    ])?;
+    let after = counters::pinned(&node.bpffs.path)?;
+    let got =
+        drops(&after, head_id, Direction::Ingress) - drops(&before, head_id, Direction::Ingress);
+    ensure!(got == 1, "head ingress drops: {got}, expected 1");
     Ok(())
 }
 
