@@ -389,3 +389,51 @@ impl HostNetworkPod {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_runtime_names_its_container_cgroups_per_driver() {
+        let names = |runtime: ContainerRuntime, driver| {
+            (
+                runtime.container_dir(driver, "ab12"),
+                runtime.conmon_dir(driver, "ab12"),
+            )
+        };
+        assert_eq!(
+            names(ContainerRuntime::Containerd, CgroupDriver::Systemd),
+            ("cri-containerd-ab12.scope".into(), None)
+        );
+        assert_eq!(
+            names(ContainerRuntime::Containerd, CgroupDriver::Cgroupfs),
+            ("ctr".into(), None)
+        );
+        assert_eq!(
+            names(ContainerRuntime::Crio, CgroupDriver::Systemd),
+            (
+                "crio-ab12.scope".into(),
+                Some("crio-conmon-ab12.scope".into())
+            )
+        );
+        assert_eq!(
+            names(ContainerRuntime::Crio, CgroupDriver::Cgroupfs),
+            ("crio-ab12".into(), Some("crio-conmon-ab12".into()))
+        );
+    }
+
+    #[test]
+    fn pod_cgroups_follow_the_kubelet_whatever_the_runtime() {
+        assert_eq!(
+            pod_cgroup_path(CgroupDriver::Systemd, QosClass::Burstable, "u-1"),
+            PathBuf::from(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-podu_1.slice"
+            )
+        );
+        assert_eq!(
+            pod_cgroup_path(CgroupDriver::Cgroupfs, QosClass::Guaranteed, "u-1"),
+            PathBuf::from("kubepods/podu-1")
+        );
+    }
+}

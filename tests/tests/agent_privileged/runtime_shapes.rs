@@ -569,3 +569,65 @@ fn on_a_cgroup_v1_only_host_the_agent_refuses_to_start_and_says_why() -> Result<
     );
     Ok(())
 }
+
+/// The premise of the shapes: what a process started with each [`CgroupMount`]
+/// sees (its mountinfo), and that it is the machine's own cgroup2 hierarchy (a
+/// test cgroup has the same inode, so the same cgroup id, inside and out).
+#[test]
+fn each_cgroup_mount_shows_the_started_process_only_its_cgroup_filesystems() -> Result<()> {
+    let test_cgroup = rayfence_tests::TestCgroup::new()?;
+    let name = test_cgroup
+        .path()
+        .file_name()
+        .context("name")?
+        .to_string_lossy()
+        .into_owned();
+    for mount in CgroupMount::ALL {
+        let mut command = std::process::Command::new("sh");
+        command.args([
+            "-c",
+            &format!(
+                "cat /proc/self/mountinfo; stat -c 'inode %i' /sys/fs/cgroup/{name} \
+                 /sys/fs/cgroup/unified/{name} 2>/dev/null; true"
+            ),
+        ]);
+        rayfence_tests::cgroup::set_cgroup_mount(&mut command, mount);
+        let out = command.output()?;
+        ensure!(out.status.success(), "{mount:?}: {out:?}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let cgroup_mounts: Vec<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                let fstype = right.split_whitespace().next()?;
+                let point = left.split_whitespace().nth(4)?;
+                fstype.starts_with("cgroup").then_some((point, fstype))
+            })
+            .collect();
+        let inode = text
+            .lines()
+            .find_map(|l| l.strip_prefix("inode "))
+            .map(str::to_owned);
+        match mount {
+            CgroupMount::Hybrid => ensure!(
+                cgroup_mounts.contains(&("/sys/fs/cgroup/unified", "cgroup2"))
+                    && cgroup_mounts.len() > 1,
+                "{cgroup_mounts:?}"
+            ),
+            CgroupMount::PureV2 => ensure!(
+                cgroup_mounts == [("/sys/fs/cgroup", "cgroup2")],
+                "{cgroup_mounts:?}"
+            ),
+            CgroupMount::V1Only => ensure!(
+                cgroup_mounts == [("/sys/fs/cgroup/pids", "cgroup")],
+                "{cgroup_mounts:?}"
+            ),
+        }
+        let want = match mount {
+            CgroupMount::V1Only => None,
+            _ => Some(test_cgroup.id()?.to_string()),
+        };
+        ensure!(inode == want, "{mount:?}: inode {inode:?}, want {want:?}");
+    }
+    Ok(())
+}
