@@ -208,8 +208,10 @@ impl std::fmt::Display for LayoutProblem {
                 "the kubelet's pod cgroups are in cgroup v1 only ({}), none under the cgroup2 \
                  mount {}: the cgroupfs cgroup driver on a hybrid host. Pods without a host \
                  veth cannot be enforced here (they stay pending), and hostNetwork pods cannot \
-                 be told from the node (their traffic counts as the node's); run the kubelet \
-                 with the systemd cgroup driver, or the node with cgroup v2 only",
+                 be told from the node, so no process counts as the node: a node address is \
+                 only an address (kubelet probes need an ipBlock covering the node, as on the \
+                 cgroup hook); run the kubelet with the systemd cgroup driver, or the node \
+                 with cgroup v2 only",
                 display_paths(v1_roots),
                 cgroup2.display()
             ),
@@ -259,6 +261,25 @@ pub fn layout_problem(
         v1_roots,
         cgroup2: mount.mount_point.clone(),
     })
+}
+
+/// Every cgroup directly below the cgroup2 mount, with its id: where a layout
+/// cannot tell pods' processes from the node's ([`LayoutProblem::PodsInV1Only`]),
+/// the roots under which every socket is some pod's, never the node's (a socket of
+/// the root cgroup itself, kernel threads', has no ancestor to match).
+pub fn every_top_level_cgroup(mount: &Cgroup2Mount) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = fs::read_dir(&mount.mount_point) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(PathBuf, u64)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok().filter(|m| m.is_dir())?;
+            Some((entry.path(), meta.ino()))
+        })
+        .collect();
+    found.sort();
+    found
 }
 
 /// The pod's cgroup in a cgroup v1 hierarchy, by the kubelet's layouts: where it is
@@ -930,6 +951,23 @@ mod tests {
                 // A container cgroup is never taken for the pod's.
                 assert!(!is_pod_dir_name(container, UID));
             }
+        }
+    }
+
+    #[test]
+    fn every_top_level_cgroup_is_listed_with_its_id_and_files_are_not() {
+        let tree = TempTree::new("toplevel");
+        fs::create_dir_all(tree.0.join("system.slice/kubelet.service")).expect("mkdir");
+        fs::create_dir_all(tree.0.join("user.slice")).expect("mkdir");
+        fs::write(tree.0.join("cgroup.procs"), "1\n").expect("write");
+        let found = every_top_level_cgroup(&tree.mount());
+        let paths: Vec<PathBuf> = found.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(
+            paths,
+            vec![tree.0.join("system.slice"), tree.0.join("user.slice")]
+        );
+        for (path, id) in found {
+            assert_eq!(id, fs::metadata(path).expect("stat").ino());
         }
     }
 }

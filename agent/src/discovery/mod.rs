@@ -310,9 +310,20 @@ impl Locator {
     }
 
     /// The kubelet's pod cgroup roots present on this node (see
-    /// [`cgroup::pod_cgroup_roots`]), with their ids.
+    /// [`cgroup::pod_cgroup_roots`]), with their ids: a socket below one is some
+    /// pod's, never the node's. Where the layout keeps pod cgroups out of cgroup v2
+    /// ([`LayoutProblem::PodsInV1Only`]) a pod's process cannot be told from the
+    /// node's, so every top-level cgroup is one (fail closed: no process is the
+    /// node; read again on every call, so new ones follow).
     pub fn pod_cgroup_roots(&self, located: &[PathBuf]) -> Vec<(PathBuf, u64)> {
-        cgroup::pod_cgroup_roots(&self.mount, &self.config.kubelet_cgroup_roots, located)
+        let mut roots =
+            cgroup::pod_cgroup_roots(&self.mount, &self.config.kubelet_cgroup_roots, located);
+        if let Some(LayoutProblem::PodsInV1Only { .. }) = &self.layout_problem {
+            roots.extend(cgroup::every_top_level_cgroup(&self.mount));
+            roots.sort();
+            roots.dedup();
+        }
+        roots
     }
 
     /// The pod's cgroup, or every path tried.

@@ -24,7 +24,8 @@
 //! Shapes that cannot work: the cgroupfs driver on a hybrid host keeps pod cgroups
 //! in cgroup v1 only (the agent names that at start, and names it for the macvlan
 //! pod, which stays pending; veth pods are found by the bridge after traffic and
-//! enforced on TC); a host with cgroup v1 only (the agent refuses to
+//! enforced on TC, where neither a hostNetwork pod nor the kubelet counts as the
+//! node, since nothing tells them apart); a host with cgroup v1 only (the agent refuses to
 //! start, naming the v1 hierarchies). Needs root. Every shape has its own
 //! namespaces, cgroups, bpffs directory and agent, removed on drop.
 
@@ -445,13 +446,19 @@ fn crio_cgroupfs_on_a_pure_cgroup_v2_host() -> Result<()> {
 /// The cgroupfs driver on a hybrid host: pod cgroups in cgroup v1 only. The agent
 /// says so at start, and for the macvlan pod (which only the cgroup hook could
 /// enforce) says why it stays pending; it never claims it attached. A veth pod is
-/// found by the bridge once it had traffic, and enforced on TC.
+/// found by the bridge once it had traffic, and enforced on TC; there, since no
+/// process can be told from the node's, none is the node (fail closed): the
+/// hostNetwork exporter and the kubelet are only the node's address.
 fn cgroupfs_on_a_hybrid_host(runtime: ContainerRuntime) -> Result<()> {
     let tree = KubeletTree::cgroupfs_on_hybrid(runtime)?;
     let kubelet_root = tree.kubelet_cgroup_root().context("a v1 kubelet root")?;
     let v1_root = tree.v1_root().context("a v1 tree")?.to_owned();
     let node = Node::new(tree)?;
     let lab = node.topo.node(0);
+    // The kubelet: a host process in `system.slice/kubelet.service`, there before
+    // the agent.
+    let kubelet = node.tree.root().join("system.slice/kubelet.service");
+    std::fs::create_dir_all(&kubelet)?;
     let agent = node.start_agent(
         CgroupMount::Hybrid,
         &["--kubelet-cgroup-root", &kubelet_root],
@@ -500,38 +507,55 @@ fn cgroupfs_on_a_hybrid_host(runtime: ContainerRuntime) -> Result<()> {
         Duration::from_secs(15),
     )?;
     let head_id = endpoint_of(&agent, &node.ns, "head", "tc")?;
+    // Nothing tells the exporter's processes (in the runtime's service cgroup)
+    // from the node's: fail closed, no process of the node is the node, the
+    // kubelet included.
     let before = counters::pinned(&node.bpffs.path)?;
-    let outsider = node.pod("outsider");
+    let to = IpAddr::from(head.ip4);
     run_probes(vec![
         tcp(
             "outsider -> head".into(),
             false,
-            outsider.prober(),
-            head.ip4.into(),
+            node.pod("outsider").prober(),
+            to,
             PORT,
         ),
         tcp(
-            "node -> head".into(),
+            "hostNetwork exporter -> head".into(),
+            false,
+            node.exporter.prober(),
+            to,
+            PORT,
+        ),
+        tcp(
+            "kubelet -> head".into(),
+            false,
+            lab.prober().in_cgroup(&kubelet),
+            to,
+            PORT,
+        ),
+        tcp(
+            "worker -> head".into(),
             true,
-            lab.prober(),
-            head.ip4.into(),
+            node.pod("worker").prober(),
+            to,
             PORT,
         ),
     ])?;
     let after = counters::pinned(&node.bpffs.path)?;
     let got =
         drops(&after, head_id, Direction::Ingress) - drops(&before, head_id, Direction::Ingress);
-    ensure!(got == 1, "head ingress drops: {got}, expected 1");
+    ensure!(got == 3, "head ingress drops: {got}, expected 3");
     Ok(())
 }
 
 #[test]
-fn containerd_cgroupfs_on_a_hybrid_host_is_named_and_its_macvlan_pod_stays_pending() -> Result<()> {
+fn containerd_cgroupfs_on_a_hybrid_host_is_named_and_fails_closed() -> Result<()> {
     cgroupfs_on_a_hybrid_host(ContainerRuntime::Containerd)
 }
 
 #[test]
-fn crio_cgroupfs_on_a_hybrid_host_is_named_and_its_macvlan_pod_stays_pending() -> Result<()> {
+fn crio_cgroupfs_on_a_hybrid_host_is_named_and_fails_closed() -> Result<()> {
     cgroupfs_on_a_hybrid_host(ContainerRuntime::Crio)
 }
 
