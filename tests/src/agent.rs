@@ -4,7 +4,9 @@
 //! API server, reached through a kubeconfig), a fake kubelet cgroup tree so pods are
 //! found the way the kubelet lays them out, reading its metrics, and guards that
 //! kill the agent and run `rayfence cleanup` even when a test panics. The objects it
-//! is fed come from [`crate::objects::json`]. Must not: assert anything.
+//! is fed come from [`crate::objects::json`]. [`Agent::start_with`] starts it seeing
+//! other cgroup mounts than the machine's ([`CgroupMount`]: a pure cgroup v2 or a
+//! v1-only host). Must not: assert anything.
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use rayfence::discovery::cgroup::{cgroupfs_path, pod_cgroup_name};
 use serde_json::Value;
 
 pub use crate::agent_bin::rayfence_bin;
+pub use crate::cgroup::CgroupMount;
 use crate::fake_api::FakeApiServer;
 use crate::{Layout, Node, Pod, Server, TestCgroup, Topology};
 
@@ -266,7 +269,16 @@ pub struct AgentOptions<'a> {
 }
 
 impl Agent {
+    /// Starts the agent on the machine's own cgroup mounts
+    /// ([`CgroupMount::Hybrid`]), with `--cgroup-root` [`AgentOptions::cgroup_root`].
     pub fn start(o: &AgentOptions<'_>) -> Result<Agent> {
+        Self::start_with(o, CgroupMount::Hybrid)
+    }
+
+    /// Starts the agent seeing `mount` at `/sys/fs/cgroup`. Other than on
+    /// [`CgroupMount::Hybrid`] it gets no `--cgroup-root` (it finds the cgroup2
+    /// mount itself, or finds none), and [`AgentOptions::cgroup_root`] is not used.
+    pub fn start_with(o: &AgentOptions<'_>, mount: CgroupMount) -> Result<Agent> {
         let bin = rayfence_bin()?;
         let name = unique("agent");
         let log = std::env::temp_dir().join(format!("{name}.log"));
@@ -278,13 +290,15 @@ impl Agent {
             Some(path) => command.arg("agent").arg("--kubeconfig").arg(path),
             None => command.arg("agent").arg("--manifests").arg(o.manifests),
         };
+        if mount == CgroupMount::Hybrid {
+            command.arg("--cgroup-root").arg(o.cgroup_root);
+        }
+        crate::cgroup::set_cgroup_mount(&mut command, mount);
         let child = command
             .arg("--node-name")
             .arg(o.node_name)
             .arg("--bpffs")
             .arg(o.bpffs)
-            .arg("--cgroup-root")
-            .arg(o.cgroup_root)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{METRICS_PORT}"))
             .arg("--dns-mode")
@@ -344,6 +358,29 @@ impl Agent {
             bail!("the agent exited; log:\n{}", self.log_text());
         }
         Ok(())
+    }
+
+    /// Waits up to `timeout` for the agent to exit; its exit code (`None`: killed
+    /// by a signal). Fails if it still runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let t0 = Instant::now();
+        let child = self
+            .child
+            .as_mut()
+            .context("the agent was already reaped")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if t0.elapsed() > timeout {
+                bail!(
+                    "the agent still runs after {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn pid(&self) -> u32 {

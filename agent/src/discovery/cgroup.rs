@@ -22,6 +22,17 @@
 //! Hybrid hosts mount cgroup v2 at `/sys/fs/cgroup/unified`; with the systemd
 //! driver systemd mirrors the kubepods slices there, with the cgroupfs driver the
 //! kubelet only populates the v1 hierarchies, so there is no v2 pod cgroup to find.
+//! The v1 hierarchies are read only to say so ([`LayoutProblem`],
+//! [`v1_pod_cgroup`]): the agent never uses a v1 cgroup, since the cgroup hook and
+//! the socket cgroup ids the datapath reads are cgroup v2's.
+//!
+//! The container runtime does not change where the pod cgroup is: containerd names
+//! the container cgroups below it `cri-containerd-<id>.scope` (systemd driver) or
+//! `<id>` (cgroupfs), CRI-O `crio-<id>.scope` / `crio-<id>`, with a
+//! `crio-conmon-<id>[.scope]` sibling holding conmon, a process of the node's
+//! network namespace. Nothing here looks below the pod cgroup but [`pids_below`],
+//! whose pids therefore may be in the node's namespace too (see
+//! `host_if::via_pod_netns`).
 //!
 //! This module only reads the cgroup filesystem: it must never create, move or
 //! delete a cgroup or write any cgroup file.
@@ -142,6 +153,160 @@ fn unescape_mountinfo(s: &str) -> String {
 /// Reads `mountinfo_path` (normally `/proc/self/mountinfo`) for the cgroup2 mount.
 pub fn find_cgroup2_mount(mountinfo_path: &Path) -> io::Result<Option<Cgroup2Mount>> {
     Ok(parse_cgroup2_mount(&fs::read_to_string(mountinfo_path)?))
+}
+
+/// A cgroup v1 hierarchy, from mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupV1Mount {
+    pub mount_point: PathBuf,
+    /// Its controllers (`cpu`, `pids`, `name=systemd`), from the super options.
+    pub controllers: Vec<String>,
+}
+
+/// Every cgroup v1 hierarchy in the text of a `mountinfo` file.
+pub fn parse_cgroup_v1_mounts(mountinfo: &str) -> Vec<CgroupV1Mount> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let mut super_fields = right.split_whitespace();
+            if super_fields.next() != Some("cgroup") {
+                return None;
+            }
+            let options = super_fields.nth(1).unwrap_or("");
+            let mount_point = left.split_whitespace().nth(4)?;
+            Some(CgroupV1Mount {
+                mount_point: PathBuf::from(unescape_mountinfo(mount_point)),
+                controllers: options
+                    .split(',')
+                    .filter(|o| !matches!(*o, "rw" | "ro") && !o.contains("release_agent"))
+                    .map(str::to_owned)
+                    .collect(),
+            })
+        })
+        .collect()
+}
+
+/// Why the kubelet's cgroup layout on this node cannot give the agent what it
+/// needs, found at start ([`layout_problem`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LayoutProblem {
+    /// The kubelet's `kubepods` roots exist in cgroup v1 hierarchies but under none
+    /// of the kubelet roots of the cgroup2 mount: the cgroupfs driver on a hybrid
+    /// host.
+    PodsInV1Only {
+        v1_roots: Vec<PathBuf>,
+        cgroup2: PathBuf,
+    },
+}
+
+impl std::fmt::Display for LayoutProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayoutProblem::PodsInV1Only { v1_roots, cgroup2 } => write!(
+                f,
+                "the kubelet's pod cgroups are in cgroup v1 only ({}), none under the cgroup2 \
+                 mount {}: the cgroupfs cgroup driver on a hybrid host. Pods without a host \
+                 veth cannot be enforced here (they stay pending), and hostNetwork pods cannot \
+                 be told from the node, so no process counts as the node: a node address is \
+                 only an address (kubelet probes need an ipBlock covering the node, as on the \
+                 cgroup hook); run the kubelet with the systemd cgroup driver, or the node \
+                 with cgroup v2 only",
+                display_paths(v1_roots),
+                cgroup2.display()
+            ),
+        }
+    }
+}
+
+/// `a, b, c`.
+pub fn display_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The kubelet's `kubepods` roots under the cgroup v1 hierarchies `v1`.
+pub fn v1_kubepods_roots(v1: &[CgroupV1Mount], kubelet_roots: &[String]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for hierarchy in v1 {
+        for root in roots_or_default(kubelet_roots) {
+            let mut name = kubelet_root_components(root);
+            name.push("kubepods".into());
+            for path in [systemd_path(&name), cgroupfs_path(&name)] {
+                let path = hierarchy.mount_point.join(path);
+                if path.is_dir() {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether the pod cgroups are somewhere the agent cannot use: `kubepods` roots in
+/// cgroup v1 and none under the cgroup2 mount.
+pub fn layout_problem(
+    mount: &Cgroup2Mount,
+    v1: &[CgroupV1Mount],
+    kubelet_roots: &[String],
+) -> Option<LayoutProblem> {
+    let v1_roots = v1_kubepods_roots(v1, kubelet_roots);
+    if v1_roots.is_empty() || !pod_cgroup_roots(mount, kubelet_roots, &[]).is_empty() {
+        return None;
+    }
+    Some(LayoutProblem::PodsInV1Only {
+        v1_roots,
+        cgroup2: mount.mount_point.clone(),
+    })
+}
+
+/// Every cgroup directly below the cgroup2 mount, with its id: where a layout
+/// cannot tell pods' processes from the node's ([`LayoutProblem::PodsInV1Only`]),
+/// the roots under which every socket is some pod's, never the node's (a socket of
+/// the root cgroup itself, kernel threads', has no ancestor to match).
+pub fn every_top_level_cgroup(mount: &Cgroup2Mount) -> Vec<(PathBuf, u64)> {
+    let Ok(entries) = fs::read_dir(&mount.mount_point) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(PathBuf, u64)> = entries
+        .flatten()
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok().filter(|m| m.is_dir())?;
+            Some((entry.path(), meta.ino()))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// The pod's cgroup in a cgroup v1 hierarchy, by the kubelet's layouts: where it is
+/// when it has none in cgroup v2 (the cgroupfs driver on a hybrid host).
+pub fn v1_pod_cgroup(
+    v1: &[CgroupV1Mount],
+    kubelet_roots: &[String],
+    qos: Option<QosClass>,
+    uid: &str,
+) -> Option<PathBuf> {
+    let candidates = candidate_paths(kubelet_roots, qos, uid);
+    v1.iter().find_map(|hierarchy| {
+        candidates
+            .iter()
+            .map(|(relative, _)| hierarchy.mount_point.join(relative))
+            .find(|path| path.is_dir())
+    })
+}
+
+fn roots_or_default(kubelet_roots: &[String]) -> &[String] {
+    static DEFAULT_ROOT: std::sync::LazyLock<[String; 1]> =
+        std::sync::LazyLock::new(|| ["/".to_owned()]);
+    if kubelet_roots.is_empty() {
+        &DEFAULT_ROOT[..]
+    } else {
+        kubelet_roots
+    }
 }
 
 /// The components of a kubelet `--cgroup-root` value: `/` -> `[]`, `/kube/x` ->
@@ -665,5 +830,144 @@ mod tests {
                 tree.0.join("kubepods.slice"),
             ]
         );
+    }
+
+    const HYBRID: &str = "\
+33 25 0:28 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+34 33 0:29 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+35 33 0:30 / /sys/fs/cgroup/systemd rw shared:11 - cgroup cgroup rw,xattr,release_agent=/x,name=systemd
+36 33 0:31 / /sys/fs/cgroup/cpu,cpuacct rw shared:12 - cgroup cgroup rw,cpu,cpuacct
+";
+
+    #[test]
+    fn v1_hierarchies_are_parsed_with_their_controllers_and_cgroup2_is_not_one() {
+        let v1 = parse_cgroup_v1_mounts(HYBRID);
+        assert_eq!(
+            v1,
+            vec![
+                CgroupV1Mount {
+                    mount_point: PathBuf::from("/sys/fs/cgroup/systemd"),
+                    controllers: vec!["xattr".into(), "name=systemd".into()],
+                },
+                CgroupV1Mount {
+                    mount_point: PathBuf::from("/sys/fs/cgroup/cpu,cpuacct"),
+                    controllers: vec!["cpu".into(), "cpuacct".into()],
+                },
+            ]
+        );
+        let pure = "30 23 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert!(parse_cgroup_v1_mounts(pure).is_empty());
+    }
+
+    /// A cgroup2 stand-in and a v1 hierarchy stand-in side by side.
+    fn hybrid_trees(tag: &str) -> (TempTree, TempTree, Vec<CgroupV1Mount>) {
+        let v2 = TempTree::new(&format!("{tag}-v2"));
+        let v1 = TempTree::new(&format!("{tag}-v1"));
+        let mounts = vec![CgroupV1Mount {
+            mount_point: v1.0.clone(),
+            controllers: vec!["pids".into()],
+        }];
+        (v2, v1, mounts)
+    }
+
+    #[test]
+    fn cgroupfs_pods_in_v1_only_are_a_layout_problem_that_names_both_places() {
+        let (v2, v1, mounts) = hybrid_trees("v1only");
+        let pod = v1.0.join(format!("kubepods/burstable/pod{UID}"));
+        fs::create_dir_all(pod.join("crio-abc")).expect("mkdir");
+        let problem = layout_problem(&v2.mount(), &mounts, &["/".into()]).expect("a problem");
+        assert_eq!(
+            problem,
+            LayoutProblem::PodsInV1Only {
+                v1_roots: vec![v1.0.join("kubepods")],
+                cgroup2: v2.0.clone(),
+            }
+        );
+        let text = problem.to_string();
+        assert!(
+            text.contains("cgroupfs cgroup driver on a hybrid host"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&v1.0.join("kubepods").display().to_string()),
+            "{text}"
+        );
+        assert!(
+            text.contains("hostNetwork pods cannot be told from the node"),
+            "{text}"
+        );
+        // The pod itself: found in v1, by the same layouts as in v2.
+        assert_eq!(
+            v1_pod_cgroup(&mounts, &[], Some(QosClass::Burstable), UID),
+            Some(pod.clone())
+        );
+        assert_eq!(v1_pod_cgroup(&mounts, &[], None, UID), Some(pod));
+        assert_eq!(v1_pod_cgroup(&mounts, &[], None, "another-uid"), None);
+    }
+
+    #[test]
+    fn pods_in_cgroup2_too_are_no_layout_problem() {
+        // The systemd driver on a hybrid host: the slices in v1 and in v2.
+        let (v2, v1, mounts) = hybrid_trees("both");
+        fs::create_dir_all(v1.0.join("kubepods.slice")).expect("mkdir");
+        fs::create_dir_all(v2.0.join("kubepods.slice")).expect("mkdir");
+        assert_eq!(layout_problem(&v2.mount(), &mounts, &[]), None);
+        // No kubelet at all yet: nothing to say either.
+        let (v2, _v1, mounts) = hybrid_trees("none");
+        assert_eq!(layout_problem(&v2.mount(), &mounts, &[]), None);
+        // A kubelet root is looked for in v1 as in v2.
+        let (v2, v1, mounts) = hybrid_trees("rooted");
+        fs::create_dir_all(v1.0.join("kube/kubepods/besteffort")).expect("mkdir");
+        assert_eq!(layout_problem(&v2.mount(), &mounts, &["/".into()]), None);
+        assert!(layout_problem(&v2.mount(), &mounts, &["/kube".into()]).is_some());
+    }
+
+    #[test]
+    fn crio_and_containerd_container_cgroups_leave_the_pod_cgroup_where_the_kubelet_put_it() {
+        let names = [
+            ("crio-1a2b.scope", "crio-conmon-1a2b.scope"),
+            ("crio-1a2b", "crio-conmon-1a2b"),
+            ("cri-containerd-1a2b.scope", "cri-containerd-3c4d.scope"),
+        ];
+        for (i, (container, sibling)) in names.into_iter().enumerate() {
+            for driver in [CgroupDriver::Systemd, CgroupDriver::Cgroupfs] {
+                let tree = TempTree::new(&format!("runtime{i}{driver:?}"));
+                let name = pod_cgroup_name("/", QosClass::Burstable, UID);
+                let rel = match driver {
+                    CgroupDriver::Systemd => systemd_path(&name),
+                    CgroupDriver::Cgroupfs => cgroupfs_path(&name),
+                };
+                for (dir, pid) in [(container, "10"), (sibling, "11")] {
+                    fs::create_dir_all(tree.0.join(&rel).join(dir)).expect("mkdir");
+                    fs::write(tree.0.join(&rel).join(dir).join("cgroup.procs"), pid)
+                        .expect("write");
+                }
+                let info = locate_pod_cgroup(&tree.mount(), &[], None, UID).expect("found");
+                assert_eq!(info.path, tree.0.join(&rel), "{container} {driver:?}");
+                // Both children's processes: conmon's too (the caller tells them apart).
+                let mut pids = pids_below(&info.path);
+                pids.sort_unstable();
+                assert_eq!(pids, vec![10, 11]);
+                // A container cgroup is never taken for the pod's.
+                assert!(!is_pod_dir_name(container, UID));
+            }
+        }
+    }
+
+    #[test]
+    fn every_top_level_cgroup_is_listed_with_its_id_and_files_are_not() {
+        let tree = TempTree::new("toplevel");
+        fs::create_dir_all(tree.0.join("system.slice/kubelet.service")).expect("mkdir");
+        fs::create_dir_all(tree.0.join("user.slice")).expect("mkdir");
+        fs::write(tree.0.join("cgroup.procs"), "1\n").expect("write");
+        let found = every_top_level_cgroup(&tree.mount());
+        let paths: Vec<PathBuf> = found.iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(
+            paths,
+            vec![tree.0.join("system.slice"), tree.0.join("user.slice")]
+        );
+        for (path, id) in found {
+            assert_eq!(id, fs::metadata(path).expect("stat").ino());
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! Finding a pod's host-side interface, three ways:
 //!
 //! 1. [`HowFound::PodNetns`]: through the pod's own network namespace (reached
-//!    as `<host proc>/<pid>/ns/net` of a process in the pod cgroup): the
+//!    as `<host proc>/<pid>/ns/net` of a process in the pod cgroup, the first
+//!    that is not in the host's namespace: CRI-O's conmon runs in the pod cgroup
+//!    in the node's namespace): the
 //!    interface holding the pod IP, its veth peer (`IFLA_LINK` +
 //!    `IFLA_LINK_NETNSID`), and that peer in the host namespace. Works before any
 //!    packet has flowed and in every layout that uses a veth.
@@ -192,6 +194,31 @@ fn mac_string(mac: &[u8]) -> String {
         .join(":")
 }
 
+/// Why no pod network namespace was picked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PodNetnsMiss {
+    /// No process's namespace could be opened.
+    NoneOpened,
+    /// Every process is in the host's namespace.
+    AllInHost,
+}
+
+/// The first of `opened` (a namespace and its inode) that is not the host's
+/// namespace `host_ino`. Stops at the first such one: opening the rest is wasted.
+fn first_pod_netns<T>(
+    opened: impl IntoIterator<Item = (T, u64)>,
+    host_ino: u64,
+) -> Result<T, PodNetnsMiss> {
+    let mut miss = PodNetnsMiss::NoneOpened;
+    for (ns, ino) in opened {
+        if ino != host_ino {
+            return Ok(ns);
+        }
+        miss = PodNetnsMiss::AllInHost;
+    }
+    Err(miss)
+}
+
 /// Method 1, given the pids found in the pod cgroup `cgroup`.
 pub fn via_pod_netns(
     host: &HostNetns,
@@ -200,24 +227,25 @@ pub fn via_pod_netns(
     pids: &[u32],
     ips: &[IpAddr],
 ) -> Result<HostInterface, Miss> {
-    // The first pid whose namespace can be opened: every container of a pod
-    // shares the pause container's network namespace.
-    let mut opened = None;
-    for pid in pids {
+    // Every container of a pod shares the pause container's network namespace,
+    // but not every process of the pod cgroup is a container's: CRI-O's conmon
+    // runs there in the node's namespace. So the first namespace that is not the
+    // host's; the host's only when every process is there (host networking).
+    let opened = pids.iter().filter_map(|pid| {
         let path = host_proc.join(pid.to_string()).join("ns/net");
-        if let Ok(file) = File::open(&path) {
-            opened = Some((file, path));
-            break;
+        let file = File::open(&path).ok()?;
+        let ino = file.metadata().ok()?.ino();
+        Some(((file, path), ino))
+    });
+    let (pod_ns, pod_ns_path) = match first_pod_netns(opened, host.ino) {
+        Ok(found) => found,
+        Err(PodNetnsMiss::AllInHost) => return Err(Miss::HostNetworkNamespace),
+        Err(PodNetnsMiss::NoneOpened) => {
+            return Err(Miss::NoProcess {
+                cgroup: cgroup.to_path_buf(),
+            });
         }
-    }
-    let Some((pod_ns, pod_ns_path)) = opened else {
-        return Err(Miss::NoProcess {
-            cgroup: cgroup.to_path_buf(),
-        });
     };
-    if pod_ns.metadata().map(|m| m.ino()).ok() == Some(host.ino) {
-        return Err(Miss::HostNetworkNamespace);
-    }
     let mut pod = Rtnl::in_netns_file(&pod_ns, &pod_ns_path)?;
 
     // The pod's interface: the one with a pod IP, or, before the IP is known,
@@ -455,4 +483,36 @@ pub fn via_bridge_fdb(host: &HostNetns, ip: IpAddr) -> Result<HostInterface, Mis
         name: link.name,
         via: HowFound::BridgeFdb,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: u64 = 4026531840;
+
+    #[test]
+    fn a_host_namespace_process_in_the_pod_cgroup_does_not_hide_the_pods_namespace() {
+        // conmon (host namespace) listed before and after the container's process.
+        assert_eq!(
+            first_pod_netns([("conmon", HOST), ("pause", 77), ("app", 77)], HOST),
+            Ok("pause")
+        );
+        assert_eq!(
+            first_pod_netns([("pause", 77), ("conmon", HOST)], HOST),
+            Ok("pause")
+        );
+    }
+
+    #[test]
+    fn only_host_namespace_processes_mean_host_networking_and_none_means_no_process() {
+        assert_eq!(
+            first_pod_netns([("conmon", HOST), ("app", HOST)], HOST),
+            Err(PodNetnsMiss::AllInHost)
+        );
+        assert_eq!(
+            first_pod_netns(Vec::<(&str, u64)>::new(), HOST),
+            Err(PodNetnsMiss::NoneOpened)
+        );
+    }
 }

@@ -52,7 +52,10 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-pub use cgroup::{Cgroup2Mount, CgroupDriver, CgroupFoundBy, PodCgroupInfo, QosClass};
+pub use cgroup::{
+    Cgroup2Mount, CgroupDriver, CgroupFoundBy, CgroupV1Mount, LayoutProblem, PodCgroupInfo,
+    QosClass,
+};
 pub use events::{LinkEvent, LinkWatcher};
 pub use host_if::{HostInterface, HostNetns, HowFound, Miss};
 
@@ -154,20 +157,58 @@ pub enum DiscoveryError {
         #[source]
         source: io::Error,
     },
-    #[error("no cgroup2 mount in {path}; pass --cgroup-root")]
-    NoCgroup2Mount { path: PathBuf },
+    #[error(
+        "no cgroup2 mount in {path}{}: rayfence needs cgroup v2 (pods are found by their \
+         cgroup v2 directories, pods without a host veth are enforced on them, hostNetwork \
+         pods are told from the node by them); run the node with cgroup v2 \
+         (systemd.unified_cgroup_hierarchy=1), or pass --cgroup-root where cgroup2 is mounted",
+        v1_only_note(.v1)
+    )]
+    NoCgroup2Mount { path: PathBuf, v1: Vec<PathBuf> },
+    #[error(
+        "--cgroup-root {path} is not on a cgroup2 filesystem ({found}): give the cgroup2 \
+         mount as the agent sees it"
+    )]
+    NotCgroup2 { path: PathBuf, found: String },
     #[error("opening the host network namespace {path} (--host-netns)")]
     HostNetns {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("pod {pod}: no host interface and no cgroup found; {}", describe_attempts(.cgroup_tried, .misses))]
+    #[error("pod {pod}: no host interface and no cgroup found; {}{}", describe_attempts(.cgroup_tried, .misses), v1_pod_note(.cgroup_v1))]
     NotFound {
         pod: String,
         cgroup_tried: Vec<PathBuf>,
         misses: Vec<(HowFound, Miss)>,
+        /// The pod's cgroup in a cgroup v1 hierarchy, when it has one there and none
+        /// in cgroup v2.
+        cgroup_v1: Option<PathBuf>,
     },
+}
+
+fn v1_only_note(v1: &[PathBuf]) -> String {
+    if v1.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (cgroup v1 only: hierarchies at {})",
+            cgroup::display_paths(v1)
+        )
+    }
+}
+
+fn v1_pod_note(cgroup_v1: &Option<PathBuf>) -> String {
+    match cgroup_v1 {
+        Some(path) => format!(
+            "; its cgroup is in cgroup v1 only ({}): the kubelet's cgroupfs cgroup driver on a \
+             hybrid host makes no cgroup v2 pod cgroups, and a pod without a host veth is \
+             enforced on its cgroup v2 directory, so it cannot be enforced here (run the \
+             kubelet with the systemd cgroup driver, or the node with cgroup v2 only)",
+            path.display()
+        ),
+        None => String::new(),
+    }
 }
 
 fn describe_attempts(cgroup_tried: &[PathBuf], misses: &[(HowFound, Miss)]) -> String {
@@ -188,20 +229,29 @@ fn describe_attempts(cgroup_tried: &[PathBuf], misses: &[(HowFound, Miss)]) -> S
 pub struct Locator {
     config: LocatorConfig,
     mount: Cgroup2Mount,
+    /// The cgroup v1 hierarchies, read only to say why a pod cgroup is missing.
+    v1: Vec<CgroupV1Mount>,
+    layout_problem: Option<LayoutProblem>,
     host: HostNetns,
 }
 
 impl Locator {
     /// Resolves the cgroup2 mount and opens the host namespace, failing fast
-    /// with the flag to fix.
+    /// with the flag to fix. A node whose kubelet keeps its pod cgroups in cgroup
+    /// v1 only is logged as an error here, at start ([`Self::layout_problem`]).
     pub fn new(config: LocatorConfig) -> Result<Self, DiscoveryError> {
         let mountinfo = PathBuf::from("/proc/self/mountinfo");
-        let detected = cgroup::find_cgroup2_mount(&mountinfo).map_err(|source| {
+        let text = std::fs::read_to_string(&mountinfo).map_err(|source| {
             DiscoveryError::ReadMountinfo {
                 path: mountinfo.clone(),
                 source,
             }
         })?;
+        let detected = cgroup::parse_cgroup2_mount(&text);
+        let v1 = cgroup::parse_cgroup_v1_mounts(&text);
+        if let Some(root) = &config.cgroup_root {
+            check_cgroup2(root)?;
+        }
         let mount = match (&config.cgroup_root, detected) {
             // The given root is the mount point: take the mount's root field from
             // mountinfo; a sub-directory of the mount counts from its depth.
@@ -217,8 +267,17 @@ impl Locator {
                 root: PathBuf::from("/"),
             },
             (None, Some(m)) => m,
-            (None, None) => return Err(DiscoveryError::NoCgroup2Mount { path: mountinfo }),
+            (None, None) => {
+                return Err(DiscoveryError::NoCgroup2Mount {
+                    path: mountinfo,
+                    v1: v1.iter().map(|h| h.mount_point.clone()).collect(),
+                });
+            }
         };
+        let layout_problem = cgroup::layout_problem(&mount, &v1, &config.kubelet_cgroup_roots);
+        if let Some(problem) = &layout_problem {
+            tracing::error!(%problem, "pod cgroups: this node's layout cannot be fully enforced");
+        }
         let host = HostNetns::open(config.host_netns.as_deref()).map_err(|source| {
             DiscoveryError::HostNetns {
                 path: config
@@ -231,8 +290,15 @@ impl Locator {
         Ok(Locator {
             config,
             mount,
+            v1,
+            layout_problem,
             host,
         })
+    }
+
+    /// What the node's cgroup layout keeps the agent from doing, found at start.
+    pub fn layout_problem(&self) -> Option<&LayoutProblem> {
+        self.layout_problem.as_ref()
     }
 
     pub fn config(&self) -> &LocatorConfig {
@@ -244,9 +310,20 @@ impl Locator {
     }
 
     /// The kubelet's pod cgroup roots present on this node (see
-    /// [`cgroup::pod_cgroup_roots`]), with their ids.
+    /// [`cgroup::pod_cgroup_roots`]), with their ids: a socket below one is some
+    /// pod's, never the node's. Where the layout keeps pod cgroups out of cgroup v2
+    /// ([`LayoutProblem::PodsInV1Only`]) a pod's process cannot be told from the
+    /// node's, so every top-level cgroup is one (fail closed: no process is the
+    /// node; read again on every call, so new ones follow).
     pub fn pod_cgroup_roots(&self, located: &[PathBuf]) -> Vec<(PathBuf, u64)> {
-        cgroup::pod_cgroup_roots(&self.mount, &self.config.kubelet_cgroup_roots, located)
+        let mut roots =
+            cgroup::pod_cgroup_roots(&self.mount, &self.config.kubelet_cgroup_roots, located);
+        if let Some(LayoutProblem::PodsInV1Only { .. }) = &self.layout_problem {
+            roots.extend(cgroup::every_top_level_cgroup(&self.mount));
+            roots.sort();
+            roots.dedup();
+        }
+        roots
     }
 
     /// The pod's cgroup, or every path tried.
@@ -346,6 +423,12 @@ impl Locator {
                     pod: pod.label(),
                     cgroup_tried,
                     misses,
+                    cgroup_v1: cgroup::v1_pod_cgroup(
+                        &self.v1,
+                        &self.config.kubelet_cgroup_roots,
+                        pod.qos_class,
+                        &pod.uid,
+                    ),
                 });
             }
         };
@@ -418,6 +501,33 @@ pub enum SandboxMark {
     Cgroup(PathBuf),
 }
 
+/// `CGROUP2_SUPER_MAGIC` from linux/magic.h.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+/// `CGROUP_SUPER_MAGIC` (a cgroup v1 hierarchy).
+const CGROUP_SUPER_MAGIC: i64 = 0x0027_e0eb;
+
+/// `--cgroup-root` must be on cgroup2: a v1 hierarchy or a plain directory there
+/// would give ids no socket or hook ever carries, and nothing would be enforced.
+fn check_cgroup2(root: &Path) -> Result<(), DiscoveryError> {
+    let not_cgroup2 = |found: String| DiscoveryError::NotCgroup2 {
+        path: root.to_owned(),
+        found,
+    };
+    let c_path = std::ffi::CString::new(root.as_os_str().as_encoded_bytes())
+        .map_err(|_| not_cgroup2("a path with a NUL byte".into()))?;
+    // SAFETY: a zeroed statfs is a valid out-buffer; the path is NUL-terminated.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(not_cgroup2(io::Error::last_os_error().to_string()));
+    }
+    match stat.f_type as i64 {
+        CGROUP2_SUPER_MAGIC => Ok(()),
+        CGROUP_SUPER_MAGIC => Err(not_cgroup2("a cgroup v1 hierarchy".into())),
+        other => Err(not_cgroup2(format!("filesystem type {other:#x}"))),
+    }
+}
+
 /// Whether the pod's own cgroup has processes.
 fn running(cgroup: Option<&PodCgroupInfo>) -> bool {
     cgroup.is_some_and(|c| !cgroup::pids_below(&c.path).is_empty())
@@ -441,6 +551,7 @@ mod tests {
                     },
                 ),
             ],
+            cgroup_v1: None,
         };
         let text = e.to_string();
         assert!(text.contains("ray/head (uid u1)"), "{text}");
@@ -449,6 +560,55 @@ mod tests {
             text.contains("PodNetns") && text.contains("RouteToVeth: no route to 10.0.0.1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_pod_whose_cgroup_is_in_cgroup_v1_only_is_told_why_it_cannot_be_enforced() {
+        let e = DiscoveryError::NotFound {
+            pod: "ray/mworker (uid u1)".into(),
+            cgroup_tried: vec![PathBuf::from("/sys/fs/cgroup/unified/kubepods/podu1")],
+            misses: vec![(HowFound::PodNetns, Miss::NoCgroup)],
+            cgroup_v1: Some(PathBuf::from("/sys/fs/cgroup/pids/kubepods/podu1")),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("its cgroup is in cgroup v1 only (/sys/fs/cgroup/pids/kubepods/podu1)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("cgroupfs cgroup driver on a hybrid host"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_node_without_cgroup2_is_refused_naming_its_v1_hierarchies() {
+        let e = DiscoveryError::NoCgroup2Mount {
+            path: PathBuf::from("/proc/self/mountinfo"),
+            v1: vec![PathBuf::from("/sys/fs/cgroup/pids")],
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("(cgroup v1 only: hierarchies at /sys/fs/cgroup/pids)"),
+            "{text}"
+        );
+        assert!(text.contains("rayfence needs cgroup v2"), "{text}");
+        let none = DiscoveryError::NoCgroup2Mount {
+            path: PathBuf::from("/proc/self/mountinfo"),
+            v1: Vec::new(),
+        };
+        assert!(!none.to_string().contains("v1 only"), "{none}");
+    }
+
+    #[test]
+    fn a_cgroup_root_that_is_not_cgroup2_is_refused() {
+        let e = check_cgroup2(Path::new("/proc")).expect_err("procfs is not cgroup2");
+        assert!(
+            e.to_string()
+                .starts_with("--cgroup-root /proc is not on a cgroup2 filesystem"),
+            "{e}"
+        );
+        assert!(check_cgroup2(Path::new("/nonexistent-rf")).is_err());
     }
 
     #[test]

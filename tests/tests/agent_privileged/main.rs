@@ -21,4 +21,5 @@ mod multinode;
 mod node_trust;
 mod observe;
 mod runtime;
+mod runtime_shapes;
 mod upgrade;
