@@ -12,6 +12,8 @@
 
 use anyhow::{Result, bail};
 
+use crate::cgroup::CgroupMount;
+use crate::kubelet::{CgroupDriver, ContainerRuntime};
 use crate::node_nat::KubeProxyMode;
 use crate::topology::{Layout, Transport};
 
@@ -28,16 +30,26 @@ pub struct Shape {
     pub second_node: Option<Transport>,
     /// How kube-proxy programs Services on every node.
     pub kube_proxy: KubeProxyMode,
+    /// The container runtime (its container cgroup names) and the kubelet's
+    /// cgroup driver.
+    pub runtime: ContainerRuntime,
+    pub driver: CgroupDriver,
+    /// What the agent sees mounted at `/sys/fs/cgroup`.
+    pub cgroups: CgroupMount,
 }
 
 /// The default shape: flannel's host-gw on a bridge, kube-proxy in iptables mode,
-/// containerd with the cgroupfs driver's names, the hybrid cgroup mount.
+/// containerd with the cgroupfs driver, the hybrid cgroup mount (cgroup2 at
+/// `/sys/fs/cgroup/unified`, this machine's).
 pub const DEFAULT: Shape = Shape {
     name: "flannel",
-    stands_for: "flannel-like bridge (cni0), kube-proxy iptables mode, containerd, cgroup v2 on the hybrid mount",
+    stands_for: "flannel-like bridge (cni0), kube-proxy iptables mode, containerd with the cgroupfs driver, cgroup2 on the hybrid mount",
     layout: Layout::Bridged,
     second_node: None,
     kube_proxy: KubeProxyMode::Iptables,
+    runtime: ContainerRuntime::Containerd,
+    driver: CgroupDriver::Cgroupfs,
+    cgroups: CgroupMount::Hybrid,
 };
 
 /// Every shape the lab builds.
@@ -48,14 +60,14 @@ pub const SHAPES: &[Shape] = &[
         stands_for: "Calico-like routed veths: a /32 per pod, proxy ARP, gateway 169.254.1.1, no bridge",
         layout: Layout::Routed,
         second_node: None,
-        kube_proxy: KubeProxyMode::Iptables,
+        ..DEFAULT
     },
     Shape {
         name: "vxlan",
         stands_for: "flannel's VXLAN backend (k3s's default): two bridged nodes, pod traffic between them encapsulated (VNI 1, port 8472, IPv4 and IPv6)",
         layout: Layout::Bridged,
         second_node: Some(Transport::Vxlan),
-        kube_proxy: KubeProxyMode::Iptables,
+        ..DEFAULT
     },
     Shape {
         name: "nftables",
@@ -63,6 +75,27 @@ pub const SHAPES: &[Shape] = &[
         layout: Layout::Bridged,
         second_node: None,
         kube_proxy: KubeProxyMode::Nftables,
+        ..DEFAULT
+    },
+    Shape {
+        name: "crio",
+        stands_for: "CRI-O with the systemd cgroup driver: crio-<id>.scope containers, conmon beside each in the pod cgroup (in the node's network namespace)",
+        runtime: ContainerRuntime::Crio,
+        driver: CgroupDriver::Systemd,
+        ..DEFAULT
+    },
+    Shape {
+        name: "systemd",
+        stands_for: "containerd with the systemd cgroup driver: kubepods.slice, cri-containerd-<id>.scope",
+        driver: CgroupDriver::Systemd,
+        ..DEFAULT
+    },
+    Shape {
+        name: "cgroup2",
+        stands_for: "a pure cgroup v2 host: cgroup2 alone at /sys/fs/cgroup (the agent finds it itself), containerd with the systemd driver",
+        driver: CgroupDriver::Systemd,
+        cgroups: CgroupMount::PureV2,
+        ..DEFAULT
     },
 ];
 

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::cgroup::CgroupMount;
 use crate::netns::Netns;
 
 /// Where the agent's metrics server listens, inside the node namespace (private
@@ -50,9 +51,10 @@ impl Agent {
         node_name: &str,
         manifests: &Path,
         bpffs: &Path,
-        cgroup_root: &Path,
+        cgroups: (&Path, CgroupMount),
         log: &Path,
     ) -> Result<Agent> {
+        let (cgroup_root, mount) = cgroups;
         crate::bpffs::create_dir(bpffs)?;
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;
@@ -62,8 +64,6 @@ impl Agent {
             .arg(manifests)
             .arg("--bpffs")
             .arg(bpffs)
-            .arg("--cgroup-root")
-            .arg(cgroup_root)
             .args(["--metrics-addr", METRICS_ADDR])
             .args(["--dns-service", "kube-system/kube-dns"])
             .args(["--operator-namespace", "ray-system"])
@@ -77,6 +77,15 @@ impl Agent {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
+        // On the machine's own (hybrid) mounts the kubelet tree is given as the
+        // cgroup root; on another mount the agent finds cgroup2 itself, as on a
+        // node of that kind.
+        match mount {
+            CgroupMount::Hybrid => {
+                cmd.arg("--cgroup-root").arg(cgroup_root);
+            }
+            other => crate::cgroup::set_cgroup_mount(&mut cmd, other),
+        }
         // The demo blocks SIGINT/SIGTERM/SIGHUP for its signal thread (see
         // `guard`), and the mask is inherited across fork and exec: unblock them
         // in the child, or the agent would never see our SIGTERM.

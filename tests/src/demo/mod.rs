@@ -56,7 +56,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use crate::cgroup::TestCgroup;
+use crate::cgroup::CgroupMount;
+use crate::kubelet::{KubeletTree, QosClass};
 use crate::node_nat::{self, ClusterIpRule, Endpoint, HostPort, NodePortService, Protocol};
 use crate::probe::{Outcome, ProbeBin, Prober, Server};
 use crate::shape::{self, Shape};
@@ -294,31 +295,53 @@ pub fn run(opts: &Options) -> Result<Report> {
             topo.external(EXTERNAL).ip4
         ),
     );
-    // A kubelet-like cgroup tree (cgroupfs driver) passed as --cgroup-root: each
-    // pod's processes run in `kubepods/besteffort/pod<uid>/ctr`, which is how the
-    // agent reaches a pod's network namespace from kernel state alone.
-    let kubelet = TestCgroup::new()?;
+    // A kubelet-like cgroup tree for the shape's runtime and cgroup driver: each
+    // pod's processes run in its container cgroup (e.g. `kubepods/besteffort/
+    // pod<uid>/ctr`), which is how the agent reaches a pod's network namespace from
+    // kernel state alone; hostNetwork pods' processes run in the node's namespace.
+    // CRI-O's conmon runs beside each container, in the pod cgroup but in the
+    // node's namespace.
+    let kubelet = KubeletTree::with_runtime(shape.driver, shape.runtime)?;
     let mut ctrs = HashMap::new();
-    for (i, p) in PODS.iter().enumerate() {
-        let ctr = kubelet.path().join(format!(
-            "kubepods/besteffort/pod{}/ctr",
-            scenario::pod_uid(i)
-        ));
-        std::fs::create_dir_all(&ctr)
-            .with_context(|| format!("creating cgroup {}", ctr.display()))?;
-        ctrs.insert(p.key, ctr);
+    let mut conmons = Vec::new();
+    let uids = PODS
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.key, scenario::pod_uid(i)))
+        .chain(
+            HOST_NETWORK_PODS
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (p.key, scenario::host_network_pod_uid(i))),
+        );
+    for (n, (key, uid)) in uids.enumerate() {
+        ctrs.insert(key, kubelet.pod_cgroup(&uid, QosClass::BestEffort)?);
+        if let Some(dir) = kubelet.conmon_cgroup(&uid, QosClass::BestEffort)? {
+            let node = topo.node(scenario::node_of(key, node_count));
+            conmons.push(
+                node.prober()
+                    .in_cgroup(&dir)
+                    .serve_tcp(CONMON_PORTS + n as u16)?,
+            );
+        }
     }
-    // hostNetwork pods: a pod cgroup like any pod's, their processes in the node's
-    // network namespace.
-    for (i, p) in HOST_NETWORK_PODS.iter().enumerate() {
-        let ctr = kubelet.path().join(format!(
-            "kubepods/besteffort/pod{}/ctr",
-            scenario::host_network_pod_uid(i)
-        ));
-        std::fs::create_dir_all(&ctr)
-            .with_context(|| format!("creating cgroup {}", ctr.display()))?;
-        ctrs.insert(p.key, ctr);
-    }
+    say(
+        started,
+        &format!(
+            "kubelet cgroups: {} driver, {} container names{}, under {}",
+            shape.driver.name(),
+            shape.runtime.name(),
+            if conmons.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " (conmon beside each: {} processes in the node's namespace)",
+                    conmons.len()
+                )
+            },
+            kubelet.root().display()
+        ),
+    );
     let servers = start_servers(&topo, &ctrs)?;
     say(
         started,
@@ -372,19 +395,26 @@ pub fn run(opts: &Options) -> Result<Report> {
                 node_name,
                 &manifests,
                 &bpffs[i],
-                kubelet.path(),
+                (kubelet.root(), shape.cgroups),
                 &log,
             )?;
             say(
                 started,
                 &format!(
-                    "agent started (pid {}): nsenter --net={} {} agent --node-name {node_name} --manifests {} --bpffs {} --cgroup-root {} --metrics-addr {}",
+                    "agent started (pid {}): nsenter --net={} {} agent --node-name {node_name} --manifests {} --bpffs {} {} --metrics-addr {}",
                     a.pid().unwrap_or(0),
                     n.netns.path().display(),
                     bin.display(),
                     manifests.display(),
                     bpffs[i].display(),
-                    kubelet.path().display(),
+                    match shape.cgroups {
+                        CgroupMount::Hybrid =>
+                            format!("--cgroup-root {}", kubelet.root().display()),
+                        other => format!(
+                            "(no --cgroup-root: in a mount namespace with the {} layout at /sys/fs/cgroup)",
+                            other.name()
+                        ),
+                    },
                     agent::METRICS_ADDR
                 ),
             );
@@ -583,6 +613,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     drop(agents);
     drop(servers);
+    drop(conmons);
     drop(kubelet);
     drop(topo);
     drop(tmp);
@@ -900,6 +931,10 @@ fn build_cells(
     }
     Ok(cells)
 }
+
+/// The ports of the conmon-like processes (one per pod, in the node's namespace),
+/// clear of every port the matrix probes.
+const CONMON_PORTS: u16 = 7100;
 
 /// The node whose host probes `target` in the `node` row (and whose agent
 /// explains it): a pod's own node (its kubelet); the first node for anything else.
