@@ -154,7 +154,7 @@ fn table(report: &ClusterStatus, wide: bool) -> String {
     );
     for n in &report.nodes {
         if let Some(error) = &n.error {
-            out.push_str(&format!("node {}: {error}\n", n.node));
+            out.push_str(&format!("{}: {error}\n", n.node));
         }
     }
     if wide {
@@ -203,6 +203,6 @@ mod tests {
         assert!(lines[2].contains("no (agent not ready)"), "{text}");
         assert!(lines[3].contains("no (pod not Ready)"), "{text}");
         assert!(lines[4].contains("unreachable"), "{text}");
-        assert_eq!(lines[5], "node n1: no answer");
+        assert_eq!(lines[5], "n1: no answer");
     }
 }

@@ -12,6 +12,7 @@ mod capacity;
 mod cni_guard;
 mod cni_install;
 mod ip_reuse;
+mod kubectl_plugin;
 mod listener_limits;
 mod manifests_conflicts;
 mod metrics;
