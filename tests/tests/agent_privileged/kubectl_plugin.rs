@@ -148,6 +148,42 @@ fn register_agent_pod(
     Ok(())
 }
 
+/// deploy/'s rayfence-viewer Role bound to `user` in `namespace`: what a platform
+/// team is given, so the test shows the shipped Role is enough.
+fn viewer_role_grants(user: &str, namespace: &str) -> Result<Vec<Grant>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/viewer.yaml");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let role: Value = serde_norway::from_str(&text)?;
+    ensure!(role["kind"] == "Role", "{}: not a Role", path.display());
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut grants = Vec::new();
+    for rule in role["rules"].as_array().context("rules")? {
+        ensure!(
+            strings(&rule["apiGroups"]) == [""],
+            "core group only: {rule}"
+        );
+        for resource in strings(&rule["resources"]) {
+            let (resource, subresource) = resource.split_once('/').unwrap_or((&resource, ""));
+            for verb in strings(&rule["verbs"]) {
+                grants.push(Grant::resource(
+                    GrantSubject::User(user.into()),
+                    namespace,
+                    resource,
+                    subresource,
+                    &verb,
+                ));
+            }
+        }
+    }
+    Ok(grants)
+}
+
 fn user(name: &str) -> TokenInfo {
     TokenInfo {
         user: name.into(),
@@ -282,13 +318,9 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
     // rayfence-viewer Role grants), and a developer who is not.
     server.add_token(PLATFORM_TOKEN, user("platform"));
     server.add_token(DEV_TOKEN, user("developer"));
-    server.grant(Grant::resource(
-        GrantSubject::User("platform".into()),
-        &agents_ns,
-        "pods",
-        "exec",
-        "create",
-    ));
+    for grant in viewer_role_grants("platform", &agents_ns)? {
+        server.grant(grant);
+    }
     let configs = Manifests::new()?;
     configs.write_raw(
         "platform",
@@ -311,6 +343,36 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
                 && row.contains("ghcr.io/rayfence/rayfence:lab"),
             "{out}"
         );
+    }
+    // The same through kubectl, which finds the plugin on PATH.
+    let plugin_dir = kubectl_rayfence_bin()?
+        .parent()
+        .context("the plugin's directory")?
+        .to_owned();
+    let path = std::env::join_paths(std::iter::once(plugin_dir).chain(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    )))?;
+    match Command::new("kubectl")
+        .args(["rayfence", "-n", &agents_ns, "status"])
+        .env("PATH", &path)
+        .env("KUBECONFIG", &platform)
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout);
+            ensure!(
+                output.status.success() && text.lines().count() == 3,
+                "kubectl rayfence status: {} {text}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        // The suite does not need kubectl otherwise.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no kubectl on PATH: kubectl's plugin lookup not checked")
+        }
+        Err(e) => return Err(e.into()),
     }
     let (code, out, _) = run(&platform, &agents_ns, &["status", "-o", "json"])?;
     ensure!(code == 0, "{out}");
