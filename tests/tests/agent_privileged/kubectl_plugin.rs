@@ -194,10 +194,15 @@ fn user(name: &str) -> TokenInfo {
     }
 }
 
-/// `-o json` of `explain`: the verdict and (direction, node) of each side's decider.
-fn explained(out: &str) -> Result<(String, Vec<(String, String, String)>)> {
+/// One side of an explanation: (direction, verdict, the node that decided it).
+type DecidedSide = (String, String, String);
+/// One flow line: (node, source pod, destination pod, direction).
+type FlowLine = (String, String, String, String);
+
+/// `-o json` of `explain`: the verdict and each side with the node that decided it.
+fn explained(out: &str) -> Result<(String, Vec<DecidedSide>)> {
     let v: Value = serde_json::from_str(out).with_context(|| format!("explain JSON: {out}"))?;
-    let sides: Vec<(String, String, String)> = v["sides"]
+    let sides: Vec<DecidedSide> = v["sides"]
         .as_array()
         .into_iter()
         .flatten()
@@ -213,8 +218,8 @@ fn explained(out: &str) -> Result<(String, Vec<(String, String, String)>)> {
     Ok((v["verdict"].as_str().unwrap_or("").to_owned(), sides))
 }
 
-/// `flows -o json` lines as (node, source pod, destination pod, direction).
-fn flow_lines(out: &str) -> Vec<(String, String, String, String)> {
+/// `flows -o json` lines.
+fn flow_lines(out: &str) -> Vec<FlowLine> {
     out.lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .map(|v| {
@@ -479,7 +484,7 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
         head.tcp_connect(v4(outsider), PORT, SHORT) != Outcome::Ok,
         "head -> outsider passed (DenyAll isolates egress)"
     );
-    let want_both = |lines: &[(String, String, String, String)]| {
+    let want_both = |lines: &[FlowLine]| {
         let on_1 = lines
             .iter()
             .any(|(node, src, dst, _)| node == "node-1" && src == "outsider" && dst == "worker");
