@@ -422,6 +422,22 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
             ],
         "{sides:?}: {out}"
     );
+    // The same flow named by addresses: the plugin finds the pods by their IP.
+    let (code, out, err) = run(
+        &platform,
+        &agents_ns,
+        &[
+            "explain",
+            "--from",
+            &v4(worker).to_string(),
+            "--to",
+            &format!("{}:{PORT}", v4(head)),
+            "-o",
+            "json",
+        ],
+    )?;
+    ensure!(code == 0, "allowed flow by IP exited {code}: {out}{err}");
+    ensure!(explained(&out)?.1 == sides, "by IP: {out}");
     ensure!(
         worker.tcp_connect(v4(head), PORT, SHORT) == Outcome::Ok,
         "the datapath disagrees: worker -> head is not allowed"
