@@ -200,24 +200,37 @@ async fn follow(
                 Some((node, exec::Line::Stderr(text))) => note(&format!("node {node}: {text}")),
                 None => break,
             },
-            Some(ended) = streams.join_next() => {
-                let (agent, result) = ended.map_err(|e| anyhow!("a node's stream: {e}"))?;
-                match result {
-                    Ok(0) => {}
-                    Ok(code) => {
-                        complete = false;
-                        note(&format!("node {}: `rayfence flows` in agent pod {} exited {code}", agent.node, agent.name));
-                    }
-                    Err(e) if e.is::<Forbidden>() => return Err(e),
-                    Err(e) => {
-                        complete = false;
-                        note(&format!("node {}: {e:#}", agent.node));
-                    }
-                }
-            }
+            Some(ended) = streams.join_next() => complete &= stream_ended(ended)?,
         }
     }
+    // The output is done; say how the streams that had not been reaped ended.
+    while let Some(ended) = streams.join_next().await {
+        complete &= stream_ended(ended)?;
+    }
     Ok(complete)
+}
+
+/// How one node's stream ended: `true` when cleanly; a refusal by the API server
+/// is the user's, for every node: an error.
+fn stream_ended(
+    ended: Result<(AgentPod, anyhow::Result<i32>), tokio::task::JoinError>,
+) -> anyhow::Result<bool> {
+    let (agent, result) = ended.map_err(|e| anyhow!("a node's stream: {e}"))?;
+    match result {
+        Ok(0) => Ok(true),
+        Ok(code) => {
+            note(&format!(
+                "node {}: `rayfence flows` in agent pod {} exited {code}",
+                agent.node, agent.name
+            ));
+            Ok(false)
+        }
+        Err(e) if e.is::<Forbidden>() => Err(e),
+        Err(e) => {
+            note(&format!("node {}: {e:#}", agent.node));
+            Ok(false)
+        }
+    }
 }
 
 #[cfg(test)]

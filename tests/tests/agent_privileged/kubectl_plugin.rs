@@ -597,6 +597,8 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
     for args in [
         &["status"][..],
         &["explain", "--from", &from_worker, "--to", &to_head],
+        &["flows"],
+        &["flows", "--follow"],
     ] {
         let (code, out, err) = run(&developer, &agents_ns, args)?;
         ensure!(
