@@ -6,15 +6,18 @@
 //! agent pod would, the real `rayfence` in that node's namespace against that
 //! node's agent socket.
 //!
-//! - `status`: one row per node, both ready; an agent that stops answering is
-//!   named, and the exit status says so.
-//! - `explain` across nodes: an intra-cluster flow is allowed and a flow from an
-//!   outsider denied, each side decided by the agent of its own node (which one
-//!   alone can only say `unknown`), and a real probe agrees.
+//! - the user who may ask is bound to deploy/'s `rayfence-viewer` Role as written
+//!   (`deploy/base/viewer.yaml`), so the test shows the shipped Role is enough.
+//! - `status`: one row per node, both ready (also through `kubectl rayfence`, found
+//!   on PATH by kubectl when it is installed); an agent that stops answering is
+//!   named, and the exit status says so; a namespace without agents is said.
+//! - `explain` across nodes: an intra-cluster flow is allowed (by pod names and by
+//!   IPs) and a flow from an outsider denied, each side decided by the agent of its
+//!   own node (which one alone can only say `unknown`), and a real probe agrees.
 //! - `flows`: drops seen on both nodes after real probes, merged and tagged with
 //!   their node, with `--follow` too.
 //! - a user without `create` on `pods/exec` is refused by the API server (403),
-//!   and the plugin says so.
+//!   and the plugin says so (status, explain, flows).
 //!
 //! Needs root (network namespaces, bpffs, cgroups). Guards kill the agents and the
 //! plugin and run `rayfence cleanup` even when the test panics.
@@ -612,6 +615,13 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
             "{args:?}: {err}"
         );
     }
+
+    // No agents where it looks: said, with the flags to change where.
+    let (code, _, err) = run(&platform, &format!("{agents_ns}-elsewhere"), &["status"])?;
+    ensure!(
+        code == 2 && err.contains("no agent pods in namespace") && err.contains("(-n)"),
+        "{code}: {err}"
+    );
 
     // An agent that stops answering is named, and status fails.
     rigs[1].agent.kill();
