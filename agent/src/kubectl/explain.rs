@@ -88,7 +88,12 @@ pub async fn run(
         if side.verdict == "elsewhere"
             && let Some((namespace, name)) = side.pod.as_deref().and_then(|p| p.split_once('/'))
         {
-            node = agents::node_of_pod(client, "--to", namespace, name).await?;
+            let flag = if side.direction == "egress" {
+                "--from"
+            } else {
+                "--to"
+            };
+            node = agents::node_of_pod(client, flag, namespace, name).await?;
             let theirs = ask(client, cluster, &pods, &node, &args, &mut asked).await?;
             match theirs
                 .sides
