@@ -21,6 +21,8 @@
 //! - [`cli`]: the operator commands' client side (`status`, `explain`, `flows`).
 //! - [`cni`]: the chained CNI plugin that guards new pods until they are programmed,
 //!   and its installation into the node's CNI config.
+//! - [`kubectl`]: the `kubectl rayfence` plugin: the operator commands over every
+//!   node's agent, by exec into the agent pods through the API server, as the user.
 //! - [`logging`]: the agent's log (text or JSON lines on stdout, flow events included).
 pub mod capabilities;
 pub mod cli;
@@ -28,6 +30,7 @@ pub mod cni;
 pub mod crd;
 pub mod datapath;
 pub mod discovery;
+pub mod kubectl;
 pub mod logging;
 pub mod operator;
 pub mod policy;

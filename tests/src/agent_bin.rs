@@ -13,7 +13,9 @@
 //!
 //! The CNI plugin (`rayfence-cni`) comes the same way: `$RAYFENCE_CNI_BIN`, else the
 //! `rayfence-cni` next to `$RAYFENCE_BIN` (that build makes every binary of the
-//! workspace), else the nested build, which builds both.
+//! workspace), else the nested build, which builds all three. The kubectl plugin
+//! (`kubectl-rayfence`) the same way: `$KUBECTL_RAYFENCE_BIN`, else next to
+//! `$RAYFENCE_BIN`, else the nested build.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -51,24 +53,35 @@ pub fn rayfence_bin() -> Result<PathBuf> {
 /// The chained CNI plugin, `rayfence-cni`.
 pub fn rayfence_cni_bin() -> Result<PathBuf> {
     static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(path) = std::env::var_os("RAYFENCE_CNI_BIN") {
-            return Ok(PathBuf::from(path));
-        }
-        if let Some(agent) = std::env::var_os("RAYFENCE_BIN") {
-            let sibling = Path::new(&agent).with_file_name("rayfence-cni");
-            if sibling.is_file() {
-                return Ok(sibling);
-            }
-        }
-        build("rayfence-cni")
-    })
-    .clone()
-    .map_err(anyhow::Error::msg)
+    BIN.get_or_init(|| sibling_or_build("RAYFENCE_CNI_BIN", "rayfence-cni"))
+        .clone()
+        .map_err(anyhow::Error::msg)
 }
 
-/// Builds both binaries (one nested build whichever is asked first) and returns
-/// `name`'s path.
+/// The kubectl plugin, `kubectl-rayfence`.
+pub fn kubectl_rayfence_bin() -> Result<PathBuf> {
+    static BIN: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| sibling_or_build("KUBECTL_RAYFENCE_BIN", "kubectl-rayfence"))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+/// `$variable`, else `name` next to `$RAYFENCE_BIN`, else the nested build's.
+fn sibling_or_build(variable: &str, name: &str) -> std::result::Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os(variable) {
+        return Ok(PathBuf::from(path));
+    }
+    if let Some(agent) = std::env::var_os("RAYFENCE_BIN") {
+        let sibling = Path::new(&agent).with_file_name(name);
+        if sibling.is_file() {
+            return Ok(sibling);
+        }
+    }
+    build(name)
+}
+
+/// Builds the three binaries (one nested build whichever is asked first; each
+/// `OnceLock` above runs it at most once) and returns `name`'s path.
 fn build(name: &str) -> std::result::Result<PathBuf, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,6 +109,8 @@ fn build(name: &str) -> std::result::Result<PathBuf, String> {
             "rayfence",
             "--bin",
             "rayfence-cni",
+            "--bin",
+            "kubectl-rayfence",
         ])
         .args(release.then_some("--release"))
         .current_dir(workspace)

@@ -12,7 +12,7 @@
 //! Must not: compute a verdict itself (the engine does, through [`crate::operator::explain`]),
 //! or change anything in the agent.
 mod client;
-mod render;
+pub mod render;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

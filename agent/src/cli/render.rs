@@ -149,7 +149,7 @@ fn dash(value: Option<&str>) -> String {
 }
 
 /// Columns left-aligned, two spaces apart, no borders (as `kubectl get` prints).
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut table = Table::new();
     table
         .load_style(NOTHING)

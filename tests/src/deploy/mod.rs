@@ -244,7 +244,7 @@ pub fn flag_of(arg: &str) -> Option<&str> {
 pub fn check_typed(doc: &Value) -> Result<()> {
     use k8s_openapi::api::apps::v1::DaemonSet;
     use k8s_openapi::api::core::v1::{ConfigMap, Namespace, ServiceAccount};
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role};
 
     fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) -> Result<Value> {
         let typed: T = serde_json::from_value(doc.clone())?;
@@ -256,6 +256,7 @@ pub fn check_typed(doc: &Value) -> Result<()> {
         "ServiceAccount" => round_trip::<ServiceAccount>(doc),
         "ClusterRole" => round_trip::<ClusterRole>(doc),
         "ClusterRoleBinding" => round_trip::<ClusterRoleBinding>(doc),
+        "Role" => round_trip::<Role>(doc),
         "ConfigMap" => round_trip::<ConfigMap>(doc),
         "DaemonSet" => round_trip::<DaemonSet>(doc),
         other => bail!("unexpected kind {other} in deploy/"),

@@ -103,6 +103,31 @@ impl Grant {
     }
 }
 
+impl Grant {
+    /// `verb` on a resource (`subresource` empty for the resource itself) in
+    /// `namespace` (empty: any), any name, for a user or a group: a Role bound in
+    /// that namespace, or a ClusterRole bound cluster-wide.
+    pub fn resource(
+        subject: GrantSubject,
+        namespace: &str,
+        resource: &str,
+        subresource: &str,
+        verb: &str,
+    ) -> Self {
+        Self {
+            subject,
+            target: GrantTarget::Resource {
+                namespace: namespace.into(),
+                group: String::new(),
+                resource: resource.into(),
+                subresource: subresource.into(),
+                name: String::new(),
+            },
+            verb: verb.into(),
+        }
+    }
+}
+
 /// Whether a grant's target covers what a SubjectAccessReview asks.
 type TargetMatch = Box<dyn Fn(&GrantTarget) -> bool>;
 
@@ -134,6 +159,43 @@ impl Reviews {
             "/apis/authorization.k8s.io/v1/subjectaccessreviews" => Some("SubjectAccessReview"),
             _ => None,
         }
+    }
+
+    /// Whether a grant lets `who` (the user or one of its groups) use `verb` on a
+    /// core-group resource: what the API server asks its authorizer about a request
+    /// of its own (`exec`), not through a SubjectAccessReview.
+    pub fn allows(
+        &self,
+        who: &TokenInfo,
+        verb: &str,
+        namespace: &str,
+        resource: &str,
+        subresource: &str,
+        name: &str,
+    ) -> bool {
+        self.grants.iter().any(|g| {
+            let subject = match &g.subject {
+                GrantSubject::User(u) => *u == who.user,
+                GrantSubject::Group(group) => who.groups.contains(group),
+            };
+            let target = match &g.target {
+                GrantTarget::Resource {
+                    namespace: n,
+                    group,
+                    resource: r,
+                    subresource: s,
+                    name: named,
+                } => {
+                    (n.is_empty() || n == namespace)
+                        && group.is_empty()
+                        && r == resource
+                        && s == subresource
+                        && (named.is_empty() || named == name)
+                }
+                GrantTarget::NonResource { .. } => false,
+            };
+            subject && (g.verb == "*" || g.verb == verb) && target
+        })
     }
 
     /// Answers a POSTed review (HTTP 201 with the review and its status, as a

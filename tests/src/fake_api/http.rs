@@ -50,6 +50,8 @@ pub struct Shared {
     /// How often a watch that allows bookmarks gets one.
     pub bookmark_interval: Duration,
     pub address: std::net::SocketAddr,
+    /// What each pod runs for an exec (`exec`), registered by the test.
+    pub exec_handlers: Mutex<super::exec::ExecHandlers>,
 }
 
 impl Shared {
@@ -60,7 +62,7 @@ impl Shared {
     }
 }
 
-fn full(bytes: impl Into<Bytes>) -> Body {
+pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())
         .map_err(|never| match never {})
         .boxed_unsync()
@@ -76,7 +78,7 @@ fn json_response(status: u16, value: &Value) -> Response<Body> {
     resp
 }
 
-fn error_response(err: &ApiError) -> Response<Body> {
+pub fn error_response(err: &ApiError) -> Response<Body> {
     json_response(err.code, &err.status())
 }
 
@@ -109,7 +111,9 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             let svc_shared = conn_shared.clone();
             let service = hyper::service::service_fn(move |req| handle(svc_shared.clone(), req));
             let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                // pods/exec switches the connection to a WebSocket.
+                .with_upgrades();
             // Dropping the connection future closes the socket, open watches included.
             tokio::select! {
                 _ = conn => {}
@@ -296,6 +300,9 @@ pub async fn handle(
         form_urlencoded::parse(raw_query.as_deref().unwrap_or("").as_bytes())
             .into_owned()
             .collect();
+    if let Some((namespace, pod)) = super::exec::exec_target(&path) {
+        return super::exec::handle(&shared, req, namespace, pod);
+    }
     // kube-rs's metadata_watcher and get_metadata ask for PartialObjectMetadata.
     let metadata_only = req
         .headers()

@@ -64,7 +64,14 @@
 //! - TokenReview and SubjectAccessReview (POST, answered and not stored) from the
 //!   tokens and grants a test configures ([`FakeApiServer::add_token`],
 //!   [`FakeApiServer::grant`]; semantics in `auth`), each kept in
-//!   [`FakeApiServer::reviews`].
+//!   [`FakeApiServer::reviews`];
+//! - the pods' `exec` subresource over WebSocket (`v5.channel.k8s.io`,
+//!   `v4.channel.k8s.io`), authenticated by the caller's bearer token and
+//!   authorized as `create` on `pods/exec` from those same tokens and grants; what
+//!   a pod runs is what the test registered ([`FakeApiServer::on_exec`]; `exec`).
+//!
+//! [`ApiRelay`] (`relay`) makes the server reachable from another network
+//! namespace (a lab node's 127.0.0.1), as a kubeconfig names an API server.
 //!
 //! Simplified:
 //! - strategic merge and server-side apply patches are applied as JSON merge
@@ -76,15 +83,17 @@
 //! - later list pages read current objects (not the first page's snapshot);
 //! - any dotted field path is accepted in field selectors (a real server accepts a
 //!   few per kind); bookmarks come every 500 ms rather than about once a minute;
-//! - no authentication or authorization of its own clients (reviews answer what
-//!   the test configured; every request is served), no admission, schema validation, namespace
+//! - no authentication or authorization of its own clients but for `exec` (reviews
+//!   answer what the test configured; every other request is served), no admission, schema validation, namespace
 //!   existence checks, finalizers, graceful deletion, garbage collection,
 //!   `deletecollection`, HTTP/2, aggregated discovery or protobuf.
 //!
 //! It binds only 127.0.0.1.
 
 pub mod auth;
+pub mod exec;
 mod http;
+pub mod relay;
 pub mod resources;
 pub mod selector;
 pub mod store;
@@ -102,6 +111,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use auth::{Grant, GrantSubject, GrantTarget, Review, TokenInfo};
+pub use exec::{ExecHandler, ExecRequest};
+pub use relay::ApiRelay;
 pub use resources::ResourceKey;
 pub use store::ApiError;
 
@@ -164,6 +175,7 @@ impl FakeApiServer {
             gone_as_http_status: AtomicBool::new(false),
             bookmark_interval: BOOKMARK_INTERVAL,
             address,
+            exec_handlers: Mutex::new(Default::default()),
         });
         let accept = tokio::spawn(http::serve(listener, shared.clone()));
         Ok(Self { shared, accept })
@@ -339,6 +351,32 @@ impl FakeApiServer {
     /// that checks `status.audiences` itself refuses a token for another audience.
     pub fn set_token_review_ignores_audiences(&self, ignore: bool) {
         self.reviews_guard().ignore_requested_audiences = ignore;
+    }
+
+    /// What pod `namespace/pod` runs for an exec (`pods/exec`): `handler` gets the
+    /// request (command, container, user) and returns the local process that
+    /// stands for it, or the runtime's error. Replaces an earlier handler.
+    pub fn on_exec(
+        &self,
+        namespace: &str,
+        pod: &str,
+        handler: impl Fn(&ExecRequest) -> Result<std::process::Command, String> + Send + Sync + 'static,
+    ) {
+        self.shared
+            .exec_handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(
+                (namespace.to_owned(), pod.to_owned()),
+                std::sync::Arc::new(handler),
+            );
+    }
+
+    /// A kubeconfig for this server that authenticates with a bearer `token`
+    /// (see [`Self::add_token`]), as a user's kubeconfig does.
+    pub fn kubeconfig_yaml_with_token(&self, token: &str) -> String {
+        self.kubeconfig_yaml()
+            .replace("user: {}", &format!("user:\n    token: {token}"))
     }
 
     /// Every TokenReview and SubjectAccessReview answered so far, in order.

@@ -13,6 +13,7 @@ mod cni_guard;
 mod cni_install;
 mod ip_reuse;
 mod kube_proxy_nft;
+mod kubectl_plugin;
 mod listener_limits;
 mod manifests_conflicts;
 mod metrics;

@@ -87,6 +87,7 @@ fn chart_renders_objects_of_their_kubernetes_types() -> Result<()> {
                 "ClusterRole",
                 "ClusterRoleBinding",
                 "DaemonSet",
+                "Role",
                 "ServiceAccount"
             ])
         );
@@ -148,6 +149,17 @@ fn chart_and_kustomize_pass_the_same_flags_settings_and_rbac() -> Result<()> {
                 "{dir}: {reader}"
             );
         }
+        // kubectl rayfence's Role, in the agents' namespace.
+        let k_viewer = find(&kust, "Role", "rayfence-viewer");
+        let h_viewer = find(&helm, "Role", "rayfence-viewer");
+        assert_eq!(
+            h_viewer["rules"], k_viewer["rules"],
+            "{dir}: rayfence-viewer"
+        );
+        assert_eq!(
+            h_viewer["metadata"]["namespace"], k_viewer["metadata"]["namespace"],
+            "{dir}: rayfence-viewer"
+        );
         let k_binding = find(&kust, "ClusterRoleBinding", "rayfence-agent");
         let h_binding = find(&helm, "ClusterRoleBinding", "rayfence-agent");
         assert_eq!(h_binding["roleRef"], k_binding["roleRef"], "{dir}");
@@ -572,6 +584,7 @@ fn object_names_follow_the_release() -> Result<()> {
             format!("ClusterRole/{prefix}-metrics-reader"),
             format!("ClusterRoleBinding/{prefix}-agent"),
             format!("DaemonSet/{prefix}-agent"),
+            format!("Role/{prefix}-viewer"),
             format!("ServiceAccount/{prefix}-agent"),
         ]
         .into()
@@ -599,6 +612,8 @@ fn object_names_follow_the_release() -> Result<()> {
         );
         let binding = find(docs, "ClusterRoleBinding", &agent);
         assert_eq!(binding["roleRef"]["name"], agent.as_str());
+        let viewer = find(docs, "Role", &format!("{prefix}-viewer"));
+        assert_eq!(viewer["metadata"]["namespace"], "security");
         assert_eq!(
             binding["subjects"],
             json!([{"kind": "ServiceAccount", "name": agent, "namespace": "security"}])
@@ -640,6 +655,8 @@ fn notes_say_what_was_installed_and_how_to_check_it() -> Result<()> {
         "kubectl -n security exec ds/rayfence-agent -- rayfence status",
         "kubectl label namespace security pod-security.kubernetes.io/enforce=privileged",
         "rayfence-metrics-reader",
+        "rayfence-viewer",
+        "kubectl rayfence -n security status",
         ":9402/metrics",
     ] {
         assert!(notes.contains(line), "NOTES.txt lacks {line:?}:\n{notes}");

@@ -1,7 +1,8 @@
 //! deploy/ rendered with `kubectl kustomize` (base, every overlay, the cleanup):
 //! the objects parse as their Kubernetes types, the agent's pod is least privilege
 //! as deploy/base/daemonset.yaml justifies it, and every flag and setting the
-//! manifests pass is one the `rayfence` binary accepts.
+//! manifests pass is one the `rayfence` binary accepts; `kubectl rayfence` finds
+//! the agents the base installs, and its Role grants exactly what it needs.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -434,6 +435,55 @@ fn overlays_change_only_what_they_are_for() -> Result<()> {
         }
         assert_eq!(host_paths(agent_ds(&docs)), expected_paths, "{dir}");
     }
+    Ok(())
+}
+
+#[test]
+fn kubectl_rayfence_finds_the_agents_and_its_role_grants_exactly_what_it_needs() -> Result<()> {
+    use rayfence::kubectl::{DEFAULT_CONTAINER, DEFAULT_NAMESPACE, DEFAULT_SELECTOR};
+    let docs = kustomize("deploy/base")?;
+    let ds = agent_ds(&docs);
+    assert_eq!(ds["metadata"]["namespace"], DEFAULT_NAMESPACE);
+    let labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for pair in DEFAULT_SELECTOR.split(',') {
+        let (key, value) = pair.split_once('=').expect("k=v");
+        assert_eq!(labels[key], value, "the agent pods carry {pair}");
+    }
+    let containers = ds["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .expect("containers");
+    assert!(containers.iter().any(|c| c["name"] == DEFAULT_CONTAINER));
+    // The cleanup DaemonSet's pods are not taken for agents.
+    let cleanup = kustomize("deploy/cleanup")?;
+    let cleanup_ds = only(&cleanup, "DaemonSet");
+    let cleanup_labels = &cleanup_ds["spec"]["template"]["metadata"]["labels"];
+    assert!(
+        DEFAULT_SELECTOR.split(',').any(|pair| {
+            let (key, value) = pair.split_once('=').expect("k=v");
+            cleanup_labels[key] != value
+        }),
+        "{cleanup_labels}"
+    );
+
+    let viewer = find(&docs, "Role", "rayfence-viewer");
+    assert_eq!(viewer["metadata"]["namespace"], DEFAULT_NAMESPACE);
+    let triple = |r: &str, v: &str| (String::new(), r.to_owned(), v.to_owned());
+    assert_eq!(
+        rule_triples(viewer),
+        BTreeSet::from([
+            triple("pods", "get"),
+            triple("pods", "list"),
+            triple("pods/exec", "create"),
+            triple("pods/exec", "get"),
+        ])
+    );
+    // Nothing binds it: who may exec into the agents is the installer's choice.
+    assert!(
+        !docs
+            .iter()
+            .any(|d| d["roleRef"]["name"] == "rayfence-viewer"),
+        "rayfence-viewer is bound by deploy/"
+    );
     Ok(())
 }
 
