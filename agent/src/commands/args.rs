@@ -66,6 +66,16 @@ pub(super) struct PolicyArgs {
         default_value = "kube-system/kube-dns"
     )]
     dns_service: String,
+    /// The addresses of a node-local DNS cache on every node (NodeLocal DNSCache:
+    /// 169.254.20.10), comma-separated: UDP and TCP 53 to them join the DNS base
+    /// flow (not with --dns-mode off), and they are not the node's own addresses.
+    #[arg(
+        long,
+        value_name = "IP[,IP]",
+        env = "RAYFENCE_DNS_NODE_LOCAL",
+        value_delimiter = ','
+    )]
+    dns_node_local: Vec<std::net::IpAddr>,
     /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
     #[arg(
         long,
@@ -118,6 +128,16 @@ impl PolicyArgs {
                 }
             }
         };
+        if let Some(ip) = self
+            .dns_node_local
+            .iter()
+            .find(|ip| ip.is_unspecified() || ip.is_multicast())
+        {
+            bail!("--dns-node-local {ip}: expected a unicast address of the node-local DNS cache");
+        }
+        settings.dns_node_local = self.dns_node_local.clone();
+        settings.dns_node_local.sort();
+        settings.dns_node_local.dedup();
         if !self.operator_namespace.is_empty() {
             settings.operator_namespaces = self.operator_namespace.clone();
         }
@@ -165,6 +185,49 @@ mod tests {
 
     use super::*;
     use crate::commands::{Cli, Command};
+
+    /// The policy flags alone, as every command that takes them parses them.
+    #[derive(clap::Parser)]
+    struct PolicyOnly {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
+
+    fn agent_settings(args: &[&str]) -> anyhow::Result<Settings> {
+        let argv = std::iter::once("rayfence").chain(args.iter().copied());
+        PolicyOnly::try_parse_from(argv)?.policy.settings("n")
+    }
+
+    #[test]
+    fn dns_node_local_takes_comma_separated_addresses_and_names_itself_on_bad_ones() {
+        assert!(agent_settings(&[]).unwrap().dns_node_local.is_empty());
+        let settings = agent_settings(&[
+            "--dns-node-local",
+            "169.254.20.10,fd00:10:ffff::a,169.254.20.10",
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.dns_node_local,
+            vec![
+                "169.254.20.10".parse::<std::net::IpAddr>().unwrap(),
+                "fd00:10:ffff::a".parse().unwrap()
+            ]
+        );
+        for bad in [
+            "169.254.20",
+            "nodelocaldns",
+            "169.254.20.10/32",
+            "0.0.0.0",
+            "ff02::1",
+        ] {
+            let error = agent_settings(&["--dns-node-local", bad]).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains("--dns-node-local") && text.contains(bad),
+                "{bad}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn json_is_a_hidden_alias_of_output_json_and_conflicts_with_o() {
