@@ -55,8 +55,15 @@ impl AgentConnection {
 /// Flags that change what the policy allows; shared by the agent and offline explain.
 #[derive(Args, Debug)]
 pub(super) struct PolicyArgs {
-    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
-    #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
+    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none (given
+    /// twice, the last one counts).
+    #[arg(
+        long,
+        value_enum,
+        env = "RAYFENCE_DNS_MODE",
+        default_value = "service",
+        overrides_with = "dns_mode"
+    )]
     dns_mode: DnsModeArg,
     /// The cluster DNS Service, NAMESPACE/NAME.
     #[arg(
@@ -201,6 +208,9 @@ mod tests {
     #[test]
     fn dns_node_local_takes_comma_separated_addresses_and_names_itself_on_bad_ones() {
         assert!(agent_settings(&[]).unwrap().dns_node_local.is_empty());
+        // A later --dns-mode wins (a wrapper's default, then the operator's choice).
+        let settings = agent_settings(&["--dns-mode", "off", "--dns-mode", "anywhere"]).unwrap();
+        assert_eq!(settings.dns, DnsMode::Anywhere);
         let settings = agent_settings(&[
             "--dns-node-local",
             "169.254.20.10,fd00:10:ffff::a,169.254.20.10",
