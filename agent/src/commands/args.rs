@@ -74,15 +74,16 @@ pub(super) struct PolicyArgs {
     )]
     dns_service: String,
     /// The addresses of a node-local DNS cache on every node (NodeLocal DNSCache:
-    /// 169.254.20.10), comma-separated: UDP and TCP 53 to them join the DNS base
-    /// flow (not with --dns-mode off), and they are not the node's own addresses.
+    /// 169.254.20.10), comma-separated (empty: none): UDP and TCP 53 to them join
+    /// the DNS base flow (not with --dns-mode off), and they are not the node's own
+    /// addresses.
     #[arg(
         long,
         value_name = "IP[,IP]",
         env = "RAYFENCE_DNS_NODE_LOCAL",
         value_delimiter = ','
     )]
-    dns_node_local: Vec<std::net::IpAddr>,
+    dns_node_local: Vec<String>,
     /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
     #[arg(
         long,
@@ -135,14 +136,19 @@ impl PolicyArgs {
                 }
             }
         };
-        if let Some(ip) = self
-            .dns_node_local
-            .iter()
-            .find(|ip| ip.is_unspecified() || ip.is_multicast())
-        {
-            bail!("--dns-node-local {ip}: expected a unicast address of the node-local DNS cache");
+        for item in self.dns_node_local.iter().map(|s| s.trim()) {
+            if item.is_empty() {
+                continue;
+            }
+            match item.parse::<std::net::IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                    settings.dns_node_local.push(ip);
+                }
+                _ => bail!(
+                    "--dns-node-local {item:?}: expected the unicast IP address of the node-local DNS cache"
+                ),
+            }
         }
-        settings.dns_node_local = self.dns_node_local.clone();
         settings.dns_node_local.sort();
         settings.dns_node_local.dedup();
         if !self.operator_namespace.is_empty() {
@@ -208,6 +214,13 @@ mod tests {
     #[test]
     fn dns_node_local_takes_comma_separated_addresses_and_names_itself_on_bad_ones() {
         assert!(agent_settings(&[]).unwrap().dns_node_local.is_empty());
+        // Empty (how a chart leaves it unset): none.
+        assert!(
+            agent_settings(&["--dns-node-local", ""])
+                .unwrap()
+                .dns_node_local
+                .is_empty()
+        );
         // A later --dns-mode wins (a wrapper's default, then the operator's choice).
         let settings = agent_settings(&["--dns-mode", "off", "--dns-mode", "anywhere"]).unwrap();
         assert_eq!(settings.dns, DnsMode::Anywhere);
