@@ -33,11 +33,11 @@
 //! machine-wide as well, although nothing requires that.
 //!
 //! Host veths may instead be named as a CNI names them ([`HostIfNames`], chosen
-//! with [`Topology::set_host_if_names`] before the first pod): Calico's `cali` + 11
-//! hex digits, the AWS VPC CNI's `eni` + 11, kindnet's and the ptp plugin's `veth`
-//! + 11. The hex digits are the topology's own (pid, a per-process counter) and
-//! the pod's index, so these names are unique machine-wide too (at most 15
-//! characters, as IFNAMSIZ allows).
+//! with [`Topology::set_host_if_names`] before the first pod): Calico's `cali`, the
+//! AWS VPC CNI's `eni`, kindnet's and the ptp plugin's `veth`, each followed by 11
+//! hex digits. Those are the topology's own (pid, a per-process counter) and the
+//! pod's index, so these names are unique machine-wide too (at most 15 characters,
+//! as IFNAMSIZ allows).
 //!
 //! NodeLocal DNSCache ([`Node::add_node_local_dns_interface`]): its `nodelocaldns`
 //! device on the node (a veth pair here: the "dummy" module may be missing), holding

@@ -187,6 +187,9 @@ fn in_namespace<'a>(ns: &'a str, placement: &[Placement<'a>]) -> Vec<NamespacedP
         .collect()
 }
 
+/// Each node's kubelet tree (taken by [`start_agents`]) and its pods' sandboxes.
+type PlacedPods = (Vec<Option<Kubelet>>, Vec<Vec<Sandbox>>);
+
 /// The nodes and pods as the API server and the kubelets see them before any agent
 /// starts: each pod (uids from `first_uid`) in a sandbox of its node's kubelet tree.
 /// Each node's kubelet tree and sandboxes, for [`start_agents`].
@@ -195,7 +198,7 @@ fn place_pods(
     topo: &Topology,
     placement: &[NamespacedPlacement],
     first_uid: u32,
-) -> Result<(Vec<Option<Kubelet>>, Vec<Vec<Sandbox>>)> {
+) -> Result<PlacedPods> {
     for (i, node) in topo.nodes().iter().enumerate() {
         server.apply(&node_object(&node_name(i), node));
     }
