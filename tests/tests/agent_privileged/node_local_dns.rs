@@ -12,7 +12,8 @@
 //!   to the cache's address, and port 53 on the node's own address, is dropped and
 //!   counted; the node's own processes stay reachable. The CNI guard's DNS map
 //!   (`RF_GUARDDNS_V1`) holds the cache's addresses, so a pod held by the guard can
-//!   resolve too.
+//!   resolve too: a new pod it holds (its Pod object not seen yet) reaches the cache
+//!   on port 53 and nothing else there.
 //! - Its iptables mode: the cache also binds kube-dns's ClusterIPs on its device
 //!   (with NOTRACK rules, so kube-proxy's DNAT never applies): a query to the
 //!   ClusterIP is answered on the node and passes as the DNS Service, not as the
@@ -35,6 +36,7 @@ use rayfence_tests::topology::{HostIfNames, NODE_LOCAL_DNS4, NODE_LOCAL_DNS6};
 use rayfence_tests::{Layout, Topology, probe_bin};
 use serde_json::{Value, json};
 
+use super::cni_guard::cni;
 use super::routed::{DENIED, Placement, Rig, SHORT, allowed, dropped, node_name};
 
 /// kube-dns's ClusterIPs.
@@ -55,6 +57,8 @@ enum Case {
     OtherDnsService,
     /// The cache also binds kube-dns's ClusterIPs on its device.
     ClusterIpOnTheNode,
+    /// `--dns-node-local`, and a new pod the CNI guard holds (no Pod object yet).
+    Guarded,
 }
 
 /// kube-dns as the API server lists it: its ClusterIPs, one CoreDNS replica on
@@ -176,7 +180,9 @@ fn node_local_dns(case: Case, layout: Layout) -> Result<()> {
     let mut args = vec!["--dns-mode", "service"];
     match case {
         Case::WithoutTheFlag => {}
-        Case::WithTheFlag | Case::ClusterIpOnTheNode => args.extend(["--dns-node-local", &flag]),
+        Case::WithTheFlag | Case::ClusterIpOnTheNode | Case::Guarded => {
+            args.extend(["--dns-node-local", &flag]);
+        }
         Case::OtherDnsService => args.extend([
             "--dns-node-local",
             &flag,
@@ -185,6 +191,9 @@ fn node_local_dns(case: Case, layout: Layout) -> Result<()> {
         ]),
     }
     rig.start(&args)?;
+    if case == Case::Guarded {
+        return guarded_pod_queries_the_cache(rig, &cache_ips);
+    }
     let (head, worker) = (rig.pod("head"), rig.pod("worker"));
     let node = rig.topo.node(0);
     let mut want = super::routed::Tally::now(&rig)?;
@@ -255,6 +264,62 @@ fn node_local_dns(case: Case, layout: Layout) -> Result<()> {
     std::thread::sleep(std::time::Duration::from_millis(1200));
     want.check(&rig, "settled")?;
     rig.alive()
+}
+
+/// A pod whose sandbox the runtime just made, in the RayCluster's (guarded)
+/// namespace, its Pod object not seen yet: the CNI guard holds it, and it may query
+/// the cache (and nothing else there, nor port 53 on the node's own address).
+fn guarded_pod_queries_the_cache(mut rig: Rig, cache_ips: &[IpAddr]) -> Result<()> {
+    rig.agents[0].wait_log(
+        &["namespaces whose new pods the CNI plugin guards", &rig.ns],
+        std::time::Duration::from_secs(5),
+    )?;
+    rig.topo.add_pod(0, "late")?;
+    let late = rig.topo.pod("late");
+    let node = rig.topo.node(0);
+    let (ok, printed) = cni("ADD", node, late, &rig.ns, &rig.bpffs[0].path)?;
+    ensure!(ok, "CNI ADD of the late pod failed: {printed}");
+    let mut want = super::routed::Tally::now(&rig)?;
+    for dst in cache_ips {
+        wait_outcome(
+            &format!("guarded late -> {dst}:53 UDP"),
+            std::time::Duration::from_secs(5),
+            || late.udp_probe(*dst, 53, SHORT),
+            true,
+        )?;
+        allowed(
+            &format!("guarded late -> {dst}:53 TCP"),
+            late.tcp_connect(*dst, 53, SHORT),
+        )?;
+        dropped(
+            &format!("guarded late -> {dst}:{METRICS}"),
+            late.tcp_connect(*dst, METRICS, DENIED),
+        )?;
+        want.add(0, Direction::Egress);
+    }
+    for dst in node.ips() {
+        dropped(
+            &format!("guarded late -> the node {dst}:53 TCP"),
+            late.tcp_connect(dst, 53, DENIED),
+        )?;
+        want.add(0, Direction::Egress);
+        allowed(
+            &format!("guarded late -> the node {dst}:{KUBELET}"),
+            late.tcp_connect(dst, KUBELET, SHORT),
+        )?;
+    }
+    want.check(&rig, "the guarded pod")?;
+    let (ok, status, _) = rig.agents[0].command(node, &["status"])?;
+    ensure!(
+        ok && status.contains(&format!("pending: {}/late held by the CNI guard", rig.ns)),
+        "{status}"
+    );
+    rig.alive()
+}
+
+#[test]
+fn a_pod_held_by_the_cni_guard_may_query_the_node_local_cache() -> Result<()> {
+    node_local_dns(Case::Guarded, Layout::Bridged)
 }
 
 #[test]
