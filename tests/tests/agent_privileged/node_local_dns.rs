@@ -191,6 +191,15 @@ fn node_local_dns(case: Case, layout: Layout) -> Result<()> {
         ]),
     }
     rig.start(&args)?;
+    if case != Case::WithoutTheFlag {
+        let log = rig.agents[0].log_text();
+        ensure!(
+            log.lines()
+                .any(|l| l.contains("DNS base flow") && l.contains(&flag))
+                && !log.contains("no device of this node holds"),
+            "the agent's start-up log on the DNS base flow:\n{log}"
+        );
+    }
     if case == Case::Guarded {
         return guarded_pod_queries_the_cache(rig, &cache_ips);
     }

@@ -291,4 +291,24 @@ fn log_dns_base_flow(settings: &rayfence::policy::Settings) {
             tracing::info!(target: LOG_TARGET, "DNS base flow off: rules must allow DNS")
         }
     }
+    // A cache address no device of this node holds is answered elsewhere, if at all.
+    if settings.dns_node_local.is_empty() {
+        return;
+    }
+    use rayfence::discovery::netlink::{Rtnl, interfaces_with_address};
+    match Rtnl::in_current().and_then(|mut rtnl| rtnl.addresses()) {
+        Ok(addresses) => {
+            for ip in &settings.dns_node_local {
+                if interfaces_with_address(&addresses, *ip).is_empty() {
+                    tracing::warn!(
+                        target: LOG_TARGET,
+                        address = %ip,
+                        "--dns-node-local: no device of this node holds this address (yet): \
+                         is NodeLocal DNSCache running here? Queries to it leave the node"
+                    );
+                }
+            }
+        }
+        Err(error) => tracing::warn!(target: LOG_TARGET, %error, "listing the node's addresses"),
+    }
 }
