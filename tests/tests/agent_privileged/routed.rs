@@ -2,7 +2,8 @@
 //! the ptp plugin's pods): no bridge, a /32 and /128 route per pod to its host veth,
 //! proxy ARP for the pods' link-local gateway 169.254.1.1, host veths named as each
 //! CNI names them (`cali*`, `eni*`, `veth*`: [`HostIfNames`]). One node, and two
-//! nodes routed to each other (host-gw, as Calico's BGP mode routes).
+//! nodes routed to each other (host-gw, as Calico's BGP mode routes; and in VXLAN,
+//! as Calico's VXLAN mode carries it).
 //!
 //! The connectivity matrix, for each name style and shape, over IPv4 and IPv6: a
 //! RayCluster (head, worker) under DenyAll with one user rule (the outsider may reach
@@ -30,7 +31,7 @@ use rayfence_tests::objects::json::{
     head_labels, namespace, node_object, pod_object, raycluster, worker_labels,
 };
 use rayfence_tests::probe::wait_outcome;
-use rayfence_tests::topology::HostIfNames;
+use rayfence_tests::topology::{HostIfNames, Transport};
 use rayfence_tests::{Layout, Outcome, Pod, Server, Topology, probe_bin};
 use serde_json::{Value, json};
 
@@ -233,6 +234,8 @@ enum Shape {
     OneNode,
     /// The head on node-0; the worker and the outsider on node-1.
     TwoNodes,
+    /// The same, pod traffic between the nodes in VXLAN (Calico's VXLAN mode).
+    TwoNodesVxlan,
 }
 
 /// The connectivity matrix on a routed node (or two) whose host veths are named as
@@ -243,6 +246,10 @@ fn routed_matrix(names: HostIfNames, shape: Shape) -> Result<()> {
     let far = match shape {
         Shape::OneNode => 0,
         Shape::TwoNodes => topo.add_node()?,
+        Shape::TwoNodesVxlan => {
+            topo.set_transport(Transport::Vxlan)?;
+            topo.add_node()?
+        }
     };
     let placement: [Placement; 3] = [
         ("head", 0, head_labels("rc")),
@@ -342,7 +349,7 @@ fn routed_matrix(names: HostIfNames, shape: Shape) -> Result<()> {
             head.tcp_connect(node_ip, KUBELET, SHORT),
         )?;
         // Another node's host is an ordinary peer.
-        if shape == Shape::TwoNodes {
+        if shape != Shape::OneNode {
             let other = rig.topo.node(far);
             dropped(
                 &format!("node-{far}'s host -> head {}", at(head)),
@@ -355,6 +362,20 @@ fn routed_matrix(names: HostIfNames, shape: Shape) -> Result<()> {
     // Nothing else gets counted afterwards (retransmissions, neighbour discovery).
     std::thread::sleep(Duration::from_millis(1200));
     want.check(&rig, "settled")?;
+    if shape == Shape::TwoNodesVxlan {
+        for node in rig.topo.nodes() {
+            let mut carried = 0;
+            for dev in node.vxlan.as_ref().context("VXLAN devices")? {
+                let (rx, tx) = node.link_packets(dev)?;
+                carried += rx + tx;
+            }
+            ensure!(
+                carried > 20,
+                "node-{}: {carried} packets over VXLAN",
+                node.index
+            );
+        }
+    }
     rig.alive()
 }
 
@@ -386,4 +407,9 @@ fn aws_eni_named_routed_nodes_enforce_the_matrix_across_nodes() -> Result<()> {
 #[test]
 fn veth_named_routed_nodes_enforce_the_matrix_across_nodes() -> Result<()> {
     routed_matrix(HostIfNames::Veth, Shape::TwoNodes)
+}
+
+#[test]
+fn calico_named_routed_nodes_enforce_the_matrix_across_nodes_over_vxlan() -> Result<()> {
+    routed_matrix(HostIfNames::Calico, Shape::TwoNodesVxlan)
 }
