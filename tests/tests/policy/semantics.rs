@@ -3226,6 +3226,10 @@ const NODE_LOCAL_DNS6: &str = "fd00:10:ffff::a";
 /// hostNetwork pod declaring port 53 (UDP, TCP) and 9253 as the DaemonSet does;
 /// `node_local` is what `--dns-node-local` says.
 fn scene_with_node_local_dns(dns: DnsMode, node_local: &[&str], extra_node: &[&str]) -> Engine {
+    node_local_dns_scene(node_local_dns_settings(dns, node_local, extra_node))
+}
+
+fn node_local_dns_settings(dns: DnsMode, node_local: &[&str], extra_node: &[&str]) -> Settings {
     let mut s = settings();
     s.dns = dns;
     s.node_addresses.extend(
@@ -3235,6 +3239,10 @@ fn scene_with_node_local_dns(dns: DnsMode, node_local: &[&str], extra_node: &[&s
             .map(|ip| ip.parse::<std::net::IpAddr>().unwrap()),
     );
     s.dns_node_local = node_local.iter().map(|ip| ip.parse().unwrap()).collect();
+    s
+}
+
+fn node_local_dns_scene(s: Settings) -> Engine {
     let mut e = scene(s);
     e.upsert_pod(&host_network(pod(
         "kube-system",
@@ -3374,6 +3382,38 @@ fn a_dns_cluster_ip_bound_on_a_node_device_stays_the_dns_service() {
         assert!(
             matches!(&owner, rayfence::policy::AddressOwner::Service(key) if key.1 == "kube-dns"),
             "{owner:?}"
+        );
+    }
+}
+
+/// A NetworkPolicy's usual rule for NodeLocal DNSCache (an ipBlock on its address,
+/// port 53) allows it once `--dns-node-local` names the address; as the node's
+/// address, port 53 there is the cache pod's and no ipBlock reaches it.
+#[test]
+fn a_network_policy_ip_block_reaches_the_node_local_cache_only_when_it_is_named() {
+    for (node_local, allowed) in [(&[NODE_LOCAL_DNS4][..], ALLOW), (&[][..], DENY)] {
+        let mut s = node_local_dns_settings(DnsMode::default(), node_local, &[]);
+        s.enforce_networkpolicies = true;
+        let mut e = node_local_dns_scene(s);
+        e.upsert_pod(&pod(
+            "team-b",
+            "app",
+            &[("app", "web")],
+            "10.0.1.30",
+            NODE,
+            &[],
+        ));
+        e.upsert_network_policy(&netpol(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: dns, namespace: team-b}}\nspec: {{podSelector: {{}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: {NODE_LOCAL_DNS4}/32}}}}], ports: [{{protocol: UDP, port: 53}}]}}]}}\n"
+        )));
+        expect_egress(
+            &e,
+            "team-b",
+            "app",
+            &[
+                (NODE_LOCAL_DNS4, "UDP", 53, allowed),
+                (NODE_LOCAL_DNS4, "TCP", 53, DENY),
+            ],
         );
     }
 }
