@@ -390,6 +390,62 @@ impl HostNetworkPod {
     }
 }
 
+/// NodeLocal DNSCache on a node: its hostNetwork pod (`k8s-app: node-local-dns`)
+/// answering UDP and TCP port 53 (echo servers: a query comes back as its answer).
+/// The servers listen on every address of the node where `node-cache` binds only its
+/// `-localip` addresses, so a query to another node address is answered too unless
+/// something drops it. The addresses and their device are the topology's
+/// ([`crate::topology::Node::add_node_local_dns_interface`]).
+#[derive(Debug)]
+pub struct NodeLocalDns {
+    pub pod: HostNetworkPod,
+    /// Where pods send their queries (what the agent is told with `--dns-node-local`).
+    pub addresses: Vec<IpAddr>,
+    _servers: [Server; 2],
+}
+
+impl NodeLocalDns {
+    /// The cache's labels, as its DaemonSet sets them.
+    pub const LABELS: [(&str, &str); 1] = [("k8s-app", "node-local-dns")];
+
+    /// The pod `namespace/name` (uid `uid`, Burstable as the DaemonSet's requests
+    /// make it) on `node`, serving port 53; `addresses` are what it stands for.
+    pub fn start(
+        tree: &KubeletTree,
+        node: &Node,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+        addresses: &[IpAddr],
+    ) -> Result<Self> {
+        let pod = HostNetworkPod::new(tree, node, namespace, name, uid, QosClass::Burstable)?;
+        let servers = [pod.prober.serve_udp(53)?, pod.prober.serve_tcp(53)?];
+        Ok(NodeLocalDns {
+            pod,
+            addresses: addresses.to_vec(),
+            _servers: servers,
+        })
+    }
+
+    /// The Pod object, with the ports the DaemonSet declares: `dns` UDP 53, `dns-tcp`
+    /// TCP 53, `metrics` TCP 9253 (host networking: each also a hostPort).
+    pub fn manifest(&self, node_name: &str) -> Value {
+        let mut pod = self.pod.manifest(node_name, &Self::LABELS, &[]);
+        pod["spec"]["containers"][0]["ports"] = json!([
+            {"name": "dns", "containerPort": 53, "hostPort": 53, "protocol": "UDP"},
+            {"name": "dns-tcp", "containerPort": 53, "hostPort": 53, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": 9253, "hostPort": 9253, "protocol": "TCP"},
+        ]);
+        pod
+    }
+
+    /// The `--dns-node-local` value for these addresses.
+    pub fn flag_value(&self) -> String {
+        let all: Vec<String> = self.addresses.iter().map(IpAddr::to_string).collect();
+        all.join(",")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

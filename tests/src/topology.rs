@@ -32,6 +32,20 @@
 //! bridge, `rf<tag>vx` / `rf<tag>v6` for the VXLAN devices) so they are unique
 //! machine-wide as well, although nothing requires that.
 //!
+//! Host veths may instead be named as a CNI names them ([`HostIfNames`], chosen
+//! with [`Topology::set_host_if_names`] before the first pod): Calico's `cali`, the
+//! AWS VPC CNI's `eni`, kindnet's and the ptp plugin's `veth`, each followed by 11
+//! hex digits. Those are the topology's own (pid, a per-process counter) and the
+//! pod's index, so these names are unique machine-wide too (at most 15 characters,
+//! as IFNAMSIZ allows).
+//!
+//! NodeLocal DNSCache ([`Node::add_node_local_dns_interface`]): its `nodelocaldns`
+//! device on the node (a veth pair here: the "dummy" module may be missing), holding
+//! [`NODE_LOCAL_DNS4`] (the cache's standard address) and [`NODE_LOCAL_DNS6`], or
+//! any addresses a test gives it (kube-dns's ClusterIP, as its iptables mode binds
+//! it). Pods reach it through their default route to the node. What answers there
+//! is a hostNetwork pod: [`crate::kubelet::NodeLocalDns`].
+//!
 //! Multi-node: [`Topology::add_node`] connects nodes through an "underlay"
 //! namespace holding a bridge; each node has a veth `ul0` on it and routes to the
 //! other nodes' host addresses (and macvlan ranges) via their underlay address.
@@ -73,6 +87,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -91,6 +106,61 @@ pub enum Layout {
     /// Calico-like: routes per pod, proxy ARP, link-local gateway.
     Routed,
 }
+
+/// How host-side veths are named (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HostIfNames {
+    /// `rf<tag>p<i>`: this kit's own.
+    #[default]
+    Kit,
+    /// Calico's: `cali` + 11 hex digits.
+    Calico,
+    /// The AWS VPC CNI's: `eni` + 11 hex digits.
+    AwsEni,
+    /// kindnet's and the CNI ptp plugin's: `veth` + 11 hex digits.
+    Veth,
+}
+
+impl HostIfNames {
+    pub const ALL: [HostIfNames; 4] = [
+        HostIfNames::Kit,
+        HostIfNames::Calico,
+        HostIfNames::AwsEni,
+        HostIfNames::Veth,
+    ];
+
+    /// The prefix before the hex digits (`None`: the kit's own names).
+    pub fn prefix(self) -> Option<&'static str> {
+        match self {
+            HostIfNames::Kit => None,
+            HostIfNames::Calico => Some("cali"),
+            HostIfNames::AwsEni => Some("eni"),
+            HostIfNames::Veth => Some("veth"),
+        }
+    }
+}
+
+/// Topologies made by this process so far: the middle of their hex tags.
+static HEX_TAGS: AtomicU32 = AtomicU32::new(0);
+
+/// Nine hex digits unique machine-wide for this process's lifetime: the pid (22
+/// bits on Linux, six digits) and a per-process counter (three digits).
+fn hex_tag() -> String {
+    let n = HEX_TAGS.fetch_add(1, Ordering::Relaxed) & 0xfff;
+    format!("{:06x}{n:03x}", std::process::id() & 0xff_ffff)
+}
+
+/// `<prefix><topology's hex tag><pod index, two hex digits>`.
+fn cni_style_name(prefix: &str, hex_tag: &str, index: usize) -> String {
+    format!("{prefix}{hex_tag}{index:02x}")
+}
+
+/// NodeLocal DNSCache's standard address (its `-localip`, kubernetes' docs).
+pub const NODE_LOCAL_DNS4: Ipv4Addr = Ipv4Addr::new(169, 254, 20, 10);
+/// An IPv6 address for the cache in this lab (the cache has no standard one).
+pub const NODE_LOCAL_DNS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0xffff, 0, 0, 0, 0, 0xa);
+/// The device NodeLocal DNSCache puts its addresses on.
+pub const NODE_LOCAL_DNS_DEVICE: &str = "nodelocaldns";
 
 /// How pod traffic travels between nodes (see the module docs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,6 +270,29 @@ impl Node {
     /// The host addresses `host0` holds, as probe targets.
     pub fn ips(&self) -> [IpAddr; 2] {
         [IpAddr::V4(self.ip4), IpAddr::V6(self.ip6)]
+    }
+
+    /// NodeLocal DNSCache's device (see the module docs) holding `addresses` (host
+    /// prefixes), made on first use; returns its name. What serves there is a
+    /// hostNetwork pod ([`crate::kubelet::NodeLocalDns`]).
+    pub fn add_node_local_dns_interface(&self, addresses: &[IpAddr]) -> Result<&'static str> {
+        let dev = NODE_LOCAL_DNS_DEVICE;
+        if self.netns.ifindex(dev).is_err() {
+            let peer = format!("{dev}p");
+            self.netns
+                .ip(&["link", "add", dev, "type", "veth", "peer", "name", &peer])?;
+            self.netns.ip(&["link", "set", &peer, "up"])?;
+            self.netns.ip(&["link", "set", dev, "up"])?;
+        }
+        for ip in addresses {
+            let prefix = match ip {
+                IpAddr::V4(_) => format!("{ip}/32"),
+                IpAddr::V6(_) => format!("{ip}/128"),
+            };
+            self.netns
+                .ip(&["addr", "add", &prefix, "dev", dev, "nodad"])?;
+        }
+        Ok(dev)
     }
 
     /// Packets received and sent by interface `dev` of the node namespace
@@ -362,7 +455,10 @@ impl ExternalClient {
 pub struct Topology {
     pub layout: Layout,
     transport: Transport,
+    host_if_names: HostIfNames,
     tag: String,
+    /// The hex digits of CNI-style host veth names ([`HostIfNames`]).
+    hex_tag: String,
     bin: ProbeBin,
     // Field order is drop order: pods, then nodes, then external clients, then
     // the underlay.
@@ -381,7 +477,9 @@ impl Topology {
         let mut t = Topology {
             layout,
             transport: Transport::HostGw,
+            host_if_names: HostIfNames::Kit,
             tag,
+            hex_tag: hex_tag(),
             bin,
             pods: Vec::new(),
             nodes: Vec::new(),
@@ -408,6 +506,33 @@ impl Topology {
 
     pub fn transport(&self) -> Transport {
         self.transport
+    }
+
+    pub fn host_if_names(&self) -> HostIfNames {
+        self.host_if_names
+    }
+
+    /// How the host veths of the pods added from now on are named; only before the
+    /// first pod, so one topology has one style.
+    pub fn set_host_if_names(&mut self, names: HostIfNames) -> Result<()> {
+        if !self.pods.is_empty() {
+            bail!("the host veth names are chosen before the first pod");
+        }
+        self.host_if_names = names;
+        Ok(())
+    }
+
+    /// The host veth name of the pod with index `index` in this topology.
+    fn host_if_name(&self, index: usize) -> Result<String> {
+        Ok(match self.host_if_names.prefix() {
+            None => format!("rf{}p{index}", self.tag),
+            Some(prefix) => {
+                if index > 0xff {
+                    bail!("at most 256 pods with {:?} names", self.host_if_names);
+                }
+                cni_style_name(prefix, &self.hex_tag, index)
+            }
+        })
     }
 
     /// How pod traffic will cross between nodes; only while there is one node
@@ -1049,7 +1174,7 @@ impl Topology {
             bail!("pod {name} exists");
         }
         let layout = self.layout;
-        let host_if = format!("rf{}p{}", self.tag, self.pods.len());
+        let host_if = self.host_if_name(self.pods.len())?;
         let n = self
             .nodes
             .get_mut(node)
@@ -1172,5 +1297,31 @@ impl Topology {
             cgroup: Mutex::new(None),
         });
         Ok(self.pods.last().expect("just pushed"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_style_host_veth_names_fit_ifnamsiz_and_differ_per_topology_and_pod() {
+        let (a, b) = (hex_tag(), hex_tag());
+        assert_ne!(a, b);
+        for names in HostIfNames::ALL {
+            let Some(prefix) = names.prefix() else {
+                continue;
+            };
+            let first = cni_style_name(prefix, &a, 0);
+            let last = cni_style_name(prefix, &a, 0xff);
+            for name in [&first, &last] {
+                assert!(name.len() <= 15, "{name}");
+                let hex = name.strip_prefix(prefix).expect("prefix");
+                assert_eq!(hex.len(), 11, "{name}");
+                assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{name}");
+            }
+            assert_ne!(first, last);
+            assert_ne!(first, cni_style_name(prefix, &b, 0));
+        }
     }
 }

@@ -55,8 +55,15 @@ impl AgentConnection {
 /// Flags that change what the policy allows; shared by the agent and offline explain.
 #[derive(Args, Debug)]
 pub(super) struct PolicyArgs {
-    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none.
-    #[arg(long, value_enum, env = "RAYFENCE_DNS_MODE", default_value = "service")]
+    /// The DNS base flow: to the DNS Service, to port 53 anywhere, or none (given
+    /// twice, the last one counts).
+    #[arg(
+        long,
+        value_enum,
+        env = "RAYFENCE_DNS_MODE",
+        default_value = "service",
+        overrides_with = "dns_mode"
+    )]
     dns_mode: DnsModeArg,
     /// The cluster DNS Service, NAMESPACE/NAME.
     #[arg(
@@ -66,6 +73,17 @@ pub(super) struct PolicyArgs {
         default_value = "kube-system/kube-dns"
     )]
     dns_service: String,
+    /// The addresses of a node-local DNS cache on every node (NodeLocal DNSCache:
+    /// 169.254.20.10), comma-separated (empty: none): UDP and TCP 53 to them join
+    /// the DNS base flow (not with --dns-mode off), and they are not the node's own
+    /// addresses.
+    #[arg(
+        long,
+        value_name = "IP[,IP]",
+        env = "RAYFENCE_DNS_NODE_LOCAL",
+        value_delimiter = ','
+    )]
+    dns_node_local: Vec<String>,
     /// Namespaces the KubeRay operator runs in (repeatable; default ray-system, kuberay-system).
     #[arg(
         long,
@@ -118,6 +136,21 @@ impl PolicyArgs {
                 }
             }
         };
+        for item in self.dns_node_local.iter().map(|s| s.trim()) {
+            if item.is_empty() {
+                continue;
+            }
+            match item.parse::<std::net::IpAddr>() {
+                Ok(ip) if !ip.is_unspecified() && !ip.is_multicast() => {
+                    settings.dns_node_local.push(ip);
+                }
+                _ => bail!(
+                    "--dns-node-local {item:?}: expected the unicast IP address of the node-local DNS cache"
+                ),
+            }
+        }
+        settings.dns_node_local.sort();
+        settings.dns_node_local.dedup();
         if !self.operator_namespace.is_empty() {
             settings.operator_namespaces = self.operator_namespace.clone();
         }
@@ -165,6 +198,59 @@ mod tests {
 
     use super::*;
     use crate::commands::{Cli, Command};
+
+    /// The policy flags alone, as every command that takes them parses them.
+    #[derive(clap::Parser)]
+    struct PolicyOnly {
+        #[command(flatten)]
+        policy: PolicyArgs,
+    }
+
+    fn agent_settings(args: &[&str]) -> anyhow::Result<Settings> {
+        let argv = std::iter::once("rayfence").chain(args.iter().copied());
+        PolicyOnly::try_parse_from(argv)?.policy.settings("n")
+    }
+
+    #[test]
+    fn dns_node_local_takes_comma_separated_addresses_and_names_itself_on_bad_ones() {
+        assert!(agent_settings(&[]).unwrap().dns_node_local.is_empty());
+        // Empty (how a chart leaves it unset): none.
+        assert!(
+            agent_settings(&["--dns-node-local", ""])
+                .unwrap()
+                .dns_node_local
+                .is_empty()
+        );
+        // A later --dns-mode wins (a wrapper's default, then the operator's choice).
+        let settings = agent_settings(&["--dns-mode", "off", "--dns-mode", "anywhere"]).unwrap();
+        assert_eq!(settings.dns, DnsMode::Anywhere);
+        let settings = agent_settings(&[
+            "--dns-node-local",
+            "169.254.20.10,fd00:10:ffff::a,169.254.20.10",
+        ])
+        .unwrap();
+        assert_eq!(
+            settings.dns_node_local,
+            vec![
+                "169.254.20.10".parse::<std::net::IpAddr>().unwrap(),
+                "fd00:10:ffff::a".parse().unwrap()
+            ]
+        );
+        for bad in [
+            "169.254.20",
+            "nodelocaldns",
+            "169.254.20.10/32",
+            "0.0.0.0",
+            "ff02::1",
+        ] {
+            let error = agent_settings(&["--dns-node-local", bad]).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains("--dns-node-local") && text.contains(bad),
+                "{bad}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn json_is_a_hidden_alias_of_output_json_and_conflicts_with_o() {

@@ -537,6 +537,17 @@ fn tcp(port: u16) -> PortSpec {
 }
 
 /// Compiles `policy` (the effective one: valid, last good, or DenyAll) for `parsed`.
+/// The node-local DNS cache's addresses as peers of the DNS base flow: one host
+/// prefix each (the engine never maps them to the node, so the prefix decides).
+fn node_local_dns(settings: &Settings) -> impl Iterator<Item = Peer> + '_ {
+    settings.dns_node_local.iter().map(|ip| {
+        Peer::Block(Block {
+            cidr: ipnet::IpNet::from(*ip),
+            except: Vec::new(),
+        })
+    })
+}
+
 pub fn compile(
     parsed: &ParsedCluster,
     policy: &UserPolicy,
@@ -587,10 +598,12 @@ pub fn compile(
         DnsMode::Service { namespace, name } => Some(base(
             object,
             RuleOrigin::Dns,
-            vec![Peer::ServiceBackends {
+            std::iter::once(Peer::ServiceBackends {
                 namespace: namespace.clone(),
                 name: name.clone(),
-            }],
+            })
+            .chain(node_local_dns(settings))
+            .collect(),
             dns_ports,
         )),
         DnsMode::Anywhere => Some(base(

@@ -1,5 +1,6 @@
 //! Engine settings: which node this is, how the KubeRay operator and cluster DNS are
-//! found, and whether plain NetworkPolicies are enforced too.
+//! found (the DNS Service, and a node-local DNS cache's addresses), and whether plain
+//! NetworkPolicies are enforced too.
 //!
 //! Must not: read flags, files or the environment; the CLI builds a [`Settings`].
 use std::net::IpAddr;
@@ -44,6 +45,11 @@ pub struct Settings {
     /// Labels of the KubeRay operator pods.
     pub operator_selector: Selector,
     pub dns: DnsMode,
+    /// Addresses of a node-local DNS cache on this node (NodeLocal DNSCache's
+    /// `169.254.20.10`): never the node (a hostNetwork pod answers there, not the
+    /// node's own processes), and UDP/TCP 53 to them is part of the DNS base flow
+    /// unless `dns` is [`DnsMode::Off`].
+    pub dns_node_local: Vec<IpAddr>,
     /// Also enforce plain `networking.k8s.io/v1` NetworkPolicies.
     pub enforce_networkpolicies: bool,
     /// Mark every endpoint audit-only (evaluate and count, never drop).
@@ -62,6 +68,7 @@ impl Settings {
                 ("app.kubernetes.io/component", "kuberay-operator"),
             ]),
             dns: DnsMode::default(),
+            dns_node_local: Vec::new(),
             enforce_networkpolicies: false,
             audit: false,
         }

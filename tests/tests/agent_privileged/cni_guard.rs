@@ -36,7 +36,13 @@ const SHORT: Duration = Duration::from_millis(300);
 const PORT: u16 = 8080;
 
 /// The plugin's ADD (or DEL) for `pod` of namespace `ns`; its exit status and stdout.
-fn cni(command: &str, node: &Node, pod: &Pod, ns: &str, bpffs: &Path) -> Result<(bool, Value)> {
+pub(crate) fn cni(
+    command: &str,
+    node: &Node,
+    pod: &Pod,
+    ns: &str,
+    bpffs: &Path,
+) -> Result<(bool, Value)> {
     let netns = pod.netns.path();
     let config = json!({
         "cniVersion": "1.0.0",

@@ -17,6 +17,10 @@
 //! a pod that is not isolated stays reachable, and the worker's egress to it is
 //! dropped and counted by the worker's node.
 //!
+//! And IPv6 ipBlock rules across two nodes (host-gw and VXLAN): a range of the other
+//! node's pods with one address excepted, ingress and egress, directly and through
+//! IPv6 ClusterIPs, each agent deciding by the pods' IPv6 addresses.
+//!
 //! The fake API server listens on 127.0.0.1 of the test's namespace, which the
 //! agents (in their node namespaces) cannot reach; each node gets a small TCP relay
 //! listening on its own 127.0.0.1, so the agent's kubeconfig names a local address,
@@ -1028,6 +1032,236 @@ fn two_nodes_over_vxlan_enforce_a_raycluster_split_between_them() -> Result<()> 
             "node-{i}: its VXLAN devices carried {} packets",
             now - encapsulated[i]
         );
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    ensure!(
+        head_in() == want_in && worker_out() == want_out,
+        "drops nobody caused"
+    );
+    for rig in &rigs {
+        alive(&rig.agent)?;
+    }
+    drop(rigs);
+    drop(rt);
+    Ok(())
+}
+
+/// IPv6 ipBlock rules decided for pod traffic between two nodes, over host-gw.
+#[test]
+fn ipv6_ip_blocks_across_two_nodes_are_decided_by_the_pods_addresses() -> Result<()> {
+    ipv6_ip_blocks_across_nodes(Transport::HostGw)
+}
+
+/// The same over flannel's vxlan backend (IPv6 pod traffic in flannel-v6.1).
+#[test]
+fn ipv6_ip_blocks_across_two_nodes_over_vxlan_are_decided_by_the_pods_addresses() -> Result<()> {
+    ipv6_ip_blocks_across_nodes(Transport::Vxlan)
+}
+
+/// A RayCluster split over two nodes with IPv6 ipBlock rules naming the other node's
+/// pod range with one address excepted: the head (node-0) admits `fd00:10:244:1::/64`
+/// except `client-b`, TCP [`PORT`]; the worker (node-1) may reach
+/// `fd00:10:244::/64` except `open-b` (and each open pod's IPv4 /32, since a
+/// ClusterIP is allowed only when every backend of the Service is, whatever the
+/// family), TCP [`PORT`]. Directly and through IPv6
+/// ClusterIPs (kube-proxy's DNAT on the client's node, pod sources kept), each
+/// agent decides by the pods' IPv6 addresses; IPv4 is not covered by the rules.
+fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = rt.block_on(FakeApiServer::start())?;
+    server.install_crd("ray.io", "v1", "rayclusters");
+
+    // node-0: the head and two pods nobody isolates; node-1: the worker and two
+    // clients.
+    let mut topo =
+        Topology::with_pods(Layout::Bridged, probe_bin(), &["head", "open-a", "open-b"])?;
+    topo.set_transport(transport)?;
+    let n1 = topo.add_node()?;
+    for pod in ["worker", "client-a", "client-b"] {
+        topo.add_pod(n1, pod)?;
+    }
+    let ns = format!("ray-{}", topo.tag());
+    let placement: [Placement; 6] = [
+        ("head", 0, head_labels("rc")),
+        ("open-a", 0, vec![("app", "open")]),
+        ("open-b", 0, vec![("app", "open")]),
+        ("worker", n1, worker_labels("rc")),
+        ("client-a", n1, vec![("app", "client")]),
+        ("client-b", n1, vec![("app", "client")]),
+    ];
+    let (node0, node1) = (topo.node(0), topo.node(n1));
+    let [head, open_a, open_b, worker, client_a, client_b] =
+        ["head", "open-a", "open-b", "worker", "client-a", "client-b"].map(|p| topo.pod(p));
+    // IPv6 ClusterIPs (with IPv4 ones) for the head and for each open pod.
+    let service = |name: &str, pod: &Pod, node_port, ip: u8| {
+        let mut svc = NodePortService::tcp(&ns, name, PORT, node_port);
+        svc.cluster_ips = vec![
+            format!("10.96.5.{ip}").parse().expect("ip"),
+            format!("fd00:10:96::5:{ip}").parse().expect("ip"),
+        ];
+        svc.endpoints.push(Endpoint::of(&ns, pod));
+        svc
+    };
+    let services = [
+        service("head-svc", head, 30501, 1),
+        service("open-a-svc", open_a, 30502, 2),
+        service("open-b-svc", open_b, 30503, 3),
+    ];
+    for svc in &services {
+        topo.install_node_port(svc)?;
+    }
+    let cluster_ip6 = |svc: &NodePortService| -> Result<IpAddr> {
+        svc.cluster_ips
+            .iter()
+            .copied()
+            .find(IpAddr::is_ipv6)
+            .context("an IPv6 ClusterIP")
+    };
+    let [head_svc, open_a_svc, open_b_svc] = [
+        cluster_ip6(&services[0])?,
+        cluster_ip6(&services[1])?,
+        cluster_ip6(&services[2])?,
+    ];
+    let _servers = [
+        head.serve_tcp(PORT)?,
+        open_a.serve_tcp(PORT)?,
+        open_b.serve_tcp(PORT)?,
+    ];
+    // The lab, before any agent: every path answers, directly and through the
+    // ClusterIPs, on both nodes.
+    for (from, to) in [
+        (client_a, head_svc),
+        (client_b, head_svc),
+        (worker, open_a_svc),
+        (worker, open_b_svc),
+        (client_a, head.ip6.into()),
+        (worker, open_b.ip6.into()),
+    ] {
+        wait_outcome(
+            &format!("lab: {} -> {to}", from.name),
+            EDIT_WAIT,
+            || from.tcp_connect(to, PORT, SHORT),
+            true,
+        )?;
+    }
+
+    server.apply(&namespace(&ns));
+    let (mut kubelets, mut sandboxes) =
+        place_pods(&server, &topo, &in_namespace(&ns, &placement), 301)?;
+    for svc in &services {
+        for doc in svc.manifests(&node_name) {
+            server.apply(&doc);
+        }
+    }
+    let block = |net: (std::net::Ipv6Addr, u8), except: &Pod| {
+        json!({"ipBlock": {"cidr": format!("{}/{}", net.0, net.1),
+                           "except": [format!("{}/128", except.ip6)]}})
+    };
+    let ports = json!([{"protocol": "TCP", "port": PORT}]);
+    server.apply(&raycluster(
+        &ns,
+        "rc",
+        json!({"mode": "DenyAll",
+               "head": {"ingressRules": [{"from": [block(node1.pod_cidr6, client_b)], "ports": ports}]},
+               "worker": {"egressRules": [{"to": [
+                   block(node0.pod_cidr6, open_b),
+                   {"ipBlock": {"cidr": format!("{}/32", open_a.ip4)}},
+                   {"ipBlock": {"cidr": format!("{}/32", open_b.ip4)}}],
+                   "ports": ports}]}}),
+    ));
+
+    let rigs = start_agents(&topo, &server, &mut kubelets, &mut sandboxes)?;
+    for (i, rig) in rigs.iter().enumerate() {
+        rig.agent
+            .wait_ready(topo.node(i), Duration::from_secs(30))?;
+    }
+    let (agent0, agent1) = (&rigs[0].agent, &rigs[1].agent);
+    let head_in = || drops(agent0, node0, &ns, "rc", "head", "ingress");
+    let worker_out = || drops(agent1, node1, &ns, "rc", "worker", "egress");
+    let (mut want_in, mut want_out) = (head_in(), worker_out());
+    let denied = Duration::from_millis(700);
+    let pass = |what: &str, o: Outcome| -> Result<()> {
+        ensure!(o == Outcome::Ok, "{what}: {o:?}");
+        Ok(())
+    };
+    let blocked = |what: &str, o: Outcome| -> Result<()> {
+        ensure!(o.is_blocked(), "{what}: not dropped ({o:?})");
+        Ok(())
+    };
+    let head6: IpAddr = head.ip6.into();
+
+    // Ingress to the head on node-0, from node-1's pods.
+    pass(
+        "client-a -> head (v6)",
+        client_a.tcp_connect(head6, PORT, SHORT),
+    )?;
+    pass(
+        "client-a -> head's ClusterIP (v6)",
+        client_a.tcp_connect(head_svc, PORT, SHORT),
+    )?;
+    pass(
+        "worker -> head (v6, same cluster)",
+        worker.tcp_connect(head6, PORT, SHORT),
+    )?;
+    for (what, o) in [
+        (
+            "client-b -> head (v6, excepted)",
+            client_b.tcp_connect(head6, PORT, denied),
+        ),
+        (
+            "client-b -> head's ClusterIP (v6, excepted)",
+            client_b.tcp_connect(head_svc, PORT, denied),
+        ),
+        (
+            "client-a -> head (v4: no IPv4 block)",
+            client_a.tcp_connect(v4(head), PORT, denied),
+        ),
+    ] {
+        blocked(what, o)?;
+        want_in += 1.0;
+    }
+    expect_drops("head ingress from node-1's pods", want_in, head_in)?;
+
+    // Egress of the worker on node-1, to node-0's pods. (A ClusterIP is allowed only
+    // when every backend is, its IPv4 ones included: hence the IPv4 /32s.)
+    pass(
+        "worker -> open-b (v4: its /32; the IPv6 except does not reach it)",
+        worker.tcp_connect(v4(open_b), PORT, SHORT),
+    )?;
+    pass(
+        "worker -> open-a (v6)",
+        worker.tcp_connect(open_a.ip6.into(), PORT, SHORT),
+    )?;
+    pass(
+        "worker -> open-a's ClusterIP (v6)",
+        worker.tcp_connect(open_a_svc, PORT, SHORT),
+    )?;
+    for (what, o) in [
+        (
+            "worker -> open-b (v6, excepted)",
+            worker.tcp_connect(open_b.ip6.into(), PORT, denied),
+        ),
+        (
+            "worker -> open-b's ClusterIP (v6, excepted)",
+            worker.tcp_connect(open_b_svc, PORT, denied),
+        ),
+    ] {
+        blocked(what, o)?;
+        want_out += 1.0;
+    }
+    expect_drops("worker egress to node-0's pods", want_out, worker_out)?;
+    if transport == Transport::Vxlan {
+        for node in [node0, node1] {
+            let carried = vxlan_packets(node)?;
+            ensure!(
+                carried > 20,
+                "node-{}: {carried} packets over VXLAN",
+                node.index
+            );
+        }
     }
     std::thread::sleep(Duration::from_millis(1200));
     ensure!(

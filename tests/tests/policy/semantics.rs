@@ -3216,3 +3216,204 @@ fn the_guards_dns_is_the_dns_base_flows() {
     off.dns = DnsMode::Off;
     assert_eq!(scene(off).guard_dns(), (Default::default(), false));
 }
+
+// ------------------------------------------------ the DNS base flow: NodeLocal DNSCache
+
+const NODE_LOCAL_DNS4: &str = "169.254.20.10";
+const NODE_LOCAL_DNS6: &str = "fd00:10:ffff::a";
+
+/// A node with NodeLocal DNSCache: its addresses on a device of the node, its
+/// hostNetwork pod declaring port 53 (UDP, TCP) and 9253 as the DaemonSet does;
+/// `node_local` is what `--dns-node-local` says.
+fn scene_with_node_local_dns(dns: DnsMode, node_local: &[&str], extra_node: &[&str]) -> Engine {
+    node_local_dns_scene(node_local_dns_settings(dns, node_local, extra_node))
+}
+
+fn node_local_dns_settings(dns: DnsMode, node_local: &[&str], extra_node: &[&str]) -> Settings {
+    let mut s = settings();
+    s.dns = dns;
+    s.node_addresses.extend(
+        [NODE_LOCAL_DNS4, NODE_LOCAL_DNS6]
+            .iter()
+            .chain(extra_node)
+            .map(|ip| ip.parse::<std::net::IpAddr>().unwrap()),
+    );
+    s.dns_node_local = node_local.iter().map(|ip| ip.parse().unwrap()).collect();
+    s
+}
+
+fn node_local_dns_scene(s: Settings) -> Engine {
+    let mut e = scene(s);
+    e.upsert_pod(&host_network(pod(
+        "kube-system",
+        "node-local-dns-x1",
+        &[("k8s-app", "node-local-dns")],
+        NODE_IP,
+        NODE,
+        &[
+            ("dns", "UDP", 53),
+            ("dns-tcp", "TCP", 53),
+            ("metrics", "TCP", 9253),
+        ],
+    )));
+    e.upsert_raycluster(&rc("team-a", "training", DENY_ALL));
+    e
+}
+
+/// `--dns-node-local`: UDP and TCP 53 to the cache's addresses join the DNS base flow
+/// (with the DNS Service, whichever it is, or port 53 anywhere), nothing else to them;
+/// `off` removes them; the node's own addresses stay the node, and port 53 there
+/// stays the hostNetwork pod's (a rule must select it).
+#[test]
+fn node_local_dns_addresses_join_the_dns_base_flow_on_port_53_only() {
+    let both = [NODE_LOCAL_DNS4, NODE_LOCAL_DNS6];
+    let kube_dns = DnsMode::default();
+    let e = scene_with_node_local_dns(kube_dns.clone(), &both, &[]);
+    for p in ["UDP", "TCP"] {
+        for ip in both {
+            assert!(egress(&e, "team-a", "training-cpu", ip, p, 53), "{ip} {p}");
+            assert!(egress(&e, "team-a", "training-head", ip, p, 53), "{ip} {p}");
+        }
+        assert!(egress(&e, "team-a", "training-cpu", "10.96.0.10", p, 53));
+    }
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (NODE_LOCAL_DNS4, "TCP", 9253, DENY),
+            (NODE_LOCAL_DNS4, "TCP", 8080, DENY),
+            (NODE_LOCAL_DNS6, "UDP", 54, DENY),
+            (NODE_IP, "UDP", 53, DENY),
+            (NODE_IP, "TCP", 10250, ALLOW),
+        ],
+    );
+    let id = e.endpoint_id("team-a", "training-cpu").unwrap();
+    let why = e.explain(
+        id,
+        Direction::Egress,
+        NODE_LOCAL_DNS4.parse().unwrap(),
+        17,
+        53,
+    );
+    assert!(
+        matches!(&why, Explanation::Allowed(rules) if rules.iter().any(|(_, o)| *o == RuleOrigin::Dns)),
+        "{why:?}"
+    );
+    // The CNI guard's DNS map holds them too.
+    let (guard, any) = e.guard_dns();
+    assert!(!any);
+    for ip in both.iter().chain(&["10.96.0.10", "10.3.0.10"]) {
+        assert!(guard.contains(&ip.parse().unwrap()), "{ip}: {guard:?}");
+    }
+
+    // Without the flag the cache's address is the node's, and its port 53 the
+    // hostNetwork pod's: no rule selects it.
+    let e = scene_with_node_local_dns(kube_dns, &[], &[]);
+    for ip in both {
+        assert!(!egress(&e, "team-a", "training-cpu", ip, "UDP", 53), "{ip}");
+    }
+    assert!(!e.guard_dns().0.contains(&NODE_LOCAL_DNS4.parse().unwrap()));
+
+    // --dns-service naming another Service: the cache still answers.
+    let other = DnsMode::Service {
+        namespace: "dns-system".into(),
+        name: "resolver".into(),
+    };
+    let e = scene_with_node_local_dns(other, &both, &[]);
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (NODE_LOCAL_DNS4, "UDP", 53, ALLOW),
+            (NODE_LOCAL_DNS6, "TCP", 53, ALLOW),
+            ("10.96.0.10", "UDP", 53, DENY),
+        ],
+    );
+    // Anywhere covers them; off removes them (and they are still not the node).
+    let e = scene_with_node_local_dns(DnsMode::Anywhere, &both, &[]);
+    assert!(egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        NODE_LOCAL_DNS4,
+        "UDP",
+        53
+    ));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        NODE_LOCAL_DNS4,
+        "TCP",
+        8080
+    ));
+    let e = scene_with_node_local_dns(DnsMode::Off, &both, &[]);
+    for ip in both {
+        assert!(!egress(&e, "team-a", "training-cpu", ip, "UDP", 53), "{ip}");
+        assert!(
+            !egress(&e, "team-a", "training-cpu", ip, "TCP", 8080),
+            "{ip}"
+        );
+    }
+    assert_eq!(e.guard_dns(), (Default::default(), false));
+}
+
+/// NodeLocal DNSCache's iptables mode also binds kube-dns's ClusterIP on its device:
+/// that address is still the DNS Service (port 53 by the DNS base flow, nothing
+/// else), not the node, whether or not `--dns-node-local` names it.
+#[test]
+fn a_dns_cluster_ip_bound_on_a_node_device_stays_the_dns_service() {
+    for node_local in [&[NODE_LOCAL_DNS4][..], &[NODE_LOCAL_DNS4, "10.96.0.10"]] {
+        let e = scene_with_node_local_dns(DnsMode::default(), node_local, &["10.96.0.10"]);
+        expect_egress(
+            &e,
+            "team-a",
+            "training-cpu",
+            &[
+                ("10.96.0.10", "UDP", 53, ALLOW),
+                ("10.96.0.10", "TCP", 53, ALLOW),
+                ("10.96.0.10", "TCP", 8080, DENY),
+                (NODE_LOCAL_DNS4, "UDP", 53, ALLOW),
+            ],
+        );
+        let owner = e.address_owner("10.96.0.10".parse().unwrap());
+        assert!(
+            matches!(&owner, rayfence::policy::AddressOwner::Service(key) if key.1 == "kube-dns"),
+            "{owner:?}"
+        );
+    }
+}
+
+/// A NetworkPolicy's usual rule for NodeLocal DNSCache (an ipBlock on its address,
+/// port 53) allows it once `--dns-node-local` names the address; as the node's
+/// address, port 53 there is the cache pod's and no ipBlock reaches it.
+#[test]
+fn a_network_policy_ip_block_reaches_the_node_local_cache_only_when_it_is_named() {
+    for (node_local, allowed) in [(&[NODE_LOCAL_DNS4][..], ALLOW), (&[][..], DENY)] {
+        let mut s = node_local_dns_settings(DnsMode::default(), node_local, &[]);
+        s.enforce_networkpolicies = true;
+        let mut e = node_local_dns_scene(s);
+        e.upsert_pod(&pod(
+            "team-b",
+            "app",
+            &[("app", "web")],
+            "10.0.1.30",
+            NODE,
+            &[],
+        ));
+        e.upsert_network_policy(&netpol(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: dns, namespace: team-b}}\nspec: {{podSelector: {{}}, policyTypes: [Egress], egress: [{{to: [{{ipBlock: {{cidr: {NODE_LOCAL_DNS4}/32}}}}], ports: [{{protocol: UDP, port: 53}}]}}]}}\n"
+        )));
+        expect_egress(
+            &e,
+            "team-b",
+            "app",
+            &[
+                (NODE_LOCAL_DNS4, "UDP", 53, allowed),
+                (NODE_LOCAL_DNS4, "TCP", 53, DENY),
+            ],
+        );
+    }
+}

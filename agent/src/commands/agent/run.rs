@@ -75,6 +75,7 @@ async fn agent(
         1 + usize::from(health_addr.is_some()),
         nofile,
     )?;
+    log_dns_base_flow(&config.settings);
     let health = Arc::new(Health::new());
     let hub = Arc::new(FlowHub::default());
     let (queries, query_rx) = QueryClient::channel();
@@ -261,5 +262,53 @@ async fn shutdown_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+/// What the DNS base flow allows on this node, once at start (docs/semantics.md "What
+/// an isolated pod may do").
+fn log_dns_base_flow(settings: &rayfence::policy::Settings) {
+    use rayfence::policy::DnsMode;
+    let node_local = rayfence::logging::list(&settings.dns_node_local);
+    match &settings.dns {
+        DnsMode::Service { namespace, name } => tracing::info!(
+            target: LOG_TARGET,
+            service = %format!("{namespace}/{name}"),
+            node_local = %node_local,
+            "DNS base flow: UDP/TCP 53 to the DNS Service and its pods, and to the node-local DNS addresses"
+        ),
+        DnsMode::Anywhere => tracing::info!(
+            target: LOG_TARGET,
+            node_local = %node_local,
+            "DNS base flow: UDP/TCP 53 to any address"
+        ),
+        DnsMode::Off if !settings.dns_node_local.is_empty() => tracing::warn!(
+            target: LOG_TARGET,
+            node_local = %node_local,
+            "DNS base flow off: queries to the node-local DNS addresses need a rule (they are not the node's)"
+        ),
+        DnsMode::Off => {
+            tracing::info!(target: LOG_TARGET, "DNS base flow off: rules must allow DNS")
+        }
+    }
+    // A cache address no device of this node holds is answered elsewhere, if at all.
+    if settings.dns_node_local.is_empty() {
+        return;
+    }
+    use rayfence::discovery::netlink::{Rtnl, interfaces_with_address};
+    match Rtnl::in_current().and_then(|mut rtnl| rtnl.addresses()) {
+        Ok(addresses) => {
+            for ip in &settings.dns_node_local {
+                if interfaces_with_address(&addresses, *ip).is_empty() {
+                    tracing::warn!(
+                        target: LOG_TARGET,
+                        address = %ip,
+                        "--dns-node-local: no device of this node holds this address (yet): \
+                         is NodeLocal DNSCache running here? Queries to it leave the node"
+                    );
+                }
+            }
+        }
+        Err(error) => tracing::warn!(target: LOG_TARGET, %error, "listing the node's addresses"),
     }
 }

@@ -37,11 +37,14 @@ impl Engine {
     }
 
     fn address_identity(&self, ip: IpAddr) -> Option<IdentityId> {
-        if self.node_addresses.contains(&ip) {
-            return Some(identity::HOST);
-        }
+        // A ClusterIP on a device of the node (NodeLocal DNSCache binding kube-dns's,
+        // kube-proxy's IPVS mode binding all) is still the Service: what answers
+        // there stands in for its backends, never for the node's own processes.
         if let Some(svc) = self.objects.service_at(&ip) {
             return self.objects.service(svc).map(|s| s.identity);
+        }
+        if self.node_addresses.contains(&ip) {
+            return Some(identity::HOST);
         }
         // Two pods claiming one address (a reused IP while the old Pod object
         // lingers): neither is trusted there, rather than guessing.

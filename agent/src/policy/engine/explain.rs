@@ -245,11 +245,12 @@ pub struct PodFacts {
 impl Engine {
     /// Who `ip` belongs to (the first pod by name when several claim it).
     pub fn address_owner(&self, ip: IpAddr) -> AddressOwner {
-        if self.node_addresses.contains(&ip) {
-            return AddressOwner::Node;
-        }
+        // As the datapath sees it: a ClusterIP even on a device of the node.
         if let Some(service) = self.objects.service_at(&ip) {
             return AddressOwner::Service(service.clone());
+        }
+        if self.node_addresses.contains(&ip) {
+            return AddressOwner::Node;
         }
         if let Some(key) = self.objects.pods_at(&ip).next() {
             return AddressOwner::Pod {

@@ -219,7 +219,7 @@ fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> 
 impl Engine {
     pub fn new(settings: Settings) -> Self {
         let mut engine = Self {
-            node_addresses: settings.node_addresses.iter().copied().collect(),
+            node_addresses: HashSet::new(),
             settings,
             dns_service: None,
             objects: Objects::default(),
@@ -232,6 +232,7 @@ impl Engine {
         if let DnsMode::Service { namespace, name } = &engine.settings.dns {
             engine.dns_service = Some((namespace.clone(), name.clone()));
         }
+        engine.node_addresses = engine.own_addresses(&engine.settings.node_addresses);
         for addr in engine.node_addresses.clone() {
             engine.out.set_address(addr, Some(identity::HOST));
         }
@@ -291,10 +292,21 @@ impl Engine {
         self.objects.pod(&key)?.identity
     }
 
+    /// Which of `addresses` are the node's own (identity `HOST`): all but a node-local
+    /// DNS cache's (`Settings::dns_node_local`), which a hostNetwork pod serves on a
+    /// device of the node and the DNS base flow decides, port by port.
+    fn own_addresses(&self, addresses: &[IpAddr]) -> HashSet<IpAddr> {
+        addresses
+            .iter()
+            .filter(|ip| !self.settings.dns_node_local.contains(ip))
+            .copied()
+            .collect()
+    }
+
     /// Replaces the node's own addresses (identity `HOST`), e.g. after a node IP change.
     pub fn set_node_addresses(&mut self, addresses: Vec<IpAddr>) {
         let old: Vec<IpAddr> = self.node_addresses.drain().collect();
-        self.node_addresses.extend(addresses.iter().copied());
+        self.node_addresses = self.own_addresses(&addresses);
         self.settings.node_addresses = addresses.clone();
         for ip in old.iter().chain(&addresses) {
             self.refresh_address(*ip);

@@ -247,13 +247,17 @@ impl Engine {
     }
 
     /// What a pod under the CNI guard may query on port 53: the DNS Service's
-    /// ClusterIPs and endpoint addresses (`--dns-mode service`), any address
-    /// (`anywhere`: the flag), or nothing (`off`).
+    /// ClusterIPs and endpoint addresses and the node-local DNS cache's addresses
+    /// (`--dns-mode service`), any address (`anywhere`: the flag), or nothing
+    /// (`off`).
     pub fn guard_dns(&self) -> (std::collections::BTreeSet<IpAddr>, bool) {
         let mut addresses = std::collections::BTreeSet::new();
-        if matches!(self.settings.dns, crate::policy::DnsMode::Anywhere) {
-            return (addresses, true);
+        match self.settings.dns {
+            crate::policy::DnsMode::Anywhere => return (addresses, true),
+            crate::policy::DnsMode::Off => return (addresses, false),
+            crate::policy::DnsMode::Service { .. } => {}
         }
+        addresses.extend(self.settings.dns_node_local.iter().copied());
         if let Some(service) = &self.dns_service {
             if let Some(state) = self.objects.service(service) {
                 addresses.extend(state.cluster_ips.iter().copied());
