@@ -15,7 +15,7 @@ use anyhow::{Result, bail};
 use crate::cgroup::CgroupMount;
 use crate::kubelet::{CgroupDriver, ContainerRuntime};
 use crate::node_nat::KubeProxyMode;
-use crate::topology::{Layout, Transport};
+use crate::topology::{HostIfNames, Layout, Transport};
 
 /// One node shape: a named combination of the lab's choices.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,8 +24,10 @@ pub struct Shape {
     pub name: &'static str,
     /// What it stands for, in a few words (printed by the demo).
     pub stands_for: &'static str,
-    /// How pods are wired to their node.
+    /// How pods are wired to their node, and how the host-side interfaces are
+    /// named (a CNI's prefix, or the kit's own names).
     pub layout: Layout,
+    pub host_if_names: HostIfNames,
     /// A second node, and how pod traffic crosses to it; `None`: one node.
     pub second_node: Option<Transport>,
     /// How kube-proxy programs Services on every node.
@@ -36,6 +38,20 @@ pub struct Shape {
     pub driver: CgroupDriver,
     /// What the agent sees mounted at `/sys/fs/cgroup`.
     pub cgroups: CgroupMount,
+    /// What the pods' DNS queries reach.
+    pub dns: Dns,
+}
+
+/// Where pods' DNS queries go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dns {
+    /// The kube-dns Service's ClusterIP, DNATed by kube-proxy to CoreDNS.
+    Service,
+    /// NodeLocal DNSCache in its iptables mode: a hostNetwork pod on every node
+    /// answering on 169.254.20.10 and on kube-dns's ClusterIP, which it binds on
+    /// its own device with NOTRACK rules so kube-proxy's DNAT never applies; the
+    /// agent is told with `--dns-node-local`.
+    NodeLocal,
 }
 
 /// The default shape: flannel's host-gw on a bridge, kube-proxy in iptables mode,
@@ -50,6 +66,8 @@ pub const DEFAULT: Shape = Shape {
     runtime: ContainerRuntime::Containerd,
     driver: CgroupDriver::Cgroupfs,
     cgroups: CgroupMount::Hybrid,
+    dns: Dns::Service,
+    host_if_names: HostIfNames::Kit,
 };
 
 /// Every shape the lab builds.
@@ -57,24 +75,34 @@ pub const SHAPES: &[Shape] = &[
     DEFAULT,
     Shape {
         name: "calico",
-        stands_for: "Calico-like routed veths: a /32 per pod, proxy ARP, gateway 169.254.1.1, no bridge",
+        stands_for: "Calico-like routed veths: cali* host interfaces, a /32 per pod, proxy ARP, gateway 169.254.1.1, no bridge",
         layout: Layout::Routed,
-        second_node: None,
+        host_if_names: HostIfNames::Calico,
+        ..DEFAULT
+    },
+    Shape {
+        name: "aws-eni",
+        stands_for: "the AWS VPC CNI's shape: eni* host interfaces, a /32 route per pod, link-local gateway, no bridge",
+        layout: Layout::Routed,
+        host_if_names: HostIfNames::AwsEni,
         ..DEFAULT
     },
     Shape {
         name: "vxlan",
         stands_for: "flannel's VXLAN backend (k3s's default): two bridged nodes, pod traffic between them encapsulated (VNI 1, port 8472, IPv4 and IPv6)",
-        layout: Layout::Bridged,
         second_node: Some(Transport::Vxlan),
         ..DEFAULT
     },
     Shape {
         name: "nftables",
         stands_for: "kube-proxy in nftables mode (Kubernetes 1.31+): its ip/ip6 kube-proxy tables, verdict maps and chains, on the flannel-like bridge",
-        layout: Layout::Bridged,
-        second_node: None,
         kube_proxy: KubeProxyMode::Nftables,
+        ..DEFAULT
+    },
+    Shape {
+        name: "nodelocal-dns",
+        stands_for: "NodeLocal DNSCache (iptables mode): a hostNetwork cache on 169.254.20.10 that also binds kube-dns's ClusterIP (NOTRACK), the agent run with --dns-node-local",
+        dns: Dns::NodeLocal,
         ..DEFAULT
     },
     Shape {

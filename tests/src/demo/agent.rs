@@ -52,6 +52,7 @@ impl Agent {
         manifests: &Path,
         bpffs: &Path,
         cgroups: (&Path, CgroupMount),
+        extra_args: &[String],
         log: &Path,
     ) -> Result<Agent> {
         let (cgroup_root, mount) = cgroups;
@@ -69,6 +70,7 @@ impl Agent {
             .args(["--operator-namespace", "ray-system"])
             .arg("--api-socket")
             .arg(&socket)
+            .args(extra_args)
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",

@@ -57,11 +57,12 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::cgroup::CgroupMount;
-use crate::kubelet::{KubeletTree, QosClass};
+use crate::kubelet::{KubeletTree, NodeLocalDns, QosClass};
 use crate::node_nat::{self, ClusterIpRule, Endpoint, HostPort, NodePortService, Protocol};
 use crate::probe::{Outcome, ProbeBin, Prober, Server};
-use crate::shape::{self, Shape};
+use crate::shape::{self, Dns, Shape};
 use crate::topology::Topology;
+use crate::topology::{NODE_LOCAL_DNS_DEVICE, NODE_LOCAL_DNS4, NODE_LOCAL_DNS6};
 
 use expected::Expect;
 use scenario::{
@@ -194,6 +195,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     );
     ensure_br_netfilter()?;
     let mut topo = Topology::new(shape.layout, opts.probe.clone())?;
+    topo.set_host_if_names(shape.host_if_names)?;
     if let Some(transport) = shape.second_node {
         topo.set_transport(transport)?;
         topo.add_node()?;
@@ -342,6 +344,21 @@ pub fn run(opts: &Options) -> Result<Report> {
             kubelet.root().display()
         ),
     );
+    let node_local_dns = match shape.dns {
+        Dns::NodeLocal => {
+            let cache = start_node_local_dns(&topo, &kubelet)?;
+            say(
+                started,
+                &format!(
+                    "NodeLocal DNSCache: hostNetwork pod kube-system/{} answering on {} and on kube-dns's ClusterIP (bound on {NODE_LOCAL_DNS_DEVICE}, NOTRACK)",
+                    cache.pod.name,
+                    cache.flag_value()
+                ),
+            );
+            Some(cache)
+        }
+        Dns::Service => None,
+    };
     let servers = start_servers(&topo, &ctrs)?;
     say(
         started,
@@ -356,6 +373,20 @@ pub fn run(opts: &Options) -> Result<Report> {
         started,
         "preflight: node reaches every pod, DNS and a head Service answer through their ClusterIPs",
     );
+    if node_local_dns.is_some() {
+        let untracked = notrack_hits(&topo.node(0).netns)?;
+        if untracked == 0 {
+            bail!(
+                "preflight: no DNS query to kube-dns's ClusterIP went to the NodeLocal cache (NOTRACK rules never matched)"
+            );
+        }
+        say(
+            started,
+            &format!(
+                "preflight: the DNS queries to kube-dns's ClusterIP were answered by the NodeLocal cache ({untracked} packets untracked, none DNATed)"
+            ),
+        );
+    }
 
     let manifests = tmp.0.join("manifests");
     std::fs::create_dir_all(&manifests)?;
@@ -372,6 +403,16 @@ pub fn run(opts: &Options) -> Result<Report> {
     for (name, text) in scenario::manifests(&node_addrs, &pod_ip) {
         std::fs::write(manifests.join(&name), text)?;
     }
+    if let Some(cache) = &node_local_dns {
+        std::fs::write(
+            manifests.join("11-node-local-dns.yaml"),
+            scenario::yaml_docs(&[cache.manifest(scenario::node_name(0))]),
+        )?;
+    }
+    let extra_args: Vec<String> = match &node_local_dns {
+        Some(cache) => vec!["--dns-node-local".into(), cache.flag_value()],
+        None => Vec::new(),
+    };
     say(
         started,
         &format!(
@@ -396,12 +437,13 @@ pub fn run(opts: &Options) -> Result<Report> {
                 &manifests,
                 &bpffs[i],
                 (kubelet.root(), shape.cgroups),
+                &extra_args,
                 &log,
             )?;
             say(
                 started,
                 &format!(
-                    "agent started (pid {}): nsenter --net={} {} agent --node-name {node_name} --manifests {} --bpffs {} {} --metrics-addr {}",
+                    "agent started (pid {}): nsenter --net={} {} agent --node-name {node_name} --manifests {} --bpffs {} {} --metrics-addr {}{}",
                     a.pid().unwrap_or(0),
                     n.netns.path().display(),
                     bin.display(),
@@ -415,7 +457,10 @@ pub fn run(opts: &Options) -> Result<Report> {
                             other.name()
                         ),
                     },
-                    agent::METRICS_ADDR
+                    agent::METRICS_ADDR,
+                    extra_args
+                        .iter()
+                        .fold(String::new(), |line, arg| format!("{line} {arg}"))
                 ),
             );
             let took = a.wait_ready(&n.netns, opts.ready_timeout)?;
@@ -613,6 +658,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     drop(agents);
     drop(servers);
+    drop(node_local_dns);
     drop(conmons);
     drop(kubelet);
     drop(topo);
@@ -930,6 +976,80 @@ fn build_cells(
         }
     }
     Ok(cells)
+}
+
+/// NodeLocal DNSCache in its iptables mode on the first node: its device holds
+/// 169.254.20.10, fd00:10:ffff::a and kube-dns's ClusterIP; NOTRACK rules in the
+/// raw table keep kube-proxy's DNAT off queries to that ClusterIP (and off their
+/// answers), so they reach the cache's own sockets, as `node-cache` sets it up.
+fn start_node_local_dns(topo: &Topology, kubelet: &KubeletTree) -> Result<NodeLocalDns> {
+    let node = topo.node(0);
+    let cluster_ip = scenario::service("kube-dns")
+        .context("the kube-dns Service")?
+        .cluster_ip
+        .to_string();
+    let cache: Vec<IpAddr> = vec![NODE_LOCAL_DNS4.into(), NODE_LOCAL_DNS6.into()];
+    let mut bound = cache.clone();
+    bound.push(
+        scenario::service("kube-dns")
+            .context("kube-dns")?
+            .cluster_ip
+            .into(),
+    );
+    node.add_node_local_dns_interface(&bound)?;
+    for proto in ["udp", "tcp"] {
+        for (chain, side, port) in [
+            ("PREROUTING", "-d", "--dport"),
+            ("OUTPUT", "-d", "--dport"),
+            ("OUTPUT", "-s", "--sport"),
+        ] {
+            node.netns.exec(&[
+                "iptables",
+                "-w",
+                "-t",
+                "raw",
+                "-A",
+                chain,
+                side,
+                &cluster_ip,
+                "-p",
+                proto,
+                port,
+                "53",
+                "-j",
+                "NOTRACK",
+            ])?;
+        }
+    }
+    let uid = scenario::pod_uid(PODS.len() + HOST_NETWORK_PODS.len());
+    NodeLocalDns::start(
+        kubelet,
+        node,
+        "kube-system",
+        "node-local-dns-8vq4m",
+        &uid,
+        &cache,
+    )
+}
+
+/// Packets the NOTRACK rules of [`start_node_local_dns`] matched on the way in.
+fn notrack_hits(node: &crate::Netns) -> Result<u64> {
+    let listing = node.exec(&[
+        "iptables",
+        "-w",
+        "-t",
+        "raw",
+        "-L",
+        "PREROUTING",
+        "-v",
+        "-n",
+        "-x",
+    ])?;
+    Ok(listing
+        .lines()
+        .filter(|line| line.contains("NOTRACK"))
+        .filter_map(|line| line.split_whitespace().next()?.parse::<u64>().ok())
+        .sum())
 }
 
 /// The ports of the conmon-like processes (one per pod, in the node's namespace),

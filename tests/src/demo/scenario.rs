@@ -609,7 +609,7 @@ fn rayclusters() -> Vec<Value> {
 }
 
 /// Documents joined with `---`.
-fn yaml_docs(docs: &[Value]) -> String {
+pub fn yaml_docs(docs: &[Value]) -> String {
     let mut out = String::new();
     for d in docs {
         out.push_str("---\n");
