@@ -43,19 +43,36 @@ pub struct Agent {
     socket: PathBuf,
 }
 
+/// What one node's agent is started with.
+#[derive(Debug, Clone, Copy)]
+pub struct Launch<'a> {
+    pub bin: &'a Path,
+    pub node_name: &'a str,
+    pub manifests: &'a Path,
+    pub bpffs: &'a Path,
+    /// The kubelet's cgroup tree, given as `--cgroup-root` on the machine's own
+    /// mounts.
+    pub cgroup_root: &'a Path,
+    /// What the agent sees at `/sys/fs/cgroup`.
+    pub cgroup_mount: CgroupMount,
+    /// Flags the shape adds (e.g. `--dns-node-local`).
+    pub extra_args: &'a [String],
+    pub log: &'a Path,
+}
+
 impl Agent {
     /// Starts the agent in `node`'s namespace.
-    pub fn start(
-        bin: &Path,
-        node: &Netns,
-        node_name: &str,
-        manifests: &Path,
-        bpffs: &Path,
-        cgroups: (&Path, CgroupMount),
-        extra_args: &[String],
-        log: &Path,
-    ) -> Result<Agent> {
-        let (cgroup_root, mount) = cgroups;
+    pub fn start(node: &Netns, launch: &Launch<'_>) -> Result<Agent> {
+        let Launch {
+            bin,
+            node_name,
+            manifests,
+            bpffs,
+            cgroup_root,
+            cgroup_mount: mount,
+            extra_args,
+            log,
+        } = *launch;
         crate::bpffs::create_dir(bpffs)?;
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;

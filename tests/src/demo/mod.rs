@@ -170,6 +170,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     // rf-demo-<pid>-<n>: unique even when a test binary runs two demos at once.
     let run_name = crate::names::unique_name("demo");
+    let run = scenario::run_id(&run_name);
     let tmp = TempDir(std::env::temp_dir().join(&run_name));
     std::fs::create_dir_all(&tmp.0)?;
     let shape = opts.shape;
@@ -309,12 +310,12 @@ pub fn run(opts: &Options) -> Result<Report> {
     let uids = PODS
         .iter()
         .enumerate()
-        .map(|(i, p)| (p.key, scenario::pod_uid(i)))
+        .map(|(i, p)| (p.key, scenario::pod_uid(run, i)))
         .chain(
             HOST_NETWORK_PODS
                 .iter()
                 .enumerate()
-                .map(|(i, p)| (p.key, scenario::host_network_pod_uid(i))),
+                .map(|(i, p)| (p.key, scenario::host_network_pod_uid(run, i))),
         );
     for (n, (key, uid)) in uids.enumerate() {
         ctrs.insert(key, kubelet.pod_cgroup(&uid, QosClass::BestEffort)?);
@@ -346,7 +347,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     );
     let node_local_dns = match shape.dns {
         Dns::NodeLocal => {
-            let cache = start_node_local_dns(&topo, &kubelet)?;
+            let cache = start_node_local_dns(&topo, &kubelet, run)?;
             say(
                 started,
                 &format!(
@@ -400,7 +401,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         })
         .collect();
     let pod_ip = |k: &str| (topo.pod(k).ip4, topo.pod(k).ip6);
-    for (name, text) in scenario::manifests(&node_addrs, &pod_ip) {
+    for (name, text) in scenario::manifests(run, &node_addrs, &pod_ip) {
         std::fs::write(manifests.join(&name), text)?;
     }
     if let Some(cache) = &node_local_dns {
@@ -431,14 +432,17 @@ pub fn run(opts: &Options) -> Result<Report> {
                 _ => format!("agent-node{}.log", i + 1),
             });
             let mut a = agent::Agent::start(
-                bin,
                 &n.netns,
-                node_name,
-                &manifests,
-                &bpffs[i],
-                (kubelet.root(), shape.cgroups),
-                &extra_args,
-                &log,
+                &agent::Launch {
+                    bin,
+                    node_name,
+                    manifests: &manifests,
+                    bpffs: &bpffs[i],
+                    cgroup_root: kubelet.root(),
+                    cgroup_mount: shape.cgroups,
+                    extra_args: &extra_args,
+                    log: &log,
+                },
             )?;
             say(
                 started,
@@ -982,7 +986,7 @@ fn build_cells(
 /// 169.254.20.10, fd00:10:ffff::a and kube-dns's ClusterIP; NOTRACK rules in the
 /// raw table keep kube-proxy's DNAT off queries to that ClusterIP (and off their
 /// answers), so they reach the cache's own sockets, as `node-cache` sets it up.
-fn start_node_local_dns(topo: &Topology, kubelet: &KubeletTree) -> Result<NodeLocalDns> {
+fn start_node_local_dns(topo: &Topology, kubelet: &KubeletTree, run: u32) -> Result<NodeLocalDns> {
     let node = topo.node(0);
     let cluster_ip = scenario::service("kube-dns")
         .context("the kube-dns Service")?
@@ -1021,7 +1025,7 @@ fn start_node_local_dns(topo: &Topology, kubelet: &KubeletTree) -> Result<NodeLo
             ])?;
         }
     }
-    let uid = scenario::pod_uid(PODS.len() + HOST_NETWORK_PODS.len());
+    let uid = scenario::pod_uid(run, PODS.len() + HOST_NETWORK_PODS.len());
     NodeLocalDns::start(
         kubelet,
         node,

@@ -362,8 +362,8 @@ pub fn host_network_pod(key: &str) -> Option<&'static PodSpec> {
 }
 
 /// `metadata.uid` of hostNetwork pod `index` of [`HOST_NETWORK_PODS`].
-pub fn host_network_pod_uid(index: usize) -> String {
-    pod_uid(PODS.len() + index)
+pub fn host_network_pod_uid(run: u32, index: usize) -> String {
+    pod_uid(run, PODS.len() + index)
 }
 
 pub fn service(key: &str) -> Option<&'static ServiceSpec> {
@@ -378,13 +378,15 @@ pub struct NodeAddrs {
     pub pod_cidr: (Ipv4Addr, u8),
 }
 
-/// The manifests the agent reads: `(file name, multi-document YAML)`.
+/// The manifests the agent reads in demo run `run` (see [`pod_uid`]): `(file
+/// name, multi-document YAML)`.
 /// `nodes` are the nodes' addresses (one, or two on shapes with a second node,
 /// whose pods are placed by [`node_of`]). `pod_ip(key)` is what the topology gave
 /// a pod: dual-stack pods, as in a dual-stack cluster; the Services stay
 /// single-stack IPv4 (the default for a Service there), so ClusterIPs and
 /// EndpointSlices are IPv4 only.
 pub fn manifests(
+    run: u32,
     nodes: &[NodeAddrs],
     pod_ip: &dyn Fn(&str) -> (Ipv4Addr, Ipv6Addr),
 ) -> Vec<(String, String)> {
@@ -419,11 +421,11 @@ pub fn manifests(
     let mut pods: Vec<Value> = PODS
         .iter()
         .enumerate()
-        .map(|(i, p)| pod_manifest(i, p, pod_ip(p.key), pod_node(p.key)))
+        .map(|(i, p)| pod_manifest(pod_uid(run, i), p, pod_ip(p.key), pod_node(p.key)))
         .collect();
     for (i, p) in HOST_NETWORK_PODS.iter().enumerate() {
         let mut m = pod_manifest(
-            PODS.len() + i,
+            host_network_pod_uid(run, i),
             p,
             (node.internal_ip, node.internal_ip6),
             NODE_NAME,
@@ -498,14 +500,24 @@ pub fn manifests(
     ]
 }
 
-/// `metadata.uid` of pod `index` of [`PODS`]; the kubelet names the pod's cgroup
-/// after it (`kubepods/besteffort/pod<uid>` with the cgroupfs driver).
-pub fn pod_uid(index: usize) -> String {
-    format!("d3e00000-0000-4000-8000-{:012x}", index + 1)
+/// `metadata.uid` of pod `index` of [`PODS`] in demo run `run`; the kubelet names
+/// the pod's cgroup after it (`kubepods/besteffort/pod<uid>` with the cgroupfs
+/// driver). Unique per run: an agent that looks for pod cgroups over the whole
+/// cgroup2 tree (as on the cgroup2 shape) must not find another run's.
+pub fn pod_uid(run: u32, index: usize) -> String {
+    format!("{run:08x}-0000-4000-8000-{:012x}", index + 1)
+}
+
+/// A run's part of its pods' UIDs, from its unique name.
+pub fn run_id(run_name: &str) -> u32 {
+    // FNV-1a: stable, and spreads names that differ in a digit.
+    run_name.bytes().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
 }
 
 fn pod_manifest(
-    index: usize,
+    uid: String,
     p: &PodSpec,
     (ip, ip6): (Ipv4Addr, Ipv6Addr),
     node_name: &str,
@@ -520,7 +532,7 @@ fn pod_manifest(
         "metadata": {
             "name": p.name,
             "namespace": p.namespace,
-            "uid": pod_uid(index),
+            "uid": uid,
             "labels": labels(p.labels),
         },
         "spec": {
