@@ -153,12 +153,19 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Loads the datapath (adopting pinned maps and links) and the locator.
+    /// Loads the locator, then the datapath (adopting pinned maps and links).
     pub fn new(
         config: RuntimeConfig,
         health: Arc<Health>,
         reporter: Option<Arc<dyn ProblemReporter>>,
     ) -> Result<Self, RuntimeError> {
+        // The locator first: a host it cannot work on (no cgroup2) is refused
+        // before anything is loaded or pinned.
+        let locator = Locator::new(config.locator.clone()).map_err(RuntimeError::Discovery)?;
+        tracing::info!(
+            cgroup_mount = %locator.cgroup2_mount().mount_point.display(),
+            "pod discovery ready"
+        );
         let datapath = Datapath::load(&config.datapath).map_err(RuntimeError::Datapath)?;
         let adopted = datapath.attachments().len();
         tracing::info!(
@@ -175,11 +182,6 @@ impl Runtime {
         health
             .metrics
             .started(&kernel_release(), datapath.hook_modes());
-        let locator = Locator::new(config.locator.clone()).map_err(RuntimeError::Discovery)?;
-        tracing::info!(
-            cgroup_mount = %locator.cgroup2_mount().mount_point.display(),
-            "pod discovery ready"
-        );
         let mut engine = Engine::new(config.settings.clone());
         // Each endpoint gets back the policy id the pinned maps show for it: the first
         // apply after a restart is a diff that renumbers nothing.

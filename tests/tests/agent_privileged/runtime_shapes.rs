@@ -560,7 +560,7 @@ fn crio_cgroupfs_on_a_hybrid_host_is_named_and_fails_closed() -> Result<()> {
 }
 
 /// A host with cgroup v1 only: the agent refuses to start, naming the v1
-/// hierarchies and what it needs cgroup v2 for, and attaches nothing.
+/// hierarchies and what it needs cgroup v2 for, and attaches and pins nothing.
 #[test]
 fn on_a_cgroup_v1_only_host_the_agent_refuses_to_start_and_says_why() -> Result<()> {
     let topo = Topology::new(Layout::Bridged, probe_bin())?;
@@ -591,6 +591,14 @@ fn on_a_cgroup_v1_only_host_the_agent_refuses_to_start_and_says_why() -> Result<
         !log.contains("endpoint attached"),
         "attached something:\n{log}"
     );
+    // Refused before the datapath is loaded: nothing is pinned.
+    let pinned: Vec<_> = match std::fs::read_dir(&bpffs.path) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    ensure!(pinned.is_empty(), "pinned {pinned:?}; log:\n{log}");
     Ok(())
 }
 
