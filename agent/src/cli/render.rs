@@ -273,6 +273,7 @@ mod tests {
     fn report() -> StatusReport {
         StatusReport {
             node: "n1".into(),
+            version: "0.1.0 (abc)".into(),
             ready: true,
             source: "files".into(),
             audit: false,

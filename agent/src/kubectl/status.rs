@@ -131,6 +131,10 @@ fn table(report: &ClusterStatus, wide: bool) -> String {
                     (false, Some(_)) => "no (pod not Ready)".to_owned(),
                     (true, Some(_)) => "no (agent not ready)".to_owned(),
                 },
+                match status.map(|s| s.version.as_str()) {
+                    Some("") | None => "-".to_owned(),
+                    Some(version) => version.to_owned(),
+                },
                 n.image.clone(),
                 count(|s| s.endpoints.len() as u64),
                 count(|s| s.endpoints.iter().map(|e| e.drops).sum()),
@@ -144,6 +148,7 @@ fn table(report: &ClusterStatus, wide: bool) -> String {
             "NODE",
             "AGENT",
             "READY",
+            "VERSION",
             "IMAGE",
             "ENDPOINTS",
             "DROPS",

@@ -110,6 +110,10 @@ impl FlowFilter {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub node: String,
+    /// The agent's version and commit (`0.1.0 (abc123def456)`), so a rollout half
+    /// done shows; empty from agents that predate it.
+    #[serde(default)]
+    pub version: String,
     /// The first full sync is programmed.
     pub ready: bool,
     /// `connected`, `unreachable`, `kind-missing` or `files`.

@@ -226,6 +226,13 @@ impl Runtime {
                 })
                 .collect(),
             node: self.config.settings.node_name.clone(),
+            version: concat!(
+                env!("CARGO_PKG_VERSION"),
+                " (",
+                env!("RAYFENCE_COMMIT"),
+                ")"
+            )
+            .to_owned(),
             ready: self.health.is_ready(),
             source: self.source_status.clone(),
             audit: self.config.settings.audit,

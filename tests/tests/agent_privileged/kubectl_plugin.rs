@@ -397,6 +397,16 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
         })
         .collect();
     ensure!(nodes == [("node-0", true), ("node-1", true)], "{out}");
+    // Each agent says its version (a rollout half done shows in the VERSION column).
+    let version = format!("{} (", env!("CARGO_PKG_VERSION"));
+    for n in status["nodes"].as_array().context("nodes")? {
+        ensure!(
+            n["status"]["version"]
+                .as_str()
+                .is_some_and(|v| v.starts_with(&version)),
+            "{out}"
+        );
+    }
 
     // explain, across nodes: allowed (same RayCluster), each side on its node.
     let from_worker = format!("{ns}/worker");
