@@ -62,7 +62,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// One row per node: its agent pod, ready or not, image, endpoints, drops.
+    /// One row per node: its agent pod, ready or not, version, image, endpoints, drops.
     /// Exits 1 when an agent is not ready or cannot be asked.
     Status(status::StatusArgs),
     /// Why a flow is allowed or denied, each side asked of the agent on the node

@@ -1,5 +1,5 @@
 //! `kubectl rayfence status`: every agent's `rayfence status`, one row per node
-//! (agent pod, ready, image, endpoints, drops), each unreachable agent named with
+//! (agent pod, ready, version, image, endpoints, drops), each unreachable agent named with
 //! why; exit status 1 when an agent is not ready or cannot be asked.
 //!
 //! Must not: judge an agent's state beyond its own `ready` and its pod's Ready
