@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 
 use super::FakeApiServer;
 
@@ -49,6 +49,17 @@ impl ApiRelay {
             stop,
             kubeconfig: None,
         })
+    }
+
+    /// A relay listening on 127.0.0.1 inside `node`'s namespace (the listening
+    /// socket keeps that namespace; upstream connections leave from the caller's),
+    /// as a node's agent reaches the API server through it.
+    pub fn in_node(node: &crate::topology::Node, upstream: SocketAddr) -> Result<Self> {
+        let listener = node
+            .netns
+            .run(|| TcpListener::bind("127.0.0.1:0"))?
+            .context("binding the API relay in the node namespace")?;
+        Self::start(listener, upstream)
     }
 
     /// Where the relay listens.

@@ -291,11 +291,7 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
     let dir = std::env::temp_dir();
     let mut rigs = Vec::new();
     for (i, node) in topo.nodes().iter().enumerate() {
-        let listener = node
-            .netns
-            .run(|| std::net::TcpListener::bind("127.0.0.1:0"))?
-            .context("binding the API relay in the node namespace")?;
-        let mut relay = ApiRelay::start(listener, server.addr())?;
+        let mut relay = ApiRelay::in_node(node, server.addr())?;
         let kubeconfig = relay.write_kubeconfig(&server, &dir)?;
         let bpffs = Bpffs::new();
         let kubelet = kubelets.remove(0);

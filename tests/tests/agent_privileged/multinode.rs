@@ -30,10 +30,9 @@
 //! Needs root (network namespaces, bpffs, cgroups). Guards kill the agents and run
 //! `rayfence cleanup` even when the test panics.
 
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
@@ -42,7 +41,7 @@ use rayfence_tests::agent::{
     Agent, AgentOptions, Bpffs, Kubelet, Sandbox, metric_sum, percentile, sandbox, uid, v4,
 };
 use rayfence_tests::background::Background;
-use rayfence_tests::fake_api::FakeApiServer;
+use rayfence_tests::fake_api::{ApiRelay, FakeApiServer};
 use rayfence_tests::node_nat::{Endpoint, NodePortService, TrafficPolicy};
 use rayfence_tests::objects::json::{
     head_labels, namespace, node_object, pod_object, raycluster, worker_labels,
@@ -65,86 +64,6 @@ const RECOVERY_WAIT: Duration = Duration::from_secs(40);
 
 fn node_name(index: usize) -> String {
     format!("node-{index}")
-}
-
-/// A TCP relay from 127.0.0.1 inside a node namespace to the fake API server. The
-/// listening socket is created in the node namespace and keeps it; the upstream
-/// connections are made from the test's own namespace. Stops accepting on drop.
-struct ApiRelay {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    kubeconfig: Option<PathBuf>,
-}
-
-impl ApiRelay {
-    fn start(node: &Node, upstream: SocketAddr) -> Result<Self> {
-        let listener = node
-            .netns
-            .run(|| TcpListener::bind("127.0.0.1:0"))?
-            .context("binding the API relay in the node namespace")?;
-        let addr = listener.local_addr()?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        std::thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((inbound, _)) => {
-                        let _ = inbound.set_nonblocking(false);
-                        std::thread::spawn(move || relay(inbound, upstream));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        });
-        Ok(Self {
-            addr,
-            stop,
-            kubeconfig: None,
-        })
-    }
-
-    /// A kubeconfig naming this relay.
-    fn kubeconfig(&mut self, server: &FakeApiServer, dir: &Path) -> Result<PathBuf> {
-        let yaml = server
-            .kubeconfig_yaml()
-            .replace(&server.url(), &format!("http://{}", self.addr));
-        let path = dir.join(format!(
-            "rf-multinode-{}-kubeconfig-{}",
-            std::process::id(),
-            self.addr.port()
-        ));
-        std::fs::write(&path, yaml)?;
-        self.kubeconfig = Some(path.clone());
-        Ok(path)
-    }
-}
-
-impl Drop for ApiRelay {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(path) = &self.kubeconfig {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// Copies both ways until either side closes, then closes the other.
-fn relay(inbound: TcpStream, upstream: SocketAddr) {
-    let Ok(outbound) = TcpStream::connect(upstream) else {
-        return;
-    };
-    let (Ok(mut in_r), Ok(mut out_w)) = (inbound.try_clone(), outbound.try_clone()) else {
-        return;
-    };
-    let up = std::thread::spawn(move || {
-        let _ = std::io::copy(&mut in_r, &mut out_w);
-        let _ = out_w.shutdown(Shutdown::Both);
-    });
-    let (mut out_r, mut in_w) = (outbound, inbound);
-    let _ = std::io::copy(&mut out_r, &mut in_w);
-    let _ = in_w.shutdown(Shutdown::Both);
-    let _ = up.join();
 }
 
 /// A pod, the node it runs on, its labels.
@@ -234,8 +153,8 @@ fn start_agents(
     let dir = std::env::temp_dir();
     let mut rigs = Vec::new();
     for (i, node) in topo.nodes().iter().enumerate() {
-        let mut relay = ApiRelay::start(node, server.addr())?;
-        let kubeconfig = relay.kubeconfig(server, &dir)?;
+        let mut relay = ApiRelay::in_node(node, server.addr())?;
+        let kubeconfig = relay.write_kubeconfig(server, &dir)?;
         let bpffs = Bpffs::new();
         let kubelet = kubelets[i].take().context("kubelet")?;
         let agent = Agent::start(&AgentOptions {

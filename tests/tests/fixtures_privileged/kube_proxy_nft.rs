@@ -12,37 +12,13 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use rayfence_tests::node_nat::{
-    self, ClusterIpRule, Endpoint, KubeProxyMode, NodePortService, Protocol, TrafficPolicy,
+    self, ClusterIpRule, Endpoint, KubeProxyMode, Protocol, TrafficPolicy,
 };
-use rayfence_tests::{Layout, Outcome, Server, Topology, probe_bin};
+use rayfence_tests::{Layout, Outcome, Topology, probe_bin};
+
+use super::node_lab::{seen, service};
 
 const T: Duration = Duration::from_secs(2);
-
-/// One peer seen by `server` after a successful probe.
-fn seen(server: &Server) -> Result<IpAddr> {
-    let peers = server.take_peers(T);
-    ensure!(peers.len() == 1, "expected one connection, saw {peers:?}");
-    Ok(peers[0])
-}
-
-/// A dual-stack NodePort Service in front of `pod` (namespace `ray`, port 8000).
-fn service(
-    topo: &Topology,
-    name: &str,
-    pod: &str,
-    node_port: u16,
-    policy: TrafficPolicy,
-    ip: u8,
-) -> NodePortService {
-    let mut svc = NodePortService::tcp("ray", name, 8000, node_port);
-    svc.external_traffic_policy = policy;
-    svc.cluster_ips = vec![
-        format!("10.96.4.{ip}").parse().expect("ip"),
-        format!("fd00:10:96::4:{ip}").parse().expect("ip"),
-    ];
-    svc.endpoints.push(Endpoint::of("ray", topo.pod(pod)));
-    svc
-}
 
 fn kube_proxy_paths(layout: Layout, mode: KubeProxyMode) -> Result<()> {
     let mut topo = Topology::with_pods(layout, probe_bin(), &["head", "other"])?;
@@ -116,8 +92,8 @@ fn kube_proxy_paths(layout: Layout, mode: KubeProxyMode) -> Result<()> {
         );
     }
     for (ip, port) in [
-        ("10.96.4.80", 8000),
-        ("fd00:10:96::4:80", 8000),
+        ("10.96.0.80", 8000),
+        ("fd00:10:96::80", 8000),
         ("10.96.4.90", 7000),
         ("fd00:10:96::4:90", 7000),
     ] {
@@ -179,7 +155,7 @@ fn kube_proxy_paths(layout: Layout, mode: KubeProxyMode) -> Result<()> {
                 "type nat hook postrouting priority srcnat",
                 "ip daddr . meta l4proto . th dport vmap @service-ips",
                 "fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports",
-                "10.96.4.80 . tcp . 8000 : goto service-",
+                "10.96.0.80 . tcp . 8000 : goto service-",
                 "-ray/np/tcp/p8000",
                 "tcp . 30081 : goto external-",
                 "masquerade fully-random",
@@ -194,7 +170,7 @@ fn kube_proxy_paths(layout: Layout, mode: KubeProxyMode) -> Result<()> {
             // No endpoints: kube-proxy rejects (reject-chain), from pods and the node.
             moved.endpoints.clear();
             topo.install_node_port(&moved)?;
-            let o = other.tcp_connect("10.96.4.80".parse()?, 8000, T);
+            let o = other.tcp_connect("10.96.0.80".parse()?, 8000, T);
             ensure!(o == Outcome::Refused, "{what}: no endpoints: {o:?}");
             let o = ext.tcp_connect(node.ip4.into(), 30080, T);
             ensure!(

@@ -22,14 +22,14 @@ use rayfence_tests::{Layout, Outcome, Server, Topology, Wiring, probe_bin};
 const T: Duration = Duration::from_secs(2);
 
 /// One peer seen by `server` after a successful probe.
-fn seen(server: &Server) -> Result<IpAddr> {
+pub(crate) fn seen(server: &Server) -> Result<IpAddr> {
     let peers = server.take_peers(T);
     ensure!(peers.len() == 1, "expected one connection, saw {peers:?}");
     Ok(peers[0])
 }
 
 /// A NodePort Service in front of `pod` (namespace `ray`), dual-stack.
-fn service(
+pub(crate) fn service(
     topo: &Topology,
     name: &str,
     pod: &str,
