@@ -186,6 +186,9 @@ impl PodCgroup {
     }
 }
 
+/// The cgroup v1 hierarchy the kit makes v1 cgroups in (every hybrid host has it).
+pub const V1_CONTROLLER: &str = "pids";
+
 /// A directory `<v1 hierarchy>/rf-cg-<pid>-<n>` in a cgroup v1 hierarchy, removed
 /// with everything below it on drop. Never holds a process (v1 has no
 /// `cgroup.kill`): it stands for where a kubelet would keep pod cgroups.
@@ -200,6 +203,12 @@ impl V1Cgroup {
         let path = cgroup_v1_mount(controller)?.join(names::unique_name("cg"));
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
         Ok(V1Cgroup { path })
+    }
+
+    /// Takes charge of an existing directory (a killed run's, see
+    /// [`crate::sweep`]): removed on drop.
+    pub fn adopt(path: PathBuf) -> Self {
+        V1Cgroup { path }
     }
 
     pub fn path(&self) -> &Path {

@@ -215,7 +215,7 @@ impl KubeletTree {
     pub fn cgroupfs_on_hybrid(runtime: ContainerRuntime) -> Result<Self> {
         Ok(KubeletTree {
             root: TestCgroup::new()?,
-            v1: Some(V1Cgroup::new("pids")?),
+            v1: Some(V1Cgroup::new(crate::cgroup::V1_CONTROLLER)?),
             driver: CgroupDriver::Cgroupfs,
             runtime,
         })

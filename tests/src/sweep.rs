@@ -1,6 +1,7 @@
 //! Removing what a killed test run left behind. Guards clean up on drop and on
 //! panic, but not after SIGKILL (a timed-out CI job): its namespaces
-//! (`rf-ns-<pid>-...`) and cgroups (`rf-cg-<pid>-...`) stay. This removes those
+//! (`rf-ns-<pid>-...`) and cgroups (`rf-cg-<pid>-...`, in cgroup2 and in the v1
+//! hierarchy the kit uses) stay. This removes those
 //! whose pid no longer runs, and nothing else: names of live processes (test
 //! binaries running side by side) and anything not named by [`crate::names`] are
 //! left alone. Nothing calls it implicitly.
@@ -10,7 +11,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use crate::cgroup::{TestCgroup, cgroup2_mount};
+use crate::cgroup::{TestCgroup, V1_CONTROLLER, V1Cgroup, cgroup_v1_mount, cgroup2_mount};
 
 /// The pid in `rf-<role>-<pid>-...`, if `name` has that shape.
 fn owner_pid(name: &str, role: &str) -> Option<u32> {
@@ -40,6 +41,17 @@ pub fn remove_leftovers_of_dead_processes() -> Result<Vec<String>> {
             // Adopting the directory in a guard kills and removes it on drop.
             drop(TestCgroup::adopt(entry.path()));
             removed.push(name);
+        }
+    }
+    // The cgroup v1 trees some tests make (a kubelet with the cgroupfs driver on
+    // a hybrid host), where the machine has that hierarchy.
+    if let Ok(v1) = cgroup_v1_mount(V1_CONTROLLER) {
+        for entry in std::fs::read_dir(v1)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if owner_pid(&name, "cg").is_some_and(|p| !alive(p)) {
+                drop(V1Cgroup::adopt(entry.path()));
+                removed.push(format!("{V1_CONTROLLER}/{name}"));
+            }
         }
     }
     Ok(removed)

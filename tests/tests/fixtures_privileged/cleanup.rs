@@ -101,6 +101,14 @@ fn sweep_removes_leftovers_of_dead_processes_only() {
     }
     let cg = cgroup2_mount().unwrap().join(format!("rf-cg-{dead}-0"));
     std::fs::create_dir_all(cg.join("ctr")).unwrap();
+    // And in the cgroup v1 hierarchy the kit uses (a kubelet tree with the
+    // cgroupfs driver on a hybrid host), where the machine has it.
+    let v1 = rayfence_tests::cgroup::cgroup_v1_mount(rayfence_tests::cgroup::V1_CONTROLLER)
+        .ok()
+        .map(|mount| mount.join(format!("rf-cg-{dead}-0")));
+    if let Some(v1) = &v1 {
+        std::fs::create_dir_all(v1.join("kubepods")).unwrap();
+    }
 
     let removed = rayfence_tests::sweep::remove_leftovers_of_dead_processes().unwrap();
     let listed = netns_list();
@@ -114,4 +122,7 @@ fn sweep_removes_leftovers_of_dead_processes_only() {
         "a live process's namespace must stay"
     );
     assert!(!cg.exists());
+    if let Some(v1) = &v1 {
+        assert!(!v1.exists(), "{} still there: {removed:?}", v1.display());
+    }
 }
