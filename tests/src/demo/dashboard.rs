@@ -168,15 +168,10 @@ pub fn render(dashboard: &Value, scraper: &Scraper<'_>) -> Result<Rendered> {
                     "NaN" => "NaN (none observed in the window)",
                     value => value,
                 };
-                let _ = writeln!(
-                    out.text,
-                    "    {:<60} {value}",
-                    if labels.is_empty() {
-                        "(total)"
-                    } else {
-                        &labels
-                    }
-                );
+                // A series without labels is named by its legend, as Grafana does.
+                let legend = target["legendFormat"].as_str().unwrap_or("(total)");
+                let name = if labels.is_empty() { legend } else { &labels };
+                let _ = writeln!(out.text, "    {name:<60} {value}");
             }
         }
         if series == 0 {
