@@ -317,7 +317,7 @@ pub fn explain_flow(engine: &Engine, from: &str, to: &str) -> Result<ExplainRepo
     };
     match (engine.address_owner(to_ip), node_port) {
         (AddressOwner::Service(service), _) => {
-            let backends = engine.service_backends(&service, proto, port);
+            let backends = engine.cluster_ip_backends(to_ip, proto, port);
             if backends.is_empty() {
                 sides.push(no_backend(format!("Service {}/{}", service.0, service.1)));
             }

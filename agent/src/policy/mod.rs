@@ -23,18 +23,22 @@
 //!   `except` is itself a prefix, the longest match names exactly the blocks an
 //!   address is in. A prefix keeps its identity while it exists, so a new ipBlock
 //!   adds rows and never renumbers existing entries (no revocation churn).
-//! - Service identity: one per Service, on its ClusterIPs, both as an exact address
-//!   and as a host prefix (so no ipBlock can match a ClusterIP: docs/semantics.md "Where the decision is made" decides
-//!   ClusterIPs after DNAT). A policy gets a row (Egress, service, protocol, service
-//!   port) iff every backend in the Service's EndpointSlices (endpoints not marked
-//!   unready, targetPort as the slice resolves it) is allowed on the target port by
-//!   the same policy's rows. Backends that disagree deny (fail closed); a port
-//!   without backends allows nothing.
+//! - Service identity: one per Service and address family of its ClusterIPs (a
+//!   dual-stack Service has two), on those ClusterIPs, both as an exact address and
+//!   as a host prefix (so no ipBlock can match a ClusterIP: docs/semantics.md "Where
+//!   the decision is made" decides ClusterIPs after DNAT). A policy gets a row
+//!   (Egress, service identity, protocol, service port) iff every backend of that
+//!   family in the Service's EndpointSlices (endpoints not marked unready, targetPort
+//!   as the slice resolves it) is allowed on the target port by the same policy's
+//!   rows: kube-proxy DNATs a ClusterIP only to endpoints of its own family.
+//!   Backends that disagree deny (fail closed); a port without backends of the
+//!   family allows nothing.
 //! - Node-port identity: one per Service of type NodePort or LoadBalancer with a
-//!   `nodePort`, apart from its Service identity (a rule for one never allows the
-//!   other). `Tables::node_ports` maps each (protocol, `nodePort`) to it; a policy
-//!   gets a row (Egress, node-port identity, protocol, `nodePort`) iff every backend
-//!   of that service port is allowed on its target port, as for the ClusterIP.
+//!   `nodePort`, apart from its Service identities (a rule for one never allows the
+//!   other). `Tables::node_ports` maps each (protocol, `nodePort`) to it, whatever the
+//!   family of the node address; so a policy gets a row (Egress, node-port identity,
+//!   protocol, `nodePort`) iff every backend of that service port, of both families,
+//!   is allowed on its target port.
 //! - Host-port identity: one per pod of this node (not hostNetwork) with `hostPort`s,
 //!   which the CNI portmap plugin DNATs to it; `Tables::node_ports` maps each
 //!   (protocol, `hostPort`) to it, and a policy gets a row iff egress to the pod

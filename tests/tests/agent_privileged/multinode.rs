@@ -980,11 +980,12 @@ fn ipv6_ip_blocks_across_two_nodes_over_vxlan_are_decided_by_the_pods_addresses(
 /// A RayCluster split over two nodes with IPv6 ipBlock rules naming the other node's
 /// pod range with one address excepted: the head (node-0) admits `fd00:10:244:1::/64`
 /// except `client-b`, TCP [`PORT`]; the worker (node-1) may reach
-/// `fd00:10:244::/64` except `open-b` (and each open pod's IPv4 /32, since a
-/// ClusterIP is allowed only when every backend of the Service is, whatever the
-/// family), TCP [`PORT`]. Directly and through IPv6
+/// `fd00:10:244::/64` except `open-b`, TCP [`PORT`]. Directly and through IPv6
 /// ClusterIPs (kube-proxy's DNAT on the client's node, pod sources kept), each
 /// agent decides by the pods' IPv6 addresses; IPv4 is not covered by the rules.
+/// The Services are dual-stack: each ClusterIP is decided on the backends of its own
+/// family (kube-proxy DNATs it to no other), so the IPv6-only rule allows the IPv6
+/// ClusterIP and still drops the IPv4 one.
 fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -1044,6 +1045,12 @@ fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
         cluster_ip6(&services[1])?,
         cluster_ip6(&services[2])?,
     ];
+    let open_a_svc4 = services[1]
+        .cluster_ips
+        .iter()
+        .copied()
+        .find(IpAddr::is_ipv4)
+        .context("an IPv4 ClusterIP")?;
     let _servers = [
         head.serve_tcp(PORT)?,
         open_a.serve_tcp(PORT)?,
@@ -1058,6 +1065,7 @@ fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
         (worker, open_b_svc),
         (client_a, head.ip6.into()),
         (worker, open_b.ip6.into()),
+        (worker, open_a_svc4),
     ] {
         wait_outcome(
             &format!("lab: {} -> {to}", from.name),
@@ -1085,11 +1093,8 @@ fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
         "rc",
         json!({"mode": "DenyAll",
                "head": {"ingressRules": [{"from": [block(node1.pod_cidr6, client_b)], "ports": ports}]},
-               "worker": {"egressRules": [{"to": [
-                   block(node0.pod_cidr6, open_b),
-                   {"ipBlock": {"cidr": format!("{}/32", open_a.ip4)}},
-                   {"ipBlock": {"cidr": format!("{}/32", open_b.ip4)}}],
-                   "ports": ports}]}}),
+               "worker": {"egressRules": [{"to": [block(node0.pod_cidr6, open_b)],
+                                           "ports": ports}]}}),
     ));
 
     let rigs = start_agents(&topo, &server, &mut kubelets, &mut sandboxes)?;
@@ -1144,12 +1149,8 @@ fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
     }
     expect_drops("head ingress from node-1's pods", want_in, head_in)?;
 
-    // Egress of the worker on node-1, to node-0's pods. (A ClusterIP is allowed only
-    // when every backend is, its IPv4 ones included: hence the IPv4 /32s.)
-    pass(
-        "worker -> open-b (v4: its /32; the IPv6 except does not reach it)",
-        worker.tcp_connect(v4(open_b), PORT, SHORT),
-    )?;
+    // Egress of the worker on node-1, to node-0's pods. Each ClusterIP of the
+    // dual-stack Services is decided on the backends of its own family only.
     pass(
         "worker -> open-a (v6)",
         worker.tcp_connect(open_a.ip6.into(), PORT, SHORT),
@@ -1166,6 +1167,14 @@ fn ipv6_ip_blocks_across_nodes(transport: Transport) -> Result<()> {
         (
             "worker -> open-b's ClusterIP (v6, excepted)",
             worker.tcp_connect(open_b_svc, PORT, denied),
+        ),
+        (
+            "worker -> open-a (v4: no IPv4 block)",
+            worker.tcp_connect(v4(open_a), PORT, denied),
+        ),
+        (
+            "worker -> open-a's ClusterIP (v4: its IPv4 backend is not allowed)",
+            worker.tcp_connect(open_a_svc4, PORT, denied),
         ),
     ] {
         blocked(what, o)?;

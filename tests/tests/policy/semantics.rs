@@ -1496,6 +1496,297 @@ fn cluster_ip_with_disagreeing_backends_is_denied_fail_closed() {
     ));
 }
 
+const REGISTRY_V4: &str = "10.96.1.1";
+const REGISTRY_V6: &str = "fd00:96::1";
+
+/// `slice` of one family, named for it as the EndpointSlice controller does (one
+/// slice per family of a dual-stack Service).
+fn family_slice(
+    ns: &str,
+    service: &str,
+    ports: &[(&str, &str, i32)],
+    family: &str,
+    addresses: &[&str],
+) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    let mut slice = slice(ns, service, ports, addresses);
+    slice.metadata.name = Some(format!("{service}-{}", family.to_lowercase()));
+    slice.address_type = family.into();
+    slice
+}
+
+/// The scene with the registry pod dual-stack (10.2.0.1, fd00:2::1) behind a
+/// dual-stack Service (ClusterIPs [`REGISTRY_V4`], [`REGISTRY_V6`]; TCP 80 -> 8000),
+/// one EndpointSlice per family.
+fn scene_with_dual_stack_registry() -> Engine {
+    let mut e = scene(settings());
+    let mut registry = pod(
+        "registry",
+        "registry",
+        &[("app", "model-registry")],
+        "10.2.0.1",
+        "node-b",
+        &[("http", "TCP", 8000)],
+    );
+    if let Some(status) = registry.status.as_mut() {
+        status
+            .pod_ips
+            .get_or_insert_with(Vec::new)
+            .push(k8s_openapi::api::core::v1::PodIP {
+                ip: "fd00:2::1".into(),
+            });
+    }
+    e.upsert_pod(&registry);
+    let mut svc = service("registry", "registry", REGISTRY_V4, &[("web", "TCP", 80)]);
+    if let Some(spec) = svc.spec.as_mut() {
+        spec.cluster_ips = Some(vec![REGISTRY_V4.into(), REGISTRY_V6.into()]);
+    }
+    e.upsert_service(&svc);
+    let ports = [("web", "TCP", 8000)];
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &ports,
+        "IPv4",
+        &["10.2.0.1"],
+    ));
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &ports,
+        "IPv6",
+        &["fd00:2::1"],
+    ));
+    e
+}
+
+/// kube-proxy DNATs a ClusterIP only to endpoints of its own family: an ipBlock of
+/// one family allows that family's ClusterIP and not the other's; a pod selector
+/// allows both (the pod has an address of each).
+#[test]
+fn dual_stack_cluster_ips_are_decided_on_the_backends_of_their_own_family() {
+    let mut e = scene_with_dual_stack_registry();
+    let cases = [
+        ("fd00:2::/64", DENY, ALLOW),
+        ("10.2.0.0/16", ALLOW, DENY),
+        ("fd00:2::1/128", DENY, ALLOW),
+    ];
+    for (cidr, v4, v6) in cases {
+        with_rules(
+            &mut e,
+            "worker",
+            "egressRules",
+            &format!("[{{to: [{{ipBlock: {{cidr: \"{cidr}\"}}}}], ports: [{{port: 8000}}]}}]"),
+        );
+        for (ip, want) in [(REGISTRY_V4, v4), (REGISTRY_V6, v6)] {
+            assert_eq!(
+                egress(&e, "team-a", "training-cpu", ip, "TCP", 80),
+                want,
+                "{cidr}: {ip}"
+            );
+        }
+    }
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
+    );
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (REGISTRY_V4, "TCP", 80, ALLOW),
+            (REGISTRY_V6, "TCP", 80, ALLOW),
+            (REGISTRY_V6, "TCP", 8000, DENY),
+        ],
+    );
+    // Each family has its identity: a row for one never allows the other.
+    let ids = |e: &Engine| {
+        [REGISTRY_V4, REGISTRY_V6].map(|ip| e.tables().addresses[&ip.parse().unwrap()])
+    };
+    let [v4_id, v6_id] = ids(&e);
+    assert_ne!(v4_id, v6_id);
+    // explain names the backends of the ClusterIP's family only.
+    assert_eq!(
+        e.cluster_ip_backends(REGISTRY_V6.parse().unwrap(), proto("TCP"), 80),
+        vec![("fd00:2::1".parse().unwrap(), proto("TCP"), 8000)]
+    );
+    assert_eq!(
+        e.cluster_ip_backends(REGISTRY_V4.parse().unwrap(), proto("TCP"), 80),
+        vec![("10.2.0.1".parse().unwrap(), proto("TCP"), 8000)]
+    );
+    // A denied IPv4 backend fails only the IPv4 ClusterIP closed.
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        "IPv4",
+        &["10.2.0.1", "10.0.1.20"],
+    ));
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (REGISTRY_V4, "TCP", 80, DENY),
+            (REGISTRY_V6, "TCP", 80, ALLOW),
+        ],
+    );
+    // The Service turns IPv4-only: its IPv6 ClusterIP and identity go, the IPv4 one
+    // stays.
+    e.upsert_service(&service(
+        "registry",
+        "registry",
+        REGISTRY_V4,
+        &[("web", "TCP", 80)],
+    ));
+    assert!(
+        !e.tables()
+            .addresses
+            .contains_key(&REGISTRY_V6.parse().unwrap())
+    );
+    assert_eq!(e.tables().addresses[&REGISTRY_V4.parse().unwrap()], v4_id);
+    assert!(!e.tables().policy.iter().any(|row| row.identity == v6_id));
+    assert!(!egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        REGISTRY_V6,
+        "TCP",
+        80
+    ));
+}
+
+/// A single-stack Service is decided as before, on its one family; backends of the
+/// other family alone (a hand-written slice kube-proxy ignores for it) allow nothing.
+#[test]
+fn single_stack_cluster_ips_are_decided_on_their_family_as_before() {
+    let mut e = scene(settings());
+    e.upsert_service(&service(
+        "registry",
+        "registry6",
+        REGISTRY_V6,
+        &[("web", "TCP", 80)],
+    ));
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry6",
+        &[("web", "TCP", 8000)],
+        "IPv6",
+        &["fd00:2::1"],
+    ));
+    e.upsert_service(&service(
+        "registry",
+        "registry",
+        REGISTRY_V4,
+        &[("web", "TCP", 80)],
+    ));
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        "IPv6",
+        &["fd00:2::1"],
+    ));
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{ipBlock: {cidr: \"fd00:2::/64\"}}, {ipBlock: {cidr: 10.2.0.0/16}}]}]",
+    );
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (REGISTRY_V6, "TCP", 80, ALLOW),
+            (REGISTRY_V4, "TCP", 80, DENY),
+        ],
+    );
+    // The IPv4 slice comes: the IPv4 Service is allowed on it.
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &[("web", "TCP", 8000)],
+        "IPv4",
+        &["10.2.0.1"],
+    ));
+    assert!(egress(&e, "team-a", "training-cpu", REGISTRY_V4, "TCP", 80));
+}
+
+/// An endpoint change in one family re-decides that family's ClusterIPs only: the
+/// diff revokes rows of its identity and leaves the other family's alone.
+#[test]
+fn an_endpoint_change_in_one_family_redecides_only_that_family() {
+    let mut e = scene_with_dual_stack_registry();
+    with_rules(
+        &mut e,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
+    );
+    let v4_id = e.tables().addresses[&REGISTRY_V4.parse().unwrap()];
+    let v6_id = e.tables().addresses[&REGISTRY_V6.parse().unwrap()];
+    assert!(egress(&e, "team-a", "training-cpu", REGISTRY_V6, "TCP", 80));
+    e.take_diff();
+    // An IPv6 backend nobody allows joins.
+    let ports = [("web", "TCP", 8000)];
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &ports,
+        "IPv6",
+        &["fd00:2::1", "fd00:2::99"],
+    ));
+    let diff = e.take_diff();
+    assert!(diff.may_revoke());
+    assert!(
+        diff.policy_remove.iter().any(|r| r.identity == v6_id),
+        "{diff:?}"
+    );
+    let touches_v4 = |d: &rayfence::tables::TablesDiff| {
+        d.policy_remove
+            .iter()
+            .chain(&d.policy_add)
+            .any(|r| r.identity == v4_id)
+    };
+    assert!(!touches_v4(&diff), "{diff:?}");
+    expect_egress(
+        &e,
+        "team-a",
+        "training-cpu",
+        &[
+            (REGISTRY_V4, "TCP", 80, ALLOW),
+            (REGISTRY_V6, "TCP", 80, DENY),
+        ],
+    );
+    // It leaves: the IPv6 ClusterIP is allowed again, the IPv4 rows untouched.
+    e.upsert_endpoint_slice(&family_slice(
+        "registry",
+        "registry",
+        &ports,
+        "IPv6",
+        &["fd00:2::1"],
+    ));
+    let diff = e.take_diff();
+    assert!(
+        diff.policy_add.iter().any(|r| r.identity == v6_id),
+        "{diff:?}"
+    );
+    assert!(!touches_v4(&diff), "{diff:?}");
+    assert!(egress(&e, "team-a", "training-cpu", REGISTRY_V6, "TCP", 80));
+    // The same objects fed to a fresh engine give the same tables.
+    let mut fresh = scene_with_dual_stack_registry();
+    with_rules(
+        &mut fresh,
+        "worker",
+        "egressRules",
+        "[{to: [{namespaceSelector: {}, podSelector: {matchLabels: {app: model-registry}}}]}]",
+    );
+    assert_eq!(fresh.tables(), e.tables());
+}
+
 #[test]
 fn icmp_echo_only_where_all_protocols_are_allowed() {
     let mut e = scene(settings());

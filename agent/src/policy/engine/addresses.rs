@@ -41,7 +41,7 @@ impl Engine {
         // kube-proxy's IPVS mode binding all) is still the Service: what answers
         // there stands in for its backends, never for the node's own processes.
         if let Some(svc) = self.objects.service_at(&ip) {
-            return self.objects.service(svc).map(|s| s.identity);
+            return self.objects.service(svc).and_then(|s| s.identity_of(ip));
         }
         if self.node_addresses.contains(&ip) {
             return Some(identity::HOST);
@@ -65,7 +65,7 @@ impl Engine {
             .then(|| self.objects.service_at(&net.addr()))
             .flatten()
             .and_then(|svc| self.objects.service(svc))
-            .map(|s| s.identity);
+            .and_then(|s| s.identity_of(net.addr()));
         let value = service.or_else(|| self.identities.prefix_identity(&net));
         self.out.set_cidr(net, value);
     }

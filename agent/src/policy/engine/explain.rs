@@ -14,6 +14,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::pods::PodState;
+use super::services::Family;
 use super::{Engine, Explanation, ObjectKey};
 use crate::tables::{Direction, EndpointId, EndpointPolicy, IdentityId, NodePort, identity};
 
@@ -49,11 +50,12 @@ impl Engine {
             let allowed = self
                 .policies
                 .get(ep.policy_id)
-                .is_some_and(|p| p.allows(svc.identity, direction, protocol, port));
+                .zip(svc.identity_of(peer))
+                .is_some_and(|(p, id)| p.allows(id, direction, protocol, port));
             if !allowed {
                 return Explanation::Denied;
             }
-            let backends = self.service_backends(service, protocol, port);
+            let backends = self.cluster_ip_backends(peer, protocol, port);
             return Explanation::AllowedViaService {
                 service: service.clone(),
                 rules: self.backend_rules(endpoint, &backends),
@@ -279,21 +281,27 @@ impl Engine {
         })
     }
 
-    /// Where a Service's `protocol`/`port` leads: `(backend IP, protocol, target port)`.
-    pub fn service_backends(
+    /// Where `protocol`/`port` of a Service's ClusterIP `cluster_ip` leads: `(backend
+    /// IP, protocol, target port)` of the backends of the ClusterIP's family (the
+    /// only ones kube-proxy DNATs it to). Empty when `cluster_ip` is no ClusterIP.
+    pub fn cluster_ip_backends(
         &self,
-        service: &ObjectKey,
+        cluster_ip: IpAddr,
         protocol: u8,
         port: u16,
     ) -> Vec<(IpAddr, u8, u16)> {
+        let Some(service) = self.objects.service_at(&cluster_ip) else {
+            return Vec::new();
+        };
         let Some(svc) = self.objects.service(service) else {
             return Vec::new();
         };
+        let family = Family::of(cluster_ip);
         let mut out: Vec<(IpAddr, u8, u16)> = svc
             .ports
             .iter()
             .filter(|p| p.protocol == protocol && p.port == port)
-            .flat_map(|p| self.backends(service, p))
+            .flat_map(|p| self.backends_of_family(service, p, family))
             .collect();
         out.sort();
         out.dedup();

@@ -1,15 +1,17 @@
-//! Services and EndpointSlices: Service identities on ClusterIPs, the backends each
-//! slice lists, the DNS-backend bit of pod identities, and the post-DNAT rows of a
-//! Service identity (a service port is allowed iff every backend is) and of its
-//! node-port identity (a `nodePort` likewise, on the same backends; which ports it
-//! owns is `node_ports`' business).
+//! Services and EndpointSlices: Service identities on ClusterIPs (one per address
+//! family: kube-proxy DNATs a ClusterIP only to endpoints of its own family), the
+//! backends each slice lists, the DNS-backend bit of pod identities, and the
+//! post-DNAT rows of a Service identity (a service port is allowed iff every backend
+//! of that family is) and of its node-port identity (a `nodePort` likewise, on every
+//! backend; which ports it owns is `node_ports`' business).
 //!
 //! A backend on one of this node's addresses is the node, unless a hostNetwork pod on
 //! this node declares that port (docs/semantics.md "What counts as the node"): then it is that pod, by its identity
 //! (or an ipBlock covering the address).
 //!
-//! Must not: let an ipBlock match a ClusterIP, or allow a service port or node port
-//! that has no backend or a backend the policy's own rows deny.
+//! Must not: let an ipBlock match a ClusterIP, allow a service port or node port
+//! that has no backend or a backend the policy's own rows deny, or decide a ClusterIP
+//! on the backends of the other family (neither more nor less than kube-proxy does).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -50,6 +52,31 @@ impl ServicePort {
     }
 }
 
+/// The address family of a ClusterIP or a backend address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub(super) fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    /// What a family's Service identity is derived from: the IPv4 one keeps the
+    /// seed a Service's single identity had.
+    fn seed(self) -> &'static str {
+        match self {
+            Family::V4 => "service",
+            Family::V6 => "service-ipv6",
+        }
+    }
+}
+
 /// A service port the node also exposes on `node_port` of each of its addresses.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ServiceNodePort {
@@ -61,13 +88,31 @@ pub(super) struct ServiceNodePort {
 
 #[derive(Debug)]
 pub(super) struct ServiceState {
-    pub(super) identity: IdentityId,
+    /// One identity per family of its ClusterIPs (none when it has none): the
+    /// ClusterIPs of a family are decided on that family's backends only, as
+    /// kube-proxy DNATs them.
+    pub(super) identities: BTreeMap<Family, IdentityId>,
     pub(super) cluster_ips: Vec<IpAddr>,
     pub(super) ports: Vec<ServicePort>,
     /// Its own identity for egress to a node port (not its ClusterIP identity: rows of
     /// one must never allow the other); present iff `node_ports` is not empty.
     pub(super) node_port_identity: Option<IdentityId>,
     pub(super) node_ports: Vec<ServiceNodePort>,
+}
+
+impl ServiceState {
+    /// The identity ClusterIP `ip` maps to: its family's.
+    pub(super) fn identity_of(&self, ip: IpAddr) -> Option<IdentityId> {
+        self.identities.get(&Family::of(ip)).copied()
+    }
+
+    /// Every identity of the Service: its ClusterIP identities and its node-port one.
+    pub(super) fn all_identities(&self) -> impl Iterator<Item = IdentityId> + '_ {
+        self.identities
+            .values()
+            .copied()
+            .chain(self.node_port_identity)
+    }
 }
 
 #[derive(Debug)]
@@ -114,15 +159,21 @@ impl Engine {
                 })
             })
             .collect();
-        let (identity, old_ips, old_np) = match self.objects.remove_service(&key) {
-            Some(old) => (old.identity, old.cluster_ips, old.node_port_identity),
-            None => (
-                self.identities
-                    .allocate(super::ids::stable_hash("service", &key)),
-                Vec::new(),
-                None,
-            ),
+        let (mut old_identities, old_ips, old_np) = match self.objects.remove_service(&key) {
+            Some(old) => (old.identities, old.cluster_ips, old.node_port_identity),
+            None => (BTreeMap::new(), Vec::new(), None),
         };
+        let families: BTreeSet<Family> = ips.iter().map(|ip| Family::of(*ip)).collect();
+        let identities: BTreeMap<Family, IdentityId> = families
+            .into_iter()
+            .map(|family| {
+                let id = old_identities.remove(&family).unwrap_or_else(|| {
+                    self.identities
+                        .allocate(super::ids::stable_hash(family.seed(), &key))
+                });
+                (family, id)
+            })
+            .collect();
         let node_port_identity = match (node_ports.is_empty(), old_np) {
             (true, _) => None,
             (false, Some(id)) => Some(id),
@@ -142,7 +193,7 @@ impl Engine {
         self.objects.insert_service(
             key.clone(),
             ServiceState {
-                identity,
+                identities,
                 cluster_ips: ips.clone(),
                 ports,
                 node_port_identity,
@@ -154,6 +205,10 @@ impl Engine {
             self.refresh_cidr(host_net(*ip));
         }
         self.set_node_port_claims(&Claimant::Service(key.clone()), claims);
+        // A family the Service no longer has a ClusterIP of.
+        for old in old_identities.into_values() {
+            self.purge_identity(old);
+        }
         if node_port_identity.is_none()
             && let Some(old) = old_np
         {
@@ -171,9 +226,8 @@ impl Engine {
                 self.refresh_cidr(host_net(*ip));
             }
             self.set_node_port_claims(&Claimant::Service(key), BTreeMap::new());
-            self.purge_identity(old.identity);
-            if let Some(np) = old.node_port_identity {
-                self.purge_identity(np);
+            for id in old.all_identities() {
+                self.purge_identity(id);
             }
         }
         self.flush();
@@ -337,6 +391,19 @@ impl Engine {
         out
     }
 
+    /// [`Engine::backends`] of one family: where kube-proxy DNATs that family's
+    /// ClusterIPs (a dual-stack pod backend counts by its address of that family).
+    pub(super) fn backends_of_family(
+        &self,
+        service: &ObjectKey,
+        port: &ServicePort,
+        family: Family,
+    ) -> Vec<(IpAddr, u8, u16)> {
+        let mut out = self.backends(service, port);
+        out.retain(|(ip, _, _)| Family::of(*ip) == family);
+        out
+    }
+
     /// Whether `policy`'s current rows let its pods open `protocol`/`port` to `ip`.
     fn egress_allows(&self, policy: &PolicyState, ip: IpAddr, protocol: u8, port: u16) -> bool {
         if self.node_addresses.contains(&ip) {
@@ -396,30 +463,38 @@ impl Engine {
                 .all(|(ip, proto, target)| self.egress_allows(policy, *ip, *proto, *target))
     }
 
-    /// Rows for a Service identity and its node-port identity: a service port (node
-    /// port) is allowed iff every backend it can land on is allowed (fail-closed when
-    /// backends disagree); a node port only while the Service alone claims it.
+    /// Rows for a Service's ClusterIP identities and its node-port identity: a
+    /// service port is allowed on a family's ClusterIPs iff every backend of that
+    /// family is allowed (fail-closed when backends disagree); a node port iff every
+    /// backend is, and only while the Service alone claims it.
     pub(super) fn refresh_service_rows(&mut self, policy: PolicyId, service: &ObjectKey) {
         let Some(svc) = self.objects.service(service) else {
             return;
         };
-        let sid = svc.identity;
         let np_id = svc.node_port_identity;
-        let mut rows = Vec::new();
+        let mut rows: BTreeMap<IdentityId, Vec<PolicyEntry>> = svc
+            .identities
+            .values()
+            .map(|id| (*id, Vec::new()))
+            .collect();
         let mut np_rows = Vec::new();
         if let Some(state) = self.policies.get(policy)
             && state.spec().isolate_egress
         {
-            for port in &svc.ports {
-                if self.all_egress_allowed(state, &self.backends(service, port)) {
-                    rows.extend(PolicyEntry::for_port_range(
-                        policy,
-                        Direction::Egress,
-                        sid,
-                        port.protocol,
-                        port.port,
-                        port.port,
-                    ));
+            for (family, sid) in &svc.identities {
+                let family_rows = rows.entry(*sid).or_default();
+                for port in &svc.ports {
+                    let backends = self.backends_of_family(service, port, *family);
+                    if self.all_egress_allowed(state, &backends) {
+                        family_rows.extend(PolicyEntry::for_port_range(
+                            policy,
+                            Direction::Egress,
+                            *sid,
+                            port.protocol,
+                            port.port,
+                            port.port,
+                        ));
+                    }
                 }
             }
             if let Some(np_id) = np_id {
@@ -448,9 +523,11 @@ impl Engine {
                 }
             }
         }
-        rows.sort();
-        rows.dedup();
-        self.policies.replace_rows(policy, sid, rows, &mut self.out);
+        for (sid, mut rows) in rows {
+            rows.sort();
+            rows.dedup();
+            self.policies.replace_rows(policy, sid, rows, &mut self.out);
+        }
         if let Some(np_id) = np_id {
             np_rows.sort();
             np_rows.dedup();
@@ -496,7 +573,7 @@ impl Engine {
     /// needs no row, every egress-isolating policy.
     pub(super) fn policies_for_service(&self, service: &ObjectKey, out: &mut BTreeSet<PolicyId>) {
         if let Some(svc) = self.objects.service(service) {
-            for id in std::iter::once(svc.identity).chain(svc.node_port_identity) {
+            for id in svc.all_identities() {
                 out.extend(self.policies.row_owners(id));
             }
         }
