@@ -337,6 +337,22 @@ impl Server {
         seen
     }
 
+    /// The peers of exactly the next `n` connections, waiting up to `within` in all
+    /// for their reports (which can trail the connections on a loaded machine: one
+    /// left unread would pass for a later connection); an error names what came.
+    pub fn take_peers_exactly(&self, n: usize, within: Duration) -> anyhow::Result<Vec<IpAddr>> {
+        let t0 = std::time::Instant::now();
+        let mut seen = Vec::new();
+        while seen.len() < n && t0.elapsed() < within {
+            seen.extend(self.take_peers(within.saturating_sub(t0.elapsed())));
+        }
+        anyhow::ensure!(
+            seen.len() == n,
+            "the server saw {seen:?}, expected {n} connection(s)"
+        );
+        Ok(seen)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

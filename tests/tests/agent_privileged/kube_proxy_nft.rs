@@ -22,7 +22,7 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use rayfence_tests::agent::{Agent, AgentOptions, Bpffs, Manifests, metric_sum};
 use rayfence_tests::kubelet::{KubeletTree, QosClass};
 use rayfence_tests::node_nat::{self, Endpoint, KubeProxyMode, NodePortService};
@@ -258,7 +258,9 @@ fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(
         held.roundtrip(),
         "{mode:?}: held connection to db's ClusterIP"
     );
-    db_srv.take_peers(Duration::from_millis(100));
+    db_srv
+        .take_peers_exactly(1, OK)
+        .context("the held connection")?;
     manifests.write("rc.yaml", &[raycluster(&ns, "rc", policy(&other, false))])?;
     let took = wait_cut(&format!("{mode:?}: held after the rule went"), &mut held)?;
     println!("{mode:?}: the held ClusterIP connection was cut {took:?} after the policy edit");
@@ -283,7 +285,10 @@ fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(
         held.roundtrip(),
         "{mode:?}: held connection to db's ClusterIP, again"
     );
-    db_srv.take_peers(Duration::from_millis(100));
+    // The probe that saw the rule back, and the held connection.
+    db_srv
+        .take_peers_exactly(2, OK)
+        .context("the probe and the held connection")?;
     let mut moved = db_svc.clone();
     moved.endpoints = vec![Endpoint::of(&other, topo.pod("foreign"))];
     topo.install_node_port(&moved)?;
@@ -310,7 +315,8 @@ fn cluster_ip_egress_is_decided_on_the_backend_and_revoked(
     }
     expect_drops("the moved Service", expected, head_drops)?;
     drop(held);
-    ensure!(db_srv.take_peers(Duration::from_millis(100)).is_empty());
+    let late = db_srv.take_peers(Duration::from_millis(100));
+    ensure!(late.is_empty(), "{mode:?}: db still reached from {late:?}");
     // The pod IP of db is still allowed directly.
     let db_ip: IpAddr = topo.pod("db").ip4.into();
     let o = worker.tcp_connect(db_ip, PORT, OK);

@@ -570,7 +570,8 @@ pub(crate) fn ip_block_for_the_client_opens_the_node_port_to_it_alone(
         || client.tcp_connect(node.ip4.into(), HEAD_NP_LOCAL, DENIED),
         true,
     )?;
-    srv.take_peers(Duration::from_millis(100));
+    // The probe that saw the rule programmed.
+    srv.take_peers_exactly(1, OK)?;
     let mut ingress = rig.tally("head", "ingress");
     ingress.rebase();
     let mut drops = 0;
