@@ -29,37 +29,21 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
-use rayfence_tests::agent::{
-    Agent, AgentOptions, Bpffs, Kubelet, Manifests, Sandbox, sandbox, uid, v4,
-};
+use rayfence_tests::agent::{Agent, Kubelet, Manifests, Sandbox, sandbox, uid, v4};
 use rayfence_tests::agent_bin::{kubectl_rayfence_bin, rayfence_bin};
-use rayfence_tests::fake_api::{
-    ApiRelay, ExecRequest, FakeApiServer, Grant, GrantSubject, TokenInfo,
-};
+use rayfence_tests::fake_api::{ExecRequest, FakeApiServer, Grant, GrantSubject, TokenInfo};
 use rayfence_tests::objects::json::{
     head_labels, namespace, node_object, pod_object, raycluster, worker_labels,
 };
 use rayfence_tests::{Layout, Outcome, Topology, probe_bin};
 use serde_json::{Value, json};
 
+use super::multinode::{node_name, start_agents};
+
 const PORT: u16 = 8000;
 const SHORT: Duration = Duration::from_millis(300);
 const PLATFORM_TOKEN: &str = "platform-team-token";
 const DEV_TOKEN: &str = "developer-token";
-
-fn node_name(index: usize) -> String {
-    format!("node-{index}")
-}
-
-/// What one lab node runs: its agent, the relay its kubeconfig names, its pods.
-struct NodeRig {
-    agent: Agent,
-    _relay: ApiRelay,
-    _sandboxes: Vec<Sandbox>,
-    _kubelet: Kubelet,
-    // Last: cleaned up after the agent is killed.
-    _bpffs: Bpffs,
-}
 
 /// A running `kubectl rayfence flows --follow`, killed (by its own handle) on drop.
 struct Following(Child);
@@ -267,11 +251,12 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
         ("outsider", 0, vec![("app", "outsider")]),
         ("worker", n1, worker_labels("rc")),
     ];
-    let mut kubelets = vec![Kubelet::new()?, Kubelet::new()?];
+    let mut kubelets = vec![Some(Kubelet::new()?), Some(Kubelet::new()?)];
     let mut sandboxes: Vec<Vec<Sandbox>> = vec![Vec::new(), Vec::new()];
     for (n, (pod, node, labels)) in placement.iter().enumerate() {
         let uid = uid(200 + n as u32);
-        sandboxes[*node].push(sandbox(&kubelets[*node], topo.pod(pod), &uid)?);
+        let kubelet = kubelets[*node].as_ref().context("kubelet")?;
+        sandboxes[*node].push(sandbox(kubelet, topo.pod(pod), &uid)?);
         server.apply(&pod_object(
             &ns,
             topo.pod(pod),
@@ -288,30 +273,7 @@ fn kubectl_rayfence_asks_every_nodes_agent_through_the_api_server_as_the_user() 
         outsider.serve_tcp(PORT)?,
     ];
 
-    let dir = std::env::temp_dir();
-    let mut rigs = Vec::new();
-    for (i, node) in topo.nodes().iter().enumerate() {
-        let mut relay = ApiRelay::in_node(node, server.addr())?;
-        let kubeconfig = relay.write_kubeconfig(&server, &dir)?;
-        let bpffs = Bpffs::new();
-        let kubelet = kubelets.remove(0);
-        let agent = Agent::start(&AgentOptions {
-            node,
-            node_name: &node_name(i),
-            manifests: Path::new("/nonexistent"),
-            bpffs: &bpffs.path,
-            cgroup_root: kubelet.root.path(),
-            kubeconfig: Some(&kubeconfig),
-            extra_args: &[],
-        })?;
-        rigs.push(NodeRig {
-            agent,
-            _relay: relay,
-            _sandboxes: std::mem::take(&mut sandboxes[i]),
-            _kubelet: kubelet,
-            _bpffs: bpffs,
-        });
-    }
+    let mut rigs = start_agents(&topo, &server, &mut kubelets, &mut sandboxes)?;
     for (i, rig) in rigs.iter().enumerate() {
         rig.agent
             .wait_ready(topo.node(i), Duration::from_secs(30))?;

@@ -62,7 +62,7 @@ const EDIT_WAIT: Duration = Duration::from_secs(10);
 /// The watchers retry with backoff (0.8 s, 1.6 s, 3.2 s, ... with jitter).
 const RECOVERY_WAIT: Duration = Duration::from_secs(40);
 
-fn node_name(index: usize) -> String {
+pub(crate) fn node_name(index: usize) -> String {
     format!("node-{index}")
 }
 
@@ -72,8 +72,8 @@ type Placement<'a> = (&'a str, usize, Vec<(&'a str, &'a str)>);
 type NamespacedPlacement<'a> = (&'a str, &'a str, usize, Vec<(&'a str, &'a str)>);
 
 /// Everything one simulated node runs.
-struct NodeRig {
-    agent: Agent,
+pub(crate) struct NodeRig {
+    pub(crate) agent: Agent,
     _relay: ApiRelay,
     _sandboxes: Vec<Sandbox>,
     _kubelet: Kubelet,
@@ -144,7 +144,7 @@ fn place_pods(
 
 /// One agent per node, each with its own relay to the fake API server, bpffs and
 /// kubelet tree (and the pod sandboxes it enforces, kept alive with it).
-fn start_agents(
+pub(crate) fn start_agents(
     topo: &Topology,
     server: &FakeApiServer,
     kubelets: &mut [Option<Kubelet>],
